@@ -1,0 +1,396 @@
+//! The connector's configuration file and its validated form.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration as StdDuration;
+
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{read_certs, ConfigError, Duration, HostPattern, Source};
+use crate::secret::Secret;
+
+/// Default number of connections to each edge.
+pub const DEFAULT_HA_CONNECTIONS: u32 = 2;
+const DEFAULT_CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+const DEFAULT_REQUEST_TIMEOUT: StdDuration = StdDuration::from_secs(60);
+const DEFAULT_POOL_IDLE_TIMEOUT: StdDuration = StdDuration::from_secs(90);
+const DEFAULT_POOL_MAX_IDLE: usize = 32;
+
+/// Validated connector configuration.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    /// Tunnel id to register as.
+    pub tunnel: String,
+    /// The tunnel's token.
+    pub token: Secret,
+    /// Name of this connector in the edge's logs.
+    pub connector_id: String,
+    /// Edge addresses, `host:port`.
+    pub edges: Vec<String>,
+    /// Connections kept to each edge.
+    pub ha_connections: u32,
+    /// Extra CA certificates trusted for edges, besides the system roots.
+    pub edge_ca: Vec<CertificateDer<'static>>,
+    /// Name to verify in the edge's certificate instead of the host in `edges`.
+    pub edge_server_name: Option<String>,
+    /// Named origins.
+    pub origins: Vec<OriginConfig>,
+    /// Ingress rules, first match wins, the last one a catch-all.
+    pub ingress: Vec<IngressRuleConfig>,
+    /// Reconnect back-off.
+    pub backoff: BackoffConfig,
+}
+
+/// Exponential back-off with full jitter between reconnects.
+#[derive(Debug, Clone, Copy)]
+pub struct BackoffConfig {
+    /// First delay.
+    pub initial: StdDuration,
+    /// Largest delay.
+    pub max: StdDuration,
+    /// A connection that lived this long resets the back-off.
+    pub stable: StdDuration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            initial: StdDuration::from_millis(100),
+            max: StdDuration::from_secs(30),
+            stable: StdDuration::from_secs(60),
+        }
+    }
+}
+
+/// A named origin.
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    /// Name used by ingress rules (and plugins).
+    pub name: String,
+    /// Where requests go.
+    pub target: OriginTarget,
+    /// Time to establish the TCP (and TLS) connection.
+    pub connect_timeout: StdDuration,
+    /// Time from sending the request to receiving the response head.
+    pub request_timeout: StdDuration,
+    /// Host header sent to the origin instead of the client's (which goes in `x-forwarded-host`).
+    pub host_header: Option<String>,
+    /// Extra CA certificates for an `https://` origin.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// Name verified in the origin's certificate instead of the URL's host.
+    pub server_name: Option<String>,
+    /// Skip verification of the origin's certificate. Dangerous.
+    pub danger_accept_invalid_certs: bool,
+    /// Idle keep-alive connections are closed after this long.
+    pub pool_idle_timeout: StdDuration,
+    /// Idle keep-alive connections kept per origin.
+    pub pool_max_idle: usize,
+}
+
+impl OriginConfig {
+    /// An origin with default timeouts and pool settings.
+    pub fn new(name: impl Into<String>, target: OriginTarget) -> Self {
+        OriginConfig {
+            name: name.into(),
+            target,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            host_header: None,
+            ca: Vec::new(),
+            server_name: None,
+            danger_accept_invalid_certs: false,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            pool_max_idle: DEFAULT_POOL_MAX_IDLE,
+        }
+    }
+}
+
+/// What an origin is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginTarget {
+    /// An HTTP or HTTPS server (scheme and authority only).
+    Http(http::Uri),
+    /// Built-in: echoes the request as JSON.
+    Hello,
+    /// Built-in: answers with this status.
+    Status(u16),
+}
+
+impl OriginTarget {
+    /// Parses `http://…`, `https://…`, `hello` or `status:NNN`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "hello" {
+            return Ok(OriginTarget::Hello);
+        }
+        if let Some(code) = s.strip_prefix("status:") {
+            return match code.parse::<u16>() {
+                Ok(c) if (100..=599).contains(&c) && c != 101 => Ok(OriginTarget::Status(c)),
+                _ => Err(format!("invalid built-in origin {s:?}: status must be 100..=599")),
+            };
+        }
+        let uri: http::Uri = s.parse().map_err(|e| format!("invalid origin URL {s:?}: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") | Some("https") => {}
+            _ => {
+                return Err(format!(
+                    "invalid origin {s:?}: expected http://…, https://…, \"hello\" or \"status:NNN\""
+                ))
+            }
+        }
+        if uri.host().is_none() {
+            return Err(format!("invalid origin URL {s:?}: no host"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(format!("invalid origin URL {s:?}: give only scheme, host and port"));
+        }
+        Ok(OriginTarget::Http(uri))
+    }
+}
+
+/// An ingress rule.
+#[derive(Debug, Clone)]
+pub struct IngressRuleConfig {
+    /// Host pattern, or any host.
+    pub hostname: Option<HostPattern>,
+    /// Regex matched against the normalised path, or any path.
+    pub path: Option<regex::Regex>,
+    /// Origin name.
+    pub origin: String,
+}
+
+impl ConnectorConfig {
+    /// A config with defaults, one `hello` catch-all and no edges.
+    pub fn new(tunnel: impl Into<String>, token: Secret) -> Self {
+        ConnectorConfig {
+            tunnel: tunnel.into(),
+            token,
+            connector_id: default_connector_id(),
+            edges: Vec::new(),
+            ha_connections: DEFAULT_HA_CONNECTIONS,
+            edge_ca: Vec::new(),
+            edge_server_name: None,
+            origins: vec![OriginConfig::new("hello", OriginTarget::Hello)],
+            ingress: vec![IngressRuleConfig { hostname: None, path: None, origin: "hello".into() }],
+            backoff: BackoffConfig::default(),
+        }
+    }
+
+    /// Reads and validates a connector file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = super::read(path)?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates the text of a connector file; `path` is used for errors and relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let src = Source::new(path, text);
+        let file: ConnectorFile = src.deserialize()?;
+
+        if file.tunnel.is_empty() {
+            return Err(src.error(None, "tunnel", "tunnel id must not be empty"));
+        }
+        let token = file.token(&src).map_err(|m| src.error(None, "token", m))?;
+        if file.edges.is_empty() {
+            return Err(src.error(None, "edges", "list at least one edge address (host:port)"));
+        }
+        for (i, e) in file.edges.iter().enumerate() {
+            split_host_port(e).map_err(|m| src.error(None, format!("edges[{i}]"), m))?;
+        }
+        let ha_connections = file.ha_connections.unwrap_or(DEFAULT_HA_CONNECTIONS);
+        if !(1..=16).contains(&ha_connections) {
+            return Err(src.error(None, "ha-connections", "must be between 1 and 16"));
+        }
+        let edge_ca = match &file.edge_ca {
+            Some(p) => read_certs(&src.resolve(p)).map_err(|m| src.error(None, "edge-ca", m))?,
+            None => Vec::new(),
+        };
+
+        let mut origins = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, entry) in file.origin.iter().enumerate() {
+            let at = Some(entry.span().start);
+            let o = entry.get_ref();
+            let key = format!("origin[{i}]");
+            if o.name.is_empty() {
+                return Err(src.error(at, format!("{key}.name"), "origin name must not be empty"));
+            }
+            if let Some(prev) = names.insert(o.name.clone(), i) {
+                return Err(src.error(at, format!("{key}.name"), format!("duplicate origin name {:?} (also origin[{prev}])", o.name)));
+            }
+            let target = OriginTarget::parse(&o.url).map_err(|m| src.error(at, format!("{key}.url"), m))?;
+            let ca = match &o.ca {
+                Some(p) => read_certs(&src.resolve(p)).map_err(|m| src.error(at, format!("{key}.ca"), m))?,
+                None => Vec::new(),
+            };
+            if let Some(h) = &o.host_header {
+                http::HeaderValue::from_str(h)
+                    .map_err(|_| src.error(at, format!("{key}.host-header"), format!("invalid host header {h:?}")))?;
+            }
+            let mut cfg = OriginConfig::new(o.name.clone(), target);
+            cfg.connect_timeout = o.connect_timeout.map_or(cfg.connect_timeout, |d| d.0);
+            cfg.request_timeout = o.request_timeout.map_or(cfg.request_timeout, |d| d.0);
+            cfg.host_header = o.host_header.clone();
+            cfg.ca = ca;
+            cfg.server_name = o.server_name.clone();
+            cfg.danger_accept_invalid_certs = o.danger_accept_invalid_certs.unwrap_or(false);
+            cfg.pool_idle_timeout = o.pool_idle_timeout.map_or(cfg.pool_idle_timeout, |d| d.0);
+            cfg.pool_max_idle = o.pool_max_idle.unwrap_or(cfg.pool_max_idle);
+            origins.push(cfg);
+        }
+
+        if file.ingress.is_empty() {
+            return Err(src.error(None, "ingress", "at least one [[ingress]] rule is required, the last one matching everything"));
+        }
+        let mut ingress = Vec::new();
+        let last = file.ingress.len() - 1;
+        for (i, entry) in file.ingress.iter().enumerate() {
+            let at = Some(entry.span().start);
+            let r = entry.get_ref();
+            let key = format!("ingress[{i}]");
+            let path = match &r.path {
+                Some(p) => Some(
+                    regex::Regex::new(p)
+                        .map_err(|e| src.error(at, format!("{key}.path"), format!("invalid path regex: {e}")))?,
+                ),
+                None => None,
+            };
+            let catch_all = r.hostname.is_none() && path.is_none();
+            if i == last && !catch_all {
+                return Err(src.error(
+                    at,
+                    key,
+                    "the last ingress rule must match every request: give it no hostname and no path",
+                ));
+            }
+            if i != last && catch_all {
+                return Err(src.error(
+                    at,
+                    key,
+                    format!("this rule matches every request, so the rules after it (up to ingress[{last}]) would never apply"),
+                ));
+            }
+            if !names.contains_key(&r.origin) {
+                match OriginTarget::parse(&r.origin) {
+                    Ok(target @ (OriginTarget::Hello | OriginTarget::Status(_))) => {
+                        names.insert(r.origin.clone(), origins.len());
+                        origins.push(OriginConfig::new(r.origin.clone(), target));
+                    }
+                    _ => {
+                        return Err(src.error(
+                            at,
+                            format!("{key}.origin"),
+                            format!(
+                                "unknown origin {:?}: name an [[origin]] or a built-in (\"hello\", \"status:NNN\")",
+                                r.origin
+                            ),
+                        ))
+                    }
+                }
+            }
+            ingress.push(IngressRuleConfig { hostname: r.hostname.clone(), path, origin: r.origin.clone() });
+        }
+
+        Ok(ConnectorConfig {
+            tunnel: file.tunnel,
+            token,
+            connector_id: file.connector_id.unwrap_or_else(default_connector_id),
+            edges: file.edges,
+            ha_connections,
+            edge_ca,
+            edge_server_name: file.edge_server_name,
+            origins,
+            ingress,
+            backoff: BackoffConfig::default(),
+        })
+    }
+}
+
+/// Splits `host:port`, accepting `[v6]:port`.
+pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("invalid edge address {s:?}: expected host:port"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("invalid edge address {s:?}: bad port"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("invalid edge address {s:?}: no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+fn default_connector_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    let host = if host.is_empty() { "connector".to_string() } else { host };
+    format!("{host}-{}", std::process::id())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ConnectorFile {
+    tunnel: String,
+    token: Option<Secret>,
+    token_file: Option<PathBuf>,
+    token_env: Option<String>,
+    connector_id: Option<String>,
+    edges: Vec<String>,
+    ha_connections: Option<u32>,
+    edge_ca: Option<PathBuf>,
+    edge_server_name: Option<String>,
+    #[serde(default)]
+    origin: Vec<Spanned<OriginFile>>,
+    #[serde(default)]
+    ingress: Vec<Spanned<IngressFile>>,
+}
+
+impl ConnectorFile {
+    fn token(&self, src: &Source) -> Result<Secret, String> {
+        let token = match (&self.token, &self.token_file, &self.token_env) {
+            (Some(t), None, None) => t.clone(),
+            (None, Some(file), None) => {
+                let path = src.resolve(file);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read token-file {}: {e}", path.display()))?;
+                Secret::new(text.trim())
+            }
+            (None, None, Some(var)) => {
+                let value = std::env::var(var).map_err(|_| format!("token-env names ${var}, which is not set"))?;
+                Secret::new(value.trim())
+            }
+            (None, None, None) => return Err("set one of token, token-file or token-env".into()),
+            _ => return Err("set only one of token, token-file or token-env".into()),
+        };
+        if token.expose().is_empty() {
+            return Err("the token is empty".into());
+        }
+        Ok(token)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct OriginFile {
+    name: String,
+    url: String,
+    connect_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+    host_header: Option<String>,
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
+    danger_accept_invalid_certs: Option<bool>,
+    pool_idle_timeout: Option<Duration>,
+    pool_max_idle: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct IngressFile {
+    hostname: Option<HostPattern>,
+    path: Option<String>,
+    origin: String,
+}

@@ -1,0 +1,239 @@
+//! The edge's configuration file and its validated form.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ByteSize, ConfigError, Duration, HostPattern, Source, TlsIdentity};
+use crate::secret::Secret;
+
+/// Validated edge configuration.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// This edge's name, sent to connectors and used in logs.
+    pub edge_id: String,
+    /// Plain HTTP/1.1 listener for clients.
+    pub http_listen: Option<SocketAddr>,
+    /// HTTPS listener for clients (HTTP/1.1 and HTTP/2 by ALPN).
+    pub https: Option<HttpsConfig>,
+    /// QUIC listener for connectors.
+    pub quic_listen: SocketAddr,
+    /// Certificate the QUIC listener presents to connectors.
+    pub quic_identity: TlsIdentity,
+    /// How long a new connection may take to register.
+    pub register_timeout: std::time::Duration,
+    /// Tunnels this edge serves.
+    pub tunnels: Vec<TunnelConfig>,
+    /// Time a client has to send a complete request head.
+    pub header_read_timeout: std::time::Duration,
+    /// Largest request head accepted from a client, in bytes.
+    pub max_header_size: usize,
+    /// Keep `x-forwarded-for` from clients (only when a trusted proxy sits in front).
+    pub trust_forwarded_for: bool,
+}
+
+/// The HTTPS listener.
+#[derive(Debug, Clone)]
+pub struct HttpsConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Certificate presented to clients.
+    pub identity: TlsIdentity,
+}
+
+/// One tunnel as the edge knows it.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// Tunnel id, sent by the connector at registration.
+    pub id: String,
+    /// SHA-256 of the tunnel's token.
+    pub token_sha256: [u8; 32],
+    /// Public hostnames routed to this tunnel.
+    pub hostnames: Vec<HostPattern>,
+}
+
+/// Default for `header-read-timeout`.
+pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Default for `max-header-size`.
+pub const DEFAULT_MAX_HEADER_SIZE: usize = 64 * 1024;
+/// Default for `register-timeout`.
+pub const DEFAULT_REGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl EdgeConfig {
+    /// A config with defaults: no client listener, no tunnels.
+    pub fn new(quic_listen: SocketAddr, quic_identity: TlsIdentity) -> Self {
+        EdgeConfig {
+            edge_id: "edge".into(),
+            http_listen: None,
+            https: None,
+            quic_listen,
+            quic_identity,
+            register_timeout: DEFAULT_REGISTER_TIMEOUT,
+            tunnels: Vec::new(),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_header_size: DEFAULT_MAX_HEADER_SIZE,
+            trust_forwarded_for: false,
+        }
+    }
+
+    /// Reads and validates an edge file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = super::read(path)?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates the text of an edge file; `path` is used for errors and relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let src = Source::new(path, text);
+        let file: EdgeFile = src.deserialize()?;
+        if file.http.is_none() && file.https.is_none() {
+            return Err(src.error(None, "http", "the edge needs an [http] or [https] listener for clients"));
+        }
+        let https = match file.https {
+            Some(h) => Some(HttpsConfig {
+                listen: h.listen,
+                identity: TlsIdentity::from_pem_files(&src.resolve(&h.cert), &src.resolve(&h.key))
+                    .map_err(|m| src.error(None, "https", m))?,
+            }),
+            None => None,
+        };
+        let quic_identity = TlsIdentity::from_pem_files(
+            &src.resolve(&file.connectors.cert),
+            &src.resolve(&file.connectors.key),
+        )
+        .map_err(|m| src.error(None, "connectors", m))?;
+
+        let mut tunnels = Vec::new();
+        let mut ids: HashMap<String, usize> = HashMap::new();
+        let mut hosts: HashMap<HostPattern, String> = HashMap::new();
+        for (i, entry) in file.tunnel.iter().enumerate() {
+            let at = Some(entry.span().start);
+            let t = entry.get_ref();
+            let key = format!("tunnel[{i}]");
+            if t.id.is_empty() {
+                return Err(src.error(at, format!("{key}.id"), "tunnel id must not be empty"));
+            }
+            if let Some(prev) = ids.insert(t.id.clone(), i) {
+                return Err(src.error(at, format!("{key}.id"), format!("duplicate tunnel id {:?} (also tunnel[{prev}])", t.id)));
+            }
+            let token_sha256 = t.token_hash(&src).map_err(|m| src.error(at, key.clone(), m))?;
+            if t.hostnames.is_empty() {
+                return Err(src.error(at, format!("{key}.hostnames"), "a tunnel needs at least one hostname"));
+            }
+            for (j, h) in t.hostnames.iter().enumerate() {
+                if let Some(other) = hosts.insert(h.get_ref().clone(), t.id.clone()) {
+                    return Err(src.error(
+                        Some(h.span().start),
+                        format!("{key}.hostnames[{j}]"),
+                        format!("hostname {} is already served by tunnel {other:?}", h.get_ref()),
+                    ));
+                }
+            }
+            tunnels.push(TunnelConfig {
+                id: t.id.clone(),
+                token_sha256,
+                hostnames: t.hostnames.iter().map(|h| h.get_ref().clone()).collect(),
+            });
+        }
+
+        Ok(EdgeConfig {
+            edge_id: file.edge_id.unwrap_or_else(|| "edge".into()),
+            http_listen: file.http.map(|h| h.listen),
+            https,
+            quic_listen: file.connectors.listen,
+            quic_identity,
+            register_timeout: file.connectors.register_timeout.map_or(DEFAULT_REGISTER_TIMEOUT, |d| d.0),
+            tunnels,
+            header_read_timeout: file.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+            max_header_size: file.max_header_size.map_or(DEFAULT_MAX_HEADER_SIZE, |s| s.0 as usize),
+            trust_forwarded_for: file.trust_forwarded_for.unwrap_or(false),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct EdgeFile {
+    edge_id: Option<String>,
+    header_read_timeout: Option<Duration>,
+    max_header_size: Option<ByteSize>,
+    trust_forwarded_for: Option<bool>,
+    http: Option<HttpFile>,
+    https: Option<HttpsFile>,
+    connectors: ConnectorsFile,
+    #[serde(default)]
+    tunnel: Vec<Spanned<TunnelFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct HttpFile {
+    listen: SocketAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct HttpsFile {
+    listen: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ConnectorsFile {
+    listen: SocketAddr,
+    cert: PathBuf,
+    key: PathBuf,
+    register_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct TunnelFile {
+    id: String,
+    token_sha256: Option<String>,
+    token_file: Option<PathBuf>,
+    token_env: Option<String>,
+    #[serde(default)]
+    hostnames: Vec<Spanned<HostPattern>>,
+}
+
+impl TunnelFile {
+    /// The token's SHA-256 from whichever of the three sources is set (exactly one must be).
+    fn token_hash(&self, src: &Source) -> Result<[u8; 32], String> {
+        match (&self.token_sha256, &self.token_file, &self.token_env) {
+            (Some(hex_hash), None, None) => {
+                let bytes = hex::decode(hex_hash.trim())
+                    .map_err(|_| "token-sha256 must be 64 hexadecimal characters".to_string())?;
+                bytes
+                    .try_into()
+                    .map_err(|_| "token-sha256 must be 64 hexadecimal characters".to_string())
+            }
+            (None, Some(file), None) => {
+                let path = src.resolve(file);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read token-file {}: {e}", path.display()))?;
+                let token = Secret::new(text.trim());
+                if token.expose().is_empty() {
+                    return Err(format!("token-file {} is empty", path.display()));
+                }
+                Ok(token.sha256())
+            }
+            (None, None, Some(var)) => {
+                let value = std::env::var(var)
+                    .map_err(|_| format!("token-env names ${var}, which is not set"))?;
+                let token = Secret::new(value.trim());
+                if token.expose().is_empty() {
+                    return Err(format!("token-env ${var} is empty"));
+                }
+                Ok(token.sha256())
+            }
+            (None, None, None) => Err("set one of token-sha256, token-file or token-env".into()),
+            _ => Err("set only one of token-sha256, token-file or token-env".into()),
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Configuration: TOML files for the edge and the connector, parsed and validated into the
+//! runtime types, with errors that name the file, line, column and key path.
+//!
+//! Relative paths inside a file (certificates, token files) are resolved against the directory
+//! of that file, so a config directory can be moved as a whole.
+
+mod connector;
+mod edge;
+mod types;
+
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::de::DeserializeOwned;
+
+pub use connector::{
+    split_host_port as connector_split_host_port, BackoffConfig, ConnectorConfig, IngressRuleConfig,
+    OriginConfig, OriginTarget, DEFAULT_HA_CONNECTIONS,
+};
+pub use edge::{EdgeConfig, HttpsConfig, TunnelConfig};
+pub use types::{normalize_host, ByteSize, Duration, HostPattern};
+
+/// A configuration problem, located as precisely as the file allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ConfigError {
+    /// The file, as the user named it.
+    pub file: PathBuf,
+    /// 1-based line and column, when known.
+    pub position: Option<(usize, usize)>,
+    /// Key path such as `ingress[3].origin`, when known.
+    pub key: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn render(&self) -> String {
+        let mut out = self.file.display().to_string();
+        if let Some((line, col)) = self.position {
+            out.push_str(&format!(":{line}:{col}"));
+        }
+        out.push_str(": ");
+        if let Some(key) = &self.key {
+            out.push_str(&format!("{key}: "));
+        }
+        out.push_str(&self.message);
+        out
+    }
+}
+
+/// Which kind of file a config is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `sluice edge`
+    Edge,
+    /// `sluice connector`
+    Connector,
+}
+
+/// A parsed config of either role (for `sluice check`).
+#[derive(Debug)]
+pub enum AnyConfig {
+    /// An edge file.
+    Edge(Box<EdgeConfig>),
+    /// A connector file.
+    Connector(Box<ConnectorConfig>),
+}
+
+/// Loads a file of either role, telling them apart by their required keys.
+pub fn load_any(path: &Path) -> Result<AnyConfig, ConfigError> {
+    let text = read(path)?;
+    match detect_role(&text) {
+        Some(Role::Edge) => Ok(AnyConfig::Edge(Box::new(EdgeConfig::parse(&text, path)?))),
+        Some(Role::Connector) => Ok(AnyConfig::Connector(Box::new(ConnectorConfig::parse(&text, path)?))),
+        None => {
+            // Parse as TOML anyway so that a syntax error is reported as such.
+            let _: toml::Table = Source::new(path, &text).deserialize()?;
+            Err(ConfigError {
+                file: path.to_path_buf(),
+                position: None,
+                key: None,
+                message: "cannot tell the role of this file: an edge config has a [connectors] table, \
+                          a connector config has an `edges` list"
+                    .into(),
+            })
+        }
+    }
+}
+
+/// Guesses the role from the top-level keys.
+pub fn detect_role(text: &str) -> Option<Role> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    if table.contains_key("edges") || table.contains_key("ingress") {
+        Some(Role::Connector)
+    } else if table.contains_key("connectors") || table.contains_key("tunnel") {
+        Some(Role::Edge)
+    } else {
+        None
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        position: None,
+        key: None,
+        message: format!("cannot read file: {e}"),
+    })
+}
+
+/// One config file's text, for deserializing and for locating errors in it.
+pub(crate) struct Source<'a> {
+    pub file: &'a Path,
+    pub text: &'a str,
+}
+
+impl<'a> Source<'a> {
+    pub fn new(file: &'a Path, text: &'a str) -> Self {
+        Source { file, text }
+    }
+
+    /// Deserializes the whole file, reporting the key path and position of the first error.
+    pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        let de = toml::Deserializer::new(self.text);
+        serde_path_to_error::deserialize(de).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            ConfigError {
+                file: self.file.to_path_buf(),
+                position: inner.span().map(|s| self.position(s.start)),
+                key: (path != ".").then_some(path),
+                message: inner.message().trim_end().to_string(),
+            }
+        })
+    }
+
+    /// An error at a byte offset with a key path.
+    pub fn error(&self, offset: Option<usize>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            position: offset.map(|o| self.position(o)),
+            key: Some(key.into()),
+            message: message.into(),
+        }
+    }
+
+    /// 1-based line and column (in characters) of a byte offset.
+    pub fn position(&self, offset: usize) -> (usize, usize) {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        (line, col)
+    }
+
+    /// Resolves a path written in the file against the file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.file.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+/// A certificate chain and its private key.
+#[derive(Debug)]
+pub struct TlsIdentity {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        TlsIdentity { chain: self.chain.clone(), key: self.key.clone_key() }
+    }
+}
+
+impl TlsIdentity {
+    /// Reads a PEM certificate chain and a PEM private key.
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, String> {
+        let chain = read_certs(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| format!("cannot read private key from {}: {e}", key.display()))?;
+        Ok(TlsIdentity { chain, key })
+    }
+}
+
+/// Reads every certificate in a PEM file; an empty file is an error.
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("no certificate found in {}", path.display()));
+    }
+    Ok(certs)
+}

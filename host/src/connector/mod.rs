@@ -1,0 +1,113 @@
+//! The connector: dials every edge, keeps `ha-connections` registered connections to each,
+//! and serves the request streams the edges open through the [`pipeline::Pipeline`].
+
+pub mod pipeline;
+mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, Instrument};
+
+use crate::config::ConnectorConfig;
+use crate::tls;
+use pipeline::Pipeline;
+
+/// Why the connector could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// A TLS configuration (edge or origin) was unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The UDP socket for QUIC could not be bound.
+    #[error("failed to bind a UDP socket for QUIC: {0}")]
+    Bind(std::io::Error),
+}
+
+/// Live state of a connector, observable while it runs.
+#[derive(Debug)]
+pub struct ConnectorState {
+    registered: watch::Sender<usize>,
+}
+
+impl ConnectorState {
+    /// Number of connections currently registered with an edge.
+    pub fn registered(&self) -> usize {
+        *self.registered.borrow()
+    }
+
+    /// Waits until at least `n` connections are registered.
+    pub async fn wait_registered(&self, n: usize) {
+        let mut rx = self.registered.subscribe();
+        let _ = rx.wait_for(|count| *count >= n).await;
+    }
+
+    fn add(&self, delta: isize) {
+        self.registered.send_modify(|c| *c = c.saturating_add_signed(delta));
+    }
+}
+
+/// A configured connector, ready to run.
+pub struct Connector {
+    config: Arc<ConnectorConfig>,
+    pipeline: Arc<Pipeline>,
+    client: quinn::ClientConfig,
+    state: Arc<ConnectorState>,
+}
+
+impl Connector {
+    /// Prepares TLS for the edges and every origin.
+    pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
+        let pipeline = Arc::new(Pipeline::new(&config)?);
+        let client = tls::quic_client(&config.edge_ca)?;
+        let (registered, _) = watch::channel(0);
+        Ok(Connector { config: Arc::new(config), pipeline, client, state: Arc::new(ConnectorState { registered }) })
+    }
+
+    /// Observable state (registered connections).
+    pub fn state(&self) -> Arc<ConnectorState> {
+        self.state.clone()
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConnectorError> {
+        let endpoint = bind_endpoint().map_err(ConnectorError::Bind)?;
+        info!(
+            version = env!("CARGO_PKG_VERSION"),
+            tunnel = %self.config.tunnel,
+            connector = %self.config.connector_id,
+            edges = self.config.edges.len(),
+            ha_connections = self.config.ha_connections,
+            "sluice connector starting"
+        );
+        let tracker = TaskTracker::new();
+        let shared = Arc::new(session::Shared {
+            config: self.config.clone(),
+            pipeline: self.pipeline.clone(),
+            client: self.client.clone(),
+            endpoint: endpoint.clone(),
+            state: self.state.clone(),
+            tracker: tracker.clone(),
+        });
+        for edge in &self.config.edges {
+            for index in 0..self.config.ha_connections {
+                let span = tracing::info_span!("session", edge = %edge, conn = index);
+                tracker.spawn(session::run(edge.clone(), index, shared.clone(), shutdown.clone()).instrument(span));
+            }
+        }
+        shutdown.cancelled().await;
+        endpoint.close(crate::proto::code::CLOSE_NORMAL, b"connector shutting down");
+        tracker.close();
+        info!("connector stopped");
+        Ok(())
+    }
+}
+
+fn bind_endpoint() -> std::io::Result<quinn::Endpoint> {
+    let v6: SocketAddr = "[::]:0".parse().expect("valid literal");
+    let v4: SocketAddr = "0.0.0.0:0".parse().expect("valid literal");
+    quinn::Endpoint::client(v6).or_else(|_| quinn::Endpoint::client(v4))
+}

@@ -1,0 +1,167 @@
+//! One connection slot to one edge: dial, register, serve streams, and re-dial with
+//! exponential back-off and jitter whenever the connection is lost.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use super::pipeline::Pipeline;
+use super::ConnectorState;
+use crate::config::{connector_split_host_port, BackoffConfig, ConnectorConfig};
+use crate::proto::{self, io::read_frame, io::write_frame, Control, Register, Rejected};
+
+/// Time allowed for the QUIC handshake plus registration.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What every session of a connector shares.
+pub(super) struct Shared {
+    pub config: Arc<ConnectorConfig>,
+    pub pipeline: Arc<Pipeline>,
+    pub client: quinn::ClientConfig,
+    pub endpoint: quinn::Endpoint,
+    pub state: Arc<ConnectorState>,
+    pub tracker: TaskTracker,
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot resolve the edge address: {0}")]
+    Resolve(String),
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("registration timed out")]
+    Timeout,
+    #[error("control stream: {0}")]
+    Frame(#[from] proto::io::FrameIoError),
+    #[error("the edge refused the registration: {}", .0.message)]
+    Rejected(Rejected),
+    #[error("the edge answered registration with an unexpected message")]
+    Unexpected,
+}
+
+/// Keeps one connection slot alive until shutdown.
+pub(super) async fn run(edge: String, index: u32, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut attempt = 0u32;
+    loop {
+        let mut registered_at = None;
+        let result = tokio::select! {
+            r = session(&edge, index, &shared, &mut registered_at) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        let mut retry_after = None;
+        match result {
+            Ok(reason) => info!(%reason, "connection to the edge lost"),
+            Err(SessionError::Rejected(rej)) => {
+                warn!(code = ?rej.code, reason = %rej.message, "the edge refused the registration");
+                retry_after = rej.retry_after_ms.map(Duration::from_millis);
+            }
+            Err(e) => warn!(cause = %e, "connection to the edge failed"),
+        }
+        if registered_at.is_some_and(|t: Instant| t.elapsed() >= shared.config.backoff.stable) {
+            attempt = 0;
+        }
+        let delay = retry_after.unwrap_or_else(|| backoff_delay(&shared.config.backoff, attempt));
+        attempt = attempt.saturating_add(1);
+        debug!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting after back-off");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Exponential back-off with "equal jitter": half the step fixed, half random.
+pub fn backoff_delay(cfg: &BackoffConfig, attempt: u32) -> Duration {
+    let step = cfg.initial.saturating_mul(1u32 << attempt.min(20)).min(cfg.max);
+    let half = step / 2;
+    half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+}
+
+/// One connection: dial, register, then serve streams until the connection ends.
+/// Returns why it ended once registered.
+async fn session(
+    edge: &str,
+    index: u32,
+    shared: &Shared,
+    registered_at: &mut Option<Instant>,
+) -> Result<String, SessionError> {
+    let (host, port) = connector_split_host_port(edge).map_err(SessionError::Resolve)?;
+    let addr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| SessionError::Resolve(e.to_string()))?
+        .next()
+        .ok_or_else(|| SessionError::Resolve("no address found".into()))?;
+    let server_name = shared.config.edge_server_name.clone().unwrap_or(host);
+
+    let (conn, mut control_send, control_recv) = tokio::time::timeout(REGISTER_TIMEOUT, async {
+        let conn = shared.endpoint.connect_with(shared.client.clone(), addr, &server_name)?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let register = Control::Register(Register {
+            version: proto::VERSION,
+            tunnel: shared.config.tunnel.clone(),
+            token: shared.config.token.clone(),
+            connector_id: shared.config.connector_id.clone(),
+            conn_index: index,
+        });
+        write_frame(&mut send, &register).await?;
+        match read_frame::<_, Control>(&mut recv).await? {
+            Control::Registered(ok) => {
+                info!(edge_id = %ok.edge_id, connection = ok.connection_id, %addr, "registered with the edge");
+                Ok((conn, send, recv))
+            }
+            Control::Rejected(rej) => Err(SessionError::Rejected(rej)),
+            _ => Err(SessionError::Unexpected),
+        }
+    })
+    .await
+    .map_err(|_| SessionError::Timeout)??;
+
+    *registered_at = Some(Instant::now());
+    shared.state.add(1);
+    let _count = CountGuard(shared.state.clone());
+    let _ = &mut control_send;
+    let _control = (control_send, control_recv);
+
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let pipeline = shared.pipeline.clone();
+                shared.tracker.spawn(pipeline.handle(send, recv).in_current_span());
+            }
+            Err(e) => return Ok(e.to_string()),
+        }
+    }
+}
+
+/// Decrements the registered count when a registered session ends.
+struct CountGuard(Arc<ConnectorState>);
+
+impl Drop for CountGuard {
+    fn drop(&mut self) {
+        self.0.add(-1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let cfg = BackoffConfig::default();
+        for attempt in 0..40 {
+            let step = cfg.initial.saturating_mul(1u32 << attempt.min(20)).min(cfg.max);
+            let d = backoff_delay(&cfg, attempt);
+            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?} vs step {step:?}");
+        }
+        assert!(backoff_delay(&cfg, 0) <= Duration::from_millis(100));
+        assert!(backoff_delay(&cfg, 30) >= Duration::from_secs(15));
+    }
+}

@@ -1,0 +1,90 @@
+//! `sluice demo`: an edge, a connector and the `hello` origin in one process, on loopback.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConnectorConfig, EdgeConfig, HostPattern, TunnelConfig};
+use crate::connector::{Connector, ConnectorError};
+use crate::edge::{Edge, EdgeError};
+use crate::secret::Secret;
+use crate::tls;
+
+/// Hostname the demo tunnel serves.
+pub const DEMO_HOST: &str = "hello.sluice.localhost";
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Certificate generation failed.
+    #[error("failed to generate a certificate: {0}")]
+    Cert(#[from] rcgen::Error),
+    /// The edge failed.
+    #[error(transparent)]
+    Edge(#[from] EdgeError),
+    /// The connector failed.
+    #[error(transparent)]
+    Connector(#[from] ConnectorError),
+}
+
+/// A running demo.
+pub struct Demo {
+    /// Where clients send requests.
+    pub http_addr: SocketAddr,
+    /// The command to try.
+    pub curl: String,
+    edge: Edge,
+    connector: Connector,
+}
+
+impl Demo {
+    /// Binds everything on 127.0.0.1 (`http_port` 0 picks a free port).
+    pub async fn start(http_port: u16) -> Result<Demo, DemoError> {
+        let identity = tls::self_signed(&["localhost"])?;
+        let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut edge_cfg = EdgeConfig::new(loopback(0), identity.clone());
+        edge_cfg.edge_id = "demo-edge".into();
+        edge_cfg.http_listen = Some(loopback(http_port));
+        let token = Secret::new(hex::encode(rand::random::<[u8; 32]>()));
+        edge_cfg.tunnels.push(TunnelConfig {
+            id: "demo".into(),
+            token_sha256: token.sha256(),
+            // Infallible: a valid literal.
+            hostnames: vec![HostPattern::try_from(DEMO_HOST).expect("valid demo host")],
+        });
+        let edge = Edge::bind(edge_cfg).await?;
+
+        let mut conn_cfg = ConnectorConfig::new("demo", token);
+        conn_cfg.connector_id = "demo-connector".into();
+        conn_cfg.edges = vec![edge.quic_addr().to_string()];
+        conn_cfg.edge_server_name = Some("localhost".into());
+        conn_cfg.edge_ca = identity.chain.clone();
+        let connector = Connector::new(conn_cfg)?;
+
+        let http_addr = edge.http_addr().unwrap_or(loopback(http_port));
+        let curl = format!("curl -H 'Host: {DEMO_HOST}' http://{http_addr}/hello");
+        Ok(Demo { http_addr, curl, edge, connector })
+    }
+
+    /// Runs until `shutdown` is cancelled, announcing the curl command once the connector has
+    /// registered.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), DemoError> {
+        let state = self.connector.state();
+        let edge = tokio::spawn(self.edge.run(shutdown.clone()));
+        let connector = tokio::spawn(self.connector.run(shutdown.clone()));
+        tokio::select! {
+            _ = state.wait_registered(1) => {
+                println!("sluice demo is up: edge, connector and the hello origin on loopback.");
+                println!("Try:");
+                println!("{}", self.curl);
+                println!("Press Ctrl-C to stop.");
+            }
+            _ = shutdown.cancelled() => {}
+        }
+        let _ = edge.await;
+        if let Ok(r) = connector.await {
+            r?;
+        }
+        Ok(())
+    }
+}

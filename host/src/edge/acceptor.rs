@@ -1,0 +1,171 @@
+//! Accepting connector connections: the QUIC handshake, registration and the control stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use super::EdgeShared;
+use crate::proto::{self, io::read_frame, io::write_frame, Control, RejectCode, Rejected};
+use crate::secret::Secret;
+
+/// Why a connection was not registered.
+#[derive(Debug, thiserror::Error)]
+enum RegisterError {
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] quinn::ConnectionError),
+    #[error("no control stream within the registration timeout")]
+    Timeout,
+    #[error("bad control stream: {0}")]
+    Frame(#[from] proto::io::FrameIoError),
+    #[error("{}", .0.message)]
+    Rejected(Rejected),
+}
+
+/// Serves one incoming connector connection until it closes. Never panics on peer input.
+pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
+    let peer = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(%peer, cause = %e, "connector handshake failed (wrong ALPN, certificate or protocol)");
+            return;
+        }
+    };
+    let registered = tokio::time::timeout(shared.config.register_timeout, register(&conn, peer, &shared)).await;
+    let (tunnel, entry, mut control) = match registered {
+        Ok(Ok(r)) => r,
+        Ok(Err(RegisterError::Rejected(rej))) => {
+            // Already logged and answered by `register`.
+            debug!(%peer, code = ?rej.code, "registration refused");
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!(%peer, cause = %e, "closing connector connection: registration failed");
+            conn.close(proto::code::CLOSE_PROTOCOL, b"registration failed");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, cause = %RegisterError::Timeout, "closing connector connection: registration failed");
+            conn.close(proto::code::CLOSE_PROTOCOL, b"registration timeout");
+            return;
+        }
+    };
+
+    // Control loop: Drain and future messages, until the stream or connection ends.
+    let reason = loop {
+        match read_frame::<_, Control>(&mut control).await {
+            Ok(Control::Drain) => {
+                info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, "connector is draining: no new requests go to this connection");
+                entry.set_draining();
+            }
+            Ok(Control::Unknown) => debug!(connection = entry.id, "ignored an unknown control message"),
+            Ok(other) => {
+                warn!(tunnel = %tunnel, connection = entry.id, message = ?other, "closing connector connection: unexpected control message");
+                conn.close(proto::code::CLOSE_PROTOCOL, b"unexpected control message");
+                break "protocol error".to_string();
+            }
+            Err(proto::io::FrameIoError::Closed) => {
+                // The connector finished its control stream; keep serving until it closes.
+                break conn.closed().await.to_string();
+            }
+            Err(e) => {
+                if conn.close_reason().is_none() {
+                    warn!(tunnel = %tunnel, connection = entry.id, cause = %e, "closing connector connection: bad control stream");
+                    conn.close(proto::code::CLOSE_PROTOCOL, b"bad control frame");
+                }
+                break conn.closed().await.to_string();
+            }
+        }
+    };
+    shared.registry.remove(&tunnel, entry.id);
+    info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, %reason, "connector connection closed");
+}
+
+/// Runs the registration exchange. On success returns the tunnel id, the registry entry and
+/// the control stream's receive half.
+async fn register(
+    conn: &quinn::Connection,
+    peer: SocketAddr,
+    shared: &EdgeShared,
+) -> Result<(String, Arc<super::registry::ConnEntry>, quinn::RecvStream), RegisterError> {
+    let (mut send, mut recv) = conn.accept_bi().await?;
+    let msg: Control = read_frame(&mut recv).await?;
+    let reg = match msg {
+        Control::Register(r) => r,
+        other => {
+            let kind = match other {
+                Control::Unknown => "an unknown message",
+                _ => "a message other than register",
+            };
+            let rej = Rejected {
+                code: RejectCode::BadRequest,
+                message: format!("expected register as the first control message, got {kind}"),
+                retry_after_ms: None,
+            };
+            warn!(%peer, reason = %rej.message, "registration refused");
+            reject(conn, &mut send, &rej).await;
+            return Err(RegisterError::Rejected(rej));
+        }
+    };
+    if let Err(rej) = reg.check_version() {
+        warn!(%peer, tunnel = %reg.tunnel, connector = %reg.connector_id, reason = %rej.message, "registration refused");
+        reject(conn, &mut send, &rej).await;
+        return Err(RegisterError::Rejected(rej));
+    }
+    if !authorized(shared, &reg.tunnel, &reg.token) {
+        let rej = Rejected {
+            code: RejectCode::Unauthorized,
+            message: "unknown tunnel or wrong token".into(),
+            retry_after_ms: None,
+        };
+        warn!(%peer, tunnel = %reg.tunnel, connector = %reg.connector_id, reason = %rej.message, "registration refused");
+        reject(conn, &mut send, &rej).await;
+        return Err(RegisterError::Rejected(rej));
+    }
+
+    let entry = shared.registry.add(&reg.tunnel, reg.connector_id.clone(), conn.clone());
+    let ok = Control::Registered(proto::Registered {
+        connection_id: entry.id,
+        edge_id: shared.config.edge_id.clone(),
+    });
+    if let Err(e) = write_frame(&mut send, &ok).await {
+        shared.registry.remove(&reg.tunnel, entry.id);
+        return Err(e.into());
+    }
+    info!(
+        %peer,
+        tunnel = %reg.tunnel,
+        connector = %reg.connector_id,
+        conn_index = reg.conn_index,
+        connection = entry.id,
+        "connector registered"
+    );
+    // The send half stays open (dropping it would finish it); the edge has nothing more to say
+    // on it in v1 but may later.
+    tokio::spawn(async move {
+        let _keep = send;
+        let _ = _keep.stopped().await;
+    });
+    Ok((reg.tunnel, entry, recv))
+}
+
+/// Token check in constant time. An unknown tunnel costs the same hash and comparison.
+fn authorized(shared: &EdgeShared, tunnel: &str, token: &Secret) -> bool {
+    match shared.registry.tunnel(tunnel) {
+        Some(t) => token.matches_sha256(&t.token_sha256),
+        None => {
+            let _ = token.matches_sha256(&[0u8; 32]);
+            false
+        }
+    }
+}
+
+/// Sends `Rejected`, gives it a moment to arrive, then closes the connection.
+async fn reject(conn: &quinn::Connection, send: &mut quinn::SendStream, rej: &Rejected) {
+    if write_frame(send, &Control::Rejected(rej.clone())).await.is_ok() && send.finish().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+    conn.close(proto::code::CLOSE_REJECTED, rej.message.as_bytes());
+}

@@ -1,0 +1,272 @@
+//! Dispatch of one client request: host → tunnel → connection → QUIC stream, and back.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{HeaderValue, CONTENT_TYPE, COOKIE, HOST};
+use http::{Request, Response, StatusCode, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::{debug, info, warn, Instrument};
+
+use super::registry::InFlight;
+use super::EdgeShared;
+use crate::config::normalize_host;
+use crate::headers::{from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID};
+use crate::proto::{self, io::read_frame, RequestHead, ResponseHead};
+use crate::relay::{self, HttpBody};
+
+/// Handles one client request. Always answers: errors become small plain-text responses.
+pub(super) async fn handle(
+    req: Request<Incoming>,
+    shared: Arc<EdgeShared>,
+    client: SocketAddr,
+    scheme: &'static str,
+) -> Result<Response<HttpBody>, Infallible> {
+    let request_id = new_request_id();
+    let span = tracing::info_span!("request", id = %request_id);
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = forward(req, &shared, client, scheme, &request_id).instrument(span.clone()).await;
+    let _enter = span.enter();
+    debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = start.elapsed().as_millis() as u64, "response head sent");
+    Ok(resp)
+}
+
+async fn forward(
+    mut req: Request<Incoming>,
+    shared: &EdgeShared,
+    client: SocketAddr,
+    scheme: &'static str,
+    request_id: &str,
+) -> Response<HttpBody> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
+    let Some(authority) = authority else {
+        return plain(StatusCode::BAD_REQUEST, "sluice: the request has no Host header\n", request_id);
+    };
+    let host = normalize_host(&authority);
+    let Some(tunnel) = shared.registry.tunnel_for_host(&host) else {
+        return plain(StatusCode::NOT_FOUND, &format!("sluice: no tunnel serves host {host}\n"), request_id);
+    };
+
+    let upgrade = if req.version() == Version::HTTP_11 { requested_upgrade(req.headers()) } else { None };
+    let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let version = req.version();
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    headers.remove(HOST);
+    headers.remove(REQUEST_ID);
+    if version == Version::HTTP_2 {
+        join_cookies(&mut headers);
+    }
+    set_forwarded(&mut headers, shared.config.trust_forwarded_for, client, scheme, &authority);
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert(REQUEST_ID, v);
+    }
+    let head = RequestHead {
+        request_id: request_id.to_string(),
+        method: parts.method.to_string(),
+        scheme: scheme.to_string(),
+        authority: authority.clone(),
+        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        headers: to_wire(&headers),
+        client_addr: Some(client.to_string()),
+        upgrade: upgrade.clone(),
+        empty_body: body.is_end_stream(),
+    };
+    let frame = match proto::encode(&head) {
+        Ok(f) => f,
+        Err(_) => {
+            return plain(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "sluice: the request head is too large\n",
+                request_id,
+            )
+        }
+    };
+
+    // Open a stream and send the head; a connection that fails before anything reached the
+    // connector is skipped and the next one tried.
+    let mut tried = Vec::new();
+    let (in_flight, mut send, mut recv) = loop {
+        let Some(in_flight) = shared.registry.pick(&tunnel, &tried) else {
+            warn!(tunnel = %tunnel, %host, "no live connection for the tunnel");
+            return plain(
+                StatusCode::BAD_GATEWAY,
+                &format!("sluice: tunnel {tunnel} is offline (no connector is connected)\n"),
+                request_id,
+            );
+        };
+        match open_stream(&in_flight, &frame).await {
+            Ok((send, recv)) => break (in_flight, send, recv),
+            Err(e) => {
+                debug!(tunnel = %tunnel, connection = in_flight.conn().id, cause = %e, "could not open a stream, trying another connection");
+                tried.push(in_flight.conn().id);
+            }
+        }
+    };
+    let connection = in_flight.conn().id;
+
+    // Upload the body concurrently with waiting for the answer (an origin may answer early).
+    let mut held_send = None;
+    if upgrade.is_none() {
+        tokio::spawn(
+            async move {
+                match relay::pump(body, &mut send).await {
+                    Ok(_) => {
+                        let _ = send.finish();
+                    }
+                    Err(e) => {
+                        debug!(cause = %e, "request body upload stopped");
+                        let _ = send.reset(proto::code::STREAM_CANCELLED);
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    } else {
+        held_send = Some(send);
+    }
+
+    let resp_head: ResponseHead = match read_frame(&mut recv).await {
+        Ok(h) => h,
+        Err(e) => {
+            warn!(tunnel = %tunnel, connection, cause = %e, "the connector did not answer the request");
+            if let Some(mut s) = held_send {
+                let _ = s.reset(proto::code::STREAM_CANCELLED);
+            }
+            return plain(StatusCode::BAD_GATEWAY, "sluice: the connector did not answer\n", request_id);
+        }
+    };
+    let Ok(status) = StatusCode::from_u16(resp_head.status) else {
+        warn!(tunnel = %tunnel, connection, status = resp_head.status, "the connector sent an invalid status");
+        return plain(StatusCode::BAD_GATEWAY, "sluice: the connector sent an invalid response\n", request_id);
+    };
+    let (mut resp_headers, invalid) = from_wire(&resp_head.headers);
+    if invalid > 0 {
+        debug!(invalid, "dropped invalid response headers");
+    }
+    strip_hop_by_hop(&mut resp_headers);
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp_headers.insert(REQUEST_ID, v);
+    }
+
+    if let (Some(proto_name), Some(on_upgrade), Some(send)) = (&upgrade, on_upgrade, held_send.take()) {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            resp_headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Ok(v) = HeaderValue::from_str(proto_name) {
+                resp_headers.insert(http::header::UPGRADE, v);
+            }
+            tokio::spawn(
+                async move {
+                    let _in_flight = in_flight;
+                    match on_upgrade.await {
+                        Ok(upgraded) => match relay::splice(TokioIo::new(upgraded), send, recv).await {
+                            Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
+                            Err(e) => debug!(cause = %e, "upgraded connection failed"),
+                        },
+                        Err(e) => {
+                            debug!(cause = %e, "client upgrade failed");
+                            let mut send = send;
+                            let _ = send.reset(proto::code::STREAM_CANCELLED);
+                        }
+                    }
+                }
+                .in_current_span(),
+            );
+            let mut resp = Response::new(relay::empty());
+            *resp.status_mut() = status;
+            *resp.headers_mut() = resp_headers;
+            return resp;
+        }
+        // The origin declined the upgrade: a normal response, and no more request bytes.
+        let mut send = send;
+        let _ = send.finish();
+    }
+
+    let body = relay::with_guard(relay::recv_body(recv), in_flight);
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = resp_headers;
+    info!(tunnel = %tunnel, connection, source = ?resp_head.source, status = status.as_u16(), "proxied");
+    resp
+}
+
+async fn open_stream(
+    in_flight: &InFlight,
+    frame: &[u8],
+) -> Result<(quinn::SendStream, quinn::RecvStream), Box<dyn std::error::Error + Send + Sync>> {
+    let (mut send, recv) = in_flight.conn().conn.open_bi().await?;
+    send.write_all(frame).await?;
+    Ok((send, recv))
+}
+
+/// Sets `x-forwarded-for`, `-proto` and `-host`. Client-sent values survive only when the edge
+/// trusts a proxy in front of it.
+fn set_forwarded(
+    headers: &mut http::HeaderMap,
+    trust: bool,
+    client: SocketAddr,
+    scheme: &str,
+    authority: &str,
+) {
+    let ip = client.ip().to_string();
+    let xff = match (trust, headers.get("x-forwarded-for").and_then(|v| v.to_str().ok())) {
+        (true, Some(prev)) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    let keep_proto = trust && headers.contains_key("x-forwarded-proto");
+    let keep_host = trust && headers.contains_key("x-forwarded-host");
+    headers.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !keep_proto {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }));
+    }
+    if !keep_host {
+        headers.remove("x-forwarded-host");
+        if let Ok(v) = HeaderValue::from_str(authority) {
+            headers.insert("x-forwarded-host", v);
+        }
+    }
+}
+
+/// HTTP/2 may split cookies into several fields; HTTP/1.1 origins expect one (RFC 9113 §8.2.3).
+fn join_cookies(headers: &mut http::HeaderMap) {
+    let values: Vec<String> = headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    if values.len() > 1 {
+        if let Ok(v) = HeaderValue::from_str(&values.join("; ")) {
+            headers.insert(COOKIE, v);
+        }
+    }
+}
+
+/// A small plain-text response produced by the edge itself.
+fn plain(status: StatusCode, text: &str, request_id: &str) -> Response<HttpBody> {
+    let mut resp = Response::new(relay::full(text.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        resp.headers_mut().insert(REQUEST_ID, v);
+    }
+    resp
+}
+
+/// A random 128-bit request id, hex encoded.
+fn new_request_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}

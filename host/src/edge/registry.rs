@@ -1,0 +1,214 @@
+//! The edge's tunnel registry: hostnames → tunnels, and each tunnel's live connections.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::config::{HostPattern, TunnelConfig};
+
+/// One registered connector connection.
+#[derive(Debug)]
+pub struct ConnEntry {
+    /// Edge-assigned id.
+    pub id: u64,
+    /// The connector's name, for logs.
+    pub connector_id: String,
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+    in_flight: AtomicUsize,
+    draining: AtomicBool,
+}
+
+impl ConnEntry {
+    /// Streams currently open on this connection.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Marks the connection as draining: no new streams are routed to it.
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    fn usable(&self) -> bool {
+        !self.is_draining() && self.conn.close_reason().is_none()
+    }
+}
+
+/// Counts a stream as in flight on a connection until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<ConnEntry>);
+
+impl InFlight {
+    /// The connection the stream runs on.
+    pub fn conn(&self) -> &Arc<ConnEntry> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Hostname routing, rebuilt as a whole when the configuration changes.
+#[derive(Debug, Default)]
+struct Routes {
+    tunnels: HashMap<String, TunnelConfig>,
+    exact: HashMap<String, String>,
+    /// (suffix, tunnel id), longest suffix first.
+    wildcards: Vec<(String, String)>,
+}
+
+/// Tunnels, their hostnames and their connections.
+#[derive(Debug, Default)]
+pub struct Registry {
+    routes: RwLock<Routes>,
+    conns: Mutex<HashMap<String, Vec<Arc<ConnEntry>>>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    /// A registry serving `tunnels`.
+    pub fn new(tunnels: &[TunnelConfig]) -> Self {
+        let reg = Registry::default();
+        reg.set_tunnels(tunnels);
+        reg
+    }
+
+    /// Replaces the set of tunnels and hostnames. Connections of tunnels that still exist are
+    /// kept; the ids of tunnels that disappeared are returned so their connections can be closed.
+    pub fn set_tunnels(&self, tunnels: &[TunnelConfig]) -> Vec<String> {
+        let mut routes = Routes::default();
+        for t in tunnels {
+            for h in &t.hostnames {
+                match h {
+                    HostPattern::Exact(name) => {
+                        routes.exact.insert(name.clone(), t.id.clone());
+                    }
+                    HostPattern::Wildcard(suffix) => routes.wildcards.push((suffix.clone(), t.id.clone())),
+                }
+            }
+            routes.tunnels.insert(t.id.clone(), t.clone());
+        }
+        routes.wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        let mut guard = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let removed = guard.tunnels.keys().filter(|id| !routes.tunnels.contains_key(*id)).cloned().collect();
+        *guard = routes;
+        removed
+    }
+
+    /// The tunnel serving `host` (lowercase, no port): exact names first, then the most
+    /// specific wildcard.
+    pub fn tunnel_for_host(&self, host: &str) -> Option<String> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = routes.exact.get(host) {
+            return Some(id.clone());
+        }
+        routes
+            .wildcards
+            .iter()
+            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .map(|(_, id)| id.clone())
+    }
+
+    /// The configuration of a tunnel.
+    pub fn tunnel(&self, id: &str) -> Option<TunnelConfig> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.tunnels.get(id).cloned()
+    }
+
+    /// Adds a registered connection.
+    pub fn add(&self, tunnel: &str, connector_id: String, conn: quinn::Connection) -> Arc<ConnEntry> {
+        let entry = Arc::new(ConnEntry {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            connector_id,
+            conn,
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+        });
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.entry(tunnel.to_string()).or_default().push(entry.clone());
+        entry
+    }
+
+    /// Removes a connection (when it closes).
+    pub fn remove(&self, tunnel: &str, id: u64) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = conns.get_mut(tunnel) {
+            list.retain(|c| c.id != id);
+            if list.is_empty() {
+                conns.remove(tunnel);
+            }
+        }
+    }
+
+    /// Picks the usable connection of `tunnel` with the fewest streams in flight, skipping
+    /// connections in `exclude`, and counts the new stream against it.
+    pub fn pick(&self, tunnel: &str, exclude: &[u64]) -> Option<InFlight> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let best = conns
+            .get(tunnel)?
+            .iter()
+            .filter(|c| c.usable() && !exclude.contains(&c.id))
+            .min_by_key(|c| c.in_flight())?
+            .clone();
+        best.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(best))
+    }
+
+    /// Number of registered, non-draining connections of `tunnel`.
+    pub fn live_connections(&self, tunnel: &str) -> usize {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.get(tunnel).map_or(0, |l| l.iter().filter(|c| c.usable()).count())
+    }
+
+    /// Connections of `tunnel` (for closing them when the tunnel is removed).
+    pub fn connections(&self, tunnel: &str) -> Vec<Arc<ConnEntry>> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.get(tunnel).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tunnel(id: &str, hosts: &[&str]) -> TunnelConfig {
+        TunnelConfig {
+            id: id.into(),
+            token_sha256: [0; 32],
+            hostnames: hosts.iter().map(|h| HostPattern::try_from(*h).unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn host_lookup_prefers_exact_then_longest_wildcard() {
+        let reg = Registry::new(&[
+            tunnel("a", &["*.example.com", "www.example.com"]),
+            tunnel("b", &["*.api.example.com"]),
+            tunnel("c", &["api.example.com"]),
+        ]);
+        assert_eq!(reg.tunnel_for_host("www.example.com").as_deref(), Some("a"));
+        assert_eq!(reg.tunnel_for_host("x.example.com").as_deref(), Some("a"));
+        assert_eq!(reg.tunnel_for_host("v1.api.example.com").as_deref(), Some("b"));
+        assert_eq!(reg.tunnel_for_host("api.example.com").as_deref(), Some("c"));
+        assert_eq!(reg.tunnel_for_host("example.com"), None);
+        assert_eq!(reg.tunnel_for_host("other.org"), None);
+    }
+
+    #[test]
+    fn reload_reports_removed_tunnels() {
+        let reg = Registry::new(&[tunnel("a", &["a.test"]), tunnel("b", &["b.test"])]);
+        let removed = reg.set_tunnels(&[tunnel("a", &["a.test", "a2.test"])]);
+        assert_eq!(removed, vec!["b".to_string()]);
+        assert_eq!(reg.tunnel_for_host("a2.test").as_deref(), Some("a"));
+        assert_eq!(reg.tunnel_for_host("b.test"), None);
+    }
+}

@@ -1,0 +1,113 @@
+//! Header rules shared by edge and connector: hop-by-hop stripping and conversions to and from
+//! the wire representation.
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+
+use crate::proto::HeaderValueBytes;
+
+/// Request id header added by the edge; clients cannot set it.
+pub const REQUEST_ID: &str = "sluice-request-id";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including any named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// The protocol a request asks to upgrade to (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
+pub fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
+    let wants = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants {
+        return None;
+    }
+    headers.get(http::header::UPGRADE)?.to_str().ok().map(|s| s.trim().to_string())
+}
+
+/// Headers as sent on the wire: lowercase names, repeated headers kept in order.
+pub fn to_wire(headers: &HeaderMap) -> Vec<(String, HeaderValueBytes)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), HeaderValueBytes(v.as_bytes().to_vec())))
+        .collect()
+}
+
+/// Headers from the wire; invalid names or values are dropped and counted.
+pub fn from_wire(wire: &[(String, HeaderValueBytes)]) -> (HeaderMap, usize) {
+    let mut map = HeaderMap::with_capacity(wire.len());
+    let mut invalid = 0;
+    for (name, value) in wire {
+        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(&value.0)) {
+            (Ok(n), Ok(v)) => {
+                map.append(n, v);
+            }
+            _ => invalid += 1,
+        }
+    }
+    (map, invalid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_listed_and_standard_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upgrade_detection() {
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert_eq!(requested_upgrade(&h), None);
+        h.insert("connection", HeaderValue::from_static("keep-alive, Upgrade"));
+        assert_eq!(requested_upgrade(&h).as_deref(), Some("websocket"));
+    }
+
+    #[test]
+    fn wire_round_trip_keeps_repeats() {
+        let mut h = HeaderMap::new();
+        h.append("set-cookie", HeaderValue::from_static("a=1"));
+        h.append("set-cookie", HeaderValue::from_static("b=2"));
+        let (back, bad) = from_wire(&to_wire(&h));
+        assert_eq!(bad, 0);
+        assert_eq!(back.get_all("set-cookie").iter().count(), 2);
+    }
+}

@@ -1,0 +1,30 @@
+//! sluice: a self-hosted, programmable tunnel.
+//!
+//! A connector beside private services dials out over QUIC to an edge; the edge sends public
+//! HTTP requests for the tunnel's hostnames back down those connections, and the connector
+//! proxies them to origins.
+//!
+//! # Layout
+//! - [`proto`]: the wire protocol between connector and edge, sans-IO.
+//! - [`config`]: TOML configuration of both roles, validated with precise errors.
+//! - [`edge`]: client listeners, connector acceptor and auth, tunnel registry, dispatch.
+//! - [`connector`]: dial loop with back-off, sessions, the per-stream pipeline.
+//! - [`ingress`]: path normalisation and first-match rules.
+//! - [`origin`]: HTTP/1.1 client pools, TLS to origins, built-in origins.
+//! - [`relay`]: bodies and upgraded sockets across QUIC streams, with back-pressure.
+//! - [`headers`]: hop-by-hop rules and header conversions.
+//! - [`tls`]: rustls configurations for every hop.
+//! - [`demo`]: edge, connector and origin in one process, on loopback.
+//! - [`secret`]: a string that never prints itself.
+
+pub mod config;
+pub mod connector;
+pub mod demo;
+pub mod edge;
+pub mod headers;
+pub mod ingress;
+pub mod origin;
+pub mod proto;
+pub mod relay;
+pub mod secret;
+pub mod tls;

@@ -1,0 +1,255 @@
+//! Origins: a keep-alive HTTP/1.1 client pool per named origin (plain or TLS) and the
+//! built-in origins `hello` and `status:NNN`.
+
+mod builtin;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{OriginConfig, OriginTarget};
+use crate::relay::HttpBody;
+use crate::tls;
+
+/// Why an origin could not be reached or did not answer. Each kind maps to one status, one
+/// metric label and one log message.
+#[derive(Debug, thiserror::Error)]
+pub enum OriginError {
+    /// Nothing listens at the origin's address.
+    #[error("origin {origin:?} refused the connection")]
+    Refused {
+        /// Origin name.
+        origin: String,
+    },
+    /// The TCP connection was not established in time.
+    #[error("origin {origin:?} did not accept a connection within {timeout:?}")]
+    ConnectTimeout {
+        /// Origin name.
+        origin: String,
+        /// The configured `connect-timeout`.
+        timeout: std::time::Duration,
+    },
+    /// No response head arrived in time.
+    #[error("origin {origin:?} did not answer within {timeout:?}")]
+    ResponseTimeout {
+        /// Origin name.
+        origin: String,
+        /// The configured `request-timeout`.
+        timeout: std::time::Duration,
+    },
+    /// The TLS handshake failed (certificate not trusted, name mismatch…).
+    #[error("TLS with origin {origin:?} failed: {detail}")]
+    Tls {
+        /// Origin name.
+        origin: String,
+        /// What rustls said.
+        detail: String,
+    },
+    /// Any other failure to connect (DNS, unreachable network).
+    #[error("origin {origin:?} is unreachable: {detail}")]
+    Unreachable {
+        /// Origin name.
+        origin: String,
+        /// The underlying error.
+        detail: String,
+    },
+    /// The origin broke the HTTP exchange (closed early, invalid response).
+    #[error("origin {origin:?} failed the request: {detail}")]
+    Protocol {
+        /// Origin name.
+        origin: String,
+        /// The underlying error.
+        detail: String,
+    },
+}
+
+impl OriginError {
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            OriginError::ConnectTimeout { .. } | OriginError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A stable label for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OriginError::Refused { .. } => "refused",
+            OriginError::ConnectTimeout { .. } => "connect-timeout",
+            OriginError::ResponseTimeout { .. } => "response-timeout",
+            OriginError::Tls { .. } => "tls",
+            OriginError::Unreachable { .. } => "unreachable",
+            OriginError::Protocol { .. } => "protocol",
+        }
+    }
+}
+
+/// One named origin, ready to take requests.
+#[derive(Debug)]
+pub struct Origin {
+    config: OriginConfig,
+    kind: Kind,
+}
+
+enum Kind {
+    Http(Client<HttpsConnector<HttpConnector>, HttpBody>),
+    Hello,
+    Status(StatusCode),
+}
+
+impl std::fmt::Debug for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Kind::Http(_) => f.write_str("Http"),
+            Kind::Hello => f.write_str("Hello"),
+            Kind::Status(s) => write!(f, "Status({s})"),
+        }
+    }
+}
+
+impl Origin {
+    /// Builds the client pool (and TLS configuration) of an origin.
+    pub fn new(config: OriginConfig) -> Result<Self, tls::TlsError> {
+        let kind = match &config.target {
+            OriginTarget::Hello => Kind::Hello,
+            // Validated at load: 100..=599.
+            OriginTarget::Status(code) => Kind::Status(StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)),
+            OriginTarget::Http(_) => {
+                let mut http = HttpConnector::new();
+                http.enforce_http(false);
+                http.set_nodelay(true);
+                http.set_connect_timeout(Some(config.connect_timeout));
+                let tls_cfg = tls::origin_client(&config.ca, config.danger_accept_invalid_certs)?;
+                let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls_cfg).https_or_http();
+                let builder = match &config.server_name {
+                    Some(name) => {
+                        let name = rustls::pki_types::ServerName::try_from(name.clone())
+                            .map_err(|e| tls::TlsError::Quic(format!("invalid server-name {name:?}: {e}")))?;
+                        builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+                    }
+                    None => builder,
+                };
+                let connector = builder.enable_http1().wrap_connector(http);
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(config.pool_idle_timeout)
+                    .pool_max_idle_per_host(config.pool_max_idle)
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .build(connector);
+                Kind::Http(client)
+            }
+        };
+        Ok(Origin { config, kind })
+    }
+
+    /// The origin's configuration.
+    pub fn config(&self) -> &OriginConfig {
+        &self.config
+    }
+
+    /// Sends `req` (whose URI holds only path and query) and waits for the response head.
+    ///
+    /// Cancel safe in the sense that matters: dropping the future abandons the origin request
+    /// and closes its connection.
+    pub async fn send(&self, mut req: Request<HttpBody>) -> Result<Response<HttpBody>, OriginError> {
+        match &self.kind {
+            Kind::Hello => Ok(builtin::hello(req).await),
+            Kind::Status(code) => Ok(builtin::status(*code)),
+            Kind::Http(client) => {
+                let OriginTarget::Http(base) = &self.config.target else {
+                    unreachable!("Kind::Http is only built for OriginTarget::Http")
+                };
+                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                let uri = format!(
+                    "{}://{}{}",
+                    base.scheme_str().unwrap_or("http"),
+                    base.authority().map_or("", |a| a.as_str()),
+                    target
+                );
+                *req.uri_mut() = uri.parse().map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
+                    origin: self.config.name.clone(),
+                    detail: e.to_string(),
+                })?;
+                let timeout = self.config.request_timeout;
+                match tokio::time::timeout(timeout, client.request(req)).await {
+                    Err(_) => Err(OriginError::ResponseTimeout { origin: self.config.name.clone(), timeout }),
+                    Ok(Err(e)) => Err(self.classify(&e)),
+                    Ok(Ok(resp)) => Ok(resp.map(|b| {
+                        use http_body_util::BodyExt;
+                        b.map_err(|e| -> crate::relay::BoxError { Box::new(e) }).boxed()
+                    })),
+                }
+            }
+        }
+    }
+
+    fn classify(&self, err: &hyper_util::client::legacy::Error) -> OriginError {
+        let origin = self.config.name.clone();
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if let Some(inner) = io.get_ref() {
+                    if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                        return OriginError::Tls { origin, detail: tls.to_string() };
+                    }
+                }
+                match io.kind() {
+                    std::io::ErrorKind::ConnectionRefused => return OriginError::Refused { origin },
+                    std::io::ErrorKind::TimedOut if err.is_connect() => {
+                        return OriginError::ConnectTimeout { origin, timeout: self.config.connect_timeout }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+                return OriginError::Tls { origin, detail: tls.to_string() };
+            }
+            source = e.source();
+        }
+        let detail = error_chain(err);
+        if err.is_connect() {
+            OriginError::Unreachable { origin, detail }
+        } else {
+            OriginError::Protocol { origin, detail }
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        source = e.source();
+    }
+    out
+}
+
+/// Every configured origin by name.
+#[derive(Debug, Clone, Default)]
+pub struct Origins {
+    by_name: HashMap<String, Arc<Origin>>,
+}
+
+impl Origins {
+    /// Builds every origin.
+    pub fn new(configs: &[OriginConfig]) -> Result<Self, tls::TlsError> {
+        let mut by_name = HashMap::new();
+        for c in configs {
+            by_name.insert(c.name.clone(), Arc::new(Origin::new(c.clone())?));
+        }
+        Ok(Origins { by_name })
+    }
+
+    /// The origin called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Origin>> {
+        self.by_name.get(name)
+    }
+}

@@ -1,0 +1,47 @@
+//! The sluice wire protocol (v1), sans-IO: frames, control messages and stream heads.
+//!
+//! A frame is a big-endian `u32` length followed by that many bytes of JSON. The control
+//! stream (the first bidirectional stream, opened by the connector) carries [`Control`]
+//! messages; each request stream (opened by the edge) starts with one [`RequestHead`] frame and
+//! is answered by one [`ResponseHead`] frame, each followed by the raw body until FIN.
+//!
+//! JSON keeps the protocol inspectable and lets v1 grow: unknown fields are ignored and unknown
+//! control message kinds decode to [`Control::Unknown`]. The version is checked once, at
+//! registration.
+
+mod frame;
+pub mod io;
+mod message;
+
+pub use frame::{decode, decode_len, encode, FrameDecoder, FrameError, MAX_FRAME_LEN};
+pub use message::{
+    Control, HeaderValueBytes, Register, Registered, RejectCode, Rejected, RequestHead,
+    ResponseHead, ResponseSource,
+};
+
+/// ALPN protocol id spoken between connector and edge.
+pub const ALPN: &[u8] = b"sluice/1";
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// QUIC application error codes for closing connections and resetting streams.
+pub mod code {
+    use quinn::VarInt;
+
+    /// Normal close (shutdown).
+    pub const CLOSE_NORMAL: VarInt = VarInt::from_u32(0);
+    /// The peer broke the protocol (bad frame, unexpected message).
+    pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(1);
+    /// Registration was refused.
+    pub const CLOSE_REJECTED: VarInt = VarInt::from_u32(2);
+    /// The tunnel was removed from the edge's configuration.
+    pub const CLOSE_TUNNEL_REMOVED: VarInt = VarInt::from_u32(3);
+
+    /// The request was cancelled (the client went away).
+    pub const STREAM_CANCELLED: VarInt = VarInt::from_u32(0x10);
+    /// The origin failed mid-body.
+    pub const STREAM_ORIGIN_FAILED: VarInt = VarInt::from_u32(0x11);
+    /// A malformed frame on a request stream.
+    pub const STREAM_PROTOCOL: VarInt = VarInt::from_u32(0x12);
+}

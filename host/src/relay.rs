@@ -1,0 +1,113 @@
+//! Moving HTTP bodies and upgraded sockets across QUIC streams, with back-pressure.
+//!
+//! Nothing here buffers a whole body: a QUIC receive stream becomes an HTTP body that reads one
+//! chunk when the HTTP side asks for one, and an HTTP body is written to a QUIC send stream one
+//! frame at a time, waiting for flow-control credit.
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Error type of bodies that cross the tunnel.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type used on both sides.
+pub type HttpBody = BoxBody<Bytes, BoxError>;
+
+/// Largest chunk read from a QUIC stream at once.
+const CHUNK: usize = 64 * 1024;
+
+/// An HTTP body that yields what arrives on `recv` until FIN; a reset becomes a body error.
+pub fn recv_body(recv: quinn::RecvStream) -> HttpBody {
+    let stream = futures_util::stream::unfold(Some(recv), |state| async move {
+        let mut recv = state?;
+        match recv.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => Some((Ok(Frame::data(chunk.bytes)), Some(recv))),
+            Ok(None) => None,
+            Err(e) => Some((Err(BoxError::from(e)), None)),
+        }
+    });
+    BoxBody::new(StreamBody::new(stream))
+}
+
+/// An empty body.
+pub fn empty() -> HttpBody {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A body holding `data`.
+pub fn full(data: impl Into<Bytes>) -> HttpBody {
+    Full::new(data.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Why pumping a body into a QUIC stream stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    /// The HTTP body failed (client or origin went away mid-body).
+    #[error("body failed: {0}")]
+    Body(BoxError),
+    /// The QUIC stream failed (peer reset or stopped it, connection lost).
+    #[error("stream failed: {0}")]
+    Stream(#[from] quinn::WriteError),
+}
+
+/// Writes every data frame of `body` to `send`, returning the byte count. Trailers are
+/// dropped. Does not finish or reset `send`: the caller decides.
+pub async fn pump<B>(mut body: B, send: &mut quinn::SendStream) -> Result<u64, PumpError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut total = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| PumpError::Body(e.into()))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len() as u64;
+            send.write_chunk(data).await?;
+        }
+    }
+    Ok(total)
+}
+
+/// Copies bytes both ways between an upgraded HTTP connection and a QUIC stream pair until
+/// both directions end. Returns (bytes to QUIC, bytes from QUIC).
+pub async fn splice<T, W>(io: T, send: W, recv: quinn::RecvStream) -> std::io::Result<(u64, u64)>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut io = io;
+    let mut quic = tokio::io::join(recv, send);
+    tokio::io::copy_bidirectional(&mut io, &mut quic).await
+}
+
+/// Keeps `guard` alive for as long as `body` is (an in-flight count, say).
+pub fn with_guard<G: Send + Sync + Unpin + 'static>(body: HttpBody, guard: G) -> HttpBody {
+    BoxBody::new(Guarded { body, _guard: guard })
+}
+
+struct Guarded<G> {
+    body: HttpBody,
+    _guard: G,
+}
+
+impl<G: Unpin> Body for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -1,0 +1,173 @@
+//! TLS configurations: the edge's QUIC and HTTPS servers, the connector's view of edges, and
+//! the connector's client for `https://` origins. All use rustls with the ring provider.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::config::TlsIdentity;
+use crate::proto;
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// rustls refused the certificate, key or settings.
+    #[error("invalid TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The settings are not usable for QUIC.
+    #[error("invalid QUIC TLS setup: {0}")]
+    Quic(String),
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// System roots, loaded once. Unreadable entries are skipped (and logged once).
+fn system_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let loaded = rustls_native_certs::load_native_certs();
+        for err in &loaded.errors {
+            tracing::debug!(cause = %err, "skipped part of the system certificate store");
+        }
+        let mut roots = RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(loaded.certs);
+        tracing::debug!(added, ignored, "loaded system root certificates");
+        roots
+    })
+}
+
+fn roots_with(extra: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsError> {
+    let mut roots = system_roots().clone();
+    for cert in extra {
+        roots.add(cert.clone())?;
+    }
+    Ok(roots)
+}
+
+/// The edge's QUIC server config: TLS 1.3, ALPN `sluice/1`.
+pub fn quic_server(identity: &TlsIdentity) -> Result<quinn::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
+/// The connector's QUIC client config: system roots plus `extra_ca`, ALPN `sluice/1`.
+pub fn quic_client(extra_ca: &[CertificateDer<'static>]) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots_with(extra_ca)?)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Quic(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
+/// QUIC transport settings shared by both ends.
+///
+/// The edge opens one bidirectional stream per request, so the connector's stream limit is the
+/// number of concurrent requests one connection can carry. Windows bound the memory a single
+/// stream or connection can hold in flight.
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(4096u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    // Infallible: 30 s is far below the VarInt limit.
+    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30)).expect("30s fits")));
+    t.stream_receive_window((1u32 << 20).into());
+    t.receive_window((16u32 << 20).into());
+    t.send_window(16 << 20);
+    t
+}
+
+/// The edge's HTTPS server config: HTTP/2 and HTTP/1.1 by ALPN.
+pub fn https_server(identity: &TlsIdentity) -> Result<rustls::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// TLS client config for an `https://` origin (HTTP/1.1 only).
+pub fn origin_client(
+    extra_ca: &[CertificateDer<'static>],
+    danger_accept_invalid_certs: bool,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let mut tls = if danger_accept_invalid_certs {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
+            .with_no_client_auth()
+    } else {
+        builder.with_root_certificates(roots_with(extra_ca)?).with_no_client_auth()
+    };
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// Verifier for `danger-accept-invalid-certs`: checks signatures, trusts any certificate.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A self-signed identity for the given names (the demo and tests).
+pub fn self_signed(names: &[&str]) -> Result<TlsIdentity, rcgen::Error> {
+    let ck = rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+    Ok(TlsIdentity {
+        chain: vec![ck.cert.der().clone()],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),
+    })
+}
