@@ -112,7 +112,8 @@ pub fn origin_client(
 ) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
-    let mut tls = if danger_accept_invalid_certs {
+    // hyper-rustls sets ALPN (http/1.1) itself.
+    let tls = if danger_accept_invalid_certs {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
@@ -120,7 +121,6 @@ pub fn origin_client(
     } else {
         builder.with_root_certificates(roots_with(extra_ca)?).with_no_client_auth()
     };
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tls)
 }
 

@@ -72,6 +72,7 @@ pub struct Registry {
     routes: RwLock<Routes>,
     conns: Mutex<HashMap<String, Vec<Arc<ConnEntry>>>>,
     next_id: AtomicU64,
+    rotation: AtomicUsize,
 }
 
 impl Registry {
@@ -153,9 +154,11 @@ impl Registry {
     /// connections in `exclude`, and counts the new stream against it.
     pub fn pick(&self, tunnel: &str, exclude: &[u64]) -> Option<InFlight> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let best = conns
-            .get(tunnel)?
-            .iter()
+        let list = conns.get(tunnel)?;
+        // Ties are broken by rotating the starting point, so idle connections share the load.
+        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
+        let best = (0..list.len())
+            .map(|i| &list[(start + i) % list.len()])
             .filter(|c| c.usable() && !exclude.contains(&c.id))
             .min_by_key(|c| c.in_flight())?
             .clone();

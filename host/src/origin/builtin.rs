@@ -44,8 +44,10 @@ pub(super) async fn hello(req: Request<HttpBody>) -> Response<HttpBody> {
     // Serializing a map of strings cannot fail.
     let mut json = serde_json::to_vec_pretty(&echo).unwrap_or_default();
     json.push(b'\n');
+    let len = json.len();
     let mut resp = Response::new(relay::full(json));
     resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
     resp
 }
 
@@ -53,5 +55,6 @@ pub(super) async fn hello(req: Request<HttpBody>) -> Response<HttpBody> {
 pub(super) fn status(status: StatusCode) -> Response<HttpBody> {
     let mut resp = Response::new(relay::empty());
     *resp.status_mut() = status;
+    resp.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(0));
     resp
 }

@@ -1,0 +1,43 @@
+//! Command-line interface of the `sluice` binary.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// sluice: a self-hosted, programmable tunnel.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about)]
+pub struct Cli {
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run an edge: public HTTP(S) listeners and a QUIC listener for connectors.
+    Edge {
+        /// The edge's TOML file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a connector: dial the edges and proxy their requests to origins.
+    Connector {
+        /// The connector's TOML file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file of either role and exit (non-zero with the error if invalid).
+    Check {
+        /// The TOML file to check.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run an edge, a connector and the hello origin on loopback and print a curl to try.
+    Demo {
+        /// Port of the demo's HTTP listener on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+}

@@ -1,0 +1,263 @@
+//! Shared fixtures for integration tests: an edge, a connector and origins on 127.0.0.1:0,
+//! rcgen certificates, a hyper client, and a log capture.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use sluice::config::{
+    ConnectorConfig, EdgeConfig, HostPattern, IngressRuleConfig, OriginConfig, OriginTarget, TlsIdentity,
+    TunnelConfig,
+};
+use sluice::connector::{Connector, ConnectorState};
+use sluice::edge::Edge;
+use sluice::secret::Secret;
+
+/// Upper bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Captures log output of the current thread (tests run on a current-thread runtime, so every
+/// task of the test logs here).
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    pub async fn wait_for(&self, needle: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.text().contains(needle) {
+            assert!(tokio::time::Instant::now() < deadline, "log line {needle:?} never appeared; logs:\n{}", self.text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs a log capture for this thread; keep the guard alive for the test.
+pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("sluice=debug")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let guard = tracing::subscriber::set_default(subscriber);
+    (logs, guard)
+}
+
+/// A certificate for "localhost" and the CA to trust it with (self-signed: the same cert).
+pub fn identity() -> TlsIdentity {
+    sluice::tls::self_signed(&["localhost"]).unwrap()
+}
+
+pub fn tunnel(id: &str, token: &str, hosts: &[&str]) -> TunnelConfig {
+    TunnelConfig {
+        id: id.into(),
+        token_sha256: Secret::new(token).sha256(),
+        hostnames: hosts.iter().map(|h| HostPattern::try_from(*h).unwrap()).collect(),
+    }
+}
+
+pub fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// A running edge.
+pub struct EdgeHandle {
+    pub http: SocketAddr,
+    pub quic: SocketAddr,
+    pub https: Option<SocketAddr>,
+    pub identity: TlsIdentity,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+pub async fn start_edge(tunnels: Vec<TunnelConfig>, tweak: impl FnOnce(&mut EdgeConfig)) -> EdgeHandle {
+    let identity = identity();
+    let mut cfg = EdgeConfig::new(loopback(), identity.clone());
+    cfg.http_listen = Some(loopback());
+    cfg.tunnels = tunnels;
+    tweak(&mut cfg);
+    let edge = Edge::bind(cfg).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let (http, quic, https) = (edge.http_addr().unwrap(), edge.quic_addr(), edge.https_addr());
+    let task = tokio::spawn(edge.run(shutdown.clone()));
+    EdgeHandle { http, quic, https, identity, shutdown, task }
+}
+
+/// A running connector.
+pub struct ConnectorHandle {
+    pub state: Arc<ConnectorState>,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl ConnectorHandle {
+    pub async fn registered(&self, n: usize) {
+        tokio::time::timeout(WAIT, self.state.wait_registered(n))
+            .await
+            .expect("connector did not register in time");
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(WAIT, self.task).await;
+    }
+}
+
+/// A connector config for `edge`, with the given origins and ingress (catch-all → first origin
+/// if `ingress` is empty).
+pub fn connector_config(
+    edge: &EdgeHandle,
+    tunnel: &str,
+    token: &str,
+    origins: Vec<OriginConfig>,
+    mut ingress: Vec<IngressRuleConfig>,
+) -> ConnectorConfig {
+    let mut cfg = ConnectorConfig::new(tunnel, Secret::new(token));
+    cfg.edges = vec![edge.quic.to_string()];
+    cfg.edge_server_name = Some("localhost".into());
+    cfg.edge_ca = edge.identity.chain.clone();
+    if ingress.is_empty() {
+        ingress.push(rule(None, None, &origins[0].name));
+    }
+    cfg.origins = origins;
+    cfg.ingress = ingress;
+    cfg.backoff.initial = Duration::from_millis(50);
+    cfg.backoff.max = Duration::from_millis(500);
+    cfg
+}
+
+pub fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
+    let connector = Connector::new(cfg).unwrap();
+    let state = connector.state();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        connector.run(token).await.unwrap();
+    });
+    ConnectorHandle { state, shutdown, task }
+}
+
+pub fn rule(host: Option<&str>, path: Option<&str>, origin: &str) -> IngressRuleConfig {
+    IngressRuleConfig {
+        hostname: host.map(|h| HostPattern::try_from(h).unwrap()),
+        path: path.map(|p| regex::Regex::new(p).unwrap()),
+        origin: origin.into(),
+    }
+}
+
+pub fn http_origin(name: &str, addr: SocketAddr) -> OriginConfig {
+    OriginConfig::new(name, OriginTarget::Http(format!("http://{addr}").parse().unwrap()))
+}
+
+/// Starts a hyper HTTP/1.1 origin running `handler` for every request.
+pub async fn start_origin<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<sluice::relay::HttpBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An origin that answers with a JSON echo of what it received: method, path, headers.
+pub async fn echo_origin(name: &'static str) -> SocketAddr {
+    start_origin(move |req: Request<Incoming>| async move {
+        let mut headers = serde_json::Map::new();
+        for (k, v) in req.headers() {
+            let entry = headers.entry(k.as_str()).or_insert_with(|| serde_json::Value::Array(vec![]));
+            entry.as_array_mut().unwrap().push(String::from_utf8_lossy(v.as_bytes()).into());
+        }
+        let body = serde_json::json!({
+            "origin": name,
+            "method": req.method().as_str(),
+            "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            "headers": headers,
+        });
+        Response::new(sluice::relay::full(body.to_string()))
+    })
+    .await
+}
+
+/// A response read whole.
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    /// First value of `name` in the echo origin's view of the request headers.
+    pub fn echoed(&self, name: &str) -> Option<String> {
+        self.json()["headers"][name][0].as_str().map(str::to_string)
+    }
+}
+
+/// Sends one request over a fresh HTTP/1.1 connection and reads the whole answer.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
+    tokio::time::timeout(WAIT, async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Reply { status, headers, body }
+    })
+    .await
+    .expect("request timed out")
+}
+
+/// GET `path` with `Host: host`.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
+    send(addr, Request::get(path).header("host", host).body(Full::default()).unwrap()).await
+}
