@@ -153,7 +153,7 @@ async fn wrong_or_missing_token_is_rejected_without_logging_it() {
     conn.stop().await;
 
     // Unknown tunnel and an empty token, sent by hand.
-    let client = raw_client(&edge).await;
+    let client = raw_quic_client(&edge, sluice::proto::ALPN);
     let reply = raw_register(&client, &edge, "no-such-tunnel", "").await;
     assert!(reply.contains("unknown tunnel or wrong token"), "{reply}");
 
@@ -383,26 +383,6 @@ async fn connector_redials_until_the_edge_appears() {
     .await
     .expect("connector did not notice the edge closing");
     conn.stop().await;
-}
-
-/// A QUIC client trusting the edge, with ALPN `alpn`.
-pub async fn raw_client_alpn(edge: &EdgeHandle, alpn: &[u8]) -> quinn::Endpoint {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(edge.identity.chain[0].clone()).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut ep = quinn::Endpoint::client(loopback()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
-    ep
-}
-
-pub async fn raw_client(edge: &EdgeHandle) -> quinn::Endpoint {
-    raw_client_alpn(edge, sluice::proto::ALPN).await
 }
 
 /// Sends a Register by hand and returns what the edge answered (or how it closed).

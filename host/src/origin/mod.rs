@@ -194,11 +194,6 @@ impl Origin {
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
         while let Some(e) = source {
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                if let Some(inner) = io.get_ref() {
-                    if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
-                        return OriginError::Tls { origin, detail: tls.to_string() };
-                    }
-                }
                 match io.kind() {
                     std::io::ErrorKind::ConnectionRefused => return OriginError::Refused { origin },
                     std::io::ErrorKind::TimedOut if err.is_connect() => {
@@ -210,7 +205,11 @@ impl Origin {
             if let Some(tls) = e.downcast_ref::<rustls::Error>() {
                 return OriginError::Tls { origin, detail: tls.to_string() };
             }
-            source = e.source();
+            // io::Error's `source` skips the error it wraps; descend into it instead.
+            source = match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => e.source(),
+            };
         }
         let detail = error_chain(err);
         if err.is_connect() {

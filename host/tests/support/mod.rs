@@ -261,3 +261,20 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
     send(addr, Request::get(path).header("host", host).body(Full::default()).unwrap()).await
 }
+
+/// A bare QUIC client trusting the edge's certificate, offering ALPN `alpn`.
+pub fn raw_quic_client(edge: &EdgeHandle, alpn: &[u8]) -> quinn::Endpoint {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(edge.identity.chain[0].clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client(loopback()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    ep
+}
