@@ -92,20 +92,6 @@ impl EdgeConfig {
         if file.http.is_none() && file.https.is_none() {
             return Err(src.error(None, "http", "the edge needs an [http] or [https] listener for clients"));
         }
-        let https = match file.https {
-            Some(h) => Some(HttpsConfig {
-                listen: h.listen,
-                identity: TlsIdentity::from_pem_files(&src.resolve(&h.cert), &src.resolve(&h.key))
-                    .map_err(|m| src.error(None, "https", m))?,
-            }),
-            None => None,
-        };
-        let quic_identity = TlsIdentity::from_pem_files(
-            &src.resolve(&file.connectors.cert),
-            &src.resolve(&file.connectors.key),
-        )
-        .map_err(|m| src.error(None, "connectors", m))?;
-
         let mut tunnels = Vec::new();
         let mut ids: HashMap<String, usize> = HashMap::new();
         let mut hosts: HashMap<HostPattern, String> = HashMap::new();
@@ -119,7 +105,9 @@ impl EdgeConfig {
             if let Some(prev) = ids.insert(t.id.clone(), i) {
                 return Err(src.error(at, format!("{key}.id"), format!("duplicate tunnel id {:?} (also tunnel[{prev}])", t.id)));
             }
-            let token_sha256 = t.token_hash(&src).map_err(|m| src.error(at, key.clone(), m))?;
+            let token_sha256 = t
+                .token_hash(&src)
+                .map_err(|(field, m)| src.error(at, format!("{key}{field}"), m))?;
             if t.hostnames.is_empty() {
                 return Err(src.error(at, format!("{key}.hostnames"), "a tunnel needs at least one hostname"));
             }
@@ -138,6 +126,20 @@ impl EdgeConfig {
                 hostnames: t.hostnames.iter().map(|h| h.get_ref().clone()).collect(),
             });
         }
+
+        let https = match file.https {
+            Some(h) => Some(HttpsConfig {
+                listen: h.listen,
+                identity: TlsIdentity::from_pem_files(&src.resolve(&h.cert), &src.resolve(&h.key))
+                    .map_err(|m| src.error(None, "https", m))?,
+            }),
+            None => None,
+        };
+        let quic_identity = TlsIdentity::from_pem_files(
+            &src.resolve(&file.connectors.cert),
+            &src.resolve(&file.connectors.key),
+        )
+        .map_err(|m| src.error(None, "connectors", m))?;
 
         Ok(EdgeConfig {
             edge_id: file.edge_id.unwrap_or_else(|| "edge".into()),
@@ -204,7 +206,18 @@ struct TunnelFile {
 
 impl TunnelFile {
     /// The token's SHA-256 from whichever of the three sources is set (exactly one must be).
-    fn token_hash(&self, src: &Source) -> Result<[u8; 32], String> {
+    /// Errors carry the key suffix they concern.
+    fn token_hash(&self, src: &Source) -> Result<[u8; 32], (&'static str, String)> {
+        let field = match (&self.token_sha256, &self.token_file, &self.token_env) {
+            (Some(_), None, None) => ".token-sha256",
+            (None, Some(_), None) => ".token-file",
+            (None, None, Some(_)) => ".token-env",
+            _ => "",
+        };
+        self.token_hash_inner(src).map_err(|m| (field, m))
+    }
+
+    fn token_hash_inner(&self, src: &Source) -> Result<[u8; 32], String> {
         match (&self.token_sha256, &self.token_file, &self.token_env) {
             (Some(hex_hash), None, None) => {
                 let bytes = hex::decode(hex_hash.trim())

@@ -125,25 +125,52 @@ impl<'a> Source<'a> {
     pub fn deserialize<T: DeserializeOwned>(&self) -> Result<T, ConfigError> {
         let de = toml::Deserializer::new(self.text);
         serde_path_to_error::deserialize(de).map_err(|err| {
-            let path = err.path().to_string();
+            // `toml::Spanned` shows up as a path segment of its own; it means nothing to users.
+            let path = err.path().to_string().replace(".$__serde_spanned_private_value", "");
             let inner = err.into_inner();
             ConfigError {
                 file: self.file.to_path_buf(),
                 position: inner.span().map(|s| self.position(s.start)),
                 key: (path != ".").then_some(path),
-                message: inner.message().trim_end().to_string(),
+                message: inner.message().trim_end().lines().collect::<Vec<_>>().join(": "),
             }
         })
     }
 
     /// An error at a byte offset with a key path.
+    /// Without an offset, a top-level key or table named `key` is looked up to place the error.
     pub fn error(&self, offset: Option<usize>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        let key = key.into();
+        let offset = offset.or_else(|| self.find_top_level(&key));
         ConfigError {
             file: self.file.to_path_buf(),
             position: offset.map(|o| self.position(o)),
-            key: Some(key.into()),
+            key: Some(key),
             message: message.into(),
         }
+    }
+
+    /// Byte offset of the line defining top-level `key` (`key = …` or `[key]`), if any.
+    fn find_top_level(&self, key: &str) -> Option<usize> {
+        let mut offset = 0;
+        let mut in_table = false;
+        for line in self.text.split_inclusive('\n') {
+            let t = line.trim();
+            if t.starts_with('[') {
+                if t == format!("[{key}]") {
+                    return Some(offset);
+                }
+                in_table = true;
+            } else if !in_table {
+                if let Some(rest) = t.strip_prefix(key) {
+                    if rest.trim_start().starts_with('=') {
+                        return Some(offset);
+                    }
+                }
+            }
+            offset += line.len();
+        }
+        None
     }
 
     /// 1-based line and column (in characters) of a byte offset.

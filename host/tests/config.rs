@@ -1,0 +1,107 @@
+//! Configuration: every bad file in `tests/config/invalid` prints exactly its `.err` through
+//! `sluice check`, and every file in `examples/` parses.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn sluice() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+#[test]
+fn invalid_configs_print_their_exact_error() {
+    let dir = Path::new("tests/config/invalid");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 15, "expected the golden files, found {}", files.len());
+    for file in &files {
+        let expected = std::fs::read_to_string(file.with_extension("err"))
+            .unwrap_or_else(|_| panic!("{} has no .err file", file.display()));
+        let out = sluice().arg("check").arg("--config").arg(file).output().unwrap();
+        assert!(!out.status.success(), "{} was accepted", file.display());
+        assert_eq!(String::from_utf8_lossy(&out.stderr), expected, "for {}", file.display());
+    }
+}
+
+#[test]
+fn check_accepts_a_valid_file() {
+    let dir = tempdir("check-valid");
+    std::fs::write(
+        dir.join("connector.toml"),
+        "tunnel = \"app\"\ntoken = \"x\"\nedges = [\"127.0.0.1:7844\"]\n[[ingress]]\norigin = \"hello\"\n",
+    )
+    .unwrap();
+    let out = sluice().arg("check").arg("--config").arg(dir.join("connector.toml")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid connector config (1 origins, 1 ingress rules)"));
+}
+
+/// The examples reference certificates and token files an operator would provide; this test
+/// provides them (generated) in a copy of the examples folder, then parses every TOML file.
+#[test]
+fn every_example_parses() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let work = tempdir("examples");
+    copy_dir(&root, &work);
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert_pem, key_pem) = (ck.cert.pem(), ck.key_pair.serialize_pem());
+    std::fs::create_dir_all(work.join("certs")).unwrap();
+    std::fs::create_dir_all(work.join("tokens")).unwrap();
+    for name in ["public", "edge"] {
+        std::fs::write(work.join(format!("certs/{name}.crt")), &cert_pem).unwrap();
+        std::fs::write(work.join(format!("certs/{name}.key")), &key_pem).unwrap();
+    }
+    for name in ["edge-ca", "internal-ca"] {
+        std::fs::write(work.join(format!("certs/{name}.crt")), &cert_pem).unwrap();
+    }
+    std::fs::write(work.join("tokens/app.token"), "app-token\n").unwrap();
+    std::fs::write(work.join("tokens/wiki.token"), "wiki-token\n").unwrap();
+    std::env::set_var("SLUICE_APP_TOKEN", "app-token");
+
+    let mut parsed = Vec::new();
+    for file in toml_files(&work) {
+        match sluice::config::load_any(&file) {
+            Ok(_) => parsed.push(file),
+            Err(e) => panic!("example does not parse: {e}"),
+        }
+    }
+    assert_eq!(parsed.len(), 5, "parsed {parsed:?}");
+}
+
+fn toml_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(toml_files(&path));
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let dest = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &dest);
+        } else {
+            std::fs::copy(&path, &dest).unwrap();
+        }
+    }
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sluice-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
