@@ -335,6 +335,8 @@ async fn requests_fail_over_to_the_remaining_connector() {
     }
     assert_eq!(seen.len(), 2, "both connectors should serve requests");
     ca.stop().await;
+    // Let the edge process the closed connections (a graceful drain is the operations issue).
+    tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..8 {
         let reply = get(edge.http, "app.test", "/").await;
         assert_eq!(reply.status, 200, "{}", reply.text());
@@ -402,4 +404,26 @@ async fn raw_register(ep: &quinn::Endpoint, edge: &EdgeHandle, tunnel: &str, tok
         Ok(Err(e)) => format!("error: {e}"),
         Err(_) => "timeout".into(),
     }
+}
+
+#[tokio::test]
+async fn connector_refuses_an_edge_it_cannot_verify() {
+    let (logs, _guard) = capture_logs();
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    // No CA for the edge's self-signed certificate: only the system roots.
+    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("x", loopback())], vec![]);
+    cfg.edge_ca.clear();
+    let conn = start_connector(cfg);
+    logs.wait_for("connection to the edge failed").await;
+    assert!(logs.text().contains("UnknownIssuer") || logs.text().contains("certificate"), "{}", logs.text());
+    assert_eq!(conn.state.registered(), 0);
+    // And a CA that is trusted but a name that does not match.
+    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("x", loopback())], vec![]);
+    cfg.edge_server_name = Some("edge.example.com".into());
+    let wrong_name = start_connector(cfg);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(wrong_name.state.registered(), 0);
+    assert_eq!(get(edge.http, "app.test", "/").await.status, 502);
+    conn.stop().await;
+    wrong_name.stop().await;
 }
