@@ -17,6 +17,8 @@ const DEFAULT_CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: StdDuration = StdDuration::from_secs(60);
 const DEFAULT_POOL_IDLE_TIMEOUT: StdDuration = StdDuration::from_secs(90);
 const DEFAULT_POOL_MAX_IDLE: usize = 32;
+/// Default `grace-period` of both roles.
+pub const DEFAULT_GRACE_PERIOD: StdDuration = StdDuration::from_secs(30);
 
 /// Validated connector configuration.
 #[derive(Debug, Clone)]
@@ -41,6 +43,8 @@ pub struct ConnectorConfig {
     pub ingress: Vec<IngressRuleConfig>,
     /// Reconnect back-off.
     pub backoff: BackoffConfig,
+    /// On shutdown, how long in-flight requests get to finish after the drain.
+    pub grace_period: StdDuration,
 }
 
 /// Exponential back-off with full jitter between reconnects.
@@ -174,6 +178,7 @@ impl ConnectorConfig {
             origins: vec![OriginConfig::new("hello", OriginTarget::Hello)],
             ingress: vec![IngressRuleConfig { hostname: None, path: None, origin: "hello".into() }],
             backoff: BackoffConfig::default(),
+            grace_period: DEFAULT_GRACE_PERIOD,
         }
     }
 
@@ -303,6 +308,7 @@ impl ConnectorConfig {
             origins,
             ingress,
             backoff: BackoffConfig::default(),
+            grace_period: file.grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
         })
     }
 }
@@ -342,6 +348,7 @@ struct ConnectorFile {
     ha_connections: Option<u32>,
     edge_ca: Option<PathBuf>,
     edge_server_name: Option<String>,
+    grace_period: Option<Duration>,
     #[serde(default)]
     origin: Vec<Spanned<OriginFile>>,
     #[serde(default)]

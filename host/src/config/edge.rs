@@ -33,6 +33,8 @@ pub struct EdgeConfig {
     pub max_header_size: usize,
     /// Keep `x-forwarded-for` from clients (only when a trusted proxy sits in front).
     pub trust_forwarded_for: bool,
+    /// On shutdown, how long open client requests get to finish.
+    pub grace_period: std::time::Duration,
 }
 
 /// The HTTPS listener.
@@ -76,6 +78,7 @@ impl EdgeConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             max_header_size: DEFAULT_MAX_HEADER_SIZE,
             trust_forwarded_for: false,
+            grace_period: super::connector::DEFAULT_GRACE_PERIOD,
         }
     }
 
@@ -152,6 +155,7 @@ impl EdgeConfig {
             header_read_timeout: file.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
             max_header_size: file.max_header_size.map_or(DEFAULT_MAX_HEADER_SIZE, |s| s.0 as usize),
             trust_forwarded_for: file.trust_forwarded_for.unwrap_or(false),
+            grace_period: file.grace_period.map_or(super::connector::DEFAULT_GRACE_PERIOD, |d| d.0),
         })
     }
 }
@@ -163,6 +167,7 @@ struct EdgeFile {
     header_read_timeout: Option<Duration>,
     max_header_size: Option<ByteSize>,
     trust_forwarded_for: Option<bool>,
+    grace_period: Option<Duration>,
     http: Option<HttpFile>,
     https: Option<HttpsFile>,
     connectors: ConnectorsFile,

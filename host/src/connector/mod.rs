@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, Instrument};
+use tracing::{info, warn, Instrument};
 
 use crate::config::ConnectorConfig;
 use crate::tls;
@@ -83,24 +83,36 @@ impl Connector {
             ha_connections = self.config.ha_connections,
             "sluice connector starting"
         );
-        let tracker = TaskTracker::new();
+        let sessions = TaskTracker::new();
+        let streams = TaskTracker::new();
         let shared = Arc::new(session::Shared {
             config: self.config.clone(),
             pipeline: self.pipeline.clone(),
             client: self.client.clone(),
             endpoint: endpoint.clone(),
             state: self.state.clone(),
-            tracker: tracker.clone(),
+            streams: streams.clone(),
         });
         for edge in &self.config.edges {
             for index in 0..self.config.ha_connections {
                 let span = tracing::info_span!("session", edge = %edge, conn = index);
-                tracker.spawn(session::run(edge.clone(), index, shared.clone(), shutdown.clone()).instrument(span));
+                sessions.spawn(session::run(edge.clone(), index, shared.clone(), shutdown.clone()).instrument(span));
             }
         }
         shutdown.cancelled().await;
+
+        // Drain: every session has told its edge to route no new requests here (sessions
+        // watch the same token); in-flight requests get the grace period to finish.
+        let grace = self.config.grace_period;
+        info!(in_flight = streams.len(), grace_secs = grace.as_secs_f64(), "draining: waiting for in-flight requests");
+        streams.close();
+        match tokio::time::timeout(grace, streams.wait()).await {
+            Ok(()) => info!("all in-flight requests finished"),
+            Err(_) => warn!(abandoned = streams.len(), "grace period ran out; closing with requests still in flight"),
+        }
         endpoint.close(crate::proto::code::CLOSE_NORMAL, b"connector shutting down");
-        tracker.close();
+        sessions.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         info!("connector stopped");
         Ok(())
     }

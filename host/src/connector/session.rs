@@ -24,7 +24,8 @@ pub(super) struct Shared {
     pub client: quinn::ClientConfig,
     pub endpoint: quinn::Endpoint,
     pub state: Arc<ConnectorState>,
-    pub tracker: TaskTracker,
+    /// Request streams in flight, waited for when draining.
+    pub streams: TaskTracker,
 }
 
 /// Why a session ended.
@@ -51,10 +52,10 @@ pub(super) async fn run(edge: String, index: u32, shared: Arc<Shared>, shutdown:
     let mut attempt = 0u32;
     loop {
         let mut registered_at = None;
-        let result = tokio::select! {
-            r = session(&edge, index, &shared, &mut registered_at) => r,
-            _ = shutdown.cancelled() => return,
-        };
+        let result = session(&edge, index, &shared, &mut registered_at, &shutdown).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
         let mut retry_after = None;
         match result {
             Ok(reason) => info!(%reason, "connection to the edge lost"),
@@ -91,6 +92,7 @@ async fn session(
     index: u32,
     shared: &Shared,
     registered_at: &mut Option<Instant>,
+    shutdown: &CancellationToken,
 ) -> Result<String, SessionError> {
     let (host, port) = connector_split_host_port(edge).map_err(SessionError::Resolve)?;
     let addr = tokio::net::lookup_host((host.as_str(), port))
@@ -100,7 +102,7 @@ async fn session(
         .ok_or_else(|| SessionError::Resolve("no address found".into()))?;
     let server_name = shared.config.edge_server_name.clone().unwrap_or(host);
 
-    let (conn, mut control_send, control_recv) = tokio::time::timeout(REGISTER_TIMEOUT, async {
+    let dial = tokio::time::timeout(REGISTER_TIMEOUT, async {
         let conn = shared.endpoint.connect_with(shared.client.clone(), addr, &server_name)?.await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         let register = Control::Register(Register {
@@ -119,23 +121,36 @@ async fn session(
             Control::Rejected(rej) => Err(SessionError::Rejected(rej)),
             _ => Err(SessionError::Unexpected),
         }
-    })
-    .await
-    .map_err(|_| SessionError::Timeout)??;
+    });
+    let (conn, mut control_send, _control_recv) = tokio::select! {
+        r = dial => r.map_err(|_| SessionError::Timeout)??,
+        _ = shutdown.cancelled() => return Ok("shutting down".into()),
+    };
 
     *registered_at = Some(Instant::now());
     shared.state.add(1);
     let _count = CountGuard(shared.state.clone());
-    let _ = &mut control_send;
-    let _control = (control_send, control_recv);
 
+    // Serve streams until the connection ends. On shutdown, tell the edge to route nothing new
+    // here and keep serving: the connector closes the connection once in-flight requests are
+    // done (or the grace period ends).
+    let mut draining = false;
     loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                let pipeline = shared.pipeline.clone();
-                shared.tracker.spawn(pipeline.handle(send, recv).in_current_span());
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let pipeline = shared.pipeline.clone();
+                    shared.streams.spawn(pipeline.handle(send, recv).in_current_span());
+                }
+                Err(e) => return Ok(e.to_string()),
+            },
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                match write_frame(&mut control_send, &Control::Drain).await {
+                    Ok(()) => info!("sent drain to the edge"),
+                    Err(e) => warn!(cause = %e, "could not send drain to the edge"),
+                }
             }
-            Err(e) => return Ok(e.to_string()),
         }
     }
 }

@@ -126,10 +126,18 @@ impl Edge {
             };
             let Some(incoming) = incoming else { break };
             let span = tracing::info_span!("connector", peer = %incoming.remote_address());
-            tracker.spawn(acceptor::serve(incoming, shared.clone()).instrument(span));
+            tokio::spawn(acceptor::serve(incoming, shared.clone()).instrument(span));
+        }
+        // Listeners stop accepting; open client connections finish their requests (HTTP/1.1
+        // keep-alive ends, HTTP/2 gets GOAWAY) within the grace period.
+        let grace = shared.config.grace_period;
+        tracker.close();
+        info!(grace_secs = grace.as_secs_f64(), "shutting down: waiting for client connections to finish");
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!("grace period ran out; closing with requests still in flight");
         }
         endpoint.close(crate::proto::code::CLOSE_NORMAL, b"edge shutting down");
-        tracker.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         info!("edge stopped");
     }
 }
@@ -162,6 +170,7 @@ async fn serve_clients(
         }
         let shared = shared.clone();
         let tls = tls.clone();
+        let shutdown = shutdown.clone();
         tracker.spawn(
             async move {
                 let cfg = &shared.config;
@@ -179,7 +188,15 @@ async fn serve_clients(
                             .max_buf_size(max_buf)
                             .serve_connection(TokioIo::new(tcp), svc)
                             .with_upgrades();
-                        if let Err(e) = conn.await {
+                        tokio::pin!(conn);
+                        let result = tokio::select! {
+                            r = conn.as_mut() => r,
+                            _ = shutdown.cancelled() => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        };
+                        if let Err(e) = result {
                             tracing::debug!(cause = %e, "client connection ended with an error");
                         }
                     }
@@ -205,7 +222,16 @@ async fn serve_clients(
                             .http2()
                             .timer(TokioTimer::new())
                             .max_header_list_size(cfg.max_header_size.min(u32::MAX as usize) as u32);
-                        if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await {
+                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                        tokio::pin!(conn);
+                        let result = tokio::select! {
+                            r = conn.as_mut() => r,
+                            _ = shutdown.cancelled() => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        };
+                        if let Err(e) = result {
                             tracing::debug!(cause = %e, "client connection ended with an error");
                         }
                     }
