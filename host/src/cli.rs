@@ -34,10 +34,32 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Administer tunnels.
+    Tunnel {
+        /// What to do.
+        #[command(subcommand)]
+        action: TunnelCommand,
+    },
     /// Run an edge, a connector and the hello origin on loopback and print a curl to try.
     Demo {
         /// Port of the demo's HTTP listener on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 8080)]
         port: u16,
+    },
+}
+
+/// `sluice tunnel …`
+#[derive(Debug, Subcommand)]
+pub enum TunnelCommand {
+    /// Create a tunnel: print a fresh token and the [[tunnel]] block for the edge's file.
+    New {
+        /// Tunnel id (letters, digits, '-', '_').
+        name: String,
+        /// A public hostname of the tunnel (exact or `*.` wildcard); repeat for several.
+        #[arg(long = "hostname", required = true)]
+        hostnames: Vec<String>,
+        /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
 }

@@ -16,6 +16,9 @@ fn main() -> ExitCode {
     if let cli::Command::Check { config } = &cli.command {
         return check(config);
     }
+    if let cli::Command::Tunnel { action: cli::TunnelCommand::New { name, hostnames, token_file } } = &cli.command {
+        return tunnel_new(name, hostnames, token_file.as_deref());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -62,6 +65,42 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+fn tunnel_new(name: &str, hostnames: &[String], token_file: Option<&std::path::Path>) -> ExitCode {
+    let tunnel = match config::new_tunnel(name, hostnames) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match token_file {
+        Some(path) => {
+            if let Err(e) = write_private(path, tunnel.token.expose()) {
+                eprintln!("error: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
+            }
+            println!("# Token for tunnel {name:?} written to {} (give it to the connector as token-file).", path.display());
+        }
+        None => {
+            println!("# Token for tunnel {name:?}: give it to the connector (token-file or token-env).");
+            println!("# It is shown only this once; the edge keeps only its hash.");
+            println!("{}", tunnel.token.expose());
+        }
+    }
+    println!();
+    println!("# Add to the edge's file:");
+    print!("{}", tunnel.edge_block);
+    ExitCode::SUCCESS
+}
+
+/// Creates `path` readable by its owner only and writes `text` to it.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    writeln!(f, "{text}")
+}
+
 async fn run(command: cli::Command) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(watch_signals(shutdown.clone()));
@@ -80,7 +119,9 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
             let demo = sluice::demo::Demo::start(port).await.context("failed to start the demo")?;
             demo.run(shutdown).await?;
         }
-        cli::Command::Check { .. } => unreachable!("handled before the runtime starts"),
+        cli::Command::Check { .. } | cli::Command::Tunnel { .. } => {
+            unreachable!("handled before the runtime starts")
+        }
     }
     Ok(())
 }

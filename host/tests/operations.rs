@@ -82,3 +82,49 @@ async fn edge_shutdown_lets_in_flight_requests_finish() {
     assert!(tokio::net::TcpStream::connect(http).await.is_err(), "the edge still accepts clients");
     conn.stop().await;
 }
+
+#[tokio::test]
+async fn tunnel_new_creates_a_token_the_edge_accepts() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["tunnel", "new", "shop", "--hostname", "shop.test"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let token = stdout.lines().find(|l| !l.starts_with('#') && !l.is_empty()).unwrap().to_string();
+    let block = &stdout[stdout.find("[[tunnel]]").unwrap()..];
+    assert!(!block.contains(&token), "the edge block must not hold the token");
+
+    // Route: the block goes into an edge file as printed.
+    let dir = std::env::temp_dir().join(format!("sluice-tunnel-new-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("edge.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("edge.key"), ck.key_pair.serialize_pem()).unwrap();
+    let text = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[connectors]\nlisten = \"127.0.0.1:0\"\ncert = \"edge.crt\"\nkey = \"edge.key\"\n\n{block}"
+    );
+    let cfg = sluice::config::EdgeConfig::parse(&text, &dir.join("edge.toml")).unwrap();
+    let identity = cfg.quic_identity.clone();
+    let edge = sluice::edge::Edge::bind(cfg).await.unwrap();
+    let handle = EdgeHandle {
+        http: edge.http_addr().unwrap(),
+        quic: edge.quic_addr(),
+        https: None,
+        identity,
+        shutdown: tokio_util::sync::CancellationToken::new(),
+        task: tokio::spawn(async {}),
+    };
+    let stop = handle.shutdown.clone();
+    tokio::spawn(edge.run(stop));
+
+    // Run: a connector with the printed token registers and serves.
+    let origin = echo_origin("shop").await;
+    let conn = start_connector(connector_config(&handle, "shop", &token, vec![http_origin("shop", origin)], vec![]));
+    conn.registered(1).await;
+    let reply = get(handle.http, "shop.test", "/").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["origin"], "shop");
+    conn.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

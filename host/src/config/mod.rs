@@ -6,6 +6,7 @@
 
 mod connector;
 mod edge;
+mod tunnel;
 mod types;
 
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ pub use connector::{
     OriginConfig, OriginTarget, DEFAULT_HA_CONNECTIONS,
 };
 pub use edge::{EdgeConfig, HttpsConfig, TunnelConfig};
+pub use tunnel::{new_tunnel, NewTunnel};
 pub use types::{normalize_host, ByteSize, Duration, HostPattern};
 
 /// A configuration problem, located as precisely as the file allows.
