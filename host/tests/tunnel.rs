@@ -158,7 +158,11 @@ async fn wrong_or_missing_token_is_rejected_without_logging_it() {
     assert!(reply.contains("unknown tunnel or wrong token"), "{reply}");
 
     let text = logs.text();
-    assert!(text.contains("unknown tunnel or wrong token"));
+    let connector_line = text
+        .lines()
+        .find(|l| l.contains("the edge refused the registration"))
+        .expect("connector logged the refusal");
+    assert!(connector_line.contains("unknown tunnel or wrong token"), "the connector must log the edge's reason: {connector_line}");
     assert!(!text.contains("wrong-token-456"), "token leaked into logs:\n{text}");
     assert!(!text.contains("right-token-123"), "token leaked into logs:\n{text}");
 }

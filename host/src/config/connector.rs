@@ -130,8 +130,8 @@ impl OriginTarget {
         }
         if let Some(code) = s.strip_prefix("status:") {
             return match code.parse::<u16>() {
-                Ok(c) if (100..=599).contains(&c) && c != 101 => Ok(OriginTarget::Status(c)),
-                _ => Err(format!("invalid built-in origin {s:?}: status must be 100..=599")),
+                Ok(c) if (200..=599).contains(&c) => Ok(OriginTarget::Status(c)),
+                _ => Err(format!("invalid built-in origin {s:?}: status must be 200..=599")),
             };
         }
         let uri: http::Uri = s.parse().map_err(|e| format!("invalid origin URL {s:?}: {e}"))?;

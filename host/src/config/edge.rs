@@ -92,6 +92,9 @@ impl EdgeConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let src = Source::new(path, text);
         let file: EdgeFile = src.deserialize()?;
+        if file.max_header_size.is_some_and(|s| s.0 < 8192) {
+            return Err(src.error(None, "max-header-size", "must be at least 8KiB"));
+        }
         if file.http.is_none() && file.https.is_none() {
             return Err(src.error(None, "http", "the edge needs an [http] or [https] listener for clients"));
         }

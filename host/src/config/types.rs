@@ -18,18 +18,20 @@ impl TryFrom<String> for Duration {
         let n: u64 = num
             .parse()
             .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, like \"30s\""))?;
-        let d = match unit {
-            "ms" => std::time::Duration::from_millis(n),
-            "s" => std::time::Duration::from_secs(n),
-            "m" => std::time::Duration::from_secs(n * 60),
-            "h" => std::time::Duration::from_secs(n * 3600),
+        let secs_per_unit = match unit {
+            "ms" => return Ok(Duration(std::time::Duration::from_millis(n))),
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
             _ => {
                 return Err(format!(
                     "invalid duration {s:?}: unit must be one of ms, s, m, h"
                 ))
             }
         };
-        Ok(Duration(d))
+        n.checked_mul(secs_per_unit)
+            .map(|secs| Duration(std::time::Duration::from_secs(secs)))
+            .ok_or_else(|| format!("invalid duration {s:?}: too large"))
     }
 }
 
@@ -184,6 +186,7 @@ mod tests {
         assert!(Duration::try_from("30".to_string()).is_err());
         assert!(Duration::try_from("s".to_string()).is_err());
         assert!(Duration::try_from("3 days".to_string()).is_err());
+        assert!(Duration::try_from(format!("{}h", u64::MAX)).is_err());
     }
 
     #[test]

@@ -221,7 +221,10 @@ impl Pipeline {
                 Ok(upgraded) => {
                     match relay::splice(TokioIo::new(upgraded), &mut *send, recv).await {
                         Ok((_, down)) => outcome.bytes_out = down,
-                        Err(e) => outcome.error = Some(format!("upgraded connection failed: {e}")),
+                        Err(e) => {
+                            let _ = send.reset(proto::code::STREAM_ORIGIN_FAILED);
+                            outcome.error = Some(format!("upgraded connection failed: {e}"));
+                        }
                     }
                 }
                 Err(e) => {
@@ -286,6 +289,8 @@ async fn answer_error(send: &mut quinn::SendStream, status: StatusCode, message:
     };
     if write_frame(send, &head).await.is_ok() && send.write_all(body.as_bytes()).await.is_ok() {
         let _ = send.finish();
+    } else {
+        let _ = send.reset(proto::code::STREAM_CANCELLED);
     }
     body.len() as u64
 }

@@ -61,7 +61,8 @@ pub(super) async fn run(edge: String, index: u32, shared: Arc<Shared>, shutdown:
             Ok(reason) => info!(%reason, "connection to the edge lost"),
             Err(SessionError::Rejected(rej)) => {
                 warn!(code = ?rej.code, reason = %rej.message, "the edge refused the registration");
-                retry_after = rej.retry_after_ms.map(Duration::from_millis);
+                // An edge may ask for a pause, but not for longer than the back-off cap.
+                retry_after = rej.retry_after_ms.map(|ms| Duration::from_millis(ms).min(shared.config.backoff.max));
             }
             Err(e) => warn!(cause = %e, "connection to the edge failed"),
         }

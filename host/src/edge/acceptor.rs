@@ -110,7 +110,7 @@ async fn register(
         }
     };
     if let Err(rej) = reg.check_version() {
-        warn!(%peer, tunnel = %reg.tunnel, connector = %reg.connector_id, reason = %rej.message, "registration refused");
+        warn!(%peer, tunnel = ?clip(&reg.tunnel), connector = ?clip(&reg.connector_id), reason = %rej.message, "registration refused");
         reject(conn, &mut send, &rej).await;
         return Err(RegisterError::Rejected(rej));
     }
@@ -120,24 +120,22 @@ async fn register(
             message: "unknown tunnel or wrong token".into(),
             retry_after_ms: None,
         };
-        warn!(%peer, tunnel = %reg.tunnel, connector = %reg.connector_id, reason = %rej.message, "registration refused");
+        // Peer-controlled strings: quoted and clipped, never trusted as log text.
+        warn!(%peer, tunnel = ?clip(&reg.tunnel), connector = ?clip(&reg.connector_id), reason = %rej.message, "registration refused");
         reject(conn, &mut send, &rej).await;
         return Err(RegisterError::Rejected(rej));
     }
 
-    let entry = shared.registry.add(&reg.tunnel, reg.connector_id.clone(), conn.clone());
-    let ok = Control::Registered(proto::Registered {
-        connection_id: entry.id,
-        edge_id: shared.config.edge_id.clone(),
-    });
-    if let Err(e) = write_frame(&mut send, &ok).await {
-        shared.registry.remove(&reg.tunnel, entry.id);
-        return Err(e.into());
-    }
+    // Answer first, then route: if this future is cancelled (registration timeout) before the
+    // answer is out, nothing was added to the registry.
+    let id = shared.registry.allocate_id();
+    let ok = Control::Registered(proto::Registered { connection_id: id, edge_id: shared.config.edge_id.clone() });
+    write_frame(&mut send, &ok).await?;
+    let entry = shared.registry.add(&reg.tunnel, id, reg.connector_id.clone(), conn.clone());
     info!(
         %peer,
         tunnel = %reg.tunnel,
-        connector = %reg.connector_id,
+        connector = ?clip(&reg.connector_id),
         conn_index = reg.conn_index,
         connection = entry.id,
         "connector registered"
@@ -149,6 +147,15 @@ async fn register(
         let _ = _keep.stopped().await;
     });
     Ok((reg.tunnel, entry, recv))
+}
+
+/// At most 64 bytes of a peer-supplied string, cut at a character boundary.
+fn clip(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// Token check in constant time. An unknown tunnel costs the same hash and comparison.

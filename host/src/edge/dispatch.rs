@@ -170,10 +170,16 @@ async fn forward(
                 async move {
                     let _in_flight = in_flight;
                     match on_upgrade.await {
-                        Ok(upgraded) => match relay::splice(TokioIo::new(upgraded), send, recv).await {
-                            Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
-                            Err(e) => debug!(cause = %e, "upgraded connection failed"),
-                        },
+                        Ok(upgraded) => {
+                            let mut send = send;
+                            match relay::splice(TokioIo::new(upgraded), &mut send, recv).await {
+                                Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
+                                Err(e) => {
+                                    debug!(cause = %e, "upgraded connection failed");
+                                    let _ = send.reset(proto::code::STREAM_CANCELLED);
+                                }
+                            }
+                        }
                         Err(e) => {
                             debug!(cause = %e, "client upgrade failed");
                             let mut send = send;
@@ -206,7 +212,11 @@ async fn open_stream(
     frame: &[u8],
 ) -> Result<(quinn::SendStream, quinn::RecvStream), Box<dyn std::error::Error + Send + Sync>> {
     let (mut send, recv) = in_flight.conn().conn.open_bi().await?;
-    send.write_all(frame).await?;
+    if let Err(e) = send.write_all(frame).await {
+        // Never let a partial head end in a clean FIN.
+        let _ = send.reset(proto::code::STREAM_CANCELLED);
+        return Err(e.into());
+    }
     Ok((send, recv))
 }
 
@@ -220,10 +230,19 @@ fn set_forwarded(
     authority: &str,
 ) {
     let ip = client.ip().to_string();
-    let xff = match (trust, headers.get("x-forwarded-for").and_then(|v| v.to_str().ok())) {
-        (true, Some(prev)) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
+    let previous: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    let xff = if trust && !previous.is_empty() { format!("{}, {ip}", previous.join(", ")) } else { ip };
+    if !trust {
+        // Other spellings of the same claims are not the edge's either.
+        headers.remove("forwarded");
+        headers.remove("x-real-ip");
+    }
     let keep_proto = trust && headers.contains_key("x-forwarded-proto");
     let keep_host = trust && headers.contains_key("x-forwarded-host");
     headers.remove("x-forwarded-for");

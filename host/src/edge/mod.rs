@@ -221,6 +221,8 @@ async fn serve_clients(
                         builder
                             .http2()
                             .timer(TokioTimer::new())
+                            .keep_alive_interval(Some(std::time::Duration::from_secs(20)))
+                            .keep_alive_timeout(std::time::Duration::from_secs(20))
                             .max_header_list_size(cfg.max_header_size.min(u32::MAX as usize) as u32);
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                         tokio::pin!(conn);

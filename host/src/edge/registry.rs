@@ -125,10 +125,15 @@ impl Registry {
         routes.tunnels.get(id).cloned()
     }
 
-    /// Adds a registered connection.
-    pub fn add(&self, tunnel: &str, connector_id: String, conn: quinn::Connection) -> Arc<ConnEntry> {
+    /// A fresh connection id.
+    pub fn allocate_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adds a registered connection under an id from [`Registry::allocate_id`].
+    pub fn add(&self, tunnel: &str, id: u64, connector_id: String, conn: quinn::Connection) -> Arc<ConnEntry> {
         let entry = Arc::new(ConnEntry {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            id,
             connector_id,
             conn,
             in_flight: AtomicUsize::new(0),
