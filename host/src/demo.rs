@@ -51,6 +51,7 @@ impl Demo {
             token_sha256: token.sha256(),
             // Infallible: a valid literal.
             hostnames: vec![HostPattern::try_from(DEMO_HOST).expect("valid demo host")],
+            max_concurrent_requests: 1000,
         });
         let edge = Edge::bind(edge_cfg).await?;
 

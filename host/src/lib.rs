@@ -5,6 +5,7 @@
 //! proxies them to origins.
 //!
 //! # Layout
+//! - [`admin`]: `/live`, `/ready` and `/metrics` on an admin listener.
 //! - [`proto`]: the wire protocol between connector and edge, sans-IO.
 //! - [`config`]: TOML configuration of both roles, validated with precise errors.
 //! - [`edge`]: client listeners, connector acceptor and auth, tunnel registry, dispatch.
@@ -17,6 +18,7 @@
 //! - [`demo`]: edge, connector and origin in one process, on loopback.
 //! - [`secret`]: a string that never prints itself.
 
+pub mod admin;
 pub mod config;
 pub mod connector;
 pub mod demo;

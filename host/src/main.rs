@@ -108,11 +108,23 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
         cli::Command::Edge { config } => {
             let cfg = EdgeConfig::load(&config)?;
             let edge = sluice::edge::Edge::bind(cfg).await.context("failed to start the edge")?;
+            let reloader = edge.reloader();
+            tokio::spawn(on_sighup(config, move |path| {
+                let cfg = EdgeConfig::load(path)?;
+                reloader.reload(&cfg);
+                Ok(())
+            }));
             edge.run(shutdown).await;
         }
         cli::Command::Connector { config } => {
             let cfg = ConnectorConfig::load(&config)?;
             let connector = sluice::connector::Connector::new(cfg).context("failed to start the connector")?;
+            let reloader = connector.reloader();
+            tokio::spawn(on_sighup(config, move |path| {
+                let cfg = ConnectorConfig::load(path)?;
+                reloader.reload(&cfg)?;
+                Ok(())
+            }));
             connector.run(shutdown).await?;
         }
         cli::Command::Demo { port } => {
@@ -124,6 +136,27 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Re-reads `path` on every SIGHUP and applies it; a file with an error is refused, logged,
+/// and the running configuration keeps serving.
+async fn on_sighup<F>(path: std::path::PathBuf, apply: F)
+where
+    F: Fn(&std::path::Path) -> anyhow::Result<()> + Send + 'static,
+{
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(cause = %e, "cannot watch SIGHUP; reload disabled");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        info!(file = %path.display(), "SIGHUP: reloading the configuration");
+        if let Err(e) = apply(&path) {
+            error!(cause = %e, "reload refused; the running configuration keeps serving");
+        }
+    }
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM; a second signal exits at once.

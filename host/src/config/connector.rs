@@ -45,7 +45,16 @@ pub struct ConnectorConfig {
     pub backoff: BackoffConfig,
     /// On shutdown, how long in-flight requests get to finish after the drain.
     pub grace_period: StdDuration,
+    /// Requests in flight allowed; past it the edge is answered 503 at once.
+    pub max_concurrent_requests: usize,
+    /// Admin listener (`/live`, `/ready`, `/metrics`).
+    pub admin_listen: Option<std::net::SocketAddr>,
+    /// One info line per request on the `sluice::access` target.
+    pub access_log: bool,
 }
+
+/// Default `max-concurrent-requests` of the connector.
+pub const DEFAULT_MAX_CONCURRENT: usize = 1000;
 
 /// Exponential back-off with full jitter between reconnects.
 #[derive(Debug, Clone, Copy)]
@@ -179,6 +188,9 @@ impl ConnectorConfig {
             ingress: vec![IngressRuleConfig { hostname: None, path: None, origin: "hello".into() }],
             backoff: BackoffConfig::default(),
             grace_period: DEFAULT_GRACE_PERIOD,
+            max_concurrent_requests: DEFAULT_MAX_CONCURRENT,
+            admin_listen: None,
+            access_log: true,
         }
     }
 
@@ -202,6 +214,9 @@ impl ConnectorConfig {
         }
         for (i, e) in file.edges.iter().enumerate() {
             split_host_port(e).map_err(|m| src.error(None, format!("edges[{i}]"), m))?;
+        }
+        if file.max_concurrent_requests == Some(0) {
+            return Err(src.error(None, "max-concurrent-requests", "must be at least 1"));
         }
         let ha_connections = file.ha_connections.unwrap_or(DEFAULT_HA_CONNECTIONS);
         if !(1..=16).contains(&ha_connections) {
@@ -309,6 +324,9 @@ impl ConnectorConfig {
             ingress,
             backoff: BackoffConfig::default(),
             grace_period: file.grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
+            max_concurrent_requests: file.max_concurrent_requests.unwrap_or(DEFAULT_MAX_CONCURRENT),
+            admin_listen: file.admin.map(|a| a.listen),
+            access_log: file.access_log.unwrap_or(true),
         })
     }
 }
@@ -349,6 +367,9 @@ struct ConnectorFile {
     edge_ca: Option<PathBuf>,
     edge_server_name: Option<String>,
     grace_period: Option<Duration>,
+    max_concurrent_requests: Option<usize>,
+    access_log: Option<bool>,
+    admin: Option<super::AdminFile>,
     #[serde(default)]
     origin: Vec<Spanned<OriginFile>>,
     #[serde(default)]

@@ -35,6 +35,10 @@ pub struct EdgeConfig {
     pub trust_forwarded_for: bool,
     /// On shutdown, how long open client requests get to finish.
     pub grace_period: std::time::Duration,
+    /// Admin listener (`/live`, `/ready`, `/metrics`).
+    pub admin_listen: Option<SocketAddr>,
+    /// One info line per request on the `sluice::access` target.
+    pub access_log: bool,
 }
 
 /// The HTTPS listener.
@@ -55,7 +59,12 @@ pub struct TunnelConfig {
     pub token_sha256: [u8; 32],
     /// Public hostnames routed to this tunnel.
     pub hostnames: Vec<HostPattern>,
+    /// Requests in flight allowed for this tunnel; past it clients get 503 at once.
+    pub max_concurrent_requests: usize,
 }
+
+/// Default per-tunnel `max-concurrent-requests`.
+pub const DEFAULT_TUNNEL_MAX_CONCURRENT: usize = 1000;
 
 /// Default for `header-read-timeout`.
 pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -79,6 +88,8 @@ impl EdgeConfig {
             max_header_size: DEFAULT_MAX_HEADER_SIZE,
             trust_forwarded_for: false,
             grace_period: super::connector::DEFAULT_GRACE_PERIOD,
+            admin_listen: None,
+            access_log: true,
         }
     }
 
@@ -130,6 +141,7 @@ impl EdgeConfig {
                 id: t.id.clone(),
                 token_sha256,
                 hostnames: t.hostnames.iter().map(|h| h.get_ref().clone()).collect(),
+                max_concurrent_requests: t.max_concurrent_requests.unwrap_or(DEFAULT_TUNNEL_MAX_CONCURRENT),
             });
         }
 
@@ -159,6 +171,8 @@ impl EdgeConfig {
             max_header_size: file.max_header_size.map_or(DEFAULT_MAX_HEADER_SIZE, |s| s.0 as usize),
             trust_forwarded_for: file.trust_forwarded_for.unwrap_or(false),
             grace_period: file.grace_period.map_or(super::connector::DEFAULT_GRACE_PERIOD, |d| d.0),
+            admin_listen: file.admin.map(|a| a.listen),
+            access_log: file.access_log.unwrap_or(true),
         })
     }
 }
@@ -171,6 +185,8 @@ struct EdgeFile {
     max_header_size: Option<ByteSize>,
     trust_forwarded_for: Option<bool>,
     grace_period: Option<Duration>,
+    access_log: Option<bool>,
+    admin: Option<super::AdminFile>,
     http: Option<HttpFile>,
     https: Option<HttpsFile>,
     connectors: ConnectorsFile,
@@ -210,6 +226,7 @@ struct TunnelFile {
     token_env: Option<String>,
     #[serde(default)]
     hostnames: Vec<Spanned<HostPattern>>,
+    max_concurrent_requests: Option<usize>,
 }
 
 impl TunnelFile {

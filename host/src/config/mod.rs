@@ -193,6 +193,13 @@ impl<'a> Source<'a> {
     }
 }
 
+/// The `[admin]` table of either role.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct AdminFile {
+    pub listen: std::net::SocketAddr,
+}
+
 /// A certificate chain and its private key.
 #[derive(Debug)]
 pub struct TlsIdentity {

@@ -7,11 +7,13 @@ mod session;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
+use crate::admin::{Admin, Metrics};
 use crate::config::ConnectorConfig;
 use crate::tls;
 use pipeline::Pipeline;
@@ -22,8 +24,8 @@ pub enum ConnectorError {
     /// A TLS configuration (edge or origin) was unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
-    /// The UDP socket for QUIC could not be bound.
-    #[error("failed to bind a UDP socket for QUIC: {0}")]
+    /// A socket (QUIC or admin) could not be bound.
+    #[error("failed to bind a socket: {0}")]
     Bind(std::io::Error),
 }
 
@@ -53,18 +55,74 @@ impl ConnectorState {
 /// A configured connector, ready to run.
 pub struct Connector {
     config: Arc<ConnectorConfig>,
-    pipeline: Arc<Pipeline>,
+    pipeline: Arc<ArcSwap<Pipeline>>,
     client: quinn::ClientConfig,
     state: Arc<ConnectorState>,
+    metrics: Arc<Metrics>,
+    admin: Option<std::net::TcpListener>,
+}
+
+/// Applies a new configuration to a running connector (SIGHUP).
+#[derive(Clone)]
+pub struct ConnectorReloader {
+    running: Arc<ConnectorConfig>,
+    pipeline: Arc<ArcSwap<Pipeline>>,
+}
+
+impl ConnectorReloader {
+    /// Swaps ingress rules, origins and the access-log switch atomically: requests in flight
+    /// finish on the set they started with. On error nothing changes. Tunnel, token, edges,
+    /// connections and listeners need a restart; a change to them is logged and ignored.
+    pub fn reload(&self, config: &ConnectorConfig) -> Result<(), ConnectorError> {
+        let pipeline = Pipeline::new(config)?;
+        let old = &self.running;
+        if old.tunnel != config.tunnel
+            || old.token != config.token
+            || old.edges != config.edges
+            || old.ha_connections != config.ha_connections
+            || old.admin_listen != config.admin_listen
+            || old.max_concurrent_requests != config.max_concurrent_requests
+        {
+            warn!("tunnel, token, edges, ha-connections, max-concurrent-requests and admin changes take effect after a restart");
+        }
+        self.pipeline.store(Arc::new(pipeline));
+        info!(origins = config.origins.len(), ingress_rules = config.ingress.len(), "reloaded ingress and origins");
+        Ok(())
+    }
 }
 
 impl Connector {
-    /// Prepares TLS for the edges and every origin.
+    /// Prepares TLS for the edges and every origin, and binds the admin listener.
     pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
-        let pipeline = Arc::new(Pipeline::new(&config)?);
+        let pipeline = Arc::new(ArcSwap::from_pointee(Pipeline::new(&config)?));
         let client = tls::quic_client(&config.edge_ca)?;
         let (registered, _) = watch::channel(0);
-        Ok(Connector { config: Arc::new(config), pipeline, client, state: Arc::new(ConnectorState { registered }) })
+        let admin = match config.admin_listen {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr).map_err(ConnectorError::Bind)?;
+                l.set_nonblocking(true).map_err(ConnectorError::Bind)?;
+                Some(l)
+            }
+            None => None,
+        };
+        Ok(Connector {
+            config: Arc::new(config),
+            pipeline,
+            client,
+            state: Arc::new(ConnectorState { registered }),
+            metrics: Arc::new(Metrics::new("sluice_connector")),
+            admin,
+        })
+    }
+
+    /// Address of the admin listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// A handle to reload ingress and origins while the connector runs.
+    pub fn reloader(&self) -> ConnectorReloader {
+        ConnectorReloader { running: self.config.clone(), pipeline: self.pipeline.clone() }
     }
 
     /// Observable state (registered connections).
@@ -83,6 +141,12 @@ impl Connector {
             ha_connections = self.config.ha_connections,
             "sluice connector starting"
         );
+        if let Some(listener) = self.admin {
+            let admin = Admin::from_std(listener).map_err(ConnectorError::Bind)?;
+            let (state, stopping) = (self.state.clone(), shutdown.clone());
+            let ready = Arc::new(move || state.registered() > 0 && !stopping.is_cancelled());
+            tokio::spawn(admin.run(self.metrics.clone(), ready, shutdown.clone()));
+        }
         let sessions = TaskTracker::new();
         let streams = TaskTracker::new();
         let shared = Arc::new(session::Shared {
@@ -92,6 +156,8 @@ impl Connector {
             endpoint: endpoint.clone(),
             state: self.state.clone(),
             streams: streams.clone(),
+            metrics: self.metrics.clone(),
+            limit: Arc::new(tokio::sync::Semaphore::new(self.config.max_concurrent_requests)),
         });
         for edge in &self.config.edges {
             for index in 0..self.config.ha_connections {

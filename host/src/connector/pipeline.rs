@@ -17,6 +17,10 @@ use http::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn, Instrument};
 
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::admin::metrics::{InFlightGauge, KindLabels};
+use crate::admin::Metrics;
 use crate::config::{normalize_host, ConnectorConfig};
 use crate::headers::{from_wire, strip_hop_by_hop, to_wire, REQUEST_ID};
 use crate::ingress::{normalize_target, Ingress};
@@ -33,6 +37,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Pipeline {
     ingress: Ingress,
     origins: Origins,
+    access_log: bool,
 }
 
 /// What happened to one request, for the access log (and the on-complete hook).
@@ -48,11 +53,24 @@ struct Outcome {
 impl Pipeline {
     /// Builds origins and ingress from a validated config.
     pub fn new(config: &ConnectorConfig) -> Result<Self, TlsError> {
-        Ok(Pipeline { ingress: Ingress::new(config.ingress.clone()), origins: Origins::new(&config.origins)? })
+        Ok(Pipeline {
+            ingress: Ingress::new(config.ingress.clone()),
+            origins: Origins::new(&config.origins)?,
+            access_log: config.access_log,
+        })
     }
 
-    /// Serves one request stream opened by the edge. Never panics on peer input.
-    pub async fn handle(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    /// Serves one request stream opened by the edge, holding `permit` (admission control)
+    /// until it is done. Never panics on peer input.
+    pub async fn handle(
+        self: Arc<Self>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        metrics: Arc<Metrics>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let _permit = permit;
+        let _gauge = InFlightGauge::new(&metrics.in_flight);
         let head: RequestHead = match tokio::time::timeout(HEAD_TIMEOUT, read_frame(&mut recv)).await {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
@@ -68,15 +86,18 @@ impl Pipeline {
             }
         };
         let span = tracing::info_span!("request", id = %head.request_id);
-        self.serve(head, send, recv).instrument(span).await
+        self.serve(head, send, recv, &metrics).instrument(span).await
     }
 
-    async fn serve(&self, head: RequestHead, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    async fn serve(&self, head: RequestHead, mut send: quinn::SendStream, recv: quinn::RecvStream, metrics: &Metrics) {
         let start = Instant::now();
         let host = normalize_host(&head.authority);
         let outcome = match self.proxy(&head, &host, &mut send, recv).await {
             Ok(o) => o,
-            Err(Failure::Answer { status, message, origin, kind }) => {
+            Err(Failure::Answer { status, message, origin, kind, origin_failure }) => {
+                if origin_failure {
+                    metrics.origin_errors.get_or_create(&KindLabels { kind }).inc();
+                }
                 let bytes_out = answer_error(&mut send, status, &message).await;
                 Outcome {
                     status: status.as_u16(),
@@ -95,7 +116,14 @@ impl Pipeline {
 
         // ── Hook point: on-complete. Audit plugins see the outcome here, after the answer
         //    was sent, off the client's critical path.
+        let elapsed = start.elapsed();
+        metrics.observe(outcome.status, elapsed);
+        if !self.access_log {
+            return;
+        }
         info!(
+            target: "sluice::access",
+            request_id = %head.request_id,
             method = %head.method,
             host = %host,
             path = %head.path,
@@ -103,7 +131,7 @@ impl Pipeline {
             origin = %outcome.origin,
             source = ?outcome.source,
             bytes_out = outcome.bytes_out,
-            duration_ms = start.elapsed().as_millis() as u64,
+            duration_ms = elapsed.as_millis() as u64,
             error = outcome.error.as_deref().unwrap_or(""),
             "request"
         );
@@ -124,6 +152,7 @@ impl Pipeline {
                 message: "no ingress rule matches".into(),
                 origin: String::new(),
                 kind: "ingress",
+                origin_failure: false,
             });
         };
 
@@ -136,6 +165,7 @@ impl Pipeline {
                 message: format!("origin {origin_name:?} is not configured"),
                 origin: origin_name,
                 kind: "config",
+                origin_failure: false,
             });
         };
 
@@ -261,18 +291,39 @@ impl Pipeline {
 /// How a request ended without an origin response to relay.
 enum Failure {
     /// Answer the edge with an error produced by the connector.
-    Answer { status: StatusCode, message: String, origin: String, kind: &'static str },
+    Answer { status: StatusCode, message: String, origin: String, kind: &'static str, origin_failure: bool },
     /// The edge went away; nothing to answer.
     Cancelled { origin: String },
 }
 
 impl Failure {
     fn bad_request(message: String) -> Self {
-        Failure::Answer { status: StatusCode::BAD_REQUEST, message, origin: String::new(), kind: "bad-request" }
+        Failure::Answer { status: StatusCode::BAD_REQUEST, message, origin: String::new(), kind: "bad-request", origin_failure: false }
     }
 
     fn origin(e: OriginError, origin: String) -> Self {
-        Failure::Answer { status: e.status(), message: e.to_string(), origin, kind: e.kind() }
+        Failure::Answer { status: e.status(), message: e.to_string(), origin, kind: e.kind(), origin_failure: true }
+    }
+}
+
+/// Answers a stream at once with 503 and `Retry-After` when `max-concurrent-requests` are
+/// already in flight: nothing is queued, nothing is read.
+pub async fn refuse_busy(mut send: quinn::SendStream, mut recv: quinn::RecvStream, limit: usize) {
+    let _ = recv.stop(proto::code::STREAM_CANCELLED);
+    let body = format!("sluice connector: too many requests in flight (max-concurrent-requests = {limit})\n");
+    let head = ResponseHead {
+        status: 503,
+        headers: vec![
+            (CONTENT_TYPE.as_str().to_string(), "text/plain; charset=utf-8".into()),
+            ("content-length".to_string(), body.len().to_string().as_str().into()),
+            ("retry-after".to_string(), "1".into()),
+        ],
+        source: ResponseSource::Connector,
+    };
+    if write_frame(&mut send, &head).await.is_ok() && send.write_all(body.as_bytes()).await.is_ok() {
+        let _ = send.finish();
+    } else {
+        let _ = send.reset(proto::code::STREAM_CANCELLED);
     }
 }
 

@@ -9,7 +9,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use super::pipeline::Pipeline;
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+
+use super::pipeline::{self, Pipeline};
+use crate::admin::metrics::KindLabels;
+use crate::admin::Metrics;
 use super::ConnectorState;
 use crate::config::{connector_split_host_port, BackoffConfig, ConnectorConfig};
 use crate::proto::{self, io::read_frame, io::write_frame, Control, Register, Rejected};
@@ -20,12 +25,15 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
 /// What every session of a connector shares.
 pub(super) struct Shared {
     pub config: Arc<ConnectorConfig>,
-    pub pipeline: Arc<Pipeline>,
+    pub pipeline: Arc<ArcSwap<Pipeline>>,
     pub client: quinn::ClientConfig,
     pub endpoint: quinn::Endpoint,
     pub state: Arc<ConnectorState>,
     /// Request streams in flight, waited for when draining.
     pub streams: TaskTracker,
+    pub metrics: Arc<Metrics>,
+    /// Admission control: one permit per request in flight.
+    pub limit: Arc<Semaphore>,
 }
 
 /// Why a session ended.
@@ -60,11 +68,15 @@ pub(super) async fn run(edge: String, index: u32, shared: Arc<Shared>, shutdown:
         match result {
             Ok(reason) => info!(%reason, "connection to the edge lost"),
             Err(SessionError::Rejected(rej)) => {
+                shared.metrics.registration_failures.get_or_create(&KindLabels { kind: "rejected" }).inc();
                 warn!(code = ?rej.code, reason = %rej.message, "the edge refused the registration");
                 // An edge may ask for a pause, but not for longer than the back-off cap.
                 retry_after = rej.retry_after_ms.map(|ms| Duration::from_millis(ms).min(shared.config.backoff.max));
             }
-            Err(e) => warn!(cause = %e, "connection to the edge failed"),
+            Err(e) => {
+                shared.metrics.registration_failures.get_or_create(&KindLabels { kind: "connect" }).inc();
+                warn!(cause = %e, "connection to the edge failed")
+            }
         }
         if registered_at.is_some_and(|t: Instant| t.elapsed() >= shared.config.backoff.stable) {
             attempt = 0;
@@ -130,7 +142,8 @@ async fn session(
 
     *registered_at = Some(Instant::now());
     shared.state.add(1);
-    let _count = CountGuard(shared.state.clone());
+    shared.metrics.registered.inc();
+    let _count = CountGuard(shared.state.clone(), shared.metrics.clone());
 
     // Serve streams until the connection ends. On shutdown, tell the edge to route nothing new
     // here and keep serving: the connector closes the connection once in-flight requests are
@@ -139,10 +152,19 @@ async fn session(
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
-                Ok((send, recv)) => {
-                    let pipeline = shared.pipeline.clone();
-                    shared.streams.spawn(pipeline.handle(send, recv).in_current_span());
-                }
+                Ok((send, recv)) => match shared.limit.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        // Each request runs on the pipeline current when it arrived.
+                        let pipeline = shared.pipeline.load_full();
+                        let metrics = shared.metrics.clone();
+                        shared.streams.spawn(pipeline.handle(send, recv, metrics, permit).in_current_span());
+                    }
+                    Err(_) => {
+                        shared.metrics.rejected.get_or_create(&KindLabels { kind: "limit" }).inc();
+                        let limit = shared.config.max_concurrent_requests;
+                        shared.streams.spawn(pipeline::refuse_busy(send, recv, limit).in_current_span());
+                    }
+                },
                 Err(e) => return Ok(e.to_string()),
             },
             _ = shutdown.cancelled(), if !draining => {
@@ -157,11 +179,12 @@ async fn session(
 }
 
 /// Decrements the registered count when a registered session ends.
-struct CountGuard(Arc<ConnectorState>);
+struct CountGuard(Arc<ConnectorState>, Arc<Metrics>);
 
 impl Drop for CountGuard {
     fn drop(&mut self) {
         self.0.add(-1);
+        self.1.registered.dec();
     }
 }
 

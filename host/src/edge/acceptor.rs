@@ -26,9 +26,13 @@ enum RegisterError {
 /// Serves one incoming connector connection until it closes. Never panics on peer input.
 pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
     let peer = incoming.remote_address();
+    let failed = |kind: &'static str| {
+        shared.metrics.registration_failures.get_or_create(&crate::admin::metrics::KindLabels { kind }).inc();
+    };
     let conn = match incoming.await {
         Ok(c) => c,
         Err(e) => {
+            failed("handshake");
             warn!(%peer, cause = %e, "connector handshake failed (wrong ALPN, certificate or protocol)");
             return;
         }
@@ -37,16 +41,23 @@ pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
     let (tunnel, entry, mut control) = match registered {
         Ok(Ok(r)) => r,
         Ok(Err(RegisterError::Rejected(rej))) => {
+            failed(match rej.code {
+                RejectCode::Unauthorized => "unauthorized",
+                RejectCode::UnsupportedVersion => "version",
+                _ => "bad-request",
+            });
             // Already logged and answered by `register`.
             debug!(%peer, code = ?rej.code, "registration refused");
             return;
         }
         Ok(Err(e)) => {
+            failed("protocol");
             warn!(%peer, cause = %e, "closing connector connection: registration failed");
             conn.close(proto::code::CLOSE_PROTOCOL, b"registration failed");
             return;
         }
         Err(_) => {
+            failed("timeout");
             warn!(%peer, cause = %RegisterError::Timeout, "closing connector connection: registration failed");
             conn.close(proto::code::CLOSE_PROTOCOL, b"registration timeout");
             return;
@@ -80,6 +91,7 @@ pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
         }
     };
     shared.registry.remove(&tunnel, entry.id);
+    shared.metrics.registered.dec();
     info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, %reason, "connector connection closed");
 }
 
@@ -131,7 +143,9 @@ async fn register(
     let id = shared.registry.allocate_id();
     let ok = Control::Registered(proto::Registered { connection_id: id, edge_id: shared.config.edge_id.clone() });
     write_frame(&mut send, &ok).await?;
-    let entry = shared.registry.add(&reg.tunnel, id, reg.connector_id.clone(), conn.clone());
+    let token_sha256 = reg.token.sha256();
+    let entry = shared.registry.add(&reg.tunnel, id, token_sha256, reg.connector_id.clone(), conn.clone());
+    shared.metrics.registered.inc();
     info!(
         %peer,
         tunnel = %reg.tunnel,

@@ -12,7 +12,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn, Instrument};
 
-use super::registry::InFlight;
+use super::registry::{Admitted, InFlight};
+use crate::admin::metrics::{InFlightGauge, KindLabels};
 use super::EdgeShared;
 use crate::config::normalize_host;
 use crate::headers::{from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID};
@@ -31,32 +32,81 @@ pub(super) async fn handle(
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = forward(req, &shared, client, scheme, &request_id).instrument(span.clone()).await;
-    let _enter = span.enter();
-    debug!(%method, %path, status = resp.status().as_u16(), elapsed_ms = start.elapsed().as_millis() as u64, "response head sent");
+    let host = req
+        .uri()
+        .host()
+        .map(str::to_string)
+        .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(normalize_host))
+        .unwrap_or_default();
+    let (resp, tunnel) = forward(req, &shared, client, scheme, &request_id).instrument(span.clone()).await;
+    let elapsed = start.elapsed();
+    shared.metrics.observe(resp.status().as_u16(), elapsed);
+    if shared.config.access_log {
+        info!(
+            target: "sluice::access",
+            %method,
+            host = %host,
+            %path,
+            status = resp.status().as_u16(),
+            duration_ms = elapsed.as_millis() as u64,
+            tunnel = tunnel.as_deref().unwrap_or("-"),
+            request_id = %request_id,
+            client = %client,
+            "request"
+        );
+    }
     Ok(resp)
 }
 
 async fn forward(
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     shared: &EdgeShared,
     client: SocketAddr,
     scheme: &'static str,
     request_id: &str,
-) -> Response<HttpBody> {
+) -> (Response<HttpBody>, Option<String>) {
+    let gauge = InFlightGauge::new(&shared.metrics.in_flight);
     let authority = req
         .uri()
         .authority()
         .map(|a| a.to_string())
         .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
     let Some(authority) = authority else {
-        return plain(StatusCode::BAD_REQUEST, "sluice: the request has no Host header\n", request_id);
+        return (plain(StatusCode::BAD_REQUEST, "sluice: the request has no Host header\n", request_id), None);
     };
     let host = normalize_host(&authority);
     let Some(tunnel) = shared.registry.tunnel_for_host(&host) else {
-        return plain(StatusCode::NOT_FOUND, &format!("sluice: no tunnel serves host {host}\n"), request_id);
+        return (plain(StatusCode::NOT_FOUND, &format!("sluice: no tunnel serves host {host}\n"), request_id), None);
     };
+    let admitted = match shared.registry.admit(&tunnel) {
+        Ok(a) => a,
+        Err(limit) => {
+            shared.metrics.rejected.get_or_create(&KindLabels { kind: "tunnel-limit" }).inc();
+            let mut resp = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("sluice: tunnel {tunnel} is at its limit of {limit} concurrent requests\n"),
+                request_id,
+            );
+            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return (resp, Some(tunnel));
+        }
+    };
+    let resp = forward_admitted(req, shared, client, scheme, request_id, authority, host, &tunnel, (gauge, admitted)).await;
+    (resp, Some(tunnel))
+}
 
+#[allow(clippy::too_many_arguments)]
+async fn forward_admitted(
+    mut req: Request<Incoming>,
+    shared: &EdgeShared,
+    client: SocketAddr,
+    scheme: &'static str,
+    request_id: &str,
+    authority: String,
+    host: String,
+    tunnel: &str,
+    guards: (InFlightGauge, Admitted),
+) -> Response<HttpBody> {
     let upgrade = if req.version() == Version::HTTP_11 { requested_upgrade(req.headers()) } else { None };
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let version = req.version();
@@ -168,7 +218,7 @@ async fn forward(
             }
             tokio::spawn(
                 async move {
-                    let _in_flight = in_flight;
+                    let _in_flight = (in_flight, guards);
                     match on_upgrade.await {
                         Ok(upgraded) => {
                             let mut send = send;
@@ -199,11 +249,11 @@ async fn forward(
         let _ = send.finish();
     }
 
-    let body = relay::with_guard(relay::recv_body(recv), in_flight);
+    let body = relay::with_guard(relay::recv_body(recv), (in_flight, guards));
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     *resp.headers_mut() = resp_headers;
-    info!(tunnel = %tunnel, connection, source = ?resp_head.source, status = status.as_u16(), "proxied");
+    debug!(tunnel = %tunnel, connection, source = ?resp_head.source, status = status.as_u16(), "response head relayed");
     resp
 }
 

@@ -15,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::admin::{Admin, Metrics};
 use crate::config::EdgeConfig;
 use crate::tls;
 use registry::Registry;
@@ -42,6 +45,9 @@ pub enum EdgeError {
 pub(crate) struct EdgeShared {
     pub config: EdgeConfig,
     pub registry: Registry,
+    pub metrics: Arc<Metrics>,
+    /// False once shutdown begins.
+    pub ready: AtomicBool,
 }
 
 /// A bound edge, ready to run.
@@ -50,6 +56,24 @@ pub struct Edge {
     http: Option<TcpListener>,
     https: Option<(TcpListener, TlsAcceptor)>,
     endpoint: quinn::Endpoint,
+    admin: Option<Admin>,
+}
+
+/// Applies a new configuration's tunnels to a running edge (SIGHUP).
+#[derive(Clone)]
+pub struct EdgeReloader(Arc<EdgeShared>);
+
+impl EdgeReloader {
+    /// Swaps tunnels, tokens, hostnames and limits atomically. Registered connections of
+    /// tunnels that stay, with an unchanged token, are kept; the others are closed. Listener
+    /// addresses, certificates and client settings need a restart.
+    pub fn reload(&self, config: &EdgeConfig) {
+        let revoked = self.0.registry.set_tunnels(&config.tunnels);
+        for entry in &revoked {
+            entry.conn.close(crate::proto::code::CLOSE_TUNNEL_REMOVED, b"tunnel removed or token changed");
+        }
+        info!(tunnels = config.tunnels.len(), closed_connections = revoked.len(), "reloaded tunnels");
+    }
 }
 
 impl Edge {
@@ -79,8 +103,24 @@ impl Edge {
             addr: config.quic_listen,
             source,
         })?;
+        let admin = match config.admin_listen {
+            Some(addr) => Some(Admin::bind(addr).await.map_err(|source| EdgeError::Bind { what: "admin", addr, source })?),
+            None => None,
+        };
         let registry = Registry::new(&config.tunnels);
-        Ok(Edge { shared: Arc::new(EdgeShared { config, registry }), http, https, endpoint })
+        let metrics = Arc::new(Metrics::new("sluice_edge"));
+        let shared = Arc::new(EdgeShared { config, registry, metrics, ready: AtomicBool::new(true) });
+        Ok(Edge { shared, http, https, endpoint, admin })
+    }
+
+    /// Address of the admin listener.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(Admin::addr)
+    }
+
+    /// A handle to reload tunnels while the edge runs.
+    pub fn reloader(&self) -> EdgeReloader {
+        EdgeReloader(self.shared.clone())
     }
 
     /// Address of the plain HTTP listener.
@@ -112,6 +152,11 @@ impl Edge {
             info!(%addr, "listening for clients (HTTPS)");
         }
 
+        if let Some(admin) = self.admin {
+            let ready_shared = shared.clone();
+            let ready = Arc::new(move || ready_shared.ready.load(Ordering::Relaxed));
+            tokio::spawn(admin.run(shared.metrics.clone(), ready, shutdown.clone()));
+        }
         if let Some(listener) = self.http {
             tracker.spawn(serve_clients(listener, None, shared.clone(), shutdown.clone(), tracker.clone()));
         }
@@ -131,6 +176,7 @@ impl Edge {
         // Listeners stop accepting; open client connections finish their requests (HTTP/1.1
         // keep-alive ends, HTTP/2 gets GOAWAY) within the grace period.
         let grace = shared.config.grace_period;
+        shared.ready.store(false, Ordering::Relaxed);
         tracker.close();
         info!(grace_secs = grace.as_secs_f64(), "shutting down: waiting for client connections to finish");
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

@@ -15,6 +15,8 @@ pub struct ConnEntry {
     pub connector_id: String,
     /// The QUIC connection.
     pub conn: quinn::Connection,
+    /// Hash of the token it registered with (a changed token revokes the connection).
+    token_sha256: [u8; 32],
     in_flight: AtomicUsize,
     draining: AtomicBool,
 }
@@ -57,10 +59,22 @@ impl Drop for InFlight {
     }
 }
 
+/// Counts a request against its tunnel's `max-concurrent-requests` until dropped.
+#[derive(Debug)]
+pub struct Admitted(Arc<AtomicUsize>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Hostname routing, rebuilt as a whole when the configuration changes.
 #[derive(Debug, Default)]
 struct Routes {
     tunnels: HashMap<String, TunnelConfig>,
+    /// Requests in flight per tunnel; kept across reloads for tunnels that stay.
+    active: HashMap<String, Arc<AtomicUsize>>,
     exact: HashMap<String, String>,
     /// (suffix, tunnel id), longest suffix first.
     wildcards: Vec<(String, String)>,
@@ -83,9 +97,10 @@ impl Registry {
         reg
     }
 
-    /// Replaces the set of tunnels and hostnames. Connections of tunnels that still exist are
-    /// kept; the ids of tunnels that disappeared are returned so their connections can be closed.
-    pub fn set_tunnels(&self, tunnels: &[TunnelConfig]) -> Vec<String> {
+    /// Replaces the set of tunnels and hostnames atomically. Connections of tunnels that stay,
+    /// with the same token, are kept; connections of removed tunnels, or registered with a
+    /// token that is no longer valid, are returned so that they can be closed.
+    pub fn set_tunnels(&self, tunnels: &[TunnelConfig]) -> Vec<Arc<ConnEntry>> {
         let mut routes = Routes::default();
         for t in tunnels {
             for h in &t.hostnames {
@@ -100,9 +115,42 @@ impl Registry {
         }
         routes.wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
         let mut guard = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        let removed = guard.tunnels.keys().filter(|id| !routes.tunnels.contains_key(*id)).cloned().collect();
+        for id in routes.tunnels.keys() {
+            let counter = guard.active.get(id).cloned().unwrap_or_default();
+            routes.active.insert(id.clone(), counter);
+        }
         *guard = routes;
-        removed
+        let valid = |tunnel: &str, hash: &[u8; 32]| guard.tunnels.get(tunnel).is_some_and(|t| &t.token_sha256 == hash);
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut revoked = Vec::new();
+        for (tunnel, list) in conns.iter_mut() {
+            list.retain(|c| {
+                let keep = valid(tunnel, &c.token_sha256);
+                if !keep {
+                    revoked.push(c.clone());
+                }
+                keep
+            });
+        }
+        conns.retain(|_, l| !l.is_empty());
+        revoked
+    }
+
+    /// Admits one more request for `tunnel` unless it is at its limit.
+    pub fn admit(&self, tunnel: &str) -> Result<Admitted, usize> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let limit = routes.tunnels.get(tunnel).map_or(0, |t| t.max_concurrent_requests);
+        let Some(counter) = routes.active.get(tunnel) else { return Err(limit) };
+        let mut current = counter.load(Ordering::Acquire);
+        loop {
+            if current >= limit {
+                return Err(limit);
+            }
+            match counter.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(Admitted(counter.clone())),
+                Err(now) => current = now,
+            }
+        }
     }
 
     /// The tunnel serving `host` (lowercase, no port): exact names first, then the most
@@ -131,9 +179,17 @@ impl Registry {
     }
 
     /// Adds a registered connection under an id from [`Registry::allocate_id`].
-    pub fn add(&self, tunnel: &str, id: u64, connector_id: String, conn: quinn::Connection) -> Arc<ConnEntry> {
+    pub fn add(
+        &self,
+        tunnel: &str,
+        id: u64,
+        token_sha256: [u8; 32],
+        connector_id: String,
+        conn: quinn::Connection,
+    ) -> Arc<ConnEntry> {
         let entry = Arc::new(ConnEntry {
             id,
+            token_sha256,
             connector_id,
             conn,
             in_flight: AtomicUsize::new(0),
@@ -177,10 +233,10 @@ impl Registry {
         conns.get(tunnel).map_or(0, |l| l.iter().filter(|c| c.usable()).count())
     }
 
-    /// Connections of `tunnel` (for closing them when the tunnel is removed).
-    pub fn connections(&self, tunnel: &str) -> Vec<Arc<ConnEntry>> {
+    /// Number of registered connections, all tunnels together.
+    pub fn total_connections(&self) -> usize {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.get(tunnel).cloned().unwrap_or_default()
+        conns.values().map(Vec::len).sum()
     }
 }
 
@@ -193,6 +249,7 @@ mod tests {
             id: id.into(),
             token_sha256: [0; 32],
             hostnames: hosts.iter().map(|h| HostPattern::try_from(*h).unwrap()).collect(),
+            max_concurrent_requests: 10,
         }
     }
 
@@ -212,11 +269,21 @@ mod tests {
     }
 
     #[test]
-    fn reload_reports_removed_tunnels() {
+    fn reload_swaps_hostnames() {
         let reg = Registry::new(&[tunnel("a", &["a.test"]), tunnel("b", &["b.test"])]);
-        let removed = reg.set_tunnels(&[tunnel("a", &["a.test", "a2.test"])]);
-        assert_eq!(removed, vec!["b".to_string()]);
+        let revoked = reg.set_tunnels(&[tunnel("a", &["a.test", "a2.test"])]);
+        assert!(revoked.is_empty());
         assert_eq!(reg.tunnel_for_host("a2.test").as_deref(), Some("a"));
         assert_eq!(reg.tunnel_for_host("b.test"), None);
+    }
+
+    #[test]
+    fn admission_is_bounded_and_released() {
+        let reg = Registry::new(&[tunnel("a", &["a.test"])]);
+        let held: Vec<_> = (0..10).map(|_| reg.admit("a").unwrap()).collect();
+        assert_eq!(reg.admit("a").unwrap_err(), 10);
+        drop(held);
+        assert!(reg.admit("a").is_ok());
+        assert!(reg.admit("nope").is_err());
     }
 }

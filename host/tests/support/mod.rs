@@ -79,6 +79,7 @@ pub fn tunnel(id: &str, token: &str, hosts: &[&str]) -> TunnelConfig {
         id: id.into(),
         token_sha256: Secret::new(token).sha256(),
         hostnames: hosts.iter().map(|h| HostPattern::try_from(*h).unwrap()).collect(),
+        max_concurrent_requests: 1000,
     }
 }
 

@@ -1,0 +1,90 @@
+//! The admin listener: `/live`, `/ready` and `/metrics` (Prometheus text), on its own address.
+
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use metrics::Metrics;
+
+use crate::relay::{self, HttpBody};
+
+/// Tells whether the process is ready to serve.
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// A bound admin listener.
+pub struct Admin {
+    listener: TcpListener,
+}
+
+impl Admin {
+    /// Binds the admin listener.
+    pub async fn bind(addr: SocketAddr) -> std::io::Result<Admin> {
+        Ok(Admin { listener: TcpListener::bind(addr).await? })
+    }
+
+    /// Wraps a listener bound (non-blocking) outside the runtime.
+    pub fn from_std(listener: std::net::TcpListener) -> std::io::Result<Admin> {
+        Ok(Admin { listener: TcpListener::from_std(listener)? })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn run(self, metrics: Arc<Metrics>, ready: Readiness, shutdown: CancellationToken) {
+        if let Some(addr) = self.addr() {
+            info!(%addr, "listening for admin requests (/live, /ready, /metrics)");
+        }
+        loop {
+            let (tcp, _) = tokio::select! {
+                a = self.listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(cause = %e, "failed to accept an admin connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            let (metrics, ready) = (metrics.clone(), ready.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let resp = answer(&req, &metrics, &ready);
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    }
+}
+
+fn answer(req: &Request<Incoming>, metrics: &Metrics, ready: &Readiness) -> Response<HttpBody> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/live" => (StatusCode::OK, "text/plain; charset=utf-8", "live\n".to_string()),
+        "/ready" if ready() => (StatusCode::OK, "text/plain; charset=utf-8", "ready\n".to_string()),
+        "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "not ready\n".to_string()),
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.encode()),
+        _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found: try /live, /ready or /metrics\n".to_string()),
+    };
+    let mut resp = Response::new(relay::full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp
+}
