@@ -111,6 +111,8 @@ async fn tunnel_new_creates_a_token_the_edge_accepts() {
         http: edge.http_addr().unwrap(),
         quic: edge.quic_addr(),
         https: None,
+        admin: None,
+        reloader: None,
         identity,
         shutdown: tokio_util::sync::CancellationToken::new(),
         task: tokio::spawn(async {}),
@@ -127,4 +129,127 @@ async fn tunnel_new_creates_a_token_the_edge_accepts() {
     assert_eq!(reply.json()["origin"], "shop");
     conn.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// GET `path` on the admin listener.
+async fn admin_get(addr: std::net::SocketAddr, path: &str) -> Reply {
+    get(addr, "admin", path).await
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_liveness_readiness_and_metrics() {
+    let origin = echo_origin("web").await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| c.admin_listen = Some(loopback())).await;
+    let edge_admin = edge.admin.unwrap();
+
+    let mut cfg = connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin), http_origin("down", closed)],
+        vec![rule(None, Some("^/down"), "down"), rule(None, None, "web")],
+    );
+    cfg.admin_listen = Some(loopback());
+    // Not started yet: bind, read the address, then run.
+    let connector = sluice::connector::Connector::new(cfg).unwrap();
+    let conn_admin = connector.admin_addr().unwrap();
+    let state = connector.state();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(connector.run(stop.clone()));
+    tokio::time::timeout(WAIT, state.wait_registered(2)).await.unwrap();
+
+    assert_eq!(admin_get(edge_admin, "/live").await.status, 200);
+    assert_eq!(admin_get(edge_admin, "/ready").await.status, 200);
+    assert_eq!(admin_get(conn_admin, "/live").await.status, 200);
+    assert_eq!(admin_get(conn_admin, "/ready").await.status, 200);
+    assert_eq!(admin_get(conn_admin, "/nope").await.status, 404);
+
+    for _ in 0..3 {
+        assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
+    }
+    assert_eq!(get(edge.http, "app.test", "/down").await.status, 502);
+    assert_eq!(get(edge.http, "nope.test", "/").await.status, 404);
+    // A connector with a wrong token counts as a registration failure on both sides.
+    let bad = start_connector(connector_config(&edge, "app", "wrong", vec![http_origin("web", origin)], vec![]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bad.stop().await;
+
+    let edge_metrics = admin_get(edge_admin, "/metrics").await.text();
+    for line in [
+        r#"sluice_edge_requests_total{class="2xx"} 3"#,
+        r#"sluice_edge_requests_total{class="5xx"} 1"#,
+        r#"sluice_edge_requests_total{class="4xx"} 1"#,
+        "sluice_edge_request_duration_seconds_count 5",
+        "sluice_edge_registered_connections 2",
+        "sluice_edge_streams_in_flight 0",
+        r#"sluice_edge_registration_failures_total{kind="unauthorized"}"#,
+    ] {
+        assert!(edge_metrics.contains(line), "edge metrics lack {line:?}:\n{edge_metrics}");
+    }
+    let conn_metrics = admin_get(conn_admin, "/metrics").await.text();
+    for line in [
+        r#"sluice_connector_requests_total{class="2xx"} 3"#,
+        r#"sluice_connector_requests_total{class="5xx"} 1"#,
+        r#"sluice_connector_origin_errors_total{kind="refused"} 1"#,
+        "sluice_connector_registered_connections 2",
+        "sluice_connector_streams_in_flight 0",
+    ] {
+        assert!(conn_metrics.contains(line), "connector metrics lack {line:?}:\n{conn_metrics}");
+    }
+
+    // Shutting down: the connector is no longer ready.
+    stop.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    edge.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn connector_not_ready_until_registered() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cfg = sluice::config::ConnectorConfig::new("app", sluice::secret::Secret::new("t"));
+    cfg.edges = vec![format!("127.0.0.1:{port}")];
+    cfg.admin_listen = Some(loopback());
+    let connector = sluice::connector::Connector::new(cfg).unwrap();
+    let admin = connector.admin_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(connector.run(stop.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(admin_get(admin, "/live").await.status, 200);
+    let ready = admin_get(admin, "/ready").await;
+    assert_eq!((ready.status, ready.text().as_str()), (503, "not ready\n"));
+    stop.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn access_log_has_one_line_per_request_and_can_be_switched_off() {
+    let (logs, _guard) = capture_logs();
+    let origin = echo_origin("web").await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"]), tunnel("quiet", "q", &["quiet.test"])], |_| {}).await;
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]));
+    let mut quiet_cfg = connector_config(&edge, "quiet", "q", vec![http_origin("web", origin)], vec![]);
+    quiet_cfg.access_log = false;
+    let quiet = start_connector(quiet_cfg);
+    conn.registered(1).await;
+    quiet.registered(1).await;
+
+    let reply = get(edge.http, "app.test", "/logged?q=1").await;
+    let id = reply.headers["sluice-request-id"].to_str().unwrap().to_string();
+    get(edge.http, "quiet.test", "/silent").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let text = logs.text();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("sluice::access") && l.contains(&id)).collect();
+    assert_eq!(lines.len(), 2, "one access line from the edge and one from the connector:\n{text}");
+    let connector_line = lines.iter().find(|l| l.contains("origin=web")).expect("connector line names the origin");
+    for field in ["method=GET", "host=app.test", "path=/logged?q=1", "status=200", "duration_ms=", "origin=web"] {
+        assert!(connector_line.contains(field), "{field} missing from {connector_line}");
+    }
+    let connector_lines_for_quiet = text
+        .lines()
+        .filter(|l| l.contains("sluice::access") && l.contains("/silent") && l.contains("origin="))
+        .count();
+    assert_eq!(connector_lines_for_quiet, 0, "access-log = false must silence the connector's access line");
+    conn.stop().await;
+    quiet.stop().await;
 }

@@ -56,8 +56,39 @@ impl std::io::Write for Logs {
     }
 }
 
+/// A global subscriber that records nothing but keeps every callsite's interest at
+/// "sometimes", so that a thread-local capture in one test sees its events even when other
+/// tests, on threads without a subscriber, reached the same callsites first.
+struct Silent;
+
+impl tracing::Subscriber for Silent {
+    fn register_callsite(&self, _: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
+    }
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        false
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, _: &tracing::Event<'_>) {}
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Installs the global [`Silent`] subscriber once per test binary.
+pub fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(Silent);
+    });
+}
+
 /// Installs a log capture for this thread; keep the guard alive for the test.
 pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    init_tracing();
     let logs = Logs::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -92,12 +123,15 @@ pub struct EdgeHandle {
     pub http: SocketAddr,
     pub quic: SocketAddr,
     pub https: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub reloader: Option<sluice::edge::EdgeReloader>,
     pub identity: TlsIdentity,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
 
 pub async fn start_edge(tunnels: Vec<TunnelConfig>, tweak: impl FnOnce(&mut EdgeConfig)) -> EdgeHandle {
+    init_tracing();
     let identity = identity();
     let mut cfg = EdgeConfig::new(loopback(), identity.clone());
     cfg.http_listen = Some(loopback());
@@ -105,9 +139,10 @@ pub async fn start_edge(tunnels: Vec<TunnelConfig>, tweak: impl FnOnce(&mut Edge
     tweak(&mut cfg);
     let edge = Edge::bind(cfg).await.unwrap();
     let shutdown = CancellationToken::new();
-    let (http, quic, https) = (edge.http_addr().unwrap(), edge.quic_addr(), edge.https_addr());
+    let (http, quic, https, admin) = (edge.http_addr().unwrap(), edge.quic_addr(), edge.https_addr(), edge.admin_addr());
+    let reloader = Some(edge.reloader());
     let task = tokio::spawn(edge.run(shutdown.clone()));
-    EdgeHandle { http, quic, https, identity, shutdown, task }
+    EdgeHandle { http, quic, https, admin, reloader, identity, shutdown, task }
 }
 
 /// A running connector.
