@@ -114,6 +114,7 @@ async fn tunnel_new_creates_a_token_the_edge_accepts() {
         admin: None,
         reloader: None,
         identity,
+        ca_pem: String::new(),
         shutdown: tokio_util::sync::CancellationToken::new(),
         task: tokio::spawn(async {}),
     };

@@ -102,7 +102,17 @@ pub fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
 
 /// A certificate for "localhost" and the CA to trust it with (self-signed: the same cert).
 pub fn identity() -> TlsIdentity {
-    sluice::tls::self_signed(&["localhost"]).unwrap()
+    identity_pem().0
+}
+
+/// Like [`identity`], with the certificate also as PEM (for config files).
+pub fn identity_pem() -> (TlsIdentity, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let id = TlsIdentity {
+        chain: vec![ck.cert.der().clone()],
+        key: rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),
+    };
+    (id, ck.cert.pem())
 }
 
 pub fn tunnel(id: &str, token: &str, hosts: &[&str]) -> TunnelConfig {
@@ -126,13 +136,15 @@ pub struct EdgeHandle {
     pub admin: Option<SocketAddr>,
     pub reloader: Option<sluice::edge::EdgeReloader>,
     pub identity: TlsIdentity,
+    /// The edge's QUIC certificate as PEM.
+    pub ca_pem: String,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
 
 pub async fn start_edge(tunnels: Vec<TunnelConfig>, tweak: impl FnOnce(&mut EdgeConfig)) -> EdgeHandle {
     init_tracing();
-    let identity = identity();
+    let (identity, ca_pem) = identity_pem();
     let mut cfg = EdgeConfig::new(loopback(), identity.clone());
     cfg.http_listen = Some(loopback());
     cfg.tunnels = tunnels;
@@ -142,7 +154,7 @@ pub async fn start_edge(tunnels: Vec<TunnelConfig>, tweak: impl FnOnce(&mut Edge
     let (http, quic, https, admin) = (edge.http_addr().unwrap(), edge.quic_addr(), edge.https_addr(), edge.admin_addr());
     let reloader = Some(edge.reloader());
     let task = tokio::spawn(edge.run(shutdown.clone()));
-    EdgeHandle { http, quic, https, admin, reloader, identity, shutdown, task }
+    EdgeHandle { http, quic, https, admin, reloader, identity, ca_pem, shutdown, task }
 }
 
 /// A running connector.

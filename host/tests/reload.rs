@@ -1,0 +1,197 @@
+//! Reload without a restart: SIGHUP re-reads the file; new ingress, origins and tunnels apply
+//! atomically, in-flight requests finish on the old set, and a broken file is refused while
+//! the running configuration keeps serving.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+use tokio::sync::mpsc;
+
+/// An origin whose body is its name; `/slow` takes 800 ms and announces itself first.
+async fn named(name: &'static str, started: Option<mpsc::UnboundedSender<()>>) -> std::net::SocketAddr {
+    start_origin(move |req: http::Request<hyper::body::Incoming>| {
+        let started = started.clone();
+        async move {
+            if req.uri().path() == "/slow" {
+                if let Some(s) = started {
+                    let _ = s.send(());
+                }
+                tokio::time::sleep(Duration::from_millis(800)).await;
+            }
+            http::Response::new(sluice::relay::full(name))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn connector_reload_swaps_origins_under_load() {
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let a = named("a", Some(tx)).await;
+    let b = named("b", None).await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let cfg_a = connector_config(&edge, "app", "t", vec![http_origin("a", a), http_origin("b", b)], vec![rule(None, None, "a")]);
+    let mut cfg_b = cfg_a.clone();
+    cfg_b.ingress = vec![rule(None, None, "b")];
+    let connector = sluice::connector::Connector::new(cfg_a).unwrap();
+    let reloader = connector.reloader();
+    let state = connector.state();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(connector.run(stop.clone()));
+    tokio::time::timeout(WAIT, state.wait_registered(2)).await.unwrap();
+
+    // A request in flight on the old configuration.
+    let http = edge.http;
+    let slow = tokio::spawn(async move { get(http, "app.test", "/slow").await });
+    tokio::time::timeout(WAIT, started.recv()).await.unwrap().unwrap();
+
+    // Requests keep flowing while the configuration is swapped.
+    let load = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        for _ in 0..60 {
+            let r = get(http, "app.test", "/").await;
+            assert_eq!(r.status, 200, "a request failed during reload: {}", r.text());
+            seen.push(r.text());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        seen
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    reloader.reload(&cfg_b).unwrap();
+    let seen = load.await.unwrap();
+    assert!(seen.iter().any(|s| s == "a") && seen.iter().any(|s| s == "b"), "{seen:?}");
+    let first_b = seen.iter().position(|s| s == "b").unwrap();
+    assert!(seen[first_b..].iter().all(|s| s == "b"), "old origin used after the swap: {seen:?}");
+    // The request that started before the reload finished on the old set.
+    assert_eq!(slow.await.unwrap().text(), "a");
+    assert_eq!(state.registered(), 2, "reload must not drop connections");
+    stop.cancel();
+    let _ = tokio::time::timeout(WAIT, task).await;
+}
+
+#[tokio::test]
+async fn edge_reload_changes_hostnames_and_revokes_changed_tokens() {
+    let (logs, _guard) = capture_logs();
+    let origin = named("web", None).await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]));
+    conn.registered(2).await;
+    let reloader = edge.reloader.clone().unwrap();
+    assert_eq!(get(edge.http, "new.test", "/").await.status, 404);
+
+    // A new hostname: routed at once, and the registered connections stay.
+    reloader.reload(&edge_config_with(vec![tunnel("app", "t", &["app.test", "new.test"])]));
+    assert_eq!(get(edge.http, "new.test", "/").await.text(), "web");
+    assert_eq!(get(edge.http, "app.test", "/").await.text(), "web");
+    assert_eq!(logs.text().matches("connector registered").count(), 2, "connections were re-registered");
+    assert_eq!(conn.state.registered(), 2);
+
+    // A new token revokes the connections made with the old one; the old token no longer works.
+    reloader.reload(&edge_config_with(vec![tunnel("app", "rotated", &["app.test"])]));
+    tokio::time::timeout(WAIT, async {
+        while conn.state.registered() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("connections with a revoked token stayed registered");
+    logs.wait_for("the edge refused the registration").await;
+    assert_eq!(get(edge.http, "app.test", "/").await.status, 502);
+    conn.stop().await;
+}
+
+fn edge_config_with(tunnels: Vec<sluice::config::TunnelConfig>) -> sluice::config::EdgeConfig {
+    let mut cfg = sluice::config::EdgeConfig::new(loopback(), identity());
+    cfg.tunnels = tunnels;
+    cfg
+}
+
+/// A `sluice` process whose stderr goes to a file, killed on drop.
+struct Proc {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    fn spawn(role: &str, config: &Path) -> Proc {
+        let stderr = config.with_extension("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args([role, "--config"])
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap();
+        Proc { child, stderr }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("sh").args(["-c", &format!("kill -{sig} {}", self.child.id())]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    async fn wait_log(&self, needle: &str, nth: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+            if text.matches(needle).count() >= nth {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{needle:?} not logged:\n{text}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn sighup_applies_a_good_file_and_refuses_a_broken_one() {
+    let (a, b) = (named("a", None).await, named("b", None).await);
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let dir = std::env::temp_dir().join(format!("sluice-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("edge-ca.crt"), &edge.ca_pem).unwrap();
+    let file = dir.join("connector.toml");
+    let write = |origin: std::net::SocketAddr, extra: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "tunnel = \"app\"\ntoken = \"t\"\nedges = [\"{}\"]\nedge-ca = \"edge-ca.crt\"\nedge-server-name = \"localhost\"\n{extra}\n\
+                 [[origin]]\nname = \"o\"\nurl = \"http://{origin}\"\n[[ingress]]\norigin = \"o\"\n",
+                edge.quic
+            ),
+        )
+        .unwrap()
+    };
+    write(a, "");
+    let proc = Proc::spawn("connector", &file);
+    proc.wait_log("registered with the edge", 2).await;
+    assert_eq!(get(edge.http, "app.test", "/").await.text(), "a");
+
+    // A broken file: refused, logged, the old configuration keeps serving.
+    write(b, "ha-connections = \"many\"");
+    proc.signal("HUP");
+    proc.wait_log("reload refused", 1).await;
+    assert_eq!(get(edge.http, "app.test", "/").await.text(), "a");
+
+    // A good file: applied.
+    write(b, "");
+    proc.signal("HUP");
+    proc.wait_log("reloaded ingress and origins", 1).await;
+    assert_eq!(get(edge.http, "app.test", "/").await.text(), "b");
+    let log = std::fs::read_to_string(&proc.stderr).unwrap();
+    assert!(log.contains("connector.toml:6:18: ha-connections"), "the refusal names file, line and key:\n{log}");
+    drop(proc);
+    let _ = std::fs::remove_dir_all(&dir);
+}
