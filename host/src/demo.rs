@@ -60,7 +60,7 @@ impl Demo {
         conn_cfg.edges = vec![edge.quic_addr().to_string()];
         conn_cfg.edge_server_name = Some("localhost".into());
         conn_cfg.edge_ca = identity.chain.clone();
-        let connector = Connector::new(conn_cfg)?;
+        let connector = Connector::new(conn_cfg).await?;
 
         let http_addr = edge.http_addr().unwrap_or(loopback(http_port));
         let curl = format!("curl -H 'Host: {DEMO_HOST}' http://{http_addr}/hello");

@@ -6,6 +6,8 @@
 //!
 //! # Layout
 //! - [`admin`]: `/live`, `/ready` and `/metrics` on an admin listener.
+//! - [`audit`]: audit events and their sinks.
+//! - [`plugin`]: the Wasm plugin runtime, hooks and decisions.
 //! - [`proto`]: the wire protocol between connector and edge, sans-IO.
 //! - [`config`]: TOML configuration of both roles, validated with precise errors.
 //! - [`edge`]: client listeners, connector acceptor and auth, tunnel registry, dispatch.
@@ -19,6 +21,7 @@
 //! - [`secret`]: a string that never prints itself.
 
 pub mod admin;
+pub mod audit;
 pub mod config;
 pub mod connector;
 pub mod demo;
@@ -26,6 +29,7 @@ pub mod edge;
 pub mod headers;
 pub mod ingress;
 pub mod origin;
+pub mod plugin;
 pub mod proto;
 pub mod relay;
 pub mod secret;

@@ -110,20 +110,26 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
             let edge = sluice::edge::Edge::bind(cfg).await.context("failed to start the edge")?;
             let reloader = edge.reloader();
             tokio::spawn(on_sighup(config, move |path| {
-                let cfg = EdgeConfig::load(path)?;
-                reloader.reload(&cfg);
-                Ok(())
+                let reloader = reloader.clone();
+                async move {
+                    let cfg = EdgeConfig::load(&path)?;
+                    reloader.reload(&cfg);
+                    Ok(())
+                }
             }));
             edge.run(shutdown).await;
         }
         cli::Command::Connector { config } => {
             let cfg = ConnectorConfig::load(&config)?;
-            let connector = sluice::connector::Connector::new(cfg).context("failed to start the connector")?;
+            let connector = sluice::connector::Connector::new(cfg).await.context("failed to start the connector")?;
             let reloader = connector.reloader();
             tokio::spawn(on_sighup(config, move |path| {
-                let cfg = ConnectorConfig::load(path)?;
-                reloader.reload(&cfg)?;
-                Ok(())
+                let reloader = reloader.clone();
+                async move {
+                    let cfg = ConnectorConfig::load(&path)?;
+                    reloader.reload(&cfg).await?;
+                    Ok(())
+                }
             }));
             connector.run(shutdown).await?;
         }
@@ -140,9 +146,10 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
 
 /// Re-reads `path` on every SIGHUP and applies it; a file with an error is refused, logged,
 /// and the running configuration keeps serving.
-async fn on_sighup<F>(path: std::path::PathBuf, apply: F)
+async fn on_sighup<F, Fut>(path: std::path::PathBuf, apply: F)
 where
-    F: Fn(&std::path::Path) -> anyhow::Result<()> + Send + 'static,
+    F: Fn(std::path::PathBuf) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => s,
@@ -153,7 +160,7 @@ where
     };
     while hup.recv().await.is_some() {
         info!(file = %path.display(), "SIGHUP: reloading the configuration");
-        if let Err(e) = apply(&path) {
+        if let Err(e) = apply(path.clone()).await {
             error!(cause = %e, "reload refused; the running configuration keeps serving");
         }
     }

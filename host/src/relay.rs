@@ -4,6 +4,9 @@
 //! chunk when the HTTP side asks for one, and an HTTP body is written to a QUIC send stream one
 //! frame at a time, waiting for flow-control credit.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
@@ -20,12 +23,23 @@ const CHUNK: usize = 64 * 1024;
 
 /// An HTTP body that yields what arrives on `recv` until FIN; a reset becomes a body error.
 pub fn recv_body(recv: quinn::RecvStream) -> HttpBody {
-    let stream = futures_util::stream::unfold(Some(recv), |state| async move {
+    recv_body_counted(recv, Arc::default())
+}
+
+/// Like [`recv_body`], adding the bytes read to `counter`.
+pub fn recv_body_counted(recv: quinn::RecvStream, counter: Arc<AtomicU64>) -> HttpBody {
+    let stream = futures_util::stream::unfold(Some(recv), move |state| {
+        let counter = counter.clone();
+        async move {
         let mut recv = state?;
         match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => Some((Ok(Frame::data(chunk.bytes)), Some(recv))),
+            Ok(Some(chunk)) => {
+                counter.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                Some((Ok(Frame::data(chunk.bytes)), Some(recv)))
+            }
             Ok(None) => None,
             Err(e) => Some((Err(BoxError::from(e)), None)),
+        }
         }
     });
     BoxBody::new(StreamBody::new(stream))

@@ -44,7 +44,7 @@ async fn connector_limit_refuses_excess_at_once_and_memory_stays_flat() {
     let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("slow", origin)], vec![]);
     cfg.max_concurrent_requests = LIMIT;
     cfg.admin_listen = Some(loopback());
-    let connector = sluice::connector::Connector::new(cfg).unwrap();
+    let connector = sluice::connector::Connector::new(cfg).await.unwrap();
     let admin = connector.admin_addr().unwrap();
     let state = connector.state();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -108,7 +108,7 @@ async fn edge_limits_each_tunnel() {
     limited.max_concurrent_requests = 3;
     let other = tunnel("other", "o", &["other.test"]);
     let edge = start_edge(vec![limited, other], |c| c.admin_listen = Some(loopback())).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("slow", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("slow", origin)], vec![])).await;
     conn.registered(1).await;
 
     let http = edge.http;

@@ -25,7 +25,7 @@ async fn bad_control_streams_close_only_their_connection() {
     let (logs, _guard) = capture_logs();
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let good = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]));
+    let good = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
     good.registered(2).await;
 
     // Wrong ALPN: the handshake itself fails.

@@ -31,8 +31,8 @@ async fn draining_connector_finishes_in_flight_and_gets_no_new_requests() {
     let a = named_origin("a", Duration::from_millis(1500), tx.clone()).await;
     let b = named_origin("b", Duration::from_millis(1500), tx).await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let ca = start_connector(connector_config(&edge, "app", "t", vec![http_origin("a", a)], vec![]));
-    let cb = start_connector(connector_config(&edge, "app", "t", vec![http_origin("b", b)], vec![]));
+    let ca = start_connector(connector_config(&edge, "app", "t", vec![http_origin("a", a)], vec![])).await;
+    let cb = start_connector(connector_config(&edge, "app", "t", vec![http_origin("b", b)], vec![])).await;
     ca.registered(2).await;
     cb.registered(2).await;
 
@@ -69,7 +69,7 @@ async fn edge_shutdown_lets_in_flight_requests_finish() {
     let (tx, mut started) = mpsc::unbounded_channel();
     let o = named_origin("o", Duration::from_millis(800), tx).await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", o)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", o)], vec![])).await;
     conn.registered(1).await;
 
     let http = edge.http;
@@ -123,7 +123,7 @@ async fn tunnel_new_creates_a_token_the_edge_accepts() {
 
     // Run: a connector with the printed token registers and serves.
     let origin = echo_origin("shop").await;
-    let conn = start_connector(connector_config(&handle, "shop", &token, vec![http_origin("shop", origin)], vec![]));
+    let conn = start_connector(connector_config(&handle, "shop", &token, vec![http_origin("shop", origin)], vec![])).await;
     conn.registered(1).await;
     let reply = get(handle.http, "shop.test", "/").await;
     assert_eq!(reply.status, 200);
@@ -153,7 +153,7 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     );
     cfg.admin_listen = Some(loopback());
     // Not started yet: bind, read the address, then run.
-    let connector = sluice::connector::Connector::new(cfg).unwrap();
+    let connector = sluice::connector::Connector::new(cfg).await.unwrap();
     let conn_admin = connector.admin_addr().unwrap();
     let state = connector.state();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -172,7 +172,7 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     assert_eq!(get(edge.http, "app.test", "/down").await.status, 502);
     assert_eq!(get(edge.http, "nope.test", "/").await.status, 404);
     // A connector with a wrong token counts as a registration failure on both sides.
-    let bad = start_connector(connector_config(&edge, "app", "wrong", vec![http_origin("web", origin)], vec![]));
+    let bad = start_connector(connector_config(&edge, "app", "wrong", vec![http_origin("web", origin)], vec![])).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     bad.stop().await;
 
@@ -211,7 +211,7 @@ async fn connector_not_ready_until_registered() {
     let mut cfg = sluice::config::ConnectorConfig::new("app", sluice::secret::Secret::new("t"));
     cfg.edges = vec![format!("127.0.0.1:{port}")];
     cfg.admin_listen = Some(loopback());
-    let connector = sluice::connector::Connector::new(cfg).unwrap();
+    let connector = sluice::connector::Connector::new(cfg).await.unwrap();
     let admin = connector.admin_addr().unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(connector.run(stop.clone()));
@@ -228,10 +228,10 @@ async fn access_log_has_one_line_per_request_and_can_be_switched_off() {
     let (logs, _guard) = capture_logs();
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"]), tunnel("quiet", "q", &["quiet.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
     let mut quiet_cfg = connector_config(&edge, "quiet", "q", vec![http_origin("web", origin)], vec![]);
     quiet_cfg.access_log = false;
-    let quiet = start_connector(quiet_cfg);
+    let quiet = start_connector(quiet_cfg).await;
     conn.registered(1).await;
     quiet.registered(1).await;
 

@@ -37,7 +37,7 @@ async fn connector_reload_swaps_origins_under_load() {
     let cfg_a = connector_config(&edge, "app", "t", vec![http_origin("a", a), http_origin("b", b)], vec![rule(None, None, "a")]);
     let mut cfg_b = cfg_a.clone();
     cfg_b.ingress = vec![rule(None, None, "b")];
-    let connector = sluice::connector::Connector::new(cfg_a).unwrap();
+    let connector = sluice::connector::Connector::new(cfg_a).await.unwrap();
     let reloader = connector.reloader();
     let state = connector.state();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -61,7 +61,7 @@ async fn connector_reload_swaps_origins_under_load() {
         seen
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    reloader.reload(&cfg_b).unwrap();
+    reloader.reload(&cfg_b).await.unwrap();
     let seen = load.await.unwrap();
     assert!(seen.iter().any(|s| s == "a") && seen.iter().any(|s| s == "b"), "{seen:?}");
     let first_b = seen.iter().position(|s| s == "b").unwrap();
@@ -78,7 +78,7 @@ async fn edge_reload_changes_hostnames_and_revokes_changed_tokens() {
     let (logs, _guard) = capture_logs();
     let origin = named("web", None).await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
     conn.registered(2).await;
     let reloader = edge.reloader.clone().unwrap();
     assert_eq!(get(edge.http, "new.test", "/").await.status, 404);
@@ -188,7 +188,7 @@ async fn sighup_applies_a_good_file_and_refuses_a_broken_one() {
     // A good file: applied.
     write(b, "");
     proc.signal("HUP");
-    proc.wait_log("reloaded ingress and origins", 1).await;
+    proc.wait_log("reloaded ingress, origins and plugins", 1).await;
     assert_eq!(get(edge.http, "app.test", "/").await.text(), "b");
     let log = std::fs::read_to_string(&proc.stderr).unwrap();
     assert!(log.contains("connector.toml:6:18: ha-connections"), "the refusal names file, line and key:\n{log}");

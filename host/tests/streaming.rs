@@ -90,7 +90,7 @@ async fn transfer_origin() -> std::net::SocketAddr {
 async fn large_upload_and_download_arrive_byte_exact() {
     let origin = transfer_origin().await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", origin)], vec![])).await;
     conn.registered(1).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
@@ -127,7 +127,7 @@ async fn large_upload_and_download_arrive_byte_exact() {
 async fn origin_failure_mid_body_is_not_a_clean_end() {
     let origin = transfer_origin().await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", origin)], vec![])).await;
     conn.registered(1).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
@@ -163,7 +163,7 @@ async fn websocket_frames_flow_both_ways() {
         }
     });
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("ws", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("ws", origin)], vec![])).await;
     conn.registered(1).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();

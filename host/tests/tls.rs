@@ -32,7 +32,7 @@ async fn https_listener_speaks_http1_and_http2() {
         c.https = Some(sluice::config::HttpsConfig { listen: loopback(), identity: public_for_edge });
     })
     .await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
     conn.registered(1).await;
     let https = edge.https.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -111,7 +111,7 @@ async fn tls_origins_are_verified_by_default() {
         vec![trusted, untrusted, danger],
         vec![rule(None, Some("^/trusted"), "trusted"), rule(None, Some("^/danger"), "danger"), rule(None, None, "untrusted")],
     );
-    let conn = start_connector(cfg);
+    let conn = start_connector(cfg).await;
     conn.registered(1).await;
 
     let reply = get(edge.http, "app.test", "/trusted").await;

@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn request_reaches_origin_with_forwarding_headers() {
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "s3cret", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "s3cret", vec![http_origin("web", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "s3cret", vec![http_origin("web", origin)], vec![])).await;
     conn.registered(2).await;
 
     let reply = get(edge.http, "App.Test:8080", "/hello?x=1").await;
@@ -46,7 +46,7 @@ async fn unknown_host_is_404_and_offline_tunnel_is_502() {
 async fn client_cannot_forge_request_id_or_forwarded_for() {
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
     conn.registered(1).await;
     let req = Request::get("/")
         .header("host", "app.test")
@@ -70,7 +70,7 @@ async fn client_cannot_forge_request_id_or_forwarded_for() {
 async fn trusted_front_proxy_keeps_forwarded_for() {
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| c.trust_forwarded_for = true).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
     conn.registered(1).await;
     let req = Request::get("/")
         .header("host", "app.test")
@@ -86,7 +86,7 @@ async fn trusted_front_proxy_keeps_forwarded_for() {
 async fn hop_by_hop_headers_are_stripped() {
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
     conn.registered(1).await;
     let req = Request::get("/")
         .header("host", "app.test")
@@ -114,8 +114,8 @@ async fn tunnels_are_isolated_whatever_the_client_sends() {
         |_| {},
     )
     .await;
-    let ca = start_connector(connector_config(&edge, "ta", "token-a", vec![http_origin("a", origin_a)], vec![]));
-    let cb = start_connector(connector_config(&edge, "tb", "token-b", vec![http_origin("b", origin_b)], vec![]));
+    let ca = start_connector(connector_config(&edge, "ta", "token-a", vec![http_origin("a", origin_a)], vec![])).await;
+    let cb = start_connector(connector_config(&edge, "tb", "token-b", vec![http_origin("b", origin_b)], vec![])).await;
     ca.registered(2).await;
     cb.registered(2).await;
 
@@ -145,7 +145,7 @@ async fn tunnels_are_isolated_whatever_the_client_sends() {
 async fn wrong_or_missing_token_is_rejected_without_logging_it() {
     let (logs, _guard) = capture_logs();
     let edge = start_edge(vec![tunnel("app", "right-token-123", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "wrong-token-456", vec![http_origin("x", loopback())], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "wrong-token-456", vec![http_origin("x", loopback())], vec![])).await;
     logs.wait_for("registration refused").await;
     logs.wait_for("the edge refused the registration").await;
     assert_eq!(conn.state.registered(), 0);
@@ -182,7 +182,7 @@ async fn ingress_rules_match_normalised_paths_and_wildcards() {
             rule(None, None, "web"),
         ],
     );
-    let conn = start_connector(cfg);
+    let conn = start_connector(cfg).await;
     conn.registered(1).await;
 
     let reply = get(edge.http, "app.test", "/%61pi/./v1/../users?q=%2e%2e").await;
@@ -210,7 +210,7 @@ async fn host_header_override_and_builtin_origins() {
     );
     let mut cfg = cfg;
     cfg.origins.push(sluice::config::OriginConfig::new("hello", sluice::config::OriginTarget::Hello));
-    let conn = start_connector(cfg);
+    let conn = start_connector(cfg).await;
     conn.registered(1).await;
 
     let reply = get(edge.http, "app.test", "/").await;
@@ -254,7 +254,7 @@ async fn origin_refused_is_502_and_timeout_is_504() {
         vec![http_origin("down", closed), slow],
         vec![rule(None, Some("^/slow"), "slow"), rule(None, None, "down")],
     );
-    let conn = start_connector(cfg);
+    let conn = start_connector(cfg).await;
     conn.registered(1).await;
 
     let reply = get(edge.http, "app.test", "/").await;
@@ -289,7 +289,7 @@ async fn client_abort_cancels_the_origin_request() {
         let _ = closed_tx.send(());
     });
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", origin)], vec![]));
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", origin)], vec![])).await;
     conn.registered(1).await;
 
     let mut client = tokio::net::TcpStream::connect(edge.http).await.unwrap();
@@ -328,8 +328,8 @@ async fn head_size_limit_and_header_read_timeout() {
 async fn requests_fail_over_to_the_remaining_connector() {
     let (a, b) = (echo_origin("a").await, echo_origin("b").await);
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let ca = start_connector(connector_config(&edge, "app", "t", vec![http_origin("a", a)], vec![]));
-    let cb = start_connector(connector_config(&edge, "app", "t", vec![http_origin("b", b)], vec![]));
+    let ca = start_connector(connector_config(&edge, "app", "t", vec![http_origin("a", a)], vec![])).await;
+    let cb = start_connector(connector_config(&edge, "app", "t", vec![http_origin("b", b)], vec![])).await;
     ca.registered(2).await;
     cb.registered(2).await;
     // Idle connections share the load.
@@ -364,7 +364,7 @@ async fn connector_redials_until_the_edge_appears() {
     cfg.backoff.initial = Duration::from_millis(50);
     cfg.backoff.max = Duration::from_millis(400);
     cfg.ha_connections = 1;
-    let conn = start_connector(cfg);
+    let conn = start_connector(cfg).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(conn.state.registered(), 0);
 
@@ -417,14 +417,14 @@ async fn connector_refuses_an_edge_it_cannot_verify() {
     // No CA for the edge's self-signed certificate: only the system roots.
     let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("x", loopback())], vec![]);
     cfg.edge_ca.clear();
-    let conn = start_connector(cfg);
+    let conn = start_connector(cfg).await;
     logs.wait_for("connection to the edge failed").await;
     assert!(logs.text().contains("UnknownIssuer") || logs.text().contains("certificate"), "{}", logs.text());
     assert_eq!(conn.state.registered(), 0);
     // And a CA that is trusted but a name that does not match.
     let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("x", loopback())], vec![]);
     cfg.edge_server_name = Some("edge.example.com".into());
-    let wrong_name = start_connector(cfg);
+    let wrong_name = start_connector(cfg).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(wrong_name.state.registered(), 0);
     assert_eq!(get(edge.http, "app.test", "/").await.status, 502);

@@ -23,6 +23,29 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+/// Labels of plugin failure counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginErrorLabels {
+    /// Plugin name.
+    pub plugin: String,
+    /// `trap`, `timeout`, `memory`, `invalid-decision`, `instantiate`, `audit-overflow`.
+    pub kind: &'static str,
+}
+
+/// Labels of the plugin hook-duration histogram.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginHookLabels {
+    /// Plugin name.
+    pub plugin: String,
+    /// `on-request`, `on-response` or `on-complete`.
+    pub hook: &'static str,
+}
+
+fn hook_histogram() -> Histogram {
+    // 1 µs … ~0.5 s.
+    Histogram::new(exponential_buckets(0.000_001, 2.0, 20))
+}
+
 /// Every metric of a role. Cheap to share: each field is an `Arc` inside.
 #[derive(Debug)]
 pub struct Metrics {
@@ -40,6 +63,12 @@ pub struct Metrics {
     pub origin_errors: Family<KindLabels, Counter>,
     /// Requests refused by admission control, by kind.
     pub rejected: Family<KindLabels, Counter>,
+    /// Plugin failures, by plugin and kind.
+    pub plugin_errors: Family<PluginErrorLabels, Counter>,
+    /// Plugin hook durations, by plugin and hook.
+    pub plugin_hook_duration: Family<PluginHookLabels, Histogram, fn() -> Histogram>,
+    /// Audit events written.
+    pub audit_events: Counter,
     registry: Registry,
 }
 
@@ -61,7 +90,26 @@ impl Metrics {
         registry.register("registration_failures", "Failed registrations, by kind", registration_failures.clone());
         registry.register("origin_errors", "Origin failures, by kind", origin_errors.clone());
         registry.register("rejected_requests", "Requests refused by admission control", rejected.clone());
-        Metrics { requests, duration, in_flight, registered, registration_failures, origin_errors, rejected, registry }
+        let plugin_errors = Family::<PluginErrorLabels, Counter>::default();
+        let plugin_hook_duration =
+            Family::<PluginHookLabels, Histogram, fn() -> Histogram>::new_with_constructor(hook_histogram as fn() -> Histogram);
+        let audit_events = Counter::default();
+        registry.register("plugin_errors", "Plugin failures, by plugin and kind", plugin_errors.clone());
+        registry.register("plugin_hook_duration_seconds", "Plugin hook call duration", plugin_hook_duration.clone());
+        registry.register("audit_events", "Audit events written to the sinks", audit_events.clone());
+        Metrics {
+            requests,
+            duration,
+            in_flight,
+            registered,
+            registration_failures,
+            origin_errors,
+            rejected,
+            plugin_errors,
+            plugin_hook_duration,
+            audit_events,
+            registry,
+        }
     }
 
     /// Counts one answered request.

@@ -8,7 +8,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{read_certs, ConfigError, Duration, HostPattern, Source};
+use super::{read_certs, AuditConfig, ConfigError, Duration, HostPattern, PluginConfig, Source};
 use crate::secret::Secret;
 
 /// Default number of connections to each edge.
@@ -51,6 +51,12 @@ pub struct ConnectorConfig {
     pub admin_listen: Option<std::net::SocketAddr>,
     /// One info line per request on the `sluice::access` target.
     pub access_log: bool,
+    /// Plugins by name, in file order.
+    pub plugins: Vec<PluginConfig>,
+    /// Chain run for every request, before the rule's own chain.
+    pub global_plugins: Vec<String>,
+    /// Audit sinks.
+    pub audit: AuditConfig,
 }
 
 /// Default `max-concurrent-requests` of the connector.
@@ -171,6 +177,8 @@ pub struct IngressRuleConfig {
     pub path: Option<regex::Regex>,
     /// Origin name.
     pub origin: String,
+    /// Plugin chain of this rule (after the global chain).
+    pub plugins: Vec<String>,
 }
 
 impl ConnectorConfig {
@@ -185,12 +193,15 @@ impl ConnectorConfig {
             edge_ca: Vec::new(),
             edge_server_name: None,
             origins: vec![OriginConfig::new("hello", OriginTarget::Hello)],
-            ingress: vec![IngressRuleConfig { hostname: None, path: None, origin: "hello".into() }],
+            ingress: vec![IngressRuleConfig { hostname: None, path: None, origin: "hello".into(), plugins: Vec::new() }],
             backoff: BackoffConfig::default(),
             grace_period: DEFAULT_GRACE_PERIOD,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT,
             admin_listen: None,
             access_log: true,
+            plugins: Vec::new(),
+            global_plugins: Vec::new(),
+            audit: AuditConfig::default(),
         }
     }
 
@@ -260,6 +271,33 @@ impl ConnectorConfig {
             origins.push(cfg);
         }
 
+        let mut plugins = Vec::new();
+        let mut plugin_names: HashMap<String, usize> = HashMap::new();
+        for (i, entry) in file.plugin.iter().enumerate() {
+            let at = Some(entry.span().start);
+            let p = entry.get_ref();
+            let cfg = p
+                .validate(|path| src.resolve(path))
+                .map_err(|(field, m)| src.error(at, format!("plugin[{i}].{field}"), m))?;
+            if let Some(prev) = plugin_names.insert(cfg.name.clone(), i) {
+                return Err(src.error(at, format!("plugin[{i}].name"), format!("duplicate plugin name {:?} (also plugin[{prev}])", cfg.name)));
+            }
+            plugins.push(cfg);
+        }
+        for (j, p) in file.plugins.iter().enumerate() {
+            if !plugin_names.contains_key(p) {
+                return Err(src.error(None, format!("plugins[{j}]"), format!("unknown plugin {p:?}: define it in a [[plugin]] entry")));
+            }
+        }
+        let audit = match &file.audit {
+            Some(a) => AuditConfig {
+                stdout: a.stdout,
+                file: a.file.as_ref().map(|f| src.resolve(f)),
+                queue: a.queue.unwrap_or(super::plugin::DEFAULT_AUDIT_QUEUE).max(1),
+            },
+            None => AuditConfig::default(),
+        };
+
         if file.ingress.is_empty() {
             return Err(src.error(None, "ingress", "at least one [[ingress]] rule is required, the last one matching everything"));
         }
@@ -309,7 +347,21 @@ impl ConnectorConfig {
                     }
                 }
             }
-            ingress.push(IngressRuleConfig { hostname: r.hostname.clone(), path, origin: r.origin.clone() });
+            for (j, p) in r.plugins.iter().enumerate() {
+                if !plugin_names.contains_key(p) {
+                    return Err(src.error(
+                        at,
+                        format!("{key}.plugins[{j}]"),
+                        format!("unknown plugin {p:?}: define it in a [[plugin]] entry"),
+                    ));
+                }
+            }
+            ingress.push(IngressRuleConfig {
+                hostname: r.hostname.clone(),
+                path,
+                origin: r.origin.clone(),
+                plugins: r.plugins.clone(),
+            });
         }
 
         Ok(ConnectorConfig {
@@ -327,6 +379,9 @@ impl ConnectorConfig {
             max_concurrent_requests: file.max_concurrent_requests.unwrap_or(DEFAULT_MAX_CONCURRENT),
             admin_listen: file.admin.map(|a| a.listen),
             access_log: file.access_log.unwrap_or(true),
+            plugins,
+            global_plugins: file.plugins,
+            audit,
         })
     }
 }
@@ -370,6 +425,11 @@ struct ConnectorFile {
     max_concurrent_requests: Option<usize>,
     access_log: Option<bool>,
     admin: Option<super::AdminFile>,
+    #[serde(default)]
+    plugins: Vec<String>,
+    audit: Option<super::plugin::AuditFile>,
+    #[serde(default)]
+    plugin: Vec<Spanned<super::plugin::PluginFile>>,
     #[serde(default)]
     origin: Vec<Spanned<OriginFile>>,
     #[serde(default)]
@@ -421,4 +481,6 @@ struct IngressFile {
     hostname: Option<HostPattern>,
     path: Option<String>,
     origin: String,
+    #[serde(default)]
+    plugins: Vec<String>,
 }

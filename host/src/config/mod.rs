@@ -6,6 +6,7 @@
 
 mod connector;
 mod edge;
+pub mod plugin;
 mod tunnel;
 mod types;
 
@@ -20,6 +21,7 @@ pub use connector::{
     OriginConfig, OriginTarget, DEFAULT_HA_CONNECTIONS,
 };
 pub use edge::{EdgeConfig, HttpsConfig, TunnelConfig};
+pub use plugin::{AuditConfig, Grants, Isolation, OnError, PluginConfig};
 pub use tunnel::{new_tunnel, NewTunnel};
 pub use types::{normalize_host, ByteSize, Duration, HostPattern};
 

@@ -1,6 +1,7 @@
 //! The connector: dials every edge, keeps `ha-connections` registered connections to each,
 //! and serves the request streams the edges open through the [`pipeline::Pipeline`].
 
+pub mod chain;
 pub mod pipeline;
 mod session;
 
@@ -16,7 +17,8 @@ use tracing::{info, warn, Instrument};
 use crate::admin::{Admin, Metrics};
 use crate::config::ConnectorConfig;
 use crate::tls;
-use pipeline::Pipeline;
+use crate::audit::Audit;
+use pipeline::{Pipeline, PluginEnv};
 
 /// Why the connector could not start.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,12 @@ pub enum ConnectorError {
     /// A TLS configuration (edge or origin) was unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// Origins, plugins or the Wasm runtime could not be set up.
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::PipelineError),
+    /// The audit sinks could not be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// A socket (QUIC or admin) could not be bound.
     #[error("failed to bind a socket: {0}")]
     Bind(std::io::Error),
@@ -56,6 +64,7 @@ impl ConnectorState {
 pub struct Connector {
     config: Arc<ConnectorConfig>,
     pipeline: Arc<ArcSwap<Pipeline>>,
+    env: Arc<PluginEnv>,
     client: quinn::ClientConfig,
     state: Arc<ConnectorState>,
     metrics: Arc<Metrics>,
@@ -67,14 +76,16 @@ pub struct Connector {
 pub struct ConnectorReloader {
     running: Arc<ConnectorConfig>,
     pipeline: Arc<ArcSwap<Pipeline>>,
+    env: Arc<PluginEnv>,
 }
 
 impl ConnectorReloader {
-    /// Swaps ingress rules, origins and the access-log switch atomically: requests in flight
-    /// finish on the set they started with. On error nothing changes. Tunnel, token, edges,
-    /// connections and listeners need a restart; a change to them is logged and ignored.
-    pub fn reload(&self, config: &ConnectorConfig) -> Result<(), ConnectorError> {
-        let pipeline = Pipeline::new(config)?;
+    /// Swaps ingress rules, origins, plugins and the access-log switch atomically: requests
+    /// in flight finish on the set they started with. On error (a plugin that fails to load or
+    /// to `init`, say) nothing changes. Tunnel, token, edges, connections, listeners and the
+    /// audit sinks need a restart; a change to them is logged and ignored.
+    pub async fn reload(&self, config: &ConnectorConfig) -> Result<(), ConnectorError> {
+        let pipeline = Pipeline::new(config, &self.env).await?;
         let old = &self.running;
         if old.tunnel != config.tunnel
             || old.token != config.token
@@ -86,15 +97,24 @@ impl ConnectorReloader {
             warn!("tunnel, token, edges, ha-connections, max-concurrent-requests and admin changes take effect after a restart");
         }
         self.pipeline.store(Arc::new(pipeline));
-        info!(origins = config.origins.len(), ingress_rules = config.ingress.len(), "reloaded ingress and origins");
+        info!(
+            origins = config.origins.len(),
+            ingress_rules = config.ingress.len(),
+            plugins = config.plugins.len(),
+            "reloaded ingress, origins and plugins"
+        );
         Ok(())
     }
 }
 
 impl Connector {
-    /// Prepares TLS for the edges and every origin, and binds the admin listener.
-    pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
-        let pipeline = Arc::new(ArcSwap::from_pointee(Pipeline::new(&config)?));
+    /// Prepares TLS for the edges and every origin, loads the plugins (running their `init`),
+    /// opens the audit sinks and binds the admin listener.
+    pub async fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
+        let metrics = Arc::new(Metrics::new("sluice_connector"));
+        let audit = Audit::start(&config.audit, metrics.clone()).await?;
+        let env = Arc::new(PluginEnv::new(audit, metrics.clone()));
+        let pipeline = Arc::new(ArcSwap::from_pointee(Pipeline::new(&config, &env).await?));
         let client = tls::quic_client(&config.edge_ca)?;
         let (registered, _) = watch::channel(0);
         let admin = match config.admin_listen {
@@ -110,7 +130,8 @@ impl Connector {
             pipeline,
             client,
             state: Arc::new(ConnectorState { registered }),
-            metrics: Arc::new(Metrics::new("sluice_connector")),
+            metrics,
+            env,
             admin,
         })
     }
@@ -122,7 +143,7 @@ impl Connector {
 
     /// A handle to reload ingress and origins while the connector runs.
     pub fn reloader(&self) -> ConnectorReloader {
-        ConnectorReloader { running: self.config.clone(), pipeline: self.pipeline.clone() }
+        ConnectorReloader { running: self.config.clone(), pipeline: self.pipeline.clone(), env: self.env.clone() }
     }
 
     /// Observable state (registered connections).
@@ -176,6 +197,7 @@ impl Connector {
             Ok(()) => info!("all in-flight requests finished"),
             Err(_) => warn!(abandoned = streams.len(), "grace period ran out; closing with requests still in flight"),
         }
+        self.env.audit().flush().await;
         endpoint.close(crate::proto::code::CLOSE_NORMAL, b"connector shutting down");
         sessions.close();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;

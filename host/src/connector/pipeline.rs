@@ -9,8 +9,12 @@
 //!        └─▶ body streamed ─▶ FIN (or reset on failure) ─▶ [on-complete hooks]
 //! ```
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
 use http::{Method, Request, StatusCode};
@@ -27,17 +31,78 @@ use crate::ingress::{normalize_target, Ingress};
 use crate::origin::{OriginError, Origins};
 use crate::proto::{self, io::read_frame, io::write_frame, RequestHead, ResponseHead, ResponseSource};
 use crate::relay::{self, PumpError};
+use super::chain::{AuditContext, ChainRun, Chains, Refused};
+use crate::audit::Audit;
+use crate::plugin::bindings::sluice::plugin::types::Completion;
+use crate::plugin::{LoadError, Plugin, RequestView, Runtime};
 use crate::tls::TlsError;
 
 /// How long the edge has to send a request head once it opened a stream.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Ingress rules and origins: everything a request needs, swapped as a whole on reload.
+/// Ingress rules, origins and plugin chains: everything a request needs, swapped as a whole
+/// on reload.
 #[derive(Debug)]
 pub struct Pipeline {
     ingress: Ingress,
     origins: Origins,
+    chains: Chains,
+    audit_context: AuditContext,
     access_log: bool,
+}
+
+/// Why a pipeline could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// An origin's TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A plugin could not be loaded.
+    #[error(transparent)]
+    Plugin(#[from] LoadError),
+    /// The WebAssembly runtime could not be set up.
+    #[error(transparent)]
+    Runtime(#[from] crate::plugin::RuntimeError),
+    /// A plugin asks for more memory than the running engine was set up for.
+    #[error("plugin {0:?} asks for more memory than the running connector allows; restart to apply")]
+    Memory(String),
+}
+
+/// What pipelines share across reloads: the Wasm engine (created with the first plugin),
+/// the audit writer and the metrics.
+#[derive(Debug)]
+pub struct PluginEnv {
+    runtime: std::sync::Mutex<Option<(Arc<Runtime>, usize)>>,
+    audit: Audit,
+    metrics: Arc<Metrics>,
+}
+
+impl PluginEnv {
+    /// An environment writing audit events to `audit`.
+    pub fn new(audit: Audit, metrics: Arc<Metrics>) -> Self {
+        PluginEnv { runtime: std::sync::Mutex::new(None), audit, metrics }
+    }
+
+    /// The audit writer.
+    pub fn audit(&self) -> &Audit {
+        &self.audit
+    }
+
+    fn runtime(&self, config: &ConnectorConfig) -> Result<Arc<Runtime>, PipelineError> {
+        let needed = config.plugins.iter().map(|p| p.memory).max().unwrap_or(0);
+        let mut guard = self.runtime.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((rt, max)) = guard.as_ref() {
+            if let Some(p) = config.plugins.iter().find(|p| p.memory > *max) {
+                return Err(PipelineError::Memory(p.name.clone()));
+            }
+            return Ok(rt.clone());
+        }
+        // Room for the largest plugin now, and for reloads that raise limits up to 64 MiB.
+        let max = needed.max(64 << 20);
+        let rt = Runtime::new(max)?;
+        *guard = Some((rt.clone(), max));
+        Ok(rt)
+    }
 }
 
 /// What happened to one request, for the access log (and the on-complete hook).
@@ -51,11 +116,22 @@ struct Outcome {
 }
 
 impl Pipeline {
-    /// Builds origins and ingress from a validated config.
-    pub fn new(config: &ConnectorConfig) -> Result<Self, TlsError> {
+    /// Builds origins, ingress and plugin chains from a validated config; loads every plugin
+    /// and runs its `init`.
+    pub async fn new(config: &ConnectorConfig, env: &PluginEnv) -> Result<Self, PipelineError> {
+        let mut loaded = HashMap::new();
+        if !config.plugins.is_empty() {
+            let runtime = env.runtime(config)?;
+            for p in &config.plugins {
+                let plugin = Plugin::load(runtime.clone(), p.clone(), env.metrics.clone()).await?;
+                loaded.insert(p.name.clone(), Arc::new(plugin));
+            }
+        }
         Ok(Pipeline {
             ingress: Ingress::new(config.ingress.clone()),
             origins: Origins::new(&config.origins)?,
+            chains: Chains::new(config, loaded),
+            audit_context: AuditContext { audit: env.audit.clone(), tunnel: config.tunnel.clone() },
             access_log: config.access_log,
         })
     }
@@ -92,7 +168,9 @@ impl Pipeline {
     async fn serve(&self, head: RequestHead, mut send: quinn::SendStream, recv: quinn::RecvStream, metrics: &Metrics) {
         let start = Instant::now();
         let host = normalize_host(&head.authority);
-        let outcome = match self.proxy(&head, &host, &mut send, recv).await {
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let mut run = None;
+        let outcome = match self.proxy(&head, &host, &mut send, recv, &bytes_in, &mut run).await {
             Ok(o) => o,
             Err(Failure::Answer { status, message, origin, kind, origin_failure }) => {
                 if origin_failure {
@@ -114,9 +192,19 @@ impl Pipeline {
             }
         };
 
-        // ── Hook point: on-complete. Audit plugins see the outcome here, after the answer
-        //    was sent, off the client's critical path.
+        // On-complete: after the answer was sent, off the client's critical path.
         let elapsed = start.elapsed();
+        if let Some(chain) = run.filter(|c| !c.is_empty()) {
+            let info = Completion {
+                status: outcome.status,
+                origin: (outcome.source == ResponseSource::Origin).then(|| outcome.origin.clone()),
+                duration_us: elapsed.as_micros() as u64,
+                bytes_in: bytes_in.load(Ordering::Relaxed),
+                bytes_out: outcome.bytes_out,
+                error: outcome.error.clone(),
+            };
+            chain.on_complete(info).await;
+        }
         metrics.observe(outcome.status, elapsed);
         if !self.access_log {
             return;
@@ -137,14 +225,16 @@ impl Pipeline {
         );
     }
 
-    async fn proxy(
-        &self,
+    async fn proxy<'a>(
+        &'a self,
         head: &RequestHead,
         host: &str,
         send: &mut quinn::SendStream,
         recv: quinn::RecvStream,
+        bytes_in: &Arc<AtomicU64>,
+        run: &mut Option<ChainRun<'a>>,
     ) -> Result<Outcome, Failure> {
-        let (path, target) = normalize_target(&head.path).map_err(|e| Failure::bad_request(e.to_string()))?;
+        let (path, mut target) = normalize_target(&head.path).map_err(|e| Failure::bad_request(e.to_string()))?;
         let Some(m) = self.ingress.find(host, &path) else {
             // Validation guarantees a catch-all; answer sensibly anyway.
             return Err(Failure::Answer {
@@ -155,10 +245,45 @@ impl Pipeline {
                 origin_failure: false,
             });
         };
+        let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| Failure::bad_request("invalid method".into()))?;
+        let (mut headers, invalid) = from_wire(&head.headers);
+        if invalid > 0 {
+            debug!(invalid, "dropped invalid request headers");
+        }
+        strip_hop_by_hop(&mut headers);
+        headers.remove(HOST);
+        let mut origin_name = m.rule.origin.clone();
 
-        // ── Hook point: on-request. The rule's plugin chain runs here, in order: it may edit
-        //    headers, rewrite `target`, choose another configured origin, or answer locally.
-        let origin_name = m.rule.origin.clone();
+        // On-request: the rule's plugin chain (global chain first) may edit headers, rewrite
+        // the path, choose another configured origin, or answer locally.
+        let view = RequestView {
+            method: head.method.clone(),
+            scheme: head.scheme.clone(),
+            authority: head.authority.clone(),
+            path: target.clone(),
+            headers: headers.iter().map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())).collect(),
+            request_id: head.request_id.clone(),
+            hostname: host.to_string(),
+            ingress_rule: m.index as u32,
+            client_addr: head.client_addr.clone(),
+        };
+        let chain = run.insert(self.chains.start(m.index, view, self.audit_context.clone()));
+        if !chain.is_empty() {
+            let edits = chain
+                .on_request(&mut headers, |name| self.origins.get(name).is_some())
+                .await
+                .map_err(Failure::plugin)?;
+            if let Some((status, resp_headers, body, plugin)) = edits.respond {
+                return answer_local(send, status, resp_headers, body, plugin).await;
+            }
+            if let Some(t) = edits.target {
+                target = t;
+            }
+            if let Some(o) = edits.origin {
+                origin_name = o;
+            }
+        }
+
         let Some(origin) = self.origins.get(&origin_name) else {
             return Err(Failure::Answer {
                 status: StatusCode::BAD_GATEWAY,
@@ -169,13 +294,6 @@ impl Pipeline {
             });
         };
 
-        let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| Failure::bad_request("invalid method".into()))?;
-        let (mut headers, invalid) = from_wire(&head.headers);
-        if invalid > 0 {
-            debug!(invalid, "dropped invalid request headers");
-        }
-        strip_hop_by_hop(&mut headers);
-        headers.remove(HOST);
         let host_value = origin.config().host_header.clone().unwrap_or_else(|| head.authority.clone());
         let host_header = HeaderValue::from_str(&host_value).map_err(|_| Failure::bad_request("invalid host".into()))?;
         headers.insert(HOST, host_header);
@@ -198,7 +316,7 @@ impl Pipeline {
                 (relay::empty(), Some(recv))
             }
             None if head.empty_body => (relay::empty(), None),
-            None => (relay::recv_body(recv), None),
+            None => (relay::recv_body_counted(recv, bytes_in.clone()), None),
         };
         let mut req = Request::new(body);
         *req.method_mut() = method;
@@ -220,12 +338,15 @@ impl Pipeline {
             }
         };
 
-        // ── Hook point: on-response. The chain runs in reverse on status and headers here.
+        // On-response: the chain in reverse, on the response head.
         let status = resp.status();
         let on_upgrade = (status == StatusCode::SWITCHING_PROTOCOLS && upgrade_recv.is_some())
             .then(|| hyper::upgrade::on(&mut resp));
         let mut resp_headers = resp.headers().clone();
         strip_hop_by_hop(&mut resp_headers);
+        if let Some(chain) = run.as_mut().filter(|c| !c.is_empty()) {
+            chain.on_response(status, &mut resp_headers).await.map_err(Failure::plugin)?;
+        }
         if on_upgrade.is_some() {
             if let Some(p) = &head.upgrade {
                 if let Ok(v) = HeaderValue::from_str(p) {
@@ -250,7 +371,10 @@ impl Pipeline {
             match on_upgrade.await {
                 Ok(upgraded) => {
                     match relay::splice(TokioIo::new(upgraded), &mut *send, recv).await {
-                        Ok((_, down)) => outcome.bytes_out = down,
+                        Ok((up, down)) => {
+                            bytes_in.fetch_add(up, Ordering::Relaxed);
+                            outcome.bytes_out = down;
+                        }
                         Err(e) => {
                             let _ = send.reset(proto::code::STREAM_ORIGIN_FAILED);
                             outcome.error = Some(format!("upgraded connection failed: {e}"));
@@ -288,6 +412,31 @@ impl Pipeline {
     }
 }
 
+/// Sends a plugin's local response.
+async fn answer_local(
+    send: &mut quinn::SendStream,
+    status: StatusCode,
+    mut headers: http::HeaderMap,
+    body: Bytes,
+    plugin: String,
+) -> Result<Outcome, Failure> {
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let head = ResponseHead { status: status.as_u16(), headers: to_wire(&headers), source: ResponseSource::Plugin };
+    if write_frame(send, &head).await.is_err() || send.write_chunk(body.clone()).await.is_err() {
+        let _ = send.reset(proto::code::STREAM_CANCELLED);
+        return Err(Failure::Cancelled { origin: String::new() });
+    }
+    let _ = send.finish();
+    debug!(%plugin, status = status.as_u16(), "a plugin answered locally");
+    Ok(Outcome {
+        status: status.as_u16(),
+        origin: String::new(),
+        source: ResponseSource::Plugin,
+        bytes_out: body.len() as u64,
+        error: None,
+    })
+}
+
 /// How a request ended without an origin response to relay.
 enum Failure {
     /// Answer the edge with an error produced by the connector.
@@ -299,6 +448,23 @@ enum Failure {
 impl Failure {
     fn bad_request(message: String) -> Self {
         Failure::Answer { status: StatusCode::BAD_REQUEST, message, origin: String::new(), kind: "bad-request", origin_failure: false }
+    }
+
+    /// A fail-closed plugin failure: a 502 that names no plugin internals.
+    fn plugin(refused: Refused) -> Self {
+        Failure::Answer {
+            status: StatusCode::BAD_GATEWAY,
+            message: "the request could not be processed".into(),
+            origin: String::new(),
+            kind: match refused.error.kind() {
+                "trap" => "plugin-trap",
+                "timeout" => "plugin-timeout",
+                "memory" => "plugin-memory",
+                "invalid-decision" => "plugin-invalid-decision",
+                _ => "plugin-instantiate",
+            },
+            origin_failure: false,
+        }
     }
 
     fn origin(e: OriginError, origin: String) -> Self {

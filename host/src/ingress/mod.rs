@@ -133,6 +133,7 @@ mod tests {
             hostname: host.map(|h| HostPattern::try_from(h).unwrap()),
             path: path.map(|p| regex::Regex::new(p).unwrap()),
             origin: origin.into(),
+            plugins: Vec::new(),
         }
     }
 

@@ -200,8 +200,8 @@ pub fn connector_config(
     cfg
 }
 
-pub fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
-    let connector = Connector::new(cfg).unwrap();
+pub async fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
+    let connector = Connector::new(cfg).await.unwrap();
     let state = connector.state();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -216,6 +216,7 @@ pub fn rule(host: Option<&str>, path: Option<&str>, origin: &str) -> IngressRule
         hostname: host.map(|h| HostPattern::try_from(h).unwrap()),
         path: path.map(|p| regex::Regex::new(p).unwrap()),
         origin: origin.into(),
+        plugins: Vec::new(),
     }
 }
 

@@ -1,0 +1,182 @@
+//! `[[plugin]]` entries of the connector's file, the plugin chains and the `[audit]` table.
+
+use std::path::PathBuf;
+use std::time::Duration as StdDuration;
+
+use serde::Deserialize;
+
+use super::{ByteSize, Duration};
+
+/// Default hook deadline.
+pub const DEFAULT_TIMEOUT: StdDuration = StdDuration::from_millis(10);
+/// Default memory limit per instance.
+pub const DEFAULT_MEMORY: usize = 32 << 20;
+/// Default calls before an instance is recycled.
+pub const DEFAULT_MAX_CALLS: u64 = 10_000;
+/// Largest memory limit a plugin may ask for.
+pub const MAX_MEMORY: usize = 1 << 30;
+/// Default bound of the audit queue.
+pub const DEFAULT_AUDIT_QUEUE: usize = 1024;
+
+/// A validated plugin entry.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    /// Name used in chains, logs and metrics.
+    pub name: String,
+    /// The component file (`.wasm`).
+    pub path: PathBuf,
+    /// The plugin's `config` table, as JSON, passed to `init`.
+    pub config_json: Vec<u8>,
+    /// What happens to a request when the plugin fails.
+    pub on_error: OnError,
+    /// Deadline of each hook call.
+    pub timeout: StdDuration,
+    /// Linear memory limit per instance, bytes.
+    pub memory: usize,
+    /// Instance reuse.
+    pub isolation: Isolation,
+    /// Calls before a reused instance is replaced by a fresh one.
+    pub max_calls: u64,
+    /// Capabilities granted beyond the defaults.
+    pub grants: Grants,
+}
+
+impl PluginConfig {
+    /// A plugin with the defaults.
+    pub fn new(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        PluginConfig {
+            name: name.into(),
+            path: path.into(),
+            config_json: b"{}".to_vec(),
+            on_error: OnError::FailClosed,
+            timeout: DEFAULT_TIMEOUT,
+            memory: DEFAULT_MEMORY,
+            isolation: Isolation::Reuse,
+            max_calls: DEFAULT_MAX_CALLS,
+            grants: Grants::default(),
+        }
+    }
+}
+
+/// Failure policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// The client gets a 502 (the default).
+    FailClosed,
+    /// The plugin is skipped and the request goes on.
+    FailOpen,
+}
+
+/// Instance reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// Instances serve many calls, one at a time (the default).
+    Reuse,
+    /// A fresh instance for every request.
+    PerRequest,
+}
+
+/// Capabilities an operator can grant a plugin.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Grants {
+    /// `client-addr`: the request view shows the client's address.
+    pub client_addr: bool,
+    /// `credentials`: the request view shows `authorization`, `proxy-authorization` and
+    /// `cookie` (hidden otherwise).
+    pub credentials: bool,
+}
+
+/// The `[audit]` table.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Write events to standard output.
+    pub stdout: bool,
+    /// Append events to this file.
+    pub file: Option<PathBuf>,
+    /// Events queued before emitters wait.
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { stdout: false, file: None, queue: DEFAULT_AUDIT_QUEUE }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct PluginFile {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub config: Option<toml::Table>,
+    pub on_error: Option<OnError>,
+    pub timeout: Option<Duration>,
+    pub memory: Option<ByteSize>,
+    pub isolation: Option<Isolation>,
+    pub max_calls: Option<u64>,
+    #[serde(default)]
+    pub grants: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(super) struct AuditFile {
+    #[serde(default)]
+    pub stdout: bool,
+    pub file: Option<PathBuf>,
+    pub queue: Option<usize>,
+}
+
+impl PluginFile {
+    /// Validates one entry; errors are (key suffix, message).
+    pub fn validate(&self, resolve: impl Fn(&std::path::Path) -> PathBuf) -> Result<PluginConfig, (String, String)> {
+        let valid_name = !self.name.is_empty()
+            && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid_name {
+            return Err(("name".into(), format!("invalid plugin name {:?}: use letters, digits, '-' and '_'", self.name)));
+        }
+        let config_json = match &self.config {
+            Some(table) => serde_json::to_vec(table).map_err(|e| ("config".into(), format!("cannot encode as JSON: {e}")))?,
+            None => b"{}".to_vec(),
+        };
+        let memory = self.memory.map_or(DEFAULT_MEMORY, |m| m.0 as usize);
+        if !(64 * 1024..=MAX_MEMORY).contains(&memory) {
+            return Err(("memory".into(), "must be between 64KiB and 1GiB".into()));
+        }
+        let timeout = self.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
+        if timeout.is_zero() || timeout > StdDuration::from_secs(10) {
+            return Err(("timeout".into(), "must be between 1ms and 10s".into()));
+        }
+        let max_calls = self.max_calls.unwrap_or(DEFAULT_MAX_CALLS);
+        if max_calls == 0 {
+            return Err(("max-calls".into(), "must be at least 1".into()));
+        }
+        let mut grants = Grants::default();
+        for (i, g) in self.grants.iter().enumerate() {
+            match g.as_str() {
+                "client-addr" => grants.client_addr = true,
+                "credentials" => grants.credentials = true,
+                other => {
+                    return Err((
+                        format!("grants[{i}]"),
+                        format!("unknown grant {other:?}: sluice can grant \"client-addr\" and \"credentials\""),
+                    ))
+                }
+            }
+        }
+        Ok(PluginConfig {
+            name: self.name.clone(),
+            path: resolve(&self.path),
+            config_json,
+            on_error: self.on_error.unwrap_or(OnError::FailClosed),
+            timeout,
+            memory,
+            isolation: self.isolation.unwrap_or(Isolation::Reuse),
+            max_calls,
+            grants,
+        })
+    }
+}

@@ -1,0 +1,251 @@
+//! Plugin chains: which plugins run for a request, in which order, and what their decisions
+//! do to it. The pipeline calls the three phases; this module applies the rules of
+//! `wit/plugin.wit` (chain order, first local response wins, later plugins see earlier edits,
+//! response chain in reverse, failure policies).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use tracing::warn;
+
+use crate::audit::{Audit, AuditEvent};
+use crate::config::{ConnectorConfig, OnError};
+use crate::plugin::bindings::sluice::plugin::types::{Completion, RequestDecision, Response};
+use crate::plugin::{decision, Plugin, PluginError, RawEvent, RequestView, Slot};
+
+/// Headers hidden from plugins without the `credentials` grant.
+const CREDENTIALS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
+
+/// Every plugin of a configuration and the chain of each ingress rule.
+#[derive(Debug, Default)]
+pub struct Chains {
+    plugins: Vec<Arc<Plugin>>,
+    /// Per ingress rule: indices into `plugins`, global chain first.
+    by_rule: Vec<Vec<usize>>,
+}
+
+impl Chains {
+    /// Builds the chains of `config` from loaded plugins (by name).
+    pub fn new(config: &ConnectorConfig, loaded: HashMap<String, Arc<Plugin>>) -> Chains {
+        let mut plugins = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for p in &config.plugins {
+            if let Some(plugin) = loaded.get(&p.name) {
+                index.insert(p.name.clone(), plugins.len());
+                plugins.push(plugin.clone());
+            }
+        }
+        let global: Vec<usize> = config.global_plugins.iter().filter_map(|n| index.get(n).copied()).collect();
+        let by_rule = config
+            .ingress
+            .iter()
+            .map(|rule| {
+                let mut chain = global.clone();
+                chain.extend(rule.plugins.iter().filter_map(|n| index.get(n).copied()));
+                chain
+            })
+            .collect();
+        Chains { plugins, by_rule }
+    }
+
+    /// Starts the chain of ingress rule `rule` for one request.
+    pub fn start(&self, rule: usize, view: RequestView, context: AuditContext) -> ChainRun<'_> {
+        let chain = self.by_rule.get(rule).cloned().unwrap_or_default();
+        let held = chain.iter().map(|_| None).collect();
+        ChainRun { chains: self, chain, held, view, context }
+    }
+}
+
+/// What the host adds to every audit event of a request.
+#[derive(Debug, Clone)]
+pub struct AuditContext {
+    /// Where events go.
+    pub audit: Audit,
+    /// Tunnel id.
+    pub tunnel: String,
+}
+
+/// A failure the `fail-closed` policy turns into a 502.
+#[derive(Debug)]
+pub struct Refused {
+    /// The plugin that failed (for logs only: the client never sees it).
+    pub plugin: String,
+    /// What went wrong.
+    pub error: PluginError,
+}
+
+/// The outcome of the request phase.
+#[derive(Debug, Default)]
+pub struct RequestEdits {
+    /// New path and query, if a plugin rewrote it.
+    pub target: Option<String>,
+    /// Origin chosen by a plugin.
+    pub origin: Option<String>,
+    /// A local response, if a plugin answered.
+    pub respond: Option<(StatusCode, HeaderMap, Bytes, String)>,
+}
+
+/// One request's trip through its chain.
+pub struct ChainRun<'a> {
+    chains: &'a Chains,
+    chain: Vec<usize>,
+    /// Instances held for the request (per-request isolation), by chain position.
+    held: Vec<Option<Slot>>,
+    view: RequestView,
+    context: AuditContext,
+}
+
+impl ChainRun<'_> {
+    /// Whether any plugin runs for this request.
+    pub fn is_empty(&self) -> bool {
+        self.chain.is_empty()
+    }
+
+    /// Runs `on-request` in chain order. Edits are applied to `headers` as they come, so later
+    /// plugins see them; the first local response ends the chain. `origin_exists` tells
+    /// whether an origin name is configured.
+    pub async fn on_request(
+        &mut self,
+        headers: &mut HeaderMap,
+        origin_exists: impl Fn(&str) -> bool,
+    ) -> Result<RequestEdits, Refused> {
+        let mut edits = RequestEdits::default();
+        for pos in 0..self.chain.len() {
+            let plugin = self.chains.plugins[self.chain[pos]].clone();
+            if !plugin.exports().0 {
+                continue;
+            }
+            let view = self.view_for(&plugin);
+            let called = plugin.on_request(&mut self.held[pos], &view).await;
+            emit(&self.context, &self.view, plugin.name(), called.events).await;
+            let result = called.result.and_then(|d| self.apply(&plugin, d, headers, &origin_exists, &mut edits));
+            match result {
+                Ok(true) => return Ok(edits),
+                Ok(false) => {}
+                Err(error) => self.failed(&plugin, error)?,
+            }
+        }
+        Ok(edits)
+    }
+
+    /// Validates and applies one decision; `Ok(true)` when it answered locally.
+    fn apply(
+        &mut self,
+        plugin: &Plugin,
+        d: RequestDecision,
+        headers: &mut HeaderMap,
+        origin_exists: &impl Fn(&str) -> bool,
+        edits: &mut RequestEdits,
+    ) -> Result<bool, PluginError> {
+        let invalid = |e: String| {
+            let err = PluginError::InvalidDecision(e);
+            plugin.count_error(&err);
+            err
+        };
+        let target = d.path.as_deref().map(decision::check_path).transpose().map_err(invalid)?;
+        if let Some(origin) = &d.origin {
+            if !origin_exists(origin) {
+                return Err(invalid(format!("origin {origin:?} is not configured")));
+            }
+        }
+        let local = d.respond.as_ref().map(decision::local_response).transpose().map_err(invalid)?;
+        // Header edits last: all-or-nothing, and only once the rest is known to be valid.
+        decision::apply_edits(headers, &d.headers).map_err(invalid)?;
+        if let Some(t) = target {
+            self.view.path = t.clone();
+            edits.target = Some(t);
+        }
+        if let Some(o) = d.origin {
+            edits.origin = Some(o);
+        }
+        self.view.headers = headers.iter().map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())).collect();
+        if let Some((status, h, body)) = local {
+            edits.respond = Some((status, h, body, plugin.name().to_string()));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Runs `on-response` in reverse chain order on the response head.
+    pub async fn on_response(&mut self, status: StatusCode, headers: &mut HeaderMap) -> Result<(), Refused> {
+        for pos in (0..self.chain.len()).rev() {
+            let plugin = self.chains.plugins[self.chain[pos]].clone();
+            if !plugin.exports().1 {
+                continue;
+            }
+            let view = self.view_for(&plugin);
+            let resp = Response { status: status.as_u16(), headers: decision::to_wit(headers) };
+            let called = plugin.on_response(&mut self.held[pos], &view, resp).await;
+            emit(&self.context, &self.view, plugin.name(), called.events).await;
+            let result = called.result.and_then(|d| {
+                decision::apply_edits(headers, &d.headers).map_err(|e| {
+                    let err = PluginError::InvalidDecision(e);
+                    plugin.count_error(&err);
+                    err
+                })
+            });
+            if let Err(error) = result {
+                self.failed(&plugin, error)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `on-complete` in chain order, after the answer was sent. Failures are logged and
+    /// counted; there is nothing left to refuse.
+    pub async fn on_complete(mut self, info: Completion) {
+        for pos in 0..self.chain.len() {
+            let plugin = self.chains.plugins[self.chain[pos]].clone();
+            if !plugin.exports().2 {
+                continue;
+            }
+            let view = self.view_for(&plugin);
+            let called = plugin.on_complete(&mut self.held[pos], &view, info.clone()).await;
+            emit(&self.context, &self.view, plugin.name(), called.events).await;
+            if let Err(error) = called.result {
+                warn!(plugin = plugin.name(), kind = error.kind(), %error, "plugin failed in on-complete");
+            }
+        }
+    }
+
+    /// Logs a failure and applies the plugin's policy: `Err` to refuse the request
+    /// (fail-closed), `Ok` to skip the plugin (fail-open).
+    fn failed(&self, plugin: &Plugin, error: PluginError) -> Result<(), Refused> {
+        let policy = plugin.on_error();
+        warn!(
+            plugin = plugin.name(),
+            kind = error.kind(),
+            %error,
+            policy = if policy == OnError::FailClosed { "fail-closed" } else { "fail-open" },
+            "plugin failed"
+        );
+        match policy {
+            OnError::FailClosed => Err(Refused { plugin: plugin.name().to_string(), error }),
+            OnError::FailOpen => Ok(()),
+        }
+    }
+
+    /// The view as `plugin` may see it: the client address and credentials only if granted.
+    fn view_for(&self, plugin: &Plugin) -> RequestView {
+        let grants = plugin.config().grants;
+        let mut view = self.view.clone();
+        if !grants.client_addr {
+            view.client_addr = None;
+        }
+        if !grants.credentials {
+            view.headers.retain(|(n, _)| !CREDENTIALS.contains(&n.as_str()));
+        }
+        view
+    }
+}
+
+/// Stamps a plugin's events with the request's context and queues them (waiting if the
+/// audit queue is full). A free function: the chain run itself is not `Sync`.
+async fn emit(context: &AuditContext, view: &RequestView, plugin: &str, events: Vec<RawEvent>) {
+    for e in events {
+        let event = AuditEvent::new(plugin, &view.request_id, &context.tunnel, &view.hostname, e.kind, e.attributes);
+        context.audit.emit(event).await;
+    }
+}

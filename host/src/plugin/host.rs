@@ -1,0 +1,305 @@
+//! What the host gives a plugin instance: its store data, the request view resource, the log
+//! and audit imports, guest stdio captured into the log, and the memory limiter.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_io::streams::{OutputStream, StreamError};
+
+use super::bindings::sluice::plugin::{audit, log, types};
+
+/// Longest log message or audit value kept from a plugin; longer ones are cut.
+const MAX_TEXT: usize = 4096;
+/// Audit events one hook call may emit; more are dropped and counted.
+pub const MAX_EVENTS_PER_CALL: usize = 256;
+
+/// The read-only request view a hook sees (the `request` resource).
+#[derive(Debug, Clone, Default)]
+pub struct RequestView {
+    /// Method.
+    pub method: String,
+    /// `http` or `https`.
+    pub scheme: String,
+    /// Authority as the client sent it.
+    pub authority: String,
+    /// Normalised path and query.
+    pub path: String,
+    /// Headers, lowercase names, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Request id.
+    pub request_id: String,
+    /// Tunnel hostname (lowercase, no port).
+    pub hostname: String,
+    /// Index of the matched ingress rule.
+    pub ingress_rule: u32,
+    /// Client address, present only when granted.
+    pub client_addr: Option<String>,
+}
+
+/// An audit event as emitted by a plugin (the host adds its context later).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEvent {
+    /// Event kind.
+    pub kind: String,
+    /// Attributes, in order.
+    pub attributes: Vec<(String, String)>,
+}
+
+/// Per-store state.
+pub struct StoreData {
+    pub(super) plugin: Arc<str>,
+    pub(super) wasi: WasiCtx,
+    pub(super) table: ResourceTable,
+    pub(super) limiter: Limiter,
+    /// Audit events emitted during the current call.
+    pub(super) events: Vec<RawEvent>,
+    /// Events dropped during the current call (over [`MAX_EVENTS_PER_CALL`]).
+    pub(super) dropped_events: usize,
+}
+
+impl StoreData {
+    /// Fresh state for one instance of `plugin` with a memory limit in bytes.
+    pub fn new(plugin: Arc<str>, memory_limit: usize) -> Self {
+        let mut wasi = WasiCtx::builder();
+        // No arguments, no environment, stdin closed; stdout/stderr go to the log.
+        wasi.stdout(LogStream::new(plugin.clone(), "stdout"));
+        wasi.stderr(LogStream::new(plugin.clone(), "stderr"));
+        StoreData {
+            plugin,
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter { limit: memory_limit, denied: false },
+            events: Vec::new(),
+            dropped_events: 0,
+        }
+    }
+}
+
+impl WasiView for StoreData {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Caps linear memory and remembers whether the cap was hit (to classify the trap).
+pub struct Limiter {
+    limit: usize,
+    pub(super) denied: bool,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.limit {
+            self.denied = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+fn clip(mut s: String) -> String {
+    if s.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}
+
+impl types::Host for StoreData {}
+
+impl types::HostRequest for StoreData {
+    fn method(&mut self, req: Resource<RequestView>) -> String {
+        self.view(&req).method.clone()
+    }
+
+    fn scheme(&mut self, req: Resource<RequestView>) -> String {
+        self.view(&req).scheme.clone()
+    }
+
+    fn authority(&mut self, req: Resource<RequestView>) -> String {
+        self.view(&req).authority.clone()
+    }
+
+    fn path(&mut self, req: Resource<RequestView>) -> String {
+        self.view(&req).path.clone()
+    }
+
+    fn header(&mut self, req: Resource<RequestView>, name: String) -> Vec<Vec<u8>> {
+        let name = name.to_ascii_lowercase();
+        self.view(&req).headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v.clone()).collect()
+    }
+
+    fn headers(&mut self, req: Resource<RequestView>) -> Vec<types::Header> {
+        self.view(&req)
+            .headers
+            .iter()
+            .map(|(name, value)| types::Header { name: name.clone(), value: value.clone() })
+            .collect()
+    }
+
+    fn request_id(&mut self, req: Resource<RequestView>) -> String {
+        self.view(&req).request_id.clone()
+    }
+
+    fn hostname(&mut self, req: Resource<RequestView>) -> String {
+        self.view(&req).hostname.clone()
+    }
+
+    fn ingress_rule(&mut self, req: Resource<RequestView>) -> u32 {
+        self.view(&req).ingress_rule
+    }
+
+    fn client_addr(&mut self, req: Resource<RequestView>) -> Option<String> {
+        self.view(&req).client_addr.clone()
+    }
+
+    fn drop(&mut self, req: Resource<RequestView>) -> wasmtime::Result<()> {
+        self.table.delete(req)?;
+        Ok(())
+    }
+}
+
+impl StoreData {
+    /// The view behind a handle. The host only hands out live handles and removes them after
+    /// the call, so a missing entry means the guest forged one: it sees an empty view.
+    fn view(&self, req: &Resource<RequestView>) -> &RequestView {
+        static EMPTY: std::sync::OnceLock<RequestView> = std::sync::OnceLock::new();
+        self.table.get(req).unwrap_or_else(|_| EMPTY.get_or_init(RequestView::default))
+    }
+}
+
+impl log::Host for StoreData {
+    fn log(&mut self, level: log::Level, message: String) {
+        let message = clip(message);
+        let plugin = &*self.plugin;
+        match level {
+            log::Level::Trace => tracing::trace!(plugin, "{message}"),
+            log::Level::Debug => tracing::debug!(plugin, "{message}"),
+            log::Level::Info => tracing::info!(plugin, "{message}"),
+            log::Level::Warn => tracing::warn!(plugin, "{message}"),
+            log::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl audit::Host for StoreData {
+    fn emit(&mut self, kind: String, attributes: Vec<audit::Attribute>) {
+        if self.events.len() >= MAX_EVENTS_PER_CALL {
+            self.dropped_events += 1;
+            return;
+        }
+        self.events.push(RawEvent {
+            kind: clip(kind),
+            attributes: attributes.into_iter().map(|a| (clip(a.key), clip(a.value))).collect(),
+        });
+    }
+}
+
+/// Guest stdout or stderr: complete lines go to the connector's log under the plugin's name.
+#[derive(Clone)]
+struct LogStream {
+    plugin: Arc<str>,
+    stream: &'static str,
+    pending: Arc<Mutex<Vec<u8>>>,
+}
+
+impl LogStream {
+    fn new(plugin: Arc<str>, stream: &'static str) -> Self {
+        LogStream { plugin, stream, pending: Arc::default() }
+    }
+
+    fn emit(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\r', '\n']);
+        tracing::info!(plugin = &*self.plugin, stream = self.stream, "{}", clip(text.to_string()));
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.extend_from_slice(bytes);
+        while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=i).collect();
+            self.emit(&line);
+        }
+        if pending.len() > MAX_TEXT {
+            let line: Vec<u8> = std::mem::take(&mut *pending);
+            self.emit(&line);
+        }
+    }
+
+    fn flush_partial(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if !pending.is_empty() {
+            let line: Vec<u8> = std::mem::take(&mut *pending);
+            self.emit(&line);
+        }
+    }
+}
+
+impl wasmtime_wasi::cli::IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for LogStream {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl wasmtime_wasi_io::poll::Pollable for LogStream {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for LogStream {
+    fn write(&mut self, bytes: Bytes) -> Result<(), StreamError> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StreamError> {
+        self.flush_partial();
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> Result<usize, StreamError> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for LogStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.push(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.flush_partial();
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        self.flush_partial();
+        std::task::Poll::Ready(Ok(()))
+    }
+}

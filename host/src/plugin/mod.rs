@@ -1,0 +1,413 @@
+//! WebAssembly plugins on the connector's request path.
+//!
+//! A plugin is a component of the `sluice:plugin` world (`wit/plugin.wit`), compiled once at
+//! load into an `InstancePre`. Instances come from the engine's pooling allocator (copy-on-write
+//! memory images), are reused one call at a time and recycled after a trap or `max-calls`
+//! calls; `isolation = "per-request"` gives every request a fresh instance. Each hook call has
+//! an epoch deadline and each instance a memory limit; a trap, an overrun or an invalid
+//! decision is a [`PluginError`], never a crash: the caller applies the plugin's `on-error`
+//! policy.
+
+pub mod bindings;
+pub mod decision;
+pub mod host;
+pub mod runtime;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, Instance, InstancePre, Resource};
+use wasmtime::Store;
+
+use bindings::exports::sluice::plugin::{init, on_complete, on_request, on_response};
+use bindings::sluice::plugin::types::{Completion, RequestDecision, Response, ResponseDecision};
+pub use host::{RawEvent, RequestView};
+use host::StoreData;
+pub use runtime::{Runtime, RuntimeError};
+
+use crate::admin::metrics::{Metrics, PluginErrorLabels, PluginHookLabels};
+use crate::config::{Isolation, OnError, PluginConfig};
+
+/// Idle instances kept per plugin for reuse.
+const MAX_IDLE: usize = 64;
+
+/// Why a plugin could not be loaded. Every message names the plugin.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read or is not a component.
+    #[error("plugin {plugin:?}: cannot load {path}: {reason}")]
+    Component {
+        /// Plugin name.
+        plugin: String,
+        /// Its file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The component imports something the host does not grant.
+    #[error("plugin {plugin:?} imports {import}, which sluice does not provide to plugins (no filesystem, sockets or outbound HTTP)")]
+    ForbiddenImport {
+        /// Plugin name.
+        plugin: String,
+        /// The import it wanted.
+        import: String,
+    },
+    /// The component does not match the `sluice:plugin` world.
+    #[error("plugin {plugin:?} does not match the sluice:plugin world: {reason}")]
+    World {
+        /// Plugin name.
+        plugin: String,
+        /// The linker's explanation.
+        reason: String,
+    },
+    /// `init` refused the plugin's configuration.
+    #[error("plugin {plugin:?} rejected its configuration: {message:?}")]
+    Init {
+        /// Plugin name.
+        plugin: String,
+        /// The plugin's message.
+        message: String,
+    },
+    /// The first instance could not be created or initialised.
+    #[error("plugin {plugin:?} failed to start: {reason}")]
+    Start {
+        /// Plugin name.
+        plugin: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// How a hook call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    /// The guest trapped (panic, unreachable, …).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The call ran past its deadline.
+    #[error("ran past its {0:?} deadline")]
+    Timeout(Duration),
+    /// The instance hit its memory limit.
+    #[error("ran out of memory (limit {0} bytes)")]
+    Memory(usize),
+    /// The decision broke a rule of the host.
+    #[error("returned an invalid decision: {0}")]
+    InvalidDecision(String),
+    /// A fresh instance could not be created or its `init` failed.
+    #[error("could not start an instance: {0}")]
+    Instantiate(String),
+}
+
+impl PluginError {
+    /// Stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Trap(_) => "trap",
+            PluginError::Timeout(_) => "timeout",
+            PluginError::Memory(_) => "memory",
+            PluginError::InvalidDecision(_) => "invalid-decision",
+            PluginError::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+/// The hooks a component exports (looked up once, at load).
+struct HookIndices {
+    init: Option<init::GuestIndices>,
+    on_request: Option<on_request::GuestIndices>,
+    on_response: Option<on_response::GuestIndices>,
+    on_complete: Option<on_complete::GuestIndices>,
+}
+
+/// One instance and its store.
+pub struct Slot {
+    store: Store<StoreData>,
+    on_request: Option<on_request::Guest>,
+    on_response: Option<on_response::Guest>,
+    on_complete: Option<on_complete::Guest>,
+    calls: u64,
+}
+
+/// A loaded plugin: its compiled component and its pool of idle instances.
+pub struct Plugin {
+    config: PluginConfig,
+    name: Arc<str>,
+    runtime: Arc<Runtime>,
+    pre: InstancePre<StoreData>,
+    hooks: HookIndices,
+    idle: Mutex<Vec<Slot>>,
+    ticks: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.name).finish()
+    }
+}
+
+/// The result of one hook call, with the audit events it emitted.
+#[derive(Debug)]
+pub struct Called<T> {
+    /// The hook's result.
+    pub result: Result<T, PluginError>,
+    /// Audit events emitted during the call.
+    pub events: Vec<RawEvent>,
+}
+
+impl Plugin {
+    /// Compiles, checks and links the component, then starts one instance and runs `init`
+    /// with the plugin's configuration.
+    pub async fn load(runtime: Arc<Runtime>, config: PluginConfig, metrics: Arc<Metrics>) -> Result<Plugin, LoadError> {
+        let plugin = config.name.clone();
+        let component = Component::from_file(&runtime.engine, &config.path).map_err(|e| LoadError::Component {
+            plugin: plugin.clone(),
+            path: config.path.display().to_string(),
+            reason: format!("{e:#}"),
+        })?;
+        let ty = component.component_type();
+        for (import, _) in ty.imports(&runtime.engine) {
+            let bare = import.split('@').next().unwrap_or(import);
+            if !runtime::ALLOWED_IMPORTS.contains(&bare) {
+                return Err(LoadError::ForbiddenImport { plugin, import: import.to_string() });
+            }
+        }
+        let pre = runtime
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::World { plugin: plugin.clone(), reason: format!("{e:#}") })?;
+        let hooks = HookIndices {
+            init: init::GuestIndices::new(&pre).ok(),
+            on_request: on_request::GuestIndices::new(&pre).ok(),
+            on_response: on_response::GuestIndices::new(&pre).ok(),
+            on_complete: on_complete::GuestIndices::new(&pre).ok(),
+        };
+        let ticks = Runtime::ticks(config.timeout);
+        let plugin = Plugin {
+            name: Arc::from(config.name.as_str()),
+            config,
+            runtime,
+            pre,
+            hooks,
+            idle: Mutex::new(Vec::new()),
+            ticks,
+            metrics,
+        };
+        // Start one instance now: a bad configuration is refused at load, not on a request.
+        let slot = plugin.instantiate().await.map_err(|e| match e {
+            PluginError::InvalidDecision(message) => LoadError::Init { plugin: plugin.config.name.clone(), message },
+            other => LoadError::Start { plugin: plugin.config.name.clone(), reason: other.to_string() },
+        })?;
+        if plugin.config.isolation == Isolation::Reuse {
+            plugin.idle.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
+        }
+        Ok(plugin)
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The failure policy.
+    pub fn on_error(&self) -> OnError {
+        self.config.on_error
+    }
+
+    /// The plugin's configuration.
+    pub fn config(&self) -> &PluginConfig {
+        &self.config
+    }
+
+    /// Whether the component exports `on-request`, `on-response`, `on-complete`.
+    pub fn exports(&self) -> (bool, bool, bool) {
+        (self.hooks.on_request.is_some(), self.hooks.on_response.is_some(), self.hooks.on_complete.is_some())
+    }
+
+    /// Calls `on-request`. `held` carries the request's own instance under per-request
+    /// isolation (and stays `None` under reuse).
+    pub async fn on_request(&self, held: &mut Option<Slot>, view: &RequestView) -> Called<RequestDecision> {
+        self.call(held, "on-request", view, |slot, req| {
+            Box::pin(async move {
+                let guest = slot.on_request.as_ref().expect("checked by caller");
+                guest.call_on_request(&mut slot.store, req).await
+            })
+        })
+        .await
+    }
+
+    /// Calls `on-response`.
+    pub async fn on_response(&self, held: &mut Option<Slot>, view: &RequestView, resp: Response) -> Called<ResponseDecision> {
+        self.call(held, "on-response", view, move |slot, req| {
+            Box::pin(async move {
+                let guest = slot.on_response.as_ref().expect("checked by caller");
+                guest.call_on_response(&mut slot.store, req, &resp).await
+            })
+        })
+        .await
+    }
+
+    /// Calls `on-complete`.
+    pub async fn on_complete(&self, held: &mut Option<Slot>, view: &RequestView, info: Completion) -> Called<()> {
+        self.call(held, "on-complete", view, move |slot, req| {
+            Box::pin(async move {
+                let guest = slot.on_complete.as_ref().expect("checked by caller");
+                guest.call_on_complete(&mut slot.store, req, &info).await
+            })
+        })
+        .await
+    }
+
+    /// Runs one hook on an instance: takes one (held, idle or new), exposes the request view
+    /// for the call, enforces the deadline, collects audit events, classifies failures and
+    /// returns or drops the instance.
+    async fn call<T, F>(&self, held: &mut Option<Slot>, hook: &'static str, view: &RequestView, f: F) -> Called<T>
+    where
+        F: for<'a> FnOnce(
+            &'a mut Slot,
+            Resource<RequestView>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<T>> + Send + 'a>>,
+    {
+        let start = Instant::now();
+        let mut slot = match self.acquire(held).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.count_error(&e);
+                return Called { result: Err(e), events: Vec::new() };
+            }
+        };
+        let outcome = match slot.store.data_mut().table.push(view.clone()) {
+            Ok(own) => {
+                let borrow = Resource::new_borrow(own.rep());
+                slot.store.set_epoch_deadline(self.ticks);
+                let r = f(&mut slot, borrow).await;
+                let _ = slot.store.data_mut().table.delete(own);
+                r
+            }
+            Err(e) => Err(e.into()),
+        };
+        let data = slot.store.data_mut();
+        let events = std::mem::take(&mut data.events);
+        let dropped = std::mem::take(&mut data.dropped_events);
+        if dropped > 0 {
+            tracing::warn!(plugin = &*self.name, dropped, "plugin emitted more than {} audit events in one call; the rest were dropped", host::MAX_EVENTS_PER_CALL);
+            self.metrics
+                .plugin_errors
+                .get_or_create(&PluginErrorLabels { plugin: self.name.to_string(), kind: "audit-overflow" })
+                .inc_by(dropped as u64);
+        }
+        let result = match outcome {
+            Ok(v) => {
+                slot.calls += 1;
+                self.release(held, slot);
+                Ok(v)
+            }
+            Err(e) => {
+                let err = self.classify(&e, slot.store.data());
+                // A failed instance is never reused.
+                drop(slot);
+                Err(err)
+            }
+        };
+        self.metrics
+            .plugin_hook_duration
+            .get_or_create(&PluginHookLabels { plugin: self.name.to_string(), hook })
+            .observe(start.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.count_error(e);
+        }
+        Called { result, events }
+    }
+
+    /// Counts a failure in `/metrics`.
+    pub fn count_error(&self, e: &PluginError) {
+        self.metrics
+            .plugin_errors
+            .get_or_create(&PluginErrorLabels { plugin: self.name.to_string(), kind: e.kind() })
+            .inc();
+    }
+
+    async fn acquire(&self, held: &mut Option<Slot>) -> Result<Slot, PluginError> {
+        if let Some(slot) = held.take() {
+            return Ok(slot);
+        }
+        if self.config.isolation == Isolation::Reuse {
+            if let Some(slot) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+                return Ok(slot);
+            }
+        }
+        self.instantiate().await
+    }
+
+    fn release(&self, held: &mut Option<Slot>, slot: Slot) {
+        match self.config.isolation {
+            Isolation::PerRequest => *held = Some(slot),
+            Isolation::Reuse => {
+                if slot.calls < self.config.max_calls {
+                    let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                    if idle.len() < MAX_IDLE {
+                        idle.push(slot);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A fresh instance with `init` run. An `init` error comes back as `InvalidDecision`
+    /// carrying the plugin's message (the loader turns it into [`LoadError::Init`]).
+    async fn instantiate(&self) -> Result<Slot, PluginError> {
+        let data = StoreData::new(self.name.clone(), self.config.memory);
+        let mut store = Store::new(&self.runtime.engine, data);
+        store.limiter(|d| &mut d.limiter);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.ticks);
+        let instance: Instance = match self.pre.instantiate_async(&mut store).await {
+            Ok(i) => i,
+            Err(e) => return Err(PluginError::Instantiate(self.classify(&e, store.data()).to_string())),
+        };
+        let mut slot = Slot {
+            on_request: None,
+            on_response: None,
+            on_complete: None,
+            calls: 0,
+            store,
+        };
+        let loaded = (|| -> wasmtime::Result<()> {
+            if let Some(i) = &self.hooks.on_request {
+                slot.on_request = Some(i.load(&mut slot.store, &instance)?);
+            }
+            if let Some(i) = &self.hooks.on_response {
+                slot.on_response = Some(i.load(&mut slot.store, &instance)?);
+            }
+            if let Some(i) = &self.hooks.on_complete {
+                slot.on_complete = Some(i.load(&mut slot.store, &instance)?);
+            }
+            Ok(())
+        })();
+        loaded.map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+        if let Some(i) = &self.hooks.init {
+            let guest = i.load(&mut slot.store, &instance).map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+            slot.store.set_epoch_deadline(self.ticks.max(Runtime::ticks(Duration::from_secs(1))));
+            match guest.call_init(&mut slot.store, &self.config.config_json).await {
+                Ok(Ok(())) => {}
+                Ok(Err(message)) => return Err(PluginError::InvalidDecision(message)),
+                Err(e) => return Err(PluginError::Instantiate(self.classify(&e, slot.store.data()).to_string())),
+            }
+            // Events emitted during init have no request to belong to.
+            slot.store.data_mut().events.clear();
+        }
+        Ok(slot)
+    }
+
+    fn classify(&self, err: &wasmtime::Error, data: &StoreData) -> PluginError {
+        if data.limiter.denied {
+            return PluginError::Memory(self.config.memory);
+        }
+        if let Some(trap) = err.downcast_ref::<wasmtime::Trap>() {
+            if *trap == wasmtime::Trap::Interrupt {
+                return PluginError::Timeout(self.config.timeout);
+            }
+        }
+        PluginError::Trap(format!("{err:#}").lines().next().unwrap_or("trap").to_string())
+    }
+}

@@ -1,0 +1,167 @@
+//! The one wasmtime `Engine` of a connector: component model, pooling allocator with
+//! copy-on-write memory images, epoch interruption driven by a ticker thread, and a `Linker`
+//! holding exactly the imports a plugin may use.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::Plugin as PluginWorld;
+use super::host::StoreData;
+
+/// Period of the epoch ticker; hook deadlines are counted in these ticks.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// Component instances alive at once, all plugins together (idle pooled instances included).
+pub const MAX_INSTANCES: u32 = 1000;
+
+/// Imports a plugin may have, without their `@version`. Everything else (filesystem, sockets,
+/// outbound HTTP…) is refused at load time.
+pub const ALLOWED_IMPORTS: &[&str] = &[
+    "sluice:plugin/types",
+    "sluice:plugin/log",
+    "sluice:plugin/audit",
+    "wasi:cli/environment",
+    "wasi:cli/exit",
+    "wasi:cli/stdin",
+    "wasi:cli/stdout",
+    "wasi:cli/stderr",
+    "wasi:cli/terminal-input",
+    "wasi:cli/terminal-output",
+    "wasi:cli/terminal-stdin",
+    "wasi:cli/terminal-stdout",
+    "wasi:cli/terminal-stderr",
+    "wasi:io/error",
+    "wasi:io/poll",
+    "wasi:io/streams",
+    "wasi:clocks/wall-clock",
+    "wasi:clocks/monotonic-clock",
+    "wasi:random/random",
+    "wasi:random/insecure",
+    "wasi:random/insecure-seed",
+];
+
+/// Why the runtime could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("failed to set up the WebAssembly runtime: {0:#}")]
+pub struct RuntimeError(#[from] wasmtime::Error);
+
+/// Engine, linker and epoch ticker, shared by every plugin (and kept across reloads).
+pub struct Runtime {
+    pub(super) engine: Engine,
+    pub(super) linker: Linker<StoreData>,
+    _ticker: Ticker,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Runtime")
+    }
+}
+
+impl Runtime {
+    /// An engine whose pooled instances may each grow to `max_memory` bytes.
+    pub fn new(max_memory: usize) -> Result<Arc<Runtime>, RuntimeError> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(MAX_INSTANCES)
+            .total_core_instances(MAX_INSTANCES * 4)
+            .total_memories(MAX_INSTANCES)
+            .total_tables(MAX_INSTANCES * 4)
+            .total_stacks(MAX_INSTANCES)
+            .max_memory_size(max_memory);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .memory_init_cow(true)
+            // Plugin memories are small: reserve just enough address space for the largest
+            // allowed memory instead of the default 4 GiB per memory.
+            .memory_reservation(max_memory as u64)
+            .memory_guard_size(64 * 1024)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+
+        let mut linker: Linker<StoreData> = Linker::new(&engine);
+        PluginWorld::add_to_linker::<StoreData, HasSelf<StoreData>>(&mut linker, |s| s)?;
+        add_wasi(&mut linker)?;
+        let ticker = Ticker::start(engine.clone()).map_err(wasmtime::Error::from)?;
+        Ok(Arc::new(Runtime { _ticker: ticker, engine, linker }))
+    }
+
+    /// Epoch ticks for a deadline of `timeout` (at least two, so a tick right after the call
+    /// starts does not cut it short).
+    pub fn ticks(timeout: Duration) -> u64 {
+        (timeout.as_micros().div_ceil(TICK.as_micros()) as u64).max(1) + 1
+    }
+}
+
+/// The WASI interfaces Rust's standard library links into every wasm32-wasip2 component,
+/// provided empty: no arguments, no environment, stdin closed, stdout/stderr to the log;
+/// plus clocks and random. No filesystem, no sockets.
+fn add_wasi(l: &mut Linker<StoreData>) -> wasmtime::Result<()> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, random};
+    use wasmtime_wasi::random::{WasiRandom, WasiRandomView};
+    use wasmtime_wasi::WasiView;
+
+    clocks::wall_clock::add_to_linker::<StoreData, WasiClocks>(l, StoreData::clocks)?;
+    clocks::monotonic_clock::add_to_linker::<StoreData, WasiClocks>(l, StoreData::clocks)?;
+    random::random::add_to_linker::<StoreData, WasiRandom>(l, StoreData::random)?;
+    random::insecure::add_to_linker::<StoreData, WasiRandom>(l, StoreData::random)?;
+    random::insecure_seed::add_to_linker::<StoreData, WasiRandom>(l, StoreData::random)?;
+    cli::exit::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    cli::environment::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    cli::stdin::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    cli::stdout::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    cli::stderr::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    cli::terminal_input::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    cli::terminal_output::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    cli::terminal_stdin::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    cli::terminal_stdout::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    cli::terminal_stderr::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
+    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<StoreData, Io>(l, |t| t.ctx().table)?;
+    wasmtime_wasi_io::bindings::wasi::io::poll::add_to_linker::<StoreData, Io>(l, |t| t.ctx().table)?;
+    wasmtime_wasi_io::bindings::wasi::io::streams::add_to_linker::<StoreData, Io>(l, |t| t.ctx().table)?;
+    Ok(())
+}
+
+/// `HasData` for the `wasi:io` interfaces, which work on the resource table alone.
+struct Io;
+
+impl wasmtime::component::HasData for Io {
+    type Data<'a> = &'a mut wasmtime::component::ResourceTable;
+}
+
+/// Increments the engine's epoch every [`TICK`] on a thread of its own, so deadlines fire even
+/// while the async runtime's thread is busy running a plugin.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine) -> std::io::Result<Ticker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new().name("sluice-epoch".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                std::thread::sleep(TICK);
+                engine.increment_epoch();
+            }
+        })?;
+        Ok(Ticker { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
