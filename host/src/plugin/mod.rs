@@ -45,12 +45,12 @@ pub enum LoadError {
         reason: String,
     },
     /// The component imports something the host does not grant.
-    #[error("plugin {plugin:?} imports {import}, which sluice does not provide to plugins (no filesystem, sockets or outbound HTTP)")]
+    #[error("plugin {plugin:?} imports {}, which sluice does not provide to plugins (no filesystem, sockets or outbound HTTP)", .imports.join(", "))]
     ForbiddenImport {
         /// Plugin name.
         plugin: String,
-        /// The import it wanted.
-        import: String,
+        /// The imports it wanted and may not have.
+        imports: Vec<String>,
     },
     /// The component does not match the `sluice:plugin` world.
     #[error("plugin {plugin:?} does not match the sluice:plugin world: {reason}")]
@@ -166,11 +166,14 @@ impl Plugin {
             reason: format!("{e:#}"),
         })?;
         let ty = component.component_type();
-        for (import, _) in ty.imports(&runtime.engine) {
-            let bare = import.split('@').next().unwrap_or(import);
-            if !runtime::ALLOWED_IMPORTS.contains(&bare) {
-                return Err(LoadError::ForbiddenImport { plugin, import: import.to_string() });
-            }
+        let forbidden: Vec<String> = ty
+            .imports(&runtime.engine)
+            .map(|(import, _)| import)
+            .filter(|import| !runtime::ALLOWED_IMPORTS.contains(&import.split('@').next().unwrap_or(import)))
+            .map(str::to_string)
+            .collect();
+        if !forbidden.is_empty() {
+            return Err(LoadError::ForbiddenImport { plugin, imports: forbidden });
         }
         let pre = runtime
             .linker

@@ -327,3 +327,33 @@ pub fn raw_quic_client(edge: &EdgeHandle, alpn: &[u8]) -> quinn::Endpoint {
     ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
     ep
 }
+
+/// Path of a fixture plugin (`host/tests/fixtures/NAME`), built for wasm32-wasip2 on first
+/// use in this test binary (cargo makes it a no-op when nothing changed).
+pub fn fixture(name: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target_dir = root.join("target/wasm");
+    let built = BUILT.get_or_init(|| {
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.current_dir(&root)
+            .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
+            .arg(&target_dir);
+        for f in ["echo", "misbehave", "fs", "sockets"] {
+            cmd.args(["-p", &format!("fixture-{f}")]);
+        }
+        let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "building the fixture plugins failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    if let Err(e) = built {
+        panic!("{e}");
+    }
+    target_dir.join(format!("wasm32-wasip2/release/fixture_{name}.wasm"))
+}
