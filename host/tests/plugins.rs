@@ -15,6 +15,9 @@ use support::*;
 fn plugin(name: &str, fixture_name: &str, config: serde_json::Value) -> PluginConfig {
     let mut p = PluginConfig::new(name, fixture(fixture_name));
     p.config_json = serde_json::to_vec(&config).unwrap();
+    // Generous: this machine is shared and tests run in parallel; the deadline tests set
+    // their own.
+    p.timeout = Duration::from_secs(1);
     p
 }
 
@@ -277,6 +280,7 @@ async fn per_request_isolation_and_recycling_serve_every_request() {
     let (edge, conn) = tunnel_with(vec![fresh, recycled], &["fresh", "recycled"], |_| {}).await;
     for _ in 0..10 {
         let reply = get(edge.http, "app.test", "/").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
         assert_eq!(reply.echoed("x-chain").as_deref(), Some("fresh,recycled"));
     }
     conn.stop().await;
