@@ -168,7 +168,7 @@ async fn failing_plugins_follow_their_policy_and_never_take_the_process_down() {
     let (logs, _guard) = capture_logs();
     let mut closed = plugin("strict", "misbehave", serde_json::json!({}));
     closed.on_error = OnError::FailClosed;
-    closed.timeout = Duration::from_millis(20);
+    closed.timeout = Duration::from_millis(200);
     closed.memory = 8 << 20;
     let (edge, conn) = tunnel_with(vec![closed], &["strict"], |c| c.admin_listen = Some(loopback())).await;
 
@@ -205,7 +205,7 @@ async fn fail_open_skips_the_plugin() {
 #[tokio::test]
 async fn deadline_memory_and_errors_are_counted_in_metrics() {
     let mut p = plugin("strict", "misbehave", serde_json::json!({}));
-    p.timeout = Duration::from_millis(20);
+    p.timeout = Duration::from_millis(200);
     p.memory = 8 << 20;
     let mut conn_cfg_admin = None;
     let web = echo_origin("web").await;
