@@ -145,7 +145,8 @@ impl<'a> Source<'a> {
     /// Without an offset, a top-level key or table named `key` is looked up to place the error.
     pub fn error(&self, offset: Option<usize>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         let key = key.into();
-        let offset = offset.or_else(|| self.find_top_level(&key));
+        let top = key.split(['.', '[']).next().unwrap_or(&key);
+        let offset = offset.or_else(|| self.find_top_level(top));
         ConfigError {
             file: self.file.to_path_buf(),
             position: offset.map(|o| self.position(o)),
