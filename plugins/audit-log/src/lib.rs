@@ -1,0 +1,118 @@
+//! audit-log: one audit event per completed request, with the fields the operator chooses.
+
+use serde::Deserialize;
+use sluice_sdk::{audit, export_plugin, Completion, Plugin, Request};
+
+/// The plugin's configuration.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Event kind. Default `access`.
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Fields to include. Default: method, host, path, status, duration_ms, origin.
+    #[serde(default = "default_fields")]
+    pub fields: Vec<String>,
+    /// Request headers to include, as `header.<name>`.
+    #[serde(default)]
+    pub headers: Vec<String>,
+}
+
+fn default_kind() -> String {
+    "access".into()
+}
+
+fn default_fields() -> Vec<String> {
+    ["method", "host", "path", "status", "duration_ms", "origin"].iter().map(|s| s.to_string()).collect()
+}
+
+/// Fields the plugin knows.
+pub const FIELDS: &[&str] =
+    &["method", "host", "path", "status", "duration_ms", "origin", "client_ip", "bytes_in", "bytes_out", "error"];
+
+/// The plugin.
+#[derive(Debug)]
+pub struct AuditLog {
+    config: Config,
+}
+
+impl AuditLog {
+    /// The attributes of the event for a completed request.
+    pub fn attributes(&self, req: &Request, info: &Completion) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for field in &self.config.fields {
+            let value = match field.as_str() {
+                "method" => req.method.clone(),
+                "host" => req.hostname.clone(),
+                "path" => req.path.clone(),
+                "status" => info.status.to_string(),
+                "duration_ms" => format!("{:.3}", info.duration_us as f64 / 1000.0),
+                "origin" => info.origin.clone().unwrap_or_default(),
+                "client_ip" => req.client_ip().unwrap_or("unknown").to_string(),
+                "bytes_in" => info.bytes_in.to_string(),
+                "bytes_out" => info.bytes_out.to_string(),
+                "error" => info.error.clone().unwrap_or_default(),
+                _ => continue,
+            };
+            out.push((field.clone(), value));
+        }
+        for name in &self.config.headers {
+            if let Some(v) = req.header(name) {
+                out.push((format!("header.{name}"), v.to_string()));
+            }
+        }
+        out
+    }
+}
+
+impl Plugin for AuditLog {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        if let Some(bad) = config.fields.iter().find(|f| !FIELDS.contains(&f.as_str())) {
+            return Err(format!("unknown field {bad:?} (known: {})", FIELDS.join(", ")));
+        }
+        if config.kind.is_empty() {
+            return Err("kind must not be empty".into());
+        }
+        Ok(AuditLog { config })
+    }
+
+    fn on_complete(&self, req: &Request, info: &Completion) {
+        let attrs = self.attributes(req, info);
+        let borrowed: Vec<(&str, &str)> = attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        audit::emit(&self.config.kind, &borrowed);
+    }
+}
+
+export_plugin!(AuditLog);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_sdk::{load, testing};
+
+    #[test]
+    fn one_event_with_chosen_fields() {
+        testing::reset();
+        let p: AuditLog = load(br#"{"fields": ["method", "status", "origin", "duration_ms"], "headers": ["user-agent"]}"#).unwrap();
+        let req = Request::new("POST", "https://app.test/items").with_header("user-agent", "curl/8");
+        let info = Completion { status: 201, origin: Some("web".into()), duration_us: 1500, ..Default::default() };
+        p.on_complete(&req, &info);
+        let events = testing::events();
+        assert_eq!(events.len(), 1);
+        let e = &events[0];
+        assert_eq!(e.kind, "access");
+        assert_eq!(e.get("method"), Some("POST"));
+        assert_eq!(e.get("status"), Some("201"));
+        assert_eq!(e.get("origin"), Some("web"));
+        assert_eq!(e.get("duration_ms"), Some("1.500"));
+        assert_eq!(e.get("header.user-agent"), Some("curl/8"));
+        assert_eq!(e.get("path"), None);
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert!(load::<AuditLog>(br#"{"fields": ["colour"]}"#).unwrap_err().contains("unknown field \"colour\""));
+    }
+}

@@ -1,0 +1,157 @@
+//! header-rewrite: sets, appends and removes request and response headers, with the
+//! variables `{request_id}`, `{client_ip}` and `{host}` in values.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use sluice_sdk::{export_plugin, Plugin, Request, RequestDecision, Response, ResponseDecision};
+
+/// The plugin's configuration.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Edits to requests (towards the origin).
+    #[serde(default)]
+    pub request: Edits,
+    /// Edits to responses (towards the client).
+    #[serde(default)]
+    pub response: Edits,
+}
+
+/// One direction's edits, applied as: remove, then set, then append.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Edits {
+    /// Headers to set (replacing existing values).
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Values to append.
+    #[serde(default)]
+    pub append: BTreeMap<String, String>,
+    /// Headers to remove.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// The plugin.
+#[derive(Debug)]
+pub struct HeaderRewrite {
+    config: Config,
+}
+
+const VARIABLES: &[&str] = &["request_id", "client_ip", "host"];
+
+fn check(edits: &Edits, side: &str) -> Result<(), String> {
+    let names = edits.set.keys().chain(edits.append.keys()).chain(edits.remove.iter());
+    for name in names {
+        let valid = !name.is_empty()
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid {
+            return Err(format!("{side}: header name {name:?} must be lowercase letters, digits, '-' or '_'"));
+        }
+    }
+    for value in edits.set.values().chain(edits.append.values()) {
+        let mut rest = value.as_str();
+        while let Some(start) = rest.find('{') {
+            let end = rest[start..].find('}').ok_or_else(|| format!("{side}: unclosed '{{' in {value:?}"))?;
+            let var = &rest[start + 1..start + end];
+            if !VARIABLES.contains(&var) {
+                return Err(format!("{side}: unknown variable {{{var}}} in {value:?} (known: {{request_id}}, {{client_ip}}, {{host}})"));
+            }
+            rest = &rest[start + end + 1..];
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the variables in `template` for `req`.
+pub fn expand(template: &str, req: &Request) -> String {
+    template
+        .replace("{request_id}", &req.request_id)
+        .replace("{client_ip}", req.client_ip().unwrap_or("unknown"))
+        .replace("{host}", &req.hostname)
+}
+
+impl Plugin for HeaderRewrite {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        check(&config.request, "request")?;
+        check(&config.response, "response")?;
+        Ok(HeaderRewrite { config })
+    }
+
+    fn on_request(&self, req: &Request) -> RequestDecision {
+        let e = &self.config.request;
+        let mut d = RequestDecision::new();
+        for name in &e.remove {
+            d = d.remove_header(name);
+        }
+        for (name, value) in &e.set {
+            d = d.set_header(name, &expand(value, req));
+        }
+        for (name, value) in &e.append {
+            d = d.append_header(name, &expand(value, req));
+        }
+        d
+    }
+
+    fn on_response(&self, req: &Request, _resp: &Response) -> ResponseDecision {
+        let e = &self.config.response;
+        let mut d = ResponseDecision::new();
+        for name in &e.remove {
+            d = d.remove_header(name);
+        }
+        for (name, value) in &e.set {
+            d = d.set_header(name, &expand(value, req));
+        }
+        for (name, value) in &e.append {
+            d = d.append_header(name, &expand(value, req));
+        }
+        d
+    }
+}
+
+export_plugin!(HeaderRewrite);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_sdk::{load, HeaderEdit};
+
+    #[test]
+    fn edits_with_variables() {
+        let p: HeaderRewrite = load(
+            br#"{"request": {"set": {"x-id": "{request_id}@{host}", "x-ip": "{client_ip}"}, "append": {"via": "sluice"}, "remove": ["x-internal"]},
+                 "response": {"set": {"x-served-by": "sluice"}}}"#,
+        )
+        .unwrap();
+        let req = Request::new("GET", "https://App.test/x").with_client_addr("192.0.2.7:5000");
+        let d = p.on_request(&req);
+        assert_eq!(
+            d.headers,
+            vec![
+                HeaderEdit::Remove("x-internal".into()),
+                HeaderEdit::Set("x-id".into(), format!("{}@app.test", req.request_id).into_bytes()),
+                HeaderEdit::Set("x-ip".into(), b"192.0.2.7".to_vec()),
+                HeaderEdit::Append("via".into(), b"sluice".to_vec()),
+            ]
+        );
+        let r = p.on_response(&req, &Response::default());
+        assert_eq!(r.headers, vec![HeaderEdit::Set("x-served-by".into(), b"sluice".to_vec())]);
+    }
+
+    #[test]
+    fn client_ip_without_grant_is_unknown() {
+        let p: HeaderRewrite = load(br#"{"request": {"set": {"x-ip": "{client_ip}"}}}"#).unwrap();
+        let d = p.on_request(&Request::new("GET", "https://app.test/"));
+        assert_eq!(d.headers, vec![HeaderEdit::Set("x-ip".into(), b"unknown".to_vec())]);
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        assert!(load::<HeaderRewrite>(br#"{"request": {"set": {"X-Upper": "1"}}}"#).unwrap_err().contains("lowercase"));
+        assert!(load::<HeaderRewrite>(br#"{"request": {"set": {"x": "{nope}"}}}"#).unwrap_err().contains("unknown variable {nope}"));
+        assert!(load::<HeaderRewrite>(br#"{"requests": {}}"#).unwrap_err().contains("unknown field"));
+    }
+}

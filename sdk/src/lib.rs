@@ -1,0 +1,201 @@
+//! Write [sluice](https://github.com/sluice-tunnel/sluice) plugins in Rust.
+//!
+//! A plugin is a type implementing [`Plugin`]: it is built once per instance from its
+//! configuration, then asked for a decision at each hook. Every hook has a default that
+//! changes nothing, so a plugin implements only what it needs. [`export_plugin!`] turns the
+//! type into a WebAssembly component of the `sluice:plugin` world.
+//!
+//! # Quickstart
+//!
+//! ```no_run
+//! use serde::Deserialize;
+//! use sluice_sdk::{export_plugin, Plugin, Request, RequestDecision};
+//!
+//! #[derive(Deserialize)]
+//! struct Config {
+//!     greeting: String,
+//! }
+//!
+//! struct Greeter {
+//!     greeting: String,
+//! }
+//!
+//! impl Plugin for Greeter {
+//!     type Config = Config;
+//!
+//!     fn new(config: Config) -> Result<Self, String> {
+//!         Ok(Greeter { greeting: config.greeting })
+//!     }
+//!
+//!     fn on_request(&self, req: &Request) -> RequestDecision {
+//!         sluice_sdk::log::info(&format!("greeting {}", req.path));
+//!         RequestDecision::new().set_header("x-greeting", &self.greeting)
+//!     }
+//! }
+//!
+//! export_plugin!(Greeter);
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2` (crate type `cdylib`), and
+//! test its logic natively with plain `cargo test`, using [`testing`]: log lines and audit
+//! events are recorded instead of sent to a host.
+//!
+//! # Hooks
+//!
+//! | hook | when | may |
+//! |---|---|---|
+//! | [`Plugin::new`] | once per instance, with the operator's `config` table | refuse the configuration |
+//! | [`Plugin::on_request`] | before the origin is chosen, in chain order | edit headers, rewrite the path, pick an origin, answer locally |
+//! | [`Plugin::on_response`] | when the response head arrives, in reverse chain order | edit response headers |
+//! | [`Plugin::on_complete`] | after the response was sent | log, emit audit events |
+//!
+//! The host validates every decision; see [`RequestDecision`] for what it refuses.
+#![deny(missing_docs)]
+
+mod types;
+
+pub mod audit;
+pub mod log;
+pub mod testing;
+
+pub use types::{Completion, HeaderEdit, LocalResponse, Request, RequestDecision, Response, ResponseDecision};
+
+/// A sluice plugin.
+pub trait Plugin: Sized + 'static {
+    /// The plugin's configuration: the `config` table of its `[[plugin]]` entry, deserialized
+    /// from JSON. Use `serde_json::Value` to take it as is.
+    type Config: serde::de::DeserializeOwned;
+
+    /// Builds the plugin. An error rejects the configuration: the connector refuses to start
+    /// (or to reload) and prints the message.
+    fn new(config: Self::Config) -> Result<Self, String>;
+
+    /// Decides what to do with a request before the origin is chosen.
+    fn on_request(&self, req: &Request) -> RequestDecision {
+        let _ = req;
+        RequestDecision::default()
+    }
+
+    /// Decides what to do with the response head.
+    fn on_response(&self, req: &Request, resp: &Response) -> ResponseDecision {
+        let _ = (req, resp);
+        ResponseDecision::default()
+    }
+
+    /// Sees how the request ended, after the response was sent.
+    fn on_complete(&self, req: &Request, info: &Completion) {
+        let _ = (req, info);
+    }
+}
+
+/// Parses a JSON configuration the way the host's `init` does and builds the plugin.
+pub fn load<P: Plugin>(config: &[u8]) -> Result<P, String> {
+    let parsed: P::Config = serde_json::from_slice(config).map_err(|e| format!("invalid configuration: {e}"))?;
+    P::new(parsed)
+}
+
+/// Exports a [`Plugin`] type as the component's hooks.
+///
+/// ```ignore
+/// sluice_sdk::export_plugin!(MyPlugin);
+/// ```
+///
+/// In a non-wasm build (native unit tests) this expands to nothing but a type check.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        #[doc(hidden)]
+        pub struct __SluicePluginExport;
+
+        impl $crate::__bindings::exports::sluice::plugin::init::Guest for __SluicePluginExport {
+            fn init(config: ::std::vec::Vec<u8>) -> ::std::result::Result<(), ::std::string::String> {
+                $crate::__rt::init::<$plugin>(config)
+            }
+        }
+
+        impl $crate::__bindings::exports::sluice::plugin::on_request::Guest for __SluicePluginExport {
+            fn on_request(
+                req: &$crate::__bindings::sluice::plugin::types::Request,
+            ) -> $crate::__bindings::sluice::plugin::types::RequestDecision {
+                $crate::__rt::on_request::<$plugin>(req)
+            }
+        }
+
+        impl $crate::__bindings::exports::sluice::plugin::on_response::Guest for __SluicePluginExport {
+            fn on_response(
+                req: &$crate::__bindings::sluice::plugin::types::Request,
+                resp: $crate::__bindings::sluice::plugin::types::Response,
+            ) -> $crate::__bindings::sluice::plugin::types::ResponseDecision {
+                $crate::__rt::on_response::<$plugin>(req, resp)
+            }
+        }
+
+        impl $crate::__bindings::exports::sluice::plugin::on_complete::Guest for __SluicePluginExport {
+            fn on_complete(
+                req: &$crate::__bindings::sluice::plugin::types::Request,
+                info: $crate::__bindings::sluice::plugin::types::Completion,
+            ) {
+                $crate::__rt::on_complete::<$plugin>(req, info)
+            }
+        }
+
+        #[cfg(target_arch = "wasm32")]
+        $crate::__bindings::__export_plugin_world!(__SluicePluginExport with_types_in $crate::__bindings);
+    };
+}
+
+/// Bindings generated from `wit/plugin.wit`. Not part of the API.
+#[doc(hidden)]
+#[allow(missing_docs)]
+pub mod __bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_plugin_world",
+        default_bindings_module: "sluice_sdk::__bindings",
+        generate_all,
+    });
+}
+
+/// Glue between the generated bindings and a [`Plugin`]. Not part of the API.
+#[doc(hidden)]
+pub mod __rt {
+    use std::any::Any;
+    use std::cell::RefCell;
+
+    use crate::__bindings::sluice::plugin::types as wit;
+    use crate::{types, Plugin};
+
+    thread_local! {
+        // A component instance is single-threaded; the plugin lives here between calls.
+        static INSTANCE: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+    }
+
+    fn with<P: Plugin, R>(f: impl FnOnce(&P) -> R) -> Option<R> {
+        INSTANCE.with(|i| i.borrow().as_ref().and_then(|b| b.downcast_ref::<P>()).map(f))
+    }
+
+    pub fn init<P: Plugin>(config: Vec<u8>) -> Result<(), String> {
+        let plugin = crate::load::<P>(&config)?;
+        INSTANCE.with(|i| *i.borrow_mut() = Some(Box::new(plugin)));
+        Ok(())
+    }
+
+    pub fn on_request<P: Plugin>(req: &wit::Request) -> wit::RequestDecision {
+        let req = types::Request::from_wit(req);
+        with::<P, _>(|p| p.on_request(&req)).unwrap_or_default().into_wit()
+    }
+
+    pub fn on_response<P: Plugin>(req: &wit::Request, resp: wit::Response) -> wit::ResponseDecision {
+        let req = types::Request::from_wit(req);
+        let resp = types::Response::from_wit(resp);
+        with::<P, _>(|p| p.on_response(&req, &resp)).unwrap_or_default().into_wit()
+    }
+
+    pub fn on_complete<P: Plugin>(req: &wit::Request, info: wit::Completion) {
+        let req = types::Request::from_wit(req);
+        let info = types::Completion::from_wit(info);
+        with::<P, _>(|p| p.on_complete(&req, &info));
+    }
+}

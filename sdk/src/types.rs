@@ -1,0 +1,333 @@
+//! Plain Rust views of requests, responses and completions, and the decisions a plugin returns.
+
+use crate::__bindings::sluice::plugin::types as wit;
+
+/// The request as a plugin sees it (read-only). It reflects the edits of the plugins that ran
+/// before this one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    /// Method, such as `GET`.
+    pub method: String,
+    /// `http` or `https`, as the client spoke to the edge.
+    pub scheme: String,
+    /// The Host the client asked for, port included if given.
+    pub authority: String,
+    /// Normalised path with the query (`/a/b?c=d`).
+    pub path: String,
+    /// Headers, lowercase names, in order; repeated headers appear several times.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The request id (`sluice-request-id`).
+    pub request_id: String,
+    /// The tunnel's public hostname for this request (lowercase, no port).
+    pub hostname: String,
+    /// Index of the ingress rule that matched.
+    pub ingress_rule: u32,
+    /// The client's address, if the operator granted `client-addr`.
+    pub client_addr: Option<String>,
+}
+
+impl Request {
+    /// A request for `url` (`https://host/path?query`), for tests.
+    pub fn new(method: &str, url: &str) -> Request {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let hostname = authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_ascii_lowercase();
+        Request {
+            method: method.to_string(),
+            scheme: scheme.to_string(),
+            authority: authority.to_string(),
+            path: path.to_string(),
+            headers: vec![("host".to_string(), authority.as_bytes().to_vec())],
+            request_id: "00000000000000000000000000000000".into(),
+            hostname,
+            ingress_rule: 0,
+            client_addr: None,
+        }
+    }
+
+    /// Adds a header (for tests).
+    pub fn with_header(mut self, name: &str, value: &str) -> Request {
+        self.headers.push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// Sets the client address (for tests).
+    pub fn with_client_addr(mut self, addr: &str) -> Request {
+        self.client_addr = Some(addr.to_string());
+        self
+    }
+
+    /// The first value of header `name`, if it is valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    /// Every value of header `name`, in order.
+    pub fn header_bytes<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// The value of cookie `name`.
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.header_bytes("cookie")
+            .filter_map(|v| std::str::from_utf8(v).ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+
+    /// The path without the query.
+    pub fn path_only(&self) -> &str {
+        self.path.split('?').next().unwrap_or("/")
+    }
+
+    /// The client's IP address (without port), if granted.
+    pub fn client_ip(&self) -> Option<&str> {
+        let addr = self.client_addr.as_deref()?;
+        Some(match addr.rsplit_once(':') {
+            Some((ip, port)) if port.bytes().all(|b| b.is_ascii_digit()) => ip.trim_start_matches('[').trim_end_matches(']'),
+            _ => addr,
+        })
+    }
+
+    pub(crate) fn from_wit(req: &wit::Request) -> Request {
+        Request {
+            method: req.method(),
+            scheme: req.scheme(),
+            authority: req.authority(),
+            path: req.path(),
+            headers: req.headers().into_iter().map(|h| (h.name, h.value)).collect(),
+            request_id: req.request_id(),
+            hostname: req.hostname(),
+            ingress_rule: req.ingress_rule(),
+            client_addr: req.client_addr(),
+        }
+    }
+}
+
+/// The response head, in `on-response`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Headers, lowercase names, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Response {
+    /// The first value of header `name`, if it is valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    pub(crate) fn from_wit(r: wit::Response) -> Response {
+        Response { status: r.status, headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect() }
+    }
+}
+
+/// How a request ended, in `on-complete`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completion {
+    /// The status the client got.
+    pub status: u16,
+    /// The origin that answered, if one did.
+    pub origin: Option<String>,
+    /// Microseconds from the connector receiving the request to the end of the response.
+    pub duration_us: u64,
+    /// Request body bytes.
+    pub bytes_in: u64,
+    /// Response body bytes.
+    pub bytes_out: u64,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+impl Completion {
+    pub(crate) fn from_wit(c: wit::Completion) -> Completion {
+        Completion {
+            status: c.status,
+            origin: c.origin,
+            duration_us: c.duration_us,
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            error: c.error,
+        }
+    }
+}
+
+/// One change to a set of headers. Names are lowercased by the builders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderEdit {
+    /// Replace every value of the header.
+    Set(String, Vec<u8>),
+    /// Add a value after the existing ones.
+    Append(String, Vec<u8>),
+    /// Remove the header.
+    Remove(String),
+}
+
+impl HeaderEdit {
+    fn into_wit(self) -> wit::HeaderEdit {
+        match self {
+            HeaderEdit::Set(name, value) => wit::HeaderEdit::Set(wit::Header { name, value }),
+            HeaderEdit::Append(name, value) => wit::HeaderEdit::Append(wit::Header { name, value }),
+            HeaderEdit::Remove(name) => wit::HeaderEdit::Remove(name),
+        }
+    }
+}
+
+/// A response produced by the plugin instead of the origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    /// Status code (200..=599).
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body (at most 256 KiB).
+    pub body: Vec<u8>,
+}
+
+impl LocalResponse {
+    /// A response with `status` and no body.
+    pub fn new(status: u16) -> LocalResponse {
+        LocalResponse { status, headers: Vec::new(), body: Vec::new() }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: &str) -> LocalResponse {
+        self.headers.push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// Sets a plain-text body (and its content type).
+    pub fn text(self, body: &str) -> LocalResponse {
+        let mut r = self.header("content-type", "text/plain; charset=utf-8");
+        r.body = body.as_bytes().to_vec();
+        r
+    }
+}
+
+/// What `on-request` decided. The default changes nothing.
+///
+/// The host refuses (and applies the plugin's `on-error` policy to) a decision that sets or
+/// removes hop-by-hop or framing headers (`connection`, `keep-alive`, `transfer-encoding`,
+/// `content-length`, `te`, `trailer`, `upgrade`, `proxy-*`) or `sluice-request-id`, uses an
+/// invalid header name or value, rewrites to a path not starting with `/`, names an origin
+/// the operator did not configure, or answers with a status outside 200..=599 or a body over
+/// 256 KiB.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestDecision {
+    /// Header edits, applied in order.
+    pub headers: Vec<HeaderEdit>,
+    /// New path (and query) for the origin.
+    pub path: Option<String>,
+    /// A configured origin to send the request to.
+    pub origin: Option<String>,
+    /// Answer locally instead of proxying.
+    pub respond: Option<LocalResponse>,
+}
+
+impl RequestDecision {
+    /// A decision that changes nothing.
+    pub fn new() -> RequestDecision {
+        RequestDecision::default()
+    }
+
+    /// Sets header `name` to `value`, replacing existing values.
+    pub fn set_header(mut self, name: &str, value: &str) -> RequestDecision {
+        self.headers.push(HeaderEdit::Set(name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// Appends a value to header `name`.
+    pub fn append_header(mut self, name: &str, value: &str) -> RequestDecision {
+        self.headers.push(HeaderEdit::Append(name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// Removes header `name`.
+    pub fn remove_header(mut self, name: &str) -> RequestDecision {
+        self.headers.push(HeaderEdit::Remove(name.to_ascii_lowercase()));
+        self
+    }
+
+    /// Sends the request to `path` (with query) instead.
+    pub fn rewrite_path(mut self, path: &str) -> RequestDecision {
+        self.path = Some(path.to_string());
+        self
+    }
+
+    /// Sends the request to the configured origin `name`.
+    pub fn route_to(mut self, name: &str) -> RequestDecision {
+        self.origin = Some(name.to_string());
+        self
+    }
+
+    /// Answers locally.
+    pub fn respond(mut self, response: LocalResponse) -> RequestDecision {
+        self.respond = Some(response);
+        self
+    }
+
+    pub(crate) fn into_wit(self) -> wit::RequestDecision {
+        wit::RequestDecision {
+            headers: self.headers.into_iter().map(HeaderEdit::into_wit).collect(),
+            path: self.path,
+            origin: self.origin,
+            respond: self.respond.map(|r| wit::LocalResponse {
+                status: r.status,
+                headers: r.headers.into_iter().map(|(name, value)| wit::Header { name, value }).collect(),
+                body: r.body,
+            }),
+        }
+    }
+}
+
+/// What `on-response` decided. The default changes nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResponseDecision {
+    /// Edits to the response headers, applied in order.
+    pub headers: Vec<HeaderEdit>,
+}
+
+impl ResponseDecision {
+    /// A decision that changes nothing.
+    pub fn new() -> ResponseDecision {
+        ResponseDecision::default()
+    }
+
+    /// Sets response header `name`.
+    pub fn set_header(mut self, name: &str, value: &str) -> ResponseDecision {
+        self.headers.push(HeaderEdit::Set(name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// Appends a value to response header `name`.
+    pub fn append_header(mut self, name: &str, value: &str) -> ResponseDecision {
+        self.headers.push(HeaderEdit::Append(name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self
+    }
+
+    /// Removes response header `name`.
+    pub fn remove_header(mut self, name: &str) -> ResponseDecision {
+        self.headers.push(HeaderEdit::Remove(name.to_ascii_lowercase()));
+        self
+    }
+
+    pub(crate) fn into_wit(self) -> wit::ResponseDecision {
+        wit::ResponseDecision { headers: self.headers.into_iter().map(HeaderEdit::into_wit).collect() }
+    }
+}
