@@ -342,6 +342,9 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
         for f in ["echo", "misbehave", "fs", "sockets"] {
             cmd.args(["-p", &format!("fixture-{f}")]);
         }
+        for p in EXAMPLE_PLUGINS {
+            cmd.args(["-p", p]);
+        }
         let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
         if out.status.success() {
             Ok(())
@@ -356,4 +359,13 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
         panic!("{e}");
     }
     target_dir.join(format!("wasm32-wasip2/release/fixture_{name}.wasm"))
+}
+
+/// The example plugins of `plugins/`.
+pub const EXAMPLE_PLUGINS: &[&str] = &["header-rewrite", "origin-router", "audit-log", "access-guard"];
+
+/// Path of an example plugin (`plugins/NAME`), built like [`fixture`].
+pub fn example_plugin(name: &str) -> std::path::PathBuf {
+    let echo = fixture("echo");
+    echo.with_file_name(format!("{}.wasm", name.replace('-', "_")))
 }
