@@ -34,6 +34,12 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Work on plugins.
+    Plugin {
+        /// What to do.
+        #[command(subcommand)]
+        action: PluginCommand,
+    },
     /// Administer tunnels.
     Tunnel {
         /// What to do.
@@ -61,5 +67,33 @@ pub enum TunnelCommand {
         /// Write the token to this file (mode 0600) instead of printing it.
         #[arg(long)]
         token_file: Option<PathBuf>,
+    },
+}
+
+/// `sluice plugin …`
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Run a plugin's hooks on a made-up exchange and print its decisions, logs and audit events.
+    Test {
+        /// The plugin component (`.wasm`).
+        wasm: PathBuf,
+        /// The plugin's configuration: inline JSON, or a `.json` or `.toml` file.
+        #[arg(long)]
+        config: Option<String>,
+        /// The request, as `METHOD URL`.
+        #[arg(long, default_value = "GET https://app.example.com/")]
+        request: String,
+        /// A request header, `name: value`; repeat for several.
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Status of the made-up origin response.
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        /// Grant a capability (`client-addr`, `credentials`); repeat for several.
+        #[arg(long = "grant")]
+        grants: Vec<String>,
+        /// The client address shown to a plugin granted `client-addr`.
+        #[arg(long, default_value = "203.0.113.7:50123")]
+        client: String,
     },
 }

@@ -19,6 +19,9 @@ fn main() -> ExitCode {
     if let cli::Command::Tunnel { action: cli::TunnelCommand::New { name, hostnames, token_file } } = &cli.command {
         return tunnel_new(name, hostnames, token_file.as_deref());
     }
+    if let cli::Command::Plugin { action } = cli.command {
+        return plugin_command(action);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -56,6 +59,75 @@ fn check(path: &std::path::Path) -> ExitCode {
                 c.origins.len(),
                 c.ingress.len()
             );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plugin_command(action: cli::PluginCommand) -> ExitCode {
+    let cli::PluginCommand::Test { wasm, config, request, headers, status, grants, client } = action;
+    // Plugin logs go to stdout with the report, without timestamps.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .without_time()
+        .with_target(false)
+        .with_ansi(false)
+        .with_writer(std::io::stdout)
+        .init();
+    let run = || -> anyhow::Result<sluice::plugin::tester::TestRun> {
+        let config_json = match config {
+            None => b"{}".to_vec(),
+            Some(c) if std::path::Path::new(&c).is_file() => {
+                let text = std::fs::read_to_string(&c).with_context(|| format!("cannot read {c}"))?;
+                if c.ends_with(".toml") {
+                    let table: toml::Table = toml::from_str(&text).with_context(|| format!("invalid TOML in {c}"))?;
+                    serde_json::to_vec(&table)?
+                } else {
+                    serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("invalid JSON in {c}"))?;
+                    text.into_bytes()
+                }
+            }
+            Some(inline) => {
+                serde_json::from_str::<serde_json::Value>(&inline).context("--config is neither a file nor valid JSON")?;
+                inline.into_bytes()
+            }
+        };
+        let mut parsed = Vec::new();
+        for h in headers {
+            let (n, v) = h.split_once(':').with_context(|| format!("invalid header {h:?}: expected \"name: value\""))?;
+            parsed.push((n.to_string(), v.to_string()));
+        }
+        let mut g = sluice::config::Grants::default();
+        for grant in grants {
+            match grant.as_str() {
+                "client-addr" => g.client_addr = true,
+                "credentials" => g.credentials = true,
+                other => anyhow::bail!("unknown grant {other:?}: \"client-addr\" or \"credentials\""),
+            }
+        }
+        Ok(sluice::plugin::tester::TestRun { wasm, config_json, request, headers: parsed, status, grants: g, client_addr: client })
+    };
+    let test = match run() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sluice::plugin::tester::run(&test)) {
+        Ok(report) => {
+            print!("{report}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -137,7 +209,7 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
             let demo = sluice::demo::Demo::start(port).await.context("failed to start the demo")?;
             demo.run(shutdown).await?;
         }
-        cli::Command::Check { .. } | cli::Command::Tunnel { .. } => {
+        cli::Command::Check { .. } | cli::Command::Tunnel { .. } | cli::Command::Plugin { .. } => {
             unreachable!("handled before the runtime starts")
         }
     }

@@ -167,3 +167,59 @@ async fn access_guard_refuses_and_admits() {
     assert_eq!(send(edge.http, with(Some(format!("Bearer {expired}")))).await.status, 403);
     conn.stop().await;
 }
+
+#[test]
+fn plugin_test_command_reports_decisions_logs_and_audit() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice")).args(["plugin", "test"]).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let rewrite = example_plugin("header-rewrite");
+    let (ok, stdout, stderr) = run(&[
+        rewrite.to_str().unwrap(),
+        "--config",
+        r#"{"request": {"set": {"x-demo": "hello {host}"}, "remove": ["x-a"]}, "response": {"set": {"x-by": "sluice"}}}"#,
+        "--request",
+        "POST https://App.Example.com/orders?id=7",
+        "-H",
+        "x-a: 1",
+        "--status",
+        "503",
+    ]);
+    assert!(ok, "{stderr}");
+    let expected = [
+        "plugin header_rewrite: init ok; exports on-request, on-response, on-complete",
+        "request: POST https://App.Example.com/orders?id=7",
+        "on-request: ok",
+        "  remove x-a",
+        "  set x-demo: hello app.example.com",
+        "on-response (status 503): ok",
+        "  set x-by: sluice",
+        "on-complete (status 503): ok",
+    ];
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, expected, "{stdout}");
+
+    // Audit events, with a TOML config file.
+    let dir = std::env::temp_dir().join(format!("sluice-plugin-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("audit.toml");
+    std::fs::write(&cfg, "kind = \"seen\"\nfields = [\"method\", \"status\"]\n").unwrap();
+    let (ok, stdout, _) = run(&[example_plugin("audit-log").to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--status", "404"]);
+    assert!(ok);
+    assert!(stdout.contains(r#"  audit seen {"method":"GET","status":"404"}"#), "{stdout}");
+
+    // A local answer, and what the plugin sees without and with the credentials grant.
+    let guard = example_plugin("access-guard");
+    let guard_cfg = r#"{"tokens": ["static-token-0123456789"]}"#;
+    let (_, stdout, _) = run(&[guard.to_str().unwrap(), "--config", guard_cfg, "-H", "authorization: Bearer static-token-0123456789"]);
+    assert!(stdout.contains("  respond 401 with"), "without the grant the token is hidden: {stdout}");
+    let (_, stdout, _) = run(&[guard.to_str().unwrap(), "--config", guard_cfg, "-H", "authorization: Bearer static-token-0123456789", "--grant", "credentials"]);
+    assert!(stdout.contains("  no change"), "{stdout}");
+
+    // A rejected configuration: non-zero exit, the plugin's own message.
+    let (ok, _, stderr) = run(&[guard.to_str().unwrap(), "--config", "{}"]);
+    assert!(!ok);
+    assert_eq!(stderr.trim(), r#"error: plugin "access_guard" rejected its configuration: "configure `tokens`, `jwt`, or both""#);
+    let _ = std::fs::remove_dir_all(&dir);
+}

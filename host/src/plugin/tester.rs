@@ -1,0 +1,173 @@
+//! `sluice plugin test`: runs a plugin's hooks on a made-up exchange and reports its
+//! decisions, logs and audit events — a plugin author's loop without a tunnel.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::bindings::sluice::plugin::types::{Completion, HeaderEdit, RequestDecision, Response};
+use super::{Called, Plugin, RequestView, Runtime};
+use crate::admin::Metrics;
+use crate::config::{Grants, PluginConfig};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct TestRun {
+    /// The component.
+    pub wasm: PathBuf,
+    /// The plugin's configuration as JSON.
+    pub config_json: Vec<u8>,
+    /// Method and URL, such as `GET https://app.example.com/path?q=1`.
+    pub request: String,
+    /// Extra request headers.
+    pub headers: Vec<(String, String)>,
+    /// Status of the made-up origin response.
+    pub status: u16,
+    /// Grants given to the plugin.
+    pub grants: Grants,
+    /// The client address shown when `client-addr` is granted.
+    pub client_addr: String,
+}
+
+/// Why a test run could not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum TestError {
+    /// `--request` is not `METHOD URL`.
+    #[error("invalid --request {0:?}: expected \"METHOD scheme://host/path\"")]
+    Request(String),
+    /// The runtime could not start.
+    #[error(transparent)]
+    Runtime(#[from] super::RuntimeError),
+    /// The plugin did not load.
+    #[error(transparent)]
+    Load(#[from] super::LoadError),
+}
+
+/// Runs the hooks and returns the report, one line per fact.
+pub async fn run(t: &TestRun) -> Result<String, TestError> {
+    let (method, url) = t.request.trim().split_once(' ').ok_or_else(|| TestError::Request(t.request.clone()))?;
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| TestError::Request(t.request.clone()))?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.is_empty() {
+        return Err(TestError::Request(t.request.clone()));
+    }
+    let mut headers: Vec<(String, Vec<u8>)> = vec![("host".into(), authority.as_bytes().to_vec())];
+    headers.extend(t.headers.iter().map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec())));
+    let mut view = RequestView {
+        method: method.to_ascii_uppercase(),
+        scheme: scheme.to_string(),
+        authority: authority.to_string(),
+        path: path.to_string(),
+        headers,
+        request_id: hex::encode(rand::random::<[u8; 16]>()),
+        hostname: crate::config::normalize_host(authority),
+        ingress_rule: 0,
+        client_addr: t.grants.client_addr.then(|| t.client_addr.clone()),
+    };
+    if !t.grants.credentials {
+        view.headers.retain(|(n, _)| !["authorization", "proxy-authorization", "cookie"].contains(&n.as_str()));
+    }
+
+    let name = t.wasm.file_stem().map_or("plugin".to_string(), |s| s.to_string_lossy().into_owned());
+    let mut cfg = PluginConfig::new(name.clone(), &t.wasm);
+    cfg.config_json = t.config_json.clone();
+    cfg.timeout = Duration::from_secs(1);
+    cfg.grants = t.grants;
+    let runtime = Runtime::new(cfg.memory.max(64 << 20))?;
+    let plugin = Plugin::load(runtime, cfg, Arc::new(Metrics::new("plugin_test"))).await?;
+    let (req_hook, resp_hook, complete_hook) = plugin.exports();
+    let mut out = Vec::new();
+    let hooks: Vec<&str> = [("on-request", req_hook), ("on-response", resp_hook), ("on-complete", complete_hook)]
+        .iter()
+        .filter(|(_, has)| *has)
+        .map(|(n, _)| *n)
+        .collect();
+    out.push(format!("plugin {name}: init ok; exports {}", if hooks.is_empty() { "no hooks".to_string() } else { hooks.join(", ") }));
+    out.push(format!("request: {} {}://{}{}", view.method, view.scheme, view.authority, view.path));
+
+    let mut held = None;
+    let mut status = t.status;
+    let mut origin = Some("origin".to_string());
+    if req_hook {
+        let called = plugin.on_request(&mut held, &view).await;
+        report(&mut out, "on-request", &called);
+        if let Ok(d) = &called.result {
+            describe_request(&mut out, d);
+            if let Some(r) = &d.respond {
+                status = r.status;
+                origin = None;
+            }
+        }
+    }
+    if resp_hook && origin.is_some() {
+        let resp = Response { status, headers: vec![("content-type".into(), b"text/plain".to_vec())].into_iter().map(|(name, value)| super::bindings::sluice::plugin::types::Header { name, value }).collect() };
+        let called = plugin.on_response(&mut held, &view, resp).await;
+        report(&mut out, &format!("on-response (status {status})"), &called);
+        if let Ok(d) = &called.result {
+            for e in &d.headers {
+                out.push(format!("  {}", edit(e)));
+            }
+        }
+    }
+    if complete_hook {
+        let info = Completion { status, origin, duration_us: 1200, bytes_in: 0, bytes_out: 42, error: None };
+        let called = plugin.on_complete(&mut held, &view, info).await;
+        report(&mut out, &format!("on-complete (status {status})"), &called);
+    }
+    Ok(out.join("\n") + "\n")
+}
+
+fn report<T>(out: &mut Vec<String>, hook: &str, called: &Called<T>) {
+    match &called.result {
+        Ok(_) => out.push(format!("{hook}: ok")),
+        Err(e) => out.push(format!("{hook}: FAILED ({}): {e}", e.kind())),
+    }
+    for e in &called.events {
+        let attrs: serde_json::Map<String, serde_json::Value> =
+            e.attributes.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+        out.push(format!("  audit {} {}", e.kind, serde_json::Value::Object(attrs)));
+    }
+}
+
+fn describe_request(out: &mut Vec<String>, d: &RequestDecision) {
+    for e in &d.headers {
+        out.push(format!("  {}", edit(e)));
+    }
+    if let Some(p) = &d.path {
+        out.push(format!("  rewrite path to {p}"));
+    }
+    if let Some(o) = &d.origin {
+        out.push(format!("  route to origin {o:?}"));
+    }
+    if let Some(r) = &d.respond {
+        out.push(format!("  respond {} with {} bytes", r.status, r.body.len()));
+        for h in &r.headers {
+            out.push(format!("    {}: {}", h.name, String::from_utf8_lossy(&h.value)));
+        }
+    }
+    if d.headers.is_empty() && d.path.is_none() && d.origin.is_none() && d.respond.is_none() {
+        out.push("  no change".into());
+    }
+    // What the host would refuse, so authors see it here rather than as a 502.
+    let mut probe = http::HeaderMap::new();
+    if let Err(e) = super::decision::apply_edits(&mut probe, &d.headers) {
+        out.push(format!("  REFUSED by the host: {e}"));
+    }
+    if let Some(Err(e)) = d.path.as_deref().map(super::decision::check_path) {
+        out.push(format!("  REFUSED by the host: {e}"));
+    }
+    if let Some(Err(e)) = d.respond.as_ref().map(super::decision::local_response) {
+        out.push(format!("  REFUSED by the host: {e}"));
+    }
+}
+
+fn edit(e: &HeaderEdit) -> String {
+    match e {
+        HeaderEdit::Set(h) => format!("set {}: {}", h.name, String::from_utf8_lossy(&h.value)),
+        HeaderEdit::Append(h) => format!("append {}: {}", h.name, String::from_utf8_lossy(&h.value)),
+        HeaderEdit::Remove(n) => format!("remove {n}"),
+    }
+}
