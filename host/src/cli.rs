@@ -51,6 +51,12 @@ pub enum Command {
         /// Port of the demo's HTTP listener on 127.0.0.1 (0 picks a free one).
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Where the example plugins were built (`cargo build-plugins`).
+        #[arg(long, default_value = sluice::demo::DEFAULT_PLUGIN_DIR)]
+        plugins: PathBuf,
+        /// Run without plugins.
+        #[arg(long)]
+        no_plugins: bool,
     },
 }
 

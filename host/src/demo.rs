@@ -1,10 +1,13 @@
-//! `sluice demo`: an edge, a connector and the `hello` origin in one process, on loopback.
+//! `sluice demo`: an edge, a connector and the `hello` origin in one process, on loopback,
+//! with the example plugins `header-rewrite` (adds a header the echo shows) and `audit-log`
+//! (audit lines on stdout).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ConnectorConfig, EdgeConfig, HostPattern, TunnelConfig};
+use crate::config::{AuditConfig, ConnectorConfig, EdgeConfig, HostPattern, PluginConfig, TunnelConfig};
 use crate::connector::{Connector, ConnectorError};
 use crate::edge::{Edge, EdgeError};
 use crate::secret::Secret;
@@ -25,6 +28,39 @@ pub enum DemoError {
     /// The connector failed.
     #[error(transparent)]
     Connector(#[from] ConnectorError),
+    /// The example plugins are not built.
+    #[error(
+        "the demo's plugins are not in {dir}: build them with `cargo build-plugins` (or pass --no-plugins)"
+    )]
+    MissingPlugins {
+        /// Where they were looked for.
+        dir: String,
+    },
+}
+
+/// Where `cargo build-plugins` puts the example plugins.
+pub const DEFAULT_PLUGIN_DIR: &str = "target/wasm32-wasip2/release";
+
+/// The demo's plugin chain, loaded from `dir`.
+fn demo_plugins(dir: &Path) -> Result<Vec<PluginConfig>, DemoError> {
+    let path = |name: &str| -> Result<PathBuf, DemoError> {
+        let p = dir.join(format!("{name}.wasm"));
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(DemoError::MissingPlugins { dir: dir.display().to_string() })
+        }
+    };
+    let mut rewrite = PluginConfig::new("header-rewrite", path("header_rewrite")?);
+    rewrite.config_json = serde_json::json!({
+        "request": {"set": {"x-sluice-demo": "hello from the header-rewrite plugin"}},
+        "response": {"set": {"x-sluice-plugins": "header-rewrite, audit-log"}},
+    })
+    .to_string()
+    .into_bytes();
+    let mut audit = PluginConfig::new("audit-log", path("audit_log")?);
+    audit.config_json = br#"{"fields": ["method", "host", "path", "status", "duration_ms", "origin"]}"#.to_vec();
+    Ok(vec![rewrite, audit])
 }
 
 /// A running demo.
@@ -38,8 +74,9 @@ pub struct Demo {
 }
 
 impl Demo {
-    /// Binds everything on 127.0.0.1 (`http_port` 0 picks a free port).
-    pub async fn start(http_port: u16) -> Result<Demo, DemoError> {
+    /// Binds everything on 127.0.0.1 (`http_port` 0 picks a free port), loading the example
+    /// plugins from `plugins` unless it is `None`.
+    pub async fn start(http_port: u16, plugins: Option<&Path>) -> Result<Demo, DemoError> {
         let identity = tls::self_signed(&["localhost"])?;
         let loopback = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut edge_cfg = EdgeConfig::new(loopback(0), identity.clone());
@@ -60,6 +97,11 @@ impl Demo {
         conn_cfg.edges = vec![edge.quic_addr().to_string()];
         conn_cfg.edge_server_name = Some("localhost".into());
         conn_cfg.edge_ca = identity.chain.clone();
+        if let Some(dir) = plugins {
+            conn_cfg.plugins = demo_plugins(dir)?;
+            conn_cfg.global_plugins = conn_cfg.plugins.iter().map(|p| p.name.clone()).collect();
+            conn_cfg.audit = AuditConfig { stdout: true, ..AuditConfig::default() };
+        }
         let connector = Connector::new(conn_cfg).await?;
 
         let http_addr = edge.http_addr().unwrap_or(loopback(http_port));

@@ -205,8 +205,9 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
             }));
             connector.run(shutdown).await?;
         }
-        cli::Command::Demo { port } => {
-            let demo = sluice::demo::Demo::start(port).await.context("failed to start the demo")?;
+        cli::Command::Demo { port, plugins, no_plugins } => {
+            let plugins = (!no_plugins).then_some(plugins.as_path());
+            let demo = sluice::demo::Demo::start(port, plugins).await.context("failed to start the demo")?;
             demo.run(shutdown).await?;
         }
         cli::Command::Check { .. } | cli::Command::Tunnel { .. } | cli::Command::Plugin { .. } => {
