@@ -17,11 +17,22 @@ fn fixture() -> PathBuf {
     let target = root.join("target/wasm");
     let status = std::process::Command::new(env!("CARGO"))
         .current_dir(&root)
-        .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "fixture-echo", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "-p",
+            "fixture-echo",
+            "--target-dir",
+        ])
         .arg(&target)
         .status()
         .expect("cannot run cargo");
-    assert!(status.success(), "building the echo fixture failed (rustup target add wasm32-wasip2?)");
+    assert!(
+        status.success(),
+        "building the echo fixture failed (rustup target add wasm32-wasip2?)"
+    );
     target.join("wasm32-wasip2/release/fixture_echo.wasm")
 }
 
@@ -35,7 +46,10 @@ fn view() -> RequestView {
             ("accept".into(), b"application/json".to_vec()),
             ("user-agent".into(), b"bench/1.0".to_vec()),
             ("x-forwarded-for".into(), b"192.0.2.10".to_vec()),
-            ("sluice-request-id".into(), b"0123456789abcdef0123456789abcdef".to_vec()),
+            (
+                "sluice-request-id".into(),
+                b"0123456789abcdef0123456789abcdef".to_vec(),
+            ),
         ],
         request_id: "0123456789abcdef0123456789abcdef".into(),
         hostname: "app.example.com".into(),
@@ -55,12 +69,20 @@ fn report(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
-async fn load(rt: &Arc<Runtime>, name: &str, config: &str, isolation: Isolation, metrics: &Arc<Metrics>) -> Plugin {
+async fn load(
+    rt: &Arc<Runtime>,
+    name: &str,
+    config: &str,
+    isolation: Isolation,
+    metrics: &Arc<Metrics>,
+) -> Plugin {
     let mut cfg = PluginConfig::new(name, fixture_path());
     cfg.config_json = config.as_bytes().to_vec();
     cfg.isolation = isolation;
     cfg.max_calls = u64::MAX;
-    Plugin::load(rt.clone(), cfg, metrics.clone()).await.expect("load")
+    Plugin::load(rt.clone(), cfg, metrics.clone())
+        .await
+        .expect("load")
 }
 
 fn fixture_path() -> PathBuf {
@@ -70,14 +92,20 @@ fn fixture_path() -> PathBuf {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let iters: usize = std::env::var("SLUICE_BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let iters: usize = std::env::var("SLUICE_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let rt = Runtime::new(64 << 20).unwrap();
     let metrics = Arc::new(Metrics::new("bench"));
     let view = view();
     println!("hook cost, echo fixture, {iters} iterations after 1000 warm-up calls");
 
     // Reuse: one pooled instance serves every call.
-    for (label, config) in [("on-request, reuse, no-op decision", "{}"), ("on-request, reuse, one header edit", r#"{"tag":"a"}"#)] {
+    for (label, config) in [
+        ("on-request, reuse, no-op decision", "{}"),
+        ("on-request, reuse, one header edit", r#"{"tag":"a"}"#),
+    ] {
         let p = load(&rt, "reuse", config, Isolation::Reuse, &metrics).await;
         let mut none = None;
         for _ in 0..1000 {
@@ -95,7 +123,14 @@ async fn main() {
     // Per-request isolation: a fresh instance (pooled slot, copy-on-write memory), `init`
     // with the plugin's config, then the call.
     {
-        let p = load(&rt, "fresh", r#"{"tag":"a"}"#, Isolation::PerRequest, &metrics).await;
+        let p = load(
+            &rt,
+            "fresh",
+            r#"{"tag":"a"}"#,
+            Isolation::PerRequest,
+            &metrics,
+        )
+        .await;
         for _ in 0..200 {
             let mut held = None;
             p.on_request(&mut held, &view).await.result.unwrap();
@@ -116,7 +151,16 @@ async fn main() {
     {
         let mut chain = Vec::new();
         for tag in ["a", "b", "c"] {
-            chain.push(load(&rt, tag, &format!(r#"{{"tag":"{tag}"}}"#), Isolation::Reuse, &metrics).await);
+            chain.push(
+                load(
+                    &rt,
+                    tag,
+                    &format!(r#"{{"tag":"{tag}"}}"#),
+                    Isolation::Reuse,
+                    &metrics,
+                )
+                .await,
+            );
         }
         let mut none = None;
         let mut samples = Vec::with_capacity(iters);

@@ -25,7 +25,9 @@ const BLOCK: usize = 64 * 1024;
 fn source(total: u64) -> Body {
     let block = Bytes::from(vec![0x5a; BLOCK]);
     let n = total / BLOCK as u64;
-    let stream = futures_util::stream::iter((0..n).map(move |_| Ok::<_, BoxError>(Frame::data(block.clone()))));
+    let stream = futures_util::stream::iter(
+        (0..n).map(move |_| Ok::<_, BoxError>(Frame::data(block.clone()))),
+    );
     BodyExt::boxed(StreamBody::new(stream))
 }
 
@@ -40,7 +42,11 @@ async fn drain(mut body: Incoming) -> u64 {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn peak_rss_kib(pid: u32) -> u64 {
@@ -76,7 +82,10 @@ fn spawn(role: &str, config: &Path) -> Proc {
 
 #[tokio::main]
 async fn main() {
-    let total: u64 = std::env::var("SLUICE_BENCH_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30);
+    let total: u64 = std::env::var("SLUICE_BENCH_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 30);
 
     // Origin: POST /sink counts the body; GET /source streams `total` bytes.
     let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -88,7 +97,10 @@ async fn main() {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
                     let resp: Response<Body> = if req.uri().path() == "/sink" {
                         let n = drain(req.into_body()).await;
-                        Response::new(BodyExt::boxed(http_body_util::Full::new(Bytes::from(n.to_string())).map_err(|e| match e {})))
+                        Response::new(BodyExt::boxed(
+                            http_body_util::Full::new(Bytes::from(n.to_string()))
+                                .map_err(|e| match e {}),
+                        ))
                     } else {
                         let mut r = Response::new(source(total));
                         r.headers_mut().insert("content-length", total.into());
@@ -96,7 +108,9 @@ async fn main() {
                     };
                     Ok::<_, Infallible>(resp)
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
             });
         }
     });
@@ -136,9 +150,14 @@ async fn main() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(tcp) = tokio::net::TcpStream::connect(edge_addr).await {
-            let (mut s, c) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp)).await.unwrap();
+            let (mut s, c) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp))
+                .await
+                .unwrap();
             tokio::spawn(c);
-            let req = Request::post("/sink").header("host", "bench.test").body(source(0)).unwrap();
+            let req = Request::post("/sink")
+                .header("host", "bench.test")
+                .body(source(0))
+                .unwrap();
             if let Ok(r) = s.send_request(req).await {
                 if r.status() == 200 {
                     break;
@@ -152,32 +171,71 @@ async fn main() {
 
     let tcp = tokio::net::TcpStream::connect(edge_addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
-    let (mut sender, c) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp)).await.unwrap();
+    let (mut sender, c) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp))
+        .await
+        .unwrap();
     tokio::spawn(c);
 
     let start = Instant::now();
-    let req = Request::post("/sink").header("host", "bench.test").body(source(total)).unwrap();
+    let req = Request::post("/sink")
+        .header("host", "bench.test")
+        .body(source(total))
+        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
-    let got: u64 = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap().parse().unwrap();
+    let got: u64 = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap()
+    .parse()
+    .unwrap();
     assert_eq!(got, total, "upload arrived short");
     let up = start.elapsed();
     let after_up = (peak_rss_kib(edge.0.id()), peak_rss_kib(connector.0.id()));
 
     let start = Instant::now();
-    let req = Request::get("/source").header("host", "bench.test").body(source(0)).unwrap();
+    let req = Request::get("/source")
+        .header("host", "bench.test")
+        .body(source(0))
+        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(drain(resp.into_body()).await, total, "download arrived short");
+    assert_eq!(
+        drain(resp.into_body()).await,
+        total,
+        "download arrived short"
+    );
     let down = start.elapsed();
     let after_down = (peak_rss_kib(edge.0.id()), peak_rss_kib(connector.0.id()));
 
     let mib = total as f64 / (1 << 20) as f64;
     println!("transfer of {mib:.0} MiB through edge + connector (separate processes, loopback)");
-    println!("  upload:   {:>7.1} MiB/s ({:.2?})", mib / up.as_secs_f64(), up);
-    println!("  download: {:>7.1} MiB/s ({:.2?})", mib / down.as_secs_f64(), down);
+    println!(
+        "  upload:   {:>7.1} MiB/s ({:.2?})",
+        mib / up.as_secs_f64(),
+        up
+    );
+    println!(
+        "  download: {:>7.1} MiB/s ({:.2?})",
+        mib / down.as_secs_f64(),
+        down
+    );
     println!("  peak RSS (VmHWM)       edge      connector");
-    println!("  after start        {:>7} KiB  {:>7} KiB", baseline.0, baseline.1);
-    println!("  after upload       {:>7} KiB  {:>7} KiB", after_up.0, after_up.1);
-    println!("  after download     {:>7} KiB  {:>7} KiB", after_down.0, after_down.1);
+    println!(
+        "  after start        {:>7} KiB  {:>7} KiB",
+        baseline.0, baseline.1
+    );
+    println!(
+        "  after upload       {:>7} KiB  {:>7} KiB",
+        after_up.0, after_up.1
+    );
+    println!(
+        "  after download     {:>7} KiB  {:>7} KiB",
+        after_down.0, after_down.1
+    );
     drop(edge);
     drop(connector);
     let _ = std::fs::remove_dir_all(&dir);

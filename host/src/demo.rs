@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuditConfig, ConnectorConfig, EdgeConfig, HostPattern, PluginConfig, TunnelConfig};
+use crate::config::{
+    AuditConfig, ConnectorConfig, EdgeConfig, HostPattern, PluginConfig, TunnelConfig,
+};
 use crate::connector::{Connector, ConnectorError};
 use crate::edge::{Edge, EdgeError};
 use crate::secret::Secret;
@@ -48,7 +50,9 @@ fn demo_plugins(dir: &Path) -> Result<Vec<PluginConfig>, DemoError> {
         if p.is_file() {
             Ok(p)
         } else {
-            Err(DemoError::MissingPlugins { dir: dir.display().to_string() })
+            Err(DemoError::MissingPlugins {
+                dir: dir.display().to_string(),
+            })
         }
     };
     let mut rewrite = PluginConfig::new("header-rewrite", path("header_rewrite")?);
@@ -59,7 +63,8 @@ fn demo_plugins(dir: &Path) -> Result<Vec<PluginConfig>, DemoError> {
     .to_string()
     .into_bytes();
     let mut audit = PluginConfig::new("audit-log", path("audit_log")?);
-    audit.config_json = br#"{"fields": ["method", "host", "path", "status", "duration_ms", "origin"]}"#.to_vec();
+    audit.config_json =
+        br#"{"fields": ["method", "host", "path", "status", "duration_ms", "origin"]}"#.to_vec();
     Ok(vec![rewrite, audit])
 }
 
@@ -100,13 +105,21 @@ impl Demo {
         if let Some(dir) = plugins {
             conn_cfg.plugins = demo_plugins(dir)?;
             conn_cfg.global_plugins = conn_cfg.plugins.iter().map(|p| p.name.clone()).collect();
-            conn_cfg.audit = AuditConfig { stdout: true, ..AuditConfig::default() };
+            conn_cfg.audit = AuditConfig {
+                stdout: true,
+                ..AuditConfig::default()
+            };
         }
         let connector = Connector::new(conn_cfg).await?;
 
         let http_addr = edge.http_addr().unwrap_or(loopback(http_port));
         let curl = format!("curl -H 'Host: {DEMO_HOST}' http://{http_addr}/hello");
-        Ok(Demo { http_addr, curl, edge, connector })
+        Ok(Demo {
+            http_addr,
+            curl,
+            edge,
+            connector,
+        })
     }
 
     /// Runs until `shutdown` is cancelled, announcing the curl command once the connector has

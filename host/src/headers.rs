@@ -36,7 +36,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(*name);
     }
-    let proxy: Vec<HeaderName> = headers.keys().filter(|n| n.as_str().starts_with("proxy-")).cloned().collect();
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
     for name in proxy {
         headers.remove(name);
     }
@@ -53,14 +57,23 @@ pub fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
     if !wants {
         return None;
     }
-    headers.get(http::header::UPGRADE)?.to_str().ok().map(|s| s.trim().to_string())
+    headers
+        .get(http::header::UPGRADE)?
+        .to_str()
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Headers as sent on the wire: lowercase names, repeated headers kept in order.
 pub fn to_wire(headers: &HeaderMap) -> Vec<(String, HeaderValueBytes)> {
     headers
         .iter()
-        .map(|(n, v)| (n.as_str().to_string(), HeaderValueBytes(v.as_bytes().to_vec())))
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                HeaderValueBytes(v.as_bytes().to_vec()),
+            )
+        })
         .collect()
 }
 
@@ -69,7 +82,10 @@ pub fn from_wire(wire: &[(String, HeaderValueBytes)]) -> (HeaderMap, usize) {
     let mut map = HeaderMap::with_capacity(wire.len());
     let mut invalid = 0;
     for (name, value) in wire {
-        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(&value.0)) {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(&value.0),
+        ) {
             (Ok(n), Ok(v)) => {
                 map.append(n, v);
             }
@@ -86,7 +102,10 @@ mod tests {
     #[test]
     fn strips_listed_and_standard_hop_headers() {
         let mut h = HeaderMap::new();
-        h.insert("connection", HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
@@ -102,7 +121,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("upgrade", HeaderValue::from_static("websocket"));
         assert_eq!(requested_upgrade(&h), None);
-        h.insert("connection", HeaderValue::from_static("keep-alive, Upgrade"));
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
         assert_eq!(requested_upgrade(&h).as_deref(), Some("websocket"));
     }
 

@@ -16,7 +16,15 @@ fn main() -> ExitCode {
     if let cli::Command::Check { config } = &cli.command {
         return check(config);
     }
-    if let cli::Command::Tunnel { action: cli::TunnelCommand::New { name, hostnames, token_file } } = &cli.command {
+    if let cli::Command::Tunnel {
+        action:
+            cli::TunnelCommand::New {
+                name,
+                hostnames,
+                token_file,
+            },
+    } = &cli.command
+    {
         return tunnel_new(name, hostnames, token_file.as_deref());
     }
     if let cli::Command::Plugin { action } = cli.command {
@@ -49,7 +57,11 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match config::load_any(path) {
         Ok(AnyConfig::Edge(c)) => {
-            println!("{}: valid edge config ({} tunnels)", path.display(), c.tunnels.len());
+            println!(
+                "{}: valid edge config ({} tunnels)",
+                path.display(),
+                c.tunnels.len()
+            );
             ExitCode::SUCCESS
         }
         Ok(AnyConfig::Connector(c)) => {
@@ -69,7 +81,15 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn plugin_command(action: cli::PluginCommand) -> ExitCode {
-    let cli::PluginCommand::Test { wasm, config, request, headers, status, grants, client } = action;
+    let cli::PluginCommand::Test {
+        wasm,
+        config,
+        request,
+        headers,
+        status,
+        grants,
+        client,
+    } = action;
     // Plugin logs go to stdout with the report, without timestamps.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
@@ -82,23 +102,29 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         let config_json = match config {
             None => b"{}".to_vec(),
             Some(c) if std::path::Path::new(&c).is_file() => {
-                let text = std::fs::read_to_string(&c).with_context(|| format!("cannot read {c}"))?;
+                let text =
+                    std::fs::read_to_string(&c).with_context(|| format!("cannot read {c}"))?;
                 if c.ends_with(".toml") {
-                    let table: toml::Table = toml::from_str(&text).with_context(|| format!("invalid TOML in {c}"))?;
+                    let table: toml::Table =
+                        toml::from_str(&text).with_context(|| format!("invalid TOML in {c}"))?;
                     serde_json::to_vec(&table)?
                 } else {
-                    serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("invalid JSON in {c}"))?;
+                    serde_json::from_str::<serde_json::Value>(&text)
+                        .with_context(|| format!("invalid JSON in {c}"))?;
                     text.into_bytes()
                 }
             }
             Some(inline) => {
-                serde_json::from_str::<serde_json::Value>(&inline).context("--config is neither a file nor valid JSON")?;
+                serde_json::from_str::<serde_json::Value>(&inline)
+                    .context("--config is neither a file nor valid JSON")?;
                 inline.into_bytes()
             }
         };
         let mut parsed = Vec::new();
         for h in headers {
-            let (n, v) = h.split_once(':').with_context(|| format!("invalid header {h:?}: expected \"name: value\""))?;
+            let (n, v) = h
+                .split_once(':')
+                .with_context(|| format!("invalid header {h:?}: expected \"name: value\""))?;
             parsed.push((n.to_string(), v.to_string()));
         }
         let mut g = sluice::config::Grants::default();
@@ -106,10 +132,20 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
             match grant.as_str() {
                 "client-addr" => g.client_addr = true,
                 "credentials" => g.credentials = true,
-                other => anyhow::bail!("unknown grant {other:?}: \"client-addr\" or \"credentials\""),
+                other => {
+                    anyhow::bail!("unknown grant {other:?}: \"client-addr\" or \"credentials\"")
+                }
             }
         }
-        Ok(sluice::plugin::tester::TestRun { wasm, config_json, request, headers: parsed, status, grants: g, client_addr: client })
+        Ok(sluice::plugin::tester::TestRun {
+            wasm,
+            config_json,
+            request,
+            headers: parsed,
+            status,
+            grants: g,
+            client_addr: client,
+        })
     };
     let test = match run() {
         Ok(t) => t,
@@ -118,7 +154,10 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e}");
@@ -154,7 +193,9 @@ fn tunnel_new(name: &str, hostnames: &[String], token_file: Option<&std::path::P
             println!("# Token for tunnel {name:?} written to {} (give it to the connector as token-file).", path.display());
         }
         None => {
-            println!("# Token for tunnel {name:?}: give it to the connector (token-file or token-env).");
+            println!(
+                "# Token for tunnel {name:?}: give it to the connector (token-file or token-env)."
+            );
             println!("# It is shown only this once; the edge keeps only its hash.");
             println!("{}", tunnel.token.expose());
         }
@@ -169,7 +210,11 @@ fn tunnel_new(name: &str, hostnames: &[String], token_file: Option<&std::path::P
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     writeln!(f, "{text}")
 }
 
@@ -179,7 +224,9 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
     match command {
         cli::Command::Edge { config } => {
             let cfg = EdgeConfig::load(&config)?;
-            let edge = sluice::edge::Edge::bind(cfg).await.context("failed to start the edge")?;
+            let edge = sluice::edge::Edge::bind(cfg)
+                .await
+                .context("failed to start the edge")?;
             let reloader = edge.reloader();
             tokio::spawn(on_sighup(config, move |path| {
                 let reloader = reloader.clone();
@@ -193,7 +240,9 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
         }
         cli::Command::Connector { config } => {
             let cfg = ConnectorConfig::load(&config)?;
-            let connector = sluice::connector::Connector::new(cfg).await.context("failed to start the connector")?;
+            let connector = sluice::connector::Connector::new(cfg)
+                .await
+                .context("failed to start the connector")?;
             let reloader = connector.reloader();
             tokio::spawn(on_sighup(config, move |path| {
                 let reloader = reloader.clone();
@@ -205,9 +254,15 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
             }));
             connector.run(shutdown).await?;
         }
-        cli::Command::Demo { port, plugins, no_plugins } => {
+        cli::Command::Demo {
+            port,
+            plugins,
+            no_plugins,
+        } => {
             let plugins = (!no_plugins).then_some(plugins.as_path());
-            let demo = sluice::demo::Demo::start(port, plugins).await.context("failed to start the demo")?;
+            let demo = sluice::demo::Demo::start(port, plugins)
+                .await
+                .context("failed to start the demo")?;
             demo.run(shutdown).await?;
         }
         cli::Command::Check { .. } | cli::Command::Tunnel { .. } | cli::Command::Plugin { .. } => {

@@ -31,15 +31,15 @@ pub fn recv_body_counted(recv: quinn::RecvStream, counter: Arc<AtomicU64>) -> Ht
     let stream = futures_util::stream::unfold(Some(recv), move |state| {
         let counter = counter.clone();
         async move {
-        let mut recv = state?;
-        match recv.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => {
-                counter.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                Some((Ok(Frame::data(chunk.bytes)), Some(recv)))
+            let mut recv = state?;
+            match recv.read_chunk(CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    counter.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                    Some((Ok(Frame::data(chunk.bytes)), Some(recv)))
+                }
+                Ok(None) => None,
+                Err(e) => Some((Err(BoxError::from(e)), None)),
             }
-            Ok(None) => None,
-            Err(e) => Some((Err(BoxError::from(e)), None)),
-        }
         }
     });
     BoxBody::new(StreamBody::new(stream))
@@ -52,7 +52,9 @@ pub fn empty() -> HttpBody {
 
 /// A body holding `data`.
 pub fn full(data: impl Into<Bytes>) -> HttpBody {
-    Full::new(data.into()).map_err(|never| match never {}).boxed()
+    Full::new(data.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// Why pumping a body into a QUIC stream stopped early.
@@ -98,7 +100,10 @@ where
 
 /// Keeps `guard` alive for as long as `body` is (an in-flight count, say).
 pub fn with_guard<G: Send + Sync + Unpin + 'static>(body: HttpBody, guard: G) -> HttpBody {
-    BoxBody::new(Guarded { body, _guard: guard })
+    BoxBody::new(Guarded {
+        body,
+        _guard: guard,
+    })
 }
 
 struct Guarded<G> {

@@ -88,7 +88,9 @@ fn transport() -> quinn::TransportConfig {
     t.max_concurrent_uni_streams(0u32.into());
     t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
     // Infallible: 30 s is far below the VarInt limit.
-    t.max_idle_timeout(Some(quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30)).expect("30s fits")));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30)).expect("30s fits"),
+    ));
     t.stream_receive_window((1u32 << 20).into());
     t.receive_window((16u32 << 20).into());
     t.send_window(16 << 20);
@@ -119,7 +121,9 @@ pub fn origin_client(
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
             .with_no_client_auth()
     } else {
-        builder.with_root_certificates(roots_with(extra_ca)?).with_no_client_auth()
+        builder
+            .with_root_certificates(roots_with(extra_ca)?)
+            .with_no_client_auth()
     };
     Ok(tls)
 }
@@ -146,7 +150,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -155,7 +164,12 @@ impl ServerCertVerifier for AcceptAnyCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -165,7 +179,9 @@ impl ServerCertVerifier for AcceptAnyCert {
 
 /// A self-signed identity for the given names (the demo and tests).
 pub fn self_signed(names: &[&str]) -> Result<TlsIdentity, rcgen::Error> {
-    let ck = rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+    let ck = rcgen::generate_simple_self_signed(
+        names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    )?;
     Ok(TlsIdentity {
         chain: vec![ck.cert.der().clone()],
         key: rustls::pki_types::PrivateKeyDer::Pkcs8(ck.key_pair.serialize_der().into()),

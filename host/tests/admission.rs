@@ -40,7 +40,10 @@ async fn connector_limit_refuses_excess_at_once_and_memory_stays_flat() {
     let arrived = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(Notify::new());
     let origin = gated_origin(arrived.clone(), release.clone()).await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| c.admin_listen = Some(loopback())).await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
+        c.admin_listen = Some(loopback())
+    })
+    .await;
     let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("slow", origin)], vec![]);
     cfg.max_concurrent_requests = LIMIT;
     cfg.admin_listen = Some(loopback());
@@ -49,11 +52,15 @@ async fn connector_limit_refuses_excess_at_once_and_memory_stays_flat() {
     let state = connector.state();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(connector.run(stop.clone()));
-    tokio::time::timeout(WAIT, state.wait_registered(2)).await.unwrap();
+    tokio::time::timeout(WAIT, state.wait_registered(2))
+        .await
+        .unwrap();
 
     // Fill the limit with requests the origin holds.
     let http = edge.http;
-    let held: Vec<_> = (0..LIMIT).map(|_| tokio::spawn(async move { get(http, "app.test", "/").await })).collect();
+    let held: Vec<_> = (0..LIMIT)
+        .map(|_| tokio::spawn(async move { get(http, "app.test", "/").await }))
+        .collect();
     tokio::time::timeout(WAIT, async {
         while arrived.load(Ordering::SeqCst) < LIMIT {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -64,21 +71,39 @@ async fn connector_limit_refuses_excess_at_once_and_memory_stays_flat() {
 
     // Many more clients than the limit: every one is refused while the first are still held.
     let before = rss_kib();
-    let excess: Vec<_> = (0..CLIENTS).map(|_| tokio::spawn(async move { get(http, "app.test", "/").await })).collect();
+    let excess: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(async move { get(http, "app.test", "/").await }))
+        .collect();
     for r in excess {
         let reply = r.await.unwrap();
         assert_eq!(reply.status, 503, "{}", reply.text());
         assert_eq!(reply.headers["retry-after"], "1");
-        assert!(reply.text().contains("max-concurrent-requests = 20"), "{}", reply.text());
+        assert!(
+            reply.text().contains("max-concurrent-requests = 20"),
+            "{}",
+            reply.text()
+        );
     }
     let after = rss_kib();
-    assert_eq!(arrived.load(Ordering::SeqCst), LIMIT, "refused requests must never reach the origin");
+    assert_eq!(
+        arrived.load(Ordering::SeqCst),
+        LIMIT,
+        "refused requests must never reach the origin"
+    );
     // Nothing is queued: a few hundred refused requests cost no lasting memory (the bound is
     // loose on purpose; the point is that it does not scale with the requests refused).
-    assert!(after < before + 32 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    assert!(
+        after < before + 32 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
 
     let metrics = get(admin, "admin", "/metrics").await.text();
-    assert!(metrics.contains(&format!(r#"sluice_connector_rejected_requests_total{{kind="limit"}} {CLIENTS}"#)), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            r#"sluice_connector_rejected_requests_total{{kind="limit"}} {CLIENTS}"#
+        )),
+        "{metrics}"
+    );
 
     // Released, the held requests complete, and capacity returns.
     release.notify_waiters();
@@ -108,11 +133,20 @@ async fn edge_limits_each_tunnel() {
     limited.max_concurrent_requests = 3;
     let other = tunnel("other", "o", &["other.test"]);
     let edge = start_edge(vec![limited, other], |c| c.admin_listen = Some(loopback())).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("slow", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("slow", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
 
     let http = edge.http;
-    let held: Vec<_> = (0..3).map(|_| tokio::spawn(async move { get(http, "app.test", "/").await })).collect();
+    let held: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(async move { get(http, "app.test", "/").await }))
+        .collect();
     tokio::time::timeout(WAIT, async {
         while arrived.load(Ordering::SeqCst) < 3 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -123,11 +157,17 @@ async fn edge_limits_each_tunnel() {
     let reply = get(http, "app.test", "/").await;
     assert_eq!(reply.status, 503);
     assert_eq!(reply.headers["retry-after"], "1");
-    assert_eq!(reply.text(), "sluice: tunnel app is at its limit of 3 concurrent requests\n");
+    assert_eq!(
+        reply.text(),
+        "sluice: tunnel app is at its limit of 3 concurrent requests\n"
+    );
     // Another tunnel is not affected by this one's limit.
     assert_eq!(get(http, "other.test", "/").await.status, 502);
     let metrics = get(edge.admin.unwrap(), "admin", "/metrics").await.text();
-    assert!(metrics.contains(r#"sluice_edge_rejected_requests_total{kind="tunnel-limit"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"sluice_edge_rejected_requests_total{kind="tunnel-limit"} 1"#),
+        "{metrics}"
+    );
     release.notify_waiters();
     for h in held {
         assert_eq!(h.await.unwrap().status, 200);

@@ -17,13 +17,27 @@ fn invalid_configs_print_their_exact_error() {
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     files.sort();
-    assert!(files.len() >= 15, "expected the golden files, found {}", files.len());
+    assert!(
+        files.len() >= 15,
+        "expected the golden files, found {}",
+        files.len()
+    );
     for file in &files {
         let expected = std::fs::read_to_string(file.with_extension("err"))
             .unwrap_or_else(|_| panic!("{} has no .err file", file.display()));
-        let out = sluice().arg("check").arg("--config").arg(file).output().unwrap();
+        let out = sluice()
+            .arg("check")
+            .arg("--config")
+            .arg(file)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{} was accepted", file.display());
-        assert_eq!(String::from_utf8_lossy(&out.stderr), expected, "for {}", file.display());
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            expected,
+            "for {}",
+            file.display()
+        );
     }
 }
 
@@ -35,9 +49,19 @@ fn check_accepts_a_valid_file() {
         "tunnel = \"app\"\ntoken = \"x\"\nedges = [\"127.0.0.1:7844\"]\n[[ingress]]\norigin = \"hello\"\n",
     )
     .unwrap();
-    let out = sluice().arg("check").arg("--config").arg(dir.join("connector.toml")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("valid connector config (1 origins, 1 ingress rules)"));
+    let out = sluice()
+        .arg("check")
+        .arg("--config")
+        .arg(dir.join("connector.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("valid connector config (1 origins, 1 ingress rules)"));
 }
 
 /// The examples reference certificates and token files an operator would provide; this test

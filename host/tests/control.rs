@@ -13,7 +13,9 @@ async fn send_garbage(edge: &EdgeHandle, bytes: &[u8]) -> quinn::ConnectionError
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
     send.finish().unwrap();
-    tokio::time::timeout(WAIT, conn.closed()).await.expect("edge kept a bad connection open")
+    tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("edge kept a bad connection open")
 }
 
 fn closed_with(err: &quinn::ConnectionError, code: quinn::VarInt) -> bool {
@@ -25,28 +27,47 @@ async fn bad_control_streams_close_only_their_connection() {
     let (logs, _guard) = capture_logs();
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let good = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
+    let good = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
     good.registered(2).await;
 
     // Wrong ALPN: the handshake itself fails.
     let ep = raw_quic_client(&edge, b"http/1.1");
     let attempt = ep.connect(edge.quic, "localhost").unwrap().await;
-    assert!(attempt.is_err(), "a connection with the wrong ALPN was accepted");
+    assert!(
+        attempt.is_err(),
+        "a connection with the wrong ALPN was accepted"
+    );
     logs.wait_for("connector handshake failed").await;
 
     // Truncated frame: a length prefix promising more than arrives.
     let err = send_garbage(&edge, &[0, 0, 0, 50, b'{']).await;
-    assert!(closed_with(&err, sluice::proto::code::CLOSE_PROTOCOL), "{err}");
+    assert!(
+        closed_with(&err, sluice::proto::code::CLOSE_PROTOCOL),
+        "{err}"
+    );
     logs.wait_for("stream ended inside a frame").await;
 
     // Oversized length.
     let err = send_garbage(&edge, &u32::MAX.to_be_bytes()).await;
-    assert!(closed_with(&err, sluice::proto::code::CLOSE_PROTOCOL), "{err}");
+    assert!(
+        closed_with(&err, sluice::proto::code::CLOSE_PROTOCOL),
+        "{err}"
+    );
     logs.wait_for("exceeds the 65536-byte limit").await;
 
     // Not JSON at all.
     let err = send_garbage(&edge, &[0, 0, 0, 4, 0xde, 0xad, 0xbe, 0xef]).await;
-    assert!(closed_with(&err, sluice::proto::code::CLOSE_PROTOCOL), "{err}");
+    assert!(
+        closed_with(&err, sluice::proto::code::CLOSE_PROTOCOL),
+        "{err}"
+    );
     logs.wait_for("malformed frame").await;
 
     // Unknown protocol version: refused with a reason.
@@ -55,14 +76,22 @@ async fn bad_control_streams_close_only_their_connection() {
     }))
     .unwrap();
     let err = send_garbage(&edge, &frame).await;
-    assert!(closed_with(&err, sluice::proto::code::CLOSE_REJECTED), "{err}");
+    assert!(
+        closed_with(&err, sluice::proto::code::CLOSE_REJECTED),
+        "{err}"
+    );
     logs.wait_for("protocol version 99 is not supported").await;
 
     // An unknown message kind instead of register.
-    let frame = sluice::proto::encode(&serde_json::json!({"type": "hello-from-the-future"})).unwrap();
+    let frame =
+        sluice::proto::encode(&serde_json::json!({"type": "hello-from-the-future"})).unwrap();
     let err = send_garbage(&edge, &frame).await;
-    assert!(closed_with(&err, sluice::proto::code::CLOSE_REJECTED), "{err}");
-    logs.wait_for("expected register as the first control message").await;
+    assert!(
+        closed_with(&err, sluice::proto::code::CLOSE_REJECTED),
+        "{err}"
+    );
+    logs.wait_for("expected register as the first control message")
+        .await;
 
     // The registered connector was never disturbed.
     assert_eq!(good.state.registered(), 2);
@@ -84,17 +113,28 @@ async fn unknown_control_messages_after_registration_are_ignored() {
         connector_id: "raw".into(),
         conn_index: 0,
     });
-    sluice::proto::io::write_frame(&mut send, &reg).await.unwrap();
+    sluice::proto::io::write_frame(&mut send, &reg)
+        .await
+        .unwrap();
     let answer: sluice::proto::Control = sluice::proto::io::read_frame(&mut recv).await.unwrap();
-    assert!(matches!(answer, sluice::proto::Control::Registered(_)), "{answer:?}");
+    assert!(
+        matches!(answer, sluice::proto::Control::Registered(_)),
+        "{answer:?}"
+    );
     let future = sluice::proto::encode(&serde_json::json!({"type": "stats", "rtt": 3})).unwrap();
     send.write_all(&future).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    assert!(conn.close_reason().is_none(), "edge closed the connection over an unknown message");
+    assert!(
+        conn.close_reason().is_none(),
+        "edge closed the connection over an unknown message"
+    );
     // The raw connection is a registered route now: a request reaches it as a stream.
     let http = edge.http;
     let request = tokio::spawn(async move { get(http, "app.test", "/").await });
-    let (mut rs, mut rr) = tokio::time::timeout(WAIT, conn.accept_bi()).await.unwrap().unwrap();
+    let (mut rs, mut rr) = tokio::time::timeout(WAIT, conn.accept_bi())
+        .await
+        .unwrap()
+        .unwrap();
     let head: sluice::proto::RequestHead = sluice::proto::io::read_frame(&mut rr).await.unwrap();
     assert_eq!(head.authority, "app.test");
     let resp = sluice::proto::ResponseHead {
@@ -102,7 +142,9 @@ async fn unknown_control_messages_after_registration_are_ignored() {
         headers: vec![("content-length".into(), "2".into())],
         source: sluice::proto::ResponseSource::Origin,
     };
-    sluice::proto::io::write_frame(&mut rs, &resp).await.unwrap();
+    sluice::proto::io::write_frame(&mut rs, &resp)
+        .await
+        .unwrap();
     rs.write_all(b"ok").await.unwrap();
     rs.finish().unwrap();
     let reply = request.await.unwrap();

@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 #[tokio::test]
 async fn demo_prints_a_working_curl_command() {
-    let plugin_dir = support::example_plugin("header-rewrite").parent().unwrap().to_path_buf();
+    let plugin_dir = support::example_plugin("header-rewrite")
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let mut child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["demo", "--port", "0", "--plugins"])
         .arg(&plugin_dir)
@@ -26,7 +29,9 @@ async fn demo_prints_a_working_curl_command() {
         }
     });
     let line = loop {
-        let next = tokio::time::timeout(support::WAIT, lines.recv()).await.expect("demo printed no curl line");
+        let next = tokio::time::timeout(support::WAIT, lines.recv())
+            .await
+            .expect("demo printed no curl line");
         let line = next.expect("demo exited before printing a curl line");
         if line.starts_with("curl ") {
             break line;
@@ -34,7 +39,14 @@ async fn demo_prints_a_working_curl_command() {
     };
 
     // curl -H 'Host: NAME' http://ADDR/PATH
-    let host = line.split("Host: ").nth(1).unwrap().split('\'').next().unwrap().to_string();
+    let host = line
+        .split("Host: ")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .next()
+        .unwrap()
+        .to_string();
     let url = line.split_whitespace().last().unwrap();
     let rest = url.strip_prefix("http://").unwrap();
     let (addr, path) = rest.split_at(rest.find('/').unwrap());
@@ -44,11 +56,19 @@ async fn demo_prints_a_working_curl_command() {
     assert_eq!(json["path"], path);
     assert_eq!(json["headers"]["host"][0], host.as_str());
     // The header-rewrite plugin's header reached the origin, and its response header the client.
-    assert_eq!(json["headers"]["x-sluice-demo"][0], "hello from the header-rewrite plugin");
-    assert_eq!(reply.headers["x-sluice-plugins"], "header-rewrite, audit-log");
+    assert_eq!(
+        json["headers"]["x-sluice-demo"][0],
+        "hello from the header-rewrite plugin"
+    );
+    assert_eq!(
+        reply.headers["x-sluice-plugins"],
+        "header-rewrite, audit-log"
+    );
     // The audit-log plugin wrote an audit line on stdout.
     let audit = loop {
-        let next = tokio::time::timeout(support::WAIT, lines.recv()).await.expect("no audit line on stdout");
+        let next = tokio::time::timeout(support::WAIT, lines.recv())
+            .await
+            .expect("no audit line on stdout");
         let line = next.expect("demo exited");
         if line.starts_with('{') {
             break line;
@@ -59,7 +79,10 @@ async fn demo_prints_a_working_curl_command() {
     assert_eq!(event["attributes"]["path"], path);
     assert_eq!(event["attributes"]["status"], "200");
 
-    let status = Command::new("sh").args(["-c", &format!("kill -TERM {}", child.id())]).status().unwrap();
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", child.id())])
+        .status()
+        .unwrap();
     assert!(status.success());
     let start = Instant::now();
     loop {
@@ -67,7 +90,10 @@ async fn demo_prints_a_working_curl_command() {
             assert!(status.success(), "demo exited with {status}");
             break;
         }
-        assert!(start.elapsed() < support::WAIT, "demo did not stop on SIGTERM");
+        assert!(
+            start.elapsed() < support::WAIT,
+            "demo did not stop on SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

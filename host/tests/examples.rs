@@ -46,9 +46,16 @@ async fn header_rewrite_edits_requests_and_responses() {
             "response": {"set": {"x-served-by": "sluice"}},
         }),
     );
-    p.grants = Grants { client_addr: true, credentials: false };
+    p.grants = Grants {
+        client_addr: true,
+        credentials: false,
+    };
     let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
-    let req = Request::get("/").header("host", "app.test").header("x-internal", "secret").body(Full::default()).unwrap();
+    let req = Request::get("/")
+        .header("host", "app.test")
+        .header("x-internal", "secret")
+        .body(Full::default())
+        .unwrap();
     let reply = send(edge.http, req).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.echoed("x-request"), reply.echoed("sluice-request-id"));
@@ -69,7 +76,11 @@ async fn origin_router_routes_splits_and_sticks() {
         }),
     );
     let (edge, conn) = tunnel_with(vec![p], &["beta", "canary"], |_| {}).await;
-    let req = Request::get("/").header("host", "app.test").header("x-beta", "1").body(Full::default()).unwrap();
+    let req = Request::get("/")
+        .header("host", "app.test")
+        .header("x-beta", "1")
+        .body(Full::default())
+        .unwrap();
     assert_eq!(send(edge.http, req).await.json()["origin"], "beta");
 
     let mut canary = 0;
@@ -79,18 +90,32 @@ async fn origin_router_routes_splits_and_sticks() {
         let pick = |user: String| {
             let http = edge.http;
             async move {
-                let req = Request::get("/").header("host", "app.test").header("x-user", user).body(Full::default()).unwrap();
-                send(http, req).await.json()["origin"].as_str().unwrap().to_string()
+                let req = Request::get("/")
+                    .header("host", "app.test")
+                    .header("x-user", user)
+                    .body(Full::default())
+                    .unwrap();
+                send(http, req).await.json()["origin"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
             }
         };
         let first = pick(user.clone()).await;
-        assert_eq!(pick(user).await, first, "the same user must stay on the same origin");
+        assert_eq!(
+            pick(user).await,
+            first,
+            "the same user must stay on the same origin"
+        );
         if first == "canary" {
             canary += 1;
         }
     }
     // 20 % of 200 users is 40; allow for the spread of a hash over 200 keys.
-    assert!((20..=60).contains(&canary), "canary got {canary} of {USERS} users");
+    assert!(
+        (20..=60).contains(&canary),
+        "canary got {canary} of {USERS} users"
+    );
     conn.stop().await;
 }
 
@@ -100,16 +125,33 @@ async fn audit_log_writes_one_event_per_request() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("audit.jsonl");
     let _ = std::fs::remove_file(&file);
-    let p = example("audit-log", serde_json::json!({"fields": ["method", "path", "status", "origin"], "headers": ["user-agent"]}));
+    let p = example(
+        "audit-log",
+        serde_json::json!({"fields": ["method", "path", "status", "origin"], "headers": ["user-agent"]}),
+    );
     let f = file.clone();
-    let (edge, conn) = tunnel_with(vec![p], &[], move |c| c.audit = AuditConfig { stdout: false, file: Some(f), queue: 16 }).await;
+    let (edge, conn) = tunnel_with(vec![p], &[], move |c| {
+        c.audit = AuditConfig {
+            stdout: false,
+            file: Some(f),
+            queue: 16,
+        }
+    })
+    .await;
     for i in 0..5 {
-        let req = Request::post(format!("/orders/{i}")).header("host", "app.test").header("user-agent", "tester/1").body(Full::from("x")).unwrap();
+        let req = Request::post(format!("/orders/{i}"))
+            .header("host", "app.test")
+            .header("user-agent", "tester/1")
+            .body(Full::from("x"))
+            .unwrap();
         assert_eq!(send(edge.http, req).await.status, 200);
     }
     conn.stop().await;
     let text = std::fs::read_to_string(&file).unwrap();
-    let events: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(events.len(), 5, "{text}");
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["plugin"], "audit-log");
@@ -133,7 +175,10 @@ async fn access_guard_refuses_and_admits() {
             "jwt": {"secret": SECRET, "issuer": "https://id.example.com", "audience": "app"},
         }),
     );
-    p.grants = Grants { client_addr: false, credentials: true };
+    p.grants = Grants {
+        client_addr: false,
+        credentials: true,
+    };
     let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
     let with = |auth: Option<String>| {
         let mut b = Request::get("/private").header("host", "app.test");
@@ -145,14 +190,32 @@ async fn access_guard_refuses_and_admits() {
 
     let reply = send(edge.http, with(None)).await;
     assert_eq!(reply.status, 401);
-    assert_eq!(reply.headers["www-authenticate"], r#"Bearer realm="sluice""#);
-    assert_eq!(send(edge.http, with(Some("Bearer wrong-token-0123456789".into()))).await.status, 403);
+    assert_eq!(
+        reply.headers["www-authenticate"],
+        r#"Bearer realm="sluice""#
+    );
+    assert_eq!(
+        send(
+            edge.http,
+            with(Some("Bearer wrong-token-0123456789".into()))
+        )
+        .await
+        .status,
+        403
+    );
 
-    let reply = send(edge.http, with(Some("Bearer static-token-0123456789".into()))).await;
+    let reply = send(
+        edge.http,
+        with(Some("Bearer static-token-0123456789".into())),
+    )
+    .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["path"], "/private");
 
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let good = access_guard::sign_hs256(
         SECRET,
         &serde_json::json!({"sub": "ada", "iss": "https://id.example.com", "aud": "app", "exp": now + 300}),
@@ -164,15 +227,28 @@ async fn access_guard_refuses_and_admits() {
         SECRET,
         &serde_json::json!({"sub": "ada", "iss": "https://id.example.com", "aud": "app", "exp": now - 3600}),
     );
-    assert_eq!(send(edge.http, with(Some(format!("Bearer {expired}")))).await.status, 403);
+    assert_eq!(
+        send(edge.http, with(Some(format!("Bearer {expired}"))))
+            .await
+            .status,
+        403
+    );
     conn.stop().await;
 }
 
 #[test]
 fn plugin_test_command_reports_decisions_logs_and_audit() {
     let run = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice")).args(["plugin", "test"]).args(args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["plugin", "test"])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let rewrite = example_plugin("header-rewrite");
     let (ok, stdout, stderr) = run(&[
@@ -205,21 +281,50 @@ fn plugin_test_command_reports_decisions_logs_and_audit() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("audit.toml");
     std::fs::write(&cfg, "kind = \"seen\"\nfields = [\"method\", \"status\"]\n").unwrap();
-    let (ok, stdout, _) = run(&[example_plugin("audit-log").to_str().unwrap(), "--config", cfg.to_str().unwrap(), "--status", "404"]);
+    let (ok, stdout, _) = run(&[
+        example_plugin("audit-log").to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--status",
+        "404",
+    ]);
     assert!(ok);
-    assert!(stdout.contains(r#"  audit seen {"method":"GET","status":"404"}"#), "{stdout}");
+    assert!(
+        stdout.contains(r#"  audit seen {"method":"GET","status":"404"}"#),
+        "{stdout}"
+    );
 
     // A local answer, and what the plugin sees without and with the credentials grant.
     let guard = example_plugin("access-guard");
     let guard_cfg = r#"{"tokens": ["static-token-0123456789"]}"#;
-    let (_, stdout, _) = run(&[guard.to_str().unwrap(), "--config", guard_cfg, "-H", "authorization: Bearer static-token-0123456789"]);
-    assert!(stdout.contains("  respond 401 with"), "without the grant the token is hidden: {stdout}");
-    let (_, stdout, _) = run(&[guard.to_str().unwrap(), "--config", guard_cfg, "-H", "authorization: Bearer static-token-0123456789", "--grant", "credentials"]);
+    let (_, stdout, _) = run(&[
+        guard.to_str().unwrap(),
+        "--config",
+        guard_cfg,
+        "-H",
+        "authorization: Bearer static-token-0123456789",
+    ]);
+    assert!(
+        stdout.contains("  respond 401 with"),
+        "without the grant the token is hidden: {stdout}"
+    );
+    let (_, stdout, _) = run(&[
+        guard.to_str().unwrap(),
+        "--config",
+        guard_cfg,
+        "-H",
+        "authorization: Bearer static-token-0123456789",
+        "--grant",
+        "credentials",
+    ]);
     assert!(stdout.contains("  no change"), "{stdout}");
 
     // A rejected configuration: non-zero exit, the plugin's own message.
     let (ok, _, stderr) = run(&[guard.to_str().unwrap(), "--config", "{}"]);
     assert!(!ok);
-    assert_eq!(stderr.trim(), r#"error: plugin "access_guard" rejected its configuration: "configure `tokens`, `jwt`, or both""#);
+    assert_eq!(
+        stderr.trim(),
+        r#"error: plugin "access_guard" rejected its configuration: "configure `tokens`, `jwt`, or both""#
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

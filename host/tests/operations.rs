@@ -11,7 +11,11 @@ use tokio::sync::mpsc;
 
 /// An origin named `name`: `/slow` answers after `delay` (announcing itself on `started`
 /// first), anything else at once; the body is the origin's name.
-async fn named_origin(name: &'static str, delay: Duration, started: mpsc::UnboundedSender<&'static str>) -> std::net::SocketAddr {
+async fn named_origin(
+    name: &'static str,
+    delay: Duration,
+    started: mpsc::UnboundedSender<&'static str>,
+) -> std::net::SocketAddr {
     start_origin(move |req: Request<Incoming>| {
         let started = started.clone();
         async move {
@@ -31,25 +35,54 @@ async fn draining_connector_finishes_in_flight_and_gets_no_new_requests() {
     let a = named_origin("a", Duration::from_millis(1500), tx.clone()).await;
     let b = named_origin("b", Duration::from_millis(1500), tx).await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let ca = start_connector(connector_config(&edge, "app", "t", vec![http_origin("a", a)], vec![])).await;
-    let cb = start_connector(connector_config(&edge, "app", "t", vec![http_origin("b", b)], vec![])).await;
+    let ca = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("a", a)],
+        vec![],
+    ))
+    .await;
+    let cb = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("b", b)],
+        vec![],
+    ))
+    .await;
     ca.registered(2).await;
     cb.registered(2).await;
 
     let http = edge.http;
     let slow = tokio::spawn(async move { get(http, "app.test", "/slow").await });
-    let busy = tokio::time::timeout(WAIT, started.recv()).await.unwrap().unwrap();
-    let (draining, other, other_name) = if busy == "a" { (ca, cb, "b") } else { (cb, ca, "a") };
+    let busy = tokio::time::timeout(WAIT, started.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let (draining, other, other_name) = if busy == "a" {
+        (ca, cb, "b")
+    } else {
+        (cb, ca, "a")
+    };
 
     // SIGTERM equivalent: the connector drains but its in-flight request goes on.
     draining.shutdown.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..6 {
         let reply = get(edge.http, "app.test", "/").await;
-        assert_eq!((reply.status, reply.text().as_str()), (200, other_name), "a new request went to the draining connector");
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (200, other_name),
+            "a new request went to the draining connector"
+        );
     }
     let reply = tokio::time::timeout(WAIT, slow).await.unwrap().unwrap();
-    assert_eq!((reply.status, reply.text().as_str()), (200, busy), "the in-flight request did not complete");
+    assert_eq!(
+        (reply.status, reply.text().as_str()),
+        (200, busy),
+        "the in-flight request did not complete"
+    );
     // Once idle, the draining connector exits well before its 30 s grace period.
     tokio::time::timeout(Duration::from_secs(10), draining.task)
         .await
@@ -61,7 +94,10 @@ async fn draining_connector_finishes_in_flight_and_gets_no_new_requests() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let reply = get(edge.http, "app.test", "/").await;
     assert_eq!(reply.status, 502, "{}", reply.text());
-    tokio::time::timeout(WAIT, other.task).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, other.task)
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
@@ -69,17 +105,33 @@ async fn edge_shutdown_lets_in_flight_requests_finish() {
     let (tx, mut started) = mpsc::unbounded_channel();
     let o = named_origin("o", Duration::from_millis(800), tx).await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", o)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("o", o)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
 
     let http = edge.http;
     let slow = tokio::spawn(async move { get(http, "app.test", "/slow").await });
-    tokio::time::timeout(WAIT, started.recv()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, started.recv())
+        .await
+        .unwrap()
+        .unwrap();
     edge.shutdown.cancel();
     let reply = tokio::time::timeout(WAIT, slow).await.unwrap().unwrap();
     assert_eq!((reply.status, reply.text().as_str()), (200, "o"));
-    tokio::time::timeout(WAIT, edge.task).await.expect("edge did not stop").unwrap();
-    assert!(tokio::net::TcpStream::connect(http).await.is_err(), "the edge still accepts clients");
+    tokio::time::timeout(WAIT, edge.task)
+        .await
+        .expect("edge did not stop")
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(http).await.is_err(),
+        "the edge still accepts clients"
+    );
     conn.stop().await;
 }
 
@@ -89,11 +141,22 @@ async fn tunnel_new_creates_a_token_the_edge_accepts() {
         .args(["tunnel", "new", "shop", "--hostname", "shop.test"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let token = stdout.lines().find(|l| !l.starts_with('#') && !l.is_empty()).unwrap().to_string();
+    let token = stdout
+        .lines()
+        .find(|l| !l.starts_with('#') && !l.is_empty())
+        .unwrap()
+        .to_string();
     let block = &stdout[stdout.find("[[tunnel]]").unwrap()..];
-    assert!(!block.contains(&token), "the edge block must not hold the token");
+    assert!(
+        !block.contains(&token),
+        "the edge block must not hold the token"
+    );
 
     // Route: the block goes into an edge file as printed.
     let dir = std::env::temp_dir().join(format!("sluice-tunnel-new-{}", std::process::id()));
@@ -123,7 +186,14 @@ async fn tunnel_new_creates_a_token_the_edge_accepts() {
 
     // Run: a connector with the printed token registers and serves.
     let origin = echo_origin("shop").await;
-    let conn = start_connector(connector_config(&handle, "shop", &token, vec![http_origin("shop", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &handle,
+        "shop",
+        &token,
+        vec![http_origin("shop", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
     let reply = get(handle.http, "shop.test", "/").await;
     assert_eq!(reply.status, 200);
@@ -140,8 +210,14 @@ async fn admin_get(addr: std::net::SocketAddr, path: &str) -> Reply {
 #[tokio::test]
 async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     let origin = echo_origin("web").await;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| c.admin_listen = Some(loopback())).await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
+        c.admin_listen = Some(loopback())
+    })
+    .await;
     let edge_admin = edge.admin.unwrap();
 
     let mut cfg = connector_config(
@@ -158,7 +234,9 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     let state = connector.state();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(connector.run(stop.clone()));
-    tokio::time::timeout(WAIT, state.wait_registered(2)).await.unwrap();
+    tokio::time::timeout(WAIT, state.wait_registered(2))
+        .await
+        .unwrap();
 
     assert_eq!(admin_get(edge_admin, "/live").await.status, 200);
     assert_eq!(admin_get(edge_admin, "/ready").await.status, 200);
@@ -172,7 +250,14 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     assert_eq!(get(edge.http, "app.test", "/down").await.status, 502);
     assert_eq!(get(edge.http, "nope.test", "/").await.status, 404);
     // A connector with a wrong token counts as a registration failure on both sides.
-    let bad = start_connector(connector_config(&edge, "app", "wrong", vec![http_origin("web", origin)], vec![])).await;
+    let bad = start_connector(connector_config(
+        &edge,
+        "app",
+        "wrong",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     bad.stop().await;
 
@@ -186,7 +271,10 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
         "sluice_edge_streams_in_flight 0",
         r#"sluice_edge_registration_failures_total{kind="unauthorized"}"#,
     ] {
-        assert!(edge_metrics.contains(line), "edge metrics lack {line:?}:\n{edge_metrics}");
+        assert!(
+            edge_metrics.contains(line),
+            "edge metrics lack {line:?}:\n{edge_metrics}"
+        );
     }
     let conn_metrics = admin_get(conn_admin, "/metrics").await.text();
     for line in [
@@ -196,18 +284,29 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
         "sluice_connector_registered_connections 2",
         "sluice_connector_streams_in_flight 0",
     ] {
-        assert!(conn_metrics.contains(line), "connector metrics lack {line:?}:\n{conn_metrics}");
+        assert!(
+            conn_metrics.contains(line),
+            "connector metrics lack {line:?}:\n{conn_metrics}"
+        );
     }
 
     // Shutting down: the connector is no longer ready.
     stop.cancel();
-    tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     edge.shutdown.cancel();
 }
 
 #[tokio::test]
 async fn connector_not_ready_until_registered() {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut cfg = sluice::config::ConnectorConfig::new("app", sluice::secret::Secret::new("t"));
     cfg.edges = vec![format!("127.0.0.1:{port}")];
     cfg.admin_listen = Some(loopback());
@@ -220,37 +319,87 @@ async fn connector_not_ready_until_registered() {
     let ready = admin_get(admin, "/ready").await;
     assert_eq!((ready.status, ready.text().as_str()), (503, "not ready\n"));
     stop.cancel();
-    tokio::time::timeout(WAIT, task).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]
 async fn access_log_has_one_line_per_request_and_can_be_switched_off() {
     let (logs, _guard) = capture_logs();
     let origin = echo_origin("web").await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"]), tunnel("quiet", "q", &["quiet.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
-    let mut quiet_cfg = connector_config(&edge, "quiet", "q", vec![http_origin("web", origin)], vec![]);
+    let edge = start_edge(
+        vec![
+            tunnel("app", "t", &["app.test"]),
+            tunnel("quiet", "q", &["quiet.test"]),
+        ],
+        |_| {},
+    )
+    .await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
+    let mut quiet_cfg = connector_config(
+        &edge,
+        "quiet",
+        "q",
+        vec![http_origin("web", origin)],
+        vec![],
+    );
     quiet_cfg.access_log = false;
     let quiet = start_connector(quiet_cfg).await;
     conn.registered(1).await;
     quiet.registered(1).await;
 
     let reply = get(edge.http, "app.test", "/logged?q=1").await;
-    let id = reply.headers["sluice-request-id"].to_str().unwrap().to_string();
+    let id = reply.headers["sluice-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
     get(edge.http, "quiet.test", "/silent").await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let text = logs.text();
-    let lines: Vec<&str> = text.lines().filter(|l| l.contains("sluice::access") && l.contains(&id)).collect();
-    assert_eq!(lines.len(), 2, "one access line from the edge and one from the connector:\n{text}");
-    let connector_line = lines.iter().find(|l| l.contains("origin=web")).expect("connector line names the origin");
-    for field in ["method=GET", "host=app.test", "path=/logged?q=1", "status=200", "duration_ms=", "origin=web"] {
-        assert!(connector_line.contains(field), "{field} missing from {connector_line}");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sluice::access") && l.contains(&id))
+        .collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one access line from the edge and one from the connector:\n{text}"
+    );
+    let connector_line = lines
+        .iter()
+        .find(|l| l.contains("origin=web"))
+        .expect("connector line names the origin");
+    for field in [
+        "method=GET",
+        "host=app.test",
+        "path=/logged?q=1",
+        "status=200",
+        "duration_ms=",
+        "origin=web",
+    ] {
+        assert!(
+            connector_line.contains(field),
+            "{field} missing from {connector_line}"
+        );
     }
     let connector_lines_for_quiet = text
         .lines()
         .filter(|l| l.contains("sluice::access") && l.contains("/silent") && l.contains("origin="))
         .count();
-    assert_eq!(connector_lines_for_quiet, 0, "access-log = false must silence the connector's access line");
+    assert_eq!(
+        connector_lines_for_quiet, 0,
+        "access-log = false must silence the connector's access line"
+    );
     conn.stop().await;
     quiet.stop().await;
 }

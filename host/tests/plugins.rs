@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use http::Request;
 use http_body_util::Full;
-use sluice::config::{AuditConfig, ConnectorConfig, Isolation, OnError, OriginConfig, OriginTarget, PluginConfig};
+use sluice::config::{
+    AuditConfig, ConnectorConfig, Isolation, OnError, OriginConfig, OriginTarget, PluginConfig,
+};
 use sluice::plugin::{LoadError, Plugin, Runtime};
 use support::*;
 
@@ -23,13 +25,23 @@ fn plugin(name: &str, fixture_name: &str, config: serde_json::Value) -> PluginCo
 
 /// A tunnel with an echo origin ("web"), a second origin ("other"), `plugins` loaded and the
 /// catch-all rule running `chain`.
-async fn tunnel_with(plugins: Vec<PluginConfig>, chain: &[&str], tweak: impl FnOnce(&mut ConnectorConfig)) -> (EdgeHandle, ConnectorHandle) {
+async fn tunnel_with(
+    plugins: Vec<PluginConfig>,
+    chain: &[&str],
+    tweak: impl FnOnce(&mut ConnectorConfig),
+) -> (EdgeHandle, ConnectorHandle) {
     let web = echo_origin("web").await;
     let other = echo_origin("other").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
     let mut rule = rule(None, None, "web");
     rule.plugins = chain.iter().map(|s| s.to_string()).collect();
-    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", web), http_origin("other", other)], vec![rule]);
+    let mut cfg = connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", web), http_origin("other", other)],
+        vec![rule],
+    );
     cfg.plugins = plugins;
     tweak(&mut cfg);
     let conn = start_connector(cfg).await;
@@ -42,9 +54,13 @@ async fn components_wanting_filesystem_or_sockets_are_refused() {
     let runtime = Runtime::new(64 << 20).unwrap();
     let metrics = Arc::new(sluice::admin::Metrics::new("t"));
     for (fixture_name, wanted) in [("fs", "wasi:filesystem/"), ("sockets", "wasi:sockets/")] {
-        let err = Plugin::load(runtime.clone(), PluginConfig::new(fixture_name, fixture(fixture_name)), metrics.clone())
-            .await
-            .expect_err("a component importing more than granted was loaded");
+        let err = Plugin::load(
+            runtime.clone(),
+            PluginConfig::new(fixture_name, fixture(fixture_name)),
+            metrics.clone(),
+        )
+        .await
+        .expect_err("a component importing more than granted was loaded");
         match &err {
             LoadError::ForbiddenImport { plugin, imports } => {
                 assert_eq!(plugin, fixture_name);
@@ -53,29 +69,53 @@ async fn components_wanting_filesystem_or_sockets_are_refused() {
             other => panic!("unexpected error: {other}"),
         }
         let text = err.to_string();
-        assert!(text.starts_with(&format!("plugin {fixture_name:?} imports wasi:")), "{text}");
+        assert!(
+            text.starts_with(&format!("plugin {fixture_name:?} imports wasi:")),
+            "{text}"
+        );
         assert!(text.contains(wanted), "{text}");
     }
     // The well-behaved fixture, with everything Rust's std links in, loads.
-    Plugin::load(runtime, PluginConfig::new("echo", fixture("echo")), metrics).await.unwrap();
+    Plugin::load(runtime, PluginConfig::new("echo", fixture("echo")), metrics)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn init_errors_stop_the_connector_naming_plugin_and_message() {
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", loopback())], vec![]);
+    let mut cfg = connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", loopback())],
+        vec![],
+    );
     cfg.plugins = vec![plugin("picky", "echo", serde_json::json!({"reject": true}))];
-    let err = sluice::connector::Connector::new(cfg).await.err().expect("connector started with a rejected config");
+    let err = sluice::connector::Connector::new(cfg)
+        .await
+        .err()
+        .expect("connector started with a rejected config");
     assert_eq!(
         err.to_string(),
         "plugin \"picky\" rejected its configuration: \"this configuration is rejected on purpose\""
     );
     // Not a component at all.
-    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", loopback())], vec![]);
+    let mut cfg = connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", loopback())],
+        vec![],
+    );
     let junk = std::env::temp_dir().join(format!("sluice-junk-{}.wasm", std::process::id()));
     std::fs::write(&junk, b"not wasm").unwrap();
     cfg.plugins = vec![PluginConfig::new("junk", &junk)];
-    let err = sluice::connector::Connector::new(cfg).await.err().unwrap().to_string();
+    let err = sluice::connector::Connector::new(cfg)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.starts_with("plugin \"junk\": cannot load"), "{err}");
     let _ = std::fs::remove_file(junk);
 }
@@ -83,18 +123,30 @@ async fn init_errors_stop_the_connector_naming_plugin_and_message() {
 #[tokio::test]
 async fn decisions_reach_the_origin_and_the_client() {
     let plugins = vec![
-        plugin("rewrite", "echo", serde_json::json!({
-            "set": {"x-added": "yes", "x-req": "{request_id}"},
-            "remove": ["x-drop-me"],
-            "path": "/rewritten?q=1",
-        })),
+        plugin(
+            "rewrite",
+            "echo",
+            serde_json::json!({
+                "set": {"x-added": "yes", "x-req": "{request_id}"},
+                "remove": ["x-drop-me"],
+                "path": "/rewritten?q=1",
+            }),
+        ),
         plugin("router", "echo", serde_json::json!({"origin": "other"})),
-        plugin("answer", "echo", serde_json::json!({"respond_if_path": "/local", "respond_status": 418, "respond_body": "short and stout"})),
+        plugin(
+            "answer",
+            "echo",
+            serde_json::json!({"respond_if_path": "/local", "respond_status": 418, "respond_body": "short and stout"}),
+        ),
     ];
     // The local-answer plugin runs first, so it sees the original path.
     let (edge, conn) = tunnel_with(plugins, &["answer", "rewrite", "router"], |_| {}).await;
 
-    let req = Request::get("/original").header("host", "app.test").header("x-drop-me", "1").body(Full::default()).unwrap();
+    let req = Request::get("/original")
+        .header("host", "app.test")
+        .header("x-drop-me", "1")
+        .body(Full::default())
+        .unwrap();
     let reply = send(edge.http, req).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let json = reply.json();
@@ -105,7 +157,10 @@ async fn decisions_reach_the_origin_and_the_client() {
     assert!(json["headers"].get("x-drop-me").is_none());
 
     let reply = get(edge.http, "app.test", "/local").await;
-    assert_eq!((reply.status, reply.text().as_str()), (418, "short and stout"));
+    assert_eq!(
+        (reply.status, reply.text().as_str()),
+        (418, "short and stout")
+    );
     assert_eq!(reply.headers["content-type"], "text/plain");
     conn.stop().await;
 }
@@ -117,10 +172,20 @@ async fn chains_run_in_order_and_responses_in_reverse() {
         plugin("second", "echo", serde_json::json!({"tag": "second"})),
         plugin("global", "echo", serde_json::json!({"tag": "global"})),
     ];
-    let (edge, conn) = tunnel_with(plugins, &["first", "second"], |c| c.global_plugins = vec!["global".into()]).await;
+    let (edge, conn) = tunnel_with(plugins, &["first", "second"], |c| {
+        c.global_plugins = vec!["global".into()]
+    })
+    .await;
     let reply = get(edge.http, "app.test", "/").await;
-    assert_eq!(reply.echoed("x-chain").as_deref(), Some("global,first,second"), "each plugin sees the edits before it");
-    assert_eq!(reply.headers["x-chain-response"], "second,first,global", "the response chain runs in reverse");
+    assert_eq!(
+        reply.echoed("x-chain").as_deref(),
+        Some("global,first,second"),
+        "each plugin sees the edits before it"
+    );
+    assert_eq!(
+        reply.headers["x-chain-response"], "second,first,global",
+        "the response chain runs in reverse"
+    );
     conn.stop().await;
 }
 
@@ -131,17 +196,30 @@ async fn audit_lines_are_complete_after_graceful_shutdown() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("audit.jsonl");
     let _ = std::fs::remove_file(&file);
-    let plugins = vec![plugin("auditor", "echo", serde_json::json!({"audit": true}))];
+    let plugins = vec![plugin(
+        "auditor",
+        "echo",
+        serde_json::json!({"audit": true}),
+    )];
     let file_for_cfg = file.clone();
     let (edge, conn) = tunnel_with(plugins, &["auditor"], move |c| {
-        c.audit = AuditConfig { stdout: false, file: Some(file_for_cfg), queue: 4 };
+        c.audit = AuditConfig {
+            stdout: false,
+            file: Some(file_for_cfg),
+            queue: 4,
+        };
     })
     .await;
     let mut ids = Vec::new();
     for i in 0..N {
         let reply = get(edge.http, "app.test", &format!("/item/{i}")).await;
         assert_eq!(reply.status, 200);
-        ids.push(reply.headers["sluice-request-id"].to_str().unwrap().to_string());
+        ids.push(
+            reply.headers["sluice-request-id"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     conn.stop().await;
 
@@ -149,7 +227,8 @@ async fn audit_lines_are_complete_after_graceful_shutdown() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), N, "{text}");
     for (i, line) in lines.iter().enumerate() {
-        let event: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let event: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert_eq!(event["plugin"], "auditor");
         assert_eq!(event["kind"], "complete");
         assert_eq!(event["tunnel"], "app");
@@ -170,22 +249,47 @@ async fn failing_plugins_follow_their_policy_and_never_take_the_process_down() {
     closed.on_error = OnError::FailClosed;
     closed.timeout = Duration::from_millis(200);
     closed.memory = 8 << 20;
-    let (edge, conn) = tunnel_with(vec![closed], &["strict"], |c| c.admin_listen = Some(loopback())).await;
+    let (edge, conn) = tunnel_with(vec![closed], &["strict"], |c| {
+        c.admin_listen = Some(loopback())
+    })
+    .await;
 
-    for path in ["/trap", "/loop", "/oom", "/bad-header", "/bad-origin", "/huge"] {
+    for path in [
+        "/trap",
+        "/loop",
+        "/oom",
+        "/bad-header",
+        "/bad-origin",
+        "/huge",
+    ] {
         let reply = get(edge.http, "app.test", path).await;
         assert_eq!(reply.status, 502, "{path}: {}", reply.text());
-        assert_eq!(reply.text(), "sluice connector: the request could not be processed\n", "{path}");
+        assert_eq!(
+            reply.text(),
+            "sluice connector: the request could not be processed\n",
+            "{path}"
+        );
         // Other requests keep succeeding, on fresh or reused instances.
         let ok = get(edge.http, "app.test", "/fine").await;
         assert_eq!(ok.status, 200, "after {path}: {}", ok.text());
         assert_eq!(ok.json()["path"], "/fine");
     }
     let text = logs.text();
-    for kind in ["kind=\"trap\"", "kind=\"timeout\"", "kind=\"memory\"", "kind=\"invalid-decision\""] {
-        assert!(text.contains("plugin failed") && text.contains(kind), "no {kind} failure logged:\n{text}");
+    for kind in [
+        "kind=\"trap\"",
+        "kind=\"timeout\"",
+        "kind=\"memory\"",
+        "kind=\"invalid-decision\"",
+    ] {
+        assert!(
+            text.contains("plugin failed") && text.contains(kind),
+            "no {kind} failure logged:\n{text}"
+        );
     }
-    assert!(text.contains("plugin=\"strict\""), "failures are logged with the plugin's name");
+    assert!(
+        text.contains("plugin=\"strict\""),
+        "failures are logged with the plugin's name"
+    );
     conn.stop().await;
 }
 
@@ -220,18 +324,26 @@ async fn deadline_memory_and_errors_are_counted_in_metrics() {
     let state = connector.state();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(connector.run(stop.clone()));
-    tokio::time::timeout(WAIT, state.wait_registered(1)).await.unwrap();
+    tokio::time::timeout(WAIT, state.wait_registered(1))
+        .await
+        .unwrap();
 
     let start = std::time::Instant::now();
     assert_eq!(get(edge.http, "app.test", "/loop").await.status, 502);
-    assert!(start.elapsed() < Duration::from_secs(5), "the endless loop was not stopped by its deadline");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the endless loop was not stopped by its deadline"
+    );
     assert_eq!(get(edge.http, "app.test", "/oom").await.status, 502);
     assert_eq!(get(edge.http, "app.test", "/trap").await.status, 502);
     assert_eq!(get(edge.http, "app.test", "/ok").await.status, 200);
 
-    let metrics = get(conn_cfg_admin.unwrap(), "admin", "/metrics").await.text();
+    let metrics = get(conn_cfg_admin.unwrap(), "admin", "/metrics")
+        .await
+        .text();
     for kind in ["timeout", "memory", "trap"] {
-        let line = format!(r#"sluice_connector_plugin_errors_total{{plugin="strict",kind="{kind}"}} 1"#);
+        let line =
+            format!(r#"sluice_connector_plugin_errors_total{{plugin="strict",kind="{kind}"}} 1"#);
         assert!(metrics.contains(&line), "missing {line}:\n{metrics}");
     }
     assert!(metrics.contains(r#"sluice_connector_plugin_hook_duration_seconds_count{plugin="strict",hook="on-request"} 4"#), "{metrics}");
@@ -242,8 +354,15 @@ async fn deadline_memory_and_errors_are_counted_in_metrics() {
 #[tokio::test]
 async fn stdout_goes_to_the_log_and_grants_gate_what_a_plugin_sees() {
     let (logs, _guard) = capture_logs();
-    let mut granted = plugin("granted", "echo", serde_json::json!({"expose": true, "print": true}));
-    granted.grants = sluice::config::Grants { client_addr: true, credentials: true };
+    let mut granted = plugin(
+        "granted",
+        "echo",
+        serde_json::json!({"expose": true, "print": true}),
+    );
+    granted.grants = sluice::config::Grants {
+        client_addr: true,
+        credentials: true,
+    };
     let plain = plugin("plain", "echo", serde_json::json!({"expose": true}));
     let web = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
@@ -256,18 +375,39 @@ async fn stdout_goes_to_the_log_and_grants_gate_what_a_plugin_sees() {
     let conn = start_connector(cfg).await;
     conn.registered(1).await;
 
-    let req = |path: &str| Request::get(path).header("host", "app.test").header("authorization", "Bearer x").body(Full::default()).unwrap();
+    let req = |path: &str| {
+        Request::get(path)
+            .header("host", "app.test")
+            .header("authorization", "Bearer x")
+            .body(Full::default())
+            .unwrap()
+    };
     let reply = send(edge.http, req("/granted")).await;
     assert_eq!(reply.echoed("x-seen-auth").as_deref(), Some("visible"));
-    assert!(reply.echoed("x-seen-client").unwrap().starts_with("127.0.0.1:"));
+    assert!(reply
+        .echoed("x-seen-client")
+        .unwrap()
+        .starts_with("127.0.0.1:"));
     let reply = send(edge.http, req("/plain")).await;
     assert_eq!(reply.echoed("x-seen-auth").as_deref(), Some("hidden"));
     assert_eq!(reply.echoed("x-seen-client").as_deref(), Some("hidden"));
-    assert_eq!(reply.echoed("authorization").as_deref(), Some("Bearer x"), "hiding is for the plugin's view only");
+    assert_eq!(
+        reply.echoed("authorization").as_deref(),
+        Some("Bearer x"),
+        "hiding is for the plugin's view only"
+    );
 
     logs.wait_for("echo fixture saw GET /granted").await;
-    let line = logs.text().lines().find(|l| l.contains("echo fixture saw")).unwrap().to_string();
-    assert!(line.contains("plugin=\"granted\"") && line.contains("stream=\"stdout\""), "{line}");
+    let line = logs
+        .text()
+        .lines()
+        .find(|l| l.contains("echo fixture saw"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("plugin=\"granted\"") && line.contains("stream=\"stdout\""),
+        "{line}"
+    );
     conn.stop().await;
 }
 
@@ -288,9 +428,14 @@ async fn per_request_isolation_and_recycling_serve_every_request() {
 
 #[tokio::test]
 async fn builtin_origins_can_be_chosen_by_plugins_only_when_configured() {
-    let plugins = vec![plugin("router", "echo", serde_json::json!({"origin": "teapot"}))];
+    let plugins = vec![plugin(
+        "router",
+        "echo",
+        serde_json::json!({"origin": "teapot"}),
+    )];
     let (edge, conn) = tunnel_with(plugins, &["router"], |c| {
-        c.origins.push(OriginConfig::new("teapot", OriginTarget::Status(418)));
+        c.origins
+            .push(OriginConfig::new("teapot", OriginTarget::Status(418)));
     })
     .await;
     assert_eq!(get(edge.http, "app.test", "/").await.status, 418);

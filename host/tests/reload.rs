@@ -12,7 +12,10 @@ use support::*;
 use tokio::sync::mpsc;
 
 /// An origin whose body is its name; `/slow` takes 800 ms and announces itself first.
-async fn named(name: &'static str, started: Option<mpsc::UnboundedSender<()>>) -> std::net::SocketAddr {
+async fn named(
+    name: &'static str,
+    started: Option<mpsc::UnboundedSender<()>>,
+) -> std::net::SocketAddr {
     start_origin(move |req: http::Request<hyper::body::Incoming>| {
         let started = started.clone();
         async move {
@@ -34,7 +37,13 @@ async fn connector_reload_swaps_origins_under_load() {
     let a = named("a", Some(tx)).await;
     let b = named("b", None).await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let cfg_a = connector_config(&edge, "app", "t", vec![http_origin("a", a), http_origin("b", b)], vec![rule(None, None, "a")]);
+    let cfg_a = connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("a", a), http_origin("b", b)],
+        vec![rule(None, None, "a")],
+    );
     let mut cfg_b = cfg_a.clone();
     cfg_b.ingress = vec![rule(None, None, "b")];
     let connector = sluice::connector::Connector::new(cfg_a).await.unwrap();
@@ -42,19 +51,29 @@ async fn connector_reload_swaps_origins_under_load() {
     let state = connector.state();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(connector.run(stop.clone()));
-    tokio::time::timeout(WAIT, state.wait_registered(2)).await.unwrap();
+    tokio::time::timeout(WAIT, state.wait_registered(2))
+        .await
+        .unwrap();
 
     // A request in flight on the old configuration.
     let http = edge.http;
     let slow = tokio::spawn(async move { get(http, "app.test", "/slow").await });
-    tokio::time::timeout(WAIT, started.recv()).await.unwrap().unwrap();
+    tokio::time::timeout(WAIT, started.recv())
+        .await
+        .unwrap()
+        .unwrap();
 
     // Requests keep flowing while the configuration is swapped.
     let load = tokio::spawn(async move {
         let mut seen = Vec::new();
         for _ in 0..60 {
             let r = get(http, "app.test", "/").await;
-            assert_eq!(r.status, 200, "a request failed during reload: {}", r.text());
+            assert_eq!(
+                r.status,
+                200,
+                "a request failed during reload: {}",
+                r.text()
+            );
             seen.push(r.text());
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -63,9 +82,15 @@ async fn connector_reload_swaps_origins_under_load() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     reloader.reload(&cfg_b).await.unwrap();
     let seen = load.await.unwrap();
-    assert!(seen.iter().any(|s| s == "a") && seen.iter().any(|s| s == "b"), "{seen:?}");
+    assert!(
+        seen.iter().any(|s| s == "a") && seen.iter().any(|s| s == "b"),
+        "{seen:?}"
+    );
     let first_b = seen.iter().position(|s| s == "b").unwrap();
-    assert!(seen[first_b..].iter().all(|s| s == "b"), "old origin used after the swap: {seen:?}");
+    assert!(
+        seen[first_b..].iter().all(|s| s == "b"),
+        "old origin used after the swap: {seen:?}"
+    );
     // The request that started before the reload finished on the old set.
     assert_eq!(slow.await.unwrap().text(), "a");
     assert_eq!(state.registered(), 2, "reload must not drop connections");
@@ -78,20 +103,39 @@ async fn edge_reload_changes_hostnames_and_revokes_changed_tokens() {
     let (logs, _guard) = capture_logs();
     let origin = named("web", None).await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(2).await;
     let reloader = edge.reloader.clone().unwrap();
     assert_eq!(get(edge.http, "new.test", "/").await.status, 404);
 
     // A new hostname: routed at once, and the registered connections stay.
-    reloader.reload(&edge_config_with(vec![tunnel("app", "t", &["app.test", "new.test"])]));
+    reloader.reload(&edge_config_with(vec![tunnel(
+        "app",
+        "t",
+        &["app.test", "new.test"],
+    )]));
     assert_eq!(get(edge.http, "new.test", "/").await.text(), "web");
     assert_eq!(get(edge.http, "app.test", "/").await.text(), "web");
-    assert_eq!(logs.text().matches("connector registered").count(), 2, "connections were re-registered");
+    assert_eq!(
+        logs.text().matches("connector registered").count(),
+        2,
+        "connections were re-registered"
+    );
     assert_eq!(conn.state.registered(), 2);
 
     // A new token revokes the connections made with the old one; the old token no longer works.
-    reloader.reload(&edge_config_with(vec![tunnel("app", "rotated", &["app.test"])]));
+    reloader.reload(&edge_config_with(vec![tunnel(
+        "app",
+        "rotated",
+        &["app.test"],
+    )]));
     tokio::time::timeout(WAIT, async {
         while conn.state.registered() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -131,7 +175,10 @@ impl Proc {
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("sh").args(["-c", &format!("kill -{sig} {}", self.child.id())]).status().unwrap();
+        let ok = Command::new("sh")
+            .args(["-c", &format!("kill -{sig} {}", self.child.id())])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -142,7 +189,10 @@ impl Proc {
             if text.matches(needle).count() >= nth {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "{needle:?} not logged:\n{text}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{needle:?} not logged:\n{text}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -188,10 +238,14 @@ async fn sighup_applies_a_good_file_and_refuses_a_broken_one() {
     // A good file: applied.
     write(b, "");
     proc.signal("HUP");
-    proc.wait_log("reloaded ingress, origins and plugins", 1).await;
+    proc.wait_log("reloaded ingress, origins and plugins", 1)
+        .await;
     assert_eq!(get(edge.http, "app.test", "/").await.text(), "b");
     let log = std::fs::read_to_string(&proc.stderr).unwrap();
-    assert!(log.contains("connector.toml:6:18: ha-connections"), "the refusal names file, line and key:\n{log}");
+    assert!(
+        log.contains("connector.toml:6:18: ha-connections"),
+        "the refusal names file, line and key:\n{log}"
+    );
     drop(proc);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -33,7 +33,9 @@ fn block(i: u64) -> Bytes {
 
 fn body_of(total: u64) -> sluice::relay::HttpBody {
     let blocks = total / (64 * 1024);
-    let stream = futures_util::stream::iter((0..blocks).map(|i| Ok::<_, sluice::relay::BoxError>(Frame::data(block(i)))));
+    let stream = futures_util::stream::iter(
+        (0..blocks).map(|i| Ok::<_, sluice::relay::BoxError>(Frame::data(block(i)))),
+    );
     BodyExt::boxed(StreamBody::new(stream))
 }
 
@@ -60,7 +62,10 @@ async fn transfer_origin() -> std::net::SocketAddr {
                     h.update(&data);
                 }
             }
-            return Response::new(sluice::relay::full(format!("{n} {}", hex::encode(h.finalize()))));
+            return Response::new(sluice::relay::full(format!(
+                "{n} {}",
+                hex::encode(h.finalize())
+            )));
         }
         if let Some(n) = path.strip_prefix("/download/") {
             let n: u64 = n.parse().unwrap();
@@ -75,7 +80,10 @@ async fn transfer_origin() -> std::net::SocketAddr {
                 2 => {
                     // Let the head and the first bytes reach the client before failing.
                     tokio::time::sleep(Duration::from_millis(300)).await;
-                    Some((Err::<Frame<Bytes>, sluice::relay::BoxError>("origin crashed".into()), 3))
+                    Some((
+                        Err::<Frame<Bytes>, sluice::relay::BoxError>("origin crashed".into()),
+                        3,
+                    ))
                 }
                 _ => None,
             }
@@ -90,23 +98,52 @@ async fn transfer_origin() -> std::net::SocketAddr {
 async fn large_upload_and_download_arrive_byte_exact() {
     let origin = transfer_origin().await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("o", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
     tokio::spawn(c);
 
     // Upload without a content-length: streamed chunked all the way.
-    let req = Request::post("/upload").header("host", "app.test").body(body_of(BIG)).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(300), sender.send_request(req)).await.unwrap().unwrap();
+    let req = Request::post("/upload")
+        .header("host", "app.test")
+        .body(body_of(BIG))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(300), sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let text = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
     assert_eq!(text, format!("{BIG} {}", digest_of(BIG)));
 
     // Download on the same client connection.
-    let req = Request::get(format!("/download/{BIG}")).header("host", "app.test").body(sluice::relay::empty()).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(300), sender.send_request(req)).await.unwrap().unwrap();
+    let req = Request::get(format!("/download/{BIG}"))
+        .header("host", "app.test")
+        .body(sluice::relay::empty())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(300), sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.headers()["content-length"], BIG.to_string().as_str());
     let mut body = resp.into_body();
@@ -127,17 +164,37 @@ async fn large_upload_and_download_arrive_byte_exact() {
 async fn origin_failure_mid_body_is_not_a_clean_end() {
     let origin = transfer_origin().await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("o", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
     tokio::spawn(c);
-    let req = Request::get("/broken").header("host", "app.test").body(sluice::relay::empty()).unwrap();
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req)).await.unwrap().unwrap();
+    let req = Request::get("/broken")
+        .header("host", "app.test")
+        .body(sluice::relay::empty())
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let result = tokio::time::timeout(WAIT, resp.into_body().collect()).await.unwrap();
-    assert!(result.is_err(), "a truncated body must surface as an error to the client");
+    let result = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .unwrap();
+    assert!(
+        result.is_err(),
+        "a truncated body must surface as an error to the client"
+    );
     conn.stop().await;
 }
 
@@ -153,7 +210,9 @@ async fn websocket_frames_flow_both_ways() {
                 ws.send(Message::text("hello from origin")).await.unwrap();
                 while let Some(Ok(msg)) = ws.next().await {
                     match msg {
-                        Message::Text(t) => ws.send(Message::text(format!("echo: {t}"))).await.unwrap(),
+                        Message::Text(t) => {
+                            ws.send(Message::text(format!("echo: {t}"))).await.unwrap()
+                        }
                         Message::Binary(b) => ws.send(Message::binary(b)).await.unwrap(),
                         Message::Close(_) => break,
                         _ => {}
@@ -163,19 +222,32 @@ async fn websocket_frames_flow_both_ways() {
         }
     });
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("ws", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("ws", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    let (mut ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async("ws://app.test/socket", tcp))
-        .await
-        .unwrap()
-        .unwrap();
+    let (mut ws, resp) = tokio::time::timeout(
+        WAIT,
+        tokio_tungstenite::client_async("ws://app.test/socket", tcp),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     assert_eq!(next(&mut ws).await, Message::text("hello from origin"));
     for i in 0..20 {
         ws.send(Message::text(format!("ping {i}"))).await.unwrap();
-        assert_eq!(next(&mut ws).await, Message::text(format!("echo: ping {i}")));
+        assert_eq!(
+            next(&mut ws).await,
+            Message::text(format!("echo: ping {i}"))
+        );
     }
     let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     ws.send(Message::binary(blob.clone())).await.unwrap();
@@ -185,5 +257,9 @@ async fn websocket_frames_flow_both_ways() {
 }
 
 async fn next(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Message {
-    tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap()
+    tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
 }

@@ -11,14 +11,19 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 
-fn client_tls(identity: &sluice::config::TlsIdentity, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+fn client_tls(
+    identity: &sluice::config::TlsIdentity,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(identity.chain[0].clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
@@ -29,35 +34,68 @@ async fn https_listener_speaks_http1_and_http2() {
     let public = identity();
     let public_for_edge = public.clone();
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], move |c| {
-        c.https = Some(sluice::config::HttpsConfig { listen: loopback(), identity: public_for_edge });
+        c.https = Some(sluice::config::HttpsConfig {
+            listen: loopback(),
+            identity: public_for_edge,
+        });
     })
     .await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
     let https = edge.https.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
 
     // HTTP/2, negotiated by ALPN; the authority comes from :authority.
     let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
-    let tls = client_tls(&public, &[b"h2"]).connect(name.clone(), tcp).await.unwrap();
+    let tls = client_tls(&public, &[b"h2"])
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, c) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    let (mut sender, c) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(c);
-    let req = Request::get("https://app.test/h2").header("cookie", "a=1").header("cookie", "b=2").body(Full::<bytes::Bytes>::default()).unwrap();
+    let req = Request::get("https://app.test/h2")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(Full::<bytes::Bytes>::default())
+        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    let body: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let body: serde_json::Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
     assert_eq!(body["path"], "/h2");
     assert_eq!(body["headers"]["x-forwarded-proto"][0], "https");
     assert_eq!(body["headers"]["host"][0], "app.test");
-    assert_eq!(body["headers"]["cookie"], serde_json::json!(["a=1; b=2"]), "HTTP/2 cookies are joined for HTTP/1.1");
+    assert_eq!(
+        body["headers"]["cookie"],
+        serde_json::json!(["a=1; b=2"]),
+        "HTTP/2 cookies are joined for HTTP/1.1"
+    );
 
     // HTTP/1.1 over TLS.
     let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
-    let tls = client_tls(&public, &[b"http/1.1"]).connect(name, tcp).await.unwrap();
-    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+    let tls = client_tls(&public, &[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
     tokio::spawn(c);
-    let req = Request::get("/h1").header("host", "app.test").body(Full::<bytes::Bytes>::default()).unwrap();
+    let req = Request::get("/h1")
+        .header("host", "app.test")
+        .body(Full::<bytes::Bytes>::default())
+        .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     conn.stop().await;
@@ -66,12 +104,14 @@ async fn https_listener_speaks_http1_and_http2() {
 /// An HTTPS origin with a self-signed certificate for "localhost".
 async fn tls_origin() -> (std::net::SocketAddr, sluice::config::TlsIdentity) {
     let id = identity();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(id.chain.clone(), id.key.clone_key())
+    .unwrap();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
@@ -80,11 +120,17 @@ async fn tls_origin() -> (std::net::SocketAddr, sluice::config::TlsIdentity) {
         while let Ok((tcp, _)) = listener.accept().await {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
                 let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(sluice::relay::full("secure hello")))
+                    Ok::<_, std::convert::Infallible>(Response::new(sluice::relay::full(
+                        "secure hello",
+                    )))
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
             });
         }
     });
@@ -109,7 +155,11 @@ async fn tls_origins_are_verified_by_default() {
         "app",
         "t",
         vec![trusted, untrusted, danger],
-        vec![rule(None, Some("^/trusted"), "trusted"), rule(None, Some("^/danger"), "danger"), rule(None, None, "untrusted")],
+        vec![
+            rule(None, Some("^/trusted"), "trusted"),
+            rule(None, Some("^/danger"), "danger"),
+            rule(None, None, "untrusted"),
+        ],
     );
     let conn = start_connector(cfg).await;
     conn.registered(1).await;
@@ -118,7 +168,13 @@ async fn tls_origins_are_verified_by_default() {
     assert_eq!((reply.status, reply.text().as_str()), (200, "secure hello"));
     let reply = get(edge.http, "app.test", "/untrusted").await;
     assert_eq!(reply.status, 502);
-    assert!(reply.text().starts_with("sluice connector: TLS with origin \"untrusted\" failed"), "{}", reply.text());
+    assert!(
+        reply
+            .text()
+            .starts_with("sluice connector: TLS with origin \"untrusted\" failed"),
+        "{}",
+        reply.text()
+    );
     let reply = get(edge.http, "app.test", "/danger").await;
     assert_eq!((reply.status, reply.text().as_str()), (200, "secure hello"));
     conn.stop().await;

@@ -14,7 +14,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 async fn request_reaches_origin_with_forwarding_headers() {
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "s3cret", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "s3cret", vec![http_origin("web", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "s3cret",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(2).await;
 
     let reply = get(edge.http, "App.Test:8080", "/hello?x=1").await;
@@ -22,10 +29,18 @@ async fn request_reaches_origin_with_forwarding_headers() {
     let json = reply.json();
     assert_eq!(json["path"], "/hello?x=1");
     assert_eq!(reply.echoed("host").as_deref(), Some("App.Test:8080"));
-    assert_eq!(reply.echoed("x-forwarded-for").as_deref(), Some("127.0.0.1"));
+    assert_eq!(
+        reply.echoed("x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
     assert_eq!(reply.echoed("x-forwarded-proto").as_deref(), Some("http"));
-    assert_eq!(reply.echoed("x-forwarded-host").as_deref(), Some("App.Test:8080"));
-    let id = reply.echoed("sluice-request-id").expect("request id sent to origin");
+    assert_eq!(
+        reply.echoed("x-forwarded-host").as_deref(),
+        Some("App.Test:8080")
+    );
+    let id = reply
+        .echoed("sluice-request-id")
+        .expect("request id sent to origin");
     assert_eq!(id.len(), 32);
     assert_eq!(reply.headers["sluice-request-id"], id.as_str());
     conn.stop().await;
@@ -39,14 +54,24 @@ async fn unknown_host_is_404_and_offline_tunnel_is_502() {
     assert_eq!(reply.text(), "sluice: no tunnel serves host nope.test\n");
     let reply = get(edge.http, "app.test", "/").await;
     assert_eq!(reply.status, 502);
-    assert_eq!(reply.text(), "sluice: tunnel app is offline (no connector is connected)\n");
+    assert_eq!(
+        reply.text(),
+        "sluice: tunnel app is offline (no connector is connected)\n"
+    );
 }
 
 #[tokio::test]
 async fn client_cannot_forge_request_id_or_forwarded_for() {
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
     let req = Request::get("/")
         .header("host", "app.test")
@@ -58,10 +83,22 @@ async fn client_cannot_forge_request_id_or_forwarded_for() {
         .unwrap();
     let reply = send(edge.http, req).await;
     let json = reply.json();
-    assert_eq!(json["headers"]["sluice-request-id"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        json["headers"]["sluice-request-id"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     assert_ne!(reply.echoed("sluice-request-id").as_deref(), Some("forged"));
-    assert_eq!(json["headers"]["x-forwarded-for"], serde_json::json!(["127.0.0.1"]));
-    assert_eq!(reply.echoed("x-forwarded-host").as_deref(), Some("app.test"));
+    assert_eq!(
+        json["headers"]["x-forwarded-for"],
+        serde_json::json!(["127.0.0.1"])
+    );
+    assert_eq!(
+        reply.echoed("x-forwarded-host").as_deref(),
+        Some("app.test")
+    );
     assert_eq!(reply.echoed("x-forwarded-proto").as_deref(), Some("http"));
     conn.stop().await;
 }
@@ -69,8 +106,18 @@ async fn client_cannot_forge_request_id_or_forwarded_for() {
 #[tokio::test]
 async fn trusted_front_proxy_keeps_forwarded_for() {
     let origin = echo_origin("web").await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| c.trust_forwarded_for = true).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
+        c.trust_forwarded_for = true
+    })
+    .await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
     let req = Request::get("/")
         .header("host", "app.test")
@@ -78,7 +125,10 @@ async fn trusted_front_proxy_keeps_forwarded_for() {
         .body(Full::default())
         .unwrap();
     let reply = send(edge.http, req).await;
-    assert_eq!(reply.echoed("x-forwarded-for").as_deref(), Some("203.0.113.9, 127.0.0.1"));
+    assert_eq!(
+        reply.echoed("x-forwarded-for").as_deref(),
+        Some("203.0.113.9, 127.0.0.1")
+    );
     conn.stop().await;
 }
 
@@ -86,7 +136,14 @@ async fn trusted_front_proxy_keeps_forwarded_for() {
 async fn hop_by_hop_headers_are_stripped() {
     let origin = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
     let req = Request::get("/")
         .header("host", "app.test")
@@ -110,22 +167,54 @@ async fn hop_by_hop_headers_are_stripped() {
 async fn tunnels_are_isolated_whatever_the_client_sends() {
     let (origin_a, origin_b) = (echo_origin("a").await, echo_origin("b").await);
     let edge = start_edge(
-        vec![tunnel("ta", "token-a", &["a.test"]), tunnel("tb", "token-b", &["b.test", "*.b.test"])],
+        vec![
+            tunnel("ta", "token-a", &["a.test"]),
+            tunnel("tb", "token-b", &["b.test", "*.b.test"]),
+        ],
         |_| {},
     )
     .await;
-    let ca = start_connector(connector_config(&edge, "ta", "token-a", vec![http_origin("a", origin_a)], vec![])).await;
-    let cb = start_connector(connector_config(&edge, "tb", "token-b", vec![http_origin("b", origin_b)], vec![])).await;
+    let ca = start_connector(connector_config(
+        &edge,
+        "ta",
+        "token-a",
+        vec![http_origin("a", origin_a)],
+        vec![],
+    ))
+    .await;
+    let cb = start_connector(connector_config(
+        &edge,
+        "tb",
+        "token-b",
+        vec![http_origin("b", origin_b)],
+        vec![],
+    ))
+    .await;
     ca.registered(2).await;
     cb.registered(2).await;
 
     // Every way of naming b.test must land on tunnel B's origin only.
     let cases: Vec<Request<Full<Bytes>>> = vec![
-        Request::get("/").header("host", "b.test").body(Full::default()).unwrap(),
-        Request::get("/").header("host", "B.TEST:443").body(Full::default()).unwrap(),
-        Request::get("/").header("host", "x.b.test").body(Full::default()).unwrap(),
-        Request::get("/../a.test/").header("host", "b.test").body(Full::default()).unwrap(),
-        Request::get("http://b.test/").header("host", "a.test").body(Full::default()).unwrap(),
+        Request::get("/")
+            .header("host", "b.test")
+            .body(Full::default())
+            .unwrap(),
+        Request::get("/")
+            .header("host", "B.TEST:443")
+            .body(Full::default())
+            .unwrap(),
+        Request::get("/")
+            .header("host", "x.b.test")
+            .body(Full::default())
+            .unwrap(),
+        Request::get("/../a.test/")
+            .header("host", "b.test")
+            .body(Full::default())
+            .unwrap(),
+        Request::get("http://b.test/")
+            .header("host", "a.test")
+            .body(Full::default())
+            .unwrap(),
     ];
     for req in cases {
         let desc = format!("{:?} {:?}", req.uri(), req.headers().get("host"));
@@ -144,8 +233,19 @@ async fn tunnels_are_isolated_whatever_the_client_sends() {
 #[tokio::test]
 async fn wrong_or_missing_token_is_rejected_without_logging_it() {
     let (logs, _guard) = capture_logs();
-    let edge = start_edge(vec![tunnel("app", "right-token-123", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "wrong-token-456", vec![http_origin("x", loopback())], vec![])).await;
+    let edge = start_edge(
+        vec![tunnel("app", "right-token-123", &["app.test"])],
+        |_| {},
+    )
+    .await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "wrong-token-456",
+        vec![http_origin("x", loopback())],
+        vec![],
+    ))
+    .await;
     logs.wait_for("registration refused").await;
     logs.wait_for("the edge refused the registration").await;
     assert_eq!(conn.state.registered(), 0);
@@ -162,20 +262,41 @@ async fn wrong_or_missing_token_is_rejected_without_logging_it() {
         .lines()
         .find(|l| l.contains("the edge refused the registration"))
         .expect("connector logged the refusal");
-    assert!(connector_line.contains("unknown tunnel or wrong token"), "the connector must log the edge's reason: {connector_line}");
-    assert!(!text.contains("wrong-token-456"), "token leaked into logs:\n{text}");
-    assert!(!text.contains("right-token-123"), "token leaked into logs:\n{text}");
+    assert!(
+        connector_line.contains("unknown tunnel or wrong token"),
+        "the connector must log the edge's reason: {connector_line}"
+    );
+    assert!(
+        !text.contains("wrong-token-456"),
+        "token leaked into logs:\n{text}"
+    );
+    assert!(
+        !text.contains("right-token-123"),
+        "token leaked into logs:\n{text}"
+    );
 }
 
 #[tokio::test]
 async fn ingress_rules_match_normalised_paths_and_wildcards() {
-    let (api, web, wild) = (echo_origin("api").await, echo_origin("web").await, echo_origin("wild").await);
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test", "*.app.test"])], |_| {}).await;
+    let (api, web, wild) = (
+        echo_origin("api").await,
+        echo_origin("web").await,
+        echo_origin("wild").await,
+    );
+    let edge = start_edge(
+        vec![tunnel("app", "t", &["app.test", "*.app.test"])],
+        |_| {},
+    )
+    .await;
     let cfg = connector_config(
         &edge,
         "app",
         "t",
-        vec![http_origin("api", api), http_origin("web", web), http_origin("wild", wild)],
+        vec![
+            http_origin("api", api),
+            http_origin("web", web),
+            http_origin("wild", wild),
+        ],
         vec![
             rule(Some("app.test"), Some("^/api/"), "api"),
             rule(Some("*.app.test"), None, "wild"),
@@ -187,11 +308,24 @@ async fn ingress_rules_match_normalised_paths_and_wildcards() {
 
     let reply = get(edge.http, "app.test", "/%61pi/./v1/../users?q=%2e%2e").await;
     assert_eq!(reply.json()["origin"], "api");
-    assert_eq!(reply.json()["path"], "/api/users?q=%2e%2e", "the origin gets the normalised path");
-    assert_eq!(get(edge.http, "app.test", "/other").await.json()["origin"], "web");
-    assert_eq!(get(edge.http, "eu.app.test", "/api/x").await.json()["origin"], "wild");
+    assert_eq!(
+        reply.json()["path"],
+        "/api/users?q=%2e%2e",
+        "the origin gets the normalised path"
+    );
+    assert_eq!(
+        get(edge.http, "app.test", "/other").await.json()["origin"],
+        "web"
+    );
+    assert_eq!(
+        get(edge.http, "eu.app.test", "/api/x").await.json()["origin"],
+        "wild"
+    );
     // Dot segments cannot climb out of the rule's prefix into another rule.
-    assert_eq!(get(edge.http, "app.test", "/api/../other").await.json()["origin"], "web");
+    assert_eq!(
+        get(edge.http, "app.test", "/api/../other").await.json()["origin"],
+        "web"
+    );
     conn.stop().await;
 }
 
@@ -205,17 +339,30 @@ async fn host_header_override_and_builtin_origins() {
         &edge,
         "app",
         "t",
-        vec![web_cfg, sluice::config::OriginConfig::new("teapot", sluice::config::OriginTarget::Status(418))],
-        vec![rule(None, Some("^/hello"), "hello"), rule(None, Some("^/tea"), "teapot"), rule(None, None, "web")],
+        vec![
+            web_cfg,
+            sluice::config::OriginConfig::new("teapot", sluice::config::OriginTarget::Status(418)),
+        ],
+        vec![
+            rule(None, Some("^/hello"), "hello"),
+            rule(None, Some("^/tea"), "teapot"),
+            rule(None, None, "web"),
+        ],
     );
     let mut cfg = cfg;
-    cfg.origins.push(sluice::config::OriginConfig::new("hello", sluice::config::OriginTarget::Hello));
+    cfg.origins.push(sluice::config::OriginConfig::new(
+        "hello",
+        sluice::config::OriginTarget::Hello,
+    ));
     let conn = start_connector(cfg).await;
     conn.registered(1).await;
 
     let reply = get(edge.http, "app.test", "/").await;
     assert_eq!(reply.echoed("host").as_deref(), Some("internal.local"));
-    assert_eq!(reply.echoed("x-forwarded-host").as_deref(), Some("app.test"));
+    assert_eq!(
+        reply.echoed("x-forwarded-host").as_deref(),
+        Some("app.test")
+    );
 
     let reply = get(edge.http, "app.test", "/hello/world").await;
     assert_eq!(reply.status, 200);
@@ -259,10 +406,19 @@ async fn origin_refused_is_502_and_timeout_is_504() {
 
     let reply = get(edge.http, "app.test", "/").await;
     assert_eq!(reply.status, 502);
-    assert_eq!(reply.text(), "sluice connector: origin \"down\" refused the connection\n");
+    assert_eq!(
+        reply.text(),
+        "sluice connector: origin \"down\" refused the connection\n"
+    );
     let reply = get(edge.http, "app.test", "/slow").await;
     assert_eq!(reply.status, 504);
-    assert!(reply.text().starts_with("sluice connector: origin \"slow\" did not answer within"), "{}", reply.text());
+    assert!(
+        reply
+            .text()
+            .starts_with("sluice connector: origin \"slow\" did not answer within"),
+        "{}",
+        reply.text()
+    );
     conn.stop().await;
 }
 
@@ -289,11 +445,21 @@ async fn client_abort_cancels_the_origin_request() {
         let _ = closed_tx.send(());
     });
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![http_origin("o", origin)], vec![])).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("o", origin)],
+        vec![],
+    ))
+    .await;
     conn.registered(1).await;
 
     let mut client = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    client.write_all(b"GET /wait HTTP/1.1\r\nhost: app.test\r\n\r\n").await.unwrap();
+    client
+        .write_all(b"GET /wait HTTP/1.1\r\nhost: app.test\r\n\r\n")
+        .await
+        .unwrap();
     tokio::time::timeout(WAIT, seen_rx).await.unwrap().unwrap();
     drop(client);
     tokio::time::timeout(WAIT, closed_rx)
@@ -311,31 +477,63 @@ async fn head_size_limit_and_header_read_timeout() {
     })
     .await;
     let big = "x".repeat(32 * 1024);
-    let reply = send(edge.http, Request::get("/").header("host", "app.test").header("x-big", big).body(Full::default()).unwrap()).await;
+    let reply = send(
+        edge.http,
+        Request::get("/")
+            .header("host", "app.test")
+            .header("x-big", big)
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
     assert_eq!(reply.status, 431);
 
     // A client that never finishes its head is cut off.
     let mut slow = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    slow.write_all(b"GET / HTTP/1.1\r\nhost: app.test\r\n").await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: app.test\r\n")
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "connection of a slow client was not closed");
     let text = String::from_utf8_lossy(&buf);
-    assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
 async fn requests_fail_over_to_the_remaining_connector() {
     let (a, b) = (echo_origin("a").await, echo_origin("b").await);
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let ca = start_connector(connector_config(&edge, "app", "t", vec![http_origin("a", a)], vec![])).await;
-    let cb = start_connector(connector_config(&edge, "app", "t", vec![http_origin("b", b)], vec![])).await;
+    let ca = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("a", a)],
+        vec![],
+    ))
+    .await;
+    let cb = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("b", b)],
+        vec![],
+    ))
+    .await;
     ca.registered(2).await;
     cb.registered(2).await;
     // Idle connections share the load.
     let mut seen = std::collections::HashSet::new();
     for _ in 0..8 {
-        seen.insert(get(edge.http, "app.test", "/").await.json()["origin"].as_str().unwrap().to_string());
+        seen.insert(
+            get(edge.http, "app.test", "/").await.json()["origin"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert_eq!(seen.len(), 2, "both connectors should serve requests");
     ca.stop().await;
@@ -352,7 +550,11 @@ async fn requests_fail_over_to_the_remaining_connector() {
 #[tokio::test]
 async fn connector_redials_until_the_edge_appears() {
     // Reserve a UDP port for an edge that starts later.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let origin = echo_origin("web").await;
     let identity = identity();
     let mut cfg = sluice::config::ConnectorConfig::new("app", sluice::secret::Secret::new("t"));
@@ -368,7 +570,8 @@ async fn connector_redials_until_the_edge_appears() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(conn.state.registered(), 0);
 
-    let mut ecfg = sluice::config::EdgeConfig::new(format!("127.0.0.1:{port}").parse().unwrap(), identity);
+    let mut ecfg =
+        sluice::config::EdgeConfig::new(format!("127.0.0.1:{port}").parse().unwrap(), identity);
     ecfg.http_listen = Some(loopback());
     ecfg.tunnels = vec![tunnel("app", "t", &["app.test"])];
     let edge = sluice::edge::Edge::bind(ecfg).await.unwrap();
@@ -392,7 +595,12 @@ async fn connector_redials_until_the_edge_appears() {
 }
 
 /// Sends a Register by hand and returns what the edge answered (or how it closed).
-async fn raw_register(ep: &quinn::Endpoint, edge: &EdgeHandle, tunnel: &str, token: &str) -> String {
+async fn raw_register(
+    ep: &quinn::Endpoint,
+    edge: &EdgeHandle,
+    tunnel: &str,
+    token: &str,
+) -> String {
     let conn = ep.connect(edge.quic, "localhost").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let msg = sluice::proto::Control::Register(sluice::proto::Register {
@@ -402,8 +610,15 @@ async fn raw_register(ep: &quinn::Endpoint, edge: &EdgeHandle, tunnel: &str, tok
         connector_id: "raw".into(),
         conn_index: 0,
     });
-    sluice::proto::io::write_frame(&mut send, &msg).await.unwrap();
-    match tokio::time::timeout(WAIT, sluice::proto::io::read_frame::<_, sluice::proto::Control>(&mut recv)).await {
+    sluice::proto::io::write_frame(&mut send, &msg)
+        .await
+        .unwrap();
+    match tokio::time::timeout(
+        WAIT,
+        sluice::proto::io::read_frame::<_, sluice::proto::Control>(&mut recv),
+    )
+    .await
+    {
         Ok(Ok(m)) => format!("{m:?}"),
         Ok(Err(e)) => format!("error: {e}"),
         Err(_) => "timeout".into(),
@@ -415,14 +630,30 @@ async fn connector_refuses_an_edge_it_cannot_verify() {
     let (logs, _guard) = capture_logs();
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
     // No CA for the edge's self-signed certificate: only the system roots.
-    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("x", loopback())], vec![]);
+    let mut cfg = connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("x", loopback())],
+        vec![],
+    );
     cfg.edge_ca.clear();
     let conn = start_connector(cfg).await;
     logs.wait_for("connection to the edge failed").await;
-    assert!(logs.text().contains("UnknownIssuer") || logs.text().contains("certificate"), "{}", logs.text());
+    assert!(
+        logs.text().contains("UnknownIssuer") || logs.text().contains("certificate"),
+        "{}",
+        logs.text()
+    );
     assert_eq!(conn.state.registered(), 0);
     // And a CA that is trusted but a name that does not match.
-    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("x", loopback())], vec![]);
+    let mut cfg = connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("x", loopback())],
+        vec![],
+    );
     cfg.edge_server_name = Some("edge.example.com".into());
     let wrong_name = start_connector(cfg).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

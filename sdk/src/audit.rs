@@ -9,7 +9,10 @@ pub fn emit(kind: &str, attributes: &[(&str, &str)]) {
         use crate::__bindings::sluice::plugin::audit as wit;
         let attrs: Vec<wit::Attribute> = attributes
             .iter()
-            .map(|(k, v)| wit::Attribute { key: k.to_string(), value: v.to_string() })
+            .map(|(k, v)| wit::Attribute {
+                key: k.to_string(),
+                value: v.to_string(),
+            })
             .collect();
         wit::emit(kind, &attrs);
     }

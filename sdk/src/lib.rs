@@ -58,7 +58,9 @@ pub mod audit;
 pub mod log;
 pub mod testing;
 
-pub use types::{Completion, HeaderEdit, LocalResponse, Request, RequestDecision, Response, ResponseDecision};
+pub use types::{
+    Completion, HeaderEdit, LocalResponse, Request, RequestDecision, Response, ResponseDecision,
+};
 
 /// A sluice plugin.
 pub trait Plugin: Sized + 'static {
@@ -90,7 +92,8 @@ pub trait Plugin: Sized + 'static {
 
 /// Parses a JSON configuration the way the host's `init` does and builds the plugin.
 pub fn load<P: Plugin>(config: &[u8]) -> Result<P, String> {
-    let parsed: P::Config = serde_json::from_slice(config).map_err(|e| format!("invalid configuration: {e}"))?;
+    let parsed: P::Config =
+        serde_json::from_slice(config).map_err(|e| format!("invalid configuration: {e}"))?;
     P::new(parsed)
 }
 
@@ -173,7 +176,12 @@ pub mod __rt {
     }
 
     fn with<P: Plugin, R>(f: impl FnOnce(&P) -> R) -> Option<R> {
-        INSTANCE.with(|i| i.borrow().as_ref().and_then(|b| b.downcast_ref::<P>()).map(f))
+        INSTANCE.with(|i| {
+            i.borrow()
+                .as_ref()
+                .and_then(|b| b.downcast_ref::<P>())
+                .map(f)
+        })
     }
 
     pub fn init<P: Plugin>(config: Vec<u8>) -> Result<(), String> {
@@ -184,13 +192,20 @@ pub mod __rt {
 
     pub fn on_request<P: Plugin>(req: &wit::Request) -> wit::RequestDecision {
         let req = types::Request::from_wit(req);
-        with::<P, _>(|p| p.on_request(&req)).unwrap_or_default().into_wit()
+        with::<P, _>(|p| p.on_request(&req))
+            .unwrap_or_default()
+            .into_wit()
     }
 
-    pub fn on_response<P: Plugin>(req: &wit::Request, resp: wit::Response) -> wit::ResponseDecision {
+    pub fn on_response<P: Plugin>(
+        req: &wit::Request,
+        resp: wit::Response,
+    ) -> wit::ResponseDecision {
         let req = types::Request::from_wit(req);
         let resp = types::Response::from_wit(resp);
-        with::<P, _>(|p| p.on_response(&req, &resp)).unwrap_or_default().into_wit()
+        with::<P, _>(|p| p.on_response(&req, &resp))
+            .unwrap_or_default()
+            .into_wit()
     }
 
     pub fn on_complete<P: Plugin>(req: &wit::Request, info: wit::Completion) {

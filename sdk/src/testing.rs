@@ -37,7 +37,10 @@ pub struct Event {
 impl Event {
     /// The value of attribute `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -72,7 +75,10 @@ pub(crate) fn record_event(kind: &str, attributes: &[(&str, &str)]) {
     EVENTS.with(|e| {
         e.borrow_mut().push(Event {
             kind: kind.to_string(),
-            attributes: attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         })
     });
 }

@@ -34,7 +34,10 @@ impl Request {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, "/"),
         };
-        let hostname = authority.rsplit_once(':').map_or(authority, |(h, _)| h).to_ascii_lowercase();
+        let hostname = authority
+            .rsplit_once(':')
+            .map_or(authority, |(h, _)| h)
+            .to_ascii_lowercase();
         Request {
             method: method.to_string(),
             scheme: scheme.to_string(),
@@ -50,7 +53,8 @@ impl Request {
 
     /// Adds a header (for tests).
     pub fn with_header(mut self, name: &str, value: &str) -> Request {
-        self.headers.push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self.headers
+            .push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
         self
     }
 
@@ -95,7 +99,9 @@ impl Request {
     pub fn client_ip(&self) -> Option<&str> {
         let addr = self.client_addr.as_deref()?;
         Some(match addr.rsplit_once(':') {
-            Some((ip, port)) if port.bytes().all(|b| b.is_ascii_digit()) => ip.trim_start_matches('[').trim_end_matches(']'),
+            Some((ip, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
+                ip.trim_start_matches('[').trim_end_matches(']')
+            }
             _ => addr,
         })
     }
@@ -106,7 +112,11 @@ impl Request {
             scheme: req.scheme(),
             authority: req.authority(),
             path: req.path(),
-            headers: req.headers().into_iter().map(|h| (h.name, h.value)).collect(),
+            headers: req
+                .headers()
+                .into_iter()
+                .map(|h| (h.name, h.value))
+                .collect(),
             request_id: req.request_id(),
             hostname: req.hostname(),
             ingress_rule: req.ingress_rule(),
@@ -134,7 +144,10 @@ impl Response {
     }
 
     pub(crate) fn from_wit(r: wit::Response) -> Response {
-        Response { status: r.status, headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect() }
+        Response {
+            status: r.status,
+            headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+        }
     }
 }
 
@@ -203,12 +216,17 @@ pub struct LocalResponse {
 impl LocalResponse {
     /// A response with `status` and no body.
     pub fn new(status: u16) -> LocalResponse {
-        LocalResponse { status, headers: Vec::new(), body: Vec::new() }
+        LocalResponse {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
     }
 
     /// Adds a header.
     pub fn header(mut self, name: &str, value: &str) -> LocalResponse {
-        self.headers.push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self.headers
+            .push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
         self
     }
 
@@ -248,19 +266,26 @@ impl RequestDecision {
 
     /// Sets header `name` to `value`, replacing existing values.
     pub fn set_header(mut self, name: &str, value: &str) -> RequestDecision {
-        self.headers.push(HeaderEdit::Set(name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self.headers.push(HeaderEdit::Set(
+            name.to_ascii_lowercase(),
+            value.as_bytes().to_vec(),
+        ));
         self
     }
 
     /// Appends a value to header `name`.
     pub fn append_header(mut self, name: &str, value: &str) -> RequestDecision {
-        self.headers.push(HeaderEdit::Append(name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self.headers.push(HeaderEdit::Append(
+            name.to_ascii_lowercase(),
+            value.as_bytes().to_vec(),
+        ));
         self
     }
 
     /// Removes header `name`.
     pub fn remove_header(mut self, name: &str) -> RequestDecision {
-        self.headers.push(HeaderEdit::Remove(name.to_ascii_lowercase()));
+        self.headers
+            .push(HeaderEdit::Remove(name.to_ascii_lowercase()));
         self
     }
 
@@ -289,7 +314,11 @@ impl RequestDecision {
             origin: self.origin,
             respond: self.respond.map(|r| wit::LocalResponse {
                 status: r.status,
-                headers: r.headers.into_iter().map(|(name, value)| wit::Header { name, value }).collect(),
+                headers: r
+                    .headers
+                    .into_iter()
+                    .map(|(name, value)| wit::Header { name, value })
+                    .collect(),
                 body: r.body,
             }),
         }
@@ -311,23 +340,32 @@ impl ResponseDecision {
 
     /// Sets response header `name`.
     pub fn set_header(mut self, name: &str, value: &str) -> ResponseDecision {
-        self.headers.push(HeaderEdit::Set(name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self.headers.push(HeaderEdit::Set(
+            name.to_ascii_lowercase(),
+            value.as_bytes().to_vec(),
+        ));
         self
     }
 
     /// Appends a value to response header `name`.
     pub fn append_header(mut self, name: &str, value: &str) -> ResponseDecision {
-        self.headers.push(HeaderEdit::Append(name.to_ascii_lowercase(), value.as_bytes().to_vec()));
+        self.headers.push(HeaderEdit::Append(
+            name.to_ascii_lowercase(),
+            value.as_bytes().to_vec(),
+        ));
         self
     }
 
     /// Removes response header `name`.
     pub fn remove_header(mut self, name: &str) -> ResponseDecision {
-        self.headers.push(HeaderEdit::Remove(name.to_ascii_lowercase()));
+        self.headers
+            .push(HeaderEdit::Remove(name.to_ascii_lowercase()));
         self
     }
 
     pub(crate) fn into_wit(self) -> wit::ResponseDecision {
-        wit::ResponseDecision { headers: self.headers.into_iter().map(HeaderEdit::into_wit).collect() }
+        wit::ResponseDecision {
+            headers: self.headers.into_iter().map(HeaderEdit::into_wit).collect(),
+        }
     }
 }

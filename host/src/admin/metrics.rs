@@ -83,20 +83,58 @@ impl Metrics {
         let registration_failures = Family::<KindLabels, Counter>::default();
         let origin_errors = Family::<KindLabels, Counter>::default();
         let rejected = Family::<KindLabels, Counter>::default();
-        registry.register("requests", "Requests answered, by status class", requests.clone());
-        registry.register("request_duration_seconds", "Time from request to response head", duration.clone());
+        registry.register(
+            "requests",
+            "Requests answered, by status class",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response head",
+            duration.clone(),
+        );
         registry.register("streams_in_flight", "Requests in flight", in_flight.clone());
-        registry.register("registered_connections", "Connector connections registered", registered.clone());
-        registry.register("registration_failures", "Failed registrations, by kind", registration_failures.clone());
-        registry.register("origin_errors", "Origin failures, by kind", origin_errors.clone());
-        registry.register("rejected_requests", "Requests refused by admission control", rejected.clone());
+        registry.register(
+            "registered_connections",
+            "Connector connections registered",
+            registered.clone(),
+        );
+        registry.register(
+            "registration_failures",
+            "Failed registrations, by kind",
+            registration_failures.clone(),
+        );
+        registry.register(
+            "origin_errors",
+            "Origin failures, by kind",
+            origin_errors.clone(),
+        );
+        registry.register(
+            "rejected_requests",
+            "Requests refused by admission control",
+            rejected.clone(),
+        );
         let plugin_errors = Family::<PluginErrorLabels, Counter>::default();
         let plugin_hook_duration =
-            Family::<PluginHookLabels, Histogram, fn() -> Histogram>::new_with_constructor(hook_histogram as fn() -> Histogram);
+            Family::<PluginHookLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                hook_histogram as fn() -> Histogram,
+            );
         let audit_events = Counter::default();
-        registry.register("plugin_errors", "Plugin failures, by plugin and kind", plugin_errors.clone());
-        registry.register("plugin_hook_duration_seconds", "Plugin hook call duration", plugin_hook_duration.clone());
-        registry.register("audit_events", "Audit events written to the sinks", audit_events.clone());
+        registry.register(
+            "plugin_errors",
+            "Plugin failures, by plugin and kind",
+            plugin_errors.clone(),
+        );
+        registry.register(
+            "plugin_hook_duration_seconds",
+            "Plugin hook call duration",
+            plugin_hook_duration.clone(),
+        );
+        registry.register(
+            "audit_events",
+            "Audit events written to the sinks",
+            audit_events.clone(),
+        );
         Metrics {
             requests,
             duration,
@@ -161,9 +199,14 @@ mod tests {
         let m = Metrics::new("sluice_test");
         m.observe(204, Duration::from_millis(3));
         m.observe(502, Duration::from_millis(3));
-        m.origin_errors.get_or_create(&KindLabels { kind: "refused" }).inc();
+        m.origin_errors
+            .get_or_create(&KindLabels { kind: "refused" })
+            .inc();
         let text = m.encode();
-        assert!(text.contains(r#"sluice_test_requests_total{class="2xx"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"sluice_test_requests_total{class="2xx"} 1"#),
+            "{text}"
+        );
         assert!(text.contains(r#"sluice_test_requests_total{class="5xx"} 1"#));
         assert!(text.contains(r#"sluice_test_origin_errors_total{kind="refused"} 1"#));
         assert!(text.contains("sluice_test_request_duration_seconds_count 2"));

@@ -29,12 +29,16 @@ pub struct Admin {
 impl Admin {
     /// Binds the admin listener.
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Admin> {
-        Ok(Admin { listener: TcpListener::bind(addr).await? })
+        Ok(Admin {
+            listener: TcpListener::bind(addr).await?,
+        })
     }
 
     /// Wraps a listener bound (non-blocking) outside the runtime.
     pub fn from_std(listener: std::net::TcpListener) -> std::io::Result<Admin> {
-        Ok(Admin { listener: TcpListener::from_std(listener)? })
+        Ok(Admin {
+            listener: TcpListener::from_std(listener)?,
+        })
     }
 
     /// The bound address.
@@ -77,14 +81,35 @@ impl Admin {
 
 fn answer(req: &Request<Incoming>, metrics: &Metrics, ready: &Readiness) -> Response<HttpBody> {
     let (status, ctype, body) = match req.uri().path() {
-        "/live" => (StatusCode::OK, "text/plain; charset=utf-8", "live\n".to_string()),
-        "/ready" if ready() => (StatusCode::OK, "text/plain; charset=utf-8", "ready\n".to_string()),
-        "/ready" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "not ready\n".to_string()),
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.encode()),
-        _ => (StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found: try /live, /ready or /metrics\n".to_string()),
+        "/live" => (
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "live\n".to_string(),
+        ),
+        "/ready" if ready() => (
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "ready\n".to_string(),
+        ),
+        "/ready" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain; charset=utf-8",
+            "not ready\n".to_string(),
+        ),
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.encode(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: try /live, /ready or /metrics\n".to_string(),
+        ),
     };
     let mut resp = Response::new(relay::full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
     resp
 }

@@ -89,7 +89,10 @@ impl Audit {
                     .append(true)
                     .open(path)
                     .await
-                    .map_err(|source| AuditError { path: path.clone(), source })?,
+                    .map_err(|source| AuditError {
+                        path: path.clone(),
+                        source,
+                    })?,
             ),
             None => None,
         };

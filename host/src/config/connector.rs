@@ -146,23 +146,29 @@ impl OriginTarget {
         if let Some(code) = s.strip_prefix("status:") {
             return match code.parse::<u16>() {
                 Ok(c) if (200..=599).contains(&c) => Ok(OriginTarget::Status(c)),
-                _ => Err(format!("invalid built-in origin {s:?}: status must be 200..=599")),
+                _ => Err(format!(
+                    "invalid built-in origin {s:?}: status must be 200..=599"
+                )),
             };
         }
-        let uri: http::Uri = s.parse().map_err(|e| format!("invalid origin URL {s:?}: {e}"))?;
+        let uri: http::Uri = s
+            .parse()
+            .map_err(|e| format!("invalid origin URL {s:?}: {e}"))?;
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
             _ => {
                 return Err(format!(
-                    "invalid origin {s:?}: expected http://…, https://…, \"hello\" or \"status:NNN\""
-                ))
+                "invalid origin {s:?}: expected http://…, https://…, \"hello\" or \"status:NNN\""
+            ))
             }
         }
         if uri.host().is_none() {
             return Err(format!("invalid origin URL {s:?}: no host"));
         }
         if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return Err(format!("invalid origin URL {s:?}: give only scheme, host and port"));
+            return Err(format!(
+                "invalid origin URL {s:?}: give only scheme, host and port"
+            ));
         }
         Ok(OriginTarget::Http(uri))
     }
@@ -193,7 +199,12 @@ impl ConnectorConfig {
             edge_ca: Vec::new(),
             edge_server_name: None,
             origins: vec![OriginConfig::new("hello", OriginTarget::Hello)],
-            ingress: vec![IngressRuleConfig { hostname: None, path: None, origin: "hello".into(), plugins: Vec::new() }],
+            ingress: vec![IngressRuleConfig {
+                hostname: None,
+                path: None,
+                origin: "hello".into(),
+                plugins: Vec::new(),
+            }],
             backoff: BackoffConfig::default(),
             grace_period: DEFAULT_GRACE_PERIOD,
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT,
@@ -248,16 +259,27 @@ impl ConnectorConfig {
                 return Err(src.error(at, format!("{key}.name"), "origin name must not be empty"));
             }
             if let Some(prev) = names.insert(o.name.clone(), i) {
-                return Err(src.error(at, format!("{key}.name"), format!("duplicate origin name {:?} (also origin[{prev}])", o.name)));
+                return Err(src.error(
+                    at,
+                    format!("{key}.name"),
+                    format!("duplicate origin name {:?} (also origin[{prev}])", o.name),
+                ));
             }
-            let target = OriginTarget::parse(&o.url).map_err(|m| src.error(at, format!("{key}.url"), m))?;
+            let target =
+                OriginTarget::parse(&o.url).map_err(|m| src.error(at, format!("{key}.url"), m))?;
             let ca = match &o.ca {
-                Some(p) => read_certs(&src.resolve(p)).map_err(|m| src.error(at, format!("{key}.ca"), m))?,
+                Some(p) => read_certs(&src.resolve(p))
+                    .map_err(|m| src.error(at, format!("{key}.ca"), m))?,
                 None => Vec::new(),
             };
             if let Some(h) = &o.host_header {
-                http::HeaderValue::from_str(h)
-                    .map_err(|_| src.error(at, format!("{key}.host-header"), format!("invalid host header {h:?}")))?;
+                http::HeaderValue::from_str(h).map_err(|_| {
+                    src.error(
+                        at,
+                        format!("{key}.host-header"),
+                        format!("invalid host header {h:?}"),
+                    )
+                })?;
             }
             let mut cfg = OriginConfig::new(o.name.clone(), target);
             cfg.connect_timeout = o.connect_timeout.map_or(cfg.connect_timeout, |d| d.0);
@@ -280,13 +302,21 @@ impl ConnectorConfig {
                 .validate(|path| src.resolve(path))
                 .map_err(|(field, m)| src.error(at, format!("plugin[{i}].{field}"), m))?;
             if let Some(prev) = plugin_names.insert(cfg.name.clone(), i) {
-                return Err(src.error(at, format!("plugin[{i}].name"), format!("duplicate plugin name {:?} (also plugin[{prev}])", cfg.name)));
+                return Err(src.error(
+                    at,
+                    format!("plugin[{i}].name"),
+                    format!("duplicate plugin name {:?} (also plugin[{prev}])", cfg.name),
+                ));
             }
             plugins.push(cfg);
         }
         for (j, p) in file.plugins.iter().enumerate() {
             if !plugin_names.contains_key(p) {
-                return Err(src.error(None, format!("plugins[{j}]"), format!("unknown plugin {p:?}: define it in a [[plugin]] entry")));
+                return Err(src.error(
+                    None,
+                    format!("plugins[{j}]"),
+                    format!("unknown plugin {p:?}: define it in a [[plugin]] entry"),
+                ));
             }
         }
         let audit = match &file.audit {
@@ -299,7 +329,11 @@ impl ConnectorConfig {
         };
 
         if file.ingress.is_empty() {
-            return Err(src.error(None, "ingress", "at least one [[ingress]] rule is required, the last one matching everything"));
+            return Err(src.error(
+                None,
+                "ingress",
+                "at least one [[ingress]] rule is required, the last one matching everything",
+            ));
         }
         let mut ingress = Vec::new();
         let last = file.ingress.len() - 1;
@@ -308,10 +342,13 @@ impl ConnectorConfig {
             let r = entry.get_ref();
             let key = format!("ingress[{i}]");
             let path = match &r.path {
-                Some(p) => Some(
-                    regex::Regex::new(p)
-                        .map_err(|e| src.error(at, format!("{key}.path"), format!("invalid path regex: {e}")))?,
-                ),
+                Some(p) => Some(regex::Regex::new(p).map_err(|e| {
+                    src.error(
+                        at,
+                        format!("{key}.path"),
+                        format!("invalid path regex: {e}"),
+                    )
+                })?),
                 None => None,
             };
             let catch_all = r.hostname.is_none() && path.is_none();
@@ -376,7 +413,9 @@ impl ConnectorConfig {
             ingress,
             backoff: BackoffConfig::default(),
             grace_period: file.grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
-            max_concurrent_requests: file.max_concurrent_requests.unwrap_or(DEFAULT_MAX_CONCURRENT),
+            max_concurrent_requests: file
+                .max_concurrent_requests
+                .unwrap_or(DEFAULT_MAX_CONCURRENT),
             admin_listen: file.admin.map(|a| a.listen),
             access_log: file.access_log.unwrap_or(true),
             plugins,
@@ -405,7 +444,11 @@ fn default_connector_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
-    let host = if host.is_empty() { "connector".to_string() } else { host };
+    let host = if host.is_empty() {
+        "connector".to_string()
+    } else {
+        host
+    };
     format!("{host}-{}", std::process::id())
 }
 
@@ -447,7 +490,8 @@ impl ConnectorFile {
                 Secret::new(text.trim())
             }
             (None, None, Some(var)) => {
-                let value = std::env::var(var).map_err(|_| format!("token-env names ${var}, which is not set"))?;
+                let value = std::env::var(var)
+                    .map_err(|_| format!("token-env names ${var}, which is not set"))?;
                 Secret::new(value.trim())
             }
             (None, None, None) => return Err("set one of token, token-file or token-env".into()),

@@ -107,7 +107,11 @@ impl EdgeConfig {
             return Err(src.error(None, "max-header-size", "must be at least 8KiB"));
         }
         if file.http.is_none() && file.https.is_none() {
-            return Err(src.error(None, "http", "the edge needs an [http] or [https] listener for clients"));
+            return Err(src.error(
+                None,
+                "http",
+                "the edge needs an [http] or [https] listener for clients",
+            ));
         }
         let mut tunnels = Vec::new();
         let mut ids: HashMap<String, usize> = HashMap::new();
@@ -120,20 +124,31 @@ impl EdgeConfig {
                 return Err(src.error(at, format!("{key}.id"), "tunnel id must not be empty"));
             }
             if let Some(prev) = ids.insert(t.id.clone(), i) {
-                return Err(src.error(at, format!("{key}.id"), format!("duplicate tunnel id {:?} (also tunnel[{prev}])", t.id)));
+                return Err(src.error(
+                    at,
+                    format!("{key}.id"),
+                    format!("duplicate tunnel id {:?} (also tunnel[{prev}])", t.id),
+                ));
             }
             let token_sha256 = t
                 .token_hash(&src)
                 .map_err(|(field, m)| src.error(at, format!("{key}{field}"), m))?;
             if t.hostnames.is_empty() {
-                return Err(src.error(at, format!("{key}.hostnames"), "a tunnel needs at least one hostname"));
+                return Err(src.error(
+                    at,
+                    format!("{key}.hostnames"),
+                    "a tunnel needs at least one hostname",
+                ));
             }
             for (j, h) in t.hostnames.iter().enumerate() {
                 if let Some(other) = hosts.insert(h.get_ref().clone(), t.id.clone()) {
                     return Err(src.error(
                         Some(h.span().start),
                         format!("{key}.hostnames[{j}]"),
-                        format!("hostname {} is already served by tunnel {other:?}", h.get_ref()),
+                        format!(
+                            "hostname {} is already served by tunnel {other:?}",
+                            h.get_ref()
+                        ),
                     ));
                 }
             }
@@ -141,7 +156,9 @@ impl EdgeConfig {
                 id: t.id.clone(),
                 token_sha256,
                 hostnames: t.hostnames.iter().map(|h| h.get_ref().clone()).collect(),
-                max_concurrent_requests: t.max_concurrent_requests.unwrap_or(DEFAULT_TUNNEL_MAX_CONCURRENT),
+                max_concurrent_requests: t
+                    .max_concurrent_requests
+                    .unwrap_or(DEFAULT_TUNNEL_MAX_CONCURRENT),
             });
         }
 
@@ -165,12 +182,21 @@ impl EdgeConfig {
             https,
             quic_listen: file.connectors.listen,
             quic_identity,
-            register_timeout: file.connectors.register_timeout.map_or(DEFAULT_REGISTER_TIMEOUT, |d| d.0),
+            register_timeout: file
+                .connectors
+                .register_timeout
+                .map_or(DEFAULT_REGISTER_TIMEOUT, |d| d.0),
             tunnels,
-            header_read_timeout: file.header_read_timeout.map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
-            max_header_size: file.max_header_size.map_or(DEFAULT_MAX_HEADER_SIZE, |s| s.0 as usize),
+            header_read_timeout: file
+                .header_read_timeout
+                .map_or(DEFAULT_HEADER_READ_TIMEOUT, |d| d.0),
+            max_header_size: file
+                .max_header_size
+                .map_or(DEFAULT_MAX_HEADER_SIZE, |s| s.0 as usize),
             trust_forwarded_for: file.trust_forwarded_for.unwrap_or(false),
-            grace_period: file.grace_period.map_or(super::connector::DEFAULT_GRACE_PERIOD, |d| d.0),
+            grace_period: file
+                .grace_period
+                .map_or(super::connector::DEFAULT_GRACE_PERIOD, |d| d.0),
             admin_listen: file.admin.map(|a| a.listen),
             access_log: file.access_log.unwrap_or(true),
         })

@@ -17,8 +17,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::DeserializeOwned;
 
 pub use connector::{
-    split_host_port as connector_split_host_port, BackoffConfig, ConnectorConfig, IngressRuleConfig,
-    OriginConfig, OriginTarget, DEFAULT_HA_CONNECTIONS,
+    split_host_port as connector_split_host_port, BackoffConfig, ConnectorConfig,
+    IngressRuleConfig, OriginConfig, OriginTarget, DEFAULT_HA_CONNECTIONS,
 };
 pub use edge::{EdgeConfig, HttpsConfig, TunnelConfig};
 pub use plugin::{AuditConfig, Grants, Isolation, OnError, PluginConfig};
@@ -77,7 +77,9 @@ pub fn load_any(path: &Path) -> Result<AnyConfig, ConfigError> {
     let text = read(path)?;
     match detect_role(&text) {
         Some(Role::Edge) => Ok(AnyConfig::Edge(Box::new(EdgeConfig::parse(&text, path)?))),
-        Some(Role::Connector) => Ok(AnyConfig::Connector(Box::new(ConnectorConfig::parse(&text, path)?))),
+        Some(Role::Connector) => Ok(AnyConfig::Connector(Box::new(ConnectorConfig::parse(
+            &text, path,
+        )?))),
         None => {
             // Parse as TOML anyway so that a syntax error is reported as such.
             let _: toml::Table = Source::new(path, &text).deserialize()?;
@@ -85,9 +87,10 @@ pub fn load_any(path: &Path) -> Result<AnyConfig, ConfigError> {
                 file: path.to_path_buf(),
                 position: None,
                 key: None,
-                message: "cannot tell the role of this file: an edge config has a [connectors] table, \
+                message:
+                    "cannot tell the role of this file: an edge config has a [connectors] table, \
                           a connector config has an `edges` list"
-                    .into(),
+                        .into(),
             })
         }
     }
@@ -130,20 +133,33 @@ impl<'a> Source<'a> {
         let de = toml::Deserializer::new(self.text);
         serde_path_to_error::deserialize(de).map_err(|err| {
             // `toml::Spanned` shows up as a path segment of its own; it means nothing to users.
-            let path = err.path().to_string().replace(".$__serde_spanned_private_value", "");
+            let path = err
+                .path()
+                .to_string()
+                .replace(".$__serde_spanned_private_value", "");
             let inner = err.into_inner();
             ConfigError {
                 file: self.file.to_path_buf(),
                 position: inner.span().map(|s| self.position(s.start)),
                 key: (path != ".").then_some(path),
-                message: inner.message().trim_end().lines().collect::<Vec<_>>().join(": "),
+                message: inner
+                    .message()
+                    .trim_end()
+                    .lines()
+                    .collect::<Vec<_>>()
+                    .join(": "),
             }
         })
     }
 
     /// An error at a byte offset with a key path.
     /// Without an offset, a top-level key or table named `key` is looked up to place the error.
-    pub fn error(&self, offset: Option<usize>, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    pub fn error(
+        &self,
+        offset: Option<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         let key = key.into();
         let top = key.split(['.', '[']).next().unwrap_or(&key);
         let offset = offset.or_else(|| self.find_top_level(top));
@@ -214,7 +230,10 @@ pub struct TlsIdentity {
 
 impl Clone for TlsIdentity {
     fn clone(&self) -> Self {
-        TlsIdentity { chain: self.chain.clone(), key: self.key.clone_key() }
+        TlsIdentity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 

@@ -101,7 +101,11 @@ pub struct AuditConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { stdout: false, file: None, queue: DEFAULT_AUDIT_QUEUE }
+        AuditConfig {
+            stdout: false,
+            file: None,
+            queue: DEFAULT_AUDIT_QUEUE,
+        }
     }
 }
 
@@ -132,14 +136,27 @@ pub(super) struct AuditFile {
 
 impl PluginFile {
     /// Validates one entry; errors are (key suffix, message).
-    pub fn validate(&self, resolve: impl Fn(&std::path::Path) -> PathBuf) -> Result<PluginConfig, (String, String)> {
+    pub fn validate(
+        &self,
+        resolve: impl Fn(&std::path::Path) -> PathBuf,
+    ) -> Result<PluginConfig, (String, String)> {
         let valid_name = !self.name.is_empty()
-            && self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !valid_name {
-            return Err(("name".into(), format!("invalid plugin name {:?}: use letters, digits, '-' and '_'", self.name)));
+            return Err((
+                "name".into(),
+                format!(
+                    "invalid plugin name {:?}: use letters, digits, '-' and '_'",
+                    self.name
+                ),
+            ));
         }
         let config_json = match &self.config {
-            Some(table) => serde_json::to_vec(table).map_err(|e| ("config".into(), format!("cannot encode as JSON: {e}")))?,
+            Some(table) => serde_json::to_vec(table)
+                .map_err(|e| ("config".into(), format!("cannot encode as JSON: {e}")))?,
             None => b"{}".to_vec(),
         };
         let memory = self.memory.map_or(DEFAULT_MEMORY, |m| m.0 as usize);

@@ -14,8 +14,14 @@ pub struct NewTunnel {
 
 /// Creates tunnel `id` serving `hostnames`, with a random 256-bit token.
 pub fn new_tunnel(id: &str, hostnames: &[String]) -> Result<NewTunnel, String> {
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return Err(format!("invalid tunnel name {id:?}: use letters, digits, '-' and '_'"));
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "invalid tunnel name {id:?}: use letters, digits, '-' and '_'"
+        ));
     }
     if hostnames.is_empty() {
         return Err("give at least one --hostname".into());
@@ -25,7 +31,10 @@ pub fn new_tunnel(id: &str, hostnames: &[String]) -> Result<NewTunnel, String> {
         .map(|h| HostPattern::try_from(h.as_str()))
         .collect::<Result<Vec<_>, _>>()?;
     let token = Secret::new(hex::encode(rand::random::<[u8; 32]>()));
-    let hosts: Vec<String> = patterns.iter().map(|p| format!("{:?}", p.to_string())).collect();
+    let hosts: Vec<String> = patterns
+        .iter()
+        .map(|p| format!("{:?}", p.to_string()))
+        .collect();
     let edge_block = format!(
         "[[tunnel]]\nid = {id:?}\ntoken-sha256 = \"{}\"\nhostnames = [{}]\n",
         hex::encode(token.sha256()),
@@ -40,12 +49,21 @@ mod tests {
 
     #[test]
     fn block_holds_only_the_hash() {
-        let t = new_tunnel("app", &["App.Example.com".into(), "*.app.example.com".into()]).unwrap();
+        let t = new_tunnel(
+            "app",
+            &["App.Example.com".into(), "*.app.example.com".into()],
+        )
+        .unwrap();
         assert_eq!(t.token.expose().len(), 64);
         assert!(!t.edge_block.contains(t.token.expose()));
         assert!(t.edge_block.contains(&hex::encode(t.token.sha256())));
-        assert!(t.edge_block.contains(r#"hostnames = ["app.example.com", "*.app.example.com"]"#));
-        assert_ne!(new_tunnel("app", &["a.test".into()]).unwrap().token, t.token);
+        assert!(t
+            .edge_block
+            .contains(r#"hostnames = ["app.example.com", "*.app.example.com"]"#));
+        assert_ne!(
+            new_tunnel("app", &["a.test".into()]).unwrap().token,
+            t.token
+        );
     }
 
     #[test]

@@ -15,9 +15,9 @@ impl TryFrom<String> for Duration {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, like \"30s\""))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("invalid duration {s:?}: expected a number and a unit, like \"30s\"")
+        })?;
         let secs_per_unit = match unit {
             "ms" => return Ok(Duration(std::time::Duration::from_millis(n))),
             "s" => 1,
@@ -53,15 +53,19 @@ impl TryFrom<&str> for ByteSize {
         let t = s.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}: expected a number and a unit, like \"64KiB\""))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("invalid size {s:?}: expected a number and a unit, like \"64KiB\"")
+        })?;
         let mult = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
             "MiB" => 1 << 20,
             "GiB" => 1 << 30,
-            _ => return Err(format!("invalid size {s:?}: unit must be one of B, KiB, MiB, GiB")),
+            _ => {
+                return Err(format!(
+                    "invalid size {s:?}: unit must be one of B, KiB, MiB, GiB"
+                ))
+            }
         };
         n.checked_mul(mult)
             .map(ByteSize)
@@ -107,7 +111,9 @@ impl HostPattern {
     pub fn matches(&self, host: &str) -> bool {
         match self {
             HostPattern::Exact(h) => h == host,
-            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix.as_str()),
+            HostPattern::Wildcard(suffix) => {
+                host.len() > suffix.len() && host.ends_with(suffix.as_str())
+            }
         }
     }
 }
@@ -133,7 +139,8 @@ impl TryFrom<&str> for HostPattern {
         let valid_label = |l: &str| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                 && !l.starts_with('-')
                 && !l.ends_with('-')
         };
@@ -180,9 +187,21 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(Duration::try_from("250ms".to_string()).unwrap().0.as_millis(), 250);
-        assert_eq!(Duration::try_from("30s".to_string()).unwrap().0.as_secs(), 30);
-        assert_eq!(Duration::try_from("2m".to_string()).unwrap().0.as_secs(), 120);
+        assert_eq!(
+            Duration::try_from("250ms".to_string())
+                .unwrap()
+                .0
+                .as_millis(),
+            250
+        );
+        assert_eq!(
+            Duration::try_from("30s".to_string()).unwrap().0.as_secs(),
+            30
+        );
+        assert_eq!(
+            Duration::try_from("2m".to_string()).unwrap().0.as_secs(),
+            120
+        );
         assert!(Duration::try_from("30".to_string()).is_err());
         assert!(Duration::try_from("s".to_string()).is_err());
         assert!(Duration::try_from("3 days".to_string()).is_err());

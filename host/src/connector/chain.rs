@@ -37,7 +37,11 @@ impl Chains {
                 plugins.push(plugin.clone());
             }
         }
-        let global: Vec<usize> = config.global_plugins.iter().filter_map(|n| index.get(n).copied()).collect();
+        let global: Vec<usize> = config
+            .global_plugins
+            .iter()
+            .filter_map(|n| index.get(n).copied())
+            .collect();
         let by_rule = config
             .ingress
             .iter()
@@ -54,7 +58,13 @@ impl Chains {
     pub fn start(&self, rule: usize, view: RequestView, context: AuditContext) -> ChainRun<'_> {
         let chain = self.by_rule.get(rule).cloned().unwrap_or_default();
         let held = chain.iter().map(|_| None).collect();
-        ChainRun { chains: self, chain, held, view, context }
+        ChainRun {
+            chains: self,
+            chain,
+            held,
+            view,
+            context,
+        }
     }
 }
 
@@ -120,7 +130,9 @@ impl ChainRun<'_> {
             let view = self.view_for(&plugin);
             let called = plugin.on_request(&mut self.held[pos], &view).await;
             emit(&self.context, &self.view, plugin.name(), called.events).await;
-            let result = called.result.and_then(|d| self.apply(&plugin, d, headers, &origin_exists, &mut edits));
+            let result = called
+                .result
+                .and_then(|d| self.apply(&plugin, d, headers, &origin_exists, &mut edits));
             match result {
                 Ok(true) => return Ok(edits),
                 Ok(false) => {}
@@ -144,13 +156,23 @@ impl ChainRun<'_> {
             plugin.count_error(&err);
             err
         };
-        let target = d.path.as_deref().map(decision::check_path).transpose().map_err(invalid)?;
+        let target = d
+            .path
+            .as_deref()
+            .map(decision::check_path)
+            .transpose()
+            .map_err(invalid)?;
         if let Some(origin) = &d.origin {
             if !origin_exists(origin) {
                 return Err(invalid(format!("origin {origin:?} is not configured")));
             }
         }
-        let local = d.respond.as_ref().map(decision::local_response).transpose().map_err(invalid)?;
+        let local = d
+            .respond
+            .as_ref()
+            .map(decision::local_response)
+            .transpose()
+            .map_err(invalid)?;
         // Header edits last: all-or-nothing, and only once the rest is known to be valid.
         decision::apply_edits(headers, &d.headers).map_err(invalid)?;
         if let Some(t) = target {
@@ -160,7 +182,10 @@ impl ChainRun<'_> {
         if let Some(o) = d.origin {
             edits.origin = Some(o);
         }
-        self.view.headers = headers.iter().map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())).collect();
+        self.view.headers = headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
         if let Some((status, h, body)) = local {
             edits.respond = Some((status, h, body, plugin.name().to_string()));
             return Ok(true);
@@ -169,14 +194,21 @@ impl ChainRun<'_> {
     }
 
     /// Runs `on-response` in reverse chain order on the response head.
-    pub async fn on_response(&mut self, status: StatusCode, headers: &mut HeaderMap) -> Result<(), Refused> {
+    pub async fn on_response(
+        &mut self,
+        status: StatusCode,
+        headers: &mut HeaderMap,
+    ) -> Result<(), Refused> {
         for pos in (0..self.chain.len()).rev() {
             let plugin = self.chains.plugins[self.chain[pos]].clone();
             if !plugin.exports().1 {
                 continue;
             }
             let view = self.view_for(&plugin);
-            let resp = Response { status: status.as_u16(), headers: decision::to_wit(headers) };
+            let resp = Response {
+                status: status.as_u16(),
+                headers: decision::to_wit(headers),
+            };
             let called = plugin.on_response(&mut self.held[pos], &view, resp).await;
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             let result = called.result.and_then(|d| {
@@ -202,7 +234,9 @@ impl ChainRun<'_> {
                 continue;
             }
             let view = self.view_for(&plugin);
-            let called = plugin.on_complete(&mut self.held[pos], &view, info.clone()).await;
+            let called = plugin
+                .on_complete(&mut self.held[pos], &view, info.clone())
+                .await;
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             if let Err(error) = called.result {
                 warn!(plugin = plugin.name(), kind = error.kind(), %error, "plugin failed in on-complete");
@@ -222,7 +256,10 @@ impl ChainRun<'_> {
             "plugin failed"
         );
         match policy {
-            OnError::FailClosed => Err(Refused { plugin: plugin.name().to_string(), error }),
+            OnError::FailClosed => Err(Refused {
+                plugin: plugin.name().to_string(),
+                error,
+            }),
             OnError::FailOpen => Ok(()),
         }
     }
@@ -235,7 +272,8 @@ impl ChainRun<'_> {
             view.client_addr = None;
         }
         if !grants.credentials {
-            view.headers.retain(|(n, _)| !CREDENTIALS.contains(&n.as_str()));
+            view.headers
+                .retain(|(n, _)| !CREDENTIALS.contains(&n.as_str()));
         }
         view
     }
@@ -245,7 +283,14 @@ impl ChainRun<'_> {
 /// audit queue is full). A free function: the chain run itself is not `Sync`.
 async fn emit(context: &AuditContext, view: &RequestView, plugin: &str, events: Vec<RawEvent>) {
     for e in events {
-        let event = AuditEvent::new(plugin, &view.request_id, &context.tunnel, &view.hostname, e.kind, e.attributes);
+        let event = AuditEvent::new(
+            plugin,
+            &view.request_id,
+            &context.tunnel,
+            &view.hostname,
+            e.kind,
+            e.attributes,
+        );
         context.audit.emit(event).await;
     }
 }

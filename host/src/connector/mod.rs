@@ -15,9 +15,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::admin::{Admin, Metrics};
+use crate::audit::Audit;
 use crate::config::ConnectorConfig;
 use crate::tls;
-use crate::audit::Audit;
 use pipeline::{Pipeline, PluginEnv};
 
 /// Why the connector could not start.
@@ -56,7 +56,8 @@ impl ConnectorState {
     }
 
     fn add(&self, delta: isize) {
-        self.registered.send_modify(|c| *c = c.saturating_add_signed(delta));
+        self.registered
+            .send_modify(|c| *c = c.saturating_add_signed(delta));
     }
 }
 
@@ -143,7 +144,11 @@ impl Connector {
 
     /// A handle to reload ingress and origins while the connector runs.
     pub fn reloader(&self) -> ConnectorReloader {
-        ConnectorReloader { running: self.config.clone(), pipeline: self.pipeline.clone(), env: self.env.clone() }
+        ConnectorReloader {
+            running: self.config.clone(),
+            pipeline: self.pipeline.clone(),
+            env: self.env.clone(),
+        }
     }
 
     /// Observable state (registered connections).
@@ -178,12 +183,17 @@ impl Connector {
             state: self.state.clone(),
             streams: streams.clone(),
             metrics: self.metrics.clone(),
-            limit: Arc::new(tokio::sync::Semaphore::new(self.config.max_concurrent_requests)),
+            limit: Arc::new(tokio::sync::Semaphore::new(
+                self.config.max_concurrent_requests,
+            )),
         });
         for edge in &self.config.edges {
             for index in 0..self.config.ha_connections {
                 let span = tracing::info_span!("session", edge = %edge, conn = index);
-                sessions.spawn(session::run(edge.clone(), index, shared.clone(), shutdown.clone()).instrument(span));
+                sessions.spawn(
+                    session::run(edge.clone(), index, shared.clone(), shutdown.clone())
+                        .instrument(span),
+                );
             }
         }
         shutdown.cancelled().await;
@@ -191,11 +201,18 @@ impl Connector {
         // Drain: every session has told its edge to route no new requests here (sessions
         // watch the same token); in-flight requests get the grace period to finish.
         let grace = self.config.grace_period;
-        info!(in_flight = streams.len(), grace_secs = grace.as_secs_f64(), "draining: waiting for in-flight requests");
+        info!(
+            in_flight = streams.len(),
+            grace_secs = grace.as_secs_f64(),
+            "draining: waiting for in-flight requests"
+        );
         streams.close();
         match tokio::time::timeout(grace, streams.wait()).await {
             Ok(()) => info!("all in-flight requests finished"),
-            Err(_) => warn!(abandoned = streams.len(), "grace period ran out; closing with requests still in flight"),
+            Err(_) => warn!(
+                abandoned = streams.len(),
+                "grace period ran out; closing with requests still in flight"
+            ),
         }
         self.env.audit().flush().await;
         endpoint.close(crate::proto::code::CLOSE_NORMAL, b"connector shutting down");

@@ -23,18 +23,20 @@ use tracing::{debug, info, warn, Instrument};
 
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::chain::{AuditContext, ChainRun, Chains, Refused};
 use crate::admin::metrics::{InFlightGauge, KindLabels};
 use crate::admin::Metrics;
+use crate::audit::Audit;
 use crate::config::{normalize_host, ConnectorConfig};
 use crate::headers::{from_wire, strip_hop_by_hop, to_wire, REQUEST_ID};
 use crate::ingress::{normalize_target, Ingress};
 use crate::origin::{OriginError, Origins};
-use crate::proto::{self, io::read_frame, io::write_frame, RequestHead, ResponseHead, ResponseSource};
-use crate::relay::{self, PumpError};
-use super::chain::{AuditContext, ChainRun, Chains, Refused};
-use crate::audit::Audit;
 use crate::plugin::bindings::sluice::plugin::types::Completion;
 use crate::plugin::{LoadError, Plugin, RequestView, Runtime};
+use crate::proto::{
+    self, io::read_frame, io::write_frame, RequestHead, ResponseHead, ResponseSource,
+};
+use crate::relay::{self, PumpError};
 use crate::tls::TlsError;
 
 /// How long the edge has to send a request head once it opened a stream.
@@ -64,7 +66,9 @@ pub enum PipelineError {
     #[error(transparent)]
     Runtime(#[from] crate::plugin::RuntimeError),
     /// A plugin asks for more memory than the running engine was set up for.
-    #[error("plugin {0:?} asks for more memory than the running connector allows; restart to apply")]
+    #[error(
+        "plugin {0:?} asks for more memory than the running connector allows; restart to apply"
+    )]
     Memory(String),
 }
 
@@ -80,7 +84,11 @@ pub struct PluginEnv {
 impl PluginEnv {
     /// An environment writing audit events to `audit`.
     pub fn new(audit: Audit, metrics: Arc<Metrics>) -> Self {
-        PluginEnv { runtime: std::sync::Mutex::new(None), audit, metrics }
+        PluginEnv {
+            runtime: std::sync::Mutex::new(None),
+            audit,
+            metrics,
+        }
     }
 
     /// The audit writer.
@@ -131,7 +139,10 @@ impl Pipeline {
             ingress: Ingress::new(config.ingress.clone()),
             origins: Origins::new(&config.origins)?,
             chains: Chains::new(config, loaded),
-            audit_context: AuditContext { audit: env.audit.clone(), tunnel: config.tunnel.clone() },
+            audit_context: AuditContext {
+                audit: env.audit.clone(),
+                tunnel: config.tunnel.clone(),
+            },
             access_log: config.access_log,
         })
     }
@@ -147,34 +158,55 @@ impl Pipeline {
     ) {
         let _permit = permit;
         let _gauge = InFlightGauge::new(&metrics.in_flight);
-        let head: RequestHead = match tokio::time::timeout(HEAD_TIMEOUT, read_frame(&mut recv)).await {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
-                warn!(cause = %e, "bad request stream from the edge");
-                let _ = send.reset(proto::code::STREAM_PROTOCOL);
-                let _ = recv.stop(proto::code::STREAM_PROTOCOL);
-                return;
-            }
-            Err(_) => {
-                warn!("the edge opened a stream but sent no request head");
-                let _ = send.reset(proto::code::STREAM_PROTOCOL);
-                return;
-            }
-        };
+        let head: RequestHead =
+            match tokio::time::timeout(HEAD_TIMEOUT, read_frame(&mut recv)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    warn!(cause = %e, "bad request stream from the edge");
+                    let _ = send.reset(proto::code::STREAM_PROTOCOL);
+                    let _ = recv.stop(proto::code::STREAM_PROTOCOL);
+                    return;
+                }
+                Err(_) => {
+                    warn!("the edge opened a stream but sent no request head");
+                    let _ = send.reset(proto::code::STREAM_PROTOCOL);
+                    return;
+                }
+            };
         let span = tracing::info_span!("request", id = %head.request_id);
-        self.serve(head, send, recv, &metrics).instrument(span).await
+        self.serve(head, send, recv, &metrics)
+            .instrument(span)
+            .await
     }
 
-    async fn serve(&self, head: RequestHead, mut send: quinn::SendStream, recv: quinn::RecvStream, metrics: &Metrics) {
+    async fn serve(
+        &self,
+        head: RequestHead,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        metrics: &Metrics,
+    ) {
         let start = Instant::now();
         let host = normalize_host(&head.authority);
         let bytes_in = Arc::new(AtomicU64::new(0));
         let mut run = None;
-        let outcome = match self.proxy(&head, &host, &mut send, recv, &bytes_in, &mut run).await {
+        let outcome = match self
+            .proxy(&head, &host, &mut send, recv, &bytes_in, &mut run)
+            .await
+        {
             Ok(o) => o,
-            Err(Failure::Answer { status, message, origin, kind, origin_failure }) => {
+            Err(Failure::Answer {
+                status,
+                message,
+                origin,
+                kind,
+                origin_failure,
+            }) => {
                 if origin_failure {
-                    metrics.origin_errors.get_or_create(&KindLabels { kind }).inc();
+                    metrics
+                        .origin_errors
+                        .get_or_create(&KindLabels { kind })
+                        .inc();
                 }
                 let bytes_out = answer_error(&mut send, status, &message).await;
                 Outcome {
@@ -188,7 +220,13 @@ impl Pipeline {
             Err(Failure::Cancelled { origin }) => {
                 debug!(%origin, "the edge cancelled the request; origin request abandoned");
                 let _ = send.reset(proto::code::STREAM_CANCELLED);
-                Outcome { status: 499, origin, source: ResponseSource::Connector, bytes_out: 0, error: Some("cancelled".into()) }
+                Outcome {
+                    status: 499,
+                    origin,
+                    source: ResponseSource::Connector,
+                    bytes_out: 0,
+                    error: Some("cancelled".into()),
+                }
             }
         };
 
@@ -234,7 +272,8 @@ impl Pipeline {
         bytes_in: &Arc<AtomicU64>,
         run: &mut Option<ChainRun<'a>>,
     ) -> Result<Outcome, Failure> {
-        let (path, mut target) = normalize_target(&head.path).map_err(|e| Failure::bad_request(e.to_string()))?;
+        let (path, mut target) =
+            normalize_target(&head.path).map_err(|e| Failure::bad_request(e.to_string()))?;
         let Some(m) = self.ingress.find(host, &path) else {
             // Validation guarantees a catch-all; answer sensibly anyway.
             return Err(Failure::Answer {
@@ -245,7 +284,8 @@ impl Pipeline {
                 origin_failure: false,
             });
         };
-        let method = Method::from_bytes(head.method.as_bytes()).map_err(|_| Failure::bad_request("invalid method".into()))?;
+        let method = Method::from_bytes(head.method.as_bytes())
+            .map_err(|_| Failure::bad_request("invalid method".into()))?;
         let (mut headers, invalid) = from_wire(&head.headers);
         if invalid > 0 {
             debug!(invalid, "dropped invalid request headers");
@@ -261,7 +301,10 @@ impl Pipeline {
             scheme: head.scheme.clone(),
             authority: head.authority.clone(),
             path: target.clone(),
-            headers: headers.iter().map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())).collect(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect(),
             request_id: head.request_id.clone(),
             hostname: host.to_string(),
             ingress_rule: m.index as u32,
@@ -294,8 +337,13 @@ impl Pipeline {
             });
         };
 
-        let host_value = origin.config().host_header.clone().unwrap_or_else(|| head.authority.clone());
-        let host_header = HeaderValue::from_str(&host_value).map_err(|_| Failure::bad_request("invalid host".into()))?;
+        let host_value = origin
+            .config()
+            .host_header
+            .clone()
+            .unwrap_or_else(|| head.authority.clone());
+        let host_header = HeaderValue::from_str(&host_value)
+            .map_err(|_| Failure::bad_request("invalid host".into()))?;
         headers.insert(HOST, host_header);
         if origin.config().host_header.is_some() {
             if let Ok(v) = HeaderValue::from_str(&head.authority) {
@@ -320,7 +368,9 @@ impl Pipeline {
         };
         let mut req = Request::new(body);
         *req.method_mut() = method;
-        *req.uri_mut() = target.parse().map_err(|_| Failure::bad_request("invalid path".into()))?;
+        *req.uri_mut() = target
+            .parse()
+            .map_err(|_| Failure::bad_request("invalid path".into()))?;
         *req.headers_mut() = headers;
 
         // Wait for the origin's answer, unless the edge gives up first (client gone): dropping
@@ -345,7 +395,10 @@ impl Pipeline {
         let mut resp_headers = resp.headers().clone();
         strip_hop_by_hop(&mut resp_headers);
         if let Some(chain) = run.as_mut().filter(|c| !c.is_empty()) {
-            chain.on_response(status, &mut resp_headers).await.map_err(Failure::plugin)?;
+            chain
+                .on_response(status, &mut resp_headers)
+                .await
+                .map_err(Failure::plugin)?;
         }
         if on_upgrade.is_some() {
             if let Some(p) = &head.upgrade {
@@ -354,10 +407,16 @@ impl Pipeline {
                 }
             }
         }
-        let resp_head = ResponseHead { status: status.as_u16(), headers: to_wire(&resp_headers), source: ResponseSource::Origin };
+        let resp_head = ResponseHead {
+            status: status.as_u16(),
+            headers: to_wire(&resp_headers),
+            source: ResponseSource::Origin,
+        };
         if let Err(e) = write_frame(send, &resp_head).await {
             debug!(cause = %e, "could not send the response head to the edge");
-            return Err(Failure::Cancelled { origin: origin_name });
+            return Err(Failure::Cancelled {
+                origin: origin_name,
+            });
         }
 
         let mut outcome = Outcome {
@@ -421,10 +480,16 @@ async fn answer_local(
     plugin: String,
 ) -> Result<Outcome, Failure> {
     headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-    let head = ResponseHead { status: status.as_u16(), headers: to_wire(&headers), source: ResponseSource::Plugin };
+    let head = ResponseHead {
+        status: status.as_u16(),
+        headers: to_wire(&headers),
+        source: ResponseSource::Plugin,
+    };
     if write_frame(send, &head).await.is_err() || send.write_chunk(body.clone()).await.is_err() {
         let _ = send.reset(proto::code::STREAM_CANCELLED);
-        return Err(Failure::Cancelled { origin: String::new() });
+        return Err(Failure::Cancelled {
+            origin: String::new(),
+        });
     }
     let _ = send.finish();
     debug!(%plugin, status = status.as_u16(), "a plugin answered locally");
@@ -440,14 +505,26 @@ async fn answer_local(
 /// How a request ended without an origin response to relay.
 enum Failure {
     /// Answer the edge with an error produced by the connector.
-    Answer { status: StatusCode, message: String, origin: String, kind: &'static str, origin_failure: bool },
+    Answer {
+        status: StatusCode,
+        message: String,
+        origin: String,
+        kind: &'static str,
+        origin_failure: bool,
+    },
     /// The edge went away; nothing to answer.
     Cancelled { origin: String },
 }
 
 impl Failure {
     fn bad_request(message: String) -> Self {
-        Failure::Answer { status: StatusCode::BAD_REQUEST, message, origin: String::new(), kind: "bad-request", origin_failure: false }
+        Failure::Answer {
+            status: StatusCode::BAD_REQUEST,
+            message,
+            origin: String::new(),
+            kind: "bad-request",
+            origin_failure: false,
+        }
     }
 
     /// A fail-closed plugin failure: a 502 that names no plugin internals.
@@ -468,7 +545,13 @@ impl Failure {
     }
 
     fn origin(e: OriginError, origin: String) -> Self {
-        Failure::Answer { status: e.status(), message: e.to_string(), origin, kind: e.kind(), origin_failure: true }
+        Failure::Answer {
+            status: e.status(),
+            message: e.to_string(),
+            origin,
+            kind: e.kind(),
+            origin_failure: true,
+        }
     }
 }
 
@@ -476,17 +559,26 @@ impl Failure {
 /// already in flight: nothing is queued, nothing is read.
 pub async fn refuse_busy(mut send: quinn::SendStream, mut recv: quinn::RecvStream, limit: usize) {
     let _ = recv.stop(proto::code::STREAM_CANCELLED);
-    let body = format!("sluice connector: too many requests in flight (max-concurrent-requests = {limit})\n");
+    let body = format!(
+        "sluice connector: too many requests in flight (max-concurrent-requests = {limit})\n"
+    );
     let head = ResponseHead {
         status: 503,
         headers: vec![
-            (CONTENT_TYPE.as_str().to_string(), "text/plain; charset=utf-8".into()),
-            ("content-length".to_string(), body.len().to_string().as_str().into()),
+            (
+                CONTENT_TYPE.as_str().to_string(),
+                "text/plain; charset=utf-8".into(),
+            ),
+            (
+                "content-length".to_string(),
+                body.len().to_string().as_str().into(),
+            ),
             ("retry-after".to_string(), "1".into()),
         ],
         source: ResponseSource::Connector,
     };
-    if write_frame(&mut send, &head).await.is_ok() && send.write_all(body.as_bytes()).await.is_ok() {
+    if write_frame(&mut send, &head).await.is_ok() && send.write_all(body.as_bytes()).await.is_ok()
+    {
         let _ = send.finish();
     } else {
         let _ = send.reset(proto::code::STREAM_CANCELLED);
@@ -499,8 +591,14 @@ async fn answer_error(send: &mut quinn::SendStream, status: StatusCode, message:
     let head = ResponseHead {
         status: status.as_u16(),
         headers: vec![
-            (CONTENT_TYPE.as_str().to_string(), "text/plain; charset=utf-8".into()),
-            ("content-length".to_string(), body.len().to_string().as_str().into()),
+            (
+                CONTENT_TYPE.as_str().to_string(),
+                "text/plain; charset=utf-8".into(),
+            ),
+            (
+                "content-length".to_string(),
+                body.len().to_string().as_str().into(),
+            ),
         ],
         source: ResponseSource::Connector,
     };

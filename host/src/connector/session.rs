@@ -13,9 +13,9 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
 use super::pipeline::{self, Pipeline};
+use super::ConnectorState;
 use crate::admin::metrics::KindLabels;
 use crate::admin::Metrics;
-use super::ConnectorState;
 use crate::config::{connector_split_host_port, BackoffConfig, ConnectorConfig};
 use crate::proto::{self, io::read_frame, io::write_frame, Control, Register, Rejected};
 
@@ -56,7 +56,12 @@ enum SessionError {
 }
 
 /// Keeps one connection slot alive until shutdown.
-pub(super) async fn run(edge: String, index: u32, shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(super) async fn run(
+    edge: String,
+    index: u32,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
     let mut attempt = 0u32;
     loop {
         let mut registered_at = None;
@@ -68,13 +73,23 @@ pub(super) async fn run(edge: String, index: u32, shared: Arc<Shared>, shutdown:
         match result {
             Ok(reason) => info!(%reason, "connection to the edge lost"),
             Err(SessionError::Rejected(rej)) => {
-                shared.metrics.registration_failures.get_or_create(&KindLabels { kind: "rejected" }).inc();
+                shared
+                    .metrics
+                    .registration_failures
+                    .get_or_create(&KindLabels { kind: "rejected" })
+                    .inc();
                 warn!(code = ?rej.code, reason = %rej.message, "the edge refused the registration");
                 // An edge may ask for a pause, but not for longer than the back-off cap.
-                retry_after = rej.retry_after_ms.map(|ms| Duration::from_millis(ms).min(shared.config.backoff.max));
+                retry_after = rej
+                    .retry_after_ms
+                    .map(|ms| Duration::from_millis(ms).min(shared.config.backoff.max));
             }
             Err(e) => {
-                shared.metrics.registration_failures.get_or_create(&KindLabels { kind: "connect" }).inc();
+                shared
+                    .metrics
+                    .registration_failures
+                    .get_or_create(&KindLabels { kind: "connect" })
+                    .inc();
                 warn!(cause = %e, "connection to the edge failed")
             }
         }
@@ -83,7 +98,10 @@ pub(super) async fn run(edge: String, index: u32, shared: Arc<Shared>, shutdown:
         }
         let delay = retry_after.unwrap_or_else(|| backoff_delay(&shared.config.backoff, attempt));
         attempt = attempt.saturating_add(1);
-        debug!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting after back-off");
+        debug!(
+            delay_ms = delay.as_millis() as u64,
+            attempt, "reconnecting after back-off"
+        );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return,
@@ -93,7 +111,10 @@ pub(super) async fn run(edge: String, index: u32, shared: Arc<Shared>, shutdown:
 
 /// Exponential back-off with "equal jitter": half the step fixed, half random.
 pub fn backoff_delay(cfg: &BackoffConfig, attempt: u32) -> Duration {
-    let step = cfg.initial.saturating_mul(1u32 << attempt.min(20)).min(cfg.max);
+    let step = cfg
+        .initial
+        .saturating_mul(1u32 << attempt.min(20))
+        .min(cfg.max);
     let half = step / 2;
     half + rand::thread_rng().gen_range(Duration::ZERO..=half)
 }
@@ -116,7 +137,10 @@ async fn session(
     let server_name = shared.config.edge_server_name.clone().unwrap_or(host);
 
     let dial = tokio::time::timeout(REGISTER_TIMEOUT, async {
-        let conn = shared.endpoint.connect_with(shared.client.clone(), addr, &server_name)?.await?;
+        let conn = shared
+            .endpoint
+            .connect_with(shared.client.clone(), addr, &server_name)?
+            .await?;
         let (mut send, mut recv) = conn.open_bi().await?;
         let register = Control::Register(Register {
             version: proto::VERSION,
@@ -196,9 +220,15 @@ mod tests {
     fn backoff_grows_with_jitter_and_caps() {
         let cfg = BackoffConfig::default();
         for attempt in 0..40 {
-            let step = cfg.initial.saturating_mul(1u32 << attempt.min(20)).min(cfg.max);
+            let step = cfg
+                .initial
+                .saturating_mul(1u32 << attempt.min(20))
+                .min(cfg.max);
             let d = backoff_delay(&cfg, attempt);
-            assert!(d >= step / 2 && d <= step, "attempt {attempt}: {d:?} vs step {step:?}");
+            assert!(
+                d >= step / 2 && d <= step,
+                "attempt {attempt}: {d:?} vs step {step:?}"
+            );
         }
         assert!(backoff_delay(&cfg, 0) <= Duration::from_millis(100));
         assert!(backoff_delay(&cfg, 30) >= Duration::from_secs(15));

@@ -27,7 +27,11 @@ enum RegisterError {
 pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
     let peer = incoming.remote_address();
     let failed = |kind: &'static str| {
-        shared.metrics.registration_failures.get_or_create(&crate::admin::metrics::KindLabels { kind }).inc();
+        shared
+            .metrics
+            .registration_failures
+            .get_or_create(&crate::admin::metrics::KindLabels { kind })
+            .inc();
     };
     let conn = match incoming.await {
         Ok(c) => c,
@@ -37,7 +41,11 @@ pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
             return;
         }
     };
-    let registered = tokio::time::timeout(shared.config.register_timeout, register(&conn, peer, &shared)).await;
+    let registered = tokio::time::timeout(
+        shared.config.register_timeout,
+        register(&conn, peer, &shared),
+    )
+    .await;
     let (tunnel, entry, mut control) = match registered {
         Ok(Ok(r)) => r,
         Ok(Err(RegisterError::Rejected(rej))) => {
@@ -71,7 +79,9 @@ pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
                 info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, "connector is draining: no new requests go to this connection");
                 entry.set_draining();
             }
-            Ok(Control::Unknown) => debug!(connection = entry.id, "ignored an unknown control message"),
+            Ok(Control::Unknown) => {
+                debug!(connection = entry.id, "ignored an unknown control message")
+            }
             Ok(other) => {
                 warn!(tunnel = %tunnel, connection = entry.id, message = ?other, "closing connector connection: unexpected control message");
                 conn.close(proto::code::CLOSE_PROTOCOL, b"unexpected control message");
@@ -141,10 +151,19 @@ async fn register(
     // Answer first, then route: if this future is cancelled (registration timeout) before the
     // answer is out, nothing was added to the registry.
     let id = shared.registry.allocate_id();
-    let ok = Control::Registered(proto::Registered { connection_id: id, edge_id: shared.config.edge_id.clone() });
+    let ok = Control::Registered(proto::Registered {
+        connection_id: id,
+        edge_id: shared.config.edge_id.clone(),
+    });
     write_frame(&mut send, &ok).await?;
     let token_sha256 = reg.token.sha256();
-    let entry = shared.registry.add(&reg.tunnel, id, token_sha256, reg.connector_id.clone(), conn.clone());
+    let entry = shared.registry.add(
+        &reg.tunnel,
+        id,
+        token_sha256,
+        reg.connector_id.clone(),
+        conn.clone(),
+    );
     shared.metrics.registered.inc();
     info!(
         %peer,
@@ -185,7 +204,11 @@ fn authorized(shared: &EdgeShared, tunnel: &str, token: &Secret) -> bool {
 
 /// Sends `Rejected`, gives it a moment to arrive, then closes the connection.
 async fn reject(conn: &quinn::Connection, send: &mut quinn::SendStream, rej: &Rejected) {
-    if write_frame(send, &Control::Rejected(rej.clone())).await.is_ok() && send.finish().is_ok() {
+    if write_frame(send, &Control::Rejected(rej.clone()))
+        .await
+        .is_ok()
+        && send.finish().is_ok()
+    {
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     }
     conn.close(proto::code::CLOSE_REJECTED, rej.message.as_bytes());

@@ -13,8 +13,8 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn, Instrument};
 
 use super::registry::{Admitted, InFlight};
-use crate::admin::metrics::{InFlightGauge, KindLabels};
 use super::EdgeShared;
+use crate::admin::metrics::{InFlightGauge, KindLabels};
 use crate::config::normalize_host;
 use crate::headers::{from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID};
 use crate::proto::{self, io::read_frame, RequestHead, ResponseHead};
@@ -36,9 +36,16 @@ pub(super) async fn handle(
         .uri()
         .host()
         .map(str::to_string)
-        .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(normalize_host))
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(normalize_host)
+        })
         .unwrap_or_default();
-    let (resp, tunnel) = forward(req, &shared, client, scheme, &request_id).instrument(span.clone()).await;
+    let (resp, tunnel) = forward(req, &shared, client, scheme, &request_id)
+        .instrument(span.clone())
+        .await;
     let elapsed = start.elapsed();
     shared.metrics.observe(resp.status().as_u16(), elapsed);
     if shared.config.access_log {
@@ -66,32 +73,67 @@ async fn forward(
     request_id: &str,
 ) -> (Response<HttpBody>, Option<String>) {
     let gauge = InFlightGauge::new(&shared.metrics.in_flight);
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
+    let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+        req.headers()
+            .get(HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
     let Some(authority) = authority else {
-        return (plain(StatusCode::BAD_REQUEST, "sluice: the request has no Host header\n", request_id), None);
+        return (
+            plain(
+                StatusCode::BAD_REQUEST,
+                "sluice: the request has no Host header\n",
+                request_id,
+            ),
+            None,
+        );
     };
     let host = normalize_host(&authority);
     let Some(tunnel) = shared.registry.tunnel_for_host(&host) else {
-        return (plain(StatusCode::NOT_FOUND, &format!("sluice: no tunnel serves host {host}\n"), request_id), None);
+        return (
+            plain(
+                StatusCode::NOT_FOUND,
+                &format!("sluice: no tunnel serves host {host}\n"),
+                request_id,
+            ),
+            None,
+        );
     };
     let admitted = match shared.registry.admit(&tunnel) {
         Ok(a) => a,
         Err(limit) => {
-            shared.metrics.rejected.get_or_create(&KindLabels { kind: "tunnel-limit" }).inc();
+            shared
+                .metrics
+                .rejected
+                .get_or_create(&KindLabels {
+                    kind: "tunnel-limit",
+                })
+                .inc();
             let mut resp = plain(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("sluice: tunnel {tunnel} is at its limit of {limit} concurrent requests\n"),
+                &format!(
+                    "sluice: tunnel {tunnel} is at its limit of {limit} concurrent requests\n"
+                ),
                 request_id,
             );
-            resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             return (resp, Some(tunnel));
         }
     };
-    let resp = forward_admitted(req, shared, client, scheme, request_id, authority, host, &tunnel, (gauge, admitted)).await;
+    let resp = forward_admitted(
+        req,
+        shared,
+        client,
+        scheme,
+        request_id,
+        authority,
+        host,
+        &tunnel,
+        (gauge, admitted),
+    )
+    .await;
     (resp, Some(tunnel))
 }
 
@@ -107,7 +149,11 @@ async fn forward_admitted(
     tunnel: &str,
     guards: (InFlightGauge, Admitted),
 ) -> Response<HttpBody> {
-    let upgrade = if req.version() == Version::HTTP_11 { requested_upgrade(req.headers()) } else { None };
+    let upgrade = if req.version() == Version::HTTP_11 {
+        requested_upgrade(req.headers())
+    } else {
+        None
+    };
     let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let version = req.version();
     let (parts, body) = req.into_parts();
@@ -118,7 +164,13 @@ async fn forward_admitted(
     if version == Version::HTTP_2 {
         join_cookies(&mut headers);
     }
-    set_forwarded(&mut headers, shared.config.trust_forwarded_for, client, scheme, &authority);
+    set_forwarded(
+        &mut headers,
+        shared.config.trust_forwarded_for,
+        client,
+        scheme,
+        &authority,
+    );
     if let Ok(v) = HeaderValue::from_str(request_id) {
         headers.insert(REQUEST_ID, v);
     }
@@ -127,7 +179,11 @@ async fn forward_admitted(
         method: parts.method.to_string(),
         scheme: scheme.to_string(),
         authority: authority.clone(),
-        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
         headers: to_wire(&headers),
         client_addr: Some(client.to_string()),
         upgrade: upgrade.clone(),
@@ -194,12 +250,20 @@ async fn forward_admitted(
             if let Some(mut s) = held_send {
                 let _ = s.reset(proto::code::STREAM_CANCELLED);
             }
-            return plain(StatusCode::BAD_GATEWAY, "sluice: the connector did not answer\n", request_id);
+            return plain(
+                StatusCode::BAD_GATEWAY,
+                "sluice: the connector did not answer\n",
+                request_id,
+            );
         }
     };
     let Ok(status) = StatusCode::from_u16(resp_head.status) else {
         warn!(tunnel = %tunnel, connection, status = resp_head.status, "the connector sent an invalid status");
-        return plain(StatusCode::BAD_GATEWAY, "sluice: the connector sent an invalid response\n", request_id);
+        return plain(
+            StatusCode::BAD_GATEWAY,
+            "sluice: the connector sent an invalid response\n",
+            request_id,
+        );
     };
     let (mut resp_headers, invalid) = from_wire(&resp_head.headers);
     if invalid > 0 {
@@ -210,9 +274,14 @@ async fn forward_admitted(
         resp_headers.insert(REQUEST_ID, v);
     }
 
-    if let (Some(proto_name), Some(on_upgrade), Some(send)) = (&upgrade, on_upgrade, held_send.take()) {
+    if let (Some(proto_name), Some(on_upgrade), Some(send)) =
+        (&upgrade, on_upgrade, held_send.take())
+    {
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            resp_headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+            resp_headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
             if let Ok(v) = HeaderValue::from_str(proto_name) {
                 resp_headers.insert(http::header::UPGRADE, v);
             }
@@ -287,7 +356,11 @@ fn set_forwarded(
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .collect();
-    let xff = if trust && !previous.is_empty() { format!("{}, {ip}", previous.join(", ")) } else { ip };
+    let xff = if trust && !previous.is_empty() {
+        format!("{}, {ip}", previous.join(", "))
+    } else {
+        ip
+    };
     if !trust {
         // Other spellings of the same claims are not the edge's either.
         headers.remove("forwarded");
@@ -300,7 +373,10 @@ fn set_forwarded(
         headers.insert("x-forwarded-for", v);
     }
     if !keep_proto {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }));
+        headers.insert(
+            "x-forwarded-proto",
+            HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
+        );
     }
     if !keep_host {
         headers.remove("x-forwarded-host");
@@ -328,7 +404,10 @@ fn join_cookies(headers: &mut http::HeaderMap) {
 fn plain(status: StatusCode, text: &str, request_id: &str) -> Response<HttpBody> {
     let mut resp = Response::new(relay::full(text.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if let Ok(v) = HeaderValue::from_str(request_id) {
         resp.headers_mut().insert(REQUEST_ID, v);
     }

@@ -70,9 +70,16 @@ impl EdgeReloader {
     pub fn reload(&self, config: &EdgeConfig) {
         let revoked = self.0.registry.set_tunnels(&config.tunnels);
         for entry in &revoked {
-            entry.conn.close(crate::proto::code::CLOSE_TUNNEL_REMOVED, b"tunnel removed or token changed");
+            entry.conn.close(
+                crate::proto::code::CLOSE_TUNNEL_REMOVED,
+                b"tunnel removed or token changed",
+            );
         }
-        info!(tunnels = config.tunnels.len(), closed_connections = revoked.len(), "reloaded tunnels");
+        info!(
+            tunnels = config.tunnels.len(),
+            closed_connections = revoked.len(),
+            "reloaded tunnels"
+        );
     }
 }
 
@@ -80,37 +87,65 @@ impl Edge {
     /// Binds every listener of `config`.
     pub async fn bind(config: EdgeConfig) -> Result<Edge, EdgeError> {
         let http = match config.http_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| EdgeError::Bind { what: "http", addr, source })?,
-            ),
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| EdgeError::Bind {
+                            what: "http",
+                            addr,
+                            source,
+                        })?,
+                )
+            }
             None => None,
         };
         let https = match &config.https {
             Some(h) => {
                 let acceptor = TlsAcceptor::from(Arc::new(tls::https_server(&h.identity)?));
-                let listener = TcpListener::bind(h.listen)
-                    .await
-                    .map_err(|source| EdgeError::Bind { what: "https", addr: h.listen, source })?;
+                let listener =
+                    TcpListener::bind(h.listen)
+                        .await
+                        .map_err(|source| EdgeError::Bind {
+                            what: "https",
+                            addr: h.listen,
+                            source,
+                        })?;
                 Some((listener, acceptor))
             }
             None => None,
         };
         let server = tls::quic_server(&config.quic_identity)?;
-        let endpoint = quinn::Endpoint::server(server, config.quic_listen).map_err(|source| EdgeError::Bind {
-            what: "quic",
-            addr: config.quic_listen,
-            source,
+        let endpoint = quinn::Endpoint::server(server, config.quic_listen).map_err(|source| {
+            EdgeError::Bind {
+                what: "quic",
+                addr: config.quic_listen,
+                source,
+            }
         })?;
         let admin = match config.admin_listen {
-            Some(addr) => Some(Admin::bind(addr).await.map_err(|source| EdgeError::Bind { what: "admin", addr, source })?),
+            Some(addr) => Some(Admin::bind(addr).await.map_err(|source| EdgeError::Bind {
+                what: "admin",
+                addr,
+                source,
+            })?),
             None => None,
         };
         let registry = Registry::new(&config.tunnels);
         let metrics = Arc::new(Metrics::new("sluice_edge"));
-        let shared = Arc::new(EdgeShared { config, registry, metrics, ready: AtomicBool::new(true) });
-        Ok(Edge { shared, http, https, endpoint, admin })
+        let shared = Arc::new(EdgeShared {
+            config,
+            registry,
+            metrics,
+            ready: AtomicBool::new(true),
+        });
+        Ok(Edge {
+            shared,
+            http,
+            https,
+            endpoint,
+            admin,
+        })
     }
 
     /// Address of the admin listener.
@@ -136,7 +171,9 @@ impl Edge {
     /// Address of the QUIC listener.
     pub fn quic_addr(&self) -> SocketAddr {
         // The endpoint was bound in `bind`; local_addr only fails on a closed socket.
-        self.endpoint.local_addr().unwrap_or(self.shared.config.quic_listen)
+        self.endpoint
+            .local_addr()
+            .unwrap_or(self.shared.config.quic_listen)
     }
 
     /// Serves until `shutdown` is cancelled.
@@ -158,10 +195,22 @@ impl Edge {
             tokio::spawn(admin.run(shared.metrics.clone(), ready, shutdown.clone()));
         }
         if let Some(listener) = self.http {
-            tracker.spawn(serve_clients(listener, None, shared.clone(), shutdown.clone(), tracker.clone()));
+            tracker.spawn(serve_clients(
+                listener,
+                None,
+                shared.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
         }
         if let Some((listener, acceptor)) = self.https {
-            tracker.spawn(serve_clients(listener, Some(acceptor), shared.clone(), shutdown.clone(), tracker.clone()));
+            tracker.spawn(serve_clients(
+                listener,
+                Some(acceptor),
+                shared.clone(),
+                shutdown.clone(),
+                tracker.clone(),
+            ));
         }
         let endpoint = self.endpoint.clone();
         loop {
@@ -178,7 +227,10 @@ impl Edge {
         let grace = shared.config.grace_period;
         shared.ready.store(false, Ordering::Relaxed);
         tracker.close();
-        info!(grace_secs = grace.as_secs_f64(), "shutting down: waiting for client connections to finish");
+        info!(
+            grace_secs = grace.as_secs_f64(),
+            "shutting down: waiting for client connections to finish"
+        );
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             warn!("grace period ran out; closing with requests still in flight");
         }

@@ -108,7 +108,9 @@ impl Registry {
                     HostPattern::Exact(name) => {
                         routes.exact.insert(name.clone(), t.id.clone());
                     }
-                    HostPattern::Wildcard(suffix) => routes.wildcards.push((suffix.clone(), t.id.clone())),
+                    HostPattern::Wildcard(suffix) => {
+                        routes.wildcards.push((suffix.clone(), t.id.clone()))
+                    }
                 }
             }
             routes.tunnels.insert(t.id.clone(), t.clone());
@@ -120,7 +122,12 @@ impl Registry {
             routes.active.insert(id.clone(), counter);
         }
         *guard = routes;
-        let valid = |tunnel: &str, hash: &[u8; 32]| guard.tunnels.get(tunnel).is_some_and(|t| &t.token_sha256 == hash);
+        let valid = |tunnel: &str, hash: &[u8; 32]| {
+            guard
+                .tunnels
+                .get(tunnel)
+                .is_some_and(|t| &t.token_sha256 == hash)
+        };
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let mut revoked = Vec::new();
         for (tunnel, list) in conns.iter_mut() {
@@ -139,14 +146,24 @@ impl Registry {
     /// Admits one more request for `tunnel` unless it is at its limit.
     pub fn admit(&self, tunnel: &str) -> Result<Admitted, usize> {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        let limit = routes.tunnels.get(tunnel).map_or(0, |t| t.max_concurrent_requests);
-        let Some(counter) = routes.active.get(tunnel) else { return Err(limit) };
+        let limit = routes
+            .tunnels
+            .get(tunnel)
+            .map_or(0, |t| t.max_concurrent_requests);
+        let Some(counter) = routes.active.get(tunnel) else {
+            return Err(limit);
+        };
         let mut current = counter.load(Ordering::Acquire);
         loop {
             if current >= limit {
                 return Err(limit);
             }
-            match counter.compare_exchange_weak(current, current + 1, Ordering::AcqRel, Ordering::Acquire) {
+            match counter.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return Ok(Admitted(counter.clone())),
                 Err(now) => current = now,
             }
@@ -196,7 +213,10 @@ impl Registry {
             draining: AtomicBool::new(false),
         });
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.entry(tunnel.to_string()).or_default().push(entry.clone());
+        conns
+            .entry(tunnel.to_string())
+            .or_default()
+            .push(entry.clone());
         entry
     }
 
@@ -230,7 +250,9 @@ impl Registry {
     /// Number of registered, non-draining connections of `tunnel`.
     pub fn live_connections(&self, tunnel: &str) -> usize {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns.get(tunnel).map_or(0, |l| l.iter().filter(|c| c.usable()).count())
+        conns
+            .get(tunnel)
+            .map_or(0, |l| l.iter().filter(|c| c.usable()).count())
     }
 
     /// Number of registered connections, all tunnels together.
@@ -248,7 +270,10 @@ mod tests {
         TunnelConfig {
             id: id.into(),
             token_sha256: [0; 32],
-            hostnames: hosts.iter().map(|h| HostPattern::try_from(*h).unwrap()).collect(),
+            hostnames: hosts
+                .iter()
+                .map(|h| HostPattern::try_from(*h).unwrap())
+                .collect(),
             max_concurrent_requests: 10,
         }
     }
@@ -262,7 +287,10 @@ mod tests {
         ]);
         assert_eq!(reg.tunnel_for_host("www.example.com").as_deref(), Some("a"));
         assert_eq!(reg.tunnel_for_host("x.example.com").as_deref(), Some("a"));
-        assert_eq!(reg.tunnel_for_host("v1.api.example.com").as_deref(), Some("b"));
+        assert_eq!(
+            reg.tunnel_for_host("v1.api.example.com").as_deref(),
+            Some("b")
+        );
         assert_eq!(reg.tunnel_for_host("api.example.com").as_deref(), Some("c"));
         assert_eq!(reg.tunnel_for_host("example.com"), None);
         assert_eq!(reg.tunnel_for_host("other.org"), None);

@@ -27,7 +27,10 @@ impl Ingress {
     /// `None` only if the rules lack a catch-all, which validation prevents.
     pub fn find(&self, host: &str, path: &str) -> Option<Match<'_>> {
         self.rules.iter().enumerate().find_map(|(index, rule)| {
-            let host_ok = rule.hostname.as_ref().is_none_or(|h: &HostPattern| h.matches(host));
+            let host_ok = rule
+                .hostname
+                .as_ref()
+                .is_none_or(|h: &HostPattern| h.matches(host));
             let path_ok = rule.path.as_ref().is_none_or(|re| re.is_match(path));
             (host_ok && path_ok).then_some(Match { index, rule })
         })
@@ -161,7 +164,10 @@ mod tests {
         assert_eq!(n("/a/./b/../c"), ("/a/c".into(), "/a/c".into()));
         assert_eq!(n("/%61%70%69/x"), ("/api/x".into(), "/api/x".into()));
         assert_eq!(n("/a%2fb"), ("/a%2Fb".into(), "/a%2Fb".into()));
-        assert_eq!(n("/../../etc/passwd"), ("/etc/passwd".into(), "/etc/passwd".into()));
+        assert_eq!(
+            n("/../../etc/passwd"),
+            ("/etc/passwd".into(), "/etc/passwd".into())
+        );
         assert_eq!(n("/a/b/.."), ("/a/".into(), "/a/".into()));
         assert_eq!(n("/"), ("/".into(), "/".into()));
         assert_eq!(n("/x/?q=/../y"), ("/x/".into(), "/x/?q=/../y".into()));

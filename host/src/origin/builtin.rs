@@ -37,7 +37,11 @@ pub(super) async fn hello(req: Request<HttpBody>) -> Response<HttpBody> {
     }
     let echo = Echo {
         method: parts.method.to_string(),
-        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string(),
         headers,
         body_bytes,
     };
@@ -46,8 +50,10 @@ pub(super) async fn hello(req: Request<HttpBody>) -> Response<HttpBody> {
     json.push(b'\n');
     let len = json.len();
     let mut resp = Response::new(relay::full(json));
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
     resp
 }
 
@@ -55,6 +61,7 @@ pub(super) async fn hello(req: Request<HttpBody>) -> Response<HttpBody> {
 pub(super) fn status(status: StatusCode) -> Response<HttpBody> {
     let mut resp = Response::new(relay::empty());
     *resp.status_mut() = status;
-    resp.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(0));
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, HeaderValue::from(0));
     resp
 }

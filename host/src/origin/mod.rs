@@ -72,7 +72,9 @@ impl OriginError {
     /// The status the client gets.
     pub fn status(&self) -> StatusCode {
         match self {
-            OriginError::ConnectTimeout { .. } | OriginError::ResponseTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            OriginError::ConnectTimeout { .. } | OriginError::ResponseTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -119,19 +121,27 @@ impl Origin {
         let kind = match &config.target {
             OriginTarget::Hello => Kind::Hello,
             // Validated at load: 100..=599.
-            OriginTarget::Status(code) => Kind::Status(StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY)),
+            OriginTarget::Status(code) => {
+                Kind::Status(StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY))
+            }
             OriginTarget::Http(_) => {
                 let mut http = HttpConnector::new();
                 http.enforce_http(false);
                 http.set_nodelay(true);
                 http.set_connect_timeout(Some(config.connect_timeout));
                 let tls_cfg = tls::origin_client(&config.ca, config.danger_accept_invalid_certs)?;
-                let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls_cfg).https_or_http();
+                let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(tls_cfg)
+                    .https_or_http();
                 let builder = match &config.server_name {
                     Some(name) => {
-                        let name = rustls::pki_types::ServerName::try_from(name.clone())
-                            .map_err(|e| tls::TlsError::Quic(format!("invalid server-name {name:?}: {e}")))?;
-                        builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+                        let name =
+                            rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
+                                tls::TlsError::Quic(format!("invalid server-name {name:?}: {e}"))
+                            })?;
+                        builder.with_server_name_resolver(
+                            hyper_rustls::FixedServerNameResolver::new(name),
+                        )
                     }
                     None => builder,
                 };
@@ -157,7 +167,10 @@ impl Origin {
     ///
     /// Cancel safe in the sense that matters: dropping the future abandons the origin request
     /// and closes its connection.
-    pub async fn send(&self, mut req: Request<HttpBody>) -> Result<Response<HttpBody>, OriginError> {
+    pub async fn send(
+        &self,
+        mut req: Request<HttpBody>,
+    ) -> Result<Response<HttpBody>, OriginError> {
         match &self.kind {
             Kind::Hello => Ok(builtin::hello(req).await),
             Kind::Status(code) => Ok(builtin::status(*code)),
@@ -172,17 +185,23 @@ impl Origin {
                     base.authority().map_or("", |a| a.as_str()),
                     target
                 );
-                *req.uri_mut() = uri.parse().map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
-                    origin: self.config.name.clone(),
-                    detail: e.to_string(),
-                })?;
+                *req.uri_mut() =
+                    uri.parse()
+                        .map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
+                            origin: self.config.name.clone(),
+                            detail: e.to_string(),
+                        })?;
                 let timeout = self.config.request_timeout;
                 match tokio::time::timeout(timeout, client.request(req)).await {
-                    Err(_) => Err(OriginError::ResponseTimeout { origin: self.config.name.clone(), timeout }),
+                    Err(_) => Err(OriginError::ResponseTimeout {
+                        origin: self.config.name.clone(),
+                        timeout,
+                    }),
                     Ok(Err(e)) => Err(self.classify(&e)),
                     Ok(Ok(resp)) => Ok(resp.map(|b| {
                         use http_body_util::BodyExt;
-                        b.map_err(|e| -> crate::relay::BoxError { Box::new(e) }).boxed()
+                        b.map_err(|e| -> crate::relay::BoxError { Box::new(e) })
+                            .boxed()
                     })),
                 }
             }
@@ -195,18 +214,29 @@ impl Origin {
         while let Some(e) = source {
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
                 match io.kind() {
-                    std::io::ErrorKind::ConnectionRefused => return OriginError::Refused { origin },
+                    std::io::ErrorKind::ConnectionRefused => {
+                        return OriginError::Refused { origin }
+                    }
                     std::io::ErrorKind::TimedOut if err.is_connect() => {
-                        return OriginError::ConnectTimeout { origin, timeout: self.config.connect_timeout }
+                        return OriginError::ConnectTimeout {
+                            origin,
+                            timeout: self.config.connect_timeout,
+                        }
                     }
                     _ => {}
                 }
             }
             if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-                return OriginError::Tls { origin, detail: tls.to_string() };
+                return OriginError::Tls {
+                    origin,
+                    detail: tls.to_string(),
+                };
             }
             // io::Error's `source` skips the error it wraps; descend into it instead.
-            source = match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            source = match e
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+            {
                 Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
                 None => e.source(),
             };

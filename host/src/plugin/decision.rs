@@ -24,19 +24,23 @@ const FORBIDDEN: &[&str] = &[
 ];
 
 fn check_name(name: &str) -> Result<HeaderName, String> {
-    let parsed = HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name {name:?}"))?;
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("invalid header name {name:?}"))?;
     if parsed.as_str() != name {
         return Err(format!("header name {name:?} must be lowercase"));
     }
     if FORBIDDEN.contains(&name) || name.starts_with("proxy-") {
-        return Err(format!("header {name:?} is managed by sluice and cannot be changed by plugins"));
+        return Err(format!(
+            "header {name:?} is managed by sluice and cannot be changed by plugins"
+        ));
     }
     Ok(parsed)
 }
 
 fn check_header(h: &Header) -> Result<(HeaderName, HeaderValue), String> {
     let name = check_name(&h.name)?;
-    let value = HeaderValue::from_bytes(&h.value).map_err(|_| format!("invalid value for header {:?}", h.name))?;
+    let value = HeaderValue::from_bytes(&h.value)
+        .map_err(|_| format!("invalid value for header {:?}", h.name))?;
     Ok((name, value))
 }
 
@@ -85,9 +89,17 @@ pub fn local_response(r: &LocalResponse) -> Result<(StatusCode, HeaderMap, Bytes
     let status = StatusCode::from_u16(r.status)
         .ok()
         .filter(|s| s.as_u16() >= 200)
-        .ok_or_else(|| format!("invalid status {} for a local response (200..=599)", r.status))?;
+        .ok_or_else(|| {
+            format!(
+                "invalid status {} for a local response (200..=599)",
+                r.status
+            )
+        })?;
     if r.body.len() > MAX_LOCAL_BODY {
-        return Err(format!("local response body of {} bytes exceeds the {MAX_LOCAL_BODY}-byte limit", r.body.len()));
+        return Err(format!(
+            "local response body of {} bytes exceeds the {MAX_LOCAL_BODY}-byte limit",
+            r.body.len()
+        ));
     }
     let mut headers = HeaderMap::new();
     for h in &r.headers {
@@ -101,7 +113,10 @@ pub fn local_response(r: &LocalResponse) -> Result<(StatusCode, HeaderMap, Bytes
 pub fn to_wit(headers: &HeaderMap) -> Vec<Header> {
     headers
         .iter()
-        .map(|(n, v)| Header { name: n.as_str().to_string(), value: v.as_bytes().to_vec() })
+        .map(|(n, v)| Header {
+            name: n.as_str().to_string(),
+            value: v.as_bytes().to_vec(),
+        })
         .collect()
 }
 
@@ -110,7 +125,10 @@ mod tests {
     use super::*;
 
     fn h(name: &str, value: &str) -> Header {
-        Header { name: name.into(), value: value.as_bytes().to_vec() }
+        Header {
+            name: name.into(),
+            value: value.as_bytes().to_vec(),
+        }
     }
 
     #[test]
@@ -119,7 +137,11 @@ mod tests {
         map.insert("x-a", HeaderValue::from_static("1"));
         apply_edits(
             &mut map,
-            &[HeaderEdit::Append(h("x-a", "2")), HeaderEdit::Set(h("x-b", "3")), HeaderEdit::Remove("x-gone".into())],
+            &[
+                HeaderEdit::Append(h("x-a", "2")),
+                HeaderEdit::Set(h("x-b", "3")),
+                HeaderEdit::Remove("x-gone".into()),
+            ],
         )
         .unwrap();
         assert_eq!(map.get_all("x-a").iter().count(), 2);
@@ -130,17 +152,26 @@ mod tests {
     fn forbidden_and_invalid_edits_change_nothing() {
         let mut map = HeaderMap::new();
         for bad in [
-            vec![HeaderEdit::Set(h("x-ok", "1")), HeaderEdit::Set(h("content-length", "5"))],
+            vec![
+                HeaderEdit::Set(h("x-ok", "1")),
+                HeaderEdit::Set(h("content-length", "5")),
+            ],
             vec![HeaderEdit::Remove("connection".into())],
             vec![HeaderEdit::Set(h("proxy-authorization", "x"))],
             vec![HeaderEdit::Set(h("sluice-request-id", "forged"))],
             vec![HeaderEdit::Set(h("Bad Name", "x"))],
             vec![HeaderEdit::Set(h("X-Upper", "x"))],
-            vec![HeaderEdit::Set(Header { name: "x-bin".into(), value: b"a\r\nb".to_vec() })],
+            vec![HeaderEdit::Set(Header {
+                name: "x-bin".into(),
+                value: b"a\r\nb".to_vec(),
+            })],
         ] {
             assert!(apply_edits(&mut map, &bad).is_err(), "{:?}", bad.len());
         }
-        assert!(map.is_empty(), "a refused decision must not be partly applied");
+        assert!(
+            map.is_empty(),
+            "a refused decision must not be partly applied"
+        );
     }
 
     #[test]
@@ -148,11 +179,23 @@ mod tests {
         assert!(check_path("/a?b=c").is_ok());
         assert!(check_path("a").is_err());
         assert!(check_path("/a b").is_err());
-        let ok = LocalResponse { status: 403, headers: vec![h("content-type", "text/plain")], body: b"no".to_vec() };
+        let ok = LocalResponse {
+            status: 403,
+            headers: vec![h("content-type", "text/plain")],
+            body: b"no".to_vec(),
+        };
         assert_eq!(local_response(&ok).unwrap().0, StatusCode::FORBIDDEN);
-        let big = LocalResponse { status: 200, headers: vec![], body: vec![0; MAX_LOCAL_BODY + 1] };
+        let big = LocalResponse {
+            status: 200,
+            headers: vec![],
+            body: vec![0; MAX_LOCAL_BODY + 1],
+        };
         assert!(local_response(&big).is_err());
-        let info = LocalResponse { status: 101, headers: vec![], body: vec![] };
+        let info = LocalResponse {
+            status: 101,
+            headers: vec![],
+            body: vec![],
+        };
         assert!(local_response(&info).is_err());
     }
 }

@@ -70,7 +70,10 @@ impl StoreData {
             plugin,
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limiter: Limiter { limit: memory_limit, denied: false },
+            limiter: Limiter {
+                limit: memory_limit,
+                denied: false,
+            },
             events: Vec::new(),
             dropped_events: 0,
         }
@@ -79,7 +82,10 @@ impl StoreData {
 
 impl WasiView for StoreData {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -90,7 +96,12 @@ pub struct Limiter {
 }
 
 impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > self.limit {
             self.denied = true;
             return Ok(false);
@@ -98,7 +109,12 @@ impl wasmtime::ResourceLimiter for Limiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
     }
 }
@@ -136,14 +152,22 @@ impl types::HostRequest for StoreData {
 
     fn header(&mut self, req: Resource<RequestView>, name: String) -> Vec<Vec<u8>> {
         let name = name.to_ascii_lowercase();
-        self.view(&req).headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v.clone()).collect()
+        self.view(&req)
+            .headers
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     fn headers(&mut self, req: Resource<RequestView>) -> Vec<types::Header> {
         self.view(&req)
             .headers
             .iter()
-            .map(|(name, value)| types::Header { name: name.clone(), value: value.clone() })
+            .map(|(name, value)| types::Header {
+                name: name.clone(),
+                value: value.clone(),
+            })
             .collect()
     }
 
@@ -174,7 +198,9 @@ impl StoreData {
     /// the call, so a missing entry means the guest forged one: it sees an empty view.
     fn view(&self, req: &Resource<RequestView>) -> &RequestView {
         static EMPTY: std::sync::OnceLock<RequestView> = std::sync::OnceLock::new();
-        self.table.get(req).unwrap_or_else(|_| EMPTY.get_or_init(RequestView::default))
+        self.table
+            .get(req)
+            .unwrap_or_else(|_| EMPTY.get_or_init(RequestView::default))
     }
 }
 
@@ -200,7 +226,10 @@ impl audit::Host for StoreData {
         }
         self.events.push(RawEvent {
             kind: clip(kind),
-            attributes: attributes.into_iter().map(|a| (clip(a.key), clip(a.value))).collect(),
+            attributes: attributes
+                .into_iter()
+                .map(|a| (clip(a.key), clip(a.value)))
+                .collect(),
         });
     }
 }
@@ -215,13 +244,22 @@ struct LogStream {
 
 impl LogStream {
     fn new(plugin: Arc<str>, stream: &'static str) -> Self {
-        LogStream { plugin, stream, pending: Arc::default() }
+        LogStream {
+            plugin,
+            stream,
+            pending: Arc::default(),
+        }
     }
 
     fn emit(&self, line: &[u8]) {
         let text = String::from_utf8_lossy(line);
         let text = text.trim_end_matches(['\r', '\n']);
-        tracing::info!(plugin = &*self.plugin, stream = self.stream, "{}", clip(text.to_string()));
+        tracing::info!(
+            plugin = &*self.plugin,
+            stream = self.stream,
+            "{}",
+            clip(text.to_string())
+        );
     }
 
     fn push(&self, bytes: &[u8]) {
@@ -293,12 +331,18 @@ impl tokio::io::AsyncWrite for LogStream {
         std::task::Poll::Ready(Ok(buf.len()))
     }
 
-    fn poll_flush(self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         self.flush_partial();
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, _cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         self.flush_partial();
         std::task::Poll::Ready(Ok(()))
     }

@@ -22,8 +22,8 @@ use wasmtime::Store;
 
 use bindings::exports::sluice::plugin::{init, on_complete, on_request, on_response};
 use bindings::sluice::plugin::types::{Completion, RequestDecision, Response, ResponseDecision};
-pub use host::{RawEvent, RequestView};
 use host::StoreData;
+pub use host::{RawEvent, RequestView};
 pub use runtime::{Runtime, RuntimeError};
 
 use crate::admin::metrics::{Metrics, PluginErrorLabels, PluginHookLabels};
@@ -159,27 +159,41 @@ pub struct Called<T> {
 impl Plugin {
     /// Compiles, checks and links the component, then starts one instance and runs `init`
     /// with the plugin's configuration.
-    pub async fn load(runtime: Arc<Runtime>, config: PluginConfig, metrics: Arc<Metrics>) -> Result<Plugin, LoadError> {
+    pub async fn load(
+        runtime: Arc<Runtime>,
+        config: PluginConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Plugin, LoadError> {
         let plugin = config.name.clone();
-        let component = Component::from_file(&runtime.engine, &config.path).map_err(|e| LoadError::Component {
-            plugin: plugin.clone(),
-            path: config.path.display().to_string(),
-            reason: format!("{e:#}"),
+        let component = Component::from_file(&runtime.engine, &config.path).map_err(|e| {
+            LoadError::Component {
+                plugin: plugin.clone(),
+                path: config.path.display().to_string(),
+                reason: format!("{e:#}"),
+            }
         })?;
         let ty = component.component_type();
         let forbidden: Vec<String> = ty
             .imports(&runtime.engine)
             .map(|(import, _)| import)
-            .filter(|import| !runtime::ALLOWED_IMPORTS.contains(&import.split('@').next().unwrap_or(import)))
+            .filter(|import| {
+                !runtime::ALLOWED_IMPORTS.contains(&import.split('@').next().unwrap_or(import))
+            })
             .map(str::to_string)
             .collect();
         if !forbidden.is_empty() {
-            return Err(LoadError::ForbiddenImport { plugin, imports: forbidden });
+            return Err(LoadError::ForbiddenImport {
+                plugin,
+                imports: forbidden,
+            });
         }
         let pre = runtime
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| LoadError::World { plugin: plugin.clone(), reason: format!("{e:#}") })?;
+            .map_err(|e| LoadError::World {
+                plugin: plugin.clone(),
+                reason: format!("{e:#}"),
+            })?;
         let hooks = HookIndices {
             init: init::GuestIndices::new(&pre).ok(),
             on_request: on_request::GuestIndices::new(&pre).ok(),
@@ -199,11 +213,21 @@ impl Plugin {
         };
         // Start one instance now: a bad configuration is refused at load, not on a request.
         let slot = plugin.instantiate().await.map_err(|e| match e {
-            PluginError::InvalidDecision(message) => LoadError::Init { plugin: plugin.config.name.clone(), message },
-            other => LoadError::Start { plugin: plugin.config.name.clone(), reason: other.to_string() },
+            PluginError::InvalidDecision(message) => LoadError::Init {
+                plugin: plugin.config.name.clone(),
+                message,
+            },
+            other => LoadError::Start {
+                plugin: plugin.config.name.clone(),
+                reason: other.to_string(),
+            },
         })?;
         if plugin.config.isolation == Isolation::Reuse {
-            plugin.idle.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
+            plugin
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(slot);
         }
         Ok(plugin)
     }
@@ -225,12 +249,20 @@ impl Plugin {
 
     /// Whether the component exports `on-request`, `on-response`, `on-complete`.
     pub fn exports(&self) -> (bool, bool, bool) {
-        (self.hooks.on_request.is_some(), self.hooks.on_response.is_some(), self.hooks.on_complete.is_some())
+        (
+            self.hooks.on_request.is_some(),
+            self.hooks.on_response.is_some(),
+            self.hooks.on_complete.is_some(),
+        )
     }
 
     /// Calls `on-request`. `held` carries the request's own instance under per-request
     /// isolation (and stays `None` under reuse).
-    pub async fn on_request(&self, held: &mut Option<Slot>, view: &RequestView) -> Called<RequestDecision> {
+    pub async fn on_request(
+        &self,
+        held: &mut Option<Slot>,
+        view: &RequestView,
+    ) -> Called<RequestDecision> {
         self.call(held, "on-request", view, |slot, req| {
             Box::pin(async move {
                 let guest = slot.on_request.as_ref().expect("checked by caller");
@@ -241,7 +273,12 @@ impl Plugin {
     }
 
     /// Calls `on-response`.
-    pub async fn on_response(&self, held: &mut Option<Slot>, view: &RequestView, resp: Response) -> Called<ResponseDecision> {
+    pub async fn on_response(
+        &self,
+        held: &mut Option<Slot>,
+        view: &RequestView,
+        resp: Response,
+    ) -> Called<ResponseDecision> {
         self.call(held, "on-response", view, move |slot, req| {
             Box::pin(async move {
                 let guest = slot.on_response.as_ref().expect("checked by caller");
@@ -252,7 +289,12 @@ impl Plugin {
     }
 
     /// Calls `on-complete`.
-    pub async fn on_complete(&self, held: &mut Option<Slot>, view: &RequestView, info: Completion) -> Called<()> {
+    pub async fn on_complete(
+        &self,
+        held: &mut Option<Slot>,
+        view: &RequestView,
+        info: Completion,
+    ) -> Called<()> {
         self.call(held, "on-complete", view, move |slot, req| {
             Box::pin(async move {
                 let guest = slot.on_complete.as_ref().expect("checked by caller");
@@ -265,19 +307,30 @@ impl Plugin {
     /// Runs one hook on an instance: takes one (held, idle or new), exposes the request view
     /// for the call, enforces the deadline, collects audit events, classifies failures and
     /// returns or drops the instance.
-    async fn call<T, F>(&self, held: &mut Option<Slot>, hook: &'static str, view: &RequestView, f: F) -> Called<T>
+    async fn call<T, F>(
+        &self,
+        held: &mut Option<Slot>,
+        hook: &'static str,
+        view: &RequestView,
+        f: F,
+    ) -> Called<T>
     where
         F: for<'a> FnOnce(
             &'a mut Slot,
             Resource<RequestView>,
-        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = wasmtime::Result<T>> + Send + 'a>>,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = wasmtime::Result<T>> + Send + 'a>,
+        >,
     {
         let start = Instant::now();
         let mut slot = match self.acquire(held).await {
             Ok(s) => s,
             Err(e) => {
                 self.count_error(&e);
-                return Called { result: Err(e), events: Vec::new() };
+                return Called {
+                    result: Err(e),
+                    events: Vec::new(),
+                };
             }
         };
         let outcome = match slot.store.data_mut().table.push(view.clone()) {
@@ -294,10 +347,18 @@ impl Plugin {
         let events = std::mem::take(&mut data.events);
         let dropped = std::mem::take(&mut data.dropped_events);
         if dropped > 0 {
-            tracing::warn!(plugin = &*self.name, dropped, "plugin emitted more than {} audit events in one call; the rest were dropped", host::MAX_EVENTS_PER_CALL);
+            tracing::warn!(
+                plugin = &*self.name,
+                dropped,
+                "plugin emitted more than {} audit events in one call; the rest were dropped",
+                host::MAX_EVENTS_PER_CALL
+            );
             self.metrics
                 .plugin_errors
-                .get_or_create(&PluginErrorLabels { plugin: self.name.to_string(), kind: "audit-overflow" })
+                .get_or_create(&PluginErrorLabels {
+                    plugin: self.name.to_string(),
+                    kind: "audit-overflow",
+                })
                 .inc_by(dropped as u64);
         }
         let result = match outcome {
@@ -315,7 +376,10 @@ impl Plugin {
         };
         self.metrics
             .plugin_hook_duration
-            .get_or_create(&PluginHookLabels { plugin: self.name.to_string(), hook })
+            .get_or_create(&PluginHookLabels {
+                plugin: self.name.to_string(),
+                hook,
+            })
             .observe(start.elapsed().as_secs_f64());
         if let Err(e) = &result {
             self.count_error(e);
@@ -327,7 +391,10 @@ impl Plugin {
     pub fn count_error(&self, e: &PluginError) {
         self.metrics
             .plugin_errors
-            .get_or_create(&PluginErrorLabels { plugin: self.name.to_string(), kind: e.kind() })
+            .get_or_create(&PluginErrorLabels {
+                plugin: self.name.to_string(),
+                kind: e.kind(),
+            })
             .inc();
     }
 
@@ -367,7 +434,11 @@ impl Plugin {
         store.set_epoch_deadline(self.ticks);
         let instance: Instance = match self.pre.instantiate_async(&mut store).await {
             Ok(i) => i,
-            Err(e) => return Err(PluginError::Instantiate(self.classify(&e, store.data()).to_string())),
+            Err(e) => {
+                return Err(PluginError::Instantiate(
+                    self.classify(&e, store.data()).to_string(),
+                ))
+            }
         };
         let mut slot = Slot {
             on_request: None,
@@ -390,12 +461,22 @@ impl Plugin {
         })();
         loaded.map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
         if let Some(i) = &self.hooks.init {
-            let guest = i.load(&mut slot.store, &instance).map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
-            slot.store.set_epoch_deadline(self.ticks.max(Runtime::ticks(Duration::from_secs(1))));
-            match guest.call_init(&mut slot.store, &self.config.config_json).await {
+            let guest = i
+                .load(&mut slot.store, &instance)
+                .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+            slot.store
+                .set_epoch_deadline(self.ticks.max(Runtime::ticks(Duration::from_secs(1))));
+            match guest
+                .call_init(&mut slot.store, &self.config.config_json)
+                .await
+            {
                 Ok(Ok(())) => {}
                 Ok(Err(message)) => return Err(PluginError::InvalidDecision(message)),
-                Err(e) => return Err(PluginError::Instantiate(self.classify(&e, slot.store.data()).to_string())),
+                Err(e) => {
+                    return Err(PluginError::Instantiate(
+                        self.classify(&e, slot.store.data()).to_string(),
+                    ))
+                }
             }
             // Events emitted during init have no request to belong to.
             slot.store.data_mut().events.clear();
@@ -412,6 +493,12 @@ impl Plugin {
                 return PluginError::Timeout(self.config.timeout);
             }
         }
-        PluginError::Trap(format!("{err:#}").lines().next().unwrap_or("trap").to_string())
+        PluginError::Trap(
+            format!("{err:#}")
+                .lines()
+                .next()
+                .unwrap_or("trap")
+                .to_string(),
+        )
     }
 }

@@ -88,7 +88,11 @@ impl Runtime {
         PluginWorld::add_to_linker::<StoreData, HasSelf<StoreData>>(&mut linker, |s| s)?;
         add_wasi(&mut linker)?;
         let ticker = Ticker::start(engine.clone()).map_err(wasmtime::Error::from)?;
-        Ok(Arc::new(Runtime { _ticker: ticker, engine, linker }))
+        Ok(Arc::new(Runtime {
+            _ticker: ticker,
+            engine,
+            linker,
+        }))
     }
 
     /// Epoch ticks for a deadline of `timeout` (at least two, so a tick right after the call
@@ -123,9 +127,15 @@ fn add_wasi(l: &mut Linker<StoreData>) -> wasmtime::Result<()> {
     cli::terminal_stdin::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
     cli::terminal_stdout::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
     cli::terminal_stderr::add_to_linker::<StoreData, WasiCli>(l, StoreData::cli)?;
-    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<StoreData, Io>(l, |t| t.ctx().table)?;
-    wasmtime_wasi_io::bindings::wasi::io::poll::add_to_linker::<StoreData, Io>(l, |t| t.ctx().table)?;
-    wasmtime_wasi_io::bindings::wasi::io::streams::add_to_linker::<StoreData, Io>(l, |t| t.ctx().table)?;
+    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<StoreData, Io>(l, |t| {
+        t.ctx().table
+    })?;
+    wasmtime_wasi_io::bindings::wasi::io::poll::add_to_linker::<StoreData, Io>(l, |t| {
+        t.ctx().table
+    })?;
+    wasmtime_wasi_io::bindings::wasi::io::streams::add_to_linker::<StoreData, Io>(l, |t| {
+        t.ctx().table
+    })?;
     Ok(())
 }
 
@@ -147,13 +157,18 @@ impl Ticker {
     fn start(engine: Engine) -> std::io::Result<Ticker> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let thread = std::thread::Builder::new().name("sluice-epoch".into()).spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                std::thread::sleep(TICK);
-                engine.increment_epoch();
-            }
-        })?;
-        Ok(Ticker { stop, thread: Some(thread) })
+        let thread = std::thread::Builder::new()
+            .name("sluice-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(Ticker {
+            stop,
+            thread: Some(thread),
+        })
     }
 }
 

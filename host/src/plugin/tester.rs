@@ -45,8 +45,14 @@ pub enum TestError {
 
 /// Runs the hooks and returns the report, one line per fact.
 pub async fn run(t: &TestRun) -> Result<String, TestError> {
-    let (method, url) = t.request.trim().split_once(' ').ok_or_else(|| TestError::Request(t.request.clone()))?;
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| TestError::Request(t.request.clone()))?;
+    let (method, url) = t
+        .request
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| TestError::Request(t.request.clone()))?;
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| TestError::Request(t.request.clone()))?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -55,7 +61,11 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         return Err(TestError::Request(t.request.clone()));
     }
     let mut headers: Vec<(String, Vec<u8>)> = vec![("host".into(), authority.as_bytes().to_vec())];
-    headers.extend(t.headers.iter().map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec())));
+    headers.extend(
+        t.headers
+            .iter()
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec())),
+    );
     let mut view = RequestView {
         method: method.to_ascii_uppercase(),
         scheme: scheme.to_string(),
@@ -68,10 +78,15 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         client_addr: t.grants.client_addr.then(|| t.client_addr.clone()),
     };
     if !t.grants.credentials {
-        view.headers.retain(|(n, _)| !["authorization", "proxy-authorization", "cookie"].contains(&n.as_str()));
+        view.headers.retain(|(n, _)| {
+            !["authorization", "proxy-authorization", "cookie"].contains(&n.as_str())
+        });
     }
 
-    let name = t.wasm.file_stem().map_or("plugin".to_string(), |s| s.to_string_lossy().into_owned());
+    let name = t
+        .wasm
+        .file_stem()
+        .map_or("plugin".to_string(), |s| s.to_string_lossy().into_owned());
     let mut cfg = PluginConfig::new(name.clone(), &t.wasm);
     cfg.config_json = t.config_json.clone();
     cfg.timeout = Duration::from_secs(1);
@@ -80,13 +95,27 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
     let plugin = Plugin::load(runtime, cfg, Arc::new(Metrics::new("plugin_test"))).await?;
     let (req_hook, resp_hook, complete_hook) = plugin.exports();
     let mut out = Vec::new();
-    let hooks: Vec<&str> = [("on-request", req_hook), ("on-response", resp_hook), ("on-complete", complete_hook)]
-        .iter()
-        .filter(|(_, has)| *has)
-        .map(|(n, _)| *n)
-        .collect();
-    out.push(format!("plugin {name}: init ok; exports {}", if hooks.is_empty() { "no hooks".to_string() } else { hooks.join(", ") }));
-    out.push(format!("request: {} {}://{}{}", view.method, view.scheme, view.authority, view.path));
+    let hooks: Vec<&str> = [
+        ("on-request", req_hook),
+        ("on-response", resp_hook),
+        ("on-complete", complete_hook),
+    ]
+    .iter()
+    .filter(|(_, has)| *has)
+    .map(|(n, _)| *n)
+    .collect();
+    out.push(format!(
+        "plugin {name}: init ok; exports {}",
+        if hooks.is_empty() {
+            "no hooks".to_string()
+        } else {
+            hooks.join(", ")
+        }
+    ));
+    out.push(format!(
+        "request: {} {}://{}{}",
+        view.method, view.scheme, view.authority, view.path
+    ));
 
     let mut held = None;
     let mut status = t.status;
@@ -103,7 +132,13 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         }
     }
     if resp_hook && origin.is_some() {
-        let resp = Response { status, headers: vec![("content-type".into(), b"text/plain".to_vec())].into_iter().map(|(name, value)| super::bindings::sluice::plugin::types::Header { name, value }).collect() };
+        let resp = Response {
+            status,
+            headers: vec![("content-type".into(), b"text/plain".to_vec())]
+                .into_iter()
+                .map(|(name, value)| super::bindings::sluice::plugin::types::Header { name, value })
+                .collect(),
+        };
         let called = plugin.on_response(&mut held, &view, resp).await;
         report(&mut out, &format!("on-response (status {status})"), &called);
         if let Ok(d) = &called.result {
@@ -113,7 +148,14 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         }
     }
     if complete_hook {
-        let info = Completion { status, origin, duration_us: 1200, bytes_in: 0, bytes_out: 42, error: None };
+        let info = Completion {
+            status,
+            origin,
+            duration_us: 1200,
+            bytes_in: 0,
+            bytes_out: 42,
+            error: None,
+        };
         let called = plugin.on_complete(&mut held, &view, info).await;
         report(&mut out, &format!("on-complete (status {status})"), &called);
     }
@@ -126,9 +168,16 @@ fn report<T>(out: &mut Vec<String>, hook: &str, called: &Called<T>) {
         Err(e) => out.push(format!("{hook}: FAILED ({}): {e}", e.kind())),
     }
     for e in &called.events {
-        let attrs: serde_json::Map<String, serde_json::Value> =
-            e.attributes.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
-        out.push(format!("  audit {} {}", e.kind, serde_json::Value::Object(attrs)));
+        let attrs: serde_json::Map<String, serde_json::Value> = e
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect();
+        out.push(format!(
+            "  audit {} {}",
+            e.kind,
+            serde_json::Value::Object(attrs)
+        ));
     }
 }
 
@@ -143,9 +192,17 @@ fn describe_request(out: &mut Vec<String>, d: &RequestDecision) {
         out.push(format!("  route to origin {o:?}"));
     }
     if let Some(r) = &d.respond {
-        out.push(format!("  respond {} with {} bytes", r.status, r.body.len()));
+        out.push(format!(
+            "  respond {} with {} bytes",
+            r.status,
+            r.body.len()
+        ));
         for h in &r.headers {
-            out.push(format!("    {}: {}", h.name, String::from_utf8_lossy(&h.value)));
+            out.push(format!(
+                "    {}: {}",
+                h.name,
+                String::from_utf8_lossy(&h.value)
+            ));
         }
     }
     if d.headers.is_empty() && d.path.is_none() && d.origin.is_none() && d.respond.is_none() {
@@ -167,7 +224,9 @@ fn describe_request(out: &mut Vec<String>, d: &RequestDecision) {
 fn edit(e: &HeaderEdit) -> String {
     match e {
         HeaderEdit::Set(h) => format!("set {}: {}", h.name, String::from_utf8_lossy(&h.value)),
-        HeaderEdit::Append(h) => format!("append {}: {}", h.name, String::from_utf8_lossy(&h.value)),
+        HeaderEdit::Append(h) => {
+            format!("append {}: {}", h.name, String::from_utf8_lossy(&h.value))
+        }
         HeaderEdit::Remove(n) => format!("remove {n}"),
     }
 }

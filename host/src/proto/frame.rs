@@ -92,8 +92,9 @@ impl FrameDecoder {
             0 => Ok(()),
             have if have < 4 => Err(FrameError::Truncated { have, need: 4 }),
             have => {
-                let need = 4 + u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                    as usize;
+                let need =
+                    4 + u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                        as usize;
                 Err(FrameError::Truncated { have, need })
             }
         }
@@ -120,7 +121,10 @@ mod tests {
     fn round_trip_control_messages() {
         let msgs = vec![
             register(),
-            Control::Registered(Registered { connection_id: 7, edge_id: "edge-a".into() }),
+            Control::Registered(Registered {
+                connection_id: 7,
+                edge_id: "edge-a".into(),
+            }),
             Control::Rejected(Rejected {
                 code: RejectCode::Unauthorized,
                 message: "no".into(),
@@ -157,19 +161,30 @@ mod tests {
         dec.push(&frame[..frame.len() - 3]);
         assert!(dec.next::<Control>().unwrap().is_none());
         let err = dec.finish().unwrap_err();
-        assert!(matches!(err, FrameError::Truncated { have, need } if have == frame.len() - 3 && need == frame.len()));
+        assert!(
+            matches!(err, FrameError::Truncated { have, need } if have == frame.len() - 3 && need == frame.len())
+        );
         let mut dec = FrameDecoder::new();
         dec.push(&[0, 0]);
-        assert!(matches!(dec.finish(), Err(FrameError::Truncated { have: 2, need: 4 })));
+        assert!(matches!(
+            dec.finish(),
+            Err(FrameError::Truncated { have: 2, need: 4 })
+        ));
     }
 
     #[test]
     fn oversized_length_is_refused_before_buffering() {
         let mut dec = FrameDecoder::new();
         dec.push(&((MAX_FRAME_LEN as u32) + 1).to_be_bytes());
-        assert!(matches!(dec.next::<Control>(), Err(FrameError::Oversized { .. })));
+        assert!(matches!(
+            dec.next::<Control>(),
+            Err(FrameError::Oversized { .. })
+        ));
         assert!(decode_len(u32::MAX.to_be_bytes()).is_err());
-        assert_eq!(decode_len((MAX_FRAME_LEN as u32).to_be_bytes()).unwrap(), MAX_FRAME_LEN);
+        assert_eq!(
+            decode_len((MAX_FRAME_LEN as u32).to_be_bytes()).unwrap(),
+            MAX_FRAME_LEN
+        );
     }
 
     #[test]
@@ -200,7 +215,13 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed() {
-        assert!(matches!(decode::<Control>(b"\x00\xffnot json"), Err(FrameError::Malformed(_))));
-        assert!(matches!(decode::<Control>(br#"{"no_type":1}"#), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            decode::<Control>(b"\x00\xffnot json"),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            decode::<Control>(br#"{"no_type":1}"#),
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

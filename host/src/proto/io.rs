@@ -45,7 +45,11 @@ where
     while have < len {
         let n = r.read(&mut payload[have..]).await?;
         if n == 0 {
-            return Err(FrameError::Truncated { have: have + 4, need: len + 4 }.into());
+            return Err(FrameError::Truncated {
+                have: have + 4,
+                need: len + 4,
+            }
+            .into());
         }
         have += n;
     }

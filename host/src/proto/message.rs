@@ -255,8 +255,7 @@ mod tests {
     fn unknown_codes_and_sources_decode() {
         let r: Rejected = decode(br#"{"code":"quota-exceeded","message":"m"}"#).unwrap();
         assert_eq!(r.code, RejectCode::Other);
-        let h: ResponseHead =
-            decode(br#"{"status":200,"headers":[],"source":"cache"}"#).unwrap();
+        let h: ResponseHead = decode(br#"{"status":200,"headers":[],"source":"cache"}"#).unwrap();
         assert_eq!(h.source, ResponseSource::Other);
     }
 

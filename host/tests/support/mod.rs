@@ -17,8 +17,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use sluice::config::{
-    ConnectorConfig, EdgeConfig, HostPattern, IngressRuleConfig, OriginConfig, OriginTarget, TlsIdentity,
-    TunnelConfig,
+    ConnectorConfig, EdgeConfig, HostPattern, IngressRuleConfig, OriginConfig, OriginTarget,
+    TlsIdentity, TunnelConfig,
 };
 use sluice::connector::{Connector, ConnectorState};
 use sluice::edge::Edge;
@@ -40,7 +40,11 @@ impl Logs {
     pub async fn wait_for(&self, needle: &str) {
         let deadline = tokio::time::Instant::now() + WAIT;
         while !self.text().contains(needle) {
-            assert!(tokio::time::Instant::now() < deadline, "log line {needle:?} never appeared; logs:\n{}", self.text());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "log line {needle:?} never appeared; logs:\n{}",
+                self.text()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -62,7 +66,10 @@ impl std::io::Write for Logs {
 struct Silent;
 
 impl tracing::Subscriber for Silent {
-    fn register_callsite(&self, _: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+    fn register_callsite(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
         tracing::subscriber::Interest::sometimes()
     }
     fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
@@ -119,7 +126,10 @@ pub fn tunnel(id: &str, token: &str, hosts: &[&str]) -> TunnelConfig {
     TunnelConfig {
         id: id.into(),
         token_sha256: Secret::new(token).sha256(),
-        hostnames: hosts.iter().map(|h| HostPattern::try_from(*h).unwrap()).collect(),
+        hostnames: hosts
+            .iter()
+            .map(|h| HostPattern::try_from(*h).unwrap())
+            .collect(),
         max_concurrent_requests: 1000,
     }
 }
@@ -142,7 +152,10 @@ pub struct EdgeHandle {
     pub task: tokio::task::JoinHandle<()>,
 }
 
-pub async fn start_edge(tunnels: Vec<TunnelConfig>, tweak: impl FnOnce(&mut EdgeConfig)) -> EdgeHandle {
+pub async fn start_edge(
+    tunnels: Vec<TunnelConfig>,
+    tweak: impl FnOnce(&mut EdgeConfig),
+) -> EdgeHandle {
     init_tracing();
     let (identity, ca_pem) = identity_pem();
     let mut cfg = EdgeConfig::new(loopback(), identity.clone());
@@ -151,10 +164,25 @@ pub async fn start_edge(tunnels: Vec<TunnelConfig>, tweak: impl FnOnce(&mut Edge
     tweak(&mut cfg);
     let edge = Edge::bind(cfg).await.unwrap();
     let shutdown = CancellationToken::new();
-    let (http, quic, https, admin) = (edge.http_addr().unwrap(), edge.quic_addr(), edge.https_addr(), edge.admin_addr());
+    let (http, quic, https, admin) = (
+        edge.http_addr().unwrap(),
+        edge.quic_addr(),
+        edge.https_addr(),
+        edge.admin_addr(),
+    );
     let reloader = Some(edge.reloader());
     let task = tokio::spawn(edge.run(shutdown.clone()));
-    EdgeHandle { http, quic, https, admin, reloader, identity, ca_pem, shutdown, task }
+    EdgeHandle {
+        http,
+        quic,
+        https,
+        admin,
+        reloader,
+        identity,
+        ca_pem,
+        shutdown,
+        task,
+    }
 }
 
 /// A running connector.
@@ -208,7 +236,11 @@ pub async fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
     let task = tokio::spawn(async move {
         connector.run(token).await.unwrap();
     });
-    ConnectorHandle { state, shutdown, task }
+    ConnectorHandle {
+        state,
+        shutdown,
+        task,
+    }
 }
 
 pub fn rule(host: Option<&str>, path: Option<&str>, origin: &str) -> IngressRuleConfig {
@@ -221,7 +253,10 @@ pub fn rule(host: Option<&str>, path: Option<&str>, origin: &str) -> IngressRule
 }
 
 pub fn http_origin(name: &str, addr: SocketAddr) -> OriginConfig {
-    OriginConfig::new(name, OriginTarget::Http(format!("http://{addr}").parse().unwrap()))
+    OriginConfig::new(
+        name,
+        OriginTarget::Http(format!("http://{addr}").parse().unwrap()),
+    )
 }
 
 /// Starts a hyper HTTP/1.1 origin running `handler` for every request.
@@ -234,7 +269,9 @@ where
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
@@ -256,8 +293,13 @@ pub async fn echo_origin(name: &'static str) -> SocketAddr {
     start_origin(move |req: Request<Incoming>| async move {
         let mut headers = serde_json::Map::new();
         for (k, v) in req.headers() {
-            let entry = headers.entry(k.as_str()).or_insert_with(|| serde_json::Value::Array(vec![]));
-            entry.as_array_mut().unwrap().push(String::from_utf8_lossy(v.as_bytes()).into());
+            let entry = headers
+                .entry(k.as_str())
+                .or_insert_with(|| serde_json::Value::Array(vec![]));
+            entry
+                .as_array_mut()
+                .unwrap()
+                .push(String::from_utf8_lossy(v.as_bytes()).into());
         }
         let body = serde_json::json!({
             "origin": name,
@@ -282,7 +324,8 @@ impl Reply {
         String::from_utf8_lossy(&self.body).into_owned()
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
     /// First value of `name` in the echo origin's view of the request headers.
     pub fn echoed(&self, name: &str) -> Option<String> {
@@ -294,13 +337,19 @@ impl Reply {
 pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
     tokio::time::timeout(WAIT, async {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         let resp = sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();
-        Reply { status, headers, body }
+        Reply {
+            status,
+            headers,
+            body,
+        }
     })
     .await
     .expect("request timed out")
@@ -308,7 +357,14 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
 
 /// GET `path` with `Host: host`.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
-    send(addr, Request::get(path).header("host", host).body(Full::default()).unwrap()).await
+    send(
+        addr,
+        Request::get(path)
+            .header("host", host)
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
 }
 
 /// A bare QUIC client trusting the edge's certificate, offering ALPN `alpn`.
@@ -362,7 +418,12 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
 }
 
 /// The example plugins of `plugins/`.
-pub const EXAMPLE_PLUGINS: &[&str] = &["header-rewrite", "origin-router", "audit-log", "access-guard"];
+pub const EXAMPLE_PLUGINS: &[&str] = &[
+    "header-rewrite",
+    "origin-router",
+    "audit-log",
+    "access-guard",
+];
 
 /// Path of an example plugin (`plugins/NAME`), built like [`fixture`].
 pub fn example_plugin(name: &str) -> std::path::PathBuf {

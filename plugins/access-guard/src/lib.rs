@@ -82,26 +82,39 @@ pub struct AccessGuard {
 
 impl AccessGuard {
     /// Verifies an HS256 JWT at time `now` (seconds since the epoch); returns its claims.
-    pub fn verify_jwt(cfg: &JwtConfig, token: &str, now: u64) -> Result<serde_json::Value, JwtError> {
+    pub fn verify_jwt(
+        cfg: &JwtConfig,
+        token: &str,
+        now: u64,
+    ) -> Result<serde_json::Value, JwtError> {
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(p), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(JwtError::Malformed);
         };
         let header: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).map_err(|_| JwtError::Malformed)?).map_err(|_| JwtError::Malformed)?;
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(h).map_err(|_| JwtError::Malformed)?)
+                .map_err(|_| JwtError::Malformed)?;
         if header.get("alg").and_then(|a| a.as_str()) != Some("HS256") {
             return Err(JwtError::Algorithm);
         }
         let signature = URL_SAFE_NO_PAD.decode(s).map_err(|_| JwtError::Malformed)?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(cfg.secret.as_bytes()).map_err(|_| JwtError::Signature)?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(cfg.secret.as_bytes())
+            .map_err(|_| JwtError::Signature)?;
         mac.update(h.as_bytes());
         mac.update(b".");
         mac.update(p.as_bytes());
         // Constant-time comparison.
-        mac.verify_slice(&signature).map_err(|_| JwtError::Signature)?;
+        mac.verify_slice(&signature)
+            .map_err(|_| JwtError::Signature)?;
         let claims: serde_json::Value =
-            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).map_err(|_| JwtError::Malformed)?).map_err(|_| JwtError::Malformed)?;
-        let exp = claims.get("exp").and_then(|v| v.as_u64()).ok_or(JwtError::Expired)?;
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).map_err(|_| JwtError::Malformed)?)
+                .map_err(|_| JwtError::Malformed)?;
+        let exp = claims
+            .get("exp")
+            .and_then(|v| v.as_u64())
+            .ok_or(JwtError::Expired)?;
         if now > exp.saturating_add(cfg.leeway_secs) {
             return Err(JwtError::Expired);
         }
@@ -118,7 +131,9 @@ impl AccessGuard {
         if let Some(aud) = &cfg.audience {
             let ok = match claims.get("aud") {
                 Some(serde_json::Value::String(a)) => a == aud,
-                Some(serde_json::Value::Array(list)) => list.iter().any(|a| a.as_str() == Some(aud.as_str())),
+                Some(serde_json::Value::Array(list)) => {
+                    list.iter().any(|a| a.as_str() == Some(aud.as_str()))
+                }
                 _ => false,
             };
             if !ok {
@@ -130,22 +145,42 @@ impl AccessGuard {
 
     fn token_listed(&self, token: &str) -> bool {
         // Check every token, so the time taken does not tell which one came close.
-        self.config
-            .tokens
-            .iter()
-            .fold(0u8, |found, t| found | u8::from(bool::from(t.as_bytes().ct_eq(token.as_bytes())))) == 1
+        self.config.tokens.iter().fold(0u8, |found, t| {
+            found | u8::from(bool::from(t.as_bytes().ct_eq(token.as_bytes())))
+        }) == 1
     }
 
-    fn deny(&self, req: &Request, status: u16, error: Option<&str>, reason: &str) -> RequestDecision {
+    fn deny(
+        &self,
+        req: &Request,
+        status: u16,
+        error: Option<&str>,
+        reason: &str,
+    ) -> RequestDecision {
         if self.config.audit_denials {
-            audit::emit("denied", &[("status", &status.to_string()), ("reason", reason), ("path", &req.path)]);
+            audit::emit(
+                "denied",
+                &[
+                    ("status", &status.to_string()),
+                    ("reason", reason),
+                    ("path", &req.path),
+                ],
+            );
         }
         let challenge = match error {
             Some(e) => format!("Bearer realm=\"{}\", error=\"{e}\"", self.config.realm),
             None => format!("Bearer realm=\"{}\"", self.config.realm),
         };
-        let text = if status == 401 { "authentication required\n" } else { "access denied\n" };
-        RequestDecision::new().respond(LocalResponse::new(status).header("www-authenticate", &challenge).text(text))
+        let text = if status == 401 {
+            "authentication required\n"
+        } else {
+            "access denied\n"
+        };
+        RequestDecision::new().respond(
+            LocalResponse::new(status)
+                .header("www-authenticate", &challenge)
+                .text(text),
+        )
     }
 
     /// The decision for `req` at time `now` (seconds since the epoch).
@@ -153,7 +188,11 @@ impl AccessGuard {
         let Some(auth) = req.header("authorization") else {
             return self.deny(req, 401, None, "no credentials");
         };
-        let Some(token) = auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer ")).map(str::trim) else {
+        let Some(token) = auth
+            .strip_prefix("Bearer ")
+            .or_else(|| auth.strip_prefix("bearer "))
+            .map(str::trim)
+        else {
             return self.deny(req, 401, Some("invalid_request"), "not a bearer token");
         };
         let mut allowed = RequestDecision::new();
@@ -210,7 +249,8 @@ export_plugin!(AccessGuard);
 pub fn sign_hs256(secret: &str, claims: &serde_json::Value) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
     let payload = URL_SAFE_NO_PAD.encode(claims.to_string());
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(header.as_bytes());
     mac.update(b".");
     mac.update(payload.as_bytes());
@@ -241,7 +281,8 @@ mod tests {
     }
 
     fn with_token(t: &str) -> Request {
-        Request::new("GET", "https://app.test/").with_header("authorization", &format!("Bearer {t}"))
+        Request::new("GET", "https://app.test/")
+            .with_header("authorization", &format!("Bearer {t}"))
     }
 
     fn status(d: &RequestDecision) -> Option<u16> {
@@ -253,15 +294,24 @@ mod tests {
         let d = guard().decide(&Request::new("GET", "https://app.test/"), NOW);
         let r = d.respond.unwrap();
         assert_eq!(r.status, 401);
-        assert!(r.headers.iter().any(|(n, v)| n == "www-authenticate" && v == br#"Bearer realm="sluice""#));
+        assert!(r
+            .headers
+            .iter()
+            .any(|(n, v)| n == "www-authenticate" && v == br#"Bearer realm="sluice""#));
     }
 
     #[test]
     fn listed_bearer_tokens_pass() {
         let d = guard().decide(&with_token("static-token-0123456789"), NOW);
         assert_eq!(status(&d), None);
-        assert_eq!(d.headers, vec![sluice_sdk::HeaderEdit::Remove("authorization".into())]);
-        assert_eq!(status(&guard().decide(&with_token("static-token-0123456780"), NOW)), Some(403));
+        assert_eq!(
+            d.headers,
+            vec![sluice_sdk::HeaderEdit::Remove("authorization".into())]
+        );
+        assert_eq!(
+            status(&guard().decide(&with_token("static-token-0123456780"), NOW)),
+            Some(403)
+        );
     }
 
     #[test]
@@ -270,20 +320,55 @@ mod tests {
         let good = json!({"sub": "ada", "iss": "https://id.example.com", "aud": ["app", "other"], "exp": NOW + 60, "nbf": NOW - 60});
         let d = g.decide(&with_token(&sign_hs256(SECRET, &good)), NOW);
         assert_eq!(status(&d), None);
-        assert!(d.headers.contains(&sluice_sdk::HeaderEdit::Set("x-auth-subject".into(), b"ada".to_vec())));
+        assert!(d.headers.contains(&sluice_sdk::HeaderEdit::Set(
+            "x-auth-subject".into(),
+            b"ada".to_vec()
+        )));
 
         let cfg = g.config.jwt.as_ref().unwrap();
-        let check = |claims: serde_json::Value| AccessGuard::verify_jwt(cfg, &sign_hs256(SECRET, &claims), NOW).unwrap_err();
-        assert_eq!(check(json!({"iss": "https://id.example.com", "aud": "app", "exp": NOW - 3600})), JwtError::Expired);
-        assert_eq!(check(json!({"iss": "https://id.example.com", "aud": "app"})), JwtError::Expired);
-        assert_eq!(check(json!({"iss": "https://id.example.com", "aud": "app", "exp": NOW + 60, "nbf": NOW + 3600})), JwtError::NotYetValid);
-        assert_eq!(check(json!({"iss": "https://evil.example.com", "aud": "app", "exp": NOW + 60})), JwtError::Issuer);
-        assert_eq!(check(json!({"iss": "https://id.example.com", "aud": "other", "exp": NOW + 60})), JwtError::Audience);
+        let check = |claims: serde_json::Value| {
+            AccessGuard::verify_jwt(cfg, &sign_hs256(SECRET, &claims), NOW).unwrap_err()
+        };
+        assert_eq!(
+            check(json!({"iss": "https://id.example.com", "aud": "app", "exp": NOW - 3600})),
+            JwtError::Expired
+        );
+        assert_eq!(
+            check(json!({"iss": "https://id.example.com", "aud": "app"})),
+            JwtError::Expired
+        );
+        assert_eq!(
+            check(
+                json!({"iss": "https://id.example.com", "aud": "app", "exp": NOW + 60, "nbf": NOW + 3600})
+            ),
+            JwtError::NotYetValid
+        );
+        assert_eq!(
+            check(json!({"iss": "https://evil.example.com", "aud": "app", "exp": NOW + 60})),
+            JwtError::Issuer
+        );
+        assert_eq!(
+            check(json!({"iss": "https://id.example.com", "aud": "other", "exp": NOW + 60})),
+            JwtError::Audience
+        );
         let forged = sign_hs256("another-secret-another-secret-xx", &good);
-        assert_eq!(AccessGuard::verify_jwt(cfg, &forged, NOW).unwrap_err(), JwtError::Signature);
-        let none_alg = format!("{}.{}.", URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#), URL_SAFE_NO_PAD.encode(good.to_string()));
-        assert_eq!(AccessGuard::verify_jwt(cfg, &none_alg, NOW).unwrap_err(), JwtError::Algorithm);
-        assert_eq!(AccessGuard::verify_jwt(cfg, "a.b", NOW).unwrap_err(), JwtError::Malformed);
+        assert_eq!(
+            AccessGuard::verify_jwt(cfg, &forged, NOW).unwrap_err(),
+            JwtError::Signature
+        );
+        let none_alg = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
+            URL_SAFE_NO_PAD.encode(good.to_string())
+        );
+        assert_eq!(
+            AccessGuard::verify_jwt(cfg, &none_alg, NOW).unwrap_err(),
+            JwtError::Algorithm
+        );
+        assert_eq!(
+            AccessGuard::verify_jwt(cfg, "a.b", NOW).unwrap_err(),
+            JwtError::Malformed
+        );
         assert_eq!(status(&g.decide(&with_token(&forged), NOW)), Some(403));
     }
 

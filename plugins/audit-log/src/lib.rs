@@ -23,12 +23,25 @@ fn default_kind() -> String {
 }
 
 fn default_fields() -> Vec<String> {
-    ["method", "host", "path", "status", "duration_ms", "origin"].iter().map(|s| s.to_string()).collect()
+    ["method", "host", "path", "status", "duration_ms", "origin"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 /// Fields the plugin knows.
-pub const FIELDS: &[&str] =
-    &["method", "host", "path", "status", "duration_ms", "origin", "client_ip", "bytes_in", "bytes_out", "error"];
+pub const FIELDS: &[&str] = &[
+    "method",
+    "host",
+    "path",
+    "status",
+    "duration_ms",
+    "origin",
+    "client_ip",
+    "bytes_in",
+    "bytes_out",
+    "error",
+];
 
 /// The plugin.
 #[derive(Debug)]
@@ -70,7 +83,10 @@ impl Plugin for AuditLog {
 
     fn new(config: Config) -> Result<Self, String> {
         if let Some(bad) = config.fields.iter().find(|f| !FIELDS.contains(&f.as_str())) {
-            return Err(format!("unknown field {bad:?} (known: {})", FIELDS.join(", ")));
+            return Err(format!(
+                "unknown field {bad:?} (known: {})",
+                FIELDS.join(", ")
+            ));
         }
         if config.kind.is_empty() {
             return Err("kind must not be empty".into());
@@ -80,7 +96,10 @@ impl Plugin for AuditLog {
 
     fn on_complete(&self, req: &Request, info: &Completion) {
         let attrs = self.attributes(req, info);
-        let borrowed: Vec<(&str, &str)> = attrs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let borrowed: Vec<(&str, &str)> = attrs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         audit::emit(&self.config.kind, &borrowed);
     }
 }
@@ -96,8 +115,14 @@ mod tests {
     fn one_event_with_chosen_fields() {
         testing::reset();
         let p: AuditLog = load(br#"{"fields": ["method", "status", "origin", "duration_ms"], "headers": ["user-agent"]}"#).unwrap();
-        let req = Request::new("POST", "https://app.test/items").with_header("user-agent", "curl/8");
-        let info = Completion { status: 201, origin: Some("web".into()), duration_us: 1500, ..Default::default() };
+        let req =
+            Request::new("POST", "https://app.test/items").with_header("user-agent", "curl/8");
+        let info = Completion {
+            status: 201,
+            origin: Some("web".into()),
+            duration_us: 1500,
+            ..Default::default()
+        };
         p.on_complete(&req, &info);
         let events = testing::events();
         assert_eq!(events.len(), 1);
@@ -113,6 +138,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_refused() {
-        assert!(load::<AuditLog>(br#"{"fields": ["colour"]}"#).unwrap_err().contains("unknown field \"colour\""));
+        assert!(load::<AuditLog>(br#"{"fields": ["colour"]}"#)
+            .unwrap_err()
+            .contains("unknown field \"colour\""));
     }
 }

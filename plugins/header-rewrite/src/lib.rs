@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use sluice_sdk::{export_plugin, Plugin, Request, RequestDecision, Response, ResponseDecision};
+use sluice_sdk::{
+    export_plugin, HeaderEdit, Plugin, Request, RequestDecision, Response, ResponseDecision,
+};
 
 /// The plugin's configuration.
 #[derive(Debug, Default, Deserialize)]
@@ -42,18 +44,28 @@ pub struct HeaderRewrite {
 const VARIABLES: &[&str] = &["request_id", "client_ip", "host"];
 
 fn check(edits: &Edits, side: &str) -> Result<(), String> {
-    let names = edits.set.keys().chain(edits.append.keys()).chain(edits.remove.iter());
+    let names = edits
+        .set
+        .keys()
+        .chain(edits.append.keys())
+        .chain(edits.remove.iter());
     for name in names {
         let valid = !name.is_empty()
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
         if !valid {
-            return Err(format!("{side}: header name {name:?} must be lowercase letters, digits, '-' or '_'"));
+            return Err(format!(
+                "{side}: header name {name:?} must be lowercase letters, digits, '-' or '_'"
+            ));
         }
     }
     for value in edits.set.values().chain(edits.append.values()) {
         let mut rest = value.as_str();
         while let Some(start) = rest.find('{') {
-            let end = rest[start..].find('}').ok_or_else(|| format!("{side}: unclosed '{{' in {value:?}"))?;
+            let end = rest[start..]
+                .find('}')
+                .ok_or_else(|| format!("{side}: unclosed '{{' in {value:?}"))?;
             let var = &rest[start + 1..start + end];
             if !VARIABLES.contains(&var) {
                 return Err(format!("{side}: unknown variable {{{var}}} in {value:?} (known: {{request_id}}, {{client_ip}}, {{host}})"));
@@ -82,34 +94,31 @@ impl Plugin for HeaderRewrite {
     }
 
     fn on_request(&self, req: &Request) -> RequestDecision {
-        let e = &self.config.request;
-        let mut d = RequestDecision::new();
-        for name in &e.remove {
-            d = d.remove_header(name);
+        RequestDecision {
+            headers: edits(&self.config.request, req),
+            ..RequestDecision::default()
         }
-        for (name, value) in &e.set {
-            d = d.set_header(name, &expand(value, req));
-        }
-        for (name, value) in &e.append {
-            d = d.append_header(name, &expand(value, req));
-        }
-        d
     }
 
     fn on_response(&self, req: &Request, _resp: &Response) -> ResponseDecision {
-        let e = &self.config.response;
-        let mut d = ResponseDecision::new();
-        for name in &e.remove {
-            d = d.remove_header(name);
+        ResponseDecision {
+            headers: edits(&self.config.response, req),
         }
-        for (name, value) in &e.set {
-            d = d.set_header(name, &expand(value, req));
-        }
-        for (name, value) in &e.append {
-            d = d.append_header(name, &expand(value, req));
-        }
-        d
     }
+}
+
+/// One side's edits for `req`: remove, then set, then append.
+fn edits(e: &Edits, req: &Request) -> Vec<HeaderEdit> {
+    let remove = e.remove.iter().map(|n| HeaderEdit::Remove(n.clone()));
+    let set = e
+        .set
+        .iter()
+        .map(|(n, v)| HeaderEdit::Set(n.clone(), expand(v, req).into_bytes()));
+    let append = e
+        .append
+        .iter()
+        .map(|(n, v)| HeaderEdit::Append(n.clone(), expand(v, req).into_bytes()));
+    remove.chain(set).chain(append).collect()
 }
 
 export_plugin!(HeaderRewrite);
@@ -117,7 +126,7 @@ export_plugin!(HeaderRewrite);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_sdk::{load, HeaderEdit};
+    use sluice_sdk::load;
 
     #[test]
     fn edits_with_variables() {
@@ -132,26 +141,45 @@ mod tests {
             d.headers,
             vec![
                 HeaderEdit::Remove("x-internal".into()),
-                HeaderEdit::Set("x-id".into(), format!("{}@app.test", req.request_id).into_bytes()),
+                HeaderEdit::Set(
+                    "x-id".into(),
+                    format!("{}@app.test", req.request_id).into_bytes()
+                ),
                 HeaderEdit::Set("x-ip".into(), b"192.0.2.7".to_vec()),
                 HeaderEdit::Append("via".into(), b"sluice".to_vec()),
             ]
         );
         let r = p.on_response(&req, &Response::default());
-        assert_eq!(r.headers, vec![HeaderEdit::Set("x-served-by".into(), b"sluice".to_vec())]);
+        assert_eq!(
+            r.headers,
+            vec![HeaderEdit::Set("x-served-by".into(), b"sluice".to_vec())]
+        );
     }
 
     #[test]
     fn client_ip_without_grant_is_unknown() {
         let p: HeaderRewrite = load(br#"{"request": {"set": {"x-ip": "{client_ip}"}}}"#).unwrap();
         let d = p.on_request(&Request::new("GET", "https://app.test/"));
-        assert_eq!(d.headers, vec![HeaderEdit::Set("x-ip".into(), b"unknown".to_vec())]);
+        assert_eq!(
+            d.headers,
+            vec![HeaderEdit::Set("x-ip".into(), b"unknown".to_vec())]
+        );
     }
 
     #[test]
     fn bad_configs_are_refused() {
-        assert!(load::<HeaderRewrite>(br#"{"request": {"set": {"X-Upper": "1"}}}"#).unwrap_err().contains("lowercase"));
-        assert!(load::<HeaderRewrite>(br#"{"request": {"set": {"x": "{nope}"}}}"#).unwrap_err().contains("unknown variable {nope}"));
-        assert!(load::<HeaderRewrite>(br#"{"requests": {}}"#).unwrap_err().contains("unknown field"));
+        assert!(
+            load::<HeaderRewrite>(br#"{"request": {"set": {"X-Upper": "1"}}}"#)
+                .unwrap_err()
+                .contains("lowercase")
+        );
+        assert!(
+            load::<HeaderRewrite>(br#"{"request": {"set": {"x": "{nope}"}}}"#)
+                .unwrap_err()
+                .contains("unknown variable {nope}")
+        );
+        assert!(load::<HeaderRewrite>(br#"{"requests": {}}"#)
+            .unwrap_err()
+            .contains("unknown field"));
     }
 }

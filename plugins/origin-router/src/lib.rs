@@ -70,22 +70,33 @@ pub struct OriginRouter {
 
 /// FNV-1a, 64-bit: stable across runs and platforms, so stickiness survives restarts.
 pub fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl Route {
     fn matches(&self, req: &Request) -> bool {
-        let header_ok = self.header.as_ref().is_none_or(|m| match (req.header(&m.name), &m.value) {
-            (Some(_), None) => true,
-            (Some(v), Some(want)) => v == want,
-            (None, _) => false,
-        });
-        let cookie_ok = self.cookie.as_ref().is_none_or(|m| match (req.cookie(&m.name), &m.value) {
-            (Some(_), None) => true,
-            (Some(v), Some(want)) => v == want,
-            (None, _) => false,
-        });
-        let path_ok = self.path_prefix.as_ref().is_none_or(|p| req.path_only().starts_with(p.as_str()));
+        let header_ok =
+            self.header
+                .as_ref()
+                .is_none_or(|m| match (req.header(&m.name), &m.value) {
+                    (Some(_), None) => true,
+                    (Some(v), Some(want)) => v == want,
+                    (None, _) => false,
+                });
+        let cookie_ok =
+            self.cookie
+                .as_ref()
+                .is_none_or(|m| match (req.cookie(&m.name), &m.value) {
+                    (Some(_), None) => true,
+                    (Some(v), Some(want)) => v == want,
+                    (None, _) => false,
+                });
+        let path_ok = self
+            .path_prefix
+            .as_ref()
+            .is_none_or(|p| req.path_only().starts_with(p.as_str()));
         header_ok && cookie_ok && path_ok
     }
 }
@@ -98,7 +109,10 @@ impl OriginRouter {
         }
         let split = self.config.split.as_ref()?;
         let sticky_key = split.sticky.as_ref().and_then(|s| {
-            s.header.as_deref().and_then(|h| req.header(h)).or_else(|| s.cookie.as_deref().and_then(|c| req.cookie(c)))
+            s.header
+                .as_deref()
+                .and_then(|h| req.header(h))
+                .or_else(|| s.cookie.as_deref().and_then(|c| req.cookie(c)))
         });
         // Without a sticky key, the request id (random per request) spreads requests.
         let key = sticky_key.unwrap_or(&req.request_id);
@@ -122,7 +136,9 @@ impl Plugin for OriginRouter {
         }
         for (i, r) in config.routes.iter().enumerate() {
             if r.header.is_none() && r.cookie.is_none() && r.path_prefix.is_none() {
-                return Err(format!("routes[{i}] has no condition (header, cookie or path_prefix)"));
+                return Err(format!(
+                    "routes[{i}] has no condition (header, cookie or path_prefix)"
+                ));
             }
         }
         let total = match &config.split {
@@ -175,10 +191,15 @@ mod tests {
         let r = router();
         let req = Request::new("GET", "https://app.test/x").with_header("x-beta", "1");
         assert_eq!(r.choose(&req), Some("beta"));
-        let req = Request::new("GET", "https://app.test/admin/users").with_header("cookie", "a=b; role=ops");
+        let req = Request::new("GET", "https://app.test/admin/users")
+            .with_header("cookie", "a=b; role=ops");
         assert_eq!(r.choose(&req), Some("admin"));
         let req = Request::new("GET", "https://app.test/admin/users");
-        assert_ne!(r.choose(&req), Some("admin"), "the cookie condition must hold too");
+        assert_ne!(
+            r.choose(&req),
+            Some("admin"),
+            "the cookie condition must hold too"
+        );
     }
 
     #[test]
@@ -186,20 +207,26 @@ mod tests {
         let r = router();
         let mut canary = 0;
         for i in 0..10_000 {
-            let req = Request::new("GET", "https://app.test/").with_header("cookie", &format!("session=user-{i}"));
+            let req = Request::new("GET", "https://app.test/")
+                .with_header("cookie", &format!("session=user-{i}"));
             let first = r.choose(&req).unwrap().to_string();
             assert_eq!(r.choose(&req).unwrap(), first, "same session, same origin");
             if first == "canary" {
                 canary += 1;
             }
         }
-        assert!((800..=1200).contains(&canary), "canary got {canary} of 10000");
+        assert!(
+            (800..=1200).contains(&canary),
+            "canary got {canary} of 10000"
+        );
     }
 
     #[test]
     fn bad_configs_are_refused() {
         assert!(load::<OriginRouter>(br#"{}"#).is_err());
         assert!(load::<OriginRouter>(br#"{"split": {"weights": {"a": 0}}}"#).is_err());
-        assert!(load::<OriginRouter>(br#"{"routes": [{"origin": "a"}]}"#).unwrap_err().contains("no condition"));
+        assert!(load::<OriginRouter>(br#"{"routes": [{"origin": "a"}]}"#)
+            .unwrap_err()
+            .contains("no condition"));
     }
 }
