@@ -99,8 +99,17 @@ pub fn load<P: Plugin>(config: &[u8]) -> Result<P, String> {
 
 /// Exports a [`Plugin`] type as the component's hooks.
 ///
-/// ```ignore
-/// sluice_sdk::export_plugin!(MyPlugin);
+/// ```
+/// struct Noop;
+///
+/// impl sluice_sdk::Plugin for Noop {
+///     type Config = serde_json::Value;
+///     fn new(_config: serde_json::Value) -> Result<Self, String> {
+///         Ok(Noop)
+///     }
+/// }
+///
+/// sluice_sdk::export_plugin!(Noop);
 /// ```
 ///
 /// In a non-wasm build (native unit tests) this expands to nothing but a type check.
