@@ -127,7 +127,7 @@ async fn decisions_reach_the_origin_and_the_client() {
             "rewrite",
             "echo",
             serde_json::json!({
-                "set": {"x-added": "yes", "x-req": "{request_id}"},
+                "set": {"x-added": "yes", "x-req": "{request_id}", "host": "internal.example"},
                 "remove": ["x-drop-me"],
                 "path": "/rewritten?q=1",
             }),
@@ -153,6 +153,11 @@ async fn decisions_reach_the_origin_and_the_client() {
     assert_eq!(json["origin"], "other", "the plugin's origin choice");
     assert_eq!(json["path"], "/rewritten?q=1", "the plugin's path rewrite");
     assert_eq!(reply.echoed("x-added").as_deref(), Some("yes"));
+    assert_eq!(
+        reply.echoed("host").as_deref(),
+        Some("internal.example"),
+        "a Host set by a plugin wins"
+    );
     assert_eq!(reply.echoed("x-req"), reply.echoed("sluice-request-id"));
     assert!(json["headers"].get("x-drop-me").is_none());
 

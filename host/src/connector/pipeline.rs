@@ -337,14 +337,17 @@ impl Pipeline {
             });
         };
 
-        let host_value = origin
-            .config()
-            .host_header
-            .clone()
-            .unwrap_or_else(|| head.authority.clone());
-        let host_header = HeaderValue::from_str(&host_value)
-            .map_err(|_| Failure::bad_request("invalid host".into()))?;
-        headers.insert(HOST, host_header);
+        // A Host set by a plugin wins; otherwise the origin's `host-header` or the client's.
+        if !headers.contains_key(HOST) {
+            let host_value = origin
+                .config()
+                .host_header
+                .clone()
+                .unwrap_or_else(|| head.authority.clone());
+            let host_header = HeaderValue::from_str(&host_value)
+                .map_err(|_| Failure::bad_request("invalid host".into()))?;
+            headers.insert(HOST, host_header);
+        }
         if origin.config().host_header.is_some() {
             if let Ok(v) = HeaderValue::from_str(&head.authority) {
                 headers.insert("x-forwarded-host", v);
