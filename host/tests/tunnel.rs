@@ -662,3 +662,38 @@ async fn connector_refuses_an_edge_it_cannot_verify() {
     conn.stop().await;
     wrong_name.stop().await;
 }
+
+#[tokio::test]
+async fn origin_that_does_not_accept_in_time_is_504() {
+    // A listener whose accept queue is full: further connection attempts get no answer, so
+    // connecting times out, all on loopback.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(loopback()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        // Some of these never complete; that is the point. Keep whatever connects.
+        if let Ok(Ok(s)) = tokio::time::timeout(
+            Duration::from_millis(200),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        {
+            fillers.push(s);
+        }
+    }
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let mut stuck = http_origin("stuck", addr);
+    stuck.connect_timeout = Duration::from_millis(300);
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![stuck], vec![])).await;
+    conn.registered(1).await;
+    let reply = get(edge.http, "app.test", "/").await;
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(
+        reply.text(),
+        "sluice connector: origin \"stuck\" did not accept a connection within 300ms\n"
+    );
+    drop(listener);
+    conn.stop().await;
+}
