@@ -249,3 +249,104 @@ async fn sighup_applies_a_good_file_and_refuses_a_broken_one() {
     drop(proc);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn edge_binary_reloads_on_sighup_and_a_second_signal_exits_at_once() {
+    let (held_tx, mut held) = mpsc::unbounded_channel();
+    let origin = start_origin(move |req: http::Request<hyper::body::Incoming>| {
+        let held_tx = held_tx.clone();
+        async move {
+            if req.uri().path() == "/hold" {
+                let _ = held_tx.send(());
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            http::Response::new(sluice::relay::full("ok"))
+        }
+    })
+    .await;
+    let dir = std::env::temp_dir().join(format!("sluice-edge-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("edge.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("edge.key"), ck.key_pair.serialize_pem()).unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (http_port, quic_port) = (free(), free());
+    let hash = hex::encode(sluice::secret::Secret::new("t").sha256());
+    let file = dir.join("edge.toml");
+    let write = |hostnames: &str, extra: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "{extra}\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[connectors]\nlisten = \"127.0.0.1:{quic_port}\"\n\
+                 cert = \"edge.crt\"\nkey = \"edge.key\"\n[[tunnel]]\nid = \"app\"\ntoken-sha256 = \"{hash}\"\nhostnames = [{hostnames}]\n"
+            ),
+        )
+        .unwrap()
+    };
+    write("\"app.test\"", "");
+    let proc = Proc::spawn("edge", &file);
+    proc.wait_log("listening for clients (HTTP)", 1).await;
+    let http: std::net::SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+
+    let mut cfg = sluice::config::ConnectorConfig::new("app", sluice::secret::Secret::new("t"));
+    cfg.edges = vec![format!("127.0.0.1:{quic_port}")];
+    cfg.edge_server_name = Some("localhost".into());
+    cfg.edge_ca = vec![ck.cert.der().clone()];
+    cfg.origins = vec![http_origin("o", origin)];
+    cfg.ingress = vec![rule(None, None, "o")];
+    cfg.grace_period = Duration::from_secs(1);
+    let conn = start_connector(cfg).await;
+    conn.registered(2).await;
+    assert_eq!(get(http, "app.test", "/").await.text(), "ok");
+    assert_eq!(get(http, "new.test", "/").await.status, 404);
+
+    // A new hostname, applied without dropping the registered connections.
+    write("\"app.test\", \"new.test\"", "");
+    proc.signal("HUP");
+    proc.wait_log("reloaded tunnels", 1).await;
+    assert_eq!(get(http, "new.test", "/").await.text(), "ok");
+    assert_eq!(conn.state.registered(), 2);
+
+    // A broken file is refused; the running tunnels keep serving.
+    write("\"app.test\"", "max-header-size = \"lots\"");
+    proc.signal("HUP");
+    proc.wait_log("reload refused", 1).await;
+    assert_eq!(get(http, "new.test", "/").await.text(), "ok");
+
+    // SIGTERM waits for the held request; a second SIGTERM exits at once.
+    let holding = tokio::spawn(async move { get(http, "app.test", "/hold").await });
+    tokio::time::timeout(WAIT, held.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    proc.signal("TERM");
+    proc.wait_log("waiting for client connections to finish", 1)
+        .await;
+    let mut proc = proc;
+    assert!(
+        proc.child.try_wait().unwrap().is_none(),
+        "the edge did not wait for the request in flight"
+    );
+    proc.signal("TERM");
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = proc.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a second signal did not stop the edge"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(130));
+    holding.abort();
+    conn.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
