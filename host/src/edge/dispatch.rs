@@ -326,12 +326,21 @@ async fn forward_admitted(
     resp
 }
 
+/// How long opening a stream and writing its head may take before another connection is
+/// tried (a connector that grants no stream credit must not stall requests).
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn open_stream(
     in_flight: &InFlight,
     frame: &[u8],
 ) -> Result<(quinn::SendStream, quinn::RecvStream), Box<dyn std::error::Error + Send + Sync>> {
-    let (mut send, recv) = in_flight.conn().conn.open_bi().await?;
-    if let Err(e) = send.write_all(frame).await {
+    let (mut send, recv) = tokio::time::timeout(OPEN_TIMEOUT, in_flight.conn().conn.open_bi())
+        .await
+        .map_err(|_| "no stream credit from the connector in time")??;
+    let written = tokio::time::timeout(OPEN_TIMEOUT, send.write_all(frame))
+        .await
+        .map_err(|_| "the request head could not be sent in time");
+    if let Err(e) = written.and_then(|r| r.map_err(|_| "the request head could not be sent")) {
         // Never let a partial head end in a clean FIN.
         let _ = send.reset(proto::code::STREAM_CANCELLED);
         return Err(e.into());
