@@ -697,3 +697,71 @@ async fn origin_that_does_not_accept_in_time_is_504() {
     drop(listener);
     conn.stop().await;
 }
+
+/// Whether the TCP socket of this process connected to `peer` has TCP_NODELAY set. The edge
+/// and connector run in this test process, so their sockets are among our descriptors.
+fn nodelay_towards(peer: std::net::SocketAddr) -> Option<bool> {
+    use std::os::fd::BorrowedFd;
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the descriptor is open for the duration of this loop iteration (it was listed
+        // just now and this test does not close descriptors concurrently); it is only borrowed
+        // to read socket options, never closed.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+        let sock = socket2::SockRef::from(&borrowed);
+        let Ok(addr) = sock.peer_addr() else { continue };
+        if addr.as_socket() == Some(peer) {
+            return sock.tcp_nodelay().ok();
+        }
+    }
+    None
+}
+
+#[tokio::test]
+async fn client_and_origin_sockets_use_tcp_nodelay() {
+    // An origin that holds the request open, so both sockets exist while we look.
+    let origin = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let origin_addr = origin.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    let hold = tokio::spawn(async move {
+        let (mut s, _) = origin.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await;
+        seen_tx.send(()).unwrap();
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(s);
+    });
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("o", origin_addr)],
+        vec![],
+    ))
+    .await;
+    conn.registered(1).await;
+
+    let mut client = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: app.test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, seen_rx).await.unwrap().unwrap();
+    let client_addr = client.local_addr().unwrap();
+    assert_eq!(
+        nodelay_towards(client_addr),
+        Some(true),
+        "the edge's client socket"
+    );
+    assert_eq!(
+        nodelay_towards(origin_addr),
+        Some(true),
+        "the connector's origin socket"
+    );
+    hold.abort();
+    drop(client);
+    conn.stop().await;
+}
