@@ -570,8 +570,10 @@ async fn connector_redials_until_the_edge_appears() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(conn.state.registered(), 0);
 
-    let mut ecfg =
-        sluice::config::EdgeConfig::new(format!("127.0.0.1:{port}").parse().unwrap(), identity);
+    let mut ecfg = sluice::config::EdgeConfig::new(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        identity.clone(),
+    );
     ecfg.http_listen = Some(loopback());
     ecfg.tunnels = vec![tunnel("app", "t", &["app.test"])];
     let edge = sluice::edge::Edge::bind(ecfg).await.unwrap();
@@ -581,7 +583,7 @@ async fn connector_redials_until_the_edge_appears() {
     conn.registered(1).await;
     assert_eq!(get(http, "app.test", "/").await.status, 200);
 
-    // The edge goes away and comes back: the connector registers again.
+    // The edge goes away and comes back on the same address: the connector re-dials.
     stop.cancel();
     task.await.unwrap();
     tokio::time::timeout(WAIT, async {
@@ -591,6 +593,29 @@ async fn connector_redials_until_the_edge_appears() {
     })
     .await
     .expect("connector did not notice the edge closing");
+    let mut ecfg =
+        sluice::config::EdgeConfig::new(format!("127.0.0.1:{port}").parse().unwrap(), identity);
+    ecfg.http_listen = Some(loopback());
+    ecfg.tunnels = vec![tunnel("app", "t", &["app.test"])];
+    // The old socket may take a moment to be released.
+    let mut attempts = 0;
+    let edge = loop {
+        match sluice::edge::Edge::bind(ecfg.clone()).await {
+            Ok(e) => break e,
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot rebind the edge: {e}"),
+        }
+    };
+    let http = edge.http_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(edge.run(stop.clone()));
+    conn.registered(1).await;
+    assert_eq!(get(http, "app.test", "/").await.status, 200);
+    stop.cancel();
     conn.stop().await;
 }
 
