@@ -263,3 +263,81 @@ async fn next(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>
         .unwrap()
         .unwrap()
 }
+
+/// Signals when dropped.
+struct DropSignal(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[tokio::test]
+async fn client_leaving_mid_download_stops_the_origin_body() {
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+    let gone_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(gone_tx)));
+    let origin = start_origin(move |_req: Request<Incoming>| {
+        let signal = DropSignal(gone_tx.lock().unwrap().take());
+        async move {
+            // An endless body, one 16 KiB chunk every 20 ms; the signal fires when hyper drops it.
+            let stream = futures_util::stream::unfold(signal, |signal| async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Some((
+                    Ok::<_, sluice::relay::BoxError>(Frame::data(Bytes::from(vec![
+                        7u8;
+                        16 * 1024
+                    ]))),
+                    signal,
+                ))
+            });
+            Response::new(BodyExt::boxed(StreamBody::new(stream)))
+        }
+    })
+    .await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("o", origin)],
+        vec![],
+    ))
+    .await;
+    conn.registered(1).await;
+
+    let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    let client_conn = tokio::spawn(c);
+    let req = Request::get("/stream")
+        .header("host", "app.test")
+        .body(sluice::relay::empty())
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut got = 0;
+    while got < 64 * 1024 {
+        let frame = tokio::time::timeout(WAIT, body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got += frame.data_ref().map_or(0, |d| d.len());
+    }
+    // The client goes away mid-body.
+    drop(body);
+    drop(sender);
+    client_conn.abort();
+    tokio::time::timeout(WAIT, gone_rx)
+        .await
+        .expect("the origin kept streaming after the client left")
+        .unwrap();
+    conn.stop().await;
+}
