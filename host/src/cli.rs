@@ -101,5 +101,9 @@ pub enum PluginCommand {
         /// The client address shown to a plugin granted `client-addr`.
         #[arg(long, default_value = "203.0.113.7:50123")]
         client: String,
+        /// Deadline of each hook call (the connector's default is 10ms; this default leaves
+        /// room for a debug build of sluice).
+        #[arg(long, default_value = "1s")]
+        timeout: String,
     },
 }

@@ -89,6 +89,7 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         status,
         grants,
         client,
+        timeout,
     } = action;
     // Plugin logs go to stdout with the report, without timestamps.
     tracing_subscriber::fmt()
@@ -137,6 +138,9 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
                 }
             }
         }
+        let timeout = sluice::config::Duration::try_from(timeout)
+            .map_err(anyhow::Error::msg)?
+            .0;
         Ok(sluice::plugin::tester::TestRun {
             wasm,
             config_json,
@@ -145,6 +149,7 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
             status,
             grants: g,
             client_addr: client,
+            timeout,
         })
     };
     let test = match run() {

@@ -262,6 +262,7 @@ async fn failing_plugins_follow_their_policy_and_never_take_the_process_down() {
     for path in [
         "/trap",
         "/loop",
+        "/sleep",
         "/oom",
         "/bad-header",
         "/bad-origin",
@@ -393,9 +394,15 @@ async fn stdout_goes_to_the_log_and_grants_gate_what_a_plugin_sees() {
         .echoed("x-seen-client")
         .unwrap()
         .starts_with("127.0.0.1:"));
+    assert_eq!(reply.echoed("x-seen-xff").as_deref(), Some("127.0.0.1"));
     let reply = send(edge.http, req("/plain")).await;
     assert_eq!(reply.echoed("x-seen-auth").as_deref(), Some("hidden"));
     assert_eq!(reply.echoed("x-seen-client").as_deref(), Some("hidden"));
+    assert_eq!(
+        reply.echoed("x-seen-xff").as_deref(),
+        Some("hidden"),
+        "x-forwarded-for carries the client address too"
+    );
     assert_eq!(
         reply.echoed("authorization").as_deref(),
         Some("Bearer x"),

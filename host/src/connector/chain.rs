@@ -15,8 +15,7 @@ use crate::config::{ConnectorConfig, OnError};
 use crate::plugin::bindings::sluice::plugin::types::{Completion, RequestDecision, Response};
 use crate::plugin::{decision, Plugin, PluginError, RawEvent, RequestView, Slot};
 
-/// Headers hidden from plugins without the `credentials` grant.
-const CREDENTIALS: &[&str] = &["authorization", "proxy-authorization", "cookie"];
+use crate::plugin::CREDENTIALS;
 
 /// Every plugin of a configuration and the chain of each ingress rule.
 #[derive(Debug, Default)]
@@ -205,9 +204,13 @@ impl ChainRun<'_> {
                 continue;
             }
             let view = self.view_for(&plugin);
+            let mut visible = decision::to_wit(headers);
+            if !plugin.config().grants.credentials {
+                visible.retain(|h| !CREDENTIALS.contains(&h.name.as_str()));
+            }
             let resp = Response {
                 status: status.as_u16(),
-                headers: decision::to_wit(headers),
+                headers: visible,
             };
             let called = plugin.on_response(&mut self.held[pos], &view, resp).await;
             emit(&self.context, &self.view, plugin.name(), called.events).await;
@@ -266,15 +269,8 @@ impl ChainRun<'_> {
 
     /// The view as `plugin` may see it: the client address and credentials only if granted.
     fn view_for(&self, plugin: &Plugin) -> RequestView {
-        let grants = plugin.config().grants;
         let mut view = self.view.clone();
-        if !grants.client_addr {
-            view.client_addr = None;
-        }
-        if !grants.credentials {
-            view.headers
-                .retain(|(n, _)| !CREDENTIALS.contains(&n.as_str()));
-        }
+        crate::plugin::restrict_view(&mut view, plugin.config().grants);
         view
     }
 }

@@ -317,6 +317,11 @@ impl Pipeline {
                 .await
                 .map_err(Failure::plugin)?;
             if let Some((status, resp_headers, body, plugin)) = edits.respond {
+                let body = if head.method == "HEAD" {
+                    Bytes::new()
+                } else {
+                    body
+                };
                 return answer_local(send, status, resp_headers, body, plugin).await;
             }
             if let Some(t) = edits.target {
@@ -482,7 +487,15 @@ async fn answer_local(
     body: Bytes,
     plugin: String,
 ) -> Result<Outcome, Failure> {
-    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    // 204 and 304 carry no body (RFC 9110 §15.3.5, §15.4.5); any other gets an exact length.
+    let body = if matches!(status.as_u16(), 204 | 304) {
+        Bytes::new()
+    } else {
+        body
+    };
+    if status.as_u16() != 204 {
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    }
     let head = ResponseHead {
         status: status.as_u16(),
         headers: to_wire(&headers),

@@ -88,7 +88,7 @@ pub fn check_path(path: &str) -> Result<String, String> {
 pub fn local_response(r: &LocalResponse) -> Result<(StatusCode, HeaderMap, Bytes), String> {
     let status = StatusCode::from_u16(r.status)
         .ok()
-        .filter(|s| s.as_u16() >= 200)
+        .filter(|s| (200..=599).contains(&s.as_u16()))
         .ok_or_else(|| {
             format!(
                 "invalid status {} for a local response (200..=599)",

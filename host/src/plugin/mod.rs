@@ -29,8 +29,35 @@ pub use runtime::{Runtime, RuntimeError};
 use crate::admin::metrics::{Metrics, PluginErrorLabels, PluginHookLabels};
 use crate::config::{Isolation, OnError, PluginConfig};
 
+/// Headers hidden from plugins without the `credentials` grant.
+pub const CREDENTIALS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+];
+
+/// Headers that carry the client's address, hidden from plugins without `client-addr`.
+pub const CLIENT_ADDRESS: &[&str] = &["x-forwarded-for", "forwarded", "x-real-ip"];
+
+/// Removes from `view` what `grants` do not allow a plugin to see.
+pub fn restrict_view(view: &mut RequestView, grants: crate::config::Grants) {
+    if !grants.client_addr {
+        view.client_addr = None;
+        view.headers
+            .retain(|(n, _)| !CLIENT_ADDRESS.contains(&n.as_str()));
+    }
+    if !grants.credentials {
+        view.headers
+            .retain(|(n, _)| !CREDENTIALS.contains(&n.as_str()));
+    }
+}
+
 /// Idle instances kept per plugin for reuse.
 const MAX_IDLE: usize = 64;
+
+/// Wall-clock limit on instantiation plus `init` (which may parse a large configuration).
+const INIT_DEADLINE: Duration = Duration::from_secs(1);
 
 /// Why a plugin could not be loaded. Every message names the plugin.
 #[derive(Debug, thiserror::Error)]
@@ -336,10 +363,17 @@ impl Plugin {
         let outcome = match slot.store.data_mut().table.push(view.clone()) {
             Ok(own) => {
                 let borrow = Resource::new_borrow(own.rep());
+                slot.store.data_mut().limiter.denied = false;
                 slot.store.set_epoch_deadline(self.ticks);
-                let r = f(&mut slot, borrow).await;
-                let _ = slot.store.data_mut().table.delete(own);
-                r
+                // The epoch deadline stops guest code; this one also stops a plugin blocked in
+                // a host call (a WASI sleep, say). Either way the instance is dropped below.
+                match tokio::time::timeout(self.wall_deadline(), f(&mut slot, borrow)).await {
+                    Ok(r) => {
+                        let _ = slot.store.data_mut().table.delete(own);
+                        r
+                    }
+                    Err(_) => Err(wasmtime::Error::from(wasmtime::Trap::Interrupt)),
+                }
             }
             Err(e) => Err(e.into()),
         };
@@ -432,7 +466,10 @@ impl Plugin {
         store.limiter(|d| &mut d.limiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.ticks);
-        let instance: Instance = match self.pre.instantiate_async(&mut store).await {
+        let started = tokio::time::timeout(INIT_DEADLINE, self.pre.instantiate_async(&mut store))
+            .await
+            .unwrap_or_else(|_| Err(wasmtime::Error::from(wasmtime::Trap::Interrupt)));
+        let instance: Instance = match started {
             Ok(i) => i,
             Err(e) => {
                 return Err(PluginError::Instantiate(
@@ -466,10 +503,13 @@ impl Plugin {
                 .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
             slot.store
                 .set_epoch_deadline(self.ticks.max(Runtime::ticks(Duration::from_secs(1))));
-            match guest
-                .call_init(&mut slot.store, &self.config.config_json)
-                .await
-            {
+            let init = tokio::time::timeout(
+                INIT_DEADLINE,
+                guest.call_init(&mut slot.store, &self.config.config_json),
+            )
+            .await
+            .unwrap_or_else(|_| Err(wasmtime::Error::from(wasmtime::Trap::Interrupt)));
+            match init {
                 Ok(Ok(())) => {}
                 Ok(Err(message)) => return Err(PluginError::InvalidDecision(message)),
                 Err(e) => {
@@ -478,10 +518,24 @@ impl Plugin {
                     ))
                 }
             }
-            // Events emitted during init have no request to belong to.
-            slot.store.data_mut().events.clear();
+            // Events emitted during init have no request to belong to: discarded, and said so.
+            let discarded = std::mem::take(&mut slot.store.data_mut().events).len();
+            if discarded > 0 {
+                tracing::warn!(
+                    plugin = &*self.name,
+                    discarded,
+                    "audit events emitted in init are discarded (no request)"
+                );
+            }
         }
         Ok(slot)
+    }
+
+    /// The wall-clock bound of a hook call: the configured timeout plus one tick of slack, so
+    /// that the epoch deadline normally fires first (it is cheaper and keeps the trap inside
+    /// wasm).
+    fn wall_deadline(&self) -> Duration {
+        self.config.timeout + runtime::TICK * 2
     }
 
     fn classify(&self, err: &wasmtime::Error, data: &StoreData) -> PluginError {

@@ -27,6 +27,8 @@ pub struct TestRun {
     pub grants: Grants,
     /// The client address shown when `client-addr` is granted.
     pub client_addr: String,
+    /// Deadline of each hook call.
+    pub timeout: Duration,
 }
 
 /// Why a test run could not happen.
@@ -60,12 +62,12 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
     if authority.is_empty() {
         return Err(TestError::Request(t.request.clone()));
     }
-    let mut headers: Vec<(String, Vec<u8>)> = vec![("host".into(), authority.as_bytes().to_vec())];
-    headers.extend(
-        t.headers
-            .iter()
-            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec())),
-    );
+    // As in the tunnel, the view carries the authority separately, not as a `host` header.
+    let headers: Vec<(String, Vec<u8>)> = t
+        .headers
+        .iter()
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec()))
+        .collect();
     let mut view = RequestView {
         method: method.to_ascii_uppercase(),
         scheme: scheme.to_string(),
@@ -75,13 +77,9 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         request_id: hex::encode(rand::random::<[u8; 16]>()),
         hostname: crate::config::normalize_host(authority),
         ingress_rule: 0,
-        client_addr: t.grants.client_addr.then(|| t.client_addr.clone()),
+        client_addr: Some(t.client_addr.clone()),
     };
-    if !t.grants.credentials {
-        view.headers.retain(|(n, _)| {
-            !["authorization", "proxy-authorization", "cookie"].contains(&n.as_str())
-        });
-    }
+    super::restrict_view(&mut view, t.grants);
 
     let name = t
         .wasm
@@ -89,7 +87,7 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         .map_or("plugin".to_string(), |s| s.to_string_lossy().into_owned());
     let mut cfg = PluginConfig::new(name.clone(), &t.wasm);
     cfg.config_json = t.config_json.clone();
-    cfg.timeout = Duration::from_secs(1);
+    cfg.timeout = t.timeout;
     cfg.grants = t.grants;
     let runtime = Runtime::new(cfg.memory.max(64 << 20))?;
     let plugin = Plugin::load(runtime, cfg, Arc::new(Metrics::new("plugin_test"))).await?;

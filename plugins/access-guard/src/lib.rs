@@ -47,6 +47,9 @@ pub struct JwtConfig {
     pub leeway_secs: u64,
 }
 
+/// Header carrying the JWT's `sub` to the origin.
+pub const SUBJECT: &str = "x-auth-subject";
+
 fn default_realm() -> String {
     "sluice".into()
 }
@@ -195,7 +198,8 @@ impl AccessGuard {
         else {
             return self.deny(req, 401, Some("invalid_request"), "not a bearer token");
         };
-        let mut allowed = RequestDecision::new();
+        // The subject header is the plugin's to set: a client-sent one never reaches the origin.
+        let mut allowed = RequestDecision::new().remove_header(SUBJECT);
         if self.config.strip_authorization {
             allowed = allowed.remove_header("authorization");
         }
@@ -206,7 +210,7 @@ impl AccessGuard {
             match Self::verify_jwt(jwt, token, now) {
                 Ok(claims) => {
                     if let Some(sub) = claims.get("sub").and_then(|s| s.as_str()) {
-                        allowed = allowed.set_header("x-auth-subject", sub);
+                        allowed = allowed.set_header(SUBJECT, sub);
                     }
                     return allowed;
                 }
@@ -226,6 +230,14 @@ impl Plugin for AccessGuard {
         }
         if config.tokens.iter().any(|t| t.len() < 16) {
             return Err("bearer tokens must be at least 16 characters".into());
+        }
+        if config.realm.is_empty()
+            || !config
+                .realm
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+        {
+            return Err("realm must be printable ASCII without quotes or backslashes".into());
         }
         if let Some(j) = &config.jwt {
             if j.secret.len() < 32 {
@@ -302,11 +314,18 @@ mod tests {
 
     #[test]
     fn listed_bearer_tokens_pass() {
-        let d = guard().decide(&with_token("static-token-0123456789"), NOW);
+        let d = guard().decide(
+            &with_token("static-token-0123456789").with_header(SUBJECT, "forged"),
+            NOW,
+        );
         assert_eq!(status(&d), None);
         assert_eq!(
             d.headers,
-            vec![sluice_sdk::HeaderEdit::Remove("authorization".into())]
+            vec![
+                sluice_sdk::HeaderEdit::Remove(SUBJECT.into()),
+                sluice_sdk::HeaderEdit::Remove("authorization".into())
+            ],
+            "a client-sent subject header is removed"
         );
         assert_eq!(
             status(&guard().decide(&with_token("static-token-0123456780"), NOW)),
@@ -377,5 +396,9 @@ mod tests {
         assert!(load::<AccessGuard>(br#"{}"#).is_err());
         assert!(load::<AccessGuard>(br#"{"tokens": ["short"]}"#).is_err());
         assert!(load::<AccessGuard>(br#"{"jwt": {"secret": "short"}}"#).is_err());
+        assert!(load::<AccessGuard>(
+            br#"{"tokens": ["static-token-0123456789"], "realm": "a\"b"}"#
+        )
+        .is_err());
     }
 }

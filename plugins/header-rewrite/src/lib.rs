@@ -43,6 +43,19 @@ pub struct HeaderRewrite {
 
 const VARIABLES: &[&str] = &["request_id", "client_ip", "host"];
 
+/// Headers the host never lets a plugin change: refused here, at load, rather than as a 502 on
+/// every request.
+const MANAGED: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "te",
+    "trailer",
+    "upgrade",
+    "sluice-request-id",
+];
+
 fn check(edits: &Edits, side: &str) -> Result<(), String> {
     let names = edits
         .set
@@ -50,6 +63,11 @@ fn check(edits: &Edits, side: &str) -> Result<(), String> {
         .chain(edits.append.keys())
         .chain(edits.remove.iter());
     for name in names {
+        if MANAGED.contains(&name.as_str()) || name.starts_with("proxy-") {
+            return Err(format!(
+                "{side}: header {name:?} is managed by sluice and cannot be changed"
+            ));
+        }
         let valid = !name.is_empty()
             && name
                 .bytes()
@@ -61,6 +79,11 @@ fn check(edits: &Edits, side: &str) -> Result<(), String> {
         }
     }
     for value in edits.set.values().chain(edits.append.values()) {
+        if value.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(format!(
+                "{side}: value {value:?} contains control characters"
+            ));
+        }
         let mut rest = value.as_str();
         while let Some(start) = rest.find('{') {
             let end = rest[start..]
@@ -177,6 +200,16 @@ mod tests {
             load::<HeaderRewrite>(br#"{"request": {"set": {"x": "{nope}"}}}"#)
                 .unwrap_err()
                 .contains("unknown variable {nope}")
+        );
+        assert!(
+            load::<HeaderRewrite>(br#"{"request": {"set": {"content-length": "1"}}}"#)
+                .unwrap_err()
+                .contains("managed by sluice")
+        );
+        assert!(
+            load::<HeaderRewrite>(br#"{"request": {"set": {"x": "a\nb"}}}"#)
+                .unwrap_err()
+                .contains("control characters")
         );
         assert!(load::<HeaderRewrite>(br#"{"requests": {}}"#)
             .unwrap_err()
