@@ -317,11 +317,6 @@ impl Pipeline {
                 .await
                 .map_err(Failure::plugin)?;
             if let Some((status, resp_headers, body, plugin)) = edits.respond {
-                let body = if head.method == "HEAD" {
-                    Bytes::new()
-                } else {
-                    body
-                };
                 return answer_local(send, status, resp_headers, body, plugin).await;
             }
             if let Some(t) = edits.target {
