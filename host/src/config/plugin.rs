@@ -81,10 +81,11 @@ pub enum Isolation {
 /// Capabilities an operator can grant a plugin.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Grants {
-    /// `client-addr`: the request view shows the client's address.
+    /// `client-addr`: the request view shows the client's address, and the `x-forwarded-for`,
+    /// `forwarded` and `x-real-ip` headers (hidden otherwise).
     pub client_addr: bool,
     /// `credentials`: the request view shows `authorization`, `proxy-authorization` and
-    /// `cookie` (hidden otherwise).
+    /// `cookie`, and `on-response` sees `set-cookie` (hidden otherwise).
     pub credentials: bool,
 }
 

@@ -1,5 +1,5 @@
-//! The per-stream pipeline: one request from the edge, through ingress and (later) plugin
-//! hooks, to the origin and back.
+//! The per-stream pipeline: one request from the edge, through ingress and the plugin hooks,
+//! to the origin and back.
 //!
 //! ```text
 //!  RequestHead ─▶ normalise path ─▶ ingress match ─▶ [on-request hooks] ─▶ origin chosen
