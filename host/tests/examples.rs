@@ -317,7 +317,10 @@ fn plugin_test_command_reports_decisions_logs_and_audit() {
         "--grant",
         "credentials",
     ]);
-    assert!(stdout.contains("  no change"), "{stdout}");
+    assert!(
+        stdout.contains("  remove x-auth-subject") && !stdout.contains("respond"),
+        "admitted: {stdout}"
+    );
 
     // A rejected configuration: non-zero exit, the plugin's own message.
     let (ok, _, stderr) = run(&[guard.to_str().unwrap(), "--config", "{}"]);
