@@ -145,17 +145,23 @@ async fn write_events(
                     }
                 };
                 line.push(b'\n');
+                let mut written = true;
                 if let Some(o) = &mut out {
                     if let Err(e) = o.write_all(&line).await {
                         tracing::error!(cause = %e, "cannot write an audit event to stdout");
+                        written = false;
                     }
                 }
                 if let Some(f) = &mut file {
                     if let Err(e) = f.write_all(&line).await {
                         tracing::error!(cause = %e, "cannot write an audit event to the audit file");
+                        written = false;
                     }
                 }
-                metrics.audit_events.inc();
+                // Counted only when every sink took it; failures are in the log.
+                if written {
+                    metrics.audit_events.inc();
+                }
                 // Flush whenever the queue runs dry, so events do not sit in a buffer.
                 if rx.is_empty() {
                     flush(&mut out, &mut file).await;
@@ -175,7 +181,9 @@ async fn flush(
     file: &mut Option<tokio::io::BufWriter<tokio::fs::File>>,
 ) {
     if let Some(o) = out {
-        let _ = o.flush().await;
+        if let Err(e) = o.flush().await {
+            tracing::error!(cause = %e, "cannot flush audit events to stdout");
+        }
     }
     if let Some(f) = file {
         if let Err(e) = f.flush().await {
