@@ -26,16 +26,7 @@ fn closed_with(err: &quinn::ConnectionError, code: quinn::VarInt) -> bool {
 async fn bad_control_streams_close_only_their_connection() {
     let (logs, _guard) = capture_logs();
     let origin = echo_origin("web").await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let good = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", origin)],
-        vec![],
-    ))
-    .await;
-    good.registered(2).await;
+    let (edge, good) = app_tunnel(vec![http_origin("web", origin)]).await;
 
     // Wrong ALPN: the handshake itself fails.
     let ep = raw_quic_client(&edge, b"http/1.1");
@@ -156,36 +147,12 @@ async fn unknown_control_messages_after_registration_are_ignored() {
 async fn a_connection_that_grants_no_streams_is_skipped() {
     let (logs, _guard) = capture_logs();
     let origin = echo_origin("web").await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let good = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", origin)],
-        vec![],
-    ))
-    .await;
-    good.registered(2).await;
+    let (edge, good) = app_tunnel(vec![http_origin("web", origin)]).await;
 
     // A registered connection that never lets the edge open a request stream.
-    let mut ep = raw_quic_client(&edge, sluice::proto::ALPN);
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(0u32.into());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(edge.identity.chain[0].clone()).unwrap();
-    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls.alpn_protocols = vec![sluice::proto::ALPN.to_vec()];
-    let mut client = quinn::ClientConfig::new(std::sync::Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap(),
-    ));
-    client.transport_config(std::sync::Arc::new(transport));
-    ep.set_default_client_config(client);
+    let ep = raw_quic_client_with(&edge, sluice::proto::ALPN, transport);
     let conn = ep.connect(edge.quic, "localhost").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let reg = sluice::proto::Control::Register(sluice::proto::Register {

@@ -104,16 +104,7 @@ async fn draining_connector_finishes_in_flight_and_gets_no_new_requests() {
 async fn edge_shutdown_lets_in_flight_requests_finish() {
     let (tx, mut started) = mpsc::unbounded_channel();
     let o = named_origin("o", Duration::from_millis(800), tx).await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("o", o)],
-        vec![],
-    ))
-    .await;
-    conn.registered(1).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("o", o)]).await;
 
     let http = edge.http;
     let slow = tokio::spawn(async move { get(http, "app.test", "/slow").await });

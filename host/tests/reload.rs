@@ -102,16 +102,7 @@ async fn connector_reload_swaps_origins_under_load() {
 async fn edge_reload_changes_hostnames_and_revokes_changed_tokens() {
     let (logs, _guard) = capture_logs();
     let origin = named("web", None).await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(2).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("web", origin)]).await;
     let reloader = edge.reloader.clone().unwrap();
     assert_eq!(get(edge.http, "new.test", "/").await.status, 404);
 

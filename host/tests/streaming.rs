@@ -97,16 +97,7 @@ async fn transfer_origin() -> std::net::SocketAddr {
 #[tokio::test]
 async fn large_upload_and_download_arrive_byte_exact() {
     let origin = transfer_origin().await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("o", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(1).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
     let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -163,16 +154,7 @@ async fn large_upload_and_download_arrive_byte_exact() {
 #[tokio::test]
 async fn origin_failure_mid_body_is_not_a_clean_end() {
     let origin = transfer_origin().await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("o", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(1).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
     let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
@@ -221,16 +203,7 @@ async fn websocket_frames_flow_both_ways() {
             });
         }
     });
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("ws", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(1).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("ws", origin)]).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
     let (mut ws, resp) = tokio::time::timeout(
@@ -297,16 +270,7 @@ async fn client_leaving_mid_download_stops_the_origin_body() {
         }
     })
     .await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("o", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(1).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
 
     let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
     let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))

@@ -63,16 +63,7 @@ async fn unknown_host_is_404_and_offline_tunnel_is_502() {
 #[tokio::test]
 async fn client_cannot_forge_request_id_or_forwarded_for() {
     let origin = echo_origin("web").await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(1).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("web", origin)]).await;
     let req = Request::get("/")
         .header("host", "app.test")
         .header("sluice-request-id", "forged")
@@ -135,16 +126,7 @@ async fn trusted_front_proxy_keeps_forwarded_for() {
 #[tokio::test]
 async fn hop_by_hop_headers_are_stripped() {
     let origin = echo_origin("web").await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(1).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("web", origin)]).await;
     let req = Request::get("/")
         .header("host", "app.test")
         .header("connection", "x-hop")
@@ -444,16 +426,7 @@ async fn client_abort_cancels_the_origin_request() {
         }
         let _ = closed_tx.send(());
     });
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("o", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(1).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
 
     let mut client = tokio::net::TcpStream::connect(edge.http).await.unwrap();
     client
@@ -758,16 +731,7 @@ async fn client_and_origin_sockets_use_tcp_nodelay() {
         tokio::time::sleep(Duration::from_secs(30)).await;
         drop(s);
     });
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("o", origin_addr)],
-        vec![],
-    ))
-    .await;
-    conn.registered(1).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("o", origin_addr)]).await;
 
     let mut client = tokio::net::TcpStream::connect(edge.http).await.unwrap();
     client

@@ -243,6 +243,16 @@ pub async fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
     }
 }
 
+/// An edge serving tunnel `app` (token `t`) on `app.test`, and a connector of it sending every
+/// request to the first of `origins`, with all its connections registered.
+pub async fn app_tunnel(origins: Vec<OriginConfig>) -> (EdgeHandle, ConnectorHandle) {
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let conn = start_connector(connector_config(&edge, "app", "t", origins, vec![])).await;
+    conn.registered(sluice::config::DEFAULT_HA_CONNECTIONS as usize)
+        .await;
+    (edge, conn)
+}
+
 pub fn rule(host: Option<&str>, path: Option<&str>, origin: &str) -> IngressRuleConfig {
     IngressRuleConfig {
         hostname: host.map(|h| HostPattern::try_from(h).unwrap()),
@@ -369,6 +379,15 @@ pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Reply {
 
 /// A bare QUIC client trusting the edge's certificate, offering ALPN `alpn`.
 pub fn raw_quic_client(edge: &EdgeHandle, alpn: &[u8]) -> quinn::Endpoint {
+    raw_quic_client_with(edge, alpn, quinn::TransportConfig::default())
+}
+
+/// Like [`raw_quic_client`], with its own transport settings.
+pub fn raw_quic_client_with(
+    edge: &EdgeHandle,
+    alpn: &[u8],
+    transport: quinn::TransportConfig,
+) -> quinn::Endpoint {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(edge.identity.chain[0].clone()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -379,8 +398,10 @@ pub fn raw_quic_client(edge: &EdgeHandle, alpn: &[u8]) -> quinn::Endpoint {
         .with_no_client_auth();
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    client.transport_config(Arc::new(transport));
     let mut ep = quinn::Endpoint::client(loopback()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    ep.set_default_client_config(client);
     ep
 }
 
