@@ -109,12 +109,12 @@ async fn main() {
         let p = load(&rt, "reuse", config, Isolation::Reuse, &metrics).await;
         let mut none = None;
         for _ in 0..1000 {
-            p.on_request(&mut none, &view).await.result.unwrap();
+            p.on_request(&mut none, view.clone()).await.result.unwrap();
         }
         let mut samples = Vec::with_capacity(iters);
         for _ in 0..iters {
             let t = Instant::now();
-            p.on_request(&mut none, &view).await.result.unwrap();
+            p.on_request(&mut none, view.clone()).await.result.unwrap();
             samples.push(t.elapsed());
         }
         report(label, samples);
@@ -133,14 +133,14 @@ async fn main() {
         .await;
         for _ in 0..200 {
             let mut held = None;
-            p.on_request(&mut held, &view).await.result.unwrap();
+            p.on_request(&mut held, view.clone()).await.result.unwrap();
         }
         let n = (iters / 4).max(100);
         let mut samples = Vec::with_capacity(n);
         for _ in 0..n {
             let t = Instant::now();
             let mut held = None;
-            p.on_request(&mut held, &view).await.result.unwrap();
+            p.on_request(&mut held, view.clone()).await.result.unwrap();
             drop(held);
             samples.push(t.elapsed());
         }
@@ -167,7 +167,7 @@ async fn main() {
         for i in 0..iters + 1000 {
             let t = Instant::now();
             for p in &chain {
-                p.on_request(&mut none, &view).await.result.unwrap();
+                p.on_request(&mut none, view.clone()).await.result.unwrap();
             }
             if i >= 1000 {
                 samples.push(t.elapsed());

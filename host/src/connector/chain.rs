@@ -127,7 +127,7 @@ impl ChainRun<'_> {
                 continue;
             }
             let view = self.view_for(&plugin);
-            let called = plugin.on_request(&mut self.held[pos], &view).await;
+            let called = plugin.on_request(&mut self.held[pos], view).await;
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             let result = called
                 .result
@@ -212,7 +212,7 @@ impl ChainRun<'_> {
                 status: status.as_u16(),
                 headers: visible,
             };
-            let called = plugin.on_response(&mut self.held[pos], &view, resp).await;
+            let called = plugin.on_response(&mut self.held[pos], view, resp).await;
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             let result = called.result.and_then(|d| {
                 decision::apply_edits(headers, &d.headers).map_err(|e| {
@@ -238,7 +238,7 @@ impl ChainRun<'_> {
             }
             let view = self.view_for(&plugin);
             let called = plugin
-                .on_complete(&mut self.held[pos], &view, info.clone())
+                .on_complete(&mut self.held[pos], view, info.clone())
                 .await;
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             if let Err(error) = called.result {

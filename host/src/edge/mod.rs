@@ -240,6 +240,25 @@ impl Edge {
     }
 }
 
+/// Drives a client connection to its end; on shutdown, lets it finish the request in flight
+/// (HTTP/1.1: no more keep-alive; HTTP/2: GOAWAY). A macro because hyper's HTTP/1 and
+/// auto-protocol connections share `graceful_shutdown` by name only, not through a trait.
+macro_rules! serve_gracefully {
+    ($conn:ident, $shutdown:ident) => {{
+        tokio::pin!($conn);
+        let result = tokio::select! {
+            r = $conn.as_mut() => r,
+            _ = $shutdown.cancelled() => {
+                $conn.as_mut().graceful_shutdown();
+                $conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(cause = %e, "client connection ended with an error");
+        }
+    }};
+}
+
 /// Accepts client connections on one listener until shutdown.
 async fn serve_clients(
     listener: TcpListener,
@@ -286,17 +305,7 @@ async fn serve_clients(
                             .max_buf_size(max_buf)
                             .serve_connection(TokioIo::new(tcp), svc)
                             .with_upgrades();
-                        tokio::pin!(conn);
-                        let result = tokio::select! {
-                            r = conn.as_mut() => r,
-                            _ = shutdown.cancelled() => {
-                                conn.as_mut().graceful_shutdown();
-                                conn.await
-                            }
-                        };
-                        if let Err(e) = result {
-                            tracing::debug!(cause = %e, "client connection ended with an error");
-                        }
+                        serve_gracefully!(conn, shutdown);
                     }
                     Some(acceptor) => {
                         let stream = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
@@ -323,17 +332,7 @@ async fn serve_clients(
                             .keep_alive_timeout(std::time::Duration::from_secs(20))
                             .max_header_list_size(cfg.max_header_size.min(u32::MAX as usize) as u32);
                         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        tokio::pin!(conn);
-                        let result = tokio::select! {
-                            r = conn.as_mut() => r,
-                            _ = shutdown.cancelled() => {
-                                conn.as_mut().graceful_shutdown();
-                                conn.await
-                            }
-                        };
-                        if let Err(e) = result {
-                            tracing::debug!(cause = %e, "client connection ended with an error");
-                        }
+                        serve_gracefully!(conn, shutdown);
                     }
                 }
             }

@@ -288,7 +288,7 @@ impl Plugin {
     pub async fn on_request(
         &self,
         held: &mut Option<Slot>,
-        view: &RequestView,
+        view: RequestView,
     ) -> Called<RequestDecision> {
         self.call(held, "on-request", view, |slot, req| {
             Box::pin(async move {
@@ -303,7 +303,7 @@ impl Plugin {
     pub async fn on_response(
         &self,
         held: &mut Option<Slot>,
-        view: &RequestView,
+        view: RequestView,
         resp: Response,
     ) -> Called<ResponseDecision> {
         self.call(held, "on-response", view, move |slot, req| {
@@ -319,7 +319,7 @@ impl Plugin {
     pub async fn on_complete(
         &self,
         held: &mut Option<Slot>,
-        view: &RequestView,
+        view: RequestView,
         info: Completion,
     ) -> Called<()> {
         self.call(held, "on-complete", view, move |slot, req| {
@@ -338,7 +338,7 @@ impl Plugin {
         &self,
         held: &mut Option<Slot>,
         hook: &'static str,
-        view: &RequestView,
+        view: RequestView,
         f: F,
     ) -> Called<T>
     where
@@ -360,7 +360,7 @@ impl Plugin {
                 };
             }
         };
-        let outcome = match slot.store.data_mut().table.push(view.clone()) {
+        let outcome = match slot.store.data_mut().table.push(view) {
             Ok(own) => {
                 let borrow = Resource::new_borrow(own.rep());
                 slot.store.data_mut().limiter.denied = false;

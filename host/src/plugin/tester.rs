@@ -119,7 +119,7 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
     let mut status = t.status;
     let mut origin = Some("origin".to_string());
     if req_hook {
-        let called = plugin.on_request(&mut held, &view).await;
+        let called = plugin.on_request(&mut held, view.clone()).await;
         report(&mut out, "on-request", &called);
         if let Ok(d) = &called.result {
             describe_request(&mut out, d);
@@ -137,7 +137,7 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
                 .map(|(name, value)| super::bindings::sluice::plugin::types::Header { name, value })
                 .collect(),
         };
-        let called = plugin.on_response(&mut held, &view, resp).await;
+        let called = plugin.on_response(&mut held, view.clone(), resp).await;
         report(&mut out, &format!("on-response (status {status})"), &called);
         if let Ok(d) = &called.result {
             for e in &d.headers {
@@ -154,7 +154,7 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
             bytes_out: 42,
             error: None,
         };
-        let called = plugin.on_complete(&mut held, &view, info).await;
+        let called = plugin.on_complete(&mut held, view, info).await;
         report(&mut out, &format!("on-complete (status {status})"), &called);
     }
     Ok(out.join("\n") + "\n")
