@@ -22,19 +22,12 @@ async fn tunnel_with(
     extra_origins: &[&'static str],
     tweak: impl FnOnce(&mut ConnectorConfig),
 ) -> (EdgeHandle, ConnectorHandle) {
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let mut origins = vec![http_origin("web", echo_origin("web").await)];
-    for name in extra_origins {
-        origins.push(http_origin(name, echo_origin(name).await));
-    }
-    let mut r = rule(None, None, "web");
-    r.plugins = plugins.iter().map(|p| p.name.clone()).collect();
-    let mut cfg = connector_config(&edge, "app", "t", origins, vec![r]);
-    cfg.plugins = plugins;
-    tweak(&mut cfg);
-    let conn = start_connector(cfg).await;
-    conn.registered(1).await;
-    (edge, conn)
+    let names: Vec<String> = plugins.iter().map(|p| p.name.clone()).collect();
+    let chain: Vec<&str> = names.iter().map(String::as_str).collect();
+    let origins: Vec<&'static str> = std::iter::once("web")
+        .chain(extra_origins.iter().copied())
+        .collect();
+    plugin_tunnel(plugins, &chain, &origins, tweak).await
 }
 
 #[tokio::test]

@@ -30,23 +30,7 @@ async fn tunnel_with(
     chain: &[&str],
     tweak: impl FnOnce(&mut ConnectorConfig),
 ) -> (EdgeHandle, ConnectorHandle) {
-    let web = echo_origin("web").await;
-    let other = echo_origin("other").await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let mut rule = rule(None, None, "web");
-    rule.plugins = chain.iter().map(|s| s.to_string()).collect();
-    let mut cfg = connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", web), http_origin("other", other)],
-        vec![rule],
-    );
-    cfg.plugins = plugins;
-    tweak(&mut cfg);
-    let conn = start_connector(cfg).await;
-    conn.registered(1).await;
-    (edge, conn)
+    plugin_tunnel(plugins, chain, &["web", "other"], tweak).await
 }
 
 #[tokio::test]

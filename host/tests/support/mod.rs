@@ -253,6 +253,29 @@ pub async fn app_tunnel(origins: Vec<OriginConfig>) -> (EdgeHandle, ConnectorHan
     (edge, conn)
 }
 
+/// An edge serving tunnel `app` on `app.test`, echo origins named `origins` (the first takes
+/// the catch-all rule), and a connector running `plugins` with `chain` on that rule.
+pub async fn plugin_tunnel(
+    plugins: Vec<sluice::config::PluginConfig>,
+    chain: &[&str],
+    origins: &[&'static str],
+    tweak: impl FnOnce(&mut ConnectorConfig),
+) -> (EdgeHandle, ConnectorHandle) {
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let mut configs = Vec::new();
+    for name in origins {
+        configs.push(http_origin(name, echo_origin(name).await));
+    }
+    let mut catch_all = rule(None, None, origins[0]);
+    catch_all.plugins = chain.iter().map(|s| s.to_string()).collect();
+    let mut cfg = connector_config(&edge, "app", "t", configs, vec![catch_all]);
+    cfg.plugins = plugins;
+    tweak(&mut cfg);
+    let conn = start_connector(cfg).await;
+    conn.registered(1).await;
+    (edge, conn)
+}
+
 pub fn rule(host: Option<&str>, path: Option<&str>, origin: &str) -> IngressRuleConfig {
     IngressRuleConfig {
         hostname: host.map(|h| HostPattern::try_from(h).unwrap()),
