@@ -150,11 +150,7 @@ impl ChainRun<'_> {
         origin_exists: &impl Fn(&str) -> bool,
         edits: &mut RequestEdits,
     ) -> Result<bool, PluginError> {
-        let invalid = |e: String| {
-            let err = PluginError::InvalidDecision(e);
-            plugin.count_error(&err);
-            err
-        };
+        let invalid = |e: String| plugin.refuse(e);
         let target = d
             .path
             .as_deref()
@@ -215,11 +211,7 @@ impl ChainRun<'_> {
             let called = plugin.on_response(&mut self.held[pos], view, resp).await;
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             let result = called.result.and_then(|d| {
-                decision::apply_edits(headers, &d.headers).map_err(|e| {
-                    let err = PluginError::InvalidDecision(e);
-                    plugin.count_error(&err);
-                    err
-                })
+                decision::apply_edits(headers, &d.headers).map_err(|e| plugin.refuse(e))
             });
             if let Err(error) = result {
                 self.failed(&plugin, error)?;

@@ -421,6 +421,13 @@ impl Plugin {
         Called { result, events }
     }
 
+    /// Refuses a decision of this plugin: counted in `/metrics` like any other failure.
+    pub fn refuse(&self, reason: String) -> PluginError {
+        let err = PluginError::InvalidDecision(reason);
+        self.count_error(&err);
+        err
+    }
+
     /// Counts a failure in `/metrics`.
     pub fn count_error(&self, e: &PluginError) {
         self.metrics
