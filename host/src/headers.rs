@@ -19,6 +19,8 @@ pub const HOP_BY_HOP: &[&str] = &[
     "trailer",
     "transfer-encoding",
     "upgrade",
+    // Connection-specific by definition (RFC 9113 §3.2.1), even when `Connection` omits it.
+    "http2-settings",
 ];
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
@@ -46,22 +48,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The protocol a request asks to upgrade to (HTTP/1.1 `Connection: upgrade` + `Upgrade`).
-pub fn requested_upgrade(headers: &HeaderMap) -> Option<String> {
+/// The protocol a request asks to upgrade to (HTTP/1.1 `Connection: upgrade` + `Upgrade`),
+/// lowercase, if it is one of `allowed`. A list of several protocols, or several `Upgrade`
+/// fields, is not an upgrade the edge relays.
+pub fn requested_upgrade(headers: &HeaderMap, allowed: &[String]) -> Option<String> {
     let wants = headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if !wants {
+    let mut values = headers.get_all(http::header::UPGRADE).iter();
+    let (Some(value), None, true) = (values.next(), values.next(), wants) else {
         return None;
-    }
-    headers
-        .get(http::header::UPGRADE)?
-        .to_str()
-        .ok()
-        .map(|s| s.trim().to_string())
+    };
+    let proto = value.to_str().ok()?.trim().to_ascii_lowercase();
+    allowed.contains(&proto).then_some(proto)
 }
 
 /// Headers as sent on the wire: lowercase names, repeated headers kept in order.
@@ -119,13 +121,24 @@ mod tests {
     #[test]
     fn upgrade_detection() {
         let mut h = HeaderMap::new();
-        h.insert("upgrade", HeaderValue::from_static("websocket"));
-        assert_eq!(requested_upgrade(&h), None);
+        let allowed = ["websocket".to_string()];
+        h.insert("upgrade", HeaderValue::from_static("WebSocket"));
+        assert_eq!(requested_upgrade(&h, &allowed), None);
         h.insert(
             "connection",
             HeaderValue::from_static("keep-alive, Upgrade"),
         );
-        assert_eq!(requested_upgrade(&h).as_deref(), Some("websocket"));
+        assert_eq!(
+            requested_upgrade(&h, &allowed).as_deref(),
+            Some("websocket")
+        );
+        h.insert("upgrade", HeaderValue::from_static("h2c"));
+        assert_eq!(requested_upgrade(&h, &allowed), None);
+        h.insert("upgrade", HeaderValue::from_static("websocket, h2c"));
+        assert_eq!(requested_upgrade(&h, &allowed), None);
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.append("upgrade", HeaderValue::from_static("h2c"));
+        assert_eq!(requested_upgrade(&h, &allowed), None);
     }
 
     #[test]

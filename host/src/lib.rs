@@ -7,6 +7,7 @@
 //! # Layout
 //! - [`admin`]: `/live`, `/ready` and `/metrics` on an admin listener.
 //! - [`audit`]: audit events and their sinks.
+//! - [`authority`]: the validator of `Host` and `:authority`.
 //! - [`plugin`]: the Wasm plugin runtime, hooks and decisions.
 //! - [`proto`]: the wire protocol between connector and edge, sans-IO.
 //! - [`config`]: TOML configuration of both roles, validated with precise errors.
@@ -22,6 +23,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod authority;
 pub mod config;
 pub mod connector;
 pub mod demo;

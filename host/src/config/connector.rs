@@ -9,6 +9,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{read_certs, AuditConfig, ConfigError, Duration, HostPattern, PluginConfig, Source};
+use crate::ingress::{Ambiguous, PathPolicy};
 use crate::secret::Secret;
 
 /// Default number of connections to each edge.
@@ -57,6 +58,8 @@ pub struct ConnectorConfig {
     pub global_plugins: Vec<String>,
     /// Audit sinks.
     pub audit: AuditConfig,
+    /// How request paths are normalised before matching and proxying.
+    pub paths: PathPolicy,
 }
 
 /// Default `max-concurrent-requests` of the connector.
@@ -213,6 +216,7 @@ impl ConnectorConfig {
             plugins: Vec::new(),
             global_plugins: Vec::new(),
             audit: AuditConfig::default(),
+            paths: PathPolicy::default(),
         }
     }
 
@@ -421,6 +425,7 @@ impl ConnectorConfig {
             plugins,
             global_plugins: file.plugins,
             audit,
+            paths: file.paths.map(PathsFile::policy).unwrap_or_default(),
         })
     }
 }
@@ -477,6 +482,36 @@ struct ConnectorFile {
     origin: Vec<Spanned<OriginFile>>,
     #[serde(default)]
     ingress: Vec<Spanned<IngressFile>>,
+    paths: Option<PathsFile>,
+}
+
+/// `[paths]`: the path policy.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PathsFile {
+    ambiguous: Option<AmbiguousFile>,
+    merge_slashes: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum AmbiguousFile {
+    Reject,
+    Normalize,
+}
+
+impl PathsFile {
+    fn policy(self) -> PathPolicy {
+        let default = PathPolicy::default();
+        PathPolicy {
+            ambiguous: match self.ambiguous {
+                None => default.ambiguous,
+                Some(AmbiguousFile::Reject) => Ambiguous::Reject,
+                Some(AmbiguousFile::Normalize) => Ambiguous::Normalize,
+            },
+            merge_slashes: self.merge_slashes.unwrap_or(default.merge_slashes),
+        }
+    }
 }
 
 impl ConnectorFile {

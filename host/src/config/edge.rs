@@ -39,6 +39,9 @@ pub struct EdgeConfig {
     pub admin_listen: Option<SocketAddr>,
     /// One info line per request on the `sluice::access` target.
     pub access_log: bool,
+    /// `Upgrade` protocols relayed to connectors (lowercase); others are dropped from the
+    /// request, which then goes on as a plain request.
+    pub allowed_upgrades: Vec<String>,
 }
 
 /// The HTTPS listener.
@@ -90,6 +93,7 @@ impl EdgeConfig {
             grace_period: super::connector::DEFAULT_GRACE_PERIOD,
             admin_listen: None,
             access_log: true,
+            allowed_upgrades: default_upgrades(),
         }
     }
 
@@ -199,8 +203,18 @@ impl EdgeConfig {
                 .map_or(super::connector::DEFAULT_GRACE_PERIOD, |d| d.0),
             admin_listen: file.admin.map(|a| a.listen),
             access_log: file.access_log.unwrap_or(true),
+            allowed_upgrades: match file.allowed_upgrades {
+                Some(list) => list.iter().map(|p| p.to_ascii_lowercase()).collect(),
+                None => default_upgrades(),
+            },
         })
     }
+}
+
+/// Only WebSocket upgrades are relayed unless the operator lists others: an upgrade hands the
+/// client a raw connection to the origin that no rule or plugin sees past its first request.
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".to_string()]
 }
 
 #[derive(Deserialize)]
@@ -212,12 +226,47 @@ struct EdgeFile {
     trust_forwarded_for: Option<bool>,
     grace_period: Option<Duration>,
     access_log: Option<bool>,
+    allowed_upgrades: Option<Vec<UpgradeToken>>,
     admin: Option<super::AdminFile>,
     http: Option<HttpFile>,
     https: Option<HttpsFile>,
     connectors: ConnectorsFile,
     #[serde(default)]
     tunnel: Vec<Spanned<TunnelFile>>,
+}
+
+/// An `Upgrade` protocol name: an HTTP token, optionally with `/version`.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct UpgradeToken(String);
+
+impl UpgradeToken {
+    fn to_ascii_lowercase(&self) -> String {
+        self.0.to_ascii_lowercase()
+    }
+}
+
+impl TryFrom<String> for UpgradeToken {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        let ok = match s.split_once('/') {
+            Some((name, version)) => token(name) && token(version),
+            None => token(&s),
+        };
+        if ok {
+            Ok(UpgradeToken(s))
+        } else {
+            Err(format!(
+                "invalid upgrade protocol {s:?}: expected a token such as \"websocket\""
+            ))
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, UPGRADE};
+use http::header::{
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn, Instrument};
@@ -29,12 +31,13 @@ use crate::admin::Metrics;
 use crate::audit::Audit;
 use crate::config::{normalize_host, ConnectorConfig};
 use crate::headers::{from_wire, strip_hop_by_hop, to_wire, REQUEST_ID};
-use crate::ingress::{normalize_target, Ingress};
+use crate::ingress::{normalize_target, Ingress, PathPolicy};
 use crate::origin::{OriginError, Origins};
 use crate::plugin::bindings::sluice::plugin::types::Completion;
 use crate::plugin::{LoadError, Plugin, RequestView, Runtime};
 use crate::proto::{
-    self, io::read_frame, io::write_frame, RequestHead, ResponseHead, ResponseSource,
+    self, io::read_frame, io::write_frame, io::FrameIoError, RequestHead, ResponseHead,
+    ResponseSource,
 };
 use crate::relay::{self, PumpError};
 use crate::tls::TlsError;
@@ -51,6 +54,7 @@ pub struct Pipeline {
     chains: Chains,
     audit_context: AuditContext,
     access_log: bool,
+    paths: PathPolicy,
 }
 
 /// Why a pipeline could not be built.
@@ -144,6 +148,7 @@ impl Pipeline {
                 tunnel: config.tunnel.clone(),
             },
             access_log: config.access_log,
+            paths: config.paths,
         })
     }
 
@@ -272,8 +277,8 @@ impl Pipeline {
         bytes_in: &Arc<AtomicU64>,
         run: &mut Option<ChainRun<'a>>,
     ) -> Result<Outcome, Failure> {
-        let (path, mut target) =
-            normalize_target(&head.path).map_err(|e| Failure::bad_request(e.to_string()))?;
+        let (path, mut target) = normalize_target(&head.path, &self.paths)
+            .map_err(|e| Failure::bad_request(e.to_string()))?;
         let Some(m) = self.ingress.find(host, &path) else {
             // Validation guarantees a catch-all; answer sensibly anyway.
             return Err(Failure::Answer {
@@ -292,6 +297,7 @@ impl Pipeline {
         }
         strip_hop_by_hop(&mut headers);
         headers.remove(HOST);
+        let framing = Framing::of(head, &headers)?;
         let mut origin_name = m.rule.origin.clone();
 
         // On-request: the rule's plugin chain (global chain first) may edit headers, rewrite
@@ -336,39 +342,8 @@ impl Pipeline {
                 origin_failure: false,
             });
         };
-
-        // A Host set by a plugin wins; otherwise the origin's `host-header` or the client's.
-        if !headers.contains_key(HOST) {
-            let host_value = origin
-                .config()
-                .host_header
-                .clone()
-                .unwrap_or_else(|| head.authority.clone());
-            let host_header = HeaderValue::from_str(&host_value)
-                .map_err(|_| Failure::bad_request("invalid host".into()))?;
-            headers.insert(HOST, host_header);
-        }
-        if origin.config().host_header.is_some() {
-            if let Ok(v) = HeaderValue::from_str(&head.authority) {
-                headers.insert("x-forwarded-host", v);
-            }
-        }
-        if let Ok(v) = HeaderValue::from_str(&head.request_id) {
-            headers.insert(REQUEST_ID, v);
-        }
-
-        // An upgrade keeps the QUIC receive half for the raw bytes after 101.
-        let (body, mut upgrade_recv) = match &head.upgrade {
-            Some(proto_name) => {
-                headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-                if let Ok(v) = HeaderValue::from_str(proto_name) {
-                    headers.insert(UPGRADE, v);
-                }
-                (relay::empty(), Some(recv))
-            }
-            None if head.empty_body => (relay::empty(), None),
-            None => (relay::recv_body_counted(recv, bytes_in.clone()), None),
-        };
+        set_origin_headers(&mut headers, head, origin.config())?;
+        let (body, upgrade_recv) = framing.apply(&mut headers, recv, bytes_in);
         let mut req = Request::new(body);
         *req.method_mut() = method;
         *req.uri_mut() = target
@@ -383,18 +358,37 @@ impl Pipeline {
             r = origin.send(req) => r,
             _ = stopped => return Err(Failure::Cancelled { origin: origin_name }),
         };
-        let mut resp = match result {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(origin = %origin_name, kind = e.kind(), cause = %e, "origin request failed");
-                return Err(Failure::origin(e, origin_name));
-            }
-        };
+        let resp = result.map_err(|e| {
+            warn!(origin = %origin_name, kind = e.kind(), cause = %e, "origin request failed");
+            Failure::origin(e, origin_name.clone())
+        })?;
+        let upgrade = head.upgrade.as_deref().zip(upgrade_recv);
+        self.relay_response(resp, upgrade, origin_name, send, bytes_in, run)
+            .await
+    }
 
-        // On-response: the chain in reverse, on the response head.
+    /// Runs the response chain on the origin's head, sends it to the edge, then streams the
+    /// body (or, after a 101, the upgraded connection both ways).
+    async fn relay_response(
+        &self,
+        mut resp: http::Response<relay::HttpBody>,
+        upgrade: Option<(&str, quinn::RecvStream)>,
+        origin_name: String,
+        send: &mut quinn::SendStream,
+        bytes_in: &Arc<AtomicU64>,
+        run: &mut Option<ChainRun<'_>>,
+    ) -> Result<Outcome, Failure> {
         let status = resp.status();
-        let on_upgrade = (status == StatusCode::SWITCHING_PROTOCOLS && upgrade_recv.is_some())
-            .then(|| hyper::upgrade::on(&mut resp));
+        let (upgrade, declined) = match upgrade {
+            Some((name, recv)) if status == StatusCode::SWITCHING_PROTOCOLS => {
+                (Some((name, recv, hyper::upgrade::on(&mut resp))), None)
+            }
+            other => (None, other),
+        };
+        if let Some((_, mut r)) = declined {
+            // Upgrade declined by the origin: no raw bytes will follow.
+            let _ = r.stop(proto::code::STREAM_CANCELLED);
+        }
         let mut resp_headers = resp.headers().clone();
         strip_hop_by_hop(&mut resp_headers);
         if let Some(chain) = run.as_mut().filter(|c| !c.is_empty()) {
@@ -403,11 +397,9 @@ impl Pipeline {
                 .await
                 .map_err(Failure::plugin)?;
         }
-        if on_upgrade.is_some() {
-            if let Some(p) = &head.upgrade {
-                if let Ok(v) = HeaderValue::from_str(p) {
-                    resp_headers.insert(UPGRADE, v);
-                }
+        if let Some((name, _, _)) = &upgrade {
+            if let Ok(v) = HeaderValue::from_str(name) {
+                resp_headers.insert(UPGRADE, v);
             }
         }
         let resp_head = ResponseHead {
@@ -415,12 +407,7 @@ impl Pipeline {
             headers: to_wire(&resp_headers),
             source: ResponseSource::Origin,
         };
-        if let Err(e) = write_frame(send, &resp_head).await {
-            debug!(cause = %e, "could not send the response head to the edge");
-            return Err(Failure::Cancelled {
-                origin: origin_name,
-            });
-        }
+        send_response_head(send, &resp_head, &origin_name).await?;
 
         let mut outcome = Outcome {
             status: status.as_u16(),
@@ -429,30 +416,24 @@ impl Pipeline {
             bytes_out: 0,
             error: None,
         };
-        if let (Some(on_upgrade), Some(recv)) = (on_upgrade, upgrade_recv.take()) {
-            match on_upgrade.await {
-                Ok(upgraded) => {
-                    match relay::splice(TokioIo::new(upgraded), &mut *send, recv).await {
-                        Ok((up, down)) => {
-                            bytes_in.fetch_add(up, Ordering::Relaxed);
-                            outcome.bytes_out = down;
-                        }
-                        Err(e) => {
-                            let _ = send.reset(proto::code::STREAM_ORIGIN_FAILED);
-                            outcome.error = Some(format!("upgraded connection failed: {e}"));
-                        }
-                    }
+        if let Some((_, recv, on_upgrade)) = upgrade {
+            let spliced = match on_upgrade.await {
+                Ok(upgraded) => relay::splice(TokioIo::new(upgraded), &mut *send, recv)
+                    .await
+                    .map_err(|e| format!("upgraded connection failed: {e}")),
+                Err(e) => Err(format!("origin upgrade failed: {e}")),
+            };
+            match spliced {
+                Ok((up, down)) => {
+                    bytes_in.fetch_add(up, Ordering::Relaxed);
+                    outcome.bytes_out = down;
                 }
                 Err(e) => {
                     let _ = send.reset(proto::code::STREAM_ORIGIN_FAILED);
-                    outcome.error = Some(format!("origin upgrade failed: {e}"));
+                    outcome.error = Some(e);
                 }
             }
             return Ok(outcome);
-        }
-        if let Some(mut r) = upgrade_recv {
-            // Upgrade declined by the origin: no raw bytes will follow.
-            let _ = r.stop(proto::code::STREAM_CANCELLED);
         }
 
         match relay::pump(resp.into_body(), send).await {
@@ -471,6 +452,136 @@ impl Pipeline {
             }
         }
         Ok(outcome)
+    }
+}
+
+/// Sends the origin's response head to the edge. A head too large for a frame is the
+/// origin's fault (a protocol error, answered 502); a stream that fails means the edge left.
+async fn send_response_head(
+    send: &mut quinn::SendStream,
+    head: &ResponseHead,
+    origin: &str,
+) -> Result<(), Failure> {
+    match write_frame(send, head).await {
+        Ok(()) => Ok(()),
+        Err(FrameIoError::Frame(e)) => {
+            warn!(%origin, cause = %e, "the origin's response head is too large to relay");
+            Err(Failure::origin(
+                OriginError::Protocol {
+                    origin: origin.to_string(),
+                    detail: format!("response head too large: {e}"),
+                },
+                origin.to_string(),
+            ))
+        }
+        Err(e) => {
+            debug!(cause = %e, "could not send the response head to the edge");
+            Err(Failure::Cancelled {
+                origin: origin.to_string(),
+            })
+        }
+    }
+}
+
+/// Host, `x-forwarded-host` and the request id as the origin gets them. A Host set by a
+/// plugin wins; otherwise the origin's `host-header` or the authority the edge validated.
+fn set_origin_headers(
+    headers: &mut http::HeaderMap,
+    head: &RequestHead,
+    origin: &crate::config::OriginConfig,
+) -> Result<(), Failure> {
+    if !headers.contains_key(HOST) {
+        let host_value = origin.host_header.as_deref().unwrap_or(&head.authority);
+        let host_header = HeaderValue::from_str(host_value)
+            .map_err(|_| Failure::bad_request("invalid host".into()))?;
+        headers.insert(HOST, host_header);
+    }
+    if origin.host_header.is_some() {
+        if let Ok(v) = HeaderValue::from_str(&head.authority) {
+            headers.insert("x-forwarded-host", v);
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&head.request_id) {
+        headers.insert(REQUEST_ID, v);
+    }
+    Ok(())
+}
+
+/// How the request body is framed towards the origin. Decided by the connector from what the
+/// edge established, never copied from client headers, so that the origin reads exactly the
+/// request the rules and plugins saw and not a byte more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Framing {
+    /// An upgrade to this protocol: no body; the stream carries the new protocol after a 101.
+    Upgrade(String),
+    /// No body; `Some(0)` keeps a client's `content-length: 0`.
+    Empty(Option<u64>),
+    /// A body of exactly this many bytes.
+    Length(u64),
+    /// A body of unknown length, sent chunked (whatever the method: a `GET` keeps its body).
+    Chunked,
+}
+
+impl Framing {
+    fn of(head: &RequestHead, headers: &http::HeaderMap) -> Result<Self, Failure> {
+        let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+        let length = match (lengths.next(), lengths.next()) {
+            (None, _) => None,
+            (Some(v), None) => Some(
+                std::str::from_utf8(v.as_bytes())
+                    .ok()
+                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .ok_or_else(|| Failure::bad_request("invalid content-length".into()))?,
+            ),
+            (Some(_), Some(_)) => {
+                return Err(Failure::bad_request(
+                    "several content-length headers".into(),
+                ))
+            }
+        };
+        Ok(match (&head.upgrade, head.empty_body, length) {
+            (Some(name), _, _) => Framing::Upgrade(name.clone()),
+            (None, true, Some(n)) if n > 0 => {
+                return Err(Failure::bad_request(
+                    "content-length on a request without a body".into(),
+                ))
+            }
+            (None, true, length) => Framing::Empty(length),
+            (None, false, Some(n)) => Framing::Length(n),
+            (None, false, None) => Framing::Chunked,
+        })
+    }
+
+    /// Sets the framing headers and builds the body; an upgrade keeps the receive half for
+    /// the raw bytes after 101.
+    fn apply(
+        self,
+        headers: &mut http::HeaderMap,
+        recv: quinn::RecvStream,
+        bytes_in: &Arc<AtomicU64>,
+    ) -> (relay::HttpBody, Option<quinn::RecvStream>) {
+        headers.remove(CONTENT_LENGTH);
+        headers.remove(TRANSFER_ENCODING);
+        let (name, value) = match self {
+            Framing::Upgrade(name) => {
+                headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                if let Ok(v) = HeaderValue::from_str(&name) {
+                    headers.insert(UPGRADE, v);
+                }
+                return (relay::empty(), Some(recv));
+            }
+            Framing::Empty(length) => {
+                if let Some(n) = length {
+                    headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
+                }
+                return (relay::empty(), None);
+            }
+            Framing::Length(n) => (CONTENT_LENGTH, HeaderValue::from(n)),
+            Framing::Chunked => (TRANSFER_ENCODING, HeaderValue::from_static("chunked")),
+        };
+        headers.insert(name, value);
+        (relay::recv_body_counted(recv, bytes_in.clone()), None)
     }
 }
 

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderValue, CONTENT_TYPE, COOKIE, HOST};
+use http::header::{
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -15,7 +17,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::registry::{Admitted, InFlight};
 use super::EdgeShared;
 use crate::admin::metrics::{InFlightGauge, KindLabels};
-use crate::config::normalize_host;
+use crate::authority::Authority;
 use crate::headers::{from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID};
 use crate::proto::{self, io::read_frame, RequestHead, ResponseHead};
 use crate::relay::{self, HttpBody};
@@ -32,37 +34,42 @@ pub(super) async fn handle(
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let host = req
-        .uri()
-        .host()
-        .map(str::to_string)
-        .or_else(|| {
-            req.headers()
-                .get(HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(normalize_host)
-        })
-        .unwrap_or_default();
-    let (resp, tunnel) = forward(req, &shared, client, scheme, &request_id)
+    let routed = forward(req, &shared, client, scheme, &request_id)
         .instrument(span.clone())
         .await;
     let elapsed = start.elapsed();
-    shared.metrics.observe(resp.status().as_u16(), elapsed);
+    shared
+        .metrics
+        .observe(routed.resp.status().as_u16(), elapsed);
     if shared.config.access_log {
         info!(
             target: "sluice::access",
             %method,
-            host = %host,
+            host = routed.host.as_deref().unwrap_or("-"),
             %path,
-            status = resp.status().as_u16(),
+            status = routed.resp.status().as_u16(),
             duration_ms = elapsed.as_millis() as u64,
-            tunnel = tunnel.as_deref().unwrap_or("-"),
+            tunnel = routed.tunnel.as_deref().unwrap_or("-"),
             request_id = %request_id,
             client = %client,
             "request"
         );
     }
-    Ok(resp)
+    Ok(routed.resp)
+}
+
+/// A response and how far the request got, for the access log.
+struct Routed {
+    resp: Response<HttpBody>,
+    host: Option<String>,
+    tunnel: Option<String>,
+}
+
+/// What the edge established about a request before routing it.
+struct Checked {
+    authority: Authority,
+    /// An allowed protocol the client asks to upgrade to.
+    upgrade: Option<String>,
 }
 
 async fn forward(
@@ -71,37 +78,48 @@ async fn forward(
     client: SocketAddr,
     scheme: &'static str,
     request_id: &str,
-) -> (Response<HttpBody>, Option<String>) {
+) -> Routed {
     let gauge = InFlightGauge::new(&shared.metrics.in_flight);
-    let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
-        req.headers()
-            .get(HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    });
-    let Some(authority) = authority else {
-        return (
-            plain(
-                StatusCode::BAD_REQUEST,
-                "sluice: the request has no Host header\n",
-                request_id,
-            ),
-            None,
-        );
+    let checked = match check(&req, &shared.config.allowed_upgrades) {
+        Ok(c) => c,
+        Err(reason) => {
+            debug!(%reason, "refused a malformed request");
+            return Routed {
+                resp: plain(
+                    StatusCode::BAD_REQUEST,
+                    &format!("sluice: {reason}\n"),
+                    request_id,
+                ),
+                host: None,
+                tunnel: None,
+            };
+        }
     };
-    let host = normalize_host(&authority);
+    let host = checked.authority.host().to_string();
     let Some(tunnel) = shared.registry.tunnel_for_host(&host) else {
-        return (
-            plain(
+        return Routed {
+            resp: plain(
                 StatusCode::NOT_FOUND,
                 &format!("sluice: no tunnel serves host {host}\n"),
                 request_id,
             ),
-            None,
-        );
+            host: Some(host),
+            tunnel: None,
+        };
     };
-    let admitted = match shared.registry.admit(&tunnel) {
-        Ok(a) => a,
+    let resp = match shared.registry.admit(&tunnel) {
+        Ok(admitted) => {
+            let request = Forwarded {
+                shared,
+                client,
+                scheme,
+                request_id,
+                tunnel: &tunnel,
+            };
+            request
+                .forward_admitted(req, checked, (gauge, admitted))
+                .await
+        }
         Err(limit) => {
             shared
                 .metrics
@@ -119,211 +137,298 @@ async fn forward(
             );
             resp.headers_mut()
                 .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return (resp, Some(tunnel));
+            resp
         }
     };
-    let resp = forward_admitted(
-        req,
-        shared,
-        client,
-        scheme,
-        request_id,
-        authority,
-        host,
-        &tunnel,
-        (gauge, admitted),
-    )
-    .await;
-    (resp, Some(tunnel))
+    Routed {
+        resp,
+        host: Some(host),
+        tunnel: Some(tunnel),
+    }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn forward_admitted(
-    mut req: Request<Incoming>,
-    shared: &EdgeShared,
-    client: SocketAddr,
-    scheme: &'static str,
-    request_id: &str,
-    authority: String,
-    host: String,
-    tunnel: &str,
-    guards: (InFlightGauge, Admitted),
-) -> Response<HttpBody> {
+/// Validates what routing and framing depend on: one Host that agrees with the request
+/// target's authority, and no body on an upgrade. The error is the reason given with a 400.
+fn check(req: &Request<Incoming>, allowed_upgrades: &[String]) -> Result<Checked, String> {
+    let authority = request_authority(req)?;
     let upgrade = if req.version() == Version::HTTP_11 {
-        requested_upgrade(req.headers())
+        requested_upgrade(req.headers(), allowed_upgrades)
     } else {
         None
     };
-    let on_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-    let version = req.version();
-    let (parts, body) = req.into_parts();
-    let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    headers.remove(HOST);
-    headers.remove(REQUEST_ID);
-    if version == Version::HTTP_2 {
-        join_cookies(&mut headers);
+    // The bytes after an upgrade request's head belong to the new protocol: a body as well
+    // would leave the origin to guess where the request ends.
+    if upgrade.is_some()
+        && (!req.body().is_end_stream() || req.headers().contains_key(TRANSFER_ENCODING))
+    {
+        return Err("an upgrade request cannot carry a body".into());
     }
-    set_forwarded(
-        &mut headers,
-        shared.config.trust_forwarded_for,
-        client,
-        scheme,
-        &authority,
-    );
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        headers.insert(REQUEST_ID, v);
+    Ok(Checked { authority, upgrade })
+}
+
+/// The authority a request is for: the request target's (HTTP/2 `:authority`, HTTP/1.1
+/// absolute-form) or else the one Host header. Both present and disagreeing is refused rather
+/// than resolved, so that no hop downstream can read the other one.
+fn request_authority(req: &Request<Incoming>) -> Result<Authority, String> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let (host, extra) = (hosts.next(), hosts.next());
+    if extra.is_some() {
+        return Err("the request has more than one Host header".into());
     }
-    let head = RequestHead {
-        request_id: request_id.to_string(),
-        method: parts.method.to_string(),
-        scheme: scheme.to_string(),
-        authority: authority.clone(),
-        path: parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string(),
-        headers: to_wire(&headers),
-        client_addr: Some(client.to_string()),
-        upgrade: upgrade.clone(),
-        empty_body: body.is_end_stream(),
-    };
-    let frame = match proto::encode(&head) {
-        Ok(f) => f,
-        Err(_) => {
+    let host = host
+        .map(|v| {
+            let text = v.to_str().map_err(|_| "the Host header is not ASCII")?;
+            Authority::parse(text).map_err(|e| format!("invalid Host header: {e}"))
+        })
+        .transpose()?;
+    let target = req
+        .uri()
+        .authority()
+        .map(|a| {
+            Authority::parse(a.as_str()).map_err(|e| format!("invalid request authority: {e}"))
+        })
+        .transpose()?;
+    match (target, host) {
+        (Some(t), Some(h)) if t != h => {
+            Err("the request target's authority and the Host header disagree".into())
+        }
+        (Some(a), _) | (None, Some(a)) => Ok(a),
+        (None, None) => Err("the request has no Host header".into()),
+    }
+}
+
+/// One admitted request on its way to a connector.
+struct Forwarded<'a> {
+    shared: &'a EdgeShared,
+    client: SocketAddr,
+    scheme: &'static str,
+    request_id: &'a str,
+    tunnel: &'a str,
+}
+
+impl Forwarded<'_> {
+    async fn forward_admitted(
+        &self,
+        mut req: Request<Incoming>,
+        checked: Checked,
+        guards: (InFlightGauge, Admitted),
+    ) -> Response<HttpBody> {
+        let request_id = self.request_id;
+        let on_upgrade = checked
+            .upgrade
+            .as_ref()
+            .map(|_| hyper::upgrade::on(&mut req));
+        let (parts, body) = req.into_parts();
+        let head = self.request_head(parts, &body, &checked);
+        let Ok(frame) = proto::encode(&head) else {
             return plain(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "sluice: the request head is too large\n",
                 request_id,
-            )
-        }
-    };
-
-    // Open a stream and send the head; a connection that fails before anything reached the
-    // connector is skipped and the next one tried.
-    let mut tried = Vec::new();
-    let (in_flight, mut send, mut recv) = loop {
-        let Some(in_flight) = shared.registry.pick(&tunnel, &tried) else {
-            warn!(tunnel = %tunnel, %host, "no live connection for the tunnel");
+            );
+        };
+        let Some((in_flight, send, mut recv)) = self.open_any(&frame).await else {
+            warn!(tunnel = %self.tunnel, "no live connection for the tunnel");
             return plain(
                 StatusCode::BAD_GATEWAY,
-                &format!("sluice: tunnel {tunnel} is offline (no connector is connected)\n"),
+                &format!(
+                    "sluice: tunnel {} is offline (no connector is connected)\n",
+                    self.tunnel
+                ),
                 request_id,
             );
         };
-        match open_stream(&in_flight, &frame).await {
-            Ok((send, recv)) => break (in_flight, send, recv),
-            Err(e) => {
-                debug!(tunnel = %tunnel, connection = in_flight.conn().id, cause = %e, "could not open a stream, trying another connection");
-                tried.push(in_flight.conn().id);
-            }
-        }
-    };
-    let connection = in_flight.conn().id;
+        let connection = in_flight.conn().id;
 
-    // Upload the body concurrently with waiting for the answer (an origin may answer early).
-    let mut held_send = None;
-    if upgrade.is_none() {
-        tokio::spawn(
-            async move {
-                match relay::pump(body, &mut send).await {
-                    Ok(_) => {
-                        let _ = send.finish();
-                    }
-                    Err(e) => {
-                        debug!(cause = %e, "request body upload stopped");
-                        let _ = send.reset(proto::code::STREAM_CANCELLED);
-                    }
+        // Upload the body concurrently with waiting for the answer (an origin may answer
+        // early); an upgrade keeps the send half for the bytes after 101.
+        let mut held_send = None;
+        if checked.upgrade.is_none() {
+            tokio::spawn(upload(body, send).in_current_span());
+        } else {
+            held_send = Some(send);
+        }
+
+        let (status, mut resp_headers) = match self.response_head(&mut recv, connection).await {
+            Ok(h) => h,
+            Err(resp) => {
+                if let Some(mut s) = held_send {
+                    let _ = s.reset(proto::code::STREAM_CANCELLED);
                 }
+                return resp;
             }
-            .in_current_span(),
-        );
-    } else {
-        held_send = Some(send);
+        };
+
+        if let (Some(proto_name), Some(on_upgrade), Some(mut send)) =
+            (&checked.upgrade, on_upgrade, held_send.take())
+        {
+            if status == StatusCode::SWITCHING_PROTOCOLS {
+                resp_headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+                if let Ok(v) = HeaderValue::from_str(proto_name) {
+                    resp_headers.insert(UPGRADE, v);
+                }
+                tokio::spawn(
+                    splice_upgraded(on_upgrade, send, recv, (in_flight, guards)).in_current_span(),
+                );
+                let mut resp = Response::new(relay::empty());
+                *resp.status_mut() = status;
+                *resp.headers_mut() = resp_headers;
+                return resp;
+            }
+            // The origin declined the upgrade: a normal response, and no more request bytes.
+            let _ = send.finish();
+        }
+
+        let body = relay::with_guard(relay::recv_body(recv), (in_flight, guards));
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.headers_mut() = resp_headers;
+        debug!(tunnel = %self.tunnel, connection, status = status.as_u16(), "response head relayed");
+        resp
     }
 
-    let resp_head: ResponseHead = match read_frame(&mut recv).await {
-        Ok(h) => h,
-        Err(e) => {
-            warn!(tunnel = %tunnel, connection, cause = %e, "the connector did not answer the request");
-            if let Some(mut s) = held_send {
-                let _ = s.reset(proto::code::STREAM_CANCELLED);
+    /// The head sent to the connector: end-to-end headers only, the edge's own
+    /// `x-forwarded-*` and request id, the canonical authority, and one `content-length`
+    /// exactly when the client framed its body by length.
+    fn request_head(
+        &self,
+        parts: http::request::Parts,
+        body: &Incoming,
+        checked: &Checked,
+    ) -> RequestHead {
+        let mut headers = parts.headers;
+        let declared_length = headers.contains_key(CONTENT_LENGTH);
+        strip_hop_by_hop(&mut headers);
+        headers.remove(HOST);
+        headers.remove(REQUEST_ID);
+        headers.remove(CONTENT_LENGTH);
+        if declared_length && checked.upgrade.is_none() {
+            // What hyper framed the body by (it refuses conflicting lengths), not the bytes
+            // the client wrote; without `content-length` the connector sends it chunked.
+            if let Some(n) = body.size_hint().exact() {
+                headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
             }
-            return plain(
+        }
+        if parts.version == Version::HTTP_2 {
+            join_cookies(&mut headers);
+        }
+        let authority = checked.authority.to_string();
+        set_forwarded(
+            &mut headers,
+            self.shared.config.trust_forwarded_for,
+            self.client,
+            self.scheme,
+            &authority,
+        );
+        if let Ok(v) = HeaderValue::from_str(self.request_id) {
+            headers.insert(REQUEST_ID, v);
+        }
+        RequestHead {
+            request_id: self.request_id.to_string(),
+            method: parts.method.to_string(),
+            scheme: self.scheme.to_string(),
+            authority,
+            path: parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
+            headers: to_wire(&headers),
+            client_addr: Some(self.client.to_string()),
+            upgrade: checked.upgrade.clone(),
+            empty_body: checked.upgrade.is_some() || body.is_end_stream(),
+        }
+    }
+
+    /// Opens a stream on a live connection of the tunnel and sends `frame`; a connection that
+    /// fails before anything reached the connector is skipped and the next one tried.
+    async fn open_any(
+        &self,
+        frame: &[u8],
+    ) -> Option<(InFlight, quinn::SendStream, quinn::RecvStream)> {
+        let mut tried = Vec::new();
+        loop {
+            let in_flight = self.shared.registry.pick(self.tunnel, &tried)?;
+            match open_stream(&in_flight, frame).await {
+                Ok((send, recv)) => return Some((in_flight, send, recv)),
+                Err(e) => {
+                    debug!(tunnel = %self.tunnel, connection = in_flight.conn().id, cause = %e, "could not open a stream, trying another connection");
+                    tried.push(in_flight.conn().id);
+                }
+            }
+        }
+    }
+
+    /// Reads the connector's response head; a missing or invalid one is answered with 502.
+    async fn response_head(
+        &self,
+        recv: &mut quinn::RecvStream,
+        connection: u64,
+    ) -> Result<(StatusCode, http::HeaderMap), Response<HttpBody>> {
+        let tunnel = self.tunnel;
+        let head: ResponseHead = read_frame(recv).await.map_err(|e| {
+            warn!(%tunnel, connection, cause = %e, "the connector did not answer the request");
+            plain(
                 StatusCode::BAD_GATEWAY,
                 "sluice: the connector did not answer\n",
-                request_id,
-            );
+                self.request_id,
+            )
+        })?;
+        let status = StatusCode::from_u16(head.status).map_err(|_| {
+            warn!(%tunnel, connection, status = head.status, "the connector sent an invalid status");
+            plain(
+                StatusCode::BAD_GATEWAY,
+                "sluice: the connector sent an invalid response\n",
+                self.request_id,
+            )
+        })?;
+        let (mut headers, invalid) = from_wire(&head.headers);
+        if invalid > 0 {
+            debug!(invalid, "dropped invalid response headers");
         }
-    };
-    let Ok(status) = StatusCode::from_u16(resp_head.status) else {
-        warn!(tunnel = %tunnel, connection, status = resp_head.status, "the connector sent an invalid status");
-        return plain(
-            StatusCode::BAD_GATEWAY,
-            "sluice: the connector sent an invalid response\n",
-            request_id,
-        );
-    };
-    let (mut resp_headers, invalid) = from_wire(&resp_head.headers);
-    if invalid > 0 {
-        debug!(invalid, "dropped invalid response headers");
+        strip_hop_by_hop(&mut headers);
+        if let Ok(v) = HeaderValue::from_str(self.request_id) {
+            headers.insert(REQUEST_ID, v);
+        }
+        debug!(source = ?head.source, "response head received");
+        Ok((status, headers))
     }
-    strip_hop_by_hop(&mut resp_headers);
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        resp_headers.insert(REQUEST_ID, v);
-    }
+}
 
-    if let (Some(proto_name), Some(on_upgrade), Some(send)) =
-        (&upgrade, on_upgrade, held_send.take())
-    {
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            resp_headers.insert(
-                http::header::CONNECTION,
-                HeaderValue::from_static("upgrade"),
-            );
-            if let Ok(v) = HeaderValue::from_str(proto_name) {
-                resp_headers.insert(http::header::UPGRADE, v);
+/// Streams the client's body to the connector; a body that fails resets the stream so that
+/// it never looks complete.
+async fn upload(body: Incoming, mut send: quinn::SendStream) {
+    match relay::pump(body, &mut send).await {
+        Ok(_) => {
+            let _ = send.finish();
+        }
+        Err(e) => {
+            debug!(cause = %e, "request body upload stopped");
+            let _ = send.reset(proto::code::STREAM_CANCELLED);
+        }
+    }
+}
+
+/// Relays an upgraded client connection over the stream until both directions end.
+async fn splice_upgraded<G>(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    _guards: G,
+) {
+    match on_upgrade.await {
+        Ok(upgraded) => match relay::splice(TokioIo::new(upgraded), &mut send, recv).await {
+            Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
+            Err(e) => {
+                debug!(cause = %e, "upgraded connection failed");
+                let _ = send.reset(proto::code::STREAM_CANCELLED);
             }
-            tokio::spawn(
-                async move {
-                    let _in_flight = (in_flight, guards);
-                    match on_upgrade.await {
-                        Ok(upgraded) => {
-                            let mut send = send;
-                            match relay::splice(TokioIo::new(upgraded), &mut send, recv).await {
-                                Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
-                                Err(e) => {
-                                    debug!(cause = %e, "upgraded connection failed");
-                                    let _ = send.reset(proto::code::STREAM_CANCELLED);
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            debug!(cause = %e, "client upgrade failed");
-                            let mut send = send;
-                            let _ = send.reset(proto::code::STREAM_CANCELLED);
-                        }
-                    }
-                }
-                .in_current_span(),
-            );
-            let mut resp = Response::new(relay::empty());
-            *resp.status_mut() = status;
-            *resp.headers_mut() = resp_headers;
-            return resp;
+        },
+        Err(e) => {
+            debug!(cause = %e, "client upgrade failed");
+            let _ = send.reset(proto::code::STREAM_CANCELLED);
         }
-        // The origin declined the upgrade: a normal response, and no more request bytes.
-        let mut send = send;
-        let _ = send.finish();
     }
-
-    let body = relay::with_guard(relay::recv_body(recv), (in_flight, guards));
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    *resp.headers_mut() = resp_headers;
-    debug!(tunnel = %tunnel, connection, source = ?resp_head.source, status = status.as_u16(), "response head relayed");
-    resp
 }
 
 /// How long opening a stream and writing its head may take before another connection is
