@@ -3,30 +3,11 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
-
-fn client_tls(
-    identity: &sluice::config::TlsIdentity,
-    alpn: &[&[u8]],
-) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(identity.chain[0].clone()).unwrap();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-}
 
 #[tokio::test]
 async fn https_listener_speaks_http1_and_http2() {

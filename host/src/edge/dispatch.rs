@@ -8,7 +8,7 @@ use std::time::Instant;
 use http::header::{
     HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, TRANSFER_ENCODING, UPGRADE,
 };
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -80,6 +80,18 @@ async fn forward(
     request_id: &str,
 ) -> Routed {
     let gauge = InFlightGauge::new(&shared.metrics.in_flight);
+    if req.method() == Method::CONNECT {
+        // The edge is a gateway for its hostnames, not a forward proxy.
+        return Routed {
+            resp: plain(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "sluice: CONNECT is not relayed\n",
+                request_id,
+            ),
+            host: None,
+            tunnel: None,
+        };
+    }
     let checked = match check(&req, &shared.config.allowed_upgrades) {
         Ok(c) => c,
         Err(reason) => {

@@ -100,7 +100,13 @@ pub struct Origin {
 }
 
 enum Kind {
-    Http(Client<HttpsConnector<HttpConnector>, HttpBody>),
+    Http {
+        /// Keep-alive pool for ordinary requests.
+        pooled: Client<HttpsConnector<HttpConnector>, HttpBody>,
+        /// A fresh connection per upgrade request, never returned to a pool: an origin that
+        /// declines an upgrade may still be in a state no later request should inherit.
+        upgrades: Client<HttpsConnector<HttpConnector>, HttpBody>,
+    },
     Hello,
     Status(StatusCode),
 }
@@ -108,7 +114,7 @@ enum Kind {
 impl std::fmt::Debug for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Kind::Http(_) => f.write_str("Http"),
+            Kind::Http { .. } => f.write_str("Http"),
             Kind::Hello => f.write_str("Hello"),
             Kind::Status(s) => write!(f, "Status({s})"),
         }
@@ -146,13 +152,18 @@ impl Origin {
                     None => builder,
                 };
                 let connector = builder.enable_http1().wrap_connector(http);
-                let client = Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(config.pool_idle_timeout)
-                    .pool_max_idle_per_host(config.pool_max_idle)
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .build(connector);
-                Kind::Http(client)
+                let client = |max_idle| {
+                    Client::builder(TokioExecutor::new())
+                        .pool_idle_timeout(config.pool_idle_timeout)
+                        .pool_max_idle_per_host(max_idle)
+                        .pool_timer(TokioTimer::new())
+                        .timer(TokioTimer::new())
+                        .build(connector.clone())
+                };
+                Kind::Http {
+                    pooled: client(config.pool_max_idle),
+                    upgrades: client(0),
+                }
             }
         };
         Ok(Origin { config, kind })
@@ -174,7 +185,12 @@ impl Origin {
         match &self.kind {
             Kind::Hello => Ok(builtin::hello(req).await),
             Kind::Status(code) => Ok(builtin::status(*code)),
-            Kind::Http(client) => {
+            Kind::Http { pooled, upgrades } => {
+                let client = if req.headers().contains_key(http::header::UPGRADE) {
+                    upgrades
+                } else {
+                    pooled
+                };
                 let OriginTarget::Http(base) = &self.config.target else {
                     unreachable!("Kind::Http is only built for OriginTarget::Http")
                 };

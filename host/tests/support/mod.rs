@@ -24,6 +24,8 @@ use sluice::connector::{Connector, ConnectorState};
 use sluice::edge::Edge;
 use sluice::secret::Secret;
 
+pub mod raw;
+
 /// Upper bound for anything a test waits on.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -188,6 +190,8 @@ pub async fn start_edge(
 /// A running connector.
 pub struct ConnectorHandle {
     pub state: Arc<ConnectorState>,
+    /// The admin listener, when the config asked for one.
+    pub admin: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -231,6 +235,7 @@ pub fn connector_config(
 pub async fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
     let connector = Connector::new(cfg).await.unwrap();
     let state = connector.state();
+    let admin = connector.admin_addr();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
@@ -238,6 +243,7 @@ pub async fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
     });
     ConnectorHandle {
         state,
+        admin,
         shutdown,
         task,
     }
@@ -473,4 +479,36 @@ pub const EXAMPLE_PLUGINS: &[&str] = &[
 pub fn example_plugin(name: &str) -> std::path::PathBuf {
     let echo = fixture("echo");
     echo.with_file_name(format!("{}.wasm", name.replace('-', "_")))
+}
+
+/// A TLS client trusting `identity`'s certificate, offering `alpn`.
+pub fn client_tls(
+    identity: &sluice::config::TlsIdentity,
+    alpn: &[&[u8]],
+) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(identity.chain[0].clone()).unwrap();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+}
+
+/// A TLS connection to `addr` (certificate for "localhost" from `identity`), offering `alpn`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    identity: &sluice::config::TlsIdentity,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    client_tls(identity, &[alpn])
+        .connect(name, tcp)
+        .await
+        .unwrap()
 }
