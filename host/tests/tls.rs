@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::sync::Arc;
+
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
