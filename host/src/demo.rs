@@ -94,6 +94,7 @@ impl Demo {
             // Infallible: a valid literal.
             hostnames: vec![HostPattern::try_from(DEMO_HOST).expect("valid demo host")],
             max_concurrent_requests: 1000,
+            max_connections: crate::config::DEFAULT_TUNNEL_MAX_CONNECTIONS,
         });
         let edge = Edge::bind(edge_cfg).await?;
 

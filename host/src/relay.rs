@@ -45,6 +45,15 @@ pub fn recv_body_counted(recv: quinn::RecvStream, counter: Arc<AtomicU64>) -> Ht
     BoxBody::new(StreamBody::new(stream))
 }
 
+/// Any body, boxed, its error boxed.
+pub fn boxed<B>(body: B) -> HttpBody
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
 /// An empty body.
 pub fn empty() -> HttpBody {
     Empty::new().map_err(|never| match never {}).boxed()
@@ -98,6 +107,66 @@ where
     tokio::io::copy_bidirectional(&mut io, &mut quic).await
 }
 
+/// Fails `body` with [`BodyIdle`] when, while it is being read, no data arrives for `idle`: a
+/// peer that trickles or stalls a body cannot hold a request (and its admission slot) open
+/// indefinitely.
+pub fn with_idle_timeout(body: HttpBody, idle: std::time::Duration) -> HttpBody {
+    BoxBody::new(IdleBody {
+        body,
+        idle,
+        timer: None,
+    })
+}
+
+/// A body moved no data for longer than its idle timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("no body data for {0:?}")]
+pub struct BodyIdle(pub std::time::Duration);
+
+struct IdleBody {
+    body: HttpBody,
+    idle: std::time::Duration,
+    /// Armed while the reader waits for data; cleared by every frame.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Body for IdleBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+            Poll::Pending => {
+                let idle = self.idle;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyIdle(idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            ready => {
+                self.timer = None;
+                ready
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Keeps `guard` alive for as long as `body` is (an in-flight count, say).
 pub fn with_guard<G: Send + Sync + Unpin + 'static>(body: HttpBody, guard: G) -> HttpBody {
     BoxBody::new(Guarded {
@@ -128,5 +197,45 @@ impl<G: Unpin> Body for Guarded<G> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_body_fails_and_a_moving_one_does_not() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let stream =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|f| (f, rx)) },
+            );
+        let mut body = with_idle_timeout(
+            BoxBody::new(StreamBody::new(stream)),
+            Duration::from_secs(5),
+        );
+        let feeder = tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+                    .await
+                    .unwrap();
+            }
+            // Then stall, keeping the sender alive.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tx);
+        });
+        for _ in 0..3 {
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), "x");
+        }
+        let start = tokio::time::Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyIdle>(), "{err}");
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        feeder.abort();
     }
 }

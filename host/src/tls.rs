@@ -59,7 +59,8 @@ pub fn quic_server(identity: &TlsIdentity) -> Result<quinn::ServerConfig, TlsErr
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport()));
+    // A connector opens one stream, the control stream; every other stream is the edge's.
+    cfg.transport_config(Arc::new(transport(1)));
     Ok(cfg)
 }
 
@@ -73,18 +74,23 @@ pub fn quic_client(extra_ca: &[CertificateDer<'static>]) -> Result<quinn::Client
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport()));
+    cfg.transport_config(Arc::new(transport(MAX_REQUEST_STREAMS)));
     Ok(cfg)
 }
 
-/// QUIC transport settings shared by both ends.
+/// Request streams the edge may have open at once on one connector connection.
+pub const MAX_REQUEST_STREAMS: u32 = 4096;
+
+/// QUIC transport settings of both ends; `peer_streams` is how many bidirectional streams the
+/// peer may open at once.
 ///
-/// The edge opens one bidirectional stream per request, so the connector's stream limit is the
-/// number of concurrent requests one connection can carry. Windows bound the memory a single
-/// stream or connection can hold in flight.
-fn transport() -> quinn::TransportConfig {
+/// The edge opens one bidirectional stream per request, so the connector's grant is the
+/// number of concurrent requests one connection can carry; the edge grants a connector only
+/// its control stream. Windows bound the memory a single stream or connection can hold in
+/// flight.
+fn transport(peer_streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(4096u32.into());
+    t.max_concurrent_bidi_streams(peer_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
     // Infallible: 30 s is far below the VarInt limit.

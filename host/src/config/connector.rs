@@ -60,6 +60,9 @@ pub struct ConnectorConfig {
     pub audit: AuditConfig,
     /// How request paths are normalised before matching and proxying.
     pub paths: PathPolicy,
+    /// A request body (from the edge) or response body (from the origin) that moves no data
+    /// for this long is aborted.
+    pub body_idle_timeout: StdDuration,
 }
 
 /// Default `max-concurrent-requests` of the connector.
@@ -217,6 +220,7 @@ impl ConnectorConfig {
             global_plugins: Vec::new(),
             audit: AuditConfig::default(),
             paths: PathPolicy::default(),
+            body_idle_timeout: super::edge::DEFAULT_BODY_IDLE_TIMEOUT,
         }
     }
 
@@ -426,6 +430,9 @@ impl ConnectorConfig {
             global_plugins: file.plugins,
             audit,
             paths: file.paths.map(PathsFile::policy).unwrap_or_default(),
+            body_idle_timeout: file
+                .body_idle_timeout
+                .map_or(super::edge::DEFAULT_BODY_IDLE_TIMEOUT, |d| d.0),
         })
     }
 }
@@ -471,6 +478,7 @@ struct ConnectorFile {
     edge_server_name: Option<String>,
     grace_period: Option<Duration>,
     max_concurrent_requests: Option<usize>,
+    body_idle_timeout: Option<Duration>,
     access_log: Option<bool>,
     admin: Option<super::AdminFile>,
     #[serde(default)]

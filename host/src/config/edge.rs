@@ -42,7 +42,25 @@ pub struct EdgeConfig {
     /// `Upgrade` protocols relayed to connectors (lowercase); others are dropped from the
     /// request, which then goes on as a plain request.
     pub allowed_upgrades: Vec<String>,
+    /// A client connection with no request in flight for this long is closed (HTTP/1.1
+    /// keep-alive and HTTP/2 alike).
+    pub idle_timeout: std::time::Duration,
+    /// A request or response body that moves no data for this long is aborted.
+    pub body_idle_timeout: std::time::Duration,
+    /// Client connections open at once from one IP address; more are closed at accept.
+    pub max_connections_per_client: usize,
+    /// Connector connections handshaking or registering at once; more are refused.
+    pub max_handshakes: usize,
 }
+
+/// Default `idle-timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Default `body-idle-timeout`, on both roles.
+pub const DEFAULT_BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Default `max-connections-per-client`.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+/// Default `[connectors] max-handshakes`.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
 
 /// The HTTPS listener.
 #[derive(Debug, Clone)]
@@ -64,7 +82,13 @@ pub struct TunnelConfig {
     pub hostnames: Vec<HostPattern>,
     /// Requests in flight allowed for this tunnel; past it clients get 503 at once.
     pub max_concurrent_requests: usize,
+    /// Registered connector connections allowed for this tunnel; past it a registration is
+    /// refused.
+    pub max_connections: usize,
 }
+
+/// Default per-tunnel `max-connections`: 16 connectors at the default `ha-connections`.
+pub const DEFAULT_TUNNEL_MAX_CONNECTIONS: usize = 32;
 
 /// Default per-tunnel `max-concurrent-requests`.
 pub const DEFAULT_TUNNEL_MAX_CONCURRENT: usize = 1000;
@@ -94,6 +118,10 @@ impl EdgeConfig {
             admin_listen: None,
             access_log: true,
             allowed_upgrades: default_upgrades(),
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
         }
     }
 
@@ -109,6 +137,17 @@ impl EdgeConfig {
         let file: EdgeFile = src.deserialize()?;
         if file.max_header_size.is_some_and(|s| s.0 < 8192) {
             return Err(src.error(None, "max-header-size", "must be at least 8KiB"));
+        }
+        for (key, value) in [
+            (
+                "max-connections-per-client",
+                file.max_connections_per_client,
+            ),
+            ("connectors.max-handshakes", file.connectors.max_handshakes),
+        ] {
+            if value == Some(0) {
+                return Err(src.error(None, key, "must be at least 1"));
+            }
         }
         if file.http.is_none() && file.https.is_none() {
             return Err(src.error(
@@ -163,6 +202,7 @@ impl EdgeConfig {
                 max_concurrent_requests: t
                     .max_concurrent_requests
                     .unwrap_or(DEFAULT_TUNNEL_MAX_CONCURRENT),
+                max_connections: t.max_connections.unwrap_or(DEFAULT_TUNNEL_MAX_CONNECTIONS),
             });
         }
 
@@ -207,6 +247,17 @@ impl EdgeConfig {
                 Some(list) => list.iter().map(|p| p.to_ascii_lowercase()).collect(),
                 None => default_upgrades(),
             },
+            idle_timeout: file.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+            body_idle_timeout: file
+                .body_idle_timeout
+                .map_or(DEFAULT_BODY_IDLE_TIMEOUT, |d| d.0),
+            max_connections_per_client: file
+                .max_connections_per_client
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_CLIENT),
+            max_handshakes: file
+                .connectors
+                .max_handshakes
+                .unwrap_or(DEFAULT_MAX_HANDSHAKES),
         })
     }
 }
@@ -227,6 +278,9 @@ struct EdgeFile {
     grace_period: Option<Duration>,
     access_log: Option<bool>,
     allowed_upgrades: Option<Vec<UpgradeToken>>,
+    idle_timeout: Option<Duration>,
+    body_idle_timeout: Option<Duration>,
+    max_connections_per_client: Option<usize>,
     admin: Option<super::AdminFile>,
     http: Option<HttpFile>,
     https: Option<HttpsFile>,
@@ -290,6 +344,7 @@ struct ConnectorsFile {
     cert: PathBuf,
     key: PathBuf,
     register_timeout: Option<Duration>,
+    max_handshakes: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +357,7 @@ struct TunnelFile {
     #[serde(default)]
     hostnames: Vec<Spanned<HostPattern>>,
     max_concurrent_requests: Option<usize>,
+    max_connections: Option<usize>,
 }
 
 impl TunnelFile {

@@ -167,11 +167,14 @@ impl Connector {
             ha_connections = self.config.ha_connections,
             "sluice connector starting"
         );
+        // The admin listener outlives the drain, so that `/ready` says 503 while it lasts.
+        let admin_stop = CancellationToken::new();
+        let _stop_admin = admin_stop.clone().drop_guard();
         if let Some(listener) = self.admin {
             let admin = Admin::from_std(listener).map_err(ConnectorError::Bind)?;
             let (state, stopping) = (self.state.clone(), shutdown.clone());
             let ready = Arc::new(move || state.registered() > 0 && !stopping.is_cancelled());
-            tokio::spawn(admin.run(self.metrics.clone(), ready, shutdown.clone()));
+            tokio::spawn(admin.run(self.metrics.clone(), ready, admin_stop.clone()));
         }
         let sessions = TaskTracker::new();
         let streams = TaskTracker::new();
@@ -199,7 +202,8 @@ impl Connector {
         shutdown.cancelled().await;
 
         // Drain: every session has told its edge to route no new requests here (sessions
-        // watch the same token); in-flight requests get the grace period to finish.
+        // watch the same token) and closes its connection once the edge acknowledges; in-flight
+        // requests get the grace period to finish.
         let grace = self.config.grace_period;
         info!(
             in_flight = streams.len(),
@@ -207,7 +211,12 @@ impl Connector {
             "draining: waiting for in-flight requests"
         );
         streams.close();
-        match tokio::time::timeout(grace, streams.wait()).await {
+        sessions.close();
+        let drained = tokio::time::timeout(grace, async {
+            streams.wait().await;
+            sessions.wait().await;
+        });
+        match drained.await {
             Ok(()) => info!("all in-flight requests finished"),
             Err(_) => warn!(
                 abandoned = streams.len(),
@@ -216,7 +225,6 @@ impl Connector {
         }
         self.env.audit().flush().await;
         endpoint.close(crate::proto::code::CLOSE_NORMAL, b"connector shutting down");
-        sessions.close();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         info!("connector stopped");
         Ok(())

@@ -55,6 +55,7 @@ pub struct Pipeline {
     audit_context: AuditContext,
     access_log: bool,
     paths: PathPolicy,
+    body_idle_timeout: Duration,
 }
 
 /// Why a pipeline could not be built.
@@ -149,6 +150,7 @@ impl Pipeline {
             },
             access_log: config.access_log,
             paths: config.paths,
+            body_idle_timeout: config.body_idle_timeout,
         })
     }
 
@@ -344,6 +346,7 @@ impl Pipeline {
         };
         set_origin_headers(&mut headers, head, origin.config())?;
         let (body, upgrade_recv) = framing.apply(&mut headers, recv, bytes_in);
+        let body = relay::with_idle_timeout(body, self.body_idle_timeout);
         let mut req = Request::new(body);
         *req.method_mut() = method;
         *req.uri_mut() = target
@@ -436,7 +439,8 @@ impl Pipeline {
             return Ok(outcome);
         }
 
-        match relay::pump(resp.into_body(), send).await {
+        let body = relay::with_idle_timeout(resp.into_body(), self.body_idle_timeout);
+        match relay::pump(body, send).await {
             Ok(n) => {
                 outcome.bytes_out = n;
                 let _ = send.finish();

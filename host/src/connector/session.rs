@@ -159,7 +159,7 @@ async fn session(
             _ => Err(SessionError::Unexpected),
         }
     });
-    let (conn, mut control_send, _control_recv) = tokio::select! {
+    let (conn, mut control_send, control_recv) = tokio::select! {
         r = dial => r.map_err(|_| SessionError::Timeout)??,
         _ = shutdown.cancelled() => return Ok("shutting down".into()),
     };
@@ -170,25 +170,16 @@ async fn session(
     let _count = CountGuard(shared.state.clone(), shared.metrics.clone());
 
     // Serve streams until the connection ends. On shutdown, tell the edge to route nothing new
-    // here and keep serving: the connector closes the connection once in-flight requests are
-    // done (or the grace period ends).
+    // here and keep serving: the edge acknowledges once every request it routed here has been
+    // relayed whole, and only then is the connection closed (or when the grace period ends).
     let mut draining = false;
+    let acked = drain_ack(control_recv);
+    tokio::pin!(acked);
+    let mut ack_pending = true;
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
-                Ok((send, recv)) => match shared.limit.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        // Each request runs on the pipeline current when it arrived.
-                        let pipeline = shared.pipeline.load_full();
-                        let metrics = shared.metrics.clone();
-                        shared.streams.spawn(pipeline.handle(send, recv, metrics, permit).in_current_span());
-                    }
-                    Err(_) => {
-                        shared.metrics.rejected.get_or_create(&KindLabels { kind: "limit" }).inc();
-                        let limit = shared.config.max_concurrent_requests;
-                        shared.streams.spawn(pipeline::refuse_busy(send, recv, limit).in_current_span());
-                    }
-                },
+                Ok((send, recv)) => accept_stream(shared, send, recv),
                 Err(e) => return Ok(e.to_string()),
             },
             _ = shutdown.cancelled(), if !draining => {
@@ -198,6 +189,55 @@ async fn session(
                     Err(e) => warn!(cause = %e, "could not send drain to the edge"),
                 }
             }
+            acked = &mut acked, if draining && ack_pending => {
+                ack_pending = false;
+                if acked {
+                    info!("the edge acknowledged the drain; closing the connection");
+                    conn.close(proto::code::CLOSE_NORMAL, b"drained");
+                    return Ok("drained".into());
+                }
+                warn!("the control stream ended before the edge acknowledged the drain; waiting for the grace period");
+            }
+        }
+    }
+}
+
+/// Starts serving one request stream, or refuses it at once when the connector is at its
+/// limit.
+fn accept_stream(shared: &Shared, send: quinn::SendStream, recv: quinn::RecvStream) {
+    match shared.limit.clone().try_acquire_owned() {
+        Ok(permit) => {
+            // Each request runs on the pipeline current when it arrived.
+            let pipeline = shared.pipeline.load_full();
+            let metrics = shared.metrics.clone();
+            shared.streams.spawn(
+                pipeline
+                    .handle(send, recv, metrics, permit)
+                    .in_current_span(),
+            );
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .rejected
+                .get_or_create(&KindLabels { kind: "limit" })
+                .inc();
+            let limit = shared.config.max_concurrent_requests;
+            shared
+                .streams
+                .spawn(pipeline::refuse_busy(send, recv, limit).in_current_span());
+        }
+    }
+}
+
+/// Reads the edge's control messages until `DrainAck` (true) or the end of the stream
+/// (false). Not cancel safe: keep the future, do not re-create it.
+async fn drain_ack(mut recv: quinn::RecvStream) -> bool {
+    loop {
+        match read_frame::<_, Control>(&mut recv).await {
+            Ok(Control::DrainAck) => return true,
+            Ok(other) => debug!(message = ?other, "ignored a control message from the edge"),
+            Err(_) => return false,
         }
     }
 }

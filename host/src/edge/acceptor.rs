@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
+use super::registry::{AddError, ConnEntry, Registry};
 use super::EdgeShared;
 use crate::proto::{self, io::read_frame, io::write_frame, Control, RejectCode, Rejected};
 use crate::secret::Secret;
@@ -24,7 +25,12 @@ enum RegisterError {
 }
 
 /// Serves one incoming connector connection until it closes. Never panics on peer input.
-pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
+/// `handshake` is held until the connection is registered or refused.
+pub(super) async fn serve(
+    incoming: quinn::Incoming,
+    shared: Arc<EdgeShared>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) {
     let peer = incoming.remote_address();
     let failed = |kind: &'static str| {
         shared
@@ -46,7 +52,7 @@ pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
         register(&conn, peer, &shared),
     )
     .await;
-    let (tunnel, entry, mut control) = match registered {
+    let (tunnel, entry, control_send, mut control) = match registered {
         Ok(Ok(r)) => r,
         Ok(Err(RegisterError::Rejected(rej))) => {
             failed(match rej.code {
@@ -72,12 +78,18 @@ pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
         }
     };
 
+    drop(handshake);
+
     // Control loop: Drain and future messages, until the stream or connection ends.
+    let mut control_send = Some(control_send);
     let reason = loop {
         match read_frame::<_, Control>(&mut control).await {
             Ok(Control::Drain) => {
                 info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, "connector is draining: no new requests go to this connection");
                 entry.set_draining();
+                if let Some(send) = control_send.take() {
+                    tokio::spawn(acknowledge_drain(entry.clone(), send).in_current_span());
+                }
             }
             Ok(Control::Unknown) => {
                 debug!(connection = entry.id, "ignored an unknown control message")
@@ -105,13 +117,27 @@ pub(super) async fn serve(incoming: quinn::Incoming, shared: Arc<EdgeShared>) {
     info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, %reason, "connector connection closed");
 }
 
-/// Runs the registration exchange. On success returns the tunnel id, the registry entry and
-/// the control stream's receive half.
+/// Once every request routed to a draining connection has been relayed whole, tells the
+/// connector it may close the connection.
+async fn acknowledge_drain(entry: Arc<ConnEntry>, mut send: quinn::SendStream) {
+    entry.wait_idle().await;
+    match write_frame(&mut send, &Control::DrainAck).await {
+        Ok(()) => debug!(connection = entry.id, "drain acknowledged"),
+        Err(e) => debug!(connection = entry.id, cause = %e, "could not acknowledge the drain"),
+    }
+    // Keep the stream open until the connector closes the connection.
+    let _ = send.stopped().await;
+}
+
+/// A registered connection: tunnel id, registry entry and both halves of the control stream.
+type Registration = (String, Arc<ConnEntry>, quinn::SendStream, quinn::RecvStream);
+
+/// Runs the registration exchange.
 async fn register(
     conn: &quinn::Connection,
     peer: SocketAddr,
     shared: &EdgeShared,
-) -> Result<(String, Arc<super::registry::ConnEntry>, quinn::RecvStream), RegisterError> {
+) -> Result<Registration, RegisterError> {
     let (mut send, mut recv) = conn.accept_bi().await?;
     let msg: Control = read_frame(&mut recv).await?;
     let reg = match msg {
@@ -148,22 +174,45 @@ async fn register(
         return Err(RegisterError::Rejected(rej));
     }
 
-    // Answer first, then route: if this future is cancelled (registration timeout) before the
-    // answer is out, nothing was added to the registry.
+    // Route, then answer. The registry re-checks the token under the lock a reload takes, so
+    // a registration racing a token rotation is refused here rather than kept.
     let id = shared.registry.allocate_id();
+    let entry = match shared.registry.add(
+        &reg.tunnel,
+        id,
+        reg.token.sha256(),
+        reg.connector_id.clone(),
+        conn.clone(),
+    ) {
+        Ok(entry) => entry,
+        Err(e) => {
+            let rej = Rejected {
+                code: match e {
+                    AddError::Revoked => RejectCode::Unauthorized,
+                    AddError::Full(_) => RejectCode::Unavailable,
+                },
+                message: e.to_string(),
+                retry_after_ms: matches!(e, AddError::Full(_)).then_some(30_000),
+            };
+            warn!(%peer, tunnel = ?clip(&reg.tunnel), connector = ?clip(&reg.connector_id), reason = %rej.message, "registration refused");
+            reject(conn, &mut send, &rej).await;
+            return Err(RegisterError::Rejected(rej));
+        }
+    };
+    // If the answer cannot be sent, or the registration timeout cancels this future first,
+    // the entry leaves the registry with it.
+    let unroute = Unroute {
+        registry: &shared.registry,
+        tunnel: &reg.tunnel,
+        id,
+        armed: true,
+    };
     let ok = Control::Registered(proto::Registered {
         connection_id: id,
         edge_id: shared.config.edge_id.clone(),
     });
     write_frame(&mut send, &ok).await?;
-    let token_sha256 = reg.token.sha256();
-    let entry = shared.registry.add(
-        &reg.tunnel,
-        id,
-        token_sha256,
-        reg.connector_id.clone(),
-        conn.clone(),
-    );
+    unroute.disarm();
     shared.metrics.registered.inc();
     info!(
         %peer,
@@ -173,13 +222,29 @@ async fn register(
         connection = entry.id,
         "connector registered"
     );
-    // The send half stays open (dropping it would finish it); the edge has nothing more to say
-    // on it in v1 but may later.
-    tokio::spawn(async move {
-        let _keep = send;
-        let _ = _keep.stopped().await;
-    });
-    Ok((reg.tunnel, entry, recv))
+    Ok((reg.tunnel, entry, send, recv))
+}
+
+/// Removes a registry entry when dropped armed.
+struct Unroute<'a> {
+    registry: &'a Registry,
+    tunnel: &'a str,
+    id: u64,
+    armed: bool,
+}
+
+impl Unroute<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unroute<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.registry.remove(self.tunnel, self.id);
+        }
+    }
 }
 
 /// At most 64 bytes of a peer-supplied string, cut at a character boundary.

@@ -256,6 +256,8 @@ impl Forwarded<'_> {
         // early); an upgrade keeps the send half for the bytes after 101.
         let mut held_send = None;
         if checked.upgrade.is_none() {
+            let body =
+                relay::with_idle_timeout(relay::boxed(body), self.shared.config.body_idle_timeout);
             tokio::spawn(upload(body, send).in_current_span());
         } else {
             held_send = Some(send);
@@ -291,7 +293,9 @@ impl Forwarded<'_> {
             let _ = send.finish();
         }
 
-        let body = relay::with_guard(relay::recv_body(recv), (in_flight, guards));
+        let body =
+            relay::with_idle_timeout(relay::recv_body(recv), self.shared.config.body_idle_timeout);
+        let body = relay::with_guard(body, (in_flight, guards));
         let mut resp = Response::new(body);
         *resp.status_mut() = status;
         *resp.headers_mut() = resp_headers;
@@ -409,7 +413,7 @@ impl Forwarded<'_> {
 
 /// Streams the client's body to the connector; a body that fails resets the stream so that
 /// it never looks complete.
-async fn upload(body: Incoming, mut send: quinn::SendStream) {
+async fn upload(body: HttpBody, mut send: quinn::SendStream) {
     match relay::pump(body, &mut send).await {
         Ok(_) => {
             let _ = send.finish();

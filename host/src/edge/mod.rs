@@ -2,18 +2,18 @@
 //! registry and the dispatch of each request onto a stream of a registered connection.
 
 mod acceptor;
+mod client;
 mod dispatch;
 pub mod registry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -189,13 +189,16 @@ impl Edge {
             info!(%addr, "listening for clients (HTTPS)");
         }
 
+        // The admin listener outlives the drain, so that `/ready` says 503 while it lasts.
+        let admin_stop = CancellationToken::new();
+        let _stop_admin = admin_stop.clone().drop_guard();
         if let Some(admin) = self.admin {
             let ready_shared = shared.clone();
             let ready = Arc::new(move || ready_shared.ready.load(Ordering::Relaxed));
-            tokio::spawn(admin.run(shared.metrics.clone(), ready, shutdown.clone()));
+            tokio::spawn(admin.run(shared.metrics.clone(), ready, admin_stop.clone()));
         }
         if let Some(listener) = self.http {
-            tracker.spawn(serve_clients(
+            tracker.spawn(client::serve_clients(
                 listener,
                 None,
                 shared.clone(),
@@ -204,7 +207,7 @@ impl Edge {
             ));
         }
         if let Some((listener, acceptor)) = self.https {
-            tracker.spawn(serve_clients(
+            tracker.spawn(client::serve_clients(
                 listener,
                 Some(acceptor),
                 shared.clone(),
@@ -213,14 +216,27 @@ impl Edge {
             ));
         }
         let endpoint = self.endpoint.clone();
+        // Handshakes and registrations in progress, bounded: an unauthenticated peer costs a
+        // TLS handshake and a task until it registers or times out.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(shared.config.max_handshakes));
         loop {
             let incoming = tokio::select! {
                 i = endpoint.accept() => i,
                 _ = shutdown.cancelled() => break,
             };
             let Some(incoming) = incoming else { break };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                debug!(peer = %incoming.remote_address(), "refusing a connector connection: too many handshakes in progress");
+                shared
+                    .metrics
+                    .registration_failures
+                    .get_or_create(&crate::admin::metrics::KindLabels { kind: "busy" })
+                    .inc();
+                incoming.refuse();
+                continue;
+            };
             let span = tracing::info_span!("connector", peer = %incoming.remote_address());
-            tokio::spawn(acceptor::serve(incoming, shared.clone()).instrument(span));
+            tokio::spawn(acceptor::serve(incoming, shared.clone(), permit).instrument(span));
         }
         // Listeners stop accepting; open client connections finish their requests (HTTP/1.1
         // keep-alive ends, HTTP/2 gets GOAWAY) within the grace period.
@@ -237,106 +253,5 @@ impl Edge {
         endpoint.close(crate::proto::code::CLOSE_NORMAL, b"edge shutting down");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         info!("edge stopped");
-    }
-}
-
-/// Drives a client connection to its end; on shutdown, lets it finish the request in flight
-/// (HTTP/1.1: no more keep-alive; HTTP/2: GOAWAY). A macro because hyper's HTTP/1 and
-/// auto-protocol connections share `graceful_shutdown` by name only, not through a trait.
-macro_rules! serve_gracefully {
-    ($conn:ident, $shutdown:ident) => {{
-        tokio::pin!($conn);
-        let result = tokio::select! {
-            r = $conn.as_mut() => r,
-            _ = $shutdown.cancelled() => {
-                $conn.as_mut().graceful_shutdown();
-                $conn.await
-            }
-        };
-        if let Err(e) = result {
-            tracing::debug!(cause = %e, "client connection ended with an error");
-        }
-    }};
-}
-
-/// Accepts client connections on one listener until shutdown.
-async fn serve_clients(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    shared: Arc<EdgeShared>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let scheme: &'static str = if tls.is_some() { "https" } else { "http" };
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.cancelled() => return,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!(cause = %e, "failed to accept a client connection");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        if let Err(e) = tcp.set_nodelay(true) {
-            warn!(%peer, cause = %e, "failed to set TCP_NODELAY");
-        }
-        let shared = shared.clone();
-        let tls = tls.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(
-            async move {
-                let cfg = &shared.config;
-                let header_timeout = cfg.header_read_timeout;
-                let max_buf = cfg.max_header_size.max(8192);
-                let svc_shared = shared.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    dispatch::handle(req, svc_shared.clone(), peer, scheme)
-                });
-                match tls {
-                    None => {
-                        let conn = hyper::server::conn::http1::Builder::new()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(header_timeout)
-                            .max_buf_size(max_buf)
-                            .serve_connection(TokioIo::new(tcp), svc)
-                            .with_upgrades();
-                        serve_gracefully!(conn, shutdown);
-                    }
-                    Some(acceptor) => {
-                        let stream = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
-                            Ok(Ok(s)) => s,
-                            Ok(Err(e)) => {
-                                tracing::debug!(cause = %e, "client TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!("client TLS handshake timed out");
-                                return;
-                            }
-                        };
-                        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                        builder
-                            .http1()
-                            .timer(TokioTimer::new())
-                            .header_read_timeout(header_timeout)
-                            .max_buf_size(max_buf);
-                        builder
-                            .http2()
-                            .timer(TokioTimer::new())
-                            .keep_alive_interval(Some(std::time::Duration::from_secs(20)))
-                            .keep_alive_timeout(std::time::Duration::from_secs(20))
-                            .max_header_list_size(cfg.max_header_size.min(u32::MAX as usize) as u32);
-                        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        serve_gracefully!(conn, shutdown);
-                    }
-                }
-            }
-            .instrument(tracing::debug_span!("client", %peer)),
-        );
     }
 }

@@ -19,6 +19,8 @@ pub struct ConnEntry {
     token_sha256: [u8; 32],
     in_flight: AtomicUsize,
     draining: AtomicBool,
+    /// Woken when `in_flight` drops to zero.
+    idle: tokio::sync::Notify,
 }
 
 impl ConnEntry {
@@ -37,9 +39,33 @@ impl ConnEntry {
         self.draining.load(Ordering::Relaxed)
     }
 
+    /// Waits until no stream is in flight on this connection. Cancel safe.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     fn usable(&self) -> bool {
         !self.is_draining() && self.conn.close_reason().is_none()
     }
+}
+
+/// Why a registered connection was not added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddError {
+    /// The tunnel is gone or its token changed since the registration was checked.
+    #[error("the tunnel was removed or its token changed")]
+    Revoked,
+    /// The tunnel has this many connections already.
+    #[error("the tunnel already has its maximum of {0} connections")]
+    Full(usize),
 }
 
 /// Counts a stream as in flight on a connection until dropped.
@@ -55,7 +81,9 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -195,7 +223,12 @@ impl Registry {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Adds a registered connection under an id from [`Registry::allocate_id`].
+    /// Adds a registered connection under an id from [`Registry::allocate_id`], unless its
+    /// token is no longer the tunnel's (a reload rotated it while the registration was in
+    /// flight) or the tunnel already has `max-connections` connections.
+    ///
+    /// The check and the insertion happen under the routes lock that [`Registry::set_tunnels`]
+    /// holds while it revokes, so a registration is either revoked by a reload or sees it.
     pub fn add(
         &self,
         tunnel: &str,
@@ -203,7 +236,18 @@ impl Registry {
         token_sha256: [u8; 32],
         connector_id: String,
         conn: quinn::Connection,
-    ) -> Arc<ConnEntry> {
+    ) -> Result<Arc<ConnEntry>, AddError> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let config = routes
+            .tunnels
+            .get(tunnel)
+            .filter(|t| t.token_sha256 == token_sha256)
+            .ok_or(AddError::Revoked)?;
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.entry(tunnel.to_string()).or_default();
+        if list.len() >= config.max_connections {
+            return Err(AddError::Full(config.max_connections));
+        }
         let entry = Arc::new(ConnEntry {
             id,
             token_sha256,
@@ -211,13 +255,10 @@ impl Registry {
             conn,
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            idle: tokio::sync::Notify::new(),
         });
-        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns
-            .entry(tunnel.to_string())
-            .or_default()
-            .push(entry.clone());
-        entry
+        list.push(entry.clone());
+        Ok(entry)
     }
 
     /// Removes a connection (when it closes).
@@ -243,7 +284,7 @@ impl Registry {
             .filter(|c| c.usable() && !exclude.contains(&c.id))
             .min_by_key(|c| c.in_flight())?
             .clone();
-        best.in_flight.fetch_add(1, Ordering::Relaxed);
+        best.in_flight.fetch_add(1, Ordering::AcqRel);
         Some(InFlight(best))
     }
 
@@ -275,6 +316,7 @@ mod tests {
                 .map(|h| HostPattern::try_from(*h).unwrap())
                 .collect(),
             max_concurrent_requests: 10,
+            max_connections: 2,
         }
     }
 
@@ -313,5 +355,51 @@ mod tests {
         drop(held);
         assert!(reg.admit("a").is_ok());
         assert!(reg.admit("nope").is_err());
+    }
+
+    /// A real QUIC connection on loopback, for registry entries (never used for traffic).
+    async fn dummy_conn() -> (quinn::Endpoint, quinn::Endpoint, quinn::Connection) {
+        let id = crate::tls::self_signed(&["localhost"]).unwrap();
+        let server = crate::tls::quic_server(&id).unwrap();
+        let server_ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut client_ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        client_ep.set_default_client_config(crate::tls::quic_client(&id.chain).unwrap());
+        let addr = server_ep.local_addr().unwrap();
+        let connecting = client_ep.connect(addr, "localhost").unwrap();
+        let incoming = server_ep.accept().await.unwrap();
+        let (conn, _client) = tokio::join!(incoming, connecting);
+        (server_ep, client_ep, conn.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_registration_checked_before_a_token_rotation_is_refused_after_it() {
+        let (_server, _client, conn) = dummy_conn().await;
+        let old = tunnel("a", &["a.test"]);
+        let reg = Registry::new(&[old.clone()]);
+        // The registration was authorised against `old`; a reload rotates the token before
+        // the registry entry is added.
+        let mut rotated = old.clone();
+        rotated.token_sha256 = [1; 32];
+        reg.set_tunnels(&[rotated]);
+        let added = reg.add("a", 1, old.token_sha256, "c".into(), conn.clone());
+        assert_eq!(added.unwrap_err(), AddError::Revoked);
+        assert_eq!(reg.total_connections(), 0);
+        let added = reg.add("gone", 2, old.token_sha256, "c".into(), conn);
+        assert_eq!(added.unwrap_err(), AddError::Revoked);
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_takes_at_most_max_connections() {
+        let (_server, _client, conn) = dummy_conn().await;
+        let t = tunnel("a", &["a.test"]);
+        let reg = Registry::new(&[t.clone()]);
+        for id in 1..=2 {
+            reg.add("a", id, t.token_sha256, "c".into(), conn.clone())
+                .unwrap();
+        }
+        let third = reg.add("a", 3, t.token_sha256, "c".into(), conn.clone());
+        assert_eq!(third.unwrap_err(), AddError::Full(2));
+        reg.remove("a", 1);
+        assert!(reg.add("a", 4, t.token_sha256, "c".into(), conn).is_ok());
     }
 }

@@ -16,6 +16,11 @@ pub enum Control {
     Rejected(Rejected),
     /// Connector → edge: shutting down, route no new requests to this connection.
     Drain,
+    /// Edge → connector, answering `Drain`: no request will be routed to this connection any
+    /// more and none is in flight on it (every response was relayed whole), so the connector
+    /// may close it without losing anything. An edge that predates it never sends it; the
+    /// connector then closes when its grace period ends.
+    DrainAck,
     /// A message kind this build does not know; ignored so that v1 can grow.
     #[serde(other)]
     Unknown,

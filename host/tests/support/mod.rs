@@ -133,6 +133,7 @@ pub fn tunnel(id: &str, token: &str, hosts: &[&str]) -> TunnelConfig {
             .map(|h| HostPattern::try_from(*h).unwrap())
             .collect(),
         max_concurrent_requests: 1000,
+        max_connections: sluice::config::DEFAULT_TUNNEL_MAX_CONNECTIONS,
     }
 }
 

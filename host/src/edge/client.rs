@@ -1,0 +1,423 @@
+//! Client connections on the public listeners, and what bounds them: connections per client
+//! address, a deadline for the first request and for idleness between requests (HTTP/1.1 and
+//! HTTP/2 alike), and a stall limit on writes to a client that stops reading.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn, Instrument};
+
+use super::{dispatch, EdgeShared};
+use crate::admin::metrics::KindLabels;
+use crate::relay;
+
+/// Accepts client connections on one listener until shutdown.
+pub(super) async fn serve_clients(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<EdgeShared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let scheme: &'static str = if tls.is_some() { "https" } else { "http" };
+    let per_client = PerClient::default();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(cause = %e, "failed to accept a client connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(slot) = per_client.admit(peer.ip(), shared.config.max_connections_per_client)
+        else {
+            debug!(%peer, "closing a client connection: too many from this address");
+            shared
+                .metrics
+                .rejected
+                .get_or_create(&KindLabels {
+                    kind: "client-connections",
+                })
+                .inc();
+            continue;
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            warn!(%peer, cause = %e, "failed to set TCP_NODELAY");
+        }
+        let conn = ClientConn {
+            shared: shared.clone(),
+            peer,
+            scheme,
+            stop: shutdown.child_token(),
+        };
+        let tls = tls.clone();
+        tracker.spawn(
+            async move {
+                let _slot = slot;
+                conn.serve(tcp, tls).await;
+            }
+            .instrument(tracing::debug_span!("client", %peer)),
+        );
+    }
+}
+
+/// Drives a client connection to its end; when `$stop` is cancelled (shutdown, or the
+/// connection went idle), lets it finish the request in flight (HTTP/1.1: no more keep-alive;
+/// HTTP/2: GOAWAY). A macro because hyper's HTTP/1 and auto-protocol connections share
+/// `graceful_shutdown` by name only, not through a trait.
+macro_rules! serve_gracefully {
+    ($conn:ident, $stop:expr) => {{
+        tokio::pin!($conn);
+        let result = tokio::select! {
+            r = $conn.as_mut() => r,
+            _ = $stop.cancelled() => {
+                $conn.as_mut().graceful_shutdown();
+                $conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(cause = %e, "client connection ended with an error");
+        }
+    }};
+}
+
+/// One accepted client connection.
+struct ClientConn {
+    shared: Arc<EdgeShared>,
+    peer: SocketAddr,
+    scheme: &'static str,
+    /// Cancelled on shutdown or when the connection has been idle too long.
+    stop: CancellationToken,
+}
+
+impl ClientConn {
+    async fn serve(self, tcp: tokio::net::TcpStream, tls: Option<TlsAcceptor>) {
+        let cfg = &self.shared.config;
+        let activity = Arc::new(Activity::default());
+        let watchdog = {
+            let (activity, stop) = (activity.clone(), self.stop.clone());
+            let (first, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = activity.idle(first, idle) => {
+                        debug!("closing an idle client connection");
+                        stop.cancel();
+                    }
+                    _ = stop.cancelled() => {}
+                }
+            })
+        };
+        let (shared, peer, scheme) = (self.shared.clone(), self.peer, self.scheme);
+        let svc = hyper::service::service_fn(move |req| {
+            let request = activity.begin();
+            let shared = shared.clone();
+            async move {
+                let resp = dispatch::handle(req, shared, peer, scheme).await?;
+                // The request counts as active until its response body has been sent.
+                Ok::<_, std::convert::Infallible>(resp.map(|b| relay::with_guard(b, request)))
+            }
+        });
+        let stall = cfg.body_idle_timeout;
+        let max_buf = cfg.max_header_size.max(8192);
+        match tls {
+            None => {
+                let io = TokioIo::new(StallIo::new(tcp, stall));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(cfg.header_read_timeout)
+                    .max_buf_size(max_buf)
+                    .serve_connection(io, svc)
+                    .with_upgrades();
+                serve_gracefully!(conn, self.stop);
+            }
+            Some(acceptor) => {
+                let handshake =
+                    tokio::time::timeout(cfg.header_read_timeout, acceptor.accept(tcp)).await;
+                let stream = match handshake {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(cause = %e, "client TLS handshake failed");
+                        watchdog.abort();
+                        return;
+                    }
+                    Err(_) => {
+                        debug!("client TLS handshake timed out");
+                        watchdog.abort();
+                        return;
+                    }
+                };
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(cfg.header_read_timeout)
+                    .max_buf_size(max_buf);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Some(Duration::from_secs(20)))
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .max_header_list_size(cfg.max_header_size.min(u32::MAX as usize) as u32);
+                let io = TokioIo::new(StallIo::new(stream, stall));
+                let conn = builder.serve_connection_with_upgrades(io, svc);
+                serve_gracefully!(conn, self.stop);
+            }
+        }
+        watchdog.abort();
+    }
+}
+
+/// Open client connections per IP address.
+#[derive(Debug, Default, Clone)]
+struct PerClient(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+impl PerClient {
+    /// One more connection from `ip`, unless it has `max` already.
+    fn admit(&self, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_default();
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot(self.clone(), ip))
+    }
+}
+
+/// Holds one connection's place in [`PerClient`] until dropped.
+struct ClientSlot(PerClient, IpAddr);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut counts = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Requests in flight on one connection, and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    state: Mutex<ActivityState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug)]
+struct ActivityState {
+    active: usize,
+    /// When the connection was accepted, or the last request ended.
+    since: Instant,
+    /// Whether any request has begun.
+    seen: bool,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            state: Mutex::new(ActivityState {
+                active: 0,
+                since: Instant::now(),
+                seen: false,
+            }),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl Activity {
+    /// Counts a request as active until the returned guard is dropped.
+    fn begin(self: &Arc<Self>) -> RequestActive {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.active += 1;
+        s.seen = true;
+        RequestActive(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in flight for `idle` (or, before its
+    /// first request, for `first`). Cancel safe.
+    async fn idle(&self, first: Duration, idle: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let deadline = {
+                let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                (s.active == 0).then(|| s.since + if s.seen { idle } else { first })
+            };
+            match deadline {
+                Some(d) if d <= Instant::now() => return,
+                Some(d) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(d) => {}
+                        _ = changed => {}
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+}
+
+/// Marks a request as in flight on its connection until dropped.
+struct RequestActive(Arc<Activity>);
+
+impl Drop for RequestActive {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.active -= 1;
+        s.since = Instant::now();
+        drop(s);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A socket whose writes fail with `TimedOut` once one has waited `limit` for the peer to
+/// read: a client that stops reading its response cannot hold the request open forever.
+struct StallIo<T> {
+    inner: T,
+    limit: Duration,
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<T> StallIo<T> {
+    fn new(inner: T, limit: Duration) -> Self {
+        StallIo {
+            inner,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// Passes a ready result through (and clears the stall timer); on `Pending`, fails once
+    /// the stall has lasted `limit`.
+    fn watch<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        use std::future::Future;
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client read nothing for {limit:?}"),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for StallIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for StallIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_per_client_are_capped_and_released() {
+        let per = PerClient::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| per.admit(a, 3).unwrap()).collect();
+        assert!(per.admit(a, 3).is_none());
+        assert!(per.admit(b, 3).is_some());
+        drop(held);
+        assert!(per.admit(a, 3).is_some());
+        assert!(
+            per.0.lock().unwrap().get(&a).is_some_and(|n| *n == 0)
+                || per.0.lock().unwrap().get(&a).is_none()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_after_its_last_request() {
+        let activity = Arc::new(Activity::default());
+        let (first, idle) = (Duration::from_secs(10), Duration::from_secs(60));
+        // Before any request: the first-request deadline.
+        let start = Instant::now();
+        activity.idle(first, idle).await;
+        assert_eq!(start.elapsed(), first);
+        // A request in flight is never idle, however long it takes.
+        let request = activity.begin();
+        let waiter = {
+            let a = activity.clone();
+            tokio::spawn(async move { a.idle(first, idle).await })
+        };
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!waiter.is_finished());
+        let ended = Instant::now();
+        drop(request);
+        waiter.await.unwrap();
+        assert_eq!(ended.elapsed(), idle);
+    }
+}
