@@ -31,6 +31,19 @@ async fn named_origin(
 
 #[tokio::test]
 async fn draining_connector_finishes_in_flight_and_gets_no_new_requests() {
+    let (logs, _guard) = capture_logs();
+    let draining_seen = |n: usize| {
+        let logs = logs.clone();
+        async move {
+            tokio::time::timeout(WAIT, async {
+                while logs.text().matches("connector is draining").count() < n {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the edge never saw the drain")
+        }
+    };
     let (tx, mut started) = mpsc::unbounded_channel();
     let a = named_origin("a", Duration::from_millis(1500), tx.clone()).await;
     let b = named_origin("b", Duration::from_millis(1500), tx).await;
@@ -66,9 +79,10 @@ async fn draining_connector_finishes_in_flight_and_gets_no_new_requests() {
         (cb, ca, "a")
     };
 
-    // SIGTERM equivalent: the connector drains but its in-flight request goes on.
+    // SIGTERM equivalent: the connector drains but its in-flight request goes on. Both of its
+    // connections are marked draining at the edge before new requests are sent.
     draining.shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    draining_seen(2).await;
     for _ in 0..6 {
         let reply = get(edge.http, "app.test", "/").await;
         assert_eq!(
@@ -91,7 +105,7 @@ async fn draining_connector_finishes_in_flight_and_gets_no_new_requests() {
 
     // With the last connector draining too, the tunnel is offline.
     other.shutdown.cancel();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    draining_seen(4).await;
     let reply = get(edge.http, "app.test", "/").await;
     assert_eq!(reply.status, 502, "{}", reply.text());
     tokio::time::timeout(WAIT, other.task)
@@ -249,7 +263,17 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
         vec![],
     ))
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(WAIT, async {
+        while !admin_get(edge_admin, "/metrics")
+            .await
+            .text()
+            .contains("registration_failures_total{kind=\"unauthorized\"}")
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the refused registration was not counted");
     bad.stop().await;
 
     let edge_metrics = admin_get(edge_admin, "/metrics").await.text();
@@ -293,28 +317,49 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
 
 #[tokio::test]
 async fn connector_not_ready_until_registered() {
+    // The edge's address is known, but the edge starts only later.
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    let identity = identity();
     let mut cfg = sluice::config::ConnectorConfig::new("app", sluice::secret::Secret::new("t"));
     cfg.edges = vec![format!("127.0.0.1:{port}")];
+    cfg.edge_server_name = Some("localhost".into());
+    cfg.edge_ca = identity.chain.clone();
+    cfg.ha_connections = 1;
+    cfg.backoff.initial = Duration::from_millis(50);
+    cfg.backoff.max = Duration::from_millis(200);
     cfg.admin_listen = Some(loopback());
     let connector = sluice::connector::Connector::new(cfg).await.unwrap();
     let admin = connector.admin_addr().unwrap();
+    let state = connector.state();
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(connector.run(stop.clone()));
-    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(admin_get(admin, "/live").await.status, 200);
     let ready = admin_get(admin, "/ready").await;
     assert_eq!((ready.status, ready.text().as_str()), (503, "not ready\n"));
+
+    let mut ecfg =
+        sluice::config::EdgeConfig::new(format!("127.0.0.1:{port}").parse().unwrap(), identity);
+    ecfg.http_listen = Some(loopback());
+    ecfg.tunnels = vec![tunnel("app", "t", &["app.test"])];
+    let edge = sluice::edge::Edge::bind(ecfg).await.unwrap();
+    let edge_stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(edge.run(edge_stop.clone()));
+    tokio::time::timeout(WAIT, state.wait_registered(1))
+        .await
+        .expect("the connector never registered");
+    assert_eq!(admin_get(admin, "/ready").await.status, 200);
+
     stop.cancel();
     tokio::time::timeout(WAIT, task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
+    edge_stop.cancel();
 }
 
 #[tokio::test]
@@ -355,7 +400,14 @@ async fn access_log_has_one_line_per_request_and_can_be_switched_off() {
         .unwrap()
         .to_string();
     get(edge.http, "quiet.test", "/silent").await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Both roles write their line once the response is done; wait for the connector's.
+    tokio::time::timeout(WAIT, async {
+        while logs.text().matches("sluice::access").count() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("access lines missing");
     let text = logs.text();
     let lines: Vec<&str> = text
         .lines()

@@ -512,9 +512,8 @@ async fn requests_fail_over_to_the_remaining_connector() {
         );
     }
     assert_eq!(seen.len(), 2, "both connectors should serve requests");
+    // Stopping drains: it returns once the edge acknowledged that nothing more goes to `ca`.
     ca.stop().await;
-    // Let the edge process the closed connections (a graceful drain is the operations issue).
-    tokio::time::sleep(Duration::from_millis(200)).await;
     for _ in 0..8 {
         let reply = get(edge.http, "app.test", "/").await;
         assert_eq!(reply.status, 200, "{}", reply.text());
@@ -542,8 +541,16 @@ async fn connector_redials_until_the_edge_appears() {
     cfg.backoff.initial = Duration::from_millis(50);
     cfg.backoff.max = Duration::from_millis(400);
     cfg.ha_connections = 1;
+    let (logs, _guard) = capture_logs();
     let conn = start_connector(cfg).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Several dials fail while nothing listens.
+    tokio::time::timeout(WAIT, async {
+        while logs.text().matches("connection to the edge failed").count() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the connector did not keep dialling");
     assert_eq!(conn.state.registered(), 0);
 
     let mut ecfg = sluice::config::EdgeConfig::new(
@@ -640,12 +647,15 @@ async fn connector_refuses_an_edge_it_cannot_verify() {
     );
     cfg.edge_ca.clear();
     let conn = start_connector(cfg).await;
+    // The failure names the reason: rustls's verdict on the certificate, in the same line.
     logs.wait_for("connection to the edge failed").await;
-    assert!(
-        logs.text().contains("UnknownIssuer") || logs.text().contains("certificate"),
-        "{}",
+    let failures = |reason: &str| {
         logs.text()
-    );
+            .lines()
+            .filter(|l| l.contains("connection to the edge failed") && l.contains(reason))
+            .count()
+    };
+    assert!(failures("UnknownIssuer") > 0, "{}", logs.text());
     assert_eq!(conn.state.registered(), 0);
     // And a CA that is trusted but a name that does not match.
     let mut cfg = connector_config(
@@ -657,7 +667,8 @@ async fn connector_refuses_an_edge_it_cannot_verify() {
     );
     cfg.edge_server_name = Some("edge.example.com".into());
     let wrong_name = start_connector(cfg).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    logs.wait_for("NotValidForName").await;
+    assert!(failures("NotValidForName") > 0, "{}", logs.text());
     assert_eq!(wrong_name.state.registered(), 0);
     assert_eq!(get(edge.http, "app.test", "/").await.status, 502);
     conn.stop().await;

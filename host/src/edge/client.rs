@@ -82,18 +82,23 @@ pub(super) async fn serve_clients(
 /// connection went idle), lets it finish the request in flight (HTTP/1.1: no more keep-alive;
 /// HTTP/2: GOAWAY). A macro because hyper's HTTP/1 and auto-protocol connections share
 /// `graceful_shutdown` by name only, not through a trait.
+///
+/// The graceful phase is bounded by `$bound()`: an HTTP/2 client that never answers the
+/// GOAWAY's PING cannot keep the connection past it.
 macro_rules! serve_gracefully {
-    ($conn:ident, $stop:expr) => {{
+    ($conn:ident, $stop:expr, $bound:expr) => {{
         tokio::pin!($conn);
         let result = tokio::select! {
-            r = $conn.as_mut() => r,
+            r = $conn.as_mut() => Some(r),
             _ = $stop.cancelled() => {
                 $conn.as_mut().graceful_shutdown();
-                $conn.await
+                tokio::time::timeout($bound(), $conn).await.ok()
             }
         };
-        if let Err(e) = result {
-            tracing::debug!(cause = %e, "client connection ended with an error");
+        match result {
+            Some(Err(e)) => tracing::debug!(cause = %e, "client connection ended with an error"),
+            None => tracing::debug!("client connection did not close gracefully in time; dropped"),
+            Some(Ok(())) => {}
         }
     }};
 }
@@ -108,22 +113,39 @@ struct ClientConn {
 }
 
 impl ClientConn {
+    /// How long a connection asked to close gracefully may take: on shutdown, the grace
+    /// period; when closed for idleness (no request in flight), only the header timeout.
+    fn graceful_bound(&self, idle: &std::sync::atomic::AtomicBool) -> Duration {
+        let cfg = &self.shared.config;
+        if idle.load(std::sync::atomic::Ordering::Relaxed) {
+            cfg.header_read_timeout
+        } else {
+            cfg.grace_period
+        }
+    }
+}
+
+impl ClientConn {
     async fn serve(self, tcp: tokio::net::TcpStream, tls: Option<TlsAcceptor>) {
         let cfg = &self.shared.config;
         let activity = Arc::new(Activity::default());
+        let went_idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watchdog = {
-            let (activity, stop) = (activity.clone(), self.stop.clone());
+            let (activity, stop, went_idle) =
+                (activity.clone(), self.stop.clone(), went_idle.clone());
             let (first, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
             tokio::spawn(async move {
                 tokio::select! {
                     _ = activity.idle(first, idle) => {
                         debug!("closing an idle client connection");
+                        went_idle.store(true, std::sync::atomic::Ordering::Relaxed);
                         stop.cancel();
                     }
                     _ = stop.cancelled() => {}
                 }
             })
         };
+        let bound = || self.graceful_bound(&went_idle);
         let (shared, peer, scheme) = (self.shared.clone(), self.peer, self.scheme);
         let svc = hyper::service::service_fn(move |req| {
             let request = activity.begin();
@@ -145,7 +167,7 @@ impl ClientConn {
                     .max_buf_size(max_buf)
                     .serve_connection(io, svc)
                     .with_upgrades();
-                serve_gracefully!(conn, self.stop);
+                serve_gracefully!(conn, self.stop, bound);
             }
             Some(acceptor) => {
                 let handshake =
@@ -178,7 +200,7 @@ impl ClientConn {
                     .max_header_list_size(cfg.max_header_size.min(u32::MAX as usize) as u32);
                 let io = TokioIo::new(StallIo::new(stream, stall));
                 let conn = builder.serve_connection_with_upgrades(io, svc);
-                serve_gracefully!(conn, self.stop);
+                serve_gracefully!(conn, self.stop, bound);
             }
         }
         watchdog.abort();
