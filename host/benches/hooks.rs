@@ -96,7 +96,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    let rt = Runtime::new(64 << 20).unwrap();
+    let rt = Runtime::new(64 << 20, 256).unwrap();
     let metrics = Arc::new(Metrics::new("bench"));
     let view = view();
     println!("hook cost, echo fixture, {iters} iterations after 1000 warm-up calls");

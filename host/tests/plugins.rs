@@ -35,7 +35,7 @@ async fn tunnel_with(
 
 #[tokio::test]
 async fn components_wanting_filesystem_or_sockets_are_refused() {
-    let runtime = Runtime::new(64 << 20).unwrap();
+    let runtime = Runtime::new(64 << 20, 16).unwrap();
     let metrics = Arc::new(sluice::admin::Metrics::new("t"));
     for (fixture_name, wanted) in [("fs", "wasi:filesystem/"), ("sockets", "wasi:sockets/")] {
         let err = Plugin::load(
@@ -436,4 +436,110 @@ async fn builtin_origins_can_be_chosen_by_plugins_only_when_configured() {
     .await;
     assert_eq!(get(edge.http, "app.test", "/").await.status, 418);
     conn.stop().await;
+}
+
+#[tokio::test]
+async fn a_hook_spinning_to_its_deadline_blocks_no_other_request() {
+    // The test runs on one thread: a hook that held it would hold everything.
+    let mut spin = plugin("spin", "misbehave", serde_json::json!({}));
+    spin.timeout = Duration::from_secs(4);
+    let (edge, conn) = tunnel_with(vec![spin], &["spin"], |_| {}).await;
+    let loops_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let loops: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, done) = (edge.http, loops_done.clone());
+            tokio::spawn(async move {
+                let reply = get(http, "app.test", "/loop").await;
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                reply.status
+            })
+        })
+        .collect();
+    // Let the loops reach the plugin (if they have not, the assertions below only get easier).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 0..5 {
+        let reply = get(edge.http, "app.test", "/fine").await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(
+            loops_done.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "request {i} waited for a spinning hook to reach its deadline"
+        );
+    }
+    for l in loops {
+        assert_eq!(l.await.unwrap(), 502, "the spinning hook was not stopped");
+    }
+    conn.stop().await;
+}
+
+#[tokio::test]
+async fn per_request_instances_are_released_after_their_last_hook() {
+    let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let slow = start_origin(move |_req| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(());
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            http::Response::new(sluice::relay::full("slow"))
+        }
+    })
+    .await;
+    // misbehave exports only on-request: its instance is done once that has run.
+    let mut once = plugin("once", "misbehave", serde_json::json!({}));
+    once.isolation = Isolation::PerRequest;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let mut r = rule(None, None, "slow");
+    r.plugins = vec!["once".into()];
+    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("slow", slow)], vec![r]);
+    cfg.plugins = vec![once];
+    cfg.admin_listen = Some(loopback());
+    let conn = start_connector(cfg).await;
+    conn.registered(1).await;
+    let admin = conn.admin.unwrap();
+
+    let http = edge.http;
+    let request = tokio::spawn(async move { get(http, "app.test", "/x").await });
+    tokio::time::timeout(WAIT, started.recv()).await.unwrap();
+    // The origin is answering: the request is in flight, its instance already gone.
+    let metrics = get(admin, "admin", "/metrics").await.text();
+    assert!(
+        metrics.contains(r#"sluice_connector_plugin_instances{plugin="once"} 0"#),
+        "{metrics}"
+    );
+    assert_eq!(request.await.unwrap().status, 200);
+    conn.stop().await;
+}
+
+#[tokio::test]
+async fn an_exhausted_instance_pool_is_unavailable_never_skipped() {
+    // A pool of two instances, per-request isolation, and a lenient policy that must not let
+    // a request through without the plugin.
+    let runtime = Runtime::new(64 << 20, 2).unwrap();
+    let metrics = Arc::new(sluice::admin::Metrics::new("t"));
+    let mut cfg = plugin("guard", "misbehave", serde_json::json!({}));
+    cfg.isolation = Isolation::PerRequest;
+    cfg.on_error = OnError::FailOpen;
+    let guard = Plugin::load(runtime, cfg, metrics.clone()).await.unwrap();
+    let view = || sluice::plugin::RequestView {
+        method: "GET".into(),
+        scheme: "http".into(),
+        authority: "app.test".into(),
+        path: "/".into(),
+        headers: Vec::new(),
+        request_id: "r".into(),
+        hostname: "app.test".into(),
+        ingress_rule: 0,
+        client_addr: None,
+    };
+    let (mut a, mut b, mut c) = (None, None, None);
+    assert!(guard.on_request(&mut a, view()).await.result.is_ok());
+    assert!(guard.on_request(&mut b, view()).await.result.is_ok());
+    let third = guard.on_request(&mut c, view()).await.result;
+    assert_eq!(third.unwrap_err(), sluice::plugin::PluginError::Unavailable);
+    assert!(metrics
+        .encode()
+        .contains(r#"t_plugin_errors_total{plugin="guard",kind="unavailable"} 1"#));
+    // Released, the instances make room again.
+    drop((a, b));
+    assert!(guard.on_request(&mut c, view()).await.result.is_ok());
 }

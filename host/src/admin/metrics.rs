@@ -28,8 +28,16 @@ pub struct KindLabels {
 pub struct PluginErrorLabels {
     /// Plugin name.
     pub plugin: String,
-    /// `trap`, `timeout`, `memory`, `invalid-decision`, `instantiate`, `audit-overflow`.
+    /// `trap`, `timeout`, `memory`, `invalid-decision`, `instantiate`, `unavailable`,
+    /// `audit-overflow`.
     pub kind: &'static str,
+}
+
+/// Labels of per-plugin gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    /// Plugin name.
+    pub plugin: String,
 }
 
 /// Labels of the plugin hook-duration histogram.
@@ -67,6 +75,8 @@ pub struct Metrics {
     pub plugin_errors: Family<PluginErrorLabels, Counter>,
     /// Plugin hook durations, by plugin and hook.
     pub plugin_hook_duration: Family<PluginHookLabels, Histogram, fn() -> Histogram>,
+    /// Live plugin instances (in use or idle), by plugin.
+    pub plugin_instances: Family<PluginLabels, Gauge>,
     /// Audit events written.
     pub audit_events: Counter,
     registry: Registry,
@@ -120,6 +130,12 @@ impl Metrics {
                 hook_histogram as fn() -> Histogram,
             );
         let audit_events = Counter::default();
+        let plugin_instances = Family::<PluginLabels, Gauge>::default();
+        registry.register(
+            "plugin_instances",
+            "Live plugin instances (in use or idle), by plugin",
+            plugin_instances.clone(),
+        );
         registry.register(
             "plugin_errors",
             "Plugin failures, by plugin and kind",
@@ -145,6 +161,7 @@ impl Metrics {
             rejected,
             plugin_errors,
             plugin_hook_duration,
+            plugin_instances,
             audit_events,
             registry,
         }

@@ -230,6 +230,12 @@ impl ConnectorConfig {
         Self::parse(&text, path)
     }
 
+    /// Plugin instances this configuration may need at once: every plugin can have one
+    /// instance per request in flight, plus its idle pooled ones.
+    pub fn plugin_instances(&self) -> usize {
+        self.plugins.len() * (self.max_concurrent_requests + crate::plugin::MAX_IDLE)
+    }
+
     /// Validates the text of a connector file; `path` is used for errors and relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let src = Source::new(path, text);
@@ -409,7 +415,7 @@ impl ConnectorConfig {
             });
         }
 
-        Ok(ConnectorConfig {
+        let config = ConnectorConfig {
             tunnel: file.tunnel,
             token,
             connector_id: file.connector_id.unwrap_or_else(default_connector_id),
@@ -433,7 +439,21 @@ impl ConnectorConfig {
             body_idle_timeout: file
                 .body_idle_timeout
                 .map_or(super::edge::DEFAULT_BODY_IDLE_TIMEOUT, |d| d.0),
-        })
+        };
+        let max = crate::plugin::runtime::MAX_INSTANCES;
+        if config.plugin_instances() > max {
+            return Err(src.error(
+                None,
+                "max-concurrent-requests",
+                format!(
+                    "{} plugins with max-concurrent-requests = {} need {} plugin instances, more than the {max} a connector can hold; lower max-concurrent-requests or load fewer plugins",
+                    config.plugins.len(),
+                    config.max_concurrent_requests,
+                    config.plugin_instances()
+                ),
+            ));
+        }
+        Ok(config)
     }
 }
 

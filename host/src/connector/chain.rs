@@ -96,6 +96,13 @@ pub struct RequestEdits {
     pub respond: Option<(StatusCode, HeaderMap, Bytes, String)>,
 }
 
+/// The hook that just ran, for [`ChainRun::release_unneeded`].
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Request,
+    Response,
+}
+
 /// One request's trip through its chain.
 pub struct ChainRun<'a> {
     chains: &'a Chains,
@@ -128,6 +135,7 @@ impl ChainRun<'_> {
             }
             let view = self.view_for(&plugin);
             let called = plugin.on_request(&mut self.held[pos], view).await;
+            self.release_unneeded(pos, &plugin, Phase::Request);
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             let result = called
                 .result
@@ -209,6 +217,7 @@ impl ChainRun<'_> {
                 headers: visible,
             };
             let called = plugin.on_response(&mut self.held[pos], view, resp).await;
+            self.release_unneeded(pos, &plugin, Phase::Response);
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             let result = called.result.and_then(|d| {
                 decision::apply_edits(headers, &d.headers).map_err(|e| plugin.refuse(e))
@@ -232,6 +241,7 @@ impl ChainRun<'_> {
             let called = plugin
                 .on_complete(&mut self.held[pos], view, info.clone())
                 .await;
+            self.held[pos] = None;
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             if let Err(error) = called.result {
                 warn!(plugin = plugin.name(), kind = error.kind(), %error, "plugin failed in on-complete");
@@ -242,6 +252,18 @@ impl ChainRun<'_> {
     /// Logs a failure and applies the plugin's policy: `Err` to refuse the request
     /// (fail-closed), `Ok` to skip the plugin (fail-open).
     fn failed(&self, plugin: &Plugin, error: PluginError) -> Result<(), Refused> {
+        if error == PluginError::Unavailable {
+            // Not a failure of the plugin's logic but of capacity: skipping it would let a
+            // load spike bypass an access control configured fail-open.
+            warn!(
+                plugin = plugin.name(),
+                "no plugin instance available; refusing the request"
+            );
+            return Err(Refused {
+                plugin: plugin.name().to_string(),
+                error,
+            });
+        }
         let policy = plugin.on_error();
         warn!(
             plugin = plugin.name(),
@@ -256,6 +278,20 @@ impl ChainRun<'_> {
                 error,
             }),
             OnError::FailOpen => Ok(()),
+        }
+    }
+
+    /// Gives back the request's own instance of the plugin at `pos` (per-request isolation)
+    /// once no later hook of the plugin will run for this request, instead of holding it
+    /// while the body streams.
+    fn release_unneeded(&mut self, pos: usize, plugin: &Plugin, after: Phase) {
+        let (_, on_response, on_complete) = plugin.exports();
+        let needed = match after {
+            Phase::Request => on_response || on_complete,
+            Phase::Response => on_complete,
+        };
+        if !needed {
+            self.held[pos] = None;
         }
     }
 

@@ -70,6 +70,14 @@ pub enum PipelineError {
     /// The WebAssembly runtime could not be set up.
     #[error(transparent)]
     Runtime(#[from] crate::plugin::RuntimeError),
+    /// The configuration needs a larger instance pool than the running engine has.
+    #[error("the plugins need a pool of {needed} instances; the running connector has {running}; restart to apply")]
+    Instances {
+        /// Instances the new configuration needs.
+        needed: u32,
+        /// The pool of the running engine.
+        running: u32,
+    },
     /// A plugin asks for more memory than the running engine was set up for.
     #[error(
         "plugin {0:?} asks for more memory than the running connector allows; restart to apply"
@@ -103,16 +111,24 @@ impl PluginEnv {
 
     fn runtime(&self, config: &ConnectorConfig) -> Result<Arc<Runtime>, PipelineError> {
         let needed = config.plugins.iter().map(|p| p.memory).max().unwrap_or(0);
+        // While a reload's plugins start, the previous set still serves: room for both.
+        let instances = (2 * config.plugin_instances()).clamp(16, u32::MAX as usize) as u32;
         let mut guard = self.runtime.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((rt, max)) = guard.as_ref() {
             if let Some(p) = config.plugins.iter().find(|p| p.memory > *max) {
                 return Err(PipelineError::Memory(p.name.clone()));
             }
+            if instances > rt.instances {
+                return Err(PipelineError::Instances {
+                    needed: instances,
+                    running: rt.instances,
+                });
+            }
             return Ok(rt.clone());
         }
         // Room for the largest plugin now, and for reloads that raise limits up to 64 MiB.
         let max = needed.max(64 << 20);
-        let rt = Runtime::new(max)?;
+        let rt = Runtime::new(max, instances)?;
         *guard = Some((rt.clone(), max));
         Ok(rt)
     }
@@ -653,8 +669,18 @@ impl Failure {
         }
     }
 
-    /// A fail-closed plugin failure: a 502 that names no plugin internals.
+    /// A fail-closed plugin failure: a 502 that names no plugin internals; or, when no
+    /// instance could be had, a 503 the client may retry.
     fn plugin(refused: Refused) -> Self {
+        if refused.error == crate::plugin::PluginError::Unavailable {
+            return Failure::Answer {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "too many requests in flight for a plugin; retry shortly".into(),
+                origin: String::new(),
+                kind: "plugin-unavailable",
+                origin_failure: false,
+            };
+        }
         Failure::Answer {
             status: StatusCode::BAD_GATEWAY,
             message: "the request could not be processed".into(),
@@ -685,47 +711,29 @@ impl Failure {
 /// already in flight: nothing is queued, nothing is read.
 pub async fn refuse_busy(mut send: quinn::SendStream, mut recv: quinn::RecvStream, limit: usize) {
     let _ = recv.stop(proto::code::STREAM_CANCELLED);
-    let body = format!(
-        "sluice connector: too many requests in flight (max-concurrent-requests = {limit})\n"
-    );
-    let head = ResponseHead {
-        status: 503,
-        headers: vec![
-            (
-                CONTENT_TYPE.as_str().to_string(),
-                "text/plain; charset=utf-8".into(),
-            ),
-            (
-                "content-length".to_string(),
-                body.len().to_string().as_str().into(),
-            ),
-            ("retry-after".to_string(), "1".into()),
-        ],
-        source: ResponseSource::Connector,
-    };
-    if write_frame(&mut send, &head).await.is_ok() && send.write_all(body.as_bytes()).await.is_ok()
-    {
-        let _ = send.finish();
-    } else {
-        let _ = send.reset(proto::code::STREAM_CANCELLED);
-    }
+    let message = format!("too many requests in flight (max-concurrent-requests = {limit})");
+    answer_error(&mut send, StatusCode::SERVICE_UNAVAILABLE, &message).await;
 }
 
-/// Sends a connector-made error response; returns the body size.
+/// Sends a connector-made error response (a 503 says when to retry); returns the body size.
 async fn answer_error(send: &mut quinn::SendStream, status: StatusCode, message: &str) -> u64 {
     let body = format!("sluice connector: {message}\n");
+    let mut headers = vec![
+        (
+            CONTENT_TYPE.as_str().to_string(),
+            "text/plain; charset=utf-8".into(),
+        ),
+        (
+            "content-length".to_string(),
+            body.len().to_string().as_str().into(),
+        ),
+    ];
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.push(("retry-after".to_string(), "1".into()));
+    }
     let head = ResponseHead {
         status: status.as_u16(),
-        headers: vec![
-            (
-                CONTENT_TYPE.as_str().to_string(),
-                "text/plain; charset=utf-8".into(),
-            ),
-            (
-                "content-length".to_string(),
-                body.len().to_string().as_str().into(),
-            ),
-        ],
+        headers,
         source: ResponseSource::Connector,
     };
     if write_frame(send, &head).await.is_ok() && send.write_all(body.as_bytes()).await.is_ok() {

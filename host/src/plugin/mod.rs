@@ -26,7 +26,7 @@ use host::StoreData;
 pub use host::{RawEvent, RequestView};
 pub use runtime::{Runtime, RuntimeError};
 
-use crate::admin::metrics::{Metrics, PluginErrorLabels, PluginHookLabels};
+use crate::admin::metrics::{Metrics, PluginErrorLabels, PluginHookLabels, PluginLabels};
 use crate::config::{Isolation, OnError, PluginConfig};
 
 /// Headers hidden from plugins without the `credentials` grant.
@@ -54,7 +54,7 @@ pub fn restrict_view(view: &mut RequestView, grants: crate::config::Grants) {
 }
 
 /// Idle instances kept per plugin for reuse.
-const MAX_IDLE: usize = 64;
+pub const MAX_IDLE: usize = 64;
 
 /// Wall-clock limit on instantiation plus `init` (which may parse a large configuration).
 const INIT_DEADLINE: Duration = Duration::from_secs(1);
@@ -124,6 +124,10 @@ pub enum PluginError {
     /// A fresh instance could not be created or its `init` failed.
     #[error("could not start an instance: {0}")]
     Instantiate(String),
+    /// Every instance the pool allows is in use: the request waits for no instance and is
+    /// never let through without the plugin (whatever `on-error` says).
+    #[error("no instance available (the pool is exhausted)")]
+    Unavailable,
 }
 
 impl PluginError {
@@ -135,6 +139,7 @@ impl PluginError {
             PluginError::Memory(_) => "memory",
             PluginError::InvalidDecision(_) => "invalid-decision",
             PluginError::Instantiate(_) => "instantiate",
+            PluginError::Unavailable => "unavailable",
         }
     }
 }
@@ -154,6 +159,14 @@ pub struct Slot {
     on_response: Option<on_response::Guest>,
     on_complete: Option<on_complete::Guest>,
     calls: u64,
+    /// The plugin's live-instance gauge, decremented when the instance goes.
+    live: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.live.dec();
+    }
 }
 
 /// A loaded plugin: its compiled component and its pool of idle instances.
@@ -164,7 +177,6 @@ pub struct Plugin {
     pre: InstancePre<StoreData>,
     hooks: HookIndices,
     idle: Mutex<Vec<Slot>>,
-    ticks: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -192,13 +204,20 @@ impl Plugin {
         metrics: Arc<Metrics>,
     ) -> Result<Plugin, LoadError> {
         let plugin = config.name.clone();
-        let component = Component::from_file(&runtime.engine, &config.path).map_err(|e| {
-            LoadError::Component {
+        // Compiling takes from milliseconds to seconds of CPU: on a blocking thread, so that a
+        // reload never stalls the requests sharing an async worker.
+        let compiled = {
+            let (engine, path) = (runtime.engine.clone(), config.path.clone());
+            tokio::task::spawn_blocking(move || Component::from_file(&engine, &path)).await
+        };
+        let component = compiled
+            .map_err(|e| format!("compilation did not finish: {e}"))
+            .and_then(|r| r.map_err(|e| format!("{e:#}")))
+            .map_err(|reason| LoadError::Component {
                 plugin: plugin.clone(),
                 path: config.path.display().to_string(),
-                reason: format!("{e:#}"),
-            }
-        })?;
+                reason,
+            })?;
         let ty = component.component_type();
         let forbidden: Vec<String> = ty
             .imports(&runtime.engine)
@@ -227,7 +246,6 @@ impl Plugin {
             on_response: on_response::GuestIndices::new(&pre).ok(),
             on_complete: on_complete::GuestIndices::new(&pre).ok(),
         };
-        let ticks = Runtime::ticks(config.timeout);
         let plugin = Plugin {
             name: Arc::from(config.name.as_str()),
             config,
@@ -235,7 +253,6 @@ impl Plugin {
             pre,
             hooks,
             idle: Mutex::new(Vec::new()),
-            ticks,
             metrics,
         };
         // Start one instance now: a bad configuration is refused at load, not on a request.
@@ -364,7 +381,7 @@ impl Plugin {
             Ok(own) => {
                 let borrow = Resource::new_borrow(own.rep());
                 slot.store.data_mut().limiter.denied = false;
-                slot.store.set_epoch_deadline(self.ticks);
+                slot.store.set_epoch_deadline(1);
                 // The epoch deadline stops guest code; this one also stops a plugin blocked in
                 // a host call (a WASI sleep, say). Either way the instance is dropped below.
                 match tokio::time::timeout(self.wall_deadline(), f(&mut slot, borrow)).await {
@@ -471,25 +488,40 @@ impl Plugin {
         let data = StoreData::new(self.name.clone(), self.config.memory);
         let mut store = Store::new(&self.runtime.engine, data);
         store.limiter(|d| &mut d.limiter);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.ticks);
+        // Guest code yields to the async runtime at every epoch tick, so a hook that runs to
+        // its deadline never holds a worker thread; the deadline itself is the wall-clock
+        // bound around each call, which drops the call (and the instance) when it passes.
+        store.epoch_deadline_async_yield_and_update(1);
+        store.set_epoch_deadline(1);
         let started = tokio::time::timeout(INIT_DEADLINE, self.pre.instantiate_async(&mut store))
             .await
             .unwrap_or_else(|_| Err(wasmtime::Error::from(wasmtime::Trap::Interrupt)));
         let instance: Instance = match started {
             Ok(i) => i,
+            Err(e) if e.is::<wasmtime::PoolConcurrencyLimitError>() => {
+                return Err(PluginError::Unavailable)
+            }
             Err(e) => {
                 return Err(PluginError::Instantiate(
                     self.classify(&e, store.data()).to_string(),
                 ))
             }
         };
+        let live = self
+            .metrics
+            .plugin_instances
+            .get_or_create(&PluginLabels {
+                plugin: self.name.to_string(),
+            })
+            .clone();
+        live.inc();
         let mut slot = Slot {
             on_request: None,
             on_response: None,
             on_complete: None,
             calls: 0,
             store,
+            live,
         };
         let loaded = (|| -> wasmtime::Result<()> {
             if let Some(i) = &self.hooks.on_request {
@@ -508,8 +540,7 @@ impl Plugin {
             let guest = i
                 .load(&mut slot.store, &instance)
                 .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
-            slot.store
-                .set_epoch_deadline(self.ticks.max(Runtime::ticks(Duration::from_secs(1))));
+            slot.store.set_epoch_deadline(1);
             let init = tokio::time::timeout(
                 INIT_DEADLINE,
                 guest.call_init(&mut slot.store, &self.config.config_json),

@@ -12,11 +12,12 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings::Plugin as PluginWorld;
 use super::host::StoreData;
 
-/// Period of the epoch ticker; hook deadlines are counted in these ticks.
+/// Period of the epoch ticker: running guest code yields to the async runtime this often.
 pub const TICK: Duration = Duration::from_millis(1);
 
-/// Component instances alive at once, all plugins together (idle pooled instances included).
-pub const MAX_INSTANCES: u32 = 1000;
+/// Largest instance pool a configuration may ask for (see
+/// [`crate::config::ConnectorConfig::plugin_instances`]).
+pub const MAX_INSTANCES: usize = 20_000;
 
 /// Imports a plugin may have, without their `@version`. Everything else (filesystem, sockets,
 /// outbound HTTP…) is refused at load time.
@@ -53,6 +54,8 @@ pub struct RuntimeError(#[from] wasmtime::Error);
 pub struct Runtime {
     pub(super) engine: Engine,
     pub(super) linker: Linker<StoreData>,
+    /// Size of the instance pool.
+    pub instances: u32,
     _ticker: Ticker,
 }
 
@@ -63,14 +66,15 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
-    /// An engine whose pooled instances may each grow to `max_memory` bytes.
-    pub fn new(max_memory: usize) -> Result<Arc<Runtime>, RuntimeError> {
+    /// An engine with room for `instances` live component instances (all plugins together,
+    /// idle pooled ones included), each of whose memories may grow to `max_memory` bytes.
+    pub fn new(max_memory: usize, instances: u32) -> Result<Arc<Runtime>, RuntimeError> {
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(MAX_INSTANCES)
-            .total_core_instances(MAX_INSTANCES * 4)
-            .total_memories(MAX_INSTANCES)
-            .total_tables(MAX_INSTANCES * 4)
-            .total_stacks(MAX_INSTANCES)
+        pool.total_component_instances(instances)
+            .total_core_instances(instances.saturating_mul(4))
+            .total_memories(instances)
+            .total_tables(instances.saturating_mul(4))
+            .total_stacks(instances)
             .max_memory_size(max_memory);
         let mut config = Config::new();
         config
@@ -92,13 +96,8 @@ impl Runtime {
             _ticker: ticker,
             engine,
             linker,
+            instances,
         }))
-    }
-
-    /// Epoch ticks for a deadline of `timeout` (at least two, so a tick right after the call
-    /// starts does not cut it short).
-    pub fn ticks(timeout: Duration) -> u64 {
-        (timeout.as_micros().div_ceil(TICK.as_micros()) as u64).max(1) + 1
     }
 }
 
@@ -146,8 +145,8 @@ impl wasmtime::component::HasData for Io {
     type Data<'a> = &'a mut wasmtime::component::ResourceTable;
 }
 
-/// Increments the engine's epoch every [`TICK`] on a thread of its own, so deadlines fire even
-/// while the async runtime's thread is busy running a plugin.
+/// Increments the engine's epoch every [`TICK`] on a thread of its own, so that running guest
+/// code reaches a yield point even while every async worker is busy.
 struct Ticker {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,

@@ -89,7 +89,7 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
     cfg.config_json = t.config_json.clone();
     cfg.timeout = t.timeout;
     cfg.grants = t.grants;
-    let runtime = Runtime::new(cfg.memory.max(64 << 20))?;
+    let runtime = Runtime::new(cfg.memory.max(64 << 20), 16)?;
     let plugin = Plugin::load(runtime, cfg, Arc::new(Metrics::new("plugin_test"))).await?;
     let (req_hook, resp_hook, complete_hook) = plugin.exports();
     let mut out = Vec::new();
