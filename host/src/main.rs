@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use sluice::config::{self, AnyConfig, ConnectorConfig, EdgeConfig};
 
@@ -225,9 +225,9 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 
 async fn run(command: cli::Command) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    tokio::spawn(watch_signals(shutdown.clone()));
     match command {
         cli::Command::Edge { config } => {
+            tokio::spawn(watch_signals(shutdown.clone(), None));
             let cfg = EdgeConfig::load(&config)?;
             let edge = sluice::edge::Edge::bind(cfg)
                 .await
@@ -248,6 +248,7 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
             let connector = sluice::connector::Connector::new(cfg)
                 .await
                 .context("failed to start the connector")?;
+            tokio::spawn(watch_signals(shutdown.clone(), Some(connector.audit())));
             let reloader = connector.reloader();
             tokio::spawn(on_sighup(config, move |path| {
                 let reloader = reloader.clone();
@@ -264,6 +265,7 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
             plugins,
             no_plugins,
         } => {
+            tokio::spawn(watch_signals(shutdown.clone(), None));
             let plugins = (!no_plugins).then_some(plugins.as_path());
             let demo = sluice::demo::Demo::start(port, plugins)
                 .await
@@ -299,8 +301,12 @@ where
     }
 }
 
-/// Cancels `shutdown` on SIGINT or SIGTERM; a second signal exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
+/// How long a second signal waits for queued audit events to be written before exiting.
+const FORCED_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Cancels `shutdown` on SIGINT or SIGTERM; a second signal exits at once, after writing the
+/// audit events already queued (for at most [`FORCED_FLUSH`]).
+async fn watch_signals(shutdown: CancellationToken, audit: Option<sluice::audit::Audit>) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -317,6 +323,15 @@ async fn watch_signals(shutdown: CancellationToken) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+    if let Some(audit) = audit {
+        info!("exiting now: writing the queued audit events first");
+        if tokio::time::timeout(FORCED_FLUSH, audit.flush())
+            .await
+            .is_err()
+        {
+            warn!("audit events still queued after {FORCED_FLUSH:?} are lost");
+        }
     }
     std::process::exit(130);
 }

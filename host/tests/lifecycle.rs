@@ -204,3 +204,54 @@ async fn a_response_in_flight_when_the_drain_starts_arrives_whole() {
         edge.shutdown.cancel();
     }
 }
+
+#[tokio::test]
+async fn the_audit_event_of_a_request_cut_off_by_the_grace_period_is_written() {
+    let dir = std::env::temp_dir().join(format!("sluice-grace-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("audit.jsonl");
+    let _ = std::fs::remove_file(&file);
+    let (tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    let origin = start_origin(move |_req: Request<Incoming>| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(());
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Response::new(sluice::relay::full("late"))
+        }
+    })
+    .await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let mut r = rule(None, None, "web");
+    r.plugins = vec!["auditor".into()];
+    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![r]);
+    let mut auditor = sluice::config::PluginConfig::new("auditor", fixture("echo"));
+    auditor.config_json = serde_json::to_vec(&serde_json::json!({"audit": true})).unwrap();
+    cfg.plugins = vec![auditor];
+    cfg.audit = sluice::config::AuditConfig {
+        stdout: false,
+        file: Some(file.clone()),
+        queue: 4,
+    };
+    cfg.grace_period = Duration::from_millis(300);
+    let conn = start_connector(cfg).await;
+    conn.registered(2).await;
+
+    let http = edge.http;
+    let request = tokio::spawn(async move { get(http, "app.test", "/held").await });
+    tokio::time::timeout(WAIT, held.recv()).await.unwrap();
+    conn.shutdown.cancel();
+    tokio::time::timeout(WAIT, conn.task)
+        .await
+        .expect("the connector did not stop after its grace period")
+        .unwrap();
+    // Read the moment the connector has stopped: the cut-off request's event is there.
+    let text = std::fs::read_to_string(&file).unwrap_or_default();
+    assert!(
+        text.lines().any(|l| l.contains("\"path\":\"/held\"")),
+        "the audit file lacks the cut-off request's event:\n{text}"
+    );
+    request.abort();
+    edge.shutdown.cancel();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -67,6 +67,8 @@ pub struct AuditError {
 enum Msg {
     Event(Box<AuditEvent>),
     Flush(oneshot::Sender<()>),
+    /// Flush, then stop: events sent later are lost (and logged as such).
+    Close(oneshot::Sender<()>),
 }
 
 /// Handle to the audit writer. Cloning is cheap.
@@ -117,9 +119,19 @@ impl Audit {
 
     /// Waits until every event queued so far is written and flushed.
     pub async fn flush(&self) {
+        self.request(Msg::Flush).await
+    }
+
+    /// Writes every event queued so far, then stops the writer (at shutdown, once nothing
+    /// can emit any more).
+    pub async fn close(&self) {
+        self.request(Msg::Close).await
+    }
+
+    async fn request(&self, msg: fn(oneshot::Sender<()>) -> Msg) {
         if let Some(tx) = &self.tx {
             let (done, wait) = oneshot::channel();
-            if tx.send(Msg::Flush(done)).await.is_ok() {
+            if tx.send(msg(done)).await.is_ok() {
                 let _ = wait.await;
             }
         }
@@ -170,6 +182,11 @@ async fn write_events(
             Msg::Flush(done) => {
                 flush(&mut out, &mut file).await;
                 let _ = done.send(());
+            }
+            Msg::Close(done) => {
+                flush(&mut out, &mut file).await;
+                let _ = done.send(());
+                return;
             }
         }
     }

@@ -61,6 +61,9 @@ impl ConnectorState {
     }
 }
 
+/// After the grace period, how long cut-off requests get to run their on-complete hooks.
+const AFTER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A configured connector, ready to run.
 pub struct Connector {
     config: Arc<ConnectorConfig>,
@@ -151,6 +154,11 @@ impl Connector {
         }
     }
 
+    /// The audit writer (to flush it on a forced exit).
+    pub fn audit(&self) -> crate::audit::Audit {
+        self.env.audit().clone()
+    }
+
     /// Observable state (registered connections).
     pub fn state(&self) -> Arc<ConnectorState> {
         self.state.clone()
@@ -218,12 +226,27 @@ impl Connector {
         });
         match drained.await {
             Ok(()) => info!("all in-flight requests finished"),
-            Err(_) => warn!(
-                abandoned = streams.len(),
-                "grace period ran out; closing with requests still in flight"
-            ),
+            Err(_) => {
+                warn!(
+                    abandoned = streams.len(),
+                    "grace period ran out; closing with requests still in flight"
+                );
+                // Cut off, the requests still running end at once; their on-complete hooks
+                // still run, and their audit events are still written below.
+                endpoint.close(crate::proto::code::CLOSE_NORMAL, b"connector shutting down");
+                if tokio::time::timeout(AFTER_GRACE, streams.wait())
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        still_running = streams.len(),
+                        "requests did not end after their connections closed; their audit events are lost"
+                    );
+                }
+            }
         }
-        self.env.audit().flush().await;
+        // Nothing can emit any more: write what is queued and stop the writer.
+        self.env.audit().close().await;
         endpoint.close(crate::proto::code::CLOSE_NORMAL, b"connector shutting down");
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         info!("connector stopped");
