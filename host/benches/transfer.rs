@@ -4,11 +4,10 @@
 //! Run: `cargo bench -p sluice --bench transfer` (size: `SLUICE_BENCH_BYTES`, default 1 GiB).
 //! Peak RSS must stay flat as the size grows: no component buffers a body.
 
+mod common;
+
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -41,45 +40,6 @@ async fn drain(mut body: Incoming) -> u64 {
     n
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(role: &str, config: &Path) -> Proc {
-    Proc(
-        Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([role, "--config"])
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("failed to start sluice"),
-    )
-}
-
 #[tokio::main]
 async fn main() {
     let total: u64 = std::env::var("SLUICE_BENCH_BYTES")
@@ -87,7 +47,8 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1 << 30);
 
-    // Origin: POST /sink counts the body; GET /source streams `total` bytes.
+    // Origin: POST /sink counts the body; GET /source streams `total` bytes; anything else
+    // is a small answer.
     let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let origin_addr = origin.local_addr().unwrap();
     tokio::spawn(async move {
@@ -95,16 +56,20 @@ async fn main() {
             tcp.set_nodelay(true).unwrap();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                    let resp: Response<Body> = if req.uri().path() == "/sink" {
-                        let n = drain(req.into_body()).await;
-                        Response::new(BodyExt::boxed(
-                            http_body_util::Full::new(Bytes::from(n.to_string()))
-                                .map_err(|e| match e {}),
-                        ))
-                    } else {
-                        let mut r = Response::new(source(total));
-                        r.headers_mut().insert("content-length", total.into());
-                        r
+                    let resp: Response<Body> = match req.uri().path() {
+                        "/sink" => {
+                            let n = drain(req.into_body()).await;
+                            Response::new(BodyExt::boxed(
+                                http_body_util::Full::new(Bytes::from(n.to_string()))
+                                    .map_err(|e| match e {}),
+                            ))
+                        }
+                        "/source" => {
+                            let mut r = Response::new(source(total));
+                            r.headers_mut().insert("content-length", total.into());
+                            r
+                        }
+                        _ => Response::new(source(0)),
                     };
                     Ok::<_, Infallible>(resp)
                 });
@@ -115,59 +80,9 @@ async fn main() {
         }
     });
 
-    // Certificates and configs for two separate processes.
-    let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    std::fs::write(dir.join("edge.crt"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.join("edge.key"), ck.key_pair.serialize_pem()).unwrap();
-    let (http_port, quic_port) = (free_port(), free_port());
-    let token = "bench-token";
-    let token_hash = hex::encode(sluice::secret::Secret::new(token).sha256());
-    std::fs::write(
-        dir.join("edge.toml"),
-        format!(
-            "[http]\nlisten = \"127.0.0.1:{http_port}\"\n[connectors]\nlisten = \"127.0.0.1:{quic_port}\"\n\
-             cert = \"edge.crt\"\nkey = \"edge.key\"\n[[tunnel]]\nid = \"bench\"\ntoken-sha256 = \"{token_hash}\"\n\
-             hostnames = [\"bench.test\"]\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("connector.toml"),
-        format!(
-            "tunnel = \"bench\"\ntoken = \"{token}\"\nedges = [\"127.0.0.1:{quic_port}\"]\nha-connections = 1\n\
-             edge-ca = \"edge.crt\"\nedge-server-name = \"localhost\"\n[[origin]]\nname = \"o\"\n\
-             url = \"http://{origin_addr}\"\nrequest-timeout = \"10m\"\n[[ingress]]\norigin = \"o\"\n"
-        ),
-    )
-    .unwrap();
-    let edge = spawn("edge", &dir.join("edge.toml"));
-    let connector = spawn("connector", &dir.join("connector.toml"));
-    let edge_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
-
-    // Wait until the tunnel answers.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(tcp) = tokio::net::TcpStream::connect(edge_addr).await {
-            let (mut s, c) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp))
-                .await
-                .unwrap();
-            tokio::spawn(c);
-            let req = Request::post("/sink")
-                .header("host", "bench.test")
-                .body(source(0))
-                .unwrap();
-            if let Ok(r) = s.send_request(req).await {
-                if r.status() == 200 {
-                    break;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "tunnel did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let baseline = (peak_rss_kib(edge.0.id()), peak_rss_kib(connector.0.id()));
+    let tunnel = common::Tunnel::start(origin_addr, "", "").await;
+    let edge_addr = tunnel.http;
+    let baseline = tunnel.peak_rss_kib();
 
     let tcp = tokio::net::TcpStream::connect(edge_addr).await.unwrap();
     tcp.set_nodelay(true).unwrap();
@@ -195,7 +110,7 @@ async fn main() {
     .unwrap();
     assert_eq!(got, total, "upload arrived short");
     let up = start.elapsed();
-    let after_up = (peak_rss_kib(edge.0.id()), peak_rss_kib(connector.0.id()));
+    let after_up = tunnel.peak_rss_kib();
 
     let start = Instant::now();
     let req = Request::get("/source")
@@ -209,7 +124,7 @@ async fn main() {
         "download arrived short"
     );
     let down = start.elapsed();
-    let after_down = (peak_rss_kib(edge.0.id()), peak_rss_kib(connector.0.id()));
+    let after_down = tunnel.peak_rss_kib();
 
     let mib = total as f64 / (1 << 20) as f64;
     println!("transfer of {mib:.0} MiB through edge + connector (separate processes, loopback)");
@@ -236,7 +151,4 @@ async fn main() {
         "  after download     {:>7} KiB  {:>7} KiB",
         after_down.0, after_down.1
     );
-    drop(edge);
-    drop(connector);
-    let _ = std::fs::remove_dir_all(&dir);
 }
