@@ -95,21 +95,14 @@ async fn bad_control_streams_close_only_their_connection() {
 async fn unknown_control_messages_after_registration_are_ignored() {
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
     let ep = raw_quic_client(&edge, sluice::proto::ALPN);
-    let conn = ep.connect(edge.quic, "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let reg = sluice::proto::Control::Register(sluice::proto::Register {
-        version: 1,
-        tunnel: "app".into(),
-        token: sluice::secret::Secret::new("t"),
-        connector_id: "raw".into(),
-        conn_index: 0,
-    });
-    sluice::proto::io::write_frame(&mut send, &reg)
-        .await
-        .unwrap();
-    let answer: sluice::proto::Control = sluice::proto::io::read_frame(&mut recv).await.unwrap();
+    let RawRegistration {
+        conn,
+        mut send,
+        mut recv,
+        answer,
+    } = raw_register(&ep, &edge, "app", "t").await;
     assert!(
-        matches!(answer, sluice::proto::Control::Registered(_)),
+        matches!(answer, Ok(sluice::proto::Control::Registered(_))),
         "{answer:?}"
     );
     let future = sluice::proto::encode(&serde_json::json!({"type": "stats", "rtt": 3})).unwrap();
@@ -159,20 +152,8 @@ async fn a_connection_that_grants_no_streams_is_skipped() {
     let mut transport = quinn::TransportConfig::default();
     transport.max_concurrent_bidi_streams(0u32.into());
     let ep = raw_quic_client_with(&edge, sluice::proto::ALPN, transport);
-    let conn = ep.connect(edge.quic, "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let reg = sluice::proto::Control::Register(sluice::proto::Register {
-        version: 1,
-        tunnel: "app".into(),
-        token: sluice::secret::Secret::new("t"),
-        connector_id: "stingy".into(),
-        conn_index: 0,
-    });
-    sluice::proto::io::write_frame(&mut send, &reg)
-        .await
-        .unwrap();
-    let answer: sluice::proto::Control = sluice::proto::io::read_frame(&mut recv).await.unwrap();
-    assert!(matches!(answer, sluice::proto::Control::Registered(_)));
+    let stingy = raw_register(&ep, &edge, "app", "t").await;
+    assert!(stingy.registered(), "{:?}", stingy.answer);
 
     // Every request still succeeds: a stuck open is abandoned and another connection tried.
     for _ in 0..3 {

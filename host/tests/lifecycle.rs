@@ -71,6 +71,17 @@ fn load(
     (tally, tasks)
 }
 
+/// An edge and two connectors of tunnel `app`, each sending everything to `origin`.
+async fn two_connectors(origin: SocketAddr) -> (EdgeHandle, ConnectorHandle, ConnectorHandle) {
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let config = || connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]);
+    let a = start_connector(config()).await;
+    let b = start_connector(config()).await;
+    a.registered(2).await;
+    b.registered(2).await;
+    (edge, a, b)
+}
+
 /// A 100-byte file.
 async fn file_origin() -> SocketAddr {
     start_origin(|_req: Request<Incoming>| async {
@@ -104,14 +115,7 @@ fn assert_all_ok(tally: &BTreeMap<String, usize>, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_one_of_two_connectors_under_load_loses_nothing() {
-    let origin = file_origin().await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let config = || connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]);
-    let a = start_connector(config()).await;
-    let b = start_connector(config()).await;
-    a.registered(2).await;
-    b.registered(2).await;
-
+    let (edge, a, b) = two_connectors(file_origin().await).await;
     let stop = CancellationToken::new();
     let (tally, tasks) = load(edge.http, 32, stop.clone());
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -129,14 +133,8 @@ async fn draining_one_of_two_connectors_under_load_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloading_the_edge_under_load_loses_nothing() {
-    let origin = file_origin().await;
+    let (edge, a, b) = two_connectors(file_origin().await).await;
     let tunnels = vec![tunnel("app", "t", &["app.test"])];
-    let edge = start_edge(tunnels.clone(), |_| {}).await;
-    let config = || connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]);
-    let a = start_connector(config()).await;
-    let b = start_connector(config()).await;
-    a.registered(2).await;
-    b.registered(2).await;
 
     let stop = CancellationToken::new();
     let (tally, tasks) = load(edge.http, 32, stop.clone());

@@ -43,7 +43,7 @@ async fn https_tunnel(
 ) -> (EdgeHandle, ConnectorHandle, sluice::config::TlsIdentity) {
     let public = identity();
     let for_edge = public.clone();
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], move |c| {
+    let (edge, conn) = app_tunnel_with(vec![http_origin("web", origin)], move |c| {
         c.https = Some(sluice::config::HttpsConfig {
             listen: loopback(),
             identity: for_edge,
@@ -51,15 +51,6 @@ async fn https_tunnel(
         tweak(c);
     })
     .await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(2).await;
     (edge, conn, public)
 }
 
@@ -202,22 +193,10 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_slot() {
 #[tokio::test]
 async fn connections_per_client_address_are_capped() {
     let origin = echo_origin("web").await;
-    let (edge, conn) = {
-        let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
-            c.max_connections_per_client = 4;
-        })
-        .await;
-        let conn = start_connector(connector_config(
-            &edge,
-            "app",
-            "t",
-            vec![http_origin("web", origin)],
-            vec![],
-        ))
-        .await;
-        conn.registered(2).await;
-        (edge, conn)
-    };
+    let (edge, conn) = app_tunnel_with(vec![http_origin("web", origin)], |c| {
+        c.max_connections_per_client = 4;
+    })
+    .await;
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut tcp = TcpStream::connect(edge.http).await.unwrap();
@@ -262,35 +241,19 @@ async fn connections_per_client_address_are_capped() {
 }
 
 /// Registers a raw QUIC connection for tunnel `app` with token `t`.
-async fn raw_registration(edge: &EdgeHandle) -> (quinn::Endpoint, quinn::Connection) {
+async fn raw_registration(edge: &EdgeHandle) -> (quinn::Endpoint, RawRegistration) {
     let ep = raw_quic_client(edge, sluice::proto::ALPN);
-    let conn = ep.connect(edge.quic, "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let reg = sluice::proto::Control::Register(sluice::proto::Register {
-        version: 1,
-        tunnel: "app".into(),
-        token: sluice::secret::Secret::new("t"),
-        connector_id: "raw".into(),
-        conn_index: 0,
-    });
-    sluice::proto::io::write_frame(&mut send, &reg)
-        .await
-        .unwrap();
-    let answer: sluice::proto::Control = sluice::proto::io::read_frame(&mut recv).await.unwrap();
-    assert!(
-        matches!(answer, sluice::proto::Control::Registered(_)),
-        "{answer:?}"
-    );
-    std::mem::forget((send, recv));
-    (ep, conn)
+    let reg = raw_register(&ep, edge, "app", "t").await;
+    assert!(reg.registered(), "{:?}", reg.answer);
+    (ep, reg)
 }
 
 #[tokio::test]
 async fn a_connector_may_open_only_its_control_stream() {
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let (_ep, conn) = raw_registration(&edge).await;
+    let (_ep, reg) = raw_registration(&edge).await;
     // No credit for a second stream: opening one waits (and would hold nothing at the edge).
-    let second = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+    let second = tokio::time::timeout(Duration::from_millis(500), reg.conn.open_bi()).await;
     assert!(
         second.is_err(),
         "the edge granted a connector a second stream"
@@ -384,19 +347,10 @@ fn rss_kib() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_well_behaved_client_is_served_while_2000_clients_trickle() {
     let origin = echo_origin("web").await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
+    let (edge, conn) = app_tunnel_with(vec![http_origin("web", origin)], |c| {
         c.header_read_timeout = Duration::from_secs(2);
     })
     .await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(2).await;
     let before = rss_kib();
 
     // Half trickle a request head, half a request body (under any idle timeout: one byte a

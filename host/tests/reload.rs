@@ -342,28 +342,6 @@ async fn edge_binary_reloads_on_sighup_and_a_second_signal_exits_at_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Sends `Register` with `token` on a fresh connection; `true` if the edge answered
-/// `Registered`.
-async fn register_raw(
-    ep: &quinn::Endpoint,
-    edge: &EdgeHandle,
-    token: &str,
-) -> Option<quinn::Connection> {
-    let conn = ep.connect(edge.quic, "localhost").unwrap().await.ok()?;
-    let (mut send, mut recv) = conn.open_bi().await.ok()?;
-    let reg = sluice::proto::Control::Register(sluice::proto::Register {
-        version: 1,
-        tunnel: "app".into(),
-        token: sluice::secret::Secret::new(token),
-        connector_id: "racer".into(),
-        conn_index: 0,
-    });
-    sluice::proto::io::write_frame(&mut send, &reg).await.ok()?;
-    let answer: sluice::proto::Control = sluice::proto::io::read_frame(&mut recv).await.ok()?;
-    std::mem::forget((send, recv));
-    matches!(answer, sluice::proto::Control::Registered(_)).then_some(conn)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_racing_a_token_rotation_never_stays_with_the_old_token() {
     let old = tunnel("app", "old", &["app.test"]);
@@ -373,15 +351,15 @@ async fn a_registration_racing_a_token_rotation_never_stays_with_the_old_token()
     let ep = raw_quic_client(&edge, sluice::proto::ALPN);
     for round in 0..30 {
         reloader.reload(&edge_config_with(vec![old.clone()]));
-        let (registered, ()) = tokio::join!(register_raw(&ep, &edge, "old"), async {
+        let (reg, ()) = tokio::join!(raw_register(&ep, &edge, "app", "old"), async {
             // Rotate at varying points of the registration.
             tokio::time::sleep(Duration::from_micros(200 * (round % 10))).await;
             reloader.reload(&edge_config_with(vec![new.clone()]));
         });
         // Registered with the old token just before the rotation: the rotation closes it.
         // Never does a connection stay registered with a token the edge no longer accepts.
-        if let Some(conn) = registered {
-            tokio::time::timeout(WAIT, conn.closed())
+        if reg.registered() {
+            tokio::time::timeout(WAIT, reg.conn.closed())
                 .await
                 .unwrap_or_else(|_| {
                     panic!(

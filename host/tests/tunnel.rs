@@ -239,7 +239,12 @@ async fn wrong_or_missing_token_is_rejected_without_logging_it() {
 
     // Unknown tunnel and an empty token, sent by hand.
     let client = raw_quic_client(&edge, sluice::proto::ALPN);
-    let reply = raw_register(&client, &edge, "no-such-tunnel", "").await;
+    let reply = format!(
+        "{:?}",
+        raw_register(&client, &edge, "no-such-tunnel", "")
+            .await
+            .answer
+    );
     assert!(reply.contains("unknown tunnel or wrong token"), "{reply}");
 
     let text = logs.text();
@@ -613,37 +618,6 @@ async fn connector_redials_until_the_edge_appears() {
     assert_eq!(get(http, "app.test", "/").await.status, 200);
     stop.cancel();
     conn.stop().await;
-}
-
-/// Sends a Register by hand and returns what the edge answered (or how it closed).
-async fn raw_register(
-    ep: &quinn::Endpoint,
-    edge: &EdgeHandle,
-    tunnel: &str,
-    token: &str,
-) -> String {
-    let conn = ep.connect(edge.quic, "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let msg = sluice::proto::Control::Register(sluice::proto::Register {
-        version: 1,
-        tunnel: tunnel.into(),
-        token: sluice::secret::Secret::new(token),
-        connector_id: "raw".into(),
-        conn_index: 0,
-    });
-    sluice::proto::io::write_frame(&mut send, &msg)
-        .await
-        .unwrap();
-    match tokio::time::timeout(
-        WAIT,
-        sluice::proto::io::read_frame::<_, sluice::proto::Control>(&mut recv),
-    )
-    .await
-    {
-        Ok(Ok(m)) => format!("{m:?}"),
-        Ok(Err(e)) => format!("error: {e}"),
-        Err(_) => "timeout".into(),
-    }
 }
 
 #[tokio::test]

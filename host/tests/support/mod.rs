@@ -253,7 +253,15 @@ pub async fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
 /// An edge serving tunnel `app` (token `t`) on `app.test`, and a connector of it sending every
 /// request to the first of `origins`, with all its connections registered.
 pub async fn app_tunnel(origins: Vec<OriginConfig>) -> (EdgeHandle, ConnectorHandle) {
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    app_tunnel_with(origins, |_| {}).await
+}
+
+/// Like [`app_tunnel`], with `tweak` applied to the edge's configuration.
+pub async fn app_tunnel_with(
+    origins: Vec<OriginConfig>,
+    tweak: impl FnOnce(&mut EdgeConfig),
+) -> (EdgeHandle, ConnectorHandle) {
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], tweak).await;
     let conn = start_connector(connector_config(&edge, "app", "t", origins, vec![])).await;
     conn.registered(sluice::config::DEFAULT_HA_CONNECTIONS as usize)
         .await;
@@ -512,4 +520,52 @@ pub async fn tls_connect(
         .connect(name, tcp)
         .await
         .unwrap()
+}
+
+/// A connection on which `Register` was sent by hand.
+pub struct RawRegistration {
+    pub conn: quinn::Connection,
+    /// The control stream, kept open.
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    /// What the edge answered, or how reading the answer failed.
+    pub answer: Result<sluice::proto::Control, String>,
+}
+
+impl RawRegistration {
+    pub fn registered(&self) -> bool {
+        matches!(self.answer, Ok(sluice::proto::Control::Registered(_)))
+    }
+}
+
+/// Connects with `ep` and sends `Register` for `tunnel` with `token`.
+pub async fn raw_register(
+    ep: &quinn::Endpoint,
+    edge: &EdgeHandle,
+    tunnel: &str,
+    token: &str,
+) -> RawRegistration {
+    let conn = ep.connect(edge.quic, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let msg = sluice::proto::Control::Register(sluice::proto::Register {
+        version: 1,
+        tunnel: tunnel.into(),
+        token: sluice::secret::Secret::new(token),
+        connector_id: "raw".into(),
+        conn_index: 0,
+    });
+    sluice::proto::io::write_frame(&mut send, &msg)
+        .await
+        .unwrap();
+    let answer = match tokio::time::timeout(WAIT, sluice::proto::io::read_frame(&mut recv)).await {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) => Err(format!("error: {e}")),
+        Err(_) => Err("timeout".into()),
+    };
+    RawRegistration {
+        conn,
+        send,
+        recv,
+        answer,
+    }
 }
