@@ -17,13 +17,12 @@ fuzz_target!(|target: &str| {
             };
             assert!(path.starts_with('/'), "{target:?} gave {path:?}");
             assert!(full.starts_with(&path));
-            assert!(!path.contains('\\') && !path.contains('?'));
+            assert!(!path.contains('\\') && !path.contains('?') && !path.contains(';'));
             assert!(!path.bytes().any(|b| b.is_ascii_control()));
             let upper = path.to_ascii_uppercase();
             assert!(!upper.contains("%2F") && !upper.contains("%5C"));
             for seg in path.split('/') {
-                let dots = seg.split(';').next().unwrap_or("");
-                assert!(dots != "." && dots != "..", "{target:?} gave {path:?}");
+                assert!(seg != "." && seg != "..", "{target:?} gave {path:?}");
             }
             if merge_slashes {
                 assert!(!path.contains("//"), "{target:?} gave {path:?}");

@@ -114,10 +114,13 @@ fn parse_name(name: &str) -> Result<String, AuthorityError> {
     {
         return Err(AuthorityError::BadCharacter);
     }
-    let all_numeric = name.bytes().all(|b| b.is_ascii_digit() || b == b'.');
-    if all_numeric {
-        // Digits and dots only: it must be a real IPv4 address, not `1.2.3` or `010.0.0.1`
-        // that resolvers read in other bases.
+    // A name whose last label is a number (`1.2.3`, `010.0.0.1`, `0x7f.1`, `0x7f000001`) is
+    // read as an IPv4 address, in some base, by resolvers and browsers: it must be a plain
+    // dotted IPv4 address or nothing.
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let numeric = !last.is_empty() && last.bytes().all(|b| b.is_ascii_digit())
+        || last.len() > 2 && last[..2].eq_ignore_ascii_case("0x");
+    if numeric {
         let ip: Ipv4Addr = name.parse().map_err(|_| AuthorityError::BadCharacter)?;
         return Ok(ip.to_string());
     }
@@ -180,6 +183,10 @@ mod tests {
             ("1.2.3", BadCharacter),
             ("010.0.0.1", BadCharacter),
             ("999.1.1.1", BadCharacter),
+            ("0x7f.1", BadCharacter),
+            ("0x7f000001", BadCharacter),
+            ("2130706433", BadCharacter),
+            ("app.123", BadCharacter),
         ];
         for (input, want) in cases {
             assert_eq!(Authority::parse(input).as_ref(), Err(want), "{input:?}");

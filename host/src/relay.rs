@@ -96,15 +96,91 @@ where
 }
 
 /// Copies bytes both ways between an upgraded HTTP connection and a QUIC stream pair until
-/// both directions end. Returns (bytes to QUIC, bytes from QUIC).
-pub async fn splice<T, W>(io: T, send: W, recv: quinn::RecvStream) -> std::io::Result<(u64, u64)>
+/// both directions end, or until no byte has moved either way for `idle`. Returns (bytes to
+/// QUIC, bytes from QUIC).
+pub async fn splice<T, W>(
+    io: T,
+    send: W,
+    recv: quinn::RecvStream,
+    idle: std::time::Duration,
+) -> std::io::Result<(u64, u64)>
 where
     T: AsyncRead + AsyncWrite + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut io = io;
+    let moved = Arc::new(AtomicU64::new(0));
+    // Every byte either way passes through `io`: watching it watches both directions.
+    let mut io = Counted {
+        inner: io,
+        moved: moved.clone(),
+    };
     let mut quic = tokio::io::join(recv, send);
-    tokio::io::copy_bidirectional(&mut io, &mut quic).await
+    let quiet = async {
+        let mut seen = moved.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(idle).await;
+            let now = moved.load(Ordering::Relaxed);
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut io, &mut quic) => r,
+        () = quiet => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the upgraded connection was idle for {idle:?}"),
+        )),
+    }
+}
+
+/// Counts the bytes read and written through `inner`.
+struct Counted<T> {
+    inner: T,
+    moved: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            self.moved.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Fails `body` with [`BodyIdle`] when, while it is being read, no data arrives for `idle`: a

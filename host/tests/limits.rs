@@ -424,3 +424,63 @@ async fn a_well_behaved_client_is_served_while_2000_clients_trickle() {
     );
     conn.stop().await;
 }
+
+#[tokio::test]
+async fn a_silent_upgraded_connection_is_closed_and_keeps_its_client_place_until_then() {
+    // An origin that accepts the upgrade and then says nothing, ever.
+    let origin = start_origin(|mut req: Request<hyper::body::Incoming>| async move {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(io) = upgrade.await {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                drop(io);
+            }
+        });
+        let mut resp = http::Response::new(sluice::relay::empty());
+        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert("connection", http::HeaderValue::from_static("upgrade"));
+        resp.headers_mut()
+            .insert("upgrade", http::HeaderValue::from_static("websocket"));
+        resp
+    })
+    .await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
+        c.max_connections_per_client = 1;
+        c.body_idle_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("ws", origin)], vec![]);
+    cfg.body_idle_timeout = Duration::from_millis(500);
+    let conn = start_connector(cfg).await;
+    conn.registered(2).await;
+
+    let mut ws = TcpStream::connect(edge.http).await.unwrap();
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    ws.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    // While upgraded, the connection still holds this address's only place.
+    let second = TcpStream::connect(edge.http).await.unwrap();
+    closed_within(second, WAIT).await;
+    // Silent both ways: closed after the idle timeout, and the place is free again.
+    let took = closed_within(ws, WAIT).await;
+    assert!(took >= Duration::from_millis(400), "closed after {took:?}");
+    let reply = tokio::time::timeout(WAIT, async {
+        loop {
+            match raw_exchange(edge.http, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await {
+                Some(r) => return r,
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        reply.status, 101,
+        "the origin upgrades every request; the edge served this one"
+    );
+    conn.stop().await;
+}

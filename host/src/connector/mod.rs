@@ -220,9 +220,11 @@ impl Connector {
         );
         streams.close();
         sessions.close();
+        // Sessions first: once every connection is acknowledged and closed, no stream can
+        // arrive any more, and waiting for the streams then waits for all of them.
         let drained = tokio::time::timeout(grace, async {
-            streams.wait().await;
             sessions.wait().await;
+            streams.wait().await;
         });
         match drained.await {
             Ok(()) => info!("all in-flight requests finished"),

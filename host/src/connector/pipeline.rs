@@ -414,7 +414,7 @@ impl Pipeline {
             chain
                 .on_response(status, &mut resp_headers)
                 .await
-                .map_err(Failure::plugin)?;
+                .map_err(Failure::plugin_after_origin)?;
         }
         if let Some((name, _, _)) = &upgrade {
             if let Ok(v) = HeaderValue::from_str(name) {
@@ -437,9 +437,14 @@ impl Pipeline {
         };
         if let Some((_, recv, on_upgrade)) = upgrade {
             let spliced = match on_upgrade.await {
-                Ok(upgraded) => relay::splice(TokioIo::new(upgraded), &mut *send, recv)
-                    .await
-                    .map_err(|e| format!("upgraded connection failed: {e}")),
+                Ok(upgraded) => relay::splice(
+                    TokioIo::new(upgraded),
+                    &mut *send,
+                    recv,
+                    self.body_idle_timeout,
+                )
+                .await
+                .map_err(|e| format!("upgraded connection failed: {e}")),
                 Err(e) => Err(format!("origin upgrade failed: {e}")),
             };
             match spliced {
@@ -666,6 +671,27 @@ impl Failure {
             origin: String::new(),
             kind: "bad-request",
             origin_failure: false,
+        }
+    }
+
+    /// A plugin failure after the origin answered: never a 503 that invites a retry of a
+    /// request the origin may have acted on.
+    fn plugin_after_origin(refused: Refused) -> Self {
+        match Failure::plugin(refused) {
+            Failure::Answer {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message,
+                origin,
+                kind,
+                origin_failure,
+            } => Failure::Answer {
+                status: StatusCode::BAD_GATEWAY,
+                message,
+                origin,
+                kind,
+                origin_failure,
+            },
+            other => other,
         }
     }
 

@@ -39,19 +39,22 @@ pub(super) async fn serve(
             .get_or_create(&crate::admin::metrics::KindLabels { kind })
             .inc();
     };
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
+    // The handshake and the registration together get `register-timeout`.
+    let deadline = tokio::time::Instant::now() + shared.config.register_timeout;
+    let conn = match tokio::time::timeout_at(deadline, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             failed("handshake");
             warn!(%peer, cause = %e, "connector handshake failed (wrong ALPN, certificate or protocol)");
             return;
         }
+        Err(_) => {
+            failed("timeout");
+            debug!(%peer, "connector handshake timed out");
+            return;
+        }
     };
-    let registered = tokio::time::timeout(
-        shared.config.register_timeout,
-        register(&conn, peer, &shared),
-    )
-    .await;
+    let registered = tokio::time::timeout_at(deadline, register(&conn, peer, &shared)).await;
     let (tunnel, entry, control_send, mut control) = match registered {
         Ok(Ok(r)) => r,
         Ok(Err(RegisterError::Rejected(rej))) => {
@@ -86,7 +89,7 @@ pub(super) async fn serve(
         match read_frame::<_, Control>(&mut control).await {
             Ok(Control::Drain) => {
                 info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, "connector is draining: no new requests go to this connection");
-                entry.set_draining();
+                shared.registry.drain(&entry);
                 if let Some(send) = control_send.take() {
                     tokio::spawn(acknowledge_drain(entry.clone(), send).in_current_span());
                 }

@@ -70,8 +70,7 @@ pub(super) async fn serve_clients(
         let tls = tls.clone();
         tracker.spawn(
             async move {
-                let _slot = slot;
-                conn.serve(tcp, tls).await;
+                conn.serve(tcp, tls, Arc::new(slot)).await;
             }
             .instrument(tracing::debug_span!("client", %peer)),
         );
@@ -126,7 +125,14 @@ impl ClientConn {
 }
 
 impl ClientConn {
-    async fn serve(self, tcp: tokio::net::TcpStream, tls: Option<TlsAcceptor>) {
+    /// Serves the connection; `slot` is its place under `max-connections-per-client`, which
+    /// an upgraded connection carries on (see [`HeldSlot`]).
+    async fn serve(
+        self,
+        tcp: tokio::net::TcpStream,
+        tls: Option<TlsAcceptor>,
+        slot: Arc<ClientSlot>,
+    ) {
         let cfg = &self.shared.config;
         let activity = Arc::new(Activity::default());
         let went_idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -147,15 +153,17 @@ impl ClientConn {
         };
         let bound = || self.graceful_bound(&went_idle);
         let (shared, peer, scheme) = (self.shared.clone(), self.peer, self.scheme);
-        let svc = hyper::service::service_fn(move |req| {
-            let request = activity.begin();
-            let shared = shared.clone();
-            async move {
-                let resp = dispatch::handle(req, shared, peer, scheme).await?;
-                // The request counts as active until its response body has been sent.
-                Ok::<_, std::convert::Infallible>(resp.map(|b| relay::with_guard(b, request)))
-            }
-        });
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(HeldSlot(slot.clone()));
+                let request = activity.begin();
+                let shared = shared.clone();
+                async move {
+                    let resp = dispatch::handle(req, shared, peer, scheme).await?;
+                    // The request counts as active until its response body has been sent.
+                    Ok::<_, std::convert::Infallible>(resp.map(|b| relay::with_guard(b, request)))
+                }
+            });
         let stall = cfg.body_idle_timeout;
         let max_buf = cfg.max_header_size.max(8192);
         match tls {
@@ -226,6 +234,11 @@ impl PerClient {
 
 /// Holds one connection's place in [`PerClient`] until dropped.
 struct ClientSlot(PerClient, IpAddr);
+
+/// A connection's place under `max-connections-per-client`, in each request's extensions: an
+/// upgraded connection outlives hyper's connection task and keeps its place with this.
+#[derive(Clone)]
+pub(super) struct HeldSlot(#[allow(dead_code)] Arc<ClientSlot>);
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {

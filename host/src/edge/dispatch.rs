@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn, Instrument};
 
+use super::client::HeldSlot;
 use super::registry::{Admitted, InFlight};
 use super::EdgeShared;
 use crate::admin::metrics::{InFlightGauge, KindLabels};
@@ -230,6 +231,7 @@ impl Forwarded<'_> {
             .upgrade
             .as_ref()
             .map(|_| hyper::upgrade::on(&mut req));
+        let client_slot = req.extensions_mut().remove::<HeldSlot>();
         let (parts, body) = req.into_parts();
         let head = self.request_head(parts, &body, &checked);
         let Ok(frame) = proto::encode(&head) else {
@@ -251,6 +253,9 @@ impl Forwarded<'_> {
             );
         };
         let connection = in_flight.conn().id;
+        // The request counts (against the tunnel, the connection, the drain) until both its
+        // upload and its response are done.
+        let counted = Arc::new((in_flight, guards));
 
         // Upload the body concurrently with waiting for the answer (an origin may answer
         // early); an upgrade keeps the send half for the bytes after 101.
@@ -258,7 +263,14 @@ impl Forwarded<'_> {
         if checked.upgrade.is_none() {
             let body =
                 relay::with_idle_timeout(relay::boxed(body), self.shared.config.body_idle_timeout);
-            tokio::spawn(upload(body, send).in_current_span());
+            let counted = counted.clone();
+            tokio::spawn(
+                async move {
+                    upload(body, send).await;
+                    drop(counted);
+                }
+                .in_current_span(),
+            );
         } else {
             held_send = Some(send);
         }
@@ -282,7 +294,14 @@ impl Forwarded<'_> {
                     resp_headers.insert(UPGRADE, v);
                 }
                 tokio::spawn(
-                    splice_upgraded(on_upgrade, send, recv, (in_flight, guards)).in_current_span(),
+                    splice_upgraded(
+                        on_upgrade,
+                        send,
+                        recv,
+                        self.shared.config.body_idle_timeout,
+                        (counted, client_slot),
+                    )
+                    .in_current_span(),
                 );
                 let mut resp = Response::new(relay::empty());
                 *resp.status_mut() = status;
@@ -295,7 +314,7 @@ impl Forwarded<'_> {
 
         let body =
             relay::with_idle_timeout(relay::recv_body(recv), self.shared.config.body_idle_timeout);
-        let body = relay::with_guard(body, (in_flight, guards));
+        let body = relay::with_guard(body, counted);
         let mut resp = Response::new(body);
         *resp.status_mut() = status;
         *resp.headers_mut() = resp_headers;
@@ -425,15 +444,18 @@ async fn upload(body: HttpBody, mut send: quinn::SendStream) {
     }
 }
 
-/// Relays an upgraded client connection over the stream until both directions end.
+/// Relays an upgraded client connection over the stream until both directions end or it has
+/// been idle for `idle`; `_held` (the request's counts, the client's connection place) lives
+/// as long.
 async fn splice_upgraded<G>(
     on_upgrade: hyper::upgrade::OnUpgrade,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-    _guards: G,
+    idle: std::time::Duration,
+    _held: G,
 ) {
     match on_upgrade.await {
-        Ok(upgraded) => match relay::splice(TokioIo::new(upgraded), &mut send, recv).await {
+        Ok(upgraded) => match relay::splice(TokioIo::new(upgraded), &mut send, recv, idle).await {
             Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
             Err(e) => {
                 debug!(cause = %e, "upgraded connection failed");

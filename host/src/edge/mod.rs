@@ -225,6 +225,14 @@ impl Edge {
                 _ = shutdown.cancelled() => break,
             };
             let Some(incoming) = incoming else { break };
+            // A peer first proves it receives at its address (a QUIC Retry), so spoofed
+            // packets cannot occupy handshake places.
+            if !incoming.remote_address_validated() && incoming.may_retry() {
+                if let Err(e) = incoming.retry() {
+                    debug!(cause = %e, "could not ask a connector to retry");
+                }
+                continue;
+            }
             let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                 debug!(peer = %incoming.remote_address(), "refusing a connector connection: too many handshakes in progress");
                 shared

@@ -29,8 +29,9 @@ impl ConnEntry {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Marks the connection as draining: no new streams are routed to it.
-    pub fn set_draining(&self) {
+    /// Marks the connection as draining: no new streams are routed to it. Use
+    /// [`Registry::drain`], which orders this with [`Registry::pick`].
+    fn set_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
@@ -245,7 +246,8 @@ impl Registry {
             .ok_or(AddError::Revoked)?;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.entry(tunnel.to_string()).or_default();
-        if list.len() >= config.max_connections {
+        // Draining connections do not count: a replacement may register while they finish.
+        if list.iter().filter(|c| c.usable()).count() >= config.max_connections {
             return Err(AddError::Full(config.max_connections));
         }
         let entry = Arc::new(ConnEntry {
@@ -259,6 +261,14 @@ impl Registry {
         });
         list.push(entry.clone());
         Ok(entry)
+    }
+
+    /// Marks `entry` as draining. Taken under the lock `pick` holds from choosing a connection
+    /// to counting the stream against it, so once this returns every stream routed to the
+    /// connection is counted in its `in_flight` and no other will be.
+    pub fn drain(&self, entry: &ConnEntry) {
+        let _conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        entry.set_draining();
     }
 
     /// Removes a connection (when it closes).
@@ -400,6 +410,11 @@ mod tests {
         let third = reg.add("a", 3, t.token_sha256, "c".into(), conn.clone());
         assert_eq!(third.unwrap_err(), AddError::Full(2));
         reg.remove("a", 1);
-        assert!(reg.add("a", 4, t.token_sha256, "c".into(), conn).is_ok());
+        let fourth = reg
+            .add("a", 4, t.token_sha256, "c".into(), conn.clone())
+            .unwrap();
+        // A draining connection makes room for its replacement.
+        reg.drain(&fourth);
+        assert!(reg.add("a", 5, t.token_sha256, "c".into(), conn).is_ok());
     }
 }

@@ -13,14 +13,15 @@ pub enum Ambiguous {
     /// Answer 400 (the default).
     #[default]
     Reject,
-    /// Rewrite: `\`, `%2F` and `%5C` become `/`, `.;x` and `..;x` segments become `.` and `..`.
+    /// Rewrite: `\`, `%2F` and `%5C` become `/`, and path parameters are removed from every
+    /// segment (`/a;x/b` → `/a/b`, `..;x` → `..`).
     Normalize,
 }
 
 /// How request paths are normalised (the connector's `[paths]` table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathPolicy {
-    /// Backslashes, encoded separators and dot segments with parameters.
+    /// Backslashes, encoded separators and path parameters (`;`).
     pub ambiguous: Ambiguous,
     /// Merge repeated slashes (`//a///b` → `/a/b`).
     pub merge_slashes: bool,
@@ -53,9 +54,10 @@ pub enum PathError {
     /// A `%2F`, refused by the policy.
     #[error("the request path contains an encoded '/'")]
     EncodedSlash,
-    /// A `.;…` or `..;…` segment, refused by the policy.
-    #[error("the request path contains a dot segment with parameters (\"..;\")")]
-    DotParameter,
+    /// A `;` (path parameters, which some origins strip before routing), refused by the
+    /// policy.
+    #[error("the request path contains ';' (path parameters)")]
+    Parameters,
 }
 
 /// Normalises a request target (`/path?query`) under `policy`: escapes are checked, encoded
@@ -156,14 +158,14 @@ fn resolve_segments(path: &str, policy: &PathPolicy) -> Result<String, PathError
     let last = segments.len().saturating_sub(1);
     let mut trailing_slash = false;
     for (i, seg) in segments.iter().enumerate() {
-        let dots = match seg.split_once(';') {
-            Some((d @ (".." | "."), _)) => match policy.ambiguous {
-                Ambiguous::Reject => return Err(PathError::DotParameter),
-                Ambiguous::Normalize => d,
-            },
-            _ => seg,
+        // Tomcat, Jetty and Spring route on the segment without its `;` parameters: `/;x/admin`
+        // and `/admin;x/secret` reach `/admin…` there while matching no `^/admin` rule here.
+        let seg = match seg.split_once(';') {
+            None => *seg,
+            Some(_) if policy.ambiguous == Ambiguous::Reject => return Err(PathError::Parameters),
+            Some((bare, _)) => bare,
         };
-        match dots {
+        match seg {
             "." => trailing_slash = i == last,
             ".." => {
                 out.pop();
@@ -219,7 +221,7 @@ mod tests {
         assert_eq!(n("/x/?q=/../y"), ("/x/".into(), "/x/?q=/../y".into()));
         assert_eq!(n("/%2E%2E/admin"), ("/admin".into(), "/admin".into()));
         assert_eq!(n("/caf\u{e9}"), ("/caf\u{e9}".into(), "/caf\u{e9}".into()));
-        assert_eq!(n("/a;v=1/b"), ("/a;v=1/b".into(), "/a;v=1/b".into()));
+        assert_eq!(n("/a?x=1;2"), ("/a".into(), "/a?x=1;2".into()));
     }
 
     #[test]
@@ -249,10 +251,12 @@ mod tests {
     #[test]
     fn ambiguous_forms_are_refused_by_default() {
         let cases = [
-            ("/public/..;/admin", PathError::DotParameter),
-            ("/public/..;jsessionid=x/admin", PathError::DotParameter),
-            ("/public/.;/admin", PathError::DotParameter),
-            ("/public/%2e%2e;/admin", PathError::DotParameter),
+            ("/public/..;/admin", PathError::Parameters),
+            ("/public/..;jsessionid=x/admin", PathError::Parameters),
+            ("/public/.;/admin", PathError::Parameters),
+            ("/public/%2e%2e;/admin", PathError::Parameters),
+            ("/;x/admin", PathError::Parameters),
+            ("/admin;x/secret", PathError::Parameters),
             ("/public\\..\\admin", PathError::Backslash),
             ("/public/..%5Cadmin", PathError::Backslash),
             ("/public/..%5cadmin", PathError::Backslash),
@@ -270,6 +274,8 @@ mod tests {
             ("/public/..;/admin", "/admin"),
             ("/public/..;jsessionid=x/admin", "/admin"),
             ("/public/.;/admin", "/public/admin"),
+            ("/;x/admin", "/admin"),
+            ("/admin;x/secret;y=1", "/admin/secret"),
             ("/public\\..\\admin", "/admin"),
             ("/public/..%5Cadmin", "/admin"),
             ("/public/..%2Fadmin", "/admin"),

@@ -20,6 +20,7 @@ const FORBIDDEN: &[&str] = &[
     "te",
     "trailer",
     "upgrade",
+    "http2-settings",
     crate::headers::REQUEST_ID,
 ];
 
