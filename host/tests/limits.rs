@@ -484,3 +484,60 @@ async fn a_silent_upgraded_connection_is_closed_and_keeps_its_client_place_until
     );
     conn.stop().await;
 }
+
+#[tokio::test]
+async fn an_http2_client_that_withholds_flow_control_credit_is_cut_off() {
+    let big = Bytes::from(vec![b'x'; 4 << 20]);
+    let origin = start_origin(move |_req| {
+        let big = big.clone();
+        async move { http::Response::new(sluice::relay::full(big)) }
+    })
+    .await;
+    let public = identity();
+    let for_edge = public.clone();
+    let mut one = tunnel("app", "t", &["app.test"]);
+    one.max_concurrent_requests = 1;
+    let edge = start_edge(vec![one], move |c| {
+        c.https = Some(sluice::config::HttpsConfig {
+            listen: loopback(),
+            identity: for_edge,
+        });
+        c.body_idle_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
+    conn.registered(2).await;
+
+    // Reads every byte the edge sends (the socket never fills) but never grants more than
+    // the initial 64 KiB window: hyper stops taking the response, the socket stays writable.
+    use support::raw::h2;
+    let mut tls = tls_connect(edge.https.unwrap(), &public, b"h2").await;
+    let block = h2::header_block(&[
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", b"app.test"),
+        (b":path", b"/big"),
+    ]);
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2::frame(h2::SETTINGS, 0, 0, &[]));
+    hello.extend(h2::frame(
+        h2::HEADERS,
+        h2::END_HEADERS | h2::END_STREAM,
+        1,
+        &block,
+    ));
+    tls.write_all(&hello).await.unwrap();
+    let took = closed_within(tls, WAIT).await;
+    assert!(took >= Duration::from_millis(400), "closed after {took:?}");
+    // Its request no longer holds the tunnel's only slot.
+    let reply = get(edge.http, "app.test", "/next").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    conn.stop().await;
+}

@@ -84,14 +84,21 @@ pub(super) async fn serve_clients(
 ///
 /// The graceful phase is bounded by `$bound()`: an HTTP/2 client that never answers the
 /// GOAWAY's PING cannot keep the connection past it.
+///
+/// When `$kill` is cancelled instead (a client that stopped reading), the connection is
+/// dropped at once.
 macro_rules! serve_gracefully {
-    ($conn:ident, $stop:expr, $bound:expr) => {{
+    ($conn:ident, $stop:expr, $bound:expr, $kill:expr) => {{
         tokio::pin!($conn);
         let result = tokio::select! {
             r = $conn.as_mut() => Some(r),
+            _ = $kill.cancelled() => None,
             _ = $stop.cancelled() => {
                 $conn.as_mut().graceful_shutdown();
-                tokio::time::timeout($bound(), $conn).await.ok()
+                tokio::select! {
+                    r = tokio::time::timeout($bound(), $conn.as_mut()) => r.ok(),
+                    _ = $kill.cancelled() => None,
+                }
             }
         };
         match result {
@@ -151,6 +158,18 @@ impl ClientConn {
                 }
             })
         };
+        // A client that stops reading a response it asked for is cut off: on HTTP/2 it can do
+        // that while the socket stays writable (it withholds flow-control credit).
+        let kill = CancellationToken::new();
+        let stall_watch = {
+            let (activity, kill) = (activity.clone(), kill.clone());
+            let limit = cfg.body_idle_timeout;
+            tokio::spawn(async move {
+                activity.stalled(limit).await;
+                debug!("closing a client connection: a response went unread for {limit:?}");
+                kill.cancel();
+            })
+        };
         let bound = || self.graceful_bound(&went_idle);
         let (shared, peer, scheme) = (self.shared.clone(), self.peer, self.scheme);
         let svc =
@@ -161,7 +180,9 @@ impl ClientConn {
                 async move {
                     let resp = dispatch::handle(req, shared, peer, scheme).await?;
                     // The request counts as active until its response body has been sent.
-                    Ok::<_, std::convert::Infallible>(resp.map(|b| relay::with_guard(b, request)))
+                    Ok::<_, std::convert::Infallible>(
+                        resp.map(|b| relay::with_guard(request.watch(b), request)),
+                    )
                 }
             });
         let stall = cfg.body_idle_timeout;
@@ -175,7 +196,7 @@ impl ClientConn {
                     .max_buf_size(max_buf)
                     .serve_connection(io, svc)
                     .with_upgrades();
-                serve_gracefully!(conn, self.stop, bound);
+                serve_gracefully!(conn, self.stop, bound, kill);
             }
             Some(acceptor) => {
                 let handshake =
@@ -185,11 +206,13 @@ impl ClientConn {
                     Ok(Err(e)) => {
                         debug!(cause = %e, "client TLS handshake failed");
                         watchdog.abort();
+                        stall_watch.abort();
                         return;
                     }
                     Err(_) => {
                         debug!("client TLS handshake timed out");
                         watchdog.abort();
+                        stall_watch.abort();
                         return;
                     }
                 };
@@ -208,10 +231,11 @@ impl ClientConn {
                     .max_header_list_size(cfg.max_header_size.min(u32::MAX as usize) as u32);
                 let io = TokioIo::new(StallIo::new(stream, stall));
                 let conn = builder.serve_connection_with_upgrades(io, svc);
-                serve_gracefully!(conn, self.stop, bound);
+                serve_gracefully!(conn, self.stop, bound, kill);
             }
         }
         watchdog.abort();
+        stall_watch.abort();
     }
 }
 
@@ -257,6 +281,9 @@ impl Drop for ClientSlot {
 struct Activity {
     state: Mutex<ActivityState>,
     changed: tokio::sync::Notify,
+    /// For each response being sent: when it last handed a frame to hyper that hyper has
+    /// not come back for (None while it waits for data itself).
+    unread: Mutex<Vec<std::sync::Weak<Mutex<Option<Instant>>>>>,
 }
 
 #[derive(Debug)]
@@ -277,6 +304,7 @@ impl Default for Activity {
                 seen: false,
             }),
             changed: tokio::sync::Notify::new(),
+            unread: Mutex::new(Vec::new()),
         }
     }
 }
@@ -288,6 +316,24 @@ impl Activity {
         s.active += 1;
         s.seen = true;
         RequestActive(self.clone())
+    }
+
+    /// Resolves once a response has waited `limit` for hyper to take its next frame, which
+    /// hyper does only as the client reads. Cancel safe.
+    async fn stalled(&self, limit: Duration) {
+        let every = (limit / 4).max(Duration::from_millis(50));
+        loop {
+            tokio::time::sleep(every).await;
+            let mut unread = self.unread.lock().unwrap_or_else(|p| p.into_inner());
+            unread.retain(|w| w.strong_count() > 0);
+            let stalled = unread.iter().filter_map(|w| w.upgrade()).any(|handed| {
+                let since = *handed.lock().unwrap_or_else(|p| p.into_inner());
+                since.is_some_and(|t| t.elapsed() >= limit)
+            });
+            if stalled {
+                return;
+            }
+        }
     }
 
     /// Resolves once the connection has had no request in flight for `idle` (or, before its
@@ -317,6 +363,48 @@ impl Activity {
 
 /// Marks a request as in flight on its connection until dropped.
 struct RequestActive(Arc<Activity>);
+
+impl RequestActive {
+    /// `body`, watched for a client that stops taking it (see [`Activity::stalled`]).
+    fn watch(&self, body: relay::HttpBody) -> relay::HttpBody {
+        let handed = Arc::new(Mutex::new(None));
+        self.0
+            .unread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&handed));
+        http_body_util::combinators::BoxBody::new(Watched { body, handed })
+    }
+}
+
+/// A response body that records when it handed out a frame and when it was asked again.
+struct Watched {
+    body: relay::HttpBody,
+    handed: Arc<Mutex<Option<Instant>>>,
+}
+
+impl http_body::Body for Watched {
+    type Data = bytes::Bytes;
+    type Error = relay::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, relay::BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        let handed_out = matches!(polled, Poll::Ready(Some(Ok(_))));
+        *self.handed.lock().unwrap_or_else(|p| p.into_inner()) = handed_out.then(Instant::now);
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 impl Drop for RequestActive {
     fn drop(&mut self) {
