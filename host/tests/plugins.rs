@@ -543,3 +543,63 @@ async fn an_exhausted_instance_pool_is_unavailable_never_skipped() {
     drop((a, b));
     assert!(guard.on_request(&mut c, view()).await.result.is_ok());
 }
+
+#[tokio::test]
+async fn a_reload_frees_the_idle_instances_of_the_plugins_it_replaces() {
+    let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let web = start_origin(move |req: http::Request<hyper::body::Incoming>| {
+        let tx = tx.clone();
+        async move {
+            if req.uri().path() == "/slow" {
+                let _ = tx.send(());
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+            http::Response::new(sluice::relay::full("ok"))
+        }
+    })
+    .await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let mut r = rule(None, None, "web");
+    r.plugins = vec!["kept".into()];
+    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", web)], vec![r]);
+    cfg.plugins = vec![plugin("kept", "echo", serde_json::json!({}))];
+    cfg.admin_listen = Some(loopback());
+    let connector = sluice::connector::Connector::new(cfg.clone())
+        .await
+        .unwrap();
+    let (admin, reloader, state) = (
+        connector.admin_addr().unwrap(),
+        connector.reloader(),
+        connector.state(),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(connector.run(stop.clone()));
+    tokio::time::timeout(WAIT, state.wait_registered(1))
+        .await
+        .unwrap();
+    assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
+    let instances = || async {
+        let text = get(admin, "admin", "/metrics").await.text();
+        text.lines()
+            .find(|l| l.starts_with(r#"sluice_connector_plugin_instances{plugin="kept"}"#))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    assert_eq!(instances().await, 1, "one idle instance is kept for reuse");
+    // A request in flight keeps the replaced pipeline alive through the reload.
+    let http = edge.http;
+    let slow = tokio::spawn(async move { get(http, "app.test", "/slow").await });
+    tokio::time::timeout(WAIT, started.recv()).await.unwrap();
+    reloader.reload(&cfg).await.unwrap();
+    // Only the current set's idle instance is left; the replaced one's was freed.
+    assert_eq!(instances().await, 1);
+    slow.abort();
+    assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
+    stop.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}

@@ -26,6 +26,13 @@ pub struct Chains {
 }
 
 impl Chains {
+    /// Frees every plugin's idle instances for good (see [`Plugin::retire`]).
+    pub fn retire(&self) {
+        for p in &self.plugins {
+            p.retire();
+        }
+    }
+
     /// Builds the chains of `config` from loaded plugins (by name).
     pub fn new(config: &ConnectorConfig, loaded: HashMap<String, Arc<Plugin>>) -> Chains {
         let mut plugins = Vec::new();

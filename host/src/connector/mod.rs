@@ -100,7 +100,10 @@ impl ConnectorReloader {
         {
             warn!("tunnel, token, edges, ha-connections, max-concurrent-requests and admin changes take effect after a restart");
         }
-        self.pipeline.store(Arc::new(pipeline));
+        let previous = self.pipeline.swap(Arc::new(pipeline));
+        // Requests still on the previous set (a long upgrade, say) keep it alive; its idle
+        // instances need not live on with them and hold places in the shared pool.
+        previous.retire();
         info!(
             origins = config.origins.len(),
             ingress_rules = config.ingress.len(),

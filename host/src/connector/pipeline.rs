@@ -170,6 +170,12 @@ impl Pipeline {
         })
     }
 
+    /// Frees the idle instances of this pipeline's plugins once a reload replaced it; the
+    /// requests still running on it get fresh instances and return none to the pool.
+    pub fn retire(&self) {
+        self.chains.retire();
+    }
+
     /// Serves one request stream opened by the edge, holding `permit` (admission control)
     /// until it is done. Never panics on peer input.
     pub async fn handle(

@@ -177,6 +177,8 @@ pub struct Plugin {
     pre: InstancePre<StoreData>,
     hooks: HookIndices,
     idle: Mutex<Vec<Slot>>,
+    /// Set once a reload replaced this plugin: instances are no longer kept idle.
+    retired: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -253,6 +255,7 @@ impl Plugin {
             pre,
             hooks,
             idle: Mutex::new(Vec::new()),
+            retired: std::sync::atomic::AtomicBool::new(false),
             metrics,
         };
         // Start one instance now: a bad configuration is refused at load, not on a request.
@@ -274,6 +277,14 @@ impl Plugin {
                 .push(slot);
         }
         Ok(plugin)
+    }
+
+    /// Drops the idle instances and keeps no more: a reload replaced this plugin, and only
+    /// requests still running on the old pipeline use it.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The plugin's name.
@@ -472,7 +483,8 @@ impl Plugin {
         match self.config.isolation {
             Isolation::PerRequest => *held = Some(slot),
             Isolation::Reuse => {
-                if slot.calls < self.config.max_calls {
+                let retired = self.retired.load(std::sync::atomic::Ordering::Relaxed);
+                if slot.calls < self.config.max_calls && !retired {
                     let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
                     if idle.len() < MAX_IDLE {
                         idle.push(slot);
