@@ -115,11 +115,20 @@ async fn idle_client_connections_are_closed_on_both_protocols() {
     conn.stop().await;
 }
 
-/// A tunnel that admits one request at a time, with a short body idle timeout on both roles.
-async fn one_slot_tunnel(origin: SocketAddr) -> (EdgeHandle, ConnectorHandle) {
+/// A tunnel that admits one request at a time, with a short body idle timeout on both roles,
+/// and an HTTPS listener (returned with its certificate) besides HTTP.
+async fn one_slot_tunnel(
+    origin: SocketAddr,
+) -> (EdgeHandle, ConnectorHandle, sluice::config::TlsIdentity) {
+    let public = identity();
+    let for_edge = public.clone();
     let mut one = tunnel("app", "t", &["app.test"]);
     one.max_concurrent_requests = 1;
-    let edge = start_edge(vec![one], |c| {
+    let edge = start_edge(vec![one], move |c| {
+        c.https = Some(sluice::config::HttpsConfig {
+            listen: loopback(),
+            identity: for_edge,
+        });
         c.body_idle_timeout = Duration::from_millis(300);
     })
     .await;
@@ -127,7 +136,17 @@ async fn one_slot_tunnel(origin: SocketAddr) -> (EdgeHandle, ConnectorHandle) {
     cfg.body_idle_timeout = Duration::from_millis(300);
     let conn = start_connector(cfg).await;
     conn.registered(2).await;
-    (edge, conn)
+    (edge, conn, public)
+}
+
+/// An origin answering every request with `size` bytes.
+async fn big_origin(size: usize) -> SocketAddr {
+    let big = Bytes::from(vec![b'x'; size]);
+    start_origin(move |_req| {
+        let big = big.clone();
+        async move { http::Response::new(sluice::relay::full(big)) }
+    })
+    .await
 }
 
 /// Sends a plain request, retrying while the tunnel answers 503 (its one slot still held).
@@ -149,7 +168,7 @@ async fn served_eventually(edge: SocketAddr, path: &str) -> Duration {
 #[tokio::test]
 async fn a_stalled_request_body_is_aborted_and_frees_its_slot() {
     let origin = RawOrigin::start().await;
-    let (edge, conn) = one_slot_tunnel(origin.addr).await;
+    let (edge, conn, _) = one_slot_tunnel(origin.addr).await;
     // Promises 10 bytes, sends 5, then stalls while holding the tunnel's only slot.
     let mut stalled = TcpStream::connect(edge.http).await.unwrap();
     stalled
@@ -170,13 +189,7 @@ async fn a_stalled_request_body_is_aborted_and_frees_its_slot() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_and_frees_its_slot() {
-    let big = Bytes::from(vec![b'x'; 64 << 20]);
-    let origin = start_origin(move |_req| {
-        let big = big.clone();
-        async move { http::Response::new(sluice::relay::full(big)) }
-    })
-    .await;
-    let (edge, conn) = one_slot_tunnel(origin).await;
+    let (edge, conn, _) = one_slot_tunnel(big_origin(64 << 20).await).await;
     // Reads the head and a little of the 64 MiB body, then never reads again.
     let mut lazy = TcpStream::connect(edge.http).await.unwrap();
     lazy.write_all(b"GET /big HTTP/1.1\r\nHost: app.test\r\n\r\n")
@@ -487,33 +500,7 @@ async fn a_silent_upgraded_connection_is_closed_and_keeps_its_client_place_until
 
 #[tokio::test]
 async fn an_http2_client_that_withholds_flow_control_credit_is_cut_off() {
-    let big = Bytes::from(vec![b'x'; 4 << 20]);
-    let origin = start_origin(move |_req| {
-        let big = big.clone();
-        async move { http::Response::new(sluice::relay::full(big)) }
-    })
-    .await;
-    let public = identity();
-    let for_edge = public.clone();
-    let mut one = tunnel("app", "t", &["app.test"]);
-    one.max_concurrent_requests = 1;
-    let edge = start_edge(vec![one], move |c| {
-        c.https = Some(sluice::config::HttpsConfig {
-            listen: loopback(),
-            identity: for_edge,
-        });
-        c.body_idle_timeout = Duration::from_millis(500);
-    })
-    .await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", origin)],
-        vec![],
-    ))
-    .await;
-    conn.registered(2).await;
+    let (edge, conn, public) = one_slot_tunnel(big_origin(4 << 20).await).await;
 
     // Reads every byte the edge sends (the socket never fills) but never grants more than
     // the initial 64 KiB window: hyper stops taking the response, the socket stays writable.
@@ -535,7 +522,7 @@ async fn an_http2_client_that_withholds_flow_control_credit_is_cut_off() {
     ));
     tls.write_all(&hello).await.unwrap();
     let took = closed_within(tls, WAIT).await;
-    assert!(took >= Duration::from_millis(400), "closed after {took:?}");
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
     // Its request no longer holds the tunnel's only slot.
     let reply = get(edge.http, "app.test", "/next").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
