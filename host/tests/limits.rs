@@ -239,18 +239,23 @@ async fn connections_per_client_address_are_capped() {
     );
     // Closing one frees its place.
     drop(held.pop());
-    let reply = tokio::time::timeout(WAIT, async {
+    let reply = answered_once_admitted(edge.http).await;
+    assert_eq!(reply.status, 200);
+    conn.stop().await;
+}
+
+/// Sends `GET /` until the edge takes the connection (it closes those over a cap at accept).
+async fn answered_once_admitted(edge: SocketAddr) -> support::raw::RawReply {
+    tokio::time::timeout(WAIT, async {
         loop {
-            match raw_exchange(edge.http, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await {
+            match raw_exchange(edge, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await {
                 Some(r) => return r,
                 None => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
     })
     .await
-    .unwrap();
-    assert_eq!(reply.status, 200);
-    conn.stop().await;
+    .expect("the edge never took a connection again")
 }
 
 /// Registers a raw QUIC connection for tunnel `app` with token `t`.
@@ -481,16 +486,7 @@ async fn a_silent_upgraded_connection_is_closed_and_keeps_its_client_place_until
     // Silent both ways: closed after the idle timeout, and the place is free again.
     let took = closed_within(ws, WAIT).await;
     assert!(took >= Duration::from_millis(400), "closed after {took:?}");
-    let reply = tokio::time::timeout(WAIT, async {
-        loop {
-            match raw_exchange(edge.http, b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n").await {
-                Some(r) => return r,
-                None => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let reply = answered_once_admitted(edge.http).await;
     assert_eq!(
         reply.status, 101,
         "the origin upgrades every request; the edge served this one"
