@@ -1,6 +1,6 @@
 //! The frame decoder on arbitrary bytes cut at arbitrary points: it never panics, never takes
-//! more than the frame limit, and whatever it decodes encodes back to a frame it decodes the
-//! same way.
+//! more than the frame limit, and every protocol message it decodes encodes back to a frame
+//! that decodes to the same message.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -23,22 +23,31 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = decoder.finish();
     // The typed messages straight from the payload, as the edge and connector read them.
-    let _ = proto::decode::<Control>(bytes);
-    let _ = proto::decode::<ResponseHead>(bytes);
-    if let Ok(head) = proto::decode::<RequestHead>(bytes) {
-        let frame = proto::encode(&head).expect("a decoded head re-encodes");
-        let again: RequestHead = proto::decode(&frame[4..]).expect("and decodes");
-        assert_eq!(head, again);
-    }
+    round_trip::<Control>(bytes);
+    round_trip::<ResponseHead>(bytes);
+    round_trip::<RequestHead>(bytes);
 });
 
+/// Any JSON value re-encodes to one frame the decoder takes whole. (Values are not compared:
+/// JSON numbers need not survive a float round trip, and no protocol message holds one.)
 fn check_round_trip(value: &serde_json::Value) {
     if let Ok(frame) = proto::encode(value) {
         assert!(frame.len() <= proto::MAX_FRAME_LEN + 4);
         let mut d = FrameDecoder::new();
         d.push(&frame);
-        let back: serde_json::Value = d.next().expect("valid").expect("complete");
-        assert_eq!(&back, value);
+        let _: serde_json::Value = d.next().expect("valid").expect("complete");
         d.finish().expect("nothing left over");
+    }
+}
+
+/// A message decoded from `payload` encodes to a frame that decodes to the same message.
+fn round_trip<M>(payload: &[u8])
+where
+    M: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    if let Ok(msg) = proto::decode::<M>(payload) {
+        let frame = proto::encode(&msg).expect("a decoded message re-encodes");
+        let again: M = proto::decode(&frame[4..]).expect("and decodes");
+        assert_eq!(msg, again);
     }
 }
