@@ -262,7 +262,10 @@ struct ClientSlot(PerClient, IpAddr);
 /// A connection's place under `max-connections-per-client`, in each request's extensions: an
 /// upgraded connection outlives hyper's connection task and keeps its place with this.
 #[derive(Clone)]
-pub(super) struct HeldSlot(#[allow(dead_code)] Arc<ClientSlot>);
+pub(super) struct HeldSlot(
+    // Never read: held for its `Drop`.
+    #[allow(dead_code)] Arc<ClientSlot>,
+);
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
