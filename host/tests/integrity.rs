@@ -229,12 +229,15 @@ async fn hostile_http1_requests_are_refused_or_forwarded_as_one_well_framed_requ
 }
 
 /// The HTTP/2 corpus: header fields (`{p}` is the case's path) and DATA frames.
-fn h2_corpus() -> Vec<(
+/// One HTTP/2 case: its name, header fields, DATA frames and what it must come to.
+type H2Case = (
     &'static str,
     Vec<(&'static str, &'static str)>,
     Vec<&'static str>,
     Expect,
-)> {
+);
+
+fn h2_corpus() -> Vec<H2Case> {
     use Expect::*;
     let base = |extra: &[(&'static str, &'static str)]| {
         let mut f = vec![

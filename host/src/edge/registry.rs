@@ -385,7 +385,7 @@ mod tests {
     async fn a_registration_checked_before_a_token_rotation_is_refused_after_it() {
         let (_server, _client, conn) = dummy_conn().await;
         let old = tunnel("a", &["a.test"]);
-        let reg = Registry::new(&[old.clone()]);
+        let reg = Registry::new(std::slice::from_ref(&old));
         // The registration was authorised against `old`; a reload rotates the token before
         // the registry entry is added.
         let mut rotated = old.clone();
@@ -402,7 +402,7 @@ mod tests {
     async fn a_tunnel_takes_at_most_max_connections() {
         let (_server, _client, conn) = dummy_conn().await;
         let t = tunnel("a", &["a.test"]);
-        let reg = Registry::new(&[t.clone()]);
+        let reg = Registry::new(std::slice::from_ref(&t));
         for id in 1..=2 {
             reg.add("a", id, t.token_sha256, "c".into(), conn.clone())
                 .unwrap();

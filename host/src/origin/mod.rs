@@ -100,21 +100,24 @@ pub struct Origin {
 }
 
 enum Kind {
-    Http {
-        /// Keep-alive pool for ordinary requests.
-        pooled: Client<HttpsConnector<HttpConnector>, HttpBody>,
-        /// A fresh connection per upgrade request, never returned to a pool: an origin that
-        /// declines an upgrade may still be in a state no later request should inherit.
-        upgrades: Client<HttpsConnector<HttpConnector>, HttpBody>,
-    },
+    Http(Box<HttpClients>),
     Hello,
     Status(StatusCode),
+}
+
+/// The clients of an HTTP origin.
+struct HttpClients {
+    /// Keep-alive pool for ordinary requests.
+    pooled: Client<HttpsConnector<HttpConnector>, HttpBody>,
+    /// A fresh connection per upgrade request, never returned to a pool: an origin that
+    /// declines an upgrade may still be in a state no later request should inherit.
+    upgrades: Client<HttpsConnector<HttpConnector>, HttpBody>,
 }
 
 impl std::fmt::Debug for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Kind::Http { .. } => f.write_str("Http"),
+            Kind::Http(_) => f.write_str("Http"),
             Kind::Hello => f.write_str("Hello"),
             Kind::Status(s) => write!(f, "Status({s})"),
         }
@@ -160,10 +163,10 @@ impl Origin {
                         .timer(TokioTimer::new())
                         .build(connector.clone())
                 };
-                Kind::Http {
+                Kind::Http(Box::new(HttpClients {
                     pooled: client(config.pool_max_idle),
                     upgrades: client(0),
-                }
+                }))
             }
         };
         Ok(Origin { config, kind })
@@ -185,11 +188,11 @@ impl Origin {
         match &self.kind {
             Kind::Hello => Ok(builtin::hello(req).await),
             Kind::Status(code) => Ok(builtin::status(*code)),
-            Kind::Http { pooled, upgrades } => {
+            Kind::Http(clients) => {
                 let client = if req.headers().contains_key(http::header::UPGRADE) {
-                    upgrades
+                    &clients.upgrades
                 } else {
-                    pooled
+                    &clients.pooled
                 };
                 let OriginTarget::Http(base) = &self.config.target else {
                     unreachable!("Kind::Http is only built for OriginTarget::Http")
