@@ -263,14 +263,7 @@ impl Forwarded<'_> {
         if checked.upgrade.is_none() {
             let body =
                 relay::with_idle_timeout(relay::boxed(body), self.shared.config.body_idle_timeout);
-            let counted = counted.clone();
-            tokio::spawn(
-                async move {
-                    upload(body, send).await;
-                    drop(counted);
-                }
-                .in_current_span(),
-            );
+            tokio::spawn(upload(body, send, counted.clone()).in_current_span());
         } else {
             held_send = Some(send);
         }
@@ -293,20 +286,10 @@ impl Forwarded<'_> {
                 if let Ok(v) = HeaderValue::from_str(proto_name) {
                     resp_headers.insert(UPGRADE, v);
                 }
-                tokio::spawn(
-                    splice_upgraded(
-                        on_upgrade,
-                        send,
-                        recv,
-                        self.shared.config.body_idle_timeout,
-                        (counted, client_slot),
-                    )
-                    .in_current_span(),
-                );
-                let mut resp = Response::new(relay::empty());
-                *resp.status_mut() = status;
-                *resp.headers_mut() = resp_headers;
-                return resp;
+                let idle = self.shared.config.body_idle_timeout;
+                let held = (counted, client_slot);
+                tokio::spawn(splice_upgraded(on_upgrade, send, recv, idle, held).in_current_span());
+                return response(status, resp_headers, relay::empty());
             }
             // The origin declined the upgrade: a normal response, and no more request bytes.
             let _ = send.finish();
@@ -314,12 +297,8 @@ impl Forwarded<'_> {
 
         let body =
             relay::with_idle_timeout(relay::recv_body(recv), self.shared.config.body_idle_timeout);
-        let body = relay::with_guard(body, counted);
-        let mut resp = Response::new(body);
-        *resp.status_mut() = status;
-        *resp.headers_mut() = resp_headers;
         debug!(tunnel = %self.tunnel, connection, status = status.as_u16(), "response head relayed");
-        resp
+        response(status, resp_headers, relay::with_guard(body, counted))
     }
 
     /// The head sent to the connector: end-to-end headers only, the edge's own
@@ -430,9 +409,17 @@ impl Forwarded<'_> {
     }
 }
 
+/// A response with `status`, `headers` and `body`.
+fn response(status: StatusCode, headers: http::HeaderMap, body: HttpBody) -> Response<HttpBody> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
 /// Streams the client's body to the connector; a body that fails resets the stream so that
-/// it never looks complete.
-async fn upload(body: HttpBody, mut send: quinn::SendStream) {
+/// it never looks complete. `_counted` keeps the request counted until the upload ends.
+async fn upload<G>(body: HttpBody, mut send: quinn::SendStream, _counted: G) {
     match relay::pump(body, &mut send).await {
         Ok(_) => {
             let _ = send.finish();
