@@ -603,3 +603,45 @@ async fn a_reload_frees_the_idle_instances_of_the_plugins_it_replaces() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_reload_compiles_plugins_without_stalling_requests() {
+    // One thread runs everything here: compiling on it would stop every request meanwhile.
+    let web = echo_origin("web").await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let mut r = rule(None, None, "web");
+    r.plugins = vec!["rewrite".into()];
+    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", web)], vec![r]);
+    let mut rewrite = plugin("rewrite", "echo", serde_json::json!({}));
+    rewrite.path = example_plugin("header-rewrite");
+    cfg.plugins = vec![rewrite];
+    let connector = sluice::connector::Connector::new(cfg.clone())
+        .await
+        .unwrap();
+    let (reloader, state) = (connector.reloader(), connector.state());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(connector.run(stop.clone()));
+    tokio::time::timeout(WAIT, state.wait_registered(1))
+        .await
+        .unwrap();
+
+    let reload = tokio::spawn(async move { reloader.reload(&cfg).await });
+    let mut during = 0;
+    while !reload.is_finished() {
+        assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
+        if !reload.is_finished() {
+            during += 1;
+        }
+    }
+    reload.await.unwrap().unwrap();
+    assert!(
+        during >= 5,
+        "only {during} requests were answered while the reload compiled its plugin"
+    );
+    stop.cancel();
+    tokio::time::timeout(WAIT, task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
