@@ -6,6 +6,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
@@ -369,4 +370,120 @@ async fn a_registration_racing_a_token_rotation_never_stays_with_the_old_token()
         }
     }
     edge.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_second_signal_writes_the_queued_audit_events_before_exiting() {
+    // The audit file is a FIFO this test reads only after the second signal: until then the
+    // writer blocks on it and events queue up in the connector.
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (held_tx, mut held) = mpsc::unbounded_channel();
+    let gate = release.clone();
+    let origin = start_origin(move |req: http::Request<hyper::body::Incoming>| {
+        let (held_tx, gate) = (held_tx.clone(), gate.clone());
+        async move {
+            if req.uri().path() == "/hold" {
+                let _ = held_tx.send(());
+                gate.notified().await;
+            }
+            http::Response::new(sluice::relay::full("ok"))
+        }
+    })
+    .await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let dir = std::env::temp_dir().join(format!("sluice-forced-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("edge-ca.crt"), &edge.ca_pem).unwrap();
+    let fifo = dir.join("audit.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    // A reader must exist before the connector can open the FIFO for writing.
+    let reader = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_nonblock())
+            .open(&fifo)
+            .unwrap()
+    };
+    let file = dir.join("connector.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "tunnel = \"app\"\ntoken = \"t\"\nedges = [\"{}\"]\nedge-ca = \"edge-ca.crt\"\n\
+             edge-server-name = \"localhost\"\nha-connections = 1\n\
+             [audit]\nfile = \"audit.fifo\"\nqueue = 2000\n\
+             [[plugin]]\nname = \"auditor\"\npath = \"{}\"\n[plugin.config]\naudit = true\n\
+             [[origin]]\nname = \"o\"\nurl = \"http://{origin}\"\n\
+             [[ingress]]\norigin = \"o\"\nplugins = [\"auditor\"]\n",
+            edge.quic,
+            fixture("echo").display()
+        ),
+    )
+    .unwrap();
+    let mut proc = Proc::spawn("connector", &file);
+    proc.wait_log("registered with the edge", 1).await;
+
+    // Far more events than the FIFO holds: the rest wait in the connector's queue.
+    const N: usize = 600;
+    for i in 0..N {
+        assert_eq!(
+            get(edge.http, "app.test", &format!("/ok/{i}")).await.status,
+            200
+        );
+    }
+    let http = edge.http;
+    let holding = tokio::spawn(async move { get(http, "app.test", "/hold").await });
+    tokio::time::timeout(WAIT, held.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    proc.signal("TERM");
+    proc.wait_log("draining: waiting for in-flight requests", 1)
+        .await;
+    proc.signal("TERM");
+    // Read everything the connector writes until it exits (the FIFO then reaches its end).
+    let text = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut reader = reader;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 65536];
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the connector never closed the audit file"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("reading the FIFO: {e}"),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    let status = proc.child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let written = text
+        .lines()
+        .filter(|l| l.contains("\"kind\":\"complete\""))
+        .count();
+    assert_eq!(written, N, "events lost at the forced exit");
+    release.notify_waiters();
+    holding.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `O_NONBLOCK`, so that opening the FIFO for reading does not wait for a writer.
+fn libc_nonblock() -> i32 {
+    0o4000
 }
