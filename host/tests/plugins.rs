@@ -565,19 +565,9 @@ async fn a_reload_frees_the_idle_instances_of_the_plugins_it_replaces() {
     let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", web)], vec![r]);
     cfg.plugins = vec![plugin("kept", "echo", serde_json::json!({}))];
     cfg.admin_listen = Some(loopback());
-    let connector = sluice::connector::Connector::new(cfg.clone())
-        .await
-        .unwrap();
-    let (admin, reloader, state) = (
-        connector.admin_addr().unwrap(),
-        connector.reloader(),
-        connector.state(),
-    );
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(connector.run(stop.clone()));
-    tokio::time::timeout(WAIT, state.wait_registered(1))
-        .await
-        .unwrap();
+    let conn = start_connector(cfg.clone()).await;
+    conn.registered(1).await;
+    let (admin, reloader) = (conn.admin.unwrap(), conn.reloader.clone());
     assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
     let instances = || async {
         let text = get(admin, "admin", "/metrics").await.text();
@@ -597,12 +587,7 @@ async fn a_reload_frees_the_idle_instances_of_the_plugins_it_replaces() {
     assert_eq!(instances().await, 1);
     slow.abort();
     assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
-    stop.cancel();
-    tokio::time::timeout(WAIT, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    conn.stop().await;
 }
 
 #[tokio::test]
@@ -616,15 +601,9 @@ async fn a_reload_compiles_plugins_without_stalling_requests() {
     let mut rewrite = plugin("rewrite", "echo", serde_json::json!({}));
     rewrite.path = example_plugin("header-rewrite");
     cfg.plugins = vec![rewrite];
-    let connector = sluice::connector::Connector::new(cfg.clone())
-        .await
-        .unwrap();
-    let (reloader, state) = (connector.reloader(), connector.state());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(connector.run(stop.clone()));
-    tokio::time::timeout(WAIT, state.wait_registered(1))
-        .await
-        .unwrap();
+    let conn = start_connector(cfg.clone()).await;
+    conn.registered(1).await;
+    let reloader = conn.reloader.clone();
 
     let reload = tokio::spawn(async move { reloader.reload(&cfg).await });
     let mut during = 0;
@@ -639,10 +618,5 @@ async fn a_reload_compiles_plugins_without_stalling_requests() {
         during >= 5,
         "only {during} requests were answered while the reload compiled its plugin"
     );
-    stop.cancel();
-    tokio::time::timeout(WAIT, task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    conn.stop().await;
 }

@@ -193,6 +193,8 @@ pub struct ConnectorHandle {
     pub state: Arc<ConnectorState>,
     /// The admin listener, when the config asked for one.
     pub admin: Option<SocketAddr>,
+    /// Applies a new configuration, as SIGHUP does.
+    pub reloader: sluice::connector::ConnectorReloader,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -237,6 +239,7 @@ pub async fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
     let connector = Connector::new(cfg).await.unwrap();
     let state = connector.state();
     let admin = connector.admin_addr();
+    let reloader = connector.reloader();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
@@ -245,6 +248,7 @@ pub async fn start_connector(cfg: ConnectorConfig) -> ConnectorHandle {
     ConnectorHandle {
         state,
         admin,
+        reloader,
         shutdown,
         task,
     }
