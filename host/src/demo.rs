@@ -90,7 +90,7 @@ impl Demo {
         let token = Secret::new(hex::encode(rand::random::<[u8; 32]>()));
         edge_cfg.tunnels.push(TunnelConfig {
             id: "demo".into(),
-            token_sha256: token.sha256(),
+            token_hashes: vec![token.sha256()],
             // Infallible: a valid literal.
             hostnames: vec![HostPattern::try_from(DEMO_HOST).expect("valid demo host")],
             max_concurrent_requests: 1000,

@@ -219,9 +219,13 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
-        c.admin_listen = Some(loopback())
-    })
+    let edge = start_edge(
+        vec![
+            tunnel("app", "t", &["app.test"]),
+            tunnel("idle", "u", &["idle.test"]),
+        ],
+        |c| c.admin_listen = Some(loopback()),
+    )
     .await;
     let edge_admin = edge.admin.unwrap();
 
@@ -254,6 +258,8 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     }
     assert_eq!(get(edge.http, "app.test", "/down").await.status, 502);
     assert_eq!(get(edge.http, "nope.test", "/").await.status, 404);
+    // No connector serves `idle`: a 502 the edge gives itself, told apart from the origin's.
+    assert_eq!(get(edge.http, "idle.test", "/").await.status, 502);
     // A connector with a wrong token counts as a registration failure on both sides.
     let bad = start_connector(connector_config(
         &edge,
@@ -276,14 +282,21 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
     .expect("the refused registration was not counted");
     bad.stop().await;
 
-    let edge_metrics = admin_get(edge_admin, "/metrics").await.text();
+    let reply = admin_get(edge_admin, "/metrics").await;
+    assert_eq!(
+        reply.headers["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let edge_metrics = reply.text();
     for line in [
-        r#"sluice_edge_requests_total{class="2xx"} 3"#,
-        r#"sluice_edge_requests_total{class="5xx"} 1"#,
-        r#"sluice_edge_requests_total{class="4xx"} 1"#,
-        "sluice_edge_request_duration_seconds_count 5",
-        "sluice_edge_registered_connections 2",
-        "sluice_edge_streams_in_flight 0",
+        r#"sluice_edge_requests_total{tunnel="app",class="2xx",reason="origin"} 3"#,
+        r#"sluice_edge_requests_total{tunnel="app",class="5xx",reason="connector"} 1"#,
+        r#"sluice_edge_requests_total{tunnel="idle",class="5xx",reason="offline"} 1"#,
+        r#"sluice_edge_requests_total{tunnel="",class="4xx",reason="edge-refused"} 1"#,
+        r#"sluice_edge_request_duration_seconds_count{tunnel="app"} 4"#,
+        r#"sluice_edge_registered_connections{tunnel="app",protocol="quic"} 2"#,
+        r#"sluice_edge_streams_in_flight{tunnel="app"} 0"#,
+        r#"sluice_edge_ingress_digests{tunnel="app"} 1"#,
         r#"sluice_edge_registration_failures_total{kind="unauthorized"}"#,
     ] {
         assert!(
@@ -291,11 +304,15 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
             "edge metrics lack {line:?}:\n{edge_metrics}"
         );
     }
+    // Each role exports only its own families.
+    for family in ["plugin_", "audit_events", "origin_errors"] {
+        assert!(!edge_metrics.contains(family), "{family}:\n{edge_metrics}");
+    }
     let conn_metrics = admin_get(conn_admin, "/metrics").await.text();
     for line in [
         r#"sluice_connector_requests_total{class="2xx"} 3"#,
         r#"sluice_connector_requests_total{class="5xx"} 1"#,
-        r#"sluice_connector_origin_errors_total{kind="refused"} 1"#,
+        r#"sluice_connector_origin_errors_total{origin="down",kind="refused"} 1"#,
         "sluice_connector_registered_connections 2",
         "sluice_connector_streams_in_flight 0",
     ] {
@@ -304,6 +321,26 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
             "connector metrics lack {line:?}:\n{conn_metrics}"
         );
     }
+
+    // `/status` lists the tunnels, their connections and digests.
+    let status = admin_get(edge_admin, "/status").await.json();
+    assert_eq!(status["role"], "edge");
+    let tunnels = status["tunnels"].as_array().unwrap();
+    assert_eq!(tunnels.len(), 2, "{status:#}");
+    let app = &tunnels[0];
+    assert_eq!(app["id"], "app");
+    let conns = app["connections"].as_array().unwrap();
+    assert_eq!(conns.len(), 2, "{status:#}");
+    assert!(conns.iter().all(|c| c["protocol"] == "quic"
+        && c["token"] == 0
+        && c["software"] == concat!("sluice/", env!("CARGO_PKG_VERSION"))));
+    let digest = conns[0]["digest"].as_str().unwrap().to_string();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    assert_eq!(app["digests"][&digest], 2, "{status:#}");
+    assert_eq!(tunnels[1]["connections"].as_array().unwrap().len(), 0);
+    let conn_status = admin_get(conn_admin, "/status").await.json();
+    assert_eq!(conn_status["digest"], digest.as_str());
+    assert_eq!(conn_status["registered_connections"], 2);
 
     // Shutting down: the connector is no longer ready.
     stop.cancel();

@@ -487,3 +487,121 @@ async fn a_second_signal_writes_the_queued_audit_events_before_exiting() {
 fn libc_nonblock() -> i32 {
     0o4000
 }
+
+/// The edge's `/status` view of `tunnel`'s connections: (token index, draining) of each.
+async fn tokens_in_use(admin: std::net::SocketAddr, tunnel: &str) -> Vec<(i64, bool)> {
+    let status = get(admin, "admin", "/status").await.json();
+    status["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["id"] == tunnel)
+        .flat_map(|t| t["connections"].as_array().unwrap().clone())
+        .map(|c| (c["token"].as_i64().unwrap_or(-1), c["draining"] == true))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_rotation_under_load_fails_no_request() {
+    let origin = named("web", None).await;
+    let edge = start_edge(vec![tunnel("app", "old", &["app.test"])], |c| {
+        c.admin_listen = Some(loopback())
+    })
+    .await;
+    let (admin, reloader) = (edge.admin.unwrap(), edge.reloader.clone().unwrap());
+    let cfg = connector_config(
+        &edge,
+        "app",
+        "old",
+        vec![http_origin("web", origin)],
+        vec![],
+    );
+    let conn = start_connector(cfg.clone()).await;
+    conn.registered(2).await;
+
+    // Clients that keep asking until told to stop; every answer must be a 200.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http = edge.http;
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = get(http, "app.test", "/").await;
+                    if r.status == 200 {
+                        ok += 1;
+                    } else {
+                        failed.push(format!("{} {}", r.status, r.text()));
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    // The fewest connections registered at any moment, sampled.
+    let state = conn.state.clone();
+    let sampler_stop = stop.clone();
+    let sampler = tokio::spawn(async move {
+        let mut fewest = usize::MAX;
+        while !sampler_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            fewest = fewest.min(state.registered());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        fewest
+    });
+
+    let both = {
+        let mut t = tunnel("app", "old", &["app.test"]);
+        t.token_hashes.push(sluice::secret::Secret::new("new").sha256());
+        t
+    };
+    let mut rotated = cfg.clone();
+    rotated.token = sluice::secret::Secret::new("new");
+
+    // The wrong order first: the connector gets the new token before the edge accepts it.
+    // Its attempts are refused and the connections registered with the old token serve on.
+    conn.reloader.reload(&rotated).await.unwrap();
+    tokio::time::timeout(WAIT, async {
+        while !get(admin, "admin", "/metrics")
+            .await
+            .text()
+            .contains(r#"registration_failures_total{kind="unauthorized"}"#)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the early attempt with the new token was not refused");
+
+    // The edge accepts both tokens: the connector re-registers connection by connection.
+    reloader.reload(&edge_config_with(vec![both]));
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let conns = tokens_in_use(admin, "app").await;
+            if conns.len() == 2 && conns.iter().all(|&(token, draining)| token == 1 && !draining) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the connections did not all move to the new token");
+
+    // The old token is retired: nothing registered with it is left to close.
+    reloader.reload(&edge_config_with(vec![tunnel("app", "new", &["app.test"])]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for c in clients {
+        let (ok, failed) = c.await.unwrap();
+        assert!(failed.is_empty(), "requests failed during the rotation: {failed:?}");
+        total += ok;
+    }
+    assert!(total > 50, "too little load to show anything: {total} requests");
+    let fewest = sampler.await.unwrap();
+    assert!(fewest >= 2, "the connector dropped to {fewest} registered connections");
+    assert_eq!(tokens_in_use(admin, "app").await, vec![(0, false), (0, false)]);
+    assert_eq!(get(http, "app.test", "/").await.status, 200);
+    conn.stop().await;
+}

@@ -396,18 +396,16 @@ async fn origin_refused_is_502_and_timeout_is_504() {
 
     let reply = get(edge.http, "app.test", "/").await;
     assert_eq!(reply.status, 502);
+    // The client learns what failed, never which internal origin (nor its address).
     assert_eq!(
         reply.text(),
-        "sluice connector: origin \"down\" refused the connection\n"
+        "sluice connector: the origin is unreachable\n"
     );
     let reply = get(edge.http, "app.test", "/slow").await;
     assert_eq!(reply.status, 504);
-    assert!(
-        reply
-            .text()
-            .starts_with("sluice connector: origin \"slow\" did not answer within"),
-        "{}",
-        reply.text()
+    assert_eq!(
+        reply.text(),
+        "sluice connector: the origin did not answer in time\n"
     );
     conn.stop().await;
 }
@@ -695,7 +693,7 @@ async fn origin_that_does_not_accept_in_time_is_504() {
     assert_eq!(reply.status, 504, "{}", reply.text());
     assert_eq!(
         reply.text(),
-        "sluice connector: origin \"stuck\" did not accept a connection within 300ms\n"
+        "sluice connector: the origin did not answer in time\n"
     );
     drop(listener);
     conn.stop().await;

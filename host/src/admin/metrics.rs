@@ -1,4 +1,5 @@
-//! Prometheus metrics of one role (edge or connector), encoded in the text format.
+//! Metrics of each role, encoded in the OpenMetrics text format. Each role registers only
+//! its own families: [`EdgeMetrics`] for the edge, [`Metrics`] for the connector.
 
 use std::time::Duration;
 
@@ -14,6 +15,45 @@ use prometheus_client::registry::Registry;
 pub struct StatusLabels {
     /// `1xx`, `2xx`, `3xx`, `4xx` or `5xx`.
     pub class: &'static str,
+}
+
+/// Labels of the edge's request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EdgeRequestLabels {
+    /// The tunnel the request was routed to; empty when none serves its host or it was
+    /// refused before routing.
+    pub tunnel: String,
+    /// `1xx` … `5xx`.
+    pub class: &'static str,
+    /// Who answered: `origin`, `plugin` or `connector` (relayed from the connector); or why
+    /// the edge answered itself: `offline` (no connector registered), `connector-failed`
+    /// (the connector did not answer), `edge-refused` (a bad request, unknown host, limit).
+    pub reason: &'static str,
+}
+
+/// Label of per-tunnel gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TunnelLabels {
+    /// Tunnel id.
+    pub tunnel: String,
+}
+
+/// Labels of the edge's connection gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// Tunnel id.
+    pub tunnel: String,
+    /// Transport: `quic`.
+    pub protocol: &'static str,
+}
+
+/// Labels of the connector's origin error counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginErrorLabels {
+    /// Origin name.
+    pub origin: String,
+    /// `refused`, `timeout`, `tls`, `protocol`…
+    pub kind: &'static str,
 }
 
 /// Label of error counters: a stable kind.
@@ -67,8 +107,8 @@ pub struct Metrics {
     pub registered: Gauge,
     /// Failed registrations, by kind.
     pub registration_failures: Family<KindLabels, Counter>,
-    /// Origin failures, by kind (connector only).
-    pub origin_errors: Family<KindLabels, Counter>,
+    /// Origin failures, by origin and kind.
+    pub origin_errors: Family<OriginErrorLabels, Counter>,
     /// Requests refused by admission control, by kind.
     pub rejected: Family<KindLabels, Counter>,
     /// Plugin failures, by plugin and kind.
@@ -83,7 +123,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Metrics named `<prefix>_…` (`sluice_edge`, `sluice_connector`).
+    /// The connector's metrics, named `<prefix>_…` (`sluice_connector`).
     pub fn new(prefix: &str) -> Self {
         let mut registry = Registry::with_prefix(prefix);
         let requests = Family::<StatusLabels, Counter>::default();
@@ -91,7 +131,7 @@ impl Metrics {
         let in_flight = Gauge::default();
         let registered = Gauge::default();
         let registration_failures = Family::<KindLabels, Counter>::default();
-        let origin_errors = Family::<KindLabels, Counter>::default();
+        let origin_errors = Family::<OriginErrorLabels, Counter>::default();
         let rejected = Family::<KindLabels, Counter>::default();
         registry.register(
             "requests",
@@ -100,7 +140,7 @@ impl Metrics {
         );
         registry.register(
             "request_duration_seconds",
-            "Time from request to response head",
+            "Time from receiving the request head from the edge to sending the response head (plugins and origin included)",
             duration.clone(),
         );
         registry.register("streams_in_flight", "Requests in flight", in_flight.clone());
@@ -116,7 +156,7 @@ impl Metrics {
         );
         registry.register(
             "origin_errors",
-            "Origin failures, by kind",
+            "Origin failures, by origin and kind",
             origin_errors.clone(),
         );
         registry.register(
@@ -169,23 +209,148 @@ impl Metrics {
 
     /// Counts one answered request.
     pub fn observe(&self, status: u16, elapsed: Duration) {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
+        let class = status_class(status);
         self.requests.get_or_create(&StatusLabels { class }).inc();
         self.duration.observe(elapsed.as_secs_f64());
     }
 
-    /// The Prometheus text exposition.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+}
+
+impl Exposition for Metrics {
+    fn encode(&self) -> String {
+        encode(&self.registry)
+    }
+}
+
+/// Something the admin listener serves on `/metrics`.
+pub trait Exposition: Send + Sync {
+    /// The OpenMetrics text exposition.
+    fn encode(&self) -> String;
+}
+
+/// Content type of [`Exposition::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+/// `1xx` … `5xx`.
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The edge's metrics (`sluice_edge_…`).
+#[derive(Debug)]
+pub struct EdgeMetrics {
+    /// Requests answered, by tunnel, status class and reason.
+    pub requests: Family<EdgeRequestLabels, Counter>,
+    /// Time to the response head, by tunnel.
+    pub duration: Family<TunnelLabels, Histogram, fn() -> Histogram>,
+    /// Requests in flight, by tunnel.
+    pub in_flight: Family<TunnelLabels, Gauge>,
+    /// Registered connector connections, by tunnel and protocol.
+    pub registered: Family<ConnectionLabels, Gauge>,
+    /// Distinct ingress digests among a tunnel's connections: above 1, its replicas disagree.
+    pub ingress_digests: Family<TunnelLabels, Gauge>,
+    /// Failed registrations, by kind.
+    pub registration_failures: Family<KindLabels, Counter>,
+    /// Requests refused by admission control, by kind.
+    pub rejected: Family<KindLabels, Counter>,
+    registry: Registry,
+}
+
+fn request_histogram() -> Histogram {
+    // 0.5 ms … ~65 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+impl EdgeMetrics {
+    /// The edge's metrics, named `sluice_edge_…`.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sluice_edge");
+        let m = EdgeMetrics {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(request_histogram as fn() -> Histogram),
+            in_flight: Family::default(),
+            registered: Family::default(),
+            ingress_digests: Family::default(),
+            registration_failures: Family::default(),
+            rejected: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "requests",
+            "Requests answered, by tunnel, status class and reason (who answered, or why the edge did)",
+            m.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving the request head to sending the response head, by tunnel",
+            m.duration.clone(),
+        );
+        registry.register(
+            "streams_in_flight",
+            "Requests in flight, by tunnel",
+            m.in_flight.clone(),
+        );
+        registry.register(
+            "registered_connections",
+            "Connector connections registered, by tunnel and protocol",
+            m.registered.clone(),
+        );
+        registry.register(
+            "ingress_digests",
+            "Distinct ingress digests among a tunnel's connectors (above 1: replicas disagree)",
+            m.ingress_digests.clone(),
+        );
+        registry.register(
+            "registration_failures",
+            "Failed registrations, by kind",
+            m.registration_failures.clone(),
+        );
+        registry.register(
+            "rejected_requests",
+            "Requests refused by admission control, by kind",
+            m.rejected.clone(),
+        );
+        EdgeMetrics { registry, ..m }
+    }
+
+    /// Counts one answered request.
+    pub fn observe(&self, tunnel: Option<&str>, status: u16, reason: &'static str, elapsed: Duration) {
+        let tunnel = tunnel.unwrap_or_default().to_string();
+        self.requests
+            .get_or_create(&EdgeRequestLabels {
+                tunnel: tunnel.clone(),
+                class: status_class(status),
+                reason,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&TunnelLabels { tunnel })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Exposition for EdgeMetrics {
+    fn encode(&self) -> String {
+        encode(&self.registry)
     }
 }
 
@@ -217,7 +382,10 @@ mod tests {
         m.observe(204, Duration::from_millis(3));
         m.observe(502, Duration::from_millis(3));
         m.origin_errors
-            .get_or_create(&KindLabels { kind: "refused" })
+            .get_or_create(&OriginErrorLabels {
+                origin: "api".into(),
+                kind: "refused",
+            })
             .inc();
         let text = m.encode();
         assert!(
@@ -225,7 +393,26 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"sluice_test_requests_total{class="5xx"} 1"#));
-        assert!(text.contains(r#"sluice_test_origin_errors_total{kind="refused"} 1"#));
+        assert!(text.contains(r#"sluice_test_origin_errors_total{origin="api",kind="refused"} 1"#));
         assert!(text.contains("sluice_test_request_duration_seconds_count 2"));
+        assert!(!text.contains("tunnel="), "{text}");
+    }
+
+    #[test]
+    fn the_edge_exports_only_its_own_families_with_tunnel_labels() {
+        let m = EdgeMetrics::new();
+        m.observe(Some("app"), 502, "offline", Duration::from_millis(3));
+        m.observe(None, 404, "edge-refused", Duration::from_millis(1));
+        let text = m.encode();
+        assert!(
+            text.contains(r#"sluice_edge_requests_total{tunnel="app",class="5xx",reason="offline"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"sluice_edge_requests_total{tunnel="",class="4xx",reason="edge-refused"} 1"#));
+        assert!(text.contains(r#"sluice_edge_request_duration_seconds_count{tunnel="app"} 1"#));
+        for family in ["plugin_", "audit_events", "origin_errors"] {
+            assert!(!text.contains(family), "{family} in {text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "not OpenMetrics: {text}");
     }
 }

@@ -1,4 +1,5 @@
-//! The admin listener: `/live`, `/ready` and `/metrics` (Prometheus text), on its own address.
+//! The admin listener: `/live`, `/ready`, `/metrics` (OpenMetrics text) and `/status` (JSON),
+//! on its own address.
 
 pub mod metrics;
 
@@ -14,12 +15,26 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use metrics::Metrics;
+pub use metrics::{EdgeMetrics, Exposition, Metrics};
 
 use crate::relay::{self, HttpBody};
 
 /// Tells whether the process is ready to serve.
 pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Describes the running process for `/status`.
+pub type Status = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What the admin listener reports.
+#[derive(Clone)]
+pub struct Report {
+    /// `/metrics`.
+    pub metrics: Arc<dyn Exposition>,
+    /// `/ready`.
+    pub ready: Readiness,
+    /// `/status`.
+    pub status: Status,
+}
 
 /// A bound admin listener.
 pub struct Admin {
@@ -47,9 +62,9 @@ impl Admin {
     }
 
     /// Serves until `shutdown`.
-    pub async fn run(self, metrics: Arc<Metrics>, ready: Readiness, shutdown: CancellationToken) {
+    pub async fn run(self, report: Report, shutdown: CancellationToken) {
         if let Some(addr) = self.addr() {
-            info!(%addr, "listening for admin requests (/live, /ready, /metrics)");
+            info!(%addr, "listening for admin requests (/live, /ready, /metrics, /status)");
         }
         loop {
             let (tcp, _) = tokio::select! {
@@ -63,10 +78,10 @@ impl Admin {
                 },
                 _ = shutdown.cancelled() => return,
             };
-            let (metrics, ready) = (metrics.clone(), ready.clone());
+            let report = report.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
-                    let resp = answer(&req, &metrics, &ready);
+                    let resp = answer(&req, &report);
                     async move { Ok::<_, Infallible>(resp) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -79,7 +94,8 @@ impl Admin {
     }
 }
 
-fn answer(req: &Request<Incoming>, metrics: &Metrics, ready: &Readiness) -> Response<HttpBody> {
+fn answer(req: &Request<Incoming>, report: &Report) -> Response<HttpBody> {
+    let ready = &report.ready;
     let (status, ctype, body) = match req.uri().path() {
         "/live" => (
             StatusCode::OK,
@@ -96,15 +112,16 @@ fn answer(req: &Request<Incoming>, metrics: &Metrics, ready: &Readiness) -> Resp
             "text/plain; charset=utf-8",
             "not ready\n".to_string(),
         ),
-        "/metrics" => (
+        "/metrics" => (StatusCode::OK, metrics::CONTENT_TYPE, report.metrics.encode()),
+        "/status" => (
             StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.encode(),
+            "application/json",
+            format!("{:#}\n", (report.status)()),
         ),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found: try /live, /ready or /metrics\n".to_string(),
+            "not found: try /live, /ready, /metrics or /status\n".to_string(),
         ),
     };
     let mut resp = Response::new(relay::full(body));

@@ -194,6 +194,46 @@ pub struct IngressRuleConfig {
 }
 
 impl ConnectorConfig {
+    /// Digest of what decides how a request is answered: the path policy, the ingress rules
+    /// (host, path, origin and where it points, plugins), the global chain, and each plugin's
+    /// component bytes, configuration and failure policy. Replicas of one tunnel should have
+    /// the same; the edge reports those that do not. `sha256:` and 16 hexadecimal digits.
+    pub fn routing_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut field = |s: &[u8]| {
+            h.update((s.len() as u64).to_be_bytes());
+            h.update(s);
+        };
+        field(format!("{:?}", self.paths).as_bytes());
+        for rule in &self.ingress {
+            field(b"rule");
+            field(rule.hostname.as_ref().map(|p| p.to_string()).unwrap_or_default().as_bytes());
+            field(rule.path.as_ref().map_or("", |r| r.as_str()).as_bytes());
+            field(rule.origin.as_bytes());
+            let target = self.origins.iter().find(|o| o.name == rule.origin);
+            field(format!("{:?}", target.map(|o| &o.target)).as_bytes());
+            for p in &rule.plugins {
+                field(p.as_bytes());
+            }
+        }
+        field(b"global");
+        for p in &self.global_plugins {
+            field(p.as_bytes());
+        }
+        for p in &self.plugins {
+            field(b"plugin");
+            field(p.name.as_bytes());
+            match std::fs::read(&p.path) {
+                Ok(bytes) => field(&Sha256::digest(&bytes)),
+                Err(e) => field(e.kind().to_string().as_bytes()),
+            }
+            field(&p.config_json);
+            field(format!("{:?}", p.on_error).as_bytes());
+        }
+        format!("sha256:{}", hex::encode(&h.finalize()[..8]))
+    }
+
     /// A config with defaults, one `hello` catch-all and no edges.
     pub fn new(tunnel: impl Into<String>, token: Secret) -> Self {
         ConnectorConfig {

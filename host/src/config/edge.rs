@@ -35,8 +35,10 @@ pub struct EdgeConfig {
     pub trust_forwarded_for: bool,
     /// On shutdown, how long open client requests get to finish.
     pub grace_period: std::time::Duration,
-    /// Admin listener (`/live`, `/ready`, `/metrics`).
+    /// Admin listener (`/live`, `/ready`, `/metrics`, `/status`).
     pub admin_listen: Option<SocketAddr>,
+    /// `/ready` fails while the connectors of a tunnel report different ingress digests.
+    pub require_consistent_replicas: bool,
     /// One info line per request on the `sluice::access` target.
     pub access_log: bool,
     /// `Upgrade` protocols relayed to connectors (lowercase); others are dropped from the
@@ -76,8 +78,9 @@ pub struct HttpsConfig {
 pub struct TunnelConfig {
     /// Tunnel id, sent by the connector at registration.
     pub id: String,
-    /// SHA-256 of the tunnel's token.
-    pub token_sha256: [u8; 32],
+    /// SHA-256 of every token the tunnel accepts: usually one, two while a rotation overlaps
+    /// the old token with the new one.
+    pub token_hashes: Vec<[u8; 32]>,
     /// Public hostnames routed to this tunnel.
     pub hostnames: Vec<HostPattern>,
     /// Requests in flight allowed for this tunnel; past it clients get 503 at once.
@@ -116,6 +119,7 @@ impl EdgeConfig {
             trust_forwarded_for: false,
             grace_period: super::connector::DEFAULT_GRACE_PERIOD,
             admin_listen: None,
+            require_consistent_replicas: false,
             access_log: true,
             allowed_upgrades: default_upgrades(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -173,8 +177,8 @@ impl EdgeConfig {
                     format!("duplicate tunnel id {:?} (also tunnel[{prev}])", t.id),
                 ));
             }
-            let token_sha256 = t
-                .token_hash(&src)
+            let token_hashes = t
+                .token_hashes(&src)
                 .map_err(|(field, m)| src.error(at, format!("{key}{field}"), m))?;
             if t.hostnames.is_empty() {
                 return Err(src.error(
@@ -197,7 +201,7 @@ impl EdgeConfig {
             }
             tunnels.push(TunnelConfig {
                 id: t.id.clone(),
-                token_sha256,
+                token_hashes,
                 hostnames: t.hostnames.iter().map(|h| h.get_ref().clone()).collect(),
                 max_concurrent_requests: t
                     .max_concurrent_requests
@@ -241,7 +245,12 @@ impl EdgeConfig {
             grace_period: file
                 .grace_period
                 .map_or(super::connector::DEFAULT_GRACE_PERIOD, |d| d.0),
-            admin_listen: file.admin.map(|a| a.listen),
+            admin_listen: file.admin.as_ref().map(|a| a.listen),
+            require_consistent_replicas: file
+                .admin
+                .as_ref()
+                .and_then(|a| a.require_consistent_replicas)
+                .unwrap_or(false),
             access_log: file.access_log.unwrap_or(true),
             allowed_upgrades: match file.allowed_upgrades {
                 Some(list) => list.iter().map(|p| p.to_ascii_lowercase()).collect(),
@@ -281,7 +290,7 @@ struct EdgeFile {
     idle_timeout: Option<Duration>,
     body_idle_timeout: Option<Duration>,
     max_connections_per_client: Option<usize>,
-    admin: Option<super::AdminFile>,
+    admin: Option<EdgeAdminFile>,
     http: Option<HttpFile>,
     https: Option<HttpsFile>,
     connectors: ConnectorsFile,
@@ -325,6 +334,13 @@ impl TryFrom<String> for UpgradeToken {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct EdgeAdminFile {
+    listen: SocketAddr,
+    require_consistent_replicas: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct HttpFile {
     listen: SocketAddr,
 }
@@ -351,58 +367,115 @@ struct ConnectorsFile {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct TunnelFile {
     id: String,
-    token_sha256: Option<String>,
-    token_file: Option<PathBuf>,
-    token_env: Option<String>,
+    token_sha256: Option<OneOrMany<String>>,
+    token_file: Option<OneOrMany<PathBuf>>,
+    token_env: Option<OneOrMany<String>>,
     #[serde(default)]
     hostnames: Vec<Spanned<HostPattern>>,
     max_concurrent_requests: Option<usize>,
     max_connections: Option<usize>,
 }
 
+/// A value or a list of values (`token-sha256 = "…"` or `token-sha256 = ["…", "…"]`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    fn iter(&self) -> std::slice::Iter<'_, T> {
+        match self {
+            OneOrMany::One(v) => std::slice::from_ref(v).iter(),
+            OneOrMany::Many(v) => v.iter(),
+        }
+    }
+}
+
+/// Most tokens one tunnel accepts at once: a rotation needs two.
+pub const MAX_TOKENS_PER_TUNNEL: usize = 8;
+
 impl TunnelFile {
-    /// The token's SHA-256 from whichever of the three sources is set (exactly one must be).
-    /// Errors carry the key suffix they concern.
-    fn token_hash(&self, src: &Source) -> Result<[u8; 32], (&'static str, String)> {
+    /// The SHA-256 of every token, from whichever of the three sources is set (exactly one
+    /// must be; each takes one value or a list). Errors carry the key suffix they concern.
+    fn token_hashes(&self, src: &Source) -> Result<Vec<[u8; 32]>, (&'static str, String)> {
         let field = match (&self.token_sha256, &self.token_file, &self.token_env) {
             (Some(_), None, None) => ".token-sha256",
             (None, Some(_), None) => ".token-file",
             (None, None, Some(_)) => ".token-env",
             _ => "",
         };
-        self.token_hash_inner(src).map_err(|m| (field, m))
+        let hashes = self.token_hashes_inner(src).map_err(|m| (field, m))?;
+        if hashes.is_empty() {
+            return Err((field, "the list of tokens is empty".into()));
+        }
+        if hashes.len() > MAX_TOKENS_PER_TUNNEL {
+            return Err((
+                field,
+                format!("at most {MAX_TOKENS_PER_TUNNEL} tokens per tunnel"),
+            ));
+        }
+        Ok(hashes)
     }
 
-    fn token_hash_inner(&self, src: &Source) -> Result<[u8; 32], String> {
+    fn token_hashes_inner(&self, src: &Source) -> Result<Vec<[u8; 32]>, String> {
         match (&self.token_sha256, &self.token_file, &self.token_env) {
-            (Some(hex_hash), None, None) => {
-                let bytes = hex::decode(hex_hash.trim())
-                    .map_err(|_| "token-sha256 must be 64 hexadecimal characters".to_string())?;
-                bytes
-                    .try_into()
-                    .map_err(|_| "token-sha256 must be 64 hexadecimal characters".to_string())
-            }
-            (None, Some(file), None) => {
-                let path = src.resolve(file);
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| format!("cannot read token-file {}: {e}", path.display()))?;
-                let token = Secret::new(text.trim());
-                if token.expose().is_empty() {
-                    return Err(format!("token-file {} is empty", path.display()));
-                }
-                Ok(token.sha256())
-            }
-            (None, None, Some(var)) => {
-                let value = std::env::var(var)
-                    .map_err(|_| format!("token-env names ${var}, which is not set"))?;
-                let token = Secret::new(value.trim());
-                if token.expose().is_empty() {
-                    return Err(format!("token-env ${var} is empty"));
-                }
-                Ok(token.sha256())
-            }
+            (Some(hashes), None, None) => hashes.iter().map(|h| parse_sha256(h)).collect(),
+            (None, Some(files), None) => files
+                .iter()
+                .map(|file| {
+                    let path = src.resolve(file);
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| format!("cannot read token-file {}: {e}", path.display()))?;
+                    let token = Secret::new(text.trim());
+                    if token.expose().is_empty() {
+                        return Err(format!("token-file {} is empty", path.display()));
+                    }
+                    Ok(token.sha256())
+                })
+                .collect(),
+            (None, None, Some(vars)) => vars
+                .iter()
+                .map(|var| {
+                    let value = std::env::var(var)
+                        .map_err(|_| format!("token-env names ${var}, which is not set"))?;
+                    let token = Secret::new(value.trim());
+                    if token.expose().is_empty() {
+                        return Err(format!("token-env ${var} is empty"));
+                    }
+                    Ok(token.sha256())
+                })
+                .collect(),
             (None, None, None) => Err("set one of token-sha256, token-file or token-env".into()),
             _ => Err("set only one of token-sha256, token-file or token-env".into()),
         }
+    }
+}
+
+fn parse_sha256(hex_hash: &str) -> Result<[u8; 32], String> {
+    let bytes = hex::decode(hex_hash.trim())
+        .map_err(|_| "token-sha256 must be 64 hexadecimal characters".to_string())?;
+    bytes
+        .try_into()
+        .map_err(|_| "token-sha256 must be 64 hexadecimal characters".to_string())
+}
+
+impl TunnelConfig {
+    /// Whether `token` is one the tunnel accepts. Every configured hash is compared, in
+    /// constant time, whichever matches.
+    pub fn accepts(&self, token: &Secret) -> bool {
+        let hash = token.sha256();
+        self.accepts_hash(&hash)
+    }
+
+    /// Whether a token with this SHA-256 is one the tunnel accepts (constant time).
+    pub fn accepts_hash(&self, hash: &[u8; 32]) -> bool {
+        use subtle::ConstantTimeEq;
+        let mut any = subtle::Choice::from(0);
+        for h in &self.token_hashes {
+            any |= h.ct_eq(hash);
+        }
+        any.into()
     }
 }

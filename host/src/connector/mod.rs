@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-use crate::admin::{Admin, Metrics};
+use crate::admin::{Admin, Metrics, Report};
 use crate::audit::Audit;
 use crate::config::ConnectorConfig;
 use crate::tls;
@@ -73,12 +73,16 @@ pub struct Connector {
     state: Arc<ConnectorState>,
     metrics: Arc<Metrics>,
     admin: Option<std::net::TcpListener>,
+    token: Arc<watch::Sender<crate::secret::Secret>>,
+    digest: Arc<watch::Sender<String>>,
 }
 
 /// Applies a new configuration to a running connector (SIGHUP).
 #[derive(Clone)]
 pub struct ConnectorReloader {
     running: Arc<ConnectorConfig>,
+    token: Arc<watch::Sender<crate::secret::Secret>>,
+    digest: Arc<watch::Sender<String>>,
     pipeline: Arc<ArcSwap<Pipeline>>,
     env: Arc<PluginEnv>,
 }
@@ -86,21 +90,41 @@ pub struct ConnectorReloader {
 impl ConnectorReloader {
     /// Swaps ingress rules, origins, plugins and the access-log switch atomically: requests
     /// in flight finish on the set they started with. On error (a plugin that fails to load or
-    /// to `init`, say) nothing changes. Tunnel, token, edges, connections, listeners and the
-    /// audit sinks need a restart; a change to them is logged and ignored.
+    /// to `init`, say) nothing changes. A new token re-registers the connections one by one,
+    /// each replacement registered before the connection it replaces drains. Tunnel, edges,
+    /// connections, listeners and the audit sinks need a restart; a change to them is logged
+    /// and ignored.
     pub async fn reload(&self, config: &ConnectorConfig) -> Result<(), ConnectorError> {
         let pipeline = Pipeline::new(config, &self.env).await?;
         let old = &self.running;
         if old.tunnel != config.tunnel
-            || old.token != config.token
             || old.edges != config.edges
             || old.ha_connections != config.ha_connections
             || old.admin_listen != config.admin_listen
             || old.max_concurrent_requests != config.max_concurrent_requests
         {
-            warn!("tunnel, token, edges, ha-connections, max-concurrent-requests and admin changes take effect after a restart");
+            warn!("tunnel, edges, ha-connections, max-concurrent-requests and admin changes take effect after a restart");
+        }
+        let token_changed = self.token.send_if_modified(|token| {
+            let changed = *token != config.token;
+            if changed {
+                *token = config.token.clone();
+            }
+            changed
+        });
+        if token_changed {
+            info!("the token changed: re-registering the connections one by one");
         }
         let previous = self.pipeline.swap(Arc::new(pipeline));
+        let digest = config.routing_digest();
+        self.digest.send_if_modified(|d| {
+            let changed = *d != digest;
+            if changed {
+                info!(%digest, "the ingress digest changed; telling the edges");
+                *d = digest;
+            }
+            changed
+        });
         // Requests still on the previous set (a long upgrade, say) keep it alive; its idle
         // instances need not live on with them and hold places in the shared pool.
         previous.retire();
@@ -132,7 +156,11 @@ impl Connector {
             }
             None => None,
         };
+        let token = Arc::new(watch::Sender::new(config.token.clone()));
+        let digest = Arc::new(watch::Sender::new(config.routing_digest()));
         Ok(Connector {
+            token,
+            digest,
             config: Arc::new(config),
             pipeline,
             client,
@@ -152,6 +180,8 @@ impl Connector {
     pub fn reloader(&self) -> ConnectorReloader {
         ConnectorReloader {
             running: self.config.clone(),
+            token: self.token.clone(),
+            digest: self.digest.clone(),
             pipeline: self.pipeline.clone(),
             env: self.env.clone(),
         }
@@ -176,6 +206,7 @@ impl Connector {
             connector = %self.config.connector_id,
             edges = self.config.edges.len(),
             ha_connections = self.config.ha_connections,
+            digest = %*self.digest.borrow(),
             "sluice connector starting"
         );
         // The admin listener outlives the drain, so that `/ready` says 503 while it lasts.
@@ -185,9 +216,29 @@ impl Connector {
             let admin = Admin::from_std(listener).map_err(ConnectorError::Bind)?;
             let (state, stopping) = (self.state.clone(), shutdown.clone());
             let ready = Arc::new(move || state.registered() > 0 && !stopping.is_cancelled());
-            tokio::spawn(admin.run(self.metrics.clone(), ready, admin_stop.clone()));
+            let (config, state, digest) = (self.config.clone(), self.state.clone(), self.digest.clone());
+            let in_flight = self.metrics.in_flight.clone();
+            let status = Arc::new(move || {
+                serde_json::json!({
+                    "role": "connector",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "tunnel": config.tunnel,
+                    "connector_id": config.connector_id,
+                    "edges": config.edges,
+                    "registered_connections": state.registered(),
+                    "in_flight": in_flight.get(),
+                    "digest": *digest.borrow(),
+                })
+            });
+            let report = Report {
+                metrics: self.metrics.clone(),
+                ready,
+                status,
+            };
+            tokio::spawn(admin.run(report, admin_stop.clone()));
         }
         let sessions = TaskTracker::new();
+        let links = TaskTracker::new();
         let streams = TaskTracker::new();
         let shared = Arc::new(session::Shared {
             config: self.config.clone(),
@@ -200,6 +251,10 @@ impl Connector {
             limit: Arc::new(tokio::sync::Semaphore::new(
                 self.config.max_concurrent_requests,
             )),
+            token: self.token.clone(),
+            rotation: Arc::default(),
+            digest: self.digest.clone(),
+            links: links.clone(),
         });
         for edge in &self.config.edges {
             for index in 0..self.config.ha_connections {
@@ -223,10 +278,12 @@ impl Connector {
         );
         streams.close();
         sessions.close();
-        // Sessions first: once every connection is acknowledged and closed, no stream can
-        // arrive any more, and waiting for the streams then waits for all of them.
+        links.close();
+        // Connections first: once every one is acknowledged and closed, no stream can arrive
+        // any more, and waiting for the streams then waits for all of them.
         let drained = tokio::time::timeout(grace, async {
             sessions.wait().await;
+            links.wait().await;
             streams.wait().await;
         });
         match drained.await {

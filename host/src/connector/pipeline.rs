@@ -26,7 +26,7 @@ use tracing::{debug, info, warn, Instrument};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::chain::{AuditContext, ChainRun, Chains, Refused};
-use crate::admin::metrics::{InFlightGauge, KindLabels};
+use crate::admin::metrics::{InFlightGauge, OriginErrorLabels};
 use crate::admin::Metrics;
 use crate::audit::Audit;
 use crate::config::{normalize_host, ConnectorConfig};
@@ -234,10 +234,14 @@ impl Pipeline {
                 if origin_failure {
                     metrics
                         .origin_errors
-                        .get_or_create(&KindLabels { kind })
+                        .get_or_create(&OriginErrorLabels {
+                            origin: origin.clone(),
+                            kind,
+                        })
                         .inc();
                 }
-                let bytes_out = answer_error(&mut send, status, &message).await;
+                let public = public_text(kind, origin_failure, &message);
+                let bytes_out = answer_error(&mut send, status, public).await;
                 Outcome {
                     status: status.as_u16(),
                     origin,
@@ -736,6 +740,20 @@ impl Failure {
             kind: e.kind(),
             origin_failure: true,
         }
+    }
+}
+
+/// What the client reads about a failure: the kind's text for origin and configuration
+/// failures, whose message names internal origins and addresses (the log keeps it); the
+/// message itself otherwise (a refused path, a plugin failure: written for the client).
+fn public_text<'a>(kind: &'static str, origin_failure: bool, message: &'a str) -> &'a str {
+    match (origin_failure, kind) {
+        (true, "connect-timeout" | "response-timeout") => "the origin did not answer in time",
+        (true, "tls") => "the TLS handshake with the origin failed",
+        (true, "protocol") => "the origin sent an invalid response",
+        (true, _) => "the origin is unreachable",
+        (false, "config") => "no origin is available for this request",
+        _ => message,
     }
 }
 

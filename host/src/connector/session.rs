@@ -19,6 +19,9 @@ use crate::admin::Metrics;
 use crate::config::{connector_split_host_port, BackoffConfig, ConnectorConfig};
 use crate::proto::{self, io::read_frame, io::write_frame, Control, Register, Rejected};
 
+/// What a connector says it runs, in its registrations.
+pub const SOFTWARE: &str = concat!("sluice/", env!("CARGO_PKG_VERSION"));
+
 /// Time allowed for the QUIC handshake plus registration.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -34,6 +37,15 @@ pub(super) struct Shared {
     pub metrics: Arc<Metrics>,
     /// Admission control: one permit per request in flight.
     pub limit: Arc<Semaphore>,
+    /// The token connections register with; a reload may change it.
+    pub token: Arc<tokio::sync::watch::Sender<crate::secret::Secret>>,
+    /// Taken by a slot while it re-registers after a token change, so that connections are
+    /// replaced one at a time.
+    pub rotation: Arc<tokio::sync::Mutex<()>>,
+    /// Tasks serving registered connections (a replaced connection drains in its own).
+    pub links: TaskTracker,
+    /// Digest of the ingress rules and plugins now serving; a reload may change it.
+    pub digest: Arc<tokio::sync::watch::Sender<String>>,
 }
 
 /// Why a session ended.
@@ -119,15 +131,111 @@ pub fn backoff_delay(cfg: &BackoffConfig, attempt: u32) -> Duration {
     half + rand::thread_rng().gen_range(Duration::ZERO..=half)
 }
 
-/// One connection: dial, register, then serve streams until the connection ends.
+/// One connection slot: dial and register, then serve streams until the connection ends.
 /// Returns why it ended once registered.
+///
+/// When the token changes (a reload), the slot registers a second connection with the new
+/// token *before* draining the one registered with the old token, one slot at a time across
+/// the connector, so the tunnel never has fewer registered connections than before the
+/// rotation. If the edge refuses the new token, the old connection keeps serving and the
+/// slot tries again after a back-off.
 async fn session(
     edge: &str,
     index: u32,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     registered_at: &mut Option<Instant>,
     shutdown: &CancellationToken,
 ) -> Result<String, SessionError> {
+    let mut tokens = shared.token.subscribe();
+    let token = tokens.borrow_and_update().clone();
+    let link = tokio::select! {
+        r = dial(edge, index, shared, &token) => r?,
+        _ = shutdown.cancelled() => return Ok("shutting down".into()),
+    };
+    *registered_at = Some(Instant::now());
+    let mut drain = shutdown.child_token();
+    let mut serving = shared
+        .links
+        .spawn(serve(link, shared.clone(), drain.clone()).in_current_span());
+    // Set while a rotation is due: when to try registering with the new token next.
+    let mut rotate_at: Option<tokio::time::Instant> = None;
+    let mut attempt = 0u32;
+    let mut tokens_open = true;
+    loop {
+        tokio::select! {
+            ended = &mut serving => {
+                return Ok(ended.unwrap_or_else(|e| format!("connection task failed: {e}")));
+            }
+            changed = tokens.changed(), if tokens_open => {
+                if changed.is_err() {
+                    // The connector is going away; shutdown drains the connection.
+                    tokens_open = false;
+                    continue;
+                }
+                tokens.borrow_and_update();
+                rotate_at = Some(tokio::time::Instant::now());
+                attempt = 0;
+            }
+            _ = sleep_until_some(rotate_at) => {
+                let turn = tokio::select! {
+                    t = shared.rotation.clone().lock_owned() => t,
+                    _ = shutdown.cancelled() => return Ok("shutting down".into()),
+                };
+                let token = tokens.borrow().clone();
+                let dialled = tokio::select! {
+                    r = dial(edge, index, shared, &token) => r,
+                    _ = shutdown.cancelled() => return Ok("shutting down".into()),
+                };
+                drop(turn);
+                match dialled {
+                    Ok(link) => {
+                        info!("registered a connection with the new token; draining the one registered with the old token");
+                        rotate_at = None;
+                        *registered_at = Some(Instant::now());
+                        // The old connection drains on its own: Drain, the edge's
+                        // acknowledgement once its requests are relayed, then close.
+                        drain.cancel();
+                        drain = shutdown.child_token();
+                        serving = shared
+                            .links
+                            .spawn(serve(link, shared.clone(), drain.clone()).in_current_span());
+                    }
+                    Err(e) => {
+                        let delay = backoff_delay(&shared.config.backoff, attempt);
+                        attempt = attempt.saturating_add(1);
+                        warn!(cause = %e, retry_in_ms = delay.as_millis() as u64, "could not register with the new token; the connection registered with the old token keeps serving");
+                        rotate_at = Some(tokio::time::Instant::now() + delay);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `at`, or forever when `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A registered connection: the QUIC connection and both halves of its control stream. It
+/// counts as registered until dropped.
+struct Link {
+    conn: quinn::Connection,
+    control_send: quinn::SendStream,
+    control_recv: quinn::RecvStream,
+    _count: CountGuard,
+}
+
+/// Dials `edge` and registers one connection with `token`.
+async fn dial(
+    edge: &str,
+    index: u32,
+    shared: &Shared,
+    token: &crate::secret::Secret,
+) -> Result<Link, SessionError> {
     let (host, port) = connector_split_host_port(edge).map_err(SessionError::Resolve)?;
     let addr = tokio::net::lookup_host((host.as_str(), port))
         .await
@@ -145,9 +253,11 @@ async fn session(
         let register = Control::Register(Register {
             version: proto::VERSION,
             tunnel: shared.config.tunnel.clone(),
-            token: shared.config.token.clone(),
+            token: token.clone(),
             connector_id: shared.config.connector_id.clone(),
             conn_index: index,
+            software: Some(SOFTWARE.to_string()),
+            digest: Some(shared.digest.borrow().clone()),
         });
         write_frame(&mut send, &register).await?;
         match read_frame::<_, Control>(&mut recv).await? {
@@ -159,30 +269,47 @@ async fn session(
             _ => Err(SessionError::Unexpected),
         }
     });
-    let (conn, mut control_send, control_recv) = tokio::select! {
-        r = dial => r.map_err(|_| SessionError::Timeout)??,
-        _ = shutdown.cancelled() => return Ok("shutting down".into()),
-    };
-
-    *registered_at = Some(Instant::now());
+    let (conn, control_send, control_recv) = dial.await.map_err(|_| SessionError::Timeout)??;
     shared.state.add(1);
     shared.metrics.registered.inc();
-    let _count = CountGuard(shared.state.clone(), shared.metrics.clone());
+    Ok(Link {
+        conn,
+        control_send,
+        control_recv,
+        _count: CountGuard(shared.state.clone(), shared.metrics.clone()),
+    })
+}
 
-    // Serve streams until the connection ends. On shutdown, tell the edge to route nothing new
-    // here and keep serving: the edge acknowledges once every request it routed here has been
-    // relayed whole, and only then is the connection closed (or when the grace period ends).
+/// Serves streams on `link` until the connection ends. Once `drain` is cancelled (shutdown,
+/// or a rotation replaced this connection), tells the edge to route nothing new here and keeps
+/// serving: the edge acknowledges once every request it routed here has been relayed whole,
+/// and only then is the connection closed (or when the connector's grace period ends).
+async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> String {
+    let Link {
+        conn,
+        mut control_send,
+        control_recv,
+        _count,
+    } = link;
     let mut draining = false;
     let acked = drain_ack(control_recv);
     tokio::pin!(acked);
     let mut ack_pending = true;
+    let mut digests = shared.digest.subscribe();
+    digests.borrow_and_update();
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
-                Ok((send, recv)) => accept_stream(shared, send, recv),
-                Err(e) => return Ok(e.to_string()),
+                Ok((send, recv)) => accept_stream(&shared, send, recv),
+                Err(e) => return e.to_string(),
             },
-            _ = shutdown.cancelled(), if !draining => {
+            Ok(()) = digests.changed(), if !draining => {
+                let digest = digests.borrow_and_update().clone();
+                if let Err(e) = write_frame(&mut control_send, &Control::Digest(proto::Digest { digest })).await {
+                    warn!(cause = %e, "could not send the new ingress digest to the edge");
+                }
+            }
+            _ = drain.cancelled(), if !draining => {
                 draining = true;
                 match write_frame(&mut control_send, &Control::Drain).await {
                     Ok(()) => info!("sent drain to the edge"),
@@ -194,7 +321,7 @@ async fn session(
                 if acked {
                     info!("the edge acknowledged the drain; closing the connection");
                     conn.close(proto::code::CLOSE_NORMAL, b"drained");
-                    return Ok("drained".into());
+                    return "drained".into();
                 }
                 warn!("the control stream ended before the edge acknowledged the drain; waiting for the grace period");
             }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tracing::{debug, info, warn, Instrument};
 
-use super::registry::{AddError, ConnEntry, Registry};
+use super::registry::{AddError, ConnEntry, Registrant, Registry};
 use super::EdgeShared;
 use crate::proto::{self, io::read_frame, io::write_frame, Control, RejectCode, Rejected};
 use crate::secret::Secret;
@@ -94,6 +94,11 @@ pub(super) async fn serve(
                     tokio::spawn(acknowledge_drain(entry.clone(), send).in_current_span());
                 }
             }
+            Ok(Control::Digest(d)) => {
+                info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, digest = ?clip(&d.digest), "connector reloaded its ingress rules");
+                entry.set_digest(clip(&d.digest).to_string());
+                shared.replicas_changed(&tunnel);
+            }
             Ok(Control::Unknown) => {
                 debug!(connection = entry.id, "ignored an unknown control message")
             }
@@ -116,7 +121,8 @@ pub(super) async fn serve(
         }
     };
     shared.registry.remove(&tunnel, entry.id);
-    shared.metrics.registered.dec();
+    connections(&shared, &tunnel, entry.protocol).dec();
+    shared.replicas_changed(&tunnel);
     info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, %reason, "connector connection closed");
 }
 
@@ -180,13 +186,14 @@ async fn register(
     // Route, then answer. The registry re-checks the token under the lock a reload takes, so
     // a registration racing a token rotation is refused here rather than kept.
     let id = shared.registry.allocate_id();
-    let entry = match shared.registry.add(
-        &reg.tunnel,
-        id,
-        reg.token.sha256(),
-        reg.connector_id.clone(),
-        conn.clone(),
-    ) {
+    let registrant = Registrant {
+        token_sha256: reg.token.sha256(),
+        connector_id: reg.connector_id.clone(),
+        software: reg.software.as_deref().map(|s| clip(s).to_string()),
+        digest: reg.digest.as_deref().map(|s| clip(s).to_string()),
+        conn: conn.clone(),
+    };
+    let entry = match shared.registry.add(&reg.tunnel, id, registrant) {
         Ok(entry) => entry,
         Err(e) => {
             let rej = Rejected {
@@ -216,16 +223,35 @@ async fn register(
     });
     write_frame(&mut send, &ok).await?;
     unroute.disarm();
-    shared.metrics.registered.inc();
+    connections(shared, &reg.tunnel, entry.protocol).inc();
+    shared.replicas_changed(&reg.tunnel);
     info!(
         %peer,
         tunnel = %reg.tunnel,
         connector = ?clip(&reg.connector_id),
         conn_index = reg.conn_index,
         connection = entry.id,
+        software = ?reg.software.as_deref().map(clip),
+        digest = ?reg.digest.as_deref().map(clip),
         "connector registered"
     );
     Ok((reg.tunnel, entry, send, recv))
+}
+
+/// The registered-connections gauge of `tunnel` over `protocol`.
+fn connections(
+    shared: &EdgeShared,
+    tunnel: &str,
+    protocol: &'static str,
+) -> prometheus_client::metrics::gauge::Gauge {
+    shared
+        .metrics
+        .registered
+        .get_or_create(&crate::admin::metrics::ConnectionLabels {
+            tunnel: tunnel.to_string(),
+            protocol,
+        })
+        .clone()
 }
 
 /// Removes a registry entry when dropped armed.
@@ -262,7 +288,7 @@ fn clip(s: &str) -> &str {
 /// Token check in constant time. An unknown tunnel costs the same hash and comparison.
 fn authorized(shared: &EdgeShared, tunnel: &str, token: &Secret) -> bool {
     match shared.registry.tunnel(tunnel) {
-        Some(t) => token.matches_sha256(&t.token_sha256),
+        Some(t) => t.accepts(token),
         None => {
             let _ = token.matches_sha256(&[0u8; 32]);
             false

@@ -17,10 +17,10 @@ use tracing::{debug, info, warn, Instrument};
 use super::client::HeldSlot;
 use super::registry::{Admitted, InFlight};
 use super::EdgeShared;
-use crate::admin::metrics::{InFlightGauge, KindLabels};
+use crate::admin::metrics::{InFlightGauge, KindLabels, TunnelLabels};
 use crate::authority::Authority;
 use crate::headers::{from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID};
-use crate::proto::{self, io::read_frame, RequestHead, ResponseHead};
+use crate::proto::{self, io::read_frame, RequestHead, ResponseHead, ResponseSource};
 use crate::relay::{self, HttpBody};
 
 /// Handles one client request. Always answers: errors become small plain-text responses.
@@ -39,16 +39,18 @@ pub(super) async fn handle(
         .instrument(span.clone())
         .await;
     let elapsed = start.elapsed();
+    let status = routed.resp.status().as_u16();
     shared
         .metrics
-        .observe(routed.resp.status().as_u16(), elapsed);
+        .observe(routed.tunnel.as_deref(), status, routed.reason, elapsed);
     if shared.config.access_log {
         info!(
             target: "sluice::access",
             %method,
             host = routed.host.as_deref().unwrap_or("-"),
             %path,
-            status = routed.resp.status().as_u16(),
+            status,
+            reason = routed.reason,
             duration_ms = elapsed.as_millis() as u64,
             tunnel = routed.tunnel.as_deref().unwrap_or("-"),
             request_id = %request_id,
@@ -59,11 +61,91 @@ pub(super) async fn handle(
     Ok(routed.resp)
 }
 
-/// A response and how far the request got, for the access log.
+/// Why the edge answered a request itself. The one source of the status, the `reason` label
+/// of `requests_total` and the body the client reads (which names no connector or origin).
+#[derive(Debug)]
+enum EdgeAnswer {
+    /// The request is malformed (the reason is safe to show).
+    Malformed(String),
+    /// `CONNECT`: the edge is a gateway for its hostnames, not a forward proxy.
+    Connect,
+    /// No tunnel serves the host.
+    UnknownHost(String),
+    /// The tunnel is at its `max-concurrent-requests`.
+    TunnelLimit(usize),
+    /// The request head does not fit in a frame.
+    HeadTooLarge,
+    /// No connector connection is registered for the tunnel.
+    Offline,
+    /// The connector did not answer, or answered with something invalid.
+    ConnectorFailed,
+}
+
+impl EdgeAnswer {
+    fn status(&self) -> StatusCode {
+        match self {
+            EdgeAnswer::Malformed(_) => StatusCode::BAD_REQUEST,
+            EdgeAnswer::Connect => StatusCode::METHOD_NOT_ALLOWED,
+            EdgeAnswer::UnknownHost(_) => StatusCode::NOT_FOUND,
+            EdgeAnswer::TunnelLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
+            EdgeAnswer::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            EdgeAnswer::Offline | EdgeAnswer::ConnectorFailed => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// The `reason` label.
+    fn reason(&self) -> &'static str {
+        match self {
+            EdgeAnswer::Offline => "offline",
+            EdgeAnswer::ConnectorFailed => "connector-failed",
+            _ => "edge-refused",
+        }
+    }
+
+    fn body(&self, tunnel: Option<&str>) -> String {
+        let tunnel = tunnel.unwrap_or("-");
+        match self {
+            EdgeAnswer::Malformed(reason) => format!("sluice: {reason}\n"),
+            EdgeAnswer::Connect => "sluice: CONNECT is not relayed\n".into(),
+            EdgeAnswer::UnknownHost(host) => format!("sluice: no tunnel serves host {host}\n"),
+            EdgeAnswer::TunnelLimit(limit) => format!(
+                "sluice: tunnel {tunnel} is at its limit of {limit} concurrent requests\n"
+            ),
+            EdgeAnswer::HeadTooLarge => "sluice: the request head is too large\n".into(),
+            EdgeAnswer::Offline => {
+                format!("sluice: tunnel {tunnel} is offline (no connector is connected)\n")
+            }
+            EdgeAnswer::ConnectorFailed => "sluice: the connector did not answer\n".into(),
+        }
+    }
+
+    fn response(&self, tunnel: Option<&str>, request_id: &str) -> Response<HttpBody> {
+        let mut resp = plain(self.status(), &self.body(tunnel), request_id);
+        if let EdgeAnswer::TunnelLimit(_) = self {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// A response and how far the request got, for the access log and the metrics.
 struct Routed {
     resp: Response<HttpBody>,
     host: Option<String>,
     tunnel: Option<String>,
+    reason: &'static str,
+}
+
+impl Routed {
+    fn refused(answer: EdgeAnswer, host: Option<String>, tunnel: Option<String>, request_id: &str) -> Self {
+        Routed {
+            resp: answer.response(tunnel.as_deref(), request_id),
+            reason: answer.reason(),
+            host,
+            tunnel,
+        }
+    }
 }
 
 /// What the edge established about a request before routing it.
@@ -80,59 +162,30 @@ async fn forward(
     scheme: &'static str,
     request_id: &str,
 ) -> Routed {
-    let gauge = InFlightGauge::new(&shared.metrics.in_flight);
     if req.method() == Method::CONNECT {
-        // The edge is a gateway for its hostnames, not a forward proxy.
-        return Routed {
-            resp: plain(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "sluice: CONNECT is not relayed\n",
-                request_id,
-            ),
-            host: None,
-            tunnel: None,
-        };
+        return Routed::refused(EdgeAnswer::Connect, None, None, request_id);
     }
     let checked = match check(&req, &shared.config.allowed_upgrades) {
         Ok(c) => c,
         Err(reason) => {
             debug!(%reason, "refused a malformed request");
-            return Routed {
-                resp: plain(
-                    StatusCode::BAD_REQUEST,
-                    &format!("sluice: {reason}\n"),
-                    request_id,
-                ),
-                host: None,
-                tunnel: None,
-            };
+            return Routed::refused(EdgeAnswer::Malformed(reason), None, None, request_id);
         }
     };
     let host = checked.authority.host().to_string();
     let Some(tunnel) = shared.registry.tunnel_for_host(&host) else {
-        return Routed {
-            resp: plain(
-                StatusCode::NOT_FOUND,
-                &format!("sluice: no tunnel serves host {host}\n"),
-                request_id,
-            ),
-            host: Some(host),
-            tunnel: None,
-        };
+        return Routed::refused(
+            EdgeAnswer::UnknownHost(host.clone()),
+            Some(host),
+            None,
+            request_id,
+        );
     };
-    let resp = match shared.registry.admit(&tunnel) {
-        Ok(admitted) => {
-            let request = Forwarded {
-                shared,
-                client,
-                scheme,
-                request_id,
-                tunnel: &tunnel,
-            };
-            request
-                .forward_admitted(req, checked, (gauge, admitted))
-                .await
-        }
+    let gauge = InFlightGauge::new(&shared.metrics.in_flight.get_or_create(&TunnelLabels {
+        tunnel: tunnel.clone(),
+    }));
+    let admitted = match shared.registry.admit(&tunnel) {
+        Ok(admitted) => admitted,
         Err(limit) => {
             shared
                 .metrics
@@ -141,20 +194,31 @@ async fn forward(
                     kind: "tunnel-limit",
                 })
                 .inc();
-            let mut resp = plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!(
-                    "sluice: tunnel {tunnel} is at its limit of {limit} concurrent requests\n"
-                ),
+            return Routed::refused(
+                EdgeAnswer::TunnelLimit(limit),
+                Some(host),
+                Some(tunnel),
                 request_id,
             );
-            resp.headers_mut()
-                .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
-            resp
         }
+    };
+    let request = Forwarded {
+        shared,
+        client,
+        scheme,
+        request_id,
+        tunnel: &tunnel,
+    };
+    let (resp, reason) = match request
+        .forward_admitted(req, checked, (gauge, admitted))
+        .await
+    {
+        Ok(answered) => answered,
+        Err(answer) => (answer.response(Some(&tunnel), request_id), answer.reason()),
     };
     Routed {
         resp,
+        reason,
         host: Some(host),
         tunnel: Some(tunnel),
     }
@@ -220,13 +284,13 @@ struct Forwarded<'a> {
 }
 
 impl Forwarded<'_> {
+    /// Relays an admitted request; the answer comes with its `reason` label (who answered).
     async fn forward_admitted(
         &self,
         mut req: Request<Incoming>,
         checked: Checked,
         guards: (InFlightGauge, Admitted),
-    ) -> Response<HttpBody> {
-        let request_id = self.request_id;
+    ) -> Result<(Response<HttpBody>, &'static str), EdgeAnswer> {
         let on_upgrade = checked
             .upgrade
             .as_ref()
@@ -235,22 +299,11 @@ impl Forwarded<'_> {
         let (parts, body) = req.into_parts();
         let head = self.request_head(parts, &body, &checked);
         let Ok(frame) = proto::encode(&head) else {
-            return plain(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "sluice: the request head is too large\n",
-                request_id,
-            );
+            return Err(EdgeAnswer::HeadTooLarge);
         };
         let Some((in_flight, send, mut recv)) = self.open_any(&frame).await else {
             warn!(tunnel = %self.tunnel, "no live connection for the tunnel");
-            return plain(
-                StatusCode::BAD_GATEWAY,
-                &format!(
-                    "sluice: tunnel {} is offline (no connector is connected)\n",
-                    self.tunnel
-                ),
-                request_id,
-            );
+            return Err(EdgeAnswer::Offline);
         };
         let connection = in_flight.conn().id;
         // The request counts (against the tunnel, the connection, the drain) until both its
@@ -268,15 +321,16 @@ impl Forwarded<'_> {
             held_send = Some(send);
         }
 
-        let (status, mut resp_headers) = match self.response_head(&mut recv, connection).await {
-            Ok(h) => h,
-            Err(resp) => {
-                if let Some(mut s) = held_send {
-                    let _ = s.reset(proto::code::STREAM_CANCELLED);
+        let (status, mut resp_headers, reason) =
+            match self.response_head(&mut recv, connection).await {
+                Ok(h) => h,
+                Err(answer) => {
+                    if let Some(mut s) = held_send {
+                        let _ = s.reset(proto::code::STREAM_CANCELLED);
+                    }
+                    return Err(answer);
                 }
-                return resp;
-            }
-        };
+            };
 
         if let (Some(proto_name), Some(on_upgrade), Some(mut send)) =
             (&checked.upgrade, on_upgrade, held_send.take())
@@ -289,7 +343,7 @@ impl Forwarded<'_> {
                 let idle = self.shared.config.body_idle_timeout;
                 let held = (counted, client_slot);
                 tokio::spawn(splice_upgraded(on_upgrade, send, recv, idle, held).in_current_span());
-                return response(status, resp_headers, relay::empty());
+                return Ok((response(status, resp_headers, relay::empty()), reason));
             }
             // The origin declined the upgrade: a normal response, and no more request bytes.
             let _ = send.finish();
@@ -298,7 +352,10 @@ impl Forwarded<'_> {
         let body =
             relay::with_idle_timeout(relay::recv_body(recv), self.shared.config.body_idle_timeout);
         debug!(tunnel = %self.tunnel, connection, status = status.as_u16(), "response head relayed");
-        response(status, resp_headers, relay::with_guard(body, counted))
+        Ok((
+            response(status, resp_headers, relay::with_guard(body, counted)),
+            reason,
+        ))
     }
 
     /// The head sent to the connector: end-to-end headers only, the edge's own
@@ -373,29 +430,26 @@ impl Forwarded<'_> {
         }
     }
 
-    /// Reads the connector's response head; a missing or invalid one is answered with 502.
+    /// Reads the connector's response head, with the `reason` label of who produced it.
     async fn response_head(
         &self,
         recv: &mut quinn::RecvStream,
         connection: u64,
-    ) -> Result<(StatusCode, http::HeaderMap), Response<HttpBody>> {
+    ) -> Result<(StatusCode, http::HeaderMap, &'static str), EdgeAnswer> {
         let tunnel = self.tunnel;
         let head: ResponseHead = read_frame(recv).await.map_err(|e| {
             warn!(%tunnel, connection, cause = %e, "the connector did not answer the request");
-            plain(
-                StatusCode::BAD_GATEWAY,
-                "sluice: the connector did not answer\n",
-                self.request_id,
-            )
+            EdgeAnswer::ConnectorFailed
         })?;
         let status = StatusCode::from_u16(head.status).map_err(|_| {
             warn!(%tunnel, connection, status = head.status, "the connector sent an invalid status");
-            plain(
-                StatusCode::BAD_GATEWAY,
-                "sluice: the connector sent an invalid response\n",
-                self.request_id,
-            )
+            EdgeAnswer::ConnectorFailed
         })?;
+        let reason = match head.source {
+            ResponseSource::Origin => "origin",
+            ResponseSource::Plugin => "plugin",
+            ResponseSource::Connector | ResponseSource::Other => "connector",
+        };
         let (mut headers, invalid) = from_wire(&head.headers);
         if invalid > 0 {
             debug!(invalid, "dropped invalid response headers");
@@ -405,7 +459,7 @@ impl Forwarded<'_> {
             headers.insert(REQUEST_ID, v);
         }
         debug!(source = ?head.source, "response head received");
-        Ok((status, headers))
+        Ok((status, headers, reason))
     }
 }
 

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::admin::{Admin, Metrics};
+use crate::admin::{Admin, EdgeMetrics, Report};
 use crate::config::EdgeConfig;
 use crate::tls;
 use registry::Registry;
@@ -45,9 +45,58 @@ pub enum EdgeError {
 pub(crate) struct EdgeShared {
     pub config: EdgeConfig,
     pub registry: Registry,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<EdgeMetrics>,
     /// False once shutdown begins.
     pub ready: AtomicBool,
+    /// Tunnels whose connectors report different ingress digests.
+    pub disagreeing: std::sync::Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl EdgeShared {
+    /// Re-counts the ingress digests of `tunnel`'s connections after one registered, left or
+    /// reloaded: updates the gauge, and logs when its replicas start or stop disagreeing.
+    pub fn replicas_changed(&self, tunnel: &str) {
+        let digests = self.registry.digests(tunnel);
+        self.metrics
+            .ingress_digests
+            .get_or_create(&crate::admin::metrics::TunnelLabels {
+                tunnel: tunnel.to_string(),
+            })
+            .set(digests.len() as i64);
+        let mut disagreeing = self.disagreeing.lock().unwrap_or_else(|p| p.into_inner());
+        if digests.len() > 1 {
+            let listed: Vec<String> = digests.iter().map(|(d, n)| format!("{d}×{n}")).collect();
+            if disagreeing.insert(tunnel.to_string()) {
+                warn!(%tunnel, digests = %listed.join(", "), "connectors of this tunnel run different ingress rules or plugins: a request's answer depends on the connection it takes");
+            } else {
+                debug!(%tunnel, digests = %listed.join(", "), "connectors of this tunnel still disagree");
+            }
+        } else if disagreeing.remove(tunnel) {
+            info!(%tunnel, "connectors of this tunnel agree on their ingress rules and plugins again");
+        }
+    }
+
+    /// `/status`: the edge and every tunnel with its connections.
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "role": "edge",
+            "edge_id": self.config.edge_id,
+            "version": env!("CARGO_PKG_VERSION"),
+            "ready": self.is_ready(),
+            "tunnels": self.registry.status(),
+        })
+    }
+
+    /// Serving, and (when `require-consistent-replicas` is set) no tunnel's replicas disagree.
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+            && !(self.config.require_consistent_replicas
+                && !self
+                    .disagreeing
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .is_empty())
+    }
 }
 
 /// A bound edge, ready to run.
@@ -69,6 +118,7 @@ impl EdgeReloader {
     /// addresses, certificates and client settings need a restart.
     pub fn reload(&self, config: &EdgeConfig) {
         let revoked = self.0.registry.set_tunnels(&config.tunnels);
+        // Closing is asynchronous; the acceptor of each connection removes it and recounts.
         for entry in &revoked {
             entry.conn.close(
                 crate::proto::code::CLOSE_TUNNEL_REMOVED,
@@ -132,12 +182,13 @@ impl Edge {
             None => None,
         };
         let registry = Registry::new(&config.tunnels);
-        let metrics = Arc::new(Metrics::new("sluice_edge"));
+        let metrics = Arc::new(EdgeMetrics::new());
         let shared = Arc::new(EdgeShared {
             config,
             registry,
             metrics,
             ready: AtomicBool::new(true),
+            disagreeing: Default::default(),
         });
         Ok(Edge {
             shared,
@@ -193,9 +244,13 @@ impl Edge {
         let admin_stop = CancellationToken::new();
         let _stop_admin = admin_stop.clone().drop_guard();
         if let Some(admin) = self.admin {
-            let ready_shared = shared.clone();
-            let ready = Arc::new(move || ready_shared.ready.load(Ordering::Relaxed));
-            tokio::spawn(admin.run(shared.metrics.clone(), ready, admin_stop.clone()));
+            let (ready_shared, status_shared) = (shared.clone(), shared.clone());
+            let report = Report {
+                metrics: shared.metrics.clone(),
+                ready: Arc::new(move || ready_shared.is_ready()),
+                status: Arc::new(move || status_shared.status()),
+            };
+            tokio::spawn(admin.run(report, admin_stop.clone()));
         }
         if let Some(listener) = self.http {
             tracker.spawn(client::serve_clients(

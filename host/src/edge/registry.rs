@@ -15,6 +15,14 @@ pub struct ConnEntry {
     pub connector_id: String,
     /// The QUIC connection.
     pub conn: quinn::Connection,
+    /// What the connector said it runs (`sluice/0.1.0`), if it said.
+    pub software: Option<String>,
+    /// The transport the connection runs on.
+    pub protocol: &'static str,
+    /// When it registered.
+    pub registered_at: std::time::SystemTime,
+    /// Digest of the connector's ingress rules and plugins, updated when it reloads.
+    digest: Mutex<Option<String>>,
     /// Hash of the token it registered with (a changed token revokes the connection).
     token_sha256: [u8; 32],
     in_flight: AtomicUsize,
@@ -56,6 +64,72 @@ impl ConnEntry {
     fn usable(&self) -> bool {
         !self.is_draining() && self.conn.close_reason().is_none()
     }
+
+    /// The connector's current ingress digest.
+    pub fn digest(&self) -> Option<String> {
+        self.digest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a new ingress digest (the connector reloaded).
+    pub fn set_digest(&self, digest: String) {
+        *self.digest.lock().unwrap_or_else(|p| p.into_inner()) = Some(digest);
+    }
+}
+
+/// What a registration says about the connection being added.
+#[derive(Debug)]
+pub struct Registrant {
+    /// Hash of the token it registered with.
+    pub token_sha256: [u8; 32],
+    /// The connector's name.
+    pub connector_id: String,
+    /// The connector's software and version.
+    pub software: Option<String>,
+    /// The connector's ingress digest.
+    pub digest: Option<String>,
+    /// The QUIC connection.
+    pub conn: quinn::Connection,
+}
+
+/// One registered connection, as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConnStatus {
+    /// Edge-assigned id.
+    pub id: u64,
+    /// The connector's name.
+    pub connector: String,
+    /// Its software and version, if it said.
+    pub software: Option<String>,
+    /// `quic`.
+    pub protocol: &'static str,
+    /// The connector's address as the edge sees it.
+    pub peer: String,
+    /// Seconds since it registered.
+    pub registered_secs: u64,
+    /// Requests in flight on it.
+    pub in_flight: usize,
+    /// Whether it is draining.
+    pub draining: bool,
+    /// Which of the tunnel's tokens it registered with (0 = the first listed): after a
+    /// rotation, connections still on the old token show its position.
+    pub token: Option<usize>,
+    /// Its ingress digest.
+    pub digest: Option<String>,
+}
+
+/// One tunnel, as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TunnelStatus {
+    /// Tunnel id.
+    pub id: String,
+    /// Its hostnames.
+    pub hostnames: Vec<String>,
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// Registered connections, by digest: more than one key means replicas disagree.
+    pub digests: std::collections::BTreeMap<String, usize>,
+    /// Registered connections.
+    pub connections: Vec<ConnStatus>,
 }
 
 /// Why a registered connection was not added.
@@ -155,7 +229,7 @@ impl Registry {
             guard
                 .tunnels
                 .get(tunnel)
-                .is_some_and(|t| &t.token_sha256 == hash)
+                .is_some_and(|t| t.accepts_hash(hash))
         };
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let mut revoked = Vec::new();
@@ -234,15 +308,20 @@ impl Registry {
         &self,
         tunnel: &str,
         id: u64,
-        token_sha256: [u8; 32],
-        connector_id: String,
-        conn: quinn::Connection,
+        registrant: Registrant,
     ) -> Result<Arc<ConnEntry>, AddError> {
+        let Registrant {
+            token_sha256,
+            connector_id,
+            software,
+            digest,
+            conn,
+        } = registrant;
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
         let config = routes
             .tunnels
             .get(tunnel)
-            .filter(|t| t.token_sha256 == token_sha256)
+            .filter(|t| t.accepts_hash(&token_sha256))
             .ok_or(AddError::Revoked)?;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.entry(tunnel.to_string()).or_default();
@@ -255,6 +334,10 @@ impl Registry {
             token_sha256,
             connector_id,
             conn,
+            software,
+            protocol: "quic",
+            registered_at: std::time::SystemTime::now(),
+            digest: Mutex::new(digest),
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             idle: tokio::sync::Notify::new(),
@@ -306,6 +389,68 @@ impl Registry {
             .map_or(0, |l| l.iter().filter(|c| c.usable()).count())
     }
 
+    /// Registered connections of `tunnel` by ingress digest (`unknown` for connectors that
+    /// send none). More than one key: its replicas disagree.
+    pub fn digests(&self, tunnel: &str) -> std::collections::BTreeMap<String, usize> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = std::collections::BTreeMap::new();
+        for c in conns.get(tunnel).into_iter().flatten() {
+            let digest = c.digest().unwrap_or_else(|| "unknown".into());
+            *out.entry(digest).or_default() += 1;
+        }
+        out
+    }
+
+    /// Every configured tunnel with its connections, ordered by tunnel id.
+    pub fn status(&self) -> Vec<TunnelStatus> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<TunnelStatus> = routes
+            .tunnels
+            .values()
+            .map(|t| {
+                let list = conns.get(&t.id).map(Vec::as_slice).unwrap_or_default();
+                let mut digests = std::collections::BTreeMap::new();
+                let connections = list
+                    .iter()
+                    .map(|c| {
+                        let digest = c.digest();
+                        *digests
+                            .entry(digest.clone().unwrap_or_else(|| "unknown".into()))
+                            .or_default() += 1;
+                        ConnStatus {
+                            id: c.id,
+                            connector: c.connector_id.clone(),
+                            software: c.software.clone(),
+                            protocol: c.protocol,
+                            peer: c.conn.remote_address().to_string(),
+                            registered_secs: c
+                                .registered_at
+                                .elapsed()
+                                .map_or(0, |d| d.as_secs()),
+                            in_flight: c.in_flight(),
+                            draining: c.is_draining(),
+                            token: t.token_hashes.iter().position(|h| h == &c.token_sha256),
+                            digest,
+                        }
+                    })
+                    .collect();
+                TunnelStatus {
+                    id: t.id.clone(),
+                    hostnames: t.hostnames.iter().map(|h| h.to_string()).collect(),
+                    in_flight: routes
+                        .active
+                        .get(&t.id)
+                        .map_or(0, |a| a.load(Ordering::Relaxed)),
+                    digests,
+                    connections,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
     /// Number of registered connections, all tunnels together.
     pub fn total_connections(&self) -> usize {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -320,7 +465,7 @@ mod tests {
     fn tunnel(id: &str, hosts: &[&str]) -> TunnelConfig {
         TunnelConfig {
             id: id.into(),
-            token_sha256: [0; 32],
+            token_hashes: vec![[0; 32]],
             hostnames: hosts
                 .iter()
                 .map(|h| HostPattern::try_from(*h).unwrap())
@@ -367,6 +512,16 @@ mod tests {
         assert!(reg.admit("nope").is_err());
     }
 
+    fn registrant(token_sha256: [u8; 32], conn: &quinn::Connection) -> Registrant {
+        Registrant {
+            token_sha256,
+            connector_id: "c".into(),
+            software: None,
+            digest: None,
+            conn: conn.clone(),
+        }
+    }
+
     /// A real QUIC connection on loopback, for registry entries (never used for traffic).
     async fn dummy_conn() -> (quinn::Endpoint, quinn::Endpoint, quinn::Connection) {
         let id = crate::tls::self_signed(&["localhost"]).unwrap();
@@ -389,12 +544,12 @@ mod tests {
         // The registration was authorised against `old`; a reload rotates the token before
         // the registry entry is added.
         let mut rotated = old.clone();
-        rotated.token_sha256 = [1; 32];
+        rotated.token_hashes = vec![[1; 32]];
         reg.set_tunnels(&[rotated]);
-        let added = reg.add("a", 1, old.token_sha256, "c".into(), conn.clone());
+        let added = reg.add("a", 1, registrant(old.token_hashes[0], &conn));
         assert_eq!(added.unwrap_err(), AddError::Revoked);
         assert_eq!(reg.total_connections(), 0);
-        let added = reg.add("gone", 2, old.token_sha256, "c".into(), conn);
+        let added = reg.add("gone", 2, registrant(old.token_hashes[0], &conn));
         assert_eq!(added.unwrap_err(), AddError::Revoked);
     }
 
@@ -404,17 +559,17 @@ mod tests {
         let t = tunnel("a", &["a.test"]);
         let reg = Registry::new(std::slice::from_ref(&t));
         for id in 1..=2 {
-            reg.add("a", id, t.token_sha256, "c".into(), conn.clone())
+            reg.add("a", id, registrant(t.token_hashes[0], &conn))
                 .unwrap();
         }
-        let third = reg.add("a", 3, t.token_sha256, "c".into(), conn.clone());
+        let third = reg.add("a", 3, registrant(t.token_hashes[0], &conn));
         assert_eq!(third.unwrap_err(), AddError::Full(2));
         reg.remove("a", 1);
         let fourth = reg
-            .add("a", 4, t.token_sha256, "c".into(), conn.clone())
+            .add("a", 4, registrant(t.token_hashes[0], &conn))
             .unwrap();
         // A draining connection makes room for its replacement.
         reg.drain(&fourth);
-        assert!(reg.add("a", 5, t.token_sha256, "c".into(), conn).is_ok());
+        assert!(reg.add("a", 5, registrant(t.token_hashes[0], &conn)).is_ok());
     }
 }

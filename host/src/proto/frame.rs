@@ -114,6 +114,8 @@ mod tests {
             token: Secret::new("t0ken"),
             connector_id: "c1".into(),
             conn_index: 0,
+            software: None,
+            digest: None,
         })
     }
 

@@ -21,6 +21,9 @@ pub enum Control {
     /// may close it without losing anything. An edge that predates it never sends it; the
     /// connector then closes when its grace period ends.
     DrainAck,
+    /// Connector → edge: a reload changed the connector's ingress rules or plugins; this is
+    /// their new digest (as in `Register`).
+    Digest(Digest),
     /// A message kind this build does not know; ignored so that v1 can grow.
     #[serde(other)]
     Unknown,
@@ -39,6 +42,13 @@ pub struct Register {
     pub connector_id: String,
     /// Index of this connection among the connector's connections to this edge.
     pub conn_index: u32,
+    /// The connector's software and version (`sluice/0.1.0`), for the edge's status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub software: Option<String>,
+    /// Digest of the connector's ingress rules and plugin chains (`sha256:…`): replicas of one
+    /// tunnel that disagree are reported by the edge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 impl Register {
@@ -58,6 +68,13 @@ impl Register {
             })
         }
     }
+}
+
+/// The digest of a connector's ingress rules and plugin chains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Digest {
+    /// `sha256:` and 16 hexadecimal digits.
+    pub digest: String,
 }
 
 /// Registration accepted.
@@ -248,12 +265,28 @@ mod tests {
             token: Secret::new("x"),
             connector_id: "c".into(),
             conn_index: 0,
+            software: None,
+            digest: None,
         };
         assert!(reg.check_version().is_ok());
         reg.version = 2;
         let rej = reg.check_version().unwrap_err();
         assert_eq!(rej.code, RejectCode::UnsupportedVersion);
         assert!(rej.message.contains("version 2"));
+    }
+
+    #[test]
+    fn register_from_an_older_connector_decodes_and_digest_round_trips() {
+        let old = br#"{"type":"register","version":1,"tunnel":"t","token":"x","connector_id":"c","conn_index":0}"#;
+        let Control::Register(reg) = decode::<Control>(old).unwrap() else {
+            panic!("not a register");
+        };
+        assert_eq!((reg.software, reg.digest), (None, None));
+        let msg = Control::Digest(Digest {
+            digest: "sha256:0123456789abcdef".into(),
+        });
+        let back: Control = decode(&encode(&msg).unwrap()[4..]).unwrap();
+        assert_eq!(back, msg);
     }
 
     #[test]
@@ -272,6 +305,8 @@ mod tests {
             token: Secret::new("supersecret"),
             connector_id: "c".into(),
             conn_index: 0,
+            software: None,
+            digest: None,
         };
         assert!(!format!("{reg:?}").contains("supersecret"));
     }

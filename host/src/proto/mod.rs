@@ -15,7 +15,7 @@ mod message;
 
 pub use frame::{decode, decode_len, encode, FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use message::{
-    Control, HeaderValueBytes, Register, Registered, RejectCode, Rejected, RequestHead,
+    Control, Digest, HeaderValueBytes, Register, Registered, RejectCode, Rejected, RequestHead,
     ResponseHead, ResponseSource,
 };
 

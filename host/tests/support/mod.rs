@@ -127,7 +127,7 @@ pub fn identity_pem() -> (TlsIdentity, String) {
 pub fn tunnel(id: &str, token: &str, hosts: &[&str]) -> TunnelConfig {
     TunnelConfig {
         id: id.into(),
-        token_sha256: Secret::new(token).sha256(),
+        token_hashes: vec![Secret::new(token).sha256()],
         hostnames: hosts
             .iter()
             .map(|h| HostPattern::try_from(*h).unwrap())
@@ -557,6 +557,8 @@ pub async fn raw_register(
         token: sluice::secret::Secret::new(token),
         connector_id: "raw".into(),
         conn_index: 0,
+        software: None,
+        digest: None,
     });
     sluice::proto::io::write_frame(&mut send, &msg)
         .await
