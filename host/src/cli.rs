@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about)]
 pub struct Cli {
+    /// Log format on stderr: `text` or `json` (overrides `log-format` in the file).
+    #[arg(long, global = true, value_parser = ["text", "json"])]
+    pub log_format: Option<String>,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,
@@ -40,6 +43,21 @@ pub enum Command {
         #[command(subcommand)]
         action: PluginCommand,
     },
+    /// Ask a running edge or connector for its status (its admin `/status`).
+    Status {
+        /// The admin listener, `host:port`.
+        #[arg(long)]
+        admin: String,
+        /// Print the JSON as the process gave it.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make certificates.
+    Cert {
+        /// What to do.
+        #[command(subcommand)]
+        action: CertCommand,
+    },
     /// Administer tunnels.
     Tunnel {
         /// What to do.
@@ -60,6 +78,24 @@ pub enum Command {
     },
 }
 
+/// `sluice cert …`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Write a private CA (`ca.crt`, `ca.key`) and a server certificate it signed for the
+    /// edge's listeners (`edge.crt`, `edge.key`), and print the config lines that use them.
+    New {
+        /// A DNS name of the server; repeat for several.
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// An IP address of the server; repeat for several.
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        /// Directory to write the four files to (they must not exist yet).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
 /// `sluice tunnel …`
 #[derive(Debug, Subcommand)]
 pub enum TunnelCommand {
@@ -71,6 +107,18 @@ pub enum TunnelCommand {
         #[arg(long = "hostname", required = true)]
         hostnames: Vec<String>,
         /// Write the token to this file (mode 0600) instead of printing it.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Start a token rotation: print a fresh token and the tunnel's block accepting both the
+    /// current token(s) and the new one (see the README's rotation procedure).
+    Rotate {
+        /// Tunnel id.
+        name: String,
+        /// The edge's TOML file, to read the tunnel's current token(s) from.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Write the new token to this file (mode 0600) instead of printing it.
         #[arg(long)]
         token_file: Option<PathBuf>,
     },

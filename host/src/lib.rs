@@ -24,6 +24,7 @@
 pub mod admin;
 pub mod audit;
 pub mod authority;
+pub mod certs;
 pub mod config;
 pub mod connector;
 pub mod demo;

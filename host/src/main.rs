@@ -9,48 +9,128 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use sluice::config::{self, AnyConfig, ConnectorConfig, EdgeConfig};
+use sluice::config::{self, AnyConfig, ConnectorConfig, EdgeConfig, LogFormat};
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    if let cli::Command::Check { config } = &cli.command {
-        return check(config);
-    }
-    if let cli::Command::Tunnel {
-        action:
+    let log_format = cli.log_format.as_deref().map(|f| {
+        f.parse::<LogFormat>()
+            .expect("clap allows only text and json")
+    });
+    match cli.command {
+        cli::Command::Check { config } => check(&config),
+        cli::Command::Tunnel { action } => match action {
             cli::TunnelCommand::New {
                 name,
                 hostnames,
                 token_file,
-            },
-    } = &cli.command
-    {
-        return tunnel_new(name, hostnames, token_file.as_deref());
+            } => tunnel_new(&name, &hostnames, token_file.as_deref()),
+            cli::TunnelCommand::Rotate {
+                name,
+                config,
+                token_file,
+            } => tunnel_rotate(&name, &config, token_file.as_deref()),
+        },
+        cli::Command::Plugin { action } => plugin_command(action),
+        cli::Command::Cert {
+            action: cli::CertCommand::New { names, ips, out },
+        } => cert_new(&names, &ips, &out),
+        cli::Command::Status { admin, json } => status(&admin, json),
+        command => serve(command, log_format),
     }
-    if let cli::Command::Plugin { action } = cli.command {
-        return plugin_command(action);
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+}
+
+/// A role to run, its file already loaded.
+enum Role {
+    Edge(EdgeConfig, std::path::PathBuf),
+    Connector(ConnectorConfig, std::path::PathBuf),
+    Demo {
+        port: u16,
+        plugins: Option<std::path::PathBuf>,
+    },
+}
+
+/// Runs the edge, the connector or the demo. The file is read before logging starts, so that
+/// a bad one is reported once, as `error: FILE:LINE:COL: …`; an error after that is logged
+/// once.
+fn serve(command: cli::Command, log_format: Option<LogFormat>) -> ExitCode {
+    let role = match command {
+        cli::Command::Edge { config } => EdgeConfig::load(&config).map(|c| Role::Edge(c, config)),
+        cli::Command::Connector { config } => {
+            ConnectorConfig::load(&config).map(|c| Role::Connector(c, config))
+        }
+        cli::Command::Demo {
+            port,
+            plugins,
+            no_plugins,
+        } => Ok(Role::Demo {
+            port,
+            plugins: (!no_plugins).then_some(plugins),
+        }),
+        _ => unreachable!("the other commands do not serve"),
+    };
+    let role = match role {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: failed to start the async runtime: {e}");
+            eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    let from_file = match &role {
+        Role::Edge(c, _) => c.log_format,
+        Role::Connector(c, _) => c.log_format,
+        Role::Demo { .. } => LogFormat::Text,
+    };
+    init_logging(log_format.unwrap_or(from_file));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            error!("failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(role)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
-            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Logs to stderr at `RUST_LOG` (default `info`), as text or JSON lines. Text has colours
+/// only on a terminal, and never when `NO_COLOR` is set.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().with_current_span(true).init(),
+        LogFormat::Text => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            builder
+                .with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .init()
+        }
+    }
+}
+
+/// Tells systemd (`Type=notify`) about the service's state; nothing without `NOTIFY_SOCKET`.
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!(cause = %e, "could not notify systemd");
+    }
+}
+
+/// `n thing` or `n things`.
+fn count(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
     }
 }
 
@@ -58,18 +138,24 @@ fn check(path: &std::path::Path) -> ExitCode {
     match config::load_any(path) {
         Ok(AnyConfig::Edge(c)) => {
             println!(
-                "{}: valid edge config ({} tunnels)",
+                "{}: valid edge config ({})",
                 path.display(),
-                c.tunnels.len()
+                count(c.tunnels.len(), "tunnel")
             );
             ExitCode::SUCCESS
         }
         Ok(AnyConfig::Connector(c)) => {
+            let defined = c
+                .origins
+                .iter()
+                .filter(|o| matches!(o.target, config::OriginTarget::Http(_)))
+                .count();
             println!(
-                "{}: valid connector config ({} origins, {} ingress rules)",
+                "{}: valid connector config ({}, {}, {})",
                 path.display(),
-                c.origins.len(),
-                c.ingress.len()
+                count(defined, "origin"),
+                count(c.ingress.len(), "ingress rule"),
+                count(c.plugins.len(), "plugin"),
             );
             ExitCode::SUCCESS
         }
@@ -78,6 +164,160 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cert_new(names: &[String], ips: &[std::net::IpAddr], out: &std::path::Path) -> ExitCode {
+    let issued = match sluice::certs::new_server_certs(names, ips) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let files = [
+        ("ca.crt", issued.ca_cert.as_str(), false),
+        ("ca.key", issued.ca_key.as_str(), true),
+        ("edge.crt", issued.cert.as_str(), false),
+        ("edge.key", issued.key.as_str(), true),
+    ];
+    for (name, _, _) in &files {
+        if out.join(name).exists() {
+            eprintln!(
+                "error: {} exists already; choose another --out or move it away",
+                out.join(name).display()
+            );
+            return ExitCode::FAILURE;
+        }
+    }
+    for (name, pem, private) in &files {
+        let path = out.join(name);
+        let written = if *private {
+            write_private(&path, pem.trim_end())
+        } else {
+            std::fs::write(&path, pem)
+        };
+        if let Err(e) = written {
+            eprintln!("error: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    let at = |name: &str| out.join(name).display().to_string();
+    println!("# Wrote {} (keep it offline: it signs the next certificate), {} and", at("ca.key"), at("ca.crt"));
+    println!("# {} + {} (mode 0600), valid for the listed names.", at("edge.crt"), at("edge.key"));
+    println!();
+    println!("# In the edge's file ([connectors] and, for clients, [https]):");
+    println!("cert = {:?}", at("edge.crt"));
+    println!("key = {:?}", at("edge.key"));
+    println!();
+    println!("# In each connector's file (copy ca.crt beside it):");
+    println!("edge-ca = \"ca.crt\"");
+    ExitCode::SUCCESS
+}
+
+/// `sluice status`: GET `/status` on an admin listener and print it.
+fn status(admin: &str, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let fetched = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(10), fetch_status(admin))
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within 10s"))?
+    });
+    let value = match fetched {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("error: cannot get the status from {admin}: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{value:#}");
+    } else {
+        print!("{}", describe_status(&value));
+    }
+    ExitCode::SUCCESS
+}
+
+async fn fetch_status(admin: &str) -> anyhow::Result<serde_json::Value> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(admin).await?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get("/status")
+        .header(http::header::HOST, admin)
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = send.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    anyhow::ensure!(status.is_success(), "it answered {status}");
+    serde_json::from_slice(&body).context("the answer is not JSON")
+}
+
+/// A human-readable summary of an edge's or a connector's `/status`.
+fn describe_status(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let mut out = String::new();
+    if v["role"] == "connector" {
+        let _ = writeln!(
+            out,
+            "connector {} of tunnel {} (sluice {}): {} registered, {} in flight, ingress {}",
+            s(&v["connector_id"]),
+            s(&v["tunnel"]),
+            s(&v["version"]),
+            count(v["registered_connections"].as_u64().unwrap_or(0) as usize, "connection"),
+            v["in_flight"],
+            s(&v["digest"]),
+        );
+        return out;
+    }
+    let ready = if v["ready"] == true { "ready" } else { "not ready" };
+    let _ = writeln!(out, "edge {} (sluice {}), {ready}", s(&v["edge_id"]), s(&v["version"]));
+    for t in v["tunnels"].as_array().into_iter().flatten() {
+        let conns = t["connections"].as_array().cloned().unwrap_or_default();
+        let digests = t["digests"].as_object().cloned().unwrap_or_default();
+        let state = match (conns.len(), digests.len()) {
+            (0, _) => "OFFLINE".to_string(),
+            (_, 1) => format!("ingress {}", digests.keys().next().map_or("-", |k| k)),
+            _ => {
+                let listed: Vec<String> =
+                    digests.iter().map(|(d, n)| format!("{d} on {n}")).collect();
+                format!("REPLICAS DISAGREE: {}", listed.join(", "))
+            }
+        };
+        let _ = writeln!(
+            out,
+            "tunnel {}: {}, {} in flight, {state}",
+            s(&t["id"]),
+            count(conns.len(), "connection"),
+            t["in_flight"],
+        );
+        for c in conns {
+            let _ = writeln!(
+                out,
+                "  #{} {} ({}) {} from {}, up {}s, {} in flight, token #{}{}",
+                c["id"],
+                s(&c["connector"]),
+                s(&c["software"]),
+                s(&c["protocol"]),
+                s(&c["peer"]),
+                c["registered_secs"],
+                c["in_flight"],
+                c["token"],
+                if c["draining"] == true { ", draining" } else { "" },
+            );
+        }
+    }
+    out
 }
 
 fn plugin_command(action: cli::PluginCommand) -> ExitCode {
@@ -182,13 +422,43 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
 }
 
 fn tunnel_new(name: &str, hostnames: &[String], token_file: Option<&std::path::Path>) -> ExitCode {
-    let tunnel = match config::new_tunnel(name, hostnames) {
-        Ok(t) => t,
+    match config::new_tunnel(name, hostnames) {
+        Ok(t) => print_tunnel(name, &t, token_file),
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+            ExitCode::FAILURE
         }
-    };
+    }
+}
+
+fn tunnel_rotate(
+    name: &str,
+    edge_file: &std::path::Path,
+    token_file: Option<&std::path::Path>,
+) -> ExitCode {
+    let rotated = EdgeConfig::load(edge_file)
+        .map_err(|e| e.to_string())
+        .and_then(|cfg| {
+            let tunnel = cfg.tunnels.iter().find(|t| t.id == name).ok_or_else(|| {
+                format!("{}: no tunnel with id {name:?}", edge_file.display())
+            })?;
+            config::rotate_tunnel(tunnel)
+        });
+    match rotated {
+        Ok(t) => print_tunnel(name, &t, token_file),
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints (or writes) a new token and the edge block that goes with it.
+fn print_tunnel(
+    name: &str,
+    tunnel: &config::NewTunnel,
+    token_file: Option<&std::path::Path>,
+) -> ExitCode {
     match token_file {
         Some(path) => {
             if let Err(e) = write_private(path, tunnel.token.expose()) {
@@ -206,7 +476,7 @@ fn tunnel_new(name: &str, hostnames: &[String], token_file: Option<&std::path::P
         }
     }
     println!();
-    println!("# Add to the edge's file:");
+    println!("# The tunnel's block in the edge's file (replace the one it has, if any):");
     print!("{}", tunnel.edge_block);
     ExitCode::SUCCESS
 }
@@ -223,17 +493,16 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     writeln!(f, "{text}")
 }
 
-async fn run(command: cli::Command) -> anyhow::Result<()> {
+async fn run(role: Role) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    match command {
-        cli::Command::Edge { config } => {
+    match role {
+        Role::Edge(cfg, path) => {
             tokio::spawn(watch_signals(shutdown.clone(), None));
-            let cfg = EdgeConfig::load(&config)?;
             let edge = sluice::edge::Edge::bind(cfg)
                 .await
                 .context("failed to start the edge")?;
             let reloader = edge.reloader();
-            tokio::spawn(on_sighup(config, move |path| {
+            tokio::spawn(on_sighup(path, move |path| {
                 let reloader = reloader.clone();
                 async move {
                     let cfg = EdgeConfig::load(&path)?;
@@ -241,16 +510,16 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
                     Ok(())
                 }
             }));
+            notify(&[sd_notify::NotifyState::Ready]);
             edge.run(shutdown).await;
         }
-        cli::Command::Connector { config } => {
-            let cfg = ConnectorConfig::load(&config)?;
+        Role::Connector(cfg, path) => {
             let connector = sluice::connector::Connector::new(cfg)
                 .await
                 .context("failed to start the connector")?;
             tokio::spawn(watch_signals(shutdown.clone(), Some(connector.audit())));
             let reloader = connector.reloader();
-            tokio::spawn(on_sighup(config, move |path| {
+            tokio::spawn(on_sighup(path, move |path| {
                 let reloader = reloader.clone();
                 async move {
                     let cfg = ConnectorConfig::load(&path)?;
@@ -258,22 +527,15 @@ async fn run(command: cli::Command) -> anyhow::Result<()> {
                     Ok(())
                 }
             }));
+            notify(&[sd_notify::NotifyState::Ready]);
             connector.run(shutdown).await?;
         }
-        cli::Command::Demo {
-            port,
-            plugins,
-            no_plugins,
-        } => {
+        Role::Demo { port, plugins } => {
             tokio::spawn(watch_signals(shutdown.clone(), None));
-            let plugins = (!no_plugins).then_some(plugins.as_path());
-            let demo = sluice::demo::Demo::start(port, plugins)
+            let demo = sluice::demo::Demo::start(port, plugins.as_deref())
                 .await
                 .context("failed to start the demo")?;
             demo.run(shutdown).await?;
-        }
-        cli::Command::Check { .. } | cli::Command::Tunnel { .. } | cli::Command::Plugin { .. } => {
-            unreachable!("handled before the runtime starts")
         }
     }
     Ok(())
@@ -295,9 +557,13 @@ where
     };
     while hup.recv().await.is_some() {
         info!(file = %path.display(), "SIGHUP: reloading the configuration");
+        let mut reloading = vec![sd_notify::NotifyState::Reloading];
+        reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+        notify(&reloading);
         if let Err(e) = apply(path.clone()).await {
             error!(cause = %e, "reload refused; the running configuration keeps serving");
         }
+        notify(&[sd_notify::NotifyState::Ready]);
     }
 }
 
@@ -319,6 +585,7 @@ async fn watch_signals(shutdown: CancellationToken, audit: Option<sluice::audit:
         _ = term.recv() => {}
     }
     info!("shutting down (signal again to exit at once)");
+    notify(&[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -5,6 +5,7 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
+use rustls::sign::CertifiedKey;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
@@ -49,12 +50,101 @@ fn roots_with(extra: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsErr
     Ok(roots)
 }
 
+/// A listener's certificate and key, which a reload may replace: handshakes after
+/// [`ServerCert::replace`] present the new pair, connections already open keep theirs.
+#[derive(Debug)]
+pub struct ServerCert(arc_swap::ArcSwap<CertifiedKey>);
+
+impl ServerCert {
+    /// Checks that `identity`'s key matches its certificate.
+    pub fn new(identity: &TlsIdentity) -> Result<Arc<ServerCert>, TlsError> {
+        Ok(Arc::new(ServerCert(arc_swap::ArcSwap::from_pointee(
+            certified_key(identity)?,
+        ))))
+    }
+
+    /// Presents `identity` from the next handshake on.
+    pub fn replace(&self, identity: &TlsIdentity) -> Result<(), TlsError> {
+        self.0.store(Arc::new(certified_key(identity)?));
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// The certificate chain and its loaded key; fails when the key is not the certificate's.
+fn certified_key(identity: &TlsIdentity) -> Result<CertifiedKey, TlsError> {
+    Ok(CertifiedKey::from_der(
+        identity.chain.clone(),
+        identity.key.clone_key(),
+        &provider(),
+    )?)
+}
+
+/// Checks what a listener needs of its certificate and key, so that a file that would fail
+/// at start or at a client's handshake is refused when it is read: the key matches the
+/// certificate, and the certificate is valid now and usable by a server (not a CA
+/// certificate, which clients refuse as `CaUsedAsEndEntity`). The names it holds are not
+/// checked: only clients know which name they expect.
+pub fn check_server_identity(identity: &TlsIdentity) -> Result<(), String> {
+    certified_key(identity).map_err(|e| match e {
+        TlsError::Rustls(rustls::Error::InconsistentKeys(_)) => {
+            "the private key does not belong to the certificate (the first one in the file)"
+                .to_string()
+        }
+        other => other.to_string(),
+    })?;
+    let (leaf, rest) = identity
+        .chain
+        .split_first()
+        .ok_or("the certificate file holds no certificate")?;
+    // Verify the leaf against the chain's last certificate as if it were trusted: what
+    // remains are the leaf's own defects.
+    let mut anchor = RootCertStore::empty();
+    let top = rest.last().unwrap_or(leaf);
+    anchor
+        .add(top.clone())
+        .map_err(|e| format!("the certificate cannot be parsed: {e}"))?;
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(anchor),
+        provider(),
+    )
+    .build()
+    .map_err(|e| e.to_string())?;
+    let probe = ServerName::try_from("name-not-checked.invalid").expect("valid name");
+    match verifier.verify_server_cert(leaf, rest, &probe, &[], UnixTime::now()) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName
+            | rustls::CertificateError::NotValidForNameContext { .. },
+        )) => Ok(()),
+        Err(e) if e.to_string().contains("CaUsedAsEndEntity") => Err(
+            "the certificate is a CA certificate (basicConstraints CA:TRUE), which clients refuse \
+             for a server (CaUsedAsEndEntity): use `sluice cert new`, or with openssl add \
+             `-addext basicConstraints=critical,CA:FALSE`"
+                .into(),
+        ),
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        )) => Err("the certificate has expired".into()),
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidYet
+            | rustls::CertificateError::NotValidYetContext { .. },
+        )) => Err("the certificate is not valid yet".into()),
+        Err(e) => Err(format!("the certificate is not usable by a server: {e}")),
+    }
+}
+
 /// The edge's QUIC server config: TLS 1.3, ALPN `sluice/1`.
-pub fn quic_server(identity: &TlsIdentity) -> Result<quinn::ServerConfig, TlsError> {
+pub fn quic_server(cert: Arc<ServerCert>) -> Result<quinn::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+        .with_cert_resolver(cert);
     tls.alpn_protocols = vec![proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Quic(e.to_string()))?;
@@ -104,11 +194,11 @@ fn transport(peer_streams: u32) -> quinn::TransportConfig {
 }
 
 /// The edge's HTTPS server config: HTTP/2 and HTTP/1.1 by ALPN.
-pub fn https_server(identity: &TlsIdentity) -> Result<rustls::ServerConfig, TlsError> {
+pub fn https_server(cert: Arc<ServerCert>) -> Result<rustls::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+        .with_cert_resolver(cert);
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tls)
 }

@@ -483,3 +483,54 @@ async fn access_log_has_one_line_per_request_and_can_be_switched_off() {
     conn.stop().await;
     quiet.stop().await;
 }
+
+#[test]
+fn tunnel_rotate_prints_a_block_accepting_the_current_and_the_new_token() {
+    let sluice = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let token_of = |stdout: &str| {
+        stdout
+            .lines()
+            .find(|l| !l.starts_with('#') && !l.is_empty())
+            .unwrap()
+            .to_string()
+    };
+    let block_of = |stdout: &str| stdout[stdout.find("[[tunnel]]").unwrap()..].to_string();
+    let dir = std::env::temp_dir().join(format!("sluice-tunnel-rotate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("edge.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("edge.key"), ck.key_pair.serialize_pem()).unwrap();
+    let head = "[http]\nlisten = \"127.0.0.1:0\"\n[connectors]\nlisten = \"127.0.0.1:0\"\ncert = \"edge.crt\"\nkey = \"edge.key\"\n\n";
+    let file = dir.join("edge.toml");
+
+    let created = sluice(&["tunnel", "new", "shop", "--hostname", "shop.test"]);
+    let old = sluice::secret::Secret::new(token_of(&created));
+    std::fs::write(&file, format!("{head}{}", block_of(&created))).unwrap();
+
+    let rotated = sluice(&["tunnel", "rotate", "shop", "--config", file.to_str().unwrap()]);
+    let new = sluice::secret::Secret::new(token_of(&rotated));
+    assert_ne!(old, new);
+    let block = block_of(&rotated);
+    assert!(!block.contains(new.expose()) && !block.contains(old.expose()));
+    std::fs::write(&file, format!("{head}{block}")).unwrap();
+    let cfg = sluice::config::EdgeConfig::load(&file).unwrap();
+    let tunnel = &cfg.tunnels[0];
+    assert!(tunnel.accepts(&old) && tunnel.accepts(&new), "{block}");
+    assert!(!tunnel.accepts(&sluice::secret::Secret::new("other")));
+    assert_eq!(tunnel.token_hashes[1], new.sha256(), "the new token is listed last");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["tunnel", "rotate", "nope", "--config", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no tunnel with id \"nope\""));
+    let _ = std::fs::remove_dir_all(&dir);
+}

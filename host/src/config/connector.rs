@@ -52,6 +52,8 @@ pub struct ConnectorConfig {
     pub admin_listen: Option<std::net::SocketAddr>,
     /// One info line per request on the `sluice::access` target.
     pub access_log: bool,
+    /// Log format (`--log-format` overrides it); read at start only.
+    pub log_format: super::LogFormat,
     /// Plugins by name, in file order.
     pub plugins: Vec<PluginConfig>,
     /// Chain run for every request, before the rule's own chain.
@@ -256,6 +258,7 @@ impl ConnectorConfig {
             max_concurrent_requests: DEFAULT_MAX_CONCURRENT,
             admin_listen: None,
             access_log: true,
+            log_format: Default::default(),
             plugins: Vec::new(),
             global_plugins: Vec::new(),
             audit: AuditConfig::default(),
@@ -472,6 +475,7 @@ impl ConnectorConfig {
                 .unwrap_or(DEFAULT_MAX_CONCURRENT),
             admin_listen: file.admin.map(|a| a.listen),
             access_log: file.access_log.unwrap_or(true),
+            log_format: file.log_format.unwrap_or_default(),
             plugins,
             global_plugins: file.plugins,
             audit,
@@ -540,6 +544,7 @@ struct ConnectorFile {
     max_concurrent_requests: Option<usize>,
     body_idle_timeout: Option<Duration>,
     access_log: Option<bool>,
+    log_format: Option<super::LogFormat>,
     admin: Option<super::AdminFile>,
     #[serde(default)]
     plugins: Vec<String>,

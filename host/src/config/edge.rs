@@ -41,6 +41,8 @@ pub struct EdgeConfig {
     pub require_consistent_replicas: bool,
     /// One info line per request on the `sluice::access` target.
     pub access_log: bool,
+    /// Log format (`--log-format` overrides it); read at start only.
+    pub log_format: super::LogFormat,
     /// `Upgrade` protocols relayed to connectors (lowercase); others are dropped from the
     /// request, which then goes on as a plain request.
     pub allowed_upgrades: Vec<String>,
@@ -121,6 +123,7 @@ impl EdgeConfig {
             admin_listen: None,
             require_consistent_replicas: false,
             access_log: true,
+            log_format: Default::default(),
             allowed_upgrades: default_upgrades(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
@@ -213,16 +216,22 @@ impl EdgeConfig {
         let https = match file.https {
             Some(h) => Some(HttpsConfig {
                 listen: h.listen,
-                identity: TlsIdentity::from_pem_files(&src.resolve(&h.cert), &src.resolve(&h.key))
-                    .map_err(|m| src.error(None, "https", m))?,
+                identity: TlsIdentity::server_from_pem_files(&src.resolve(&h.cert), &src.resolve(&h.key))
+                    .map_err(|m| src.error(None, "https.cert", format!("the HTTPS listener: {m}")))?,
             }),
             None => None,
         };
-        let quic_identity = TlsIdentity::from_pem_files(
+        let quic_identity = TlsIdentity::server_from_pem_files(
             &src.resolve(&file.connectors.cert),
             &src.resolve(&file.connectors.key),
         )
-        .map_err(|m| src.error(None, "connectors", m))?;
+        .map_err(|m| {
+            src.error(
+                None,
+                "connectors.cert",
+                format!("the QUIC listener for connectors: {m}"),
+            )
+        })?;
 
         Ok(EdgeConfig {
             edge_id: file.edge_id.unwrap_or_else(|| "edge".into()),
@@ -252,6 +261,7 @@ impl EdgeConfig {
                 .and_then(|a| a.require_consistent_replicas)
                 .unwrap_or(false),
             access_log: file.access_log.unwrap_or(true),
+            log_format: file.log_format.unwrap_or_default(),
             allowed_upgrades: match file.allowed_upgrades {
                 Some(list) => list.iter().map(|p| p.to_ascii_lowercase()).collect(),
                 None => default_upgrades(),
@@ -286,6 +296,7 @@ struct EdgeFile {
     trust_forwarded_for: Option<bool>,
     grace_period: Option<Duration>,
     access_log: Option<bool>,
+    log_format: Option<super::LogFormat>,
     allowed_upgrades: Option<Vec<UpgradeToken>>,
     idle_timeout: Option<Duration>,
     body_idle_timeout: Option<Duration>,

@@ -22,7 +22,7 @@ pub use connector::{
 };
 pub use edge::{EdgeConfig, HttpsConfig, TunnelConfig, DEFAULT_TUNNEL_MAX_CONNECTIONS};
 pub use plugin::{AuditConfig, Grants, Isolation, OnError, PluginConfig};
-pub use tunnel::{new_tunnel, NewTunnel};
+pub use tunnel::{new_tunnel, rotate_tunnel, NewTunnel};
 pub use types::{normalize_host, ByteSize, Duration, HostPattern};
 
 /// A configuration problem, located as precisely as the file allows.
@@ -212,6 +212,29 @@ impl<'a> Source<'a> {
     }
 }
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("unknown log format {other:?}: \"text\" or \"json\"")),
+        }
+    }
+}
+
 /// The `[admin]` table of either role.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -241,10 +264,39 @@ impl TlsIdentity {
     /// Reads a PEM certificate chain and a PEM private key.
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, String> {
         let chain = read_certs(cert)?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| format!("cannot read private key from {}: {e}", key.display()))?;
+        let key = read_key(key)?;
         Ok(TlsIdentity { chain, key })
     }
+
+    /// Reads a listener's certificate and key and checks them as the listener will use them
+    /// (see [`crate::tls::check_server_identity`]); errors name the files.
+    pub fn server_from_pem_files(cert: &Path, key: &Path) -> Result<Self, String> {
+        let identity = Self::from_pem_files(cert, key)?;
+        crate::tls::check_server_identity(&identity)
+            .map_err(|e| format!("{} and {}: {e}", cert.display(), key.display()))?;
+        Ok(identity)
+    }
+}
+
+/// Reads an unencrypted private key (PKCS#8, PKCS#1 or SEC1) from a PEM file.
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let text = std::fs::read(path)
+        .map_err(|e| format!("cannot read private key from {}: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&text);
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") || text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(format!(
+            "the private key in {} is encrypted: sluice needs it unencrypted (decrypt it with \
+             `openssl pkey -in {0} -out KEY.pem` and protect the file with mode 0600 or a \
+             systemd credential)",
+            path.display()
+        ));
+    }
+    PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|e| {
+        format!(
+            "cannot read private key from {}: {e} (expected a PEM \"PRIVATE KEY\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\")",
+            path.display()
+        )
+    })
 }
 
 /// Reads every certificate in a PEM file; an empty file is an error.

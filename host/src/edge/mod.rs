@@ -48,6 +48,10 @@ pub(crate) struct EdgeShared {
     pub metrics: Arc<EdgeMetrics>,
     /// False once shutdown begins.
     pub ready: AtomicBool,
+    /// The QUIC listener's certificate (replaced by a reload).
+    pub quic_cert: Arc<tls::ServerCert>,
+    /// The HTTPS listener's certificate (replaced by a reload).
+    pub https_cert: Option<Arc<tls::ServerCert>>,
     /// Tunnels whose connectors report different ingress digests.
     pub disagreeing: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
@@ -113,10 +117,26 @@ pub struct Edge {
 pub struct EdgeReloader(Arc<EdgeShared>);
 
 impl EdgeReloader {
-    /// Swaps tunnels, tokens, hostnames and limits atomically. Registered connections of
-    /// tunnels that stay, with an unchanged token, are kept; the others are closed. Listener
-    /// addresses, certificates and client settings need a restart.
+    /// Swaps tunnels, tokens, hostnames and limits atomically, and the listeners'
+    /// certificates (new handshakes present the new ones). Registered connections of tunnels
+    /// that stay, with a token still accepted, are kept; the others are closed. Listener
+    /// addresses and client settings need a restart.
     pub fn reload(&self, config: &EdgeConfig) {
+        // `EdgeConfig::load` checked each pair, so replacing cannot fail on a loaded file.
+        if let Err(e) = self.0.quic_cert.replace(&config.quic_identity) {
+            warn!(cause = %e, "kept the QUIC listener's certificate");
+        }
+        match (&self.0.https_cert, &config.https) {
+            (Some(cert), Some(h)) => {
+                if let Err(e) = cert.replace(&h.identity) {
+                    warn!(cause = %e, "kept the HTTPS listener's certificate");
+                }
+            }
+            (None, Some(_)) | (Some(_), None) => {
+                warn!("adding or removing the HTTPS listener takes effect after a restart")
+            }
+            (None, None) => {}
+        }
         let revoked = self.0.registry.set_tunnels(&config.tunnels);
         // Closing is asynchronous; the acceptor of each connection removes it and recounts.
         for entry in &revoked {
@@ -128,7 +148,7 @@ impl EdgeReloader {
         info!(
             tunnels = config.tunnels.len(),
             closed_connections = revoked.len(),
-            "reloaded tunnels"
+            "reloaded tunnels and listener certificates"
         );
     }
 }
@@ -150,9 +170,14 @@ impl Edge {
             }
             None => None,
         };
-        let https = match &config.https {
-            Some(h) => {
-                let acceptor = TlsAcceptor::from(Arc::new(tls::https_server(&h.identity)?));
+        let https_cert = config
+            .https
+            .as_ref()
+            .map(|h| tls::ServerCert::new(&h.identity))
+            .transpose()?;
+        let https = match (&config.https, &https_cert) {
+            (Some(h), Some(cert)) => {
+                let acceptor = TlsAcceptor::from(Arc::new(tls::https_server(cert.clone())?));
                 let listener =
                     TcpListener::bind(h.listen)
                         .await
@@ -163,9 +188,10 @@ impl Edge {
                         })?;
                 Some((listener, acceptor))
             }
-            None => None,
+            _ => None,
         };
-        let server = tls::quic_server(&config.quic_identity)?;
+        let quic_cert = tls::ServerCert::new(&config.quic_identity)?;
+        let server = tls::quic_server(quic_cert.clone())?;
         let endpoint = quinn::Endpoint::server(server, config.quic_listen).map_err(|source| {
             EdgeError::Bind {
                 what: "quic",
@@ -188,6 +214,8 @@ impl Edge {
             registry,
             metrics,
             ready: AtomicBool::new(true),
+            quic_cert,
+            https_cert,
             disagreeing: Default::default(),
         });
         Ok(Edge {

@@ -525,7 +525,7 @@ mod tests {
     /// A real QUIC connection on loopback, for registry entries (never used for traffic).
     async fn dummy_conn() -> (quinn::Endpoint, quinn::Endpoint, quinn::Connection) {
         let id = crate::tls::self_signed(&["localhost"]).unwrap();
-        let server = crate::tls::quic_server(&id).unwrap();
+        let server = crate::tls::quic_server(crate::tls::ServerCert::new(&id).unwrap()).unwrap();
         let server_ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
         let mut client_ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         client_ep.set_default_client_config(crate::tls::quic_client(&id.chain).unwrap());
