@@ -534,3 +534,77 @@ fn tunnel_rotate_prints_a_block_accepting_the_current_and_the_new_token() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no tunnel with id \"nope\""));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Polls `check` every 20 ms until it holds, within the test deadline.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    tokio::time::timeout(WAIT, async {
+        while !check().await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not within {WAIT:?}"));
+}
+
+#[tokio::test]
+async fn replicas_that_disagree_are_reported_and_fail_ready_when_asked() {
+    let (logs, _guard) = capture_logs();
+    let origin = echo_origin("web").await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
+        c.admin_listen = Some(loopback());
+        c.require_consistent_replicas = true;
+    })
+    .await;
+    let admin = edge.admin.unwrap();
+    let mut a = connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]);
+    a.ha_connections = 1;
+    a.connector_id = "a".into();
+    let mut b = a.clone();
+    b.connector_id = "b".into();
+    b.ingress = vec![rule(None, Some("^/api/"), "web"), rule(None, None, "web")];
+    assert_ne!(a.routing_digest(), b.routing_digest());
+    let metric = |n: usize| format!(r#"sluice_edge_ingress_digests{{tunnel="app"}} {n}"#);
+
+    let ca = start_connector(a.clone()).await;
+    ca.registered(1).await;
+    eventually("one digest", || async {
+        admin_get(admin, "/metrics").await.text().contains(&metric(1))
+    })
+    .await;
+    assert_eq!(admin_get(admin, "/ready").await.status, 200);
+
+    // A replica with other rules: counted, logged, and /ready fails as configured.
+    let cb = start_connector(b).await;
+    cb.registered(1).await;
+    eventually("two digests", || async {
+        admin_get(admin, "/metrics").await.text().contains(&metric(2))
+    })
+    .await;
+    assert_eq!(admin_get(admin, "/ready").await.status, 503);
+    assert!(
+        logs.text().contains("connectors of this tunnel run different ingress rules or plugins"),
+        "{}",
+        logs.text()
+    );
+    let status = admin_get(admin, "/status").await.json();
+    assert_eq!(status["tunnels"][0]["digests"].as_object().unwrap().len(), 2);
+
+    // The replica reloads the same rules as the other: the edge learns it without a
+    // re-registration.
+    let mut fixed = a.clone();
+    fixed.connector_id = "b".into();
+    cb.reloader.reload(&fixed).await.unwrap();
+    eventually("agreement", || async {
+        admin_get(admin, "/metrics").await.text().contains(&metric(1))
+    })
+    .await;
+    assert_eq!(admin_get(admin, "/ready").await.status, 200);
+    assert!(logs.text().contains("agree on their ingress rules and plugins again"));
+    assert_eq!(cb.state.registered(), 1);
+    ca.stop().await;
+    cb.stop().await;
+}

@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -144,57 +143,6 @@ fn edge_config_with(tunnels: Vec<sluice::config::TunnelConfig>) -> sluice::confi
     let mut cfg = sluice::config::EdgeConfig::new(loopback(), identity());
     cfg.tunnels = tunnels;
     cfg
-}
-
-/// A `sluice` process whose stderr goes to a file, killed on drop.
-struct Proc {
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Proc {
-    fn spawn(role: &str, config: &Path) -> Proc {
-        let stderr = config.with_extension("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args([role, "--config"])
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .env("RUST_LOG", "info")
-            .spawn()
-            .unwrap();
-        Proc { child, stderr }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("sh")
-            .args(["-c", &format!("kill -{sig} {}", self.child.id())])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-    }
-
-    async fn wait_log(&self, needle: &str, nth: usize) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-            if text.matches(needle).count() >= nth {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{needle:?} not logged:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test]

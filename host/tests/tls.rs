@@ -162,3 +162,60 @@ async fn tls_origins_are_verified_by_default() {
     assert_eq!((reply.status, reply.text().as_str()), (200, "secure hello"));
     conn.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_replaces_the_listener_certificates_for_new_handshakes() {
+    let origin = echo_origin("web").await;
+    let (old_https, new_https, new_quic) = (identity(), identity(), identity());
+    let https_for_edge = old_https.clone();
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], move |c| {
+        c.https = Some(sluice::config::HttpsConfig {
+            listen: loopback(),
+            identity: https_for_edge,
+        });
+    })
+    .await;
+    let conn = start_connector(connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", origin)],
+        vec![],
+    ))
+    .await;
+    conn.registered(2).await;
+    let https = edge.https.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let handshake = |trusted: &sluice::config::TlsIdentity| {
+        let connector = client_tls(trusted, &[b"http/1.1"]);
+        let name = name.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+            connector.connect(name, tcp).await
+        }
+    };
+    assert!(handshake(&old_https).await.is_ok());
+    assert!(handshake(&new_https).await.is_err());
+
+    // New certificates for both listeners, as a SIGHUP after a renewal applies them.
+    let mut cfg = sluice::config::EdgeConfig::new(loopback(), new_quic.clone());
+    cfg.https = Some(sluice::config::HttpsConfig {
+        listen: loopback(),
+        identity: new_https.clone(),
+    });
+    cfg.tunnels = vec![tunnel("app", "t", &["app.test"])];
+    edge.reloader.clone().unwrap().reload(&cfg);
+    assert!(handshake(&new_https).await.is_ok());
+    assert!(handshake(&old_https).await.is_err());
+
+    // A connector that trusts only the new QUIC certificate registers; the connections made
+    // before the renewal stay.
+    let mut renewed = connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]);
+    renewed.edge_ca = new_quic.chain.clone();
+    renewed.ha_connections = 1;
+    let second = start_connector(renewed).await;
+    second.registered(1).await;
+    assert_eq!(conn.state.registered(), 2);
+    second.stop().await;
+    conn.stop().await;
+}

@@ -33,8 +33,15 @@ pub enum ConnectorError {
     #[error(transparent)]
     Audit(#[from] crate::audit::AuditError),
     /// A socket (QUIC or admin) could not be bound.
-    #[error("failed to bind a socket: {0}")]
-    Bind(std::io::Error),
+    #[error("failed to bind the {what} on {addr}: {source}")]
+    Bind {
+        /// Which socket.
+        what: &'static str,
+        /// Its address.
+        addr: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// Live state of a connector, observable while it runs.
@@ -150,8 +157,13 @@ impl Connector {
         let (registered, _) = watch::channel(0);
         let admin = match config.admin_listen {
             Some(addr) => {
-                let l = std::net::TcpListener::bind(addr).map_err(ConnectorError::Bind)?;
-                l.set_nonblocking(true).map_err(ConnectorError::Bind)?;
+                let bind = |source| ConnectorError::Bind {
+                    what: "admin listener",
+                    addr: addr.to_string(),
+                    source,
+                };
+                let l = std::net::TcpListener::bind(addr).map_err(bind)?;
+                l.set_nonblocking(true).map_err(bind)?;
                 Some(l)
             }
             None => None,
@@ -199,7 +211,11 @@ impl Connector {
 
     /// Runs until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConnectorError> {
-        let endpoint = bind_endpoint().map_err(ConnectorError::Bind)?;
+        let endpoint = bind_endpoint().map_err(|source| ConnectorError::Bind {
+            what: "QUIC socket for edges",
+            addr: "[::]:0 and 0.0.0.0:0".into(),
+            source,
+        })?;
         info!(
             version = env!("CARGO_PKG_VERSION"),
             tunnel = %self.config.tunnel,
@@ -213,7 +229,12 @@ impl Connector {
         let admin_stop = CancellationToken::new();
         let _stop_admin = admin_stop.clone().drop_guard();
         if let Some(listener) = self.admin {
-            let admin = Admin::from_std(listener).map_err(ConnectorError::Bind)?;
+            let addr = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            let admin = Admin::from_std(listener).map_err(|source| ConnectorError::Bind {
+                what: "admin listener",
+                addr,
+                source,
+            })?;
             let (state, stopping) = (self.state.clone(), shutdown.clone());
             let ready = Arc::new(move || state.registered() > 0 && !stopping.is_cancelled());
             let (config, state, digest) = (self.config.clone(), self.state.clone(), self.digest.clone());

@@ -575,3 +575,69 @@ pub async fn raw_register(
         answer,
     }
 }
+
+/// A `sluice` process whose stderr goes to a file, killed on drop.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub stderr: std::path::PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(role: &str, config: &std::path::Path) -> Proc {
+        Self::spawn_with(role, config, |_| {})
+    }
+
+    /// Like [`Proc::spawn`], with `tweak` adding arguments or environment.
+    pub fn spawn_with(
+        role: &str,
+        config: &std::path::Path,
+        tweak: impl FnOnce(&mut std::process::Command),
+    ) -> Proc {
+        let stderr = config.with_extension("log");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args([role, "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .env("RUST_LOG", "info");
+        tweak(&mut cmd);
+        let child = cmd.spawn().unwrap();
+        Proc { child, stderr }
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -{sig} {}", self.child.id())])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    pub async fn wait_log(&self, needle: &str, nth: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+            if text.matches(needle).count() >= nth {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{needle:?} not logged:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
