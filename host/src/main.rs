@@ -150,11 +150,15 @@ fn check(path: &std::path::Path) -> ExitCode {
                 .iter()
                 .filter(|o| matches!(o.target, config::OriginTarget::Http(_)))
                 .count();
+            let built_in = match c.origins.len() - defined {
+                0 => String::new(),
+                n => format!(" + {n} built-in"),
+            };
             println!(
-                "{}: valid connector config ({}, {}, {})",
+                "{}: valid connector config ({}, {}{built_in}, {})",
                 path.display(),
-                count(defined, "origin"),
                 count(c.ingress.len(), "ingress rule"),
+                count(defined, "origin"),
                 count(c.plugins.len(), "plugin"),
             );
             ExitCode::SUCCESS

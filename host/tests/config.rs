@@ -61,7 +61,7 @@ fn check_accepts_a_valid_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout)
-        .contains("valid connector config (1 origins, 1 ingress rules)"));
+        .contains("valid connector config (1 ingress rule, 0 origins + 1 built-in, 0 plugins)"));
 }
 
 /// The examples reference certificates and token files an operator would provide; this test
