@@ -638,7 +638,7 @@ async fn an_oversized_response_head_is_a_502_and_an_origin_protocol_error() {
     assert_eq!(reply.status, 502, "{}", reply.text());
     let metrics = get(conn.admin.unwrap(), "admin", "/metrics").await.text();
     assert!(
-        metrics.contains(r#"origin_errors_total{kind="protocol"} 1"#),
+        metrics.contains(r#"origin_errors_total{origin="web",kind="protocol"} 1"#),
         "{metrics}"
     );
     logs.wait_for("status=502").await;

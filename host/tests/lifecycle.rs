@@ -139,7 +139,7 @@ async fn reloading_the_edge_under_load_loses_nothing() {
     let stop = CancellationToken::new();
     let (tally, tasks) = load(edge.http, 32, stop.clone());
     let reloader = edge.reloader.clone().unwrap();
-    let mut cfg = sluice::config::EdgeConfig::new(loopback(), identity());
+    let mut cfg = sluice::config::EdgeConfig::new(loopback(), edge.identity.clone());
     for i in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         // SIGHUP's effect: the same tunnel, now with a second hostname every other time.

@@ -3,6 +3,7 @@
 
 mod support;
 
+use sluice::admin::Exposition;
 use std::sync::Arc;
 use std::time::Duration;
 

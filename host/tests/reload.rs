@@ -107,7 +107,7 @@ async fn edge_reload_changes_hostnames_and_revokes_changed_tokens() {
     assert_eq!(get(edge.http, "new.test", "/").await.status, 404);
 
     // A new hostname: routed at once, and the registered connections stay.
-    reloader.reload(&edge_config_with(vec![tunnel(
+    reloader.reload(&edge_config_with(&edge, vec![tunnel(
         "app",
         "t",
         &["app.test", "new.test"],
@@ -122,7 +122,7 @@ async fn edge_reload_changes_hostnames_and_revokes_changed_tokens() {
     assert_eq!(conn.state.registered(), 2);
 
     // A new token revokes the connections made with the old one; the old token no longer works.
-    reloader.reload(&edge_config_with(vec![tunnel(
+    reloader.reload(&edge_config_with(&edge, vec![tunnel(
         "app",
         "rotated",
         &["app.test"],
@@ -139,8 +139,12 @@ async fn edge_reload_changes_hostnames_and_revokes_changed_tokens() {
     conn.stop().await;
 }
 
-fn edge_config_with(tunnels: Vec<sluice::config::TunnelConfig>) -> sluice::config::EdgeConfig {
-    let mut cfg = sluice::config::EdgeConfig::new(loopback(), identity());
+/// A config for a reload of `edge`: its certificate, these tunnels.
+fn edge_config_with(
+    edge: &EdgeHandle,
+    tunnels: Vec<sluice::config::TunnelConfig>,
+) -> sluice::config::EdgeConfig {
+    let mut cfg = sluice::config::EdgeConfig::new(loopback(), edge.identity.clone());
     cfg.tunnels = tunnels;
     cfg
 }
@@ -299,11 +303,11 @@ async fn a_registration_racing_a_token_rotation_never_stays_with_the_old_token()
     let reloader = edge.reloader.clone().unwrap();
     let ep = raw_quic_client(&edge, sluice::proto::ALPN);
     for round in 0..30 {
-        reloader.reload(&edge_config_with(vec![old.clone()]));
+        reloader.reload(&edge_config_with(&edge, vec![old.clone()]));
         let (reg, ()) = tokio::join!(raw_register(&ep, &edge, "app", "old"), async {
             // Rotate at varying points of the registration.
             tokio::time::sleep(Duration::from_micros(200 * (round % 10))).await;
-            reloader.reload(&edge_config_with(vec![new.clone()]));
+            reloader.reload(&edge_config_with(&edge, vec![new.clone()]));
         });
         // Registered with the old token just before the rotation: the rotation closes it.
         // Never does a connection stay registered with a token the edge no longer accepts.
@@ -523,7 +527,7 @@ async fn a_token_rotation_under_load_fails_no_request() {
     .expect("the early attempt with the new token was not refused");
 
     // The edge accepts both tokens: the connector re-registers connection by connection.
-    reloader.reload(&edge_config_with(vec![both]));
+    reloader.reload(&edge_config_with(&edge, vec![both]));
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let conns = tokens_in_use(admin, "app").await;
@@ -537,7 +541,7 @@ async fn a_token_rotation_under_load_fails_no_request() {
     .expect("the connections did not all move to the new token");
 
     // The old token is retired: nothing registered with it is left to close.
-    reloader.reload(&edge_config_with(vec![tunnel("app", "new", &["app.test"])]));
+    reloader.reload(&edge_config_with(&edge, vec![tunnel("app", "new", &["app.test"])]));
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = 0;

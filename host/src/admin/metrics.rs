@@ -99,7 +99,7 @@ fn hook_histogram() -> Histogram {
 pub struct Metrics {
     /// Requests answered, by status class.
     pub requests: Family<StatusLabels, Counter>,
-    /// Time to the response head, in seconds.
+    /// Time to the end of the response, in seconds.
     pub duration: Histogram,
     /// Streams (requests) in flight.
     pub in_flight: Gauge,
@@ -140,7 +140,7 @@ impl Metrics {
         );
         registry.register(
             "request_duration_seconds",
-            "Time from receiving the request head from the edge to sending the response head (plugins and origin included)",
+            "Time from receiving a request from the edge to the end of its response (plugins, origin and body included)",
             duration.clone(),
         );
         registry.register("streams_in_flight", "Requests in flight", in_flight.clone());

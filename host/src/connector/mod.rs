@@ -104,13 +104,30 @@ impl ConnectorReloader {
     pub async fn reload(&self, config: &ConnectorConfig) -> Result<(), ConnectorError> {
         let pipeline = Pipeline::new(config, &self.env).await?;
         let old = &self.running;
-        if old.tunnel != config.tunnel
-            || old.edges != config.edges
-            || old.ha_connections != config.ha_connections
-            || old.admin_listen != config.admin_listen
-            || old.max_concurrent_requests != config.max_concurrent_requests
-        {
-            warn!("tunnel, edges, ha-connections, max-concurrent-requests and admin changes take effect after a restart");
+        let needs_restart: Vec<&str> = [
+            ("tunnel", old.tunnel != config.tunnel),
+            ("edges", old.edges != config.edges),
+            ("ha-connections", old.ha_connections != config.ha_connections),
+            ("edge-ca", old.edge_ca != config.edge_ca),
+            ("edge-server-name", old.edge_server_name != config.edge_server_name),
+            ("connector-id", old.connector_id != config.connector_id),
+            ("grace-period", old.grace_period != config.grace_period),
+            (
+                "max-concurrent-requests",
+                old.max_concurrent_requests != config.max_concurrent_requests,
+            ),
+            ("log-format", old.log_format != config.log_format),
+            ("admin", old.admin_listen != config.admin_listen),
+            ("audit", format!("{:?}", old.audit) != format!("{:?}", config.audit)),
+        ]
+        .into_iter()
+        .filter_map(|(key, changed)| changed.then_some(key))
+        .collect();
+        if !needs_restart.is_empty() {
+            warn!(
+                keys = %needs_restart.join(", "),
+                "these settings changed and take effect after a restart; the running values stay"
+            );
         }
         let token_changed = self.token.send_if_modified(|token| {
             let changed = *token != config.token;

@@ -122,6 +122,13 @@ impl EdgeReloader {
     /// that stay, with a token still accepted, are kept; the others are closed. Listener
     /// addresses and client settings need a restart.
     pub fn reload(&self, config: &EdgeConfig) {
+        let needs_restart = restart_needed(&self.0.config, config);
+        if !needs_restart.is_empty() {
+            warn!(
+                keys = %needs_restart.join(", "),
+                "these settings changed and take effect after a restart; the running values stay"
+            );
+        }
         // `EdgeConfig::load` checked each pair, so replacing cannot fail on a loaded file.
         if let Err(e) = self.0.quic_cert.replace(&config.quic_identity) {
             warn!(cause = %e, "kept the QUIC listener's certificate");
@@ -151,6 +158,36 @@ impl EdgeReloader {
             "reloaded tunnels and listener certificates"
         );
     }
+}
+
+/// The settings of `new` that differ from `old` and that only a restart applies.
+fn restart_needed(old: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static str> {
+    let https = |c: &EdgeConfig| c.https.as_ref().map(|h| h.listen);
+    [
+        ("edge-id", old.edge_id != new.edge_id),
+        ("http.listen", old.http_listen != new.http_listen),
+        ("https.listen", https(old) != https(new)),
+        ("connectors.listen", old.quic_listen != new.quic_listen),
+        ("admin", old.admin_listen != new.admin_listen || old.require_consistent_replicas != new.require_consistent_replicas),
+        ("connectors.register-timeout", old.register_timeout != new.register_timeout),
+        ("connectors.max-handshakes", old.max_handshakes != new.max_handshakes),
+        ("header-read-timeout", old.header_read_timeout != new.header_read_timeout),
+        ("max-header-size", old.max_header_size != new.max_header_size),
+        ("trust-forwarded-for", old.trust_forwarded_for != new.trust_forwarded_for),
+        ("grace-period", old.grace_period != new.grace_period),
+        ("access-log", old.access_log != new.access_log),
+        ("log-format", old.log_format != new.log_format),
+        ("allowed-upgrades", old.allowed_upgrades != new.allowed_upgrades),
+        ("idle-timeout", old.idle_timeout != new.idle_timeout),
+        ("body-idle-timeout", old.body_idle_timeout != new.body_idle_timeout),
+        (
+            "max-connections-per-client",
+            old.max_connections_per_client != new.max_connections_per_client,
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, changed)| changed.then_some(key))
+    .collect()
 }
 
 impl Edge {
