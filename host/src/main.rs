@@ -218,17 +218,22 @@ fn cert_new(names: &[String], ips: &[std::net::IpAddr], out: &std::path::Path) -
     ExitCode::SUCCESS
 }
 
-/// `sluice status`: GET `/status` on an admin listener and print it.
-fn status(admin: &str, json: bool) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+/// A runtime for a command that does a little I/O; on error, says so and gives the exit code.
+fn one_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
+/// `sluice status`: GET `/status` on an admin listener and print it.
+fn status(admin: &str, json: bool) -> ExitCode {
+    let runtime = match one_thread_runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let fetched = runtime.block_on(async {
         tokio::time::timeout(std::time::Duration::from_secs(10), fetch_status(admin))
@@ -403,15 +408,9 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match one_thread_runtime() {
         Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(sluice::plugin::tester::run(&test)) {
         Ok(report) => {
@@ -506,7 +505,7 @@ async fn run(role: Role) -> anyhow::Result<()> {
                 .await
                 .context("failed to start the edge")?;
             let reloader = edge.reloader();
-            tokio::spawn(on_sighup(path, move |path| {
+            tokio::spawn(on_sighup(path, shutdown.clone(), move |path| {
                 let reloader = reloader.clone();
                 async move {
                     let cfg = EdgeConfig::load(&path)?;
@@ -523,7 +522,7 @@ async fn run(role: Role) -> anyhow::Result<()> {
                 .context("failed to start the connector")?;
             tokio::spawn(watch_signals(shutdown.clone(), Some(connector.audit())));
             let reloader = connector.reloader();
-            tokio::spawn(on_sighup(path, move |path| {
+            tokio::spawn(on_sighup(path, shutdown.clone(), move |path| {
                 let reloader = reloader.clone();
                 async move {
                     let cfg = ConnectorConfig::load(&path)?;
@@ -546,8 +545,8 @@ async fn run(role: Role) -> anyhow::Result<()> {
 }
 
 /// Re-reads `path` on every SIGHUP and applies it; a file with an error is refused, logged,
-/// and the running configuration keeps serving.
-async fn on_sighup<F, Fut>(path: std::path::PathBuf, apply: F)
+/// and the running configuration keeps serving. Stops once shutdown begins.
+async fn on_sighup<F, Fut>(path: std::path::PathBuf, shutdown: CancellationToken, apply: F)
 where
     F: Fn(std::path::PathBuf) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
@@ -559,7 +558,11 @@ where
             return;
         }
     };
-    while hup.recv().await.is_some() {
+    loop {
+        tokio::select! {
+            signal = hup.recv() => if signal.is_none() { return },
+            _ = shutdown.cancelled() => return,
+        }
         info!(file = %path.display(), "SIGHUP: reloading the configuration");
         let mut reloading = vec![sd_notify::NotifyState::Reloading];
         reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
@@ -567,7 +570,9 @@ where
         if let Err(e) = apply(path.clone()).await {
             error!(cause = %e, "reload refused; the running configuration keeps serving");
         }
-        notify(&[sd_notify::NotifyState::Ready]);
+        if !shutdown.is_cancelled() {
+            notify(&[sd_notify::NotifyState::Ready]);
+        }
     }
 }
 

@@ -557,6 +557,7 @@ async fn replicas_that_disagree_are_reported_and_fail_ready_when_asked() {
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
         c.admin_listen = Some(loopback());
         c.require_consistent_replicas = true;
+        c.replica_disagreement_grace = Duration::from_secs(1);
     })
     .await;
     let admin = edge.admin.unwrap();
@@ -584,7 +585,13 @@ async fn replicas_that_disagree_are_reported_and_fail_ready_when_asked() {
         admin_get(admin, "/metrics").await.text().contains(&metric(2))
     })
     .await;
-    assert_eq!(admin_get(admin, "/ready").await.status, 503);
+    // Within `replica-disagreement-grace` (a rolling reload) the edge stays ready; past it,
+    // not.
+    assert_eq!(admin_get(admin, "/ready").await.status, 200);
+    eventually("not ready", || async {
+        admin_get(admin, "/ready").await.status == 503
+    })
+    .await;
     assert!(
         logs.text().contains("connectors of this tunnel run different ingress rules or plugins"),
         "{}",

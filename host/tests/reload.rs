@@ -456,10 +456,13 @@ async fn tokens_in_use(admin: std::net::SocketAddr, tunnel: &str) -> Vec<(i64, b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_rotation_under_load_fails_no_request() {
     let origin = named("web", None).await;
-    let edge = start_edge(vec![tunnel("app", "old", &["app.test"])], |c| {
-        c.admin_listen = Some(loopback())
-    })
-    .await;
+    // At its limit of connections, as a tunnel sized for its connectors is: a replacement
+    // must still fit.
+    let app = |token: &str| sluice::config::TunnelConfig {
+        max_connections: 2,
+        ..tunnel("app", token, &["app.test"])
+    };
+    let edge = start_edge(vec![app("old")], |c| c.admin_listen = Some(loopback())).await;
     let (admin, reloader) = (edge.admin.unwrap(), edge.reloader.clone().unwrap());
     let cfg = connector_config(
         &edge,
@@ -504,7 +507,7 @@ async fn a_token_rotation_under_load_fails_no_request() {
     });
 
     let both = {
-        let mut t = tunnel("app", "old", &["app.test"]);
+        let mut t = app("old");
         t.token_hashes.push(sluice::secret::Secret::new("new").sha256());
         t
     };
@@ -541,7 +544,7 @@ async fn a_token_rotation_under_load_fails_no_request() {
     .expect("the connections did not all move to the new token");
 
     // The old token is retired: nothing registered with it is left to close.
-    reloader.reload(&edge_config_with(&edge, vec![tunnel("app", "new", &["app.test"])]));
+    reloader.reload(&edge_config_with(&edge, vec![app("new")]));
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut total = 0;

@@ -17,14 +17,6 @@ fn dir(name: &str) -> PathBuf {
     d
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An edge file in `dir` with a certificate beside it, plain HTTP on `http_port`.
 fn edge_file(dir: &Path, http_port: u16, extra: &str) -> PathBuf {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
@@ -54,7 +46,7 @@ fn next_notification(sock: &UnixDatagram) -> String {
 #[tokio::test]
 async fn the_edge_notifies_systemd_and_logs_json_lines() {
     let d = dir("notify");
-    let file = edge_file(&d, free_port(), "");
+    let file = edge_file(&d, 0, "");
     let sock_path = d.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     let proc = Proc::spawn_with("edge", &file, |cmd| {
@@ -198,4 +190,36 @@ async fn sluice_status_summarises_the_edge_tunnels_and_connections() {
     assert!(text.contains("tunnel idle: 0 connections, 0 in flight, OFFLINE"), "{text}");
     assert_eq!(text.matches(" replica-1 (sluice/").count(), 2, "{text}");
     conn.stop().await;
+}
+
+/// Runs `sluice ARGS` under a pseudo-terminal (`script`, from util-linux) with `env`, and
+/// returns what it wrote.
+fn on_a_terminal(args: &str, env: &[(&str, &str)]) -> String {
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &format!("{} {args}", env!("CARGO_BIN_EXE_sluice")), "/dev/null"])
+        .env_remove("NO_COLOR")
+        .env("RUST_LOG", "info");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd
+        .output()
+        .expect("`script` (util-linux) runs sluice on a terminal: apt-get install util-linux");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn colours_only_on_a_terminal_and_never_with_no_color() {
+    let d = dir("colour");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let edge = edge_file(&d, busy.local_addr().unwrap().port(), "");
+    let args = format!("edge --config {}", edge.display());
+    let coloured = on_a_terminal(&args, &[]);
+    assert!(coloured.contains("failed to bind the http listener"), "{coloured}");
+    assert!(coloured.contains('\u{1b}'), "no colour on a terminal: {coloured:?}");
+    let plain = on_a_terminal(&args, &[("NO_COLOR", "1")]);
+    assert!(plain.contains("failed to bind the http listener"), "{plain}");
+    assert!(!plain.contains('\u{1b}'), "colour despite NO_COLOR: {plain:?}");
+    drop(busy);
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -245,6 +245,8 @@ fn edge_and_connector_run_unprivileged_with_the_documented_file_modes() {
              edge-ca = \"edge.crt\"\nedge-server-name = \"localhost\"\nplugins = [\"audit\"]\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n\
              [[plugin]]\nname = \"audit\"\npath = \"plugins/audit_log.wasm\"\n\
+             # A debug build on a busy machine: room beyond the 10 ms default.\n\
+             timeout = \"2s\"\n\
              [audit]\nfile = \"{}\"\n\
              [[origin]]\nname = \"hello\"\nurl = \"hello\"\n\
              [[ingress]]\norigin = \"hello\"\n",

@@ -11,15 +11,17 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 
-#[tokio::test]
-async fn https_listener_speaks_http1_and_http2() {
+/// An edge with an HTTPS listener presenting `public`, and a registered connector whose
+/// origin echoes requests (its address returned too).
+async fn https_tunnel(
+    public: &sluice::config::TlsIdentity,
+) -> (EdgeHandle, ConnectorHandle, std::net::SocketAddr) {
     let origin = echo_origin("web").await;
-    let public = identity();
-    let public_for_edge = public.clone();
+    let public = public.clone();
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], move |c| {
         c.https = Some(sluice::config::HttpsConfig {
             listen: loopback(),
-            identity: public_for_edge,
+            identity: public,
         });
     })
     .await;
@@ -32,6 +34,13 @@ async fn https_listener_speaks_http1_and_http2() {
     ))
     .await;
     conn.registered(1).await;
+    (edge, conn, origin)
+}
+
+#[tokio::test]
+async fn https_listener_speaks_http1_and_http2() {
+    let public = identity();
+    let (edge, conn, _origin) = https_tunnel(&public).await;
     let https = edge.https.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
 
@@ -162,24 +171,8 @@ async fn tls_origins_are_verified_by_default() {
 
 #[tokio::test]
 async fn a_reload_replaces_the_listener_certificates_for_new_handshakes() {
-    let origin = echo_origin("web").await;
     let (old_https, new_https, new_quic) = (identity(), identity(), identity());
-    let https_for_edge = old_https.clone();
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], move |c| {
-        c.https = Some(sluice::config::HttpsConfig {
-            listen: loopback(),
-            identity: https_for_edge,
-        });
-    })
-    .await;
-    let conn = start_connector(connector_config(
-        &edge,
-        "app",
-        "t",
-        vec![http_origin("web", origin)],
-        vec![],
-    ))
-    .await;
+    let (edge, conn, origin) = https_tunnel(&old_https).await;
     conn.registered(2).await;
     let https = edge.https.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();

@@ -277,53 +277,59 @@ fn request_histogram() -> Histogram {
 impl EdgeMetrics {
     /// The edge's metrics, named `sluice_edge_…`.
     pub fn new() -> Self {
+        let requests = Family::default();
+        let duration = Family::new_with_constructor(request_histogram as fn() -> Histogram);
+        let in_flight = Family::default();
+        let registered = Family::default();
+        let ingress_digests = Family::default();
+        let registration_failures = Family::default();
+        let rejected = Family::default();
         let mut registry = Registry::with_prefix("sluice_edge");
-        let m = EdgeMetrics {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(request_histogram as fn() -> Histogram),
-            in_flight: Family::default(),
-            registered: Family::default(),
-            ingress_digests: Family::default(),
-            registration_failures: Family::default(),
-            rejected: Family::default(),
-            registry: Registry::default(),
-        };
         registry.register(
             "requests",
             "Requests answered, by tunnel, status class and reason (who answered, or why the edge did)",
-            m.requests.clone(),
+            Family::clone(&requests),
         );
         registry.register(
             "request_duration_seconds",
             "Time from receiving the request head to sending the response head, by tunnel",
-            m.duration.clone(),
+            Family::clone(&duration),
         );
         registry.register(
             "streams_in_flight",
             "Requests in flight, by tunnel",
-            m.in_flight.clone(),
+            Family::clone(&in_flight),
         );
         registry.register(
             "registered_connections",
             "Connector connections registered, by tunnel and protocol",
-            m.registered.clone(),
+            Family::clone(&registered),
         );
         registry.register(
             "ingress_digests",
             "Distinct ingress digests among a tunnel's connectors (above 1: replicas disagree)",
-            m.ingress_digests.clone(),
+            Family::clone(&ingress_digests),
         );
         registry.register(
             "registration_failures",
             "Failed registrations, by kind",
-            m.registration_failures.clone(),
+            Family::clone(&registration_failures),
         );
         registry.register(
             "rejected_requests",
             "Requests refused by admission control, by kind",
-            m.rejected.clone(),
+            Family::clone(&rejected),
         );
-        EdgeMetrics { registry, ..m }
+        EdgeMetrics {
+            requests,
+            duration,
+            in_flight,
+            registered,
+            ingress_digests,
+            registration_failures,
+            rejected,
+            registry,
+        }
     }
 
     /// Counts one answered request.

@@ -197,8 +197,8 @@ pub struct IngressRuleConfig {
 
 impl ConnectorConfig {
     /// Digest of what decides how a request is answered: the path policy, the ingress rules
-    /// (host, path, origin and where it points, plugins), the global chain, and each plugin's
-    /// component bytes, configuration and failure policy. Replicas of one tunnel should have
+    /// (host, path, plugins, and the origin with all its settings), the global chain, and
+    /// each plugin's component bytes, configuration and failure policy. Replicas of one tunnel should have
     /// the same; the edge reports those that do not. `sha256:` and 16 hexadecimal digits.
     pub fn routing_digest(&self) -> String {
         use sha2::{Digest, Sha256};
@@ -213,8 +213,8 @@ impl ConnectorConfig {
             field(rule.hostname.as_ref().map(|p| p.to_string()).unwrap_or_default().as_bytes());
             field(rule.path.as_ref().map_or("", |r| r.as_str()).as_bytes());
             field(rule.origin.as_bytes());
-            let target = self.origins.iter().find(|o| o.name == rule.origin);
-            field(format!("{:?}", target.map(|o| &o.target)).as_bytes());
+            let origin = self.origins.iter().find(|o| o.name == rule.origin);
+            field(format!("{origin:?}").as_bytes());
             for p in &rule.plugins {
                 field(p.as_bytes());
             }

@@ -37,8 +37,11 @@ pub struct EdgeConfig {
     pub grace_period: std::time::Duration,
     /// Admin listener (`/live`, `/ready`, `/metrics`, `/status`).
     pub admin_listen: Option<SocketAddr>,
-    /// `/ready` fails while the connectors of a tunnel report different ingress digests.
+    /// `/ready` fails while the connectors of a tunnel report different ingress digests (for
+    /// longer than `replica_disagreement_grace`).
     pub require_consistent_replicas: bool,
+    /// How long replicas may disagree before `require_consistent_replicas` fails `/ready`.
+    pub replica_disagreement_grace: std::time::Duration,
     /// One info line per request on the `sluice::access` target.
     pub access_log: bool,
     /// Log format (`--log-format` overrides it); read at start only.
@@ -63,6 +66,9 @@ pub const DEFAULT_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_
 pub const DEFAULT_BODY_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Default `max-connections-per-client`.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+/// Default `[admin] replica-disagreement-grace`.
+pub const DEFAULT_REPLICA_DISAGREEMENT_GRACE: std::time::Duration =
+    std::time::Duration::from_secs(30);
 /// Default `[connectors] max-handshakes`.
 pub const DEFAULT_MAX_HANDSHAKES: usize = 256;
 
@@ -122,6 +128,7 @@ impl EdgeConfig {
             grace_period: super::connector::DEFAULT_GRACE_PERIOD,
             admin_listen: None,
             require_consistent_replicas: false,
+            replica_disagreement_grace: DEFAULT_REPLICA_DISAGREEMENT_GRACE,
             access_log: true,
             log_format: Default::default(),
             allowed_upgrades: default_upgrades(),
@@ -260,6 +267,11 @@ impl EdgeConfig {
                 .as_ref()
                 .and_then(|a| a.require_consistent_replicas)
                 .unwrap_or(false),
+            replica_disagreement_grace: file
+                .admin
+                .as_ref()
+                .and_then(|a| a.replica_disagreement_grace)
+                .map_or(DEFAULT_REPLICA_DISAGREEMENT_GRACE, |d| d.0),
             access_log: file.access_log.unwrap_or(true),
             log_format: file.log_format.unwrap_or_default(),
             allowed_upgrades: match file.allowed_upgrades {
@@ -348,6 +360,7 @@ impl TryFrom<String> for UpgradeToken {
 struct EdgeAdminFile {
     listen: SocketAddr,
     require_consistent_replicas: Option<bool>,
+    replica_disagreement_grace: Option<Duration>,
 }
 
 #[derive(Deserialize)]

@@ -90,7 +90,7 @@ pub struct Grants {
 }
 
 /// The `[audit]` table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditConfig {
     /// Write events to standard output.
     pub stdout: bool,

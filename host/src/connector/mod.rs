@@ -80,6 +80,8 @@ pub struct Connector {
     state: Arc<ConnectorState>,
     metrics: Arc<Metrics>,
     admin: Option<std::net::TcpListener>,
+    /// The UDP socket every connection to the edges uses.
+    endpoint: quinn::Endpoint,
     token: Arc<watch::Sender<crate::secret::Secret>>,
     digest: Arc<watch::Sender<String>>,
 }
@@ -118,7 +120,7 @@ impl ConnectorReloader {
             ),
             ("log-format", old.log_format != config.log_format),
             ("admin", old.admin_listen != config.admin_listen),
-            ("audit", format!("{:?}", old.audit) != format!("{:?}", config.audit)),
+            ("audit", old.audit != config.audit),
         ]
         .into_iter()
         .filter_map(|(key, changed)| changed.then_some(key))
@@ -164,7 +166,7 @@ impl ConnectorReloader {
 
 impl Connector {
     /// Prepares TLS for the edges and every origin, loads the plugins (running their `init`),
-    /// opens the audit sinks and binds the admin listener.
+    /// opens the audit sinks and binds the admin listener and the QUIC socket.
     pub async fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
         let metrics = Arc::new(Metrics::new("sluice_connector"));
         let audit = Audit::start(&config.audit, metrics.clone()).await?;
@@ -185,9 +187,15 @@ impl Connector {
             }
             None => None,
         };
+        let endpoint = bind_endpoint().map_err(|source| ConnectorError::Bind {
+            what: "QUIC socket for edges",
+            addr: "[::]:0 and 0.0.0.0:0".into(),
+            source,
+        })?;
         let token = Arc::new(watch::Sender::new(config.token.clone()));
         let digest = Arc::new(watch::Sender::new(config.routing_digest()));
         Ok(Connector {
+            endpoint,
             token,
             digest,
             config: Arc::new(config),
@@ -226,13 +234,35 @@ impl Connector {
         self.state.clone()
     }
 
+    /// What the admin listener reports: ready while a connection is registered and no drain
+    /// is under way; `/status`.
+    fn report(&self, shutdown: &CancellationToken) -> Report {
+        let (state, stopping) = (self.state.clone(), shutdown.clone());
+        let ready = Arc::new(move || state.registered() > 0 && !stopping.is_cancelled());
+        let (config, state, digest) = (self.config.clone(), self.state.clone(), self.digest.clone());
+        let in_flight = self.metrics.in_flight.clone();
+        let status = Arc::new(move || {
+            serde_json::json!({
+                "role": "connector",
+                "version": env!("CARGO_PKG_VERSION"),
+                "tunnel": config.tunnel,
+                "connector_id": config.connector_id,
+                "edges": config.edges,
+                "registered_connections": state.registered(),
+                "in_flight": in_flight.get(),
+                "digest": *digest.borrow(),
+            })
+        });
+        Report {
+            metrics: self.metrics.clone(),
+            ready,
+            status,
+        }
+    }
+
     /// Runs until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ConnectorError> {
-        let endpoint = bind_endpoint().map_err(|source| ConnectorError::Bind {
-            what: "QUIC socket for edges",
-            addr: "[::]:0 and 0.0.0.0:0".into(),
-            source,
-        })?;
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConnectorError> {
+        let endpoint = self.endpoint.clone();
         info!(
             version = env!("CARGO_PKG_VERSION"),
             tunnel = %self.config.tunnel,
@@ -245,35 +275,14 @@ impl Connector {
         // The admin listener outlives the drain, so that `/ready` says 503 while it lasts.
         let admin_stop = CancellationToken::new();
         let _stop_admin = admin_stop.clone().drop_guard();
-        if let Some(listener) = self.admin {
+        if let Some(listener) = self.admin.take() {
             let addr = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
             let admin = Admin::from_std(listener).map_err(|source| ConnectorError::Bind {
                 what: "admin listener",
                 addr,
                 source,
             })?;
-            let (state, stopping) = (self.state.clone(), shutdown.clone());
-            let ready = Arc::new(move || state.registered() > 0 && !stopping.is_cancelled());
-            let (config, state, digest) = (self.config.clone(), self.state.clone(), self.digest.clone());
-            let in_flight = self.metrics.in_flight.clone();
-            let status = Arc::new(move || {
-                serde_json::json!({
-                    "role": "connector",
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "tunnel": config.tunnel,
-                    "connector_id": config.connector_id,
-                    "edges": config.edges,
-                    "registered_connections": state.registered(),
-                    "in_flight": in_flight.get(),
-                    "digest": *digest.borrow(),
-                })
-            });
-            let report = Report {
-                metrics: self.metrics.clone(),
-                ready,
-                status,
-            };
-            tokio::spawn(admin.run(report, admin_stop.clone()));
+            tokio::spawn(admin.run(self.report(&shutdown), admin_stop.clone()));
         }
         let sessions = TaskTracker::new();
         let links = TaskTracker::new();

@@ -227,6 +227,7 @@ impl Pipeline {
             Err(Failure::Answer {
                 status,
                 message,
+                public,
                 origin,
                 kind,
                 origin_failure,
@@ -240,8 +241,7 @@ impl Pipeline {
                         })
                         .inc();
                 }
-                let public = public_text(kind, origin_failure, &message);
-                let bytes_out = answer_error(&mut send, status, public).await;
+                let bytes_out = answer_error(&mut send, status, public.unwrap_or(&message)).await;
                 Outcome {
                     status: status.as_u16(),
                     origin,
@@ -312,6 +312,7 @@ impl Pipeline {
             return Err(Failure::Answer {
                 status: StatusCode::BAD_GATEWAY,
                 message: "no ingress rule matches".into(),
+                public: None,
                 origin: String::new(),
                 kind: "ingress",
                 origin_failure: false,
@@ -365,6 +366,7 @@ impl Pipeline {
             return Err(Failure::Answer {
                 status: StatusCode::BAD_GATEWAY,
                 message: format!("origin {origin_name:?} is not configured"),
+                public: Some("no origin is available for this request"),
                 origin: origin_name,
                 kind: "config",
                 origin_failure: false,
@@ -664,7 +666,10 @@ enum Failure {
     /// Answer the edge with an error produced by the connector.
     Answer {
         status: StatusCode,
+        /// For the log and the audit record; may name origins and addresses.
         message: String,
+        /// For the client, when `message` must not reach it.
+        public: Option<&'static str>,
         origin: String,
         kind: &'static str,
         origin_failure: bool,
@@ -678,6 +683,7 @@ impl Failure {
         Failure::Answer {
             status: StatusCode::BAD_REQUEST,
             message,
+            public: None,
             origin: String::new(),
             kind: "bad-request",
             origin_failure: false,
@@ -691,12 +697,14 @@ impl Failure {
             Failure::Answer {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message,
+                public,
                 origin,
                 kind,
                 origin_failure,
             } => Failure::Answer {
                 status: StatusCode::BAD_GATEWAY,
                 message,
+                public,
                 origin,
                 kind,
                 origin_failure,
@@ -712,6 +720,7 @@ impl Failure {
             return Failure::Answer {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: "too many requests in flight for a plugin; retry shortly".into(),
+                public: None,
                 origin: String::new(),
                 kind: "plugin-unavailable",
                 origin_failure: false,
@@ -720,6 +729,7 @@ impl Failure {
         Failure::Answer {
             status: StatusCode::BAD_GATEWAY,
             message: "the request could not be processed".into(),
+            public: None,
             origin: String::new(),
             kind: match refused.error.kind() {
                 "trap" => "plugin-trap",
@@ -736,24 +746,11 @@ impl Failure {
         Failure::Answer {
             status: e.status(),
             message: e.to_string(),
+            public: Some(e.public_text()),
             origin,
             kind: e.kind(),
             origin_failure: true,
         }
-    }
-}
-
-/// What the client reads about a failure: the kind's text for origin and configuration
-/// failures, whose message names internal origins and addresses (the log keeps it); the
-/// message itself otherwise (a refused path, a plugin failure: written for the client).
-fn public_text<'a>(kind: &'static str, origin_failure: bool, message: &'a str) -> &'a str {
-    match (origin_failure, kind) {
-        (true, "connect-timeout" | "response-timeout") => "the origin did not answer in time",
-        (true, "tls") => "the TLS handshake with the origin failed",
-        (true, "protocol") => "the origin sent an invalid response",
-        (true, _) => "the origin is unreachable",
-        (false, "config") => "no origin is available for this request",
-        _ => message,
     }
 }
 

@@ -81,30 +81,13 @@ pub(super) async fn run(
         if shutdown.is_cancelled() {
             return;
         }
-        let mut retry_after = None;
-        match result {
-            Ok(reason) => info!(%reason, "connection to the edge lost"),
-            Err(SessionError::Rejected(rej)) => {
-                shared
-                    .metrics
-                    .registration_failures
-                    .get_or_create(&KindLabels { kind: "rejected" })
-                    .inc();
-                warn!(code = ?rej.code, reason = %rej.message, "the edge refused the registration");
-                // An edge may ask for a pause, but not for longer than the back-off cap.
-                retry_after = rej
-                    .retry_after_ms
-                    .map(|ms| Duration::from_millis(ms).min(shared.config.backoff.max));
+        let retry_after = match result {
+            Ok(reason) => {
+                info!(%reason, "connection to the edge lost");
+                None
             }
-            Err(e) => {
-                shared
-                    .metrics
-                    .registration_failures
-                    .get_or_create(&KindLabels { kind: "connect" })
-                    .inc();
-                warn!(cause = %e, "connection to the edge failed")
-            }
-        }
+            Err(e) => failed(&shared, &e, "connection to the edge failed"),
+        };
         if registered_at.is_some_and(|t: Instant| t.elapsed() >= shared.config.backoff.stable) {
             attempt = 0;
         }
@@ -117,6 +100,31 @@ pub(super) async fn run(
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Counts and logs a failed dial or registration; returns the pause the edge asked for, if
+/// any (never longer than the back-off cap).
+fn failed(shared: &Shared, e: &SessionError, what: &str) -> Option<Duration> {
+    let kind = match e {
+        SessionError::Rejected(_) => "rejected",
+        _ => "connect",
+    };
+    shared
+        .metrics
+        .registration_failures
+        .get_or_create(&KindLabels { kind })
+        .inc();
+    match e {
+        SessionError::Rejected(rej) => {
+            warn!(code = ?rej.code, reason = %rej.message, "{what}: the edge refused the registration");
+            rej.retry_after_ms
+                .map(|ms| Duration::from_millis(ms).min(shared.config.backoff.max))
+        }
+        other => {
+            warn!(cause = %other, "{what}");
+            None
         }
     }
 }
@@ -160,18 +168,13 @@ async fn session(
     // Set while a rotation is due: when to try registering with the new token next.
     let mut rotate_at: Option<tokio::time::Instant> = None;
     let mut attempt = 0u32;
-    let mut tokens_open = true;
     loop {
         tokio::select! {
             ended = &mut serving => {
                 return Ok(ended.unwrap_or_else(|e| format!("connection task failed: {e}")));
             }
-            changed = tokens.changed(), if tokens_open => {
-                if changed.is_err() {
-                    // The connector is going away; shutdown drains the connection.
-                    tokens_open = false;
-                    continue;
-                }
+            // `Shared` holds the sender for as long as sessions run: `changed` cannot fail.
+            Ok(()) = tokens.changed() => {
                 tokens.borrow_and_update();
                 rotate_at = Some(tokio::time::Instant::now());
                 attempt = 0;
@@ -201,9 +204,10 @@ async fn session(
                             .spawn(serve(link, shared.clone(), drain.clone()).in_current_span());
                     }
                     Err(e) => {
-                        let delay = backoff_delay(&shared.config.backoff, attempt);
+                        let asked = failed(shared, &e, "could not register a connection with the new token; the one registered with the old token keeps serving");
+                        let delay = asked.unwrap_or_else(|| backoff_delay(&shared.config.backoff, attempt));
                         attempt = attempt.saturating_add(1);
-                        warn!(cause = %e, retry_in_ms = delay.as_millis() as u64, "could not register with the new token; the connection registered with the old token keeps serving");
+                        debug!(delay_ms = delay.as_millis() as u64, "trying the new token again after back-off");
                         rotate_at = Some(tokio::time::Instant::now() + delay);
                     }
                 }
@@ -226,6 +230,8 @@ struct Link {
     conn: quinn::Connection,
     control_send: quinn::SendStream,
     control_recv: quinn::RecvStream,
+    /// The ingress digest, as of the one sent in `Register`: a later change is sent on.
+    digests: tokio::sync::watch::Receiver<String>,
     _count: CountGuard,
 }
 
@@ -243,6 +249,9 @@ async fn dial(
         .next()
         .ok_or_else(|| SessionError::Resolve("no address found".into()))?;
     let server_name = shared.config.edge_server_name.clone().unwrap_or(host);
+    // Subscribed before the digest is read, so that a reload after this point is sent on.
+    let mut digests = shared.digest.subscribe();
+    let digest = digests.borrow_and_update().clone();
 
     let dial = tokio::time::timeout(REGISTER_TIMEOUT, async {
         let conn = shared
@@ -257,7 +266,7 @@ async fn dial(
             connector_id: shared.config.connector_id.clone(),
             conn_index: index,
             software: Some(SOFTWARE.to_string()),
-            digest: Some(shared.digest.borrow().clone()),
+            digest: Some(digest),
         });
         write_frame(&mut send, &register).await?;
         match read_frame::<_, Control>(&mut recv).await? {
@@ -276,6 +285,7 @@ async fn dial(
         conn,
         control_send,
         control_recv,
+        digests,
         _count: CountGuard(shared.state.clone(), shared.metrics.clone()),
     })
 }
@@ -283,20 +293,21 @@ async fn dial(
 /// Serves streams on `link` until the connection ends. Once `drain` is cancelled (shutdown,
 /// or a rotation replaced this connection), tells the edge to route nothing new here and keeps
 /// serving: the edge acknowledges once every request it routed here has been relayed whole,
-/// and only then is the connection closed (or when the connector's grace period ends).
+/// and only then is the connection closed — or when `grace-period` has passed since the drain
+/// began (an edge that never acknowledges, a lost control stream).
 async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> String {
     let Link {
         conn,
         mut control_send,
         control_recv,
+        mut digests,
         _count,
     } = link;
     let mut draining = false;
     let acked = drain_ack(control_recv);
     tokio::pin!(acked);
     let mut ack_pending = true;
-    let mut digests = shared.digest.subscribe();
-    digests.borrow_and_update();
+    let mut deadline = None;
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
@@ -311,6 +322,7 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
             }
             _ = drain.cancelled(), if !draining => {
                 draining = true;
+                deadline = Some(tokio::time::Instant::now() + shared.config.grace_period);
                 match write_frame(&mut control_send, &Control::Drain).await {
                     Ok(()) => info!("sent drain to the edge"),
                     Err(e) => warn!(cause = %e, "could not send drain to the edge"),
@@ -324,6 +336,11 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
                     return "drained".into();
                 }
                 warn!("the control stream ended before the edge acknowledged the drain; waiting for the grace period");
+            }
+            _ = sleep_until_some(deadline) => {
+                warn!("the edge did not acknowledge the drain within the grace period; closing the connection");
+                conn.close(proto::code::CLOSE_NORMAL, b"drain timed out");
+                return "drain timed out".into();
             }
         }
     }

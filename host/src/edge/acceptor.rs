@@ -95,9 +95,12 @@ pub(super) async fn serve(
                 }
             }
             Ok(Control::Digest(d)) => {
-                info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, digest = ?clip(&d.digest), "connector reloaded its ingress rules");
-                entry.set_digest(clip(&d.digest).to_string());
-                shared.replicas_changed(&tunnel);
+                let digest = printable(&d.digest);
+                if entry.digest().as_ref() != Some(&digest) {
+                    info!(tunnel = %tunnel, connection = entry.id, connector = ?entry.connector_id, digest = ?digest, "connector reloaded its ingress rules");
+                    entry.set_digest(digest);
+                    shared.replicas_changed(&tunnel);
+                }
             }
             Ok(Control::Unknown) => {
                 debug!(connection = entry.id, "ignored an unknown control message")
@@ -188,9 +191,10 @@ async fn register(
     let id = shared.registry.allocate_id();
     let registrant = Registrant {
         token_sha256: reg.token.sha256(),
-        connector_id: reg.connector_id.clone(),
-        software: reg.software.as_deref().map(|s| clip(s).to_string()),
-        digest: reg.digest.as_deref().map(|s| clip(s).to_string()),
+        connector_id: printable(&reg.connector_id),
+        conn_index: reg.conn_index,
+        software: reg.software.as_deref().map(printable),
+        digest: reg.digest.as_deref().map(printable),
         conn: conn.clone(),
     };
     let entry = match shared.registry.add(&reg.tunnel, id, registrant) {
@@ -276,6 +280,15 @@ impl Drop for Unroute<'_> {
     }
 }
 
+/// A peer-supplied string as the edge keeps it (for logs, `/status` and terminals): at most
+/// 64 bytes, control characters replaced.
+fn printable(s: &str) -> String {
+    clip(s)
+        .chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
 /// At most 64 bytes of a peer-supplied string, cut at a character boundary.
 fn clip(s: &str) -> &str {
     let mut end = s.len().min(64);
@@ -306,4 +319,18 @@ async fn reject(conn: &quinn::Connection, send: &mut quinn::SendStream, rej: &Re
         let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     }
     conn.close(proto::code::CLOSE_REJECTED, rej.message.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_strings_are_clipped_and_lose_their_control_characters() {
+        assert_eq!(printable("replica-1"), "replica-1");
+        assert_eq!(printable("a\x1b[31mred\nline"), "a\u{fffd}[31mred\u{fffd}line");
+        let long = "é".repeat(40);
+        let kept = printable(&long);
+        assert!(kept.len() <= 64 && kept.chars().all(|c| c == 'é'), "{kept}");
+    }
 }

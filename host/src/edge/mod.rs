@@ -52,14 +52,17 @@ pub(crate) struct EdgeShared {
     pub quic_cert: Arc<tls::ServerCert>,
     /// The HTTPS listener's certificate (replaced by a reload).
     pub https_cert: Option<Arc<tls::ServerCert>>,
-    /// Tunnels whose connectors report different ingress digests.
-    pub disagreeing: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Tunnels whose connectors report different ingress digests, and since when.
+    pub disagreeing: std::sync::Mutex<std::collections::BTreeMap<String, std::time::Instant>>,
 }
 
 impl EdgeShared {
     /// Re-counts the ingress digests of `tunnel`'s connections after one registered, left or
     /// reloaded: updates the gauge, and logs when its replicas start or stop disagreeing.
     pub fn replicas_changed(&self, tunnel: &str) {
+        // Counted under the lock of the result, so that two changes at once (a registration
+        // and a close) cannot leave the older count behind.
+        let mut disagreeing = self.disagreeing.lock().unwrap_or_else(|p| p.into_inner());
         let digests = self.registry.digests(tunnel);
         self.metrics
             .ingress_digests
@@ -67,15 +70,15 @@ impl EdgeShared {
                 tunnel: tunnel.to_string(),
             })
             .set(digests.len() as i64);
-        let mut disagreeing = self.disagreeing.lock().unwrap_or_else(|p| p.into_inner());
         if digests.len() > 1 {
             let listed: Vec<String> = digests.iter().map(|(d, n)| format!("{d}×{n}")).collect();
-            if disagreeing.insert(tunnel.to_string()) {
+            if !disagreeing.contains_key(tunnel) {
+                disagreeing.insert(tunnel.to_string(), std::time::Instant::now());
                 warn!(%tunnel, digests = %listed.join(", "), "connectors of this tunnel run different ingress rules or plugins: a request's answer depends on the connection it takes");
             } else {
                 debug!(%tunnel, digests = %listed.join(", "), "connectors of this tunnel still disagree");
             }
-        } else if disagreeing.remove(tunnel) {
+        } else if disagreeing.remove(tunnel).is_some() {
             info!(%tunnel, "connectors of this tunnel agree on their ingress rules and plugins again");
         }
     }
@@ -91,15 +94,19 @@ impl EdgeShared {
         })
     }
 
-    /// Serving, and (when `require-consistent-replicas` is set) no tunnel's replicas disagree.
+    /// Serving, and (when `require-consistent-replicas` is set) no tunnel's replicas have
+    /// disagreed for longer than `replica-disagreement-grace` (a rolling reload of replicas
+    /// disagrees for a moment).
     fn is_ready(&self) -> bool {
+        let grace = self.config.replica_disagreement_grace;
         self.ready.load(Ordering::Relaxed)
             && !(self.config.require_consistent_replicas
-                && !self
+                && self
                     .disagreeing
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .is_empty())
+                    .values()
+                    .any(|since| since.elapsed() >= grace))
     }
 }
 
@@ -168,7 +175,12 @@ fn restart_needed(old: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static str> {
         ("http.listen", old.http_listen != new.http_listen),
         ("https.listen", https(old) != https(new)),
         ("connectors.listen", old.quic_listen != new.quic_listen),
-        ("admin", old.admin_listen != new.admin_listen || old.require_consistent_replicas != new.require_consistent_replicas),
+        (
+            "admin",
+            old.admin_listen != new.admin_listen
+                || old.require_consistent_replicas != new.require_consistent_replicas
+                || old.replica_disagreement_grace != new.replica_disagreement_grace,
+        ),
         ("connectors.register-timeout", old.register_timeout != new.register_timeout),
         ("connectors.max-handshakes", old.max_handshakes != new.max_handshakes),
         ("header-read-timeout", old.header_read_timeout != new.header_read_timeout),

@@ -13,6 +13,8 @@ pub struct ConnEntry {
     pub id: u64,
     /// The connector's name, for logs.
     pub connector_id: String,
+    /// Which of the connector's connections to this edge it is.
+    pub conn_index: u32,
     /// The QUIC connection.
     pub conn: quinn::Connection,
     /// What the connector said it runs (`sluice/0.1.0`), if it said.
@@ -83,6 +85,8 @@ pub struct Registrant {
     pub token_sha256: [u8; 32],
     /// The connector's name.
     pub connector_id: String,
+    /// Which of its connections to this edge this is.
+    pub conn_index: u32,
     /// The connector's software and version.
     pub software: Option<String>,
     /// The connector's ingress digest.
@@ -117,6 +121,16 @@ pub struct ConnStatus {
     pub digest: Option<String>,
 }
 
+/// Connections by ingress digest; connectors that send none (older versions) are left out,
+/// so that they never count as disagreeing.
+fn count_digests(list: &[Arc<ConnEntry>]) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for digest in list.iter().filter_map(|c| c.digest()) {
+        *out.entry(digest).or_default() += 1;
+    }
+    out
+}
+
 /// One tunnel, as `/status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct TunnelStatus {
@@ -126,7 +140,8 @@ pub struct TunnelStatus {
     pub hostnames: Vec<String>,
     /// Requests in flight.
     pub in_flight: usize,
-    /// Registered connections, by digest: more than one key means replicas disagree.
+    /// Registered connections by digest (those of connectors that send none left out): more
+    /// than one key means replicas disagree.
     pub digests: std::collections::BTreeMap<String, usize>,
     /// Registered connections.
     pub connections: Vec<ConnStatus>,
@@ -313,6 +328,7 @@ impl Registry {
         let Registrant {
             token_sha256,
             connector_id,
+            conn_index,
             software,
             digest,
             conn,
@@ -325,14 +341,31 @@ impl Registry {
             .ok_or(AddError::Revoked)?;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.entry(tunnel.to_string()).or_default();
-        // Draining connections do not count: a replacement may register while they finish.
-        if list.iter().filter(|c| c.usable()).count() >= config.max_connections {
+        // `max-connections` counts slots (connector, connection index), draining connections
+        // aside: a replacement registers in its slot before the connection it replaces
+        // drains (a token rotation), so a slot may hold two — never more.
+        let same_slot = |c: &&Arc<ConnEntry>| {
+            c.usable() && c.connector_id == connector_id && c.conn_index == conn_index
+        };
+        let in_slot = list.iter().filter(same_slot).count();
+        let slots: std::collections::HashSet<(&str, u32)> = list
+            .iter()
+            .filter(|c| c.usable())
+            .map(|c| (c.connector_id.as_str(), c.conn_index))
+            .collect();
+        // Draining connections count against twice the limit, so that a connector cannot pile
+        // them up by draining and registering again.
+        if in_slot >= 2
+            || (in_slot == 0 && slots.len() >= config.max_connections)
+            || list.len() >= 2 * config.max_connections
+        {
             return Err(AddError::Full(config.max_connections));
         }
         let entry = Arc::new(ConnEntry {
             id,
             token_sha256,
             connector_id,
+            conn_index,
             conn,
             software,
             protocol: "quic",
@@ -389,16 +422,11 @@ impl Registry {
             .map_or(0, |l| l.iter().filter(|c| c.usable()).count())
     }
 
-    /// Registered connections of `tunnel` by ingress digest (`unknown` for connectors that
-    /// send none). More than one key: its replicas disagree.
+    /// Registered connections of `tunnel` by ingress digest (connectors that send none are
+    /// left out). More than one key: its replicas disagree.
     pub fn digests(&self, tunnel: &str) -> std::collections::BTreeMap<String, usize> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = std::collections::BTreeMap::new();
-        for c in conns.get(tunnel).into_iter().flatten() {
-            let digest = c.digest().unwrap_or_else(|| "unknown".into());
-            *out.entry(digest).or_default() += 1;
-        }
-        out
+        count_digests(conns.get(tunnel).map(Vec::as_slice).unwrap_or_default())
     }
 
     /// Every configured tunnel with its connections, ordered by tunnel id.
@@ -410,14 +438,10 @@ impl Registry {
             .values()
             .map(|t| {
                 let list = conns.get(&t.id).map(Vec::as_slice).unwrap_or_default();
-                let mut digests = std::collections::BTreeMap::new();
                 let connections = list
                     .iter()
                     .map(|c| {
                         let digest = c.digest();
-                        *digests
-                            .entry(digest.clone().unwrap_or_else(|| "unknown".into()))
-                            .or_default() += 1;
                         ConnStatus {
                             id: c.id,
                             connector: c.connector_id.clone(),
@@ -436,13 +460,13 @@ impl Registry {
                     })
                     .collect();
                 TunnelStatus {
+                    digests: count_digests(list),
                     id: t.id.clone(),
                     hostnames: t.hostnames.iter().map(|h| h.to_string()).collect(),
                     in_flight: routes
                         .active
                         .get(&t.id)
                         .map_or(0, |a| a.load(Ordering::Relaxed)),
-                    digests,
                     connections,
                 }
             })
@@ -516,6 +540,7 @@ mod tests {
         Registrant {
             token_sha256,
             connector_id: "c".into(),
+            conn_index: 0,
             software: None,
             digest: None,
             conn: conn.clone(),
@@ -557,19 +582,27 @@ mod tests {
     async fn a_tunnel_takes_at_most_max_connections() {
         let (_server, _client, conn) = dummy_conn().await;
         let t = tunnel("a", &["a.test"]);
+        let hash = t.token_hashes[0];
         let reg = Registry::new(std::slice::from_ref(&t));
-        for id in 1..=2 {
-            reg.add("a", id, registrant(t.token_hashes[0], &conn))
-                .unwrap();
-        }
-        let third = reg.add("a", 3, registrant(t.token_hashes[0], &conn));
-        assert_eq!(third.unwrap_err(), AddError::Full(2));
+        let slot = |index: u32| Registrant {
+            conn_index: index,
+            ..registrant(hash, &conn)
+        };
+        reg.add("a", 1, slot(0)).unwrap();
+        let second = reg.add("a", 2, slot(1)).unwrap();
+        assert_eq!(reg.add("a", 3, slot(2)).unwrap_err(), AddError::Full(2));
+        // A replacement registers in its slot before the connection it replaces drains…
+        reg.add("a", 4, slot(0)).unwrap();
+        // …but a slot never holds more than two.
+        assert_eq!(reg.add("a", 5, slot(0)).unwrap_err(), AddError::Full(2));
         reg.remove("a", 1);
-        let fourth = reg
-            .add("a", 4, registrant(t.token_hashes[0], &conn))
-            .unwrap();
-        // A draining connection makes room for its replacement.
+        assert_eq!(reg.add("a", 6, slot(2)).unwrap_err(), AddError::Full(2));
+        // A draining connection makes room, up to twice the limit in all.
+        reg.drain(&second);
+        let third = reg.add("a", 7, slot(2)).unwrap();
+        reg.drain(&third);
+        let fourth = reg.add("a", 8, slot(3)).unwrap();
         reg.drain(&fourth);
-        assert!(reg.add("a", 5, registrant(t.token_hashes[0], &conn)).is_ok());
+        assert_eq!(reg.add("a", 9, slot(4)).unwrap_err(), AddError::Full(2));
     }
 }

@@ -79,6 +79,21 @@ impl OriginError {
         }
     }
 
+    /// What the client is told: what failed, without the origin's name or address (the
+    /// `Display` text, which has them, is for the log).
+    pub fn public_text(&self) -> &'static str {
+        match self {
+            OriginError::ConnectTimeout { .. } | OriginError::ResponseTimeout { .. } => {
+                "the origin did not answer in time"
+            }
+            OriginError::Tls { .. } => "the TLS handshake with the origin failed",
+            OriginError::Protocol { .. } => "the origin sent an invalid response",
+            OriginError::Refused { .. } | OriginError::Unreachable { .. } => {
+                "the origin is unreachable"
+            }
+        }
+    }
+
     /// A stable label for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
