@@ -110,7 +110,10 @@ mod tests {
             &["127.0.0.1".parse().unwrap()],
         )
         .unwrap();
-        assert!(issued.key.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8");
+        assert!(
+            issued.key.starts_with("-----BEGIN PRIVATE KEY-----"),
+            "PKCS#8"
+        );
         let id = identity(&issued);
         assert_eq!(id.chain.len(), 2, "leaf then CA");
         crate::tls::check_server_identity(&id).unwrap();

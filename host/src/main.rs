@@ -206,8 +206,16 @@ fn cert_new(names: &[String], ips: &[std::net::IpAddr], out: &std::path::Path) -
         }
     }
     let at = |name: &str| out.join(name).display().to_string();
-    println!("# Wrote {} (keep it offline: it signs the next certificate), {} and", at("ca.key"), at("ca.crt"));
-    println!("# {} + {} (mode 0600), valid for the listed names.", at("edge.crt"), at("edge.key"));
+    println!(
+        "# Wrote {} (keep it offline: it signs the next certificate), {} and",
+        at("ca.key"),
+        at("ca.crt")
+    );
+    println!(
+        "# {} + {} (mode 0600), valid for the listed names.",
+        at("edge.crt"),
+        at("edge.key")
+    );
     println!();
     println!("# In the edge's file ([connectors] and, for clients, [https]):");
     println!("cert = {:?}", at("edge.crt"));
@@ -283,14 +291,26 @@ fn describe_status(v: &serde_json::Value) -> String {
             s(&v["connector_id"]),
             s(&v["tunnel"]),
             s(&v["version"]),
-            count(v["registered_connections"].as_u64().unwrap_or(0) as usize, "connection"),
+            count(
+                v["registered_connections"].as_u64().unwrap_or(0) as usize,
+                "connection"
+            ),
             v["in_flight"],
             s(&v["digest"]),
         );
         return out;
     }
-    let ready = if v["ready"] == true { "ready" } else { "not ready" };
-    let _ = writeln!(out, "edge {} (sluice {}), {ready}", s(&v["edge_id"]), s(&v["version"]));
+    let ready = if v["ready"] == true {
+        "ready"
+    } else {
+        "not ready"
+    };
+    let _ = writeln!(
+        out,
+        "edge {} (sluice {}), {ready}",
+        s(&v["edge_id"]),
+        s(&v["version"])
+    );
     for t in v["tunnels"].as_array().into_iter().flatten() {
         let conns = t["connections"].as_array().cloned().unwrap_or_default();
         let digests = t["digests"].as_object().cloned().unwrap_or_default();
@@ -322,7 +342,11 @@ fn describe_status(v: &serde_json::Value) -> String {
                 c["registered_secs"],
                 c["in_flight"],
                 c["token"],
-                if c["draining"] == true { ", draining" } else { "" },
+                if c["draining"] == true {
+                    ", draining"
+                } else {
+                    ""
+                },
             );
         }
     }
@@ -442,9 +466,10 @@ fn tunnel_rotate(
     let rotated = EdgeConfig::load(edge_file)
         .map_err(|e| e.to_string())
         .and_then(|cfg| {
-            let tunnel = cfg.tunnels.iter().find(|t| t.id == name).ok_or_else(|| {
-                format!("{}: no tunnel with id {name:?}", edge_file.display())
-            })?;
+            let tunnel =
+                cfg.tunnels.iter().find(|t| t.id == name).ok_or_else(|| {
+                    format!("{}: no tunnel with id {name:?}", edge_file.display())
+                })?;
             config::rotate_tunnel(tunnel)
         });
     match rotated {

@@ -5,8 +5,8 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
-use rustls::sign::CertifiedKey;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::config::TlsIdentity;
@@ -109,12 +109,10 @@ pub fn check_server_identity(identity: &TlsIdentity) -> Result<(), String> {
     anchor
         .add(top.clone())
         .map_err(|e| format!("the certificate cannot be parsed: {e}"))?;
-    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(anchor),
-        provider(),
-    )
-    .build()
-    .map_err(|e| e.to_string())?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(anchor), provider())
+            .build()
+            .map_err(|e| e.to_string())?;
     let probe = ServerName::try_from("name-not-checked.invalid").expect("valid name");
     match verifier.verify_server_cert(leaf, rest, &probe, &[], UnixTime::now()) {
         Ok(_) => Ok(()),

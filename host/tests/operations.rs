@@ -491,7 +491,11 @@ fn tunnel_rotate_prints_a_block_accepting_the_current_and_the_new_token() {
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let token_of = |stdout: &str| {
@@ -514,7 +518,13 @@ fn tunnel_rotate_prints_a_block_accepting_the_current_and_the_new_token() {
     let old = sluice::secret::Secret::new(token_of(&created));
     std::fs::write(&file, format!("{head}{}", block_of(&created))).unwrap();
 
-    let rotated = sluice(&["tunnel", "rotate", "shop", "--config", file.to_str().unwrap()]);
+    let rotated = sluice(&[
+        "tunnel",
+        "rotate",
+        "shop",
+        "--config",
+        file.to_str().unwrap(),
+    ]);
     let new = sluice::secret::Secret::new(token_of(&rotated));
     assert_ne!(old, new);
     let block = block_of(&rotated);
@@ -524,10 +534,20 @@ fn tunnel_rotate_prints_a_block_accepting_the_current_and_the_new_token() {
     let tunnel = &cfg.tunnels[0];
     assert!(tunnel.accepts(&old) && tunnel.accepts(&new), "{block}");
     assert!(!tunnel.accepts(&sluice::secret::Secret::new("other")));
-    assert_eq!(tunnel.token_hashes[1], new.sha256(), "the new token is listed last");
+    assert_eq!(
+        tunnel.token_hashes[1],
+        new.sha256(),
+        "the new token is listed last"
+    );
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["tunnel", "rotate", "nope", "--config", file.to_str().unwrap()])
+        .args([
+            "tunnel",
+            "rotate",
+            "nope",
+            "--config",
+            file.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -573,7 +593,10 @@ async fn replicas_that_disagree_are_reported_and_fail_ready_when_asked() {
     let ca = start_connector(a.clone()).await;
     ca.registered(1).await;
     eventually("one digest", || async {
-        admin_get(admin, "/metrics").await.text().contains(&metric(1))
+        admin_get(admin, "/metrics")
+            .await
+            .text()
+            .contains(&metric(1))
     })
     .await;
     assert_eq!(admin_get(admin, "/ready").await.status, 200);
@@ -582,7 +605,10 @@ async fn replicas_that_disagree_are_reported_and_fail_ready_when_asked() {
     let cb = start_connector(b).await;
     cb.registered(1).await;
     eventually("two digests", || async {
-        admin_get(admin, "/metrics").await.text().contains(&metric(2))
+        admin_get(admin, "/metrics")
+            .await
+            .text()
+            .contains(&metric(2))
     })
     .await;
     // Within `replica-disagreement-grace` (a rolling reload) the edge stays ready; past it,
@@ -593,12 +619,16 @@ async fn replicas_that_disagree_are_reported_and_fail_ready_when_asked() {
     })
     .await;
     assert!(
-        logs.text().contains("connectors of this tunnel run different ingress rules or plugins"),
+        logs.text()
+            .contains("connectors of this tunnel run different ingress rules or plugins"),
         "{}",
         logs.text()
     );
     let status = admin_get(admin, "/status").await.json();
-    assert_eq!(status["tunnels"][0]["digests"].as_object().unwrap().len(), 2);
+    assert_eq!(
+        status["tunnels"][0]["digests"].as_object().unwrap().len(),
+        2
+    );
 
     // The replica reloads the same rules as the other: the edge learns it without a
     // re-registration.
@@ -606,11 +636,16 @@ async fn replicas_that_disagree_are_reported_and_fail_ready_when_asked() {
     fixed.connector_id = "b".into();
     cb.reloader.reload(&fixed).await.unwrap();
     eventually("agreement", || async {
-        admin_get(admin, "/metrics").await.text().contains(&metric(1))
+        admin_get(admin, "/metrics")
+            .await
+            .text()
+            .contains(&metric(1))
     })
     .await;
     assert_eq!(admin_get(admin, "/ready").await.status, 200);
-    assert!(logs.text().contains("agree on their ingress rules and plugins again"));
+    assert!(logs
+        .text()
+        .contains("agree on their ingress rules and plugins again"));
     assert_eq!(cb.state.registered(), 1);
     ca.stop().await;
     cb.stop().await;

@@ -107,11 +107,10 @@ async fn edge_reload_changes_hostnames_and_revokes_changed_tokens() {
     assert_eq!(get(edge.http, "new.test", "/").await.status, 404);
 
     // A new hostname: routed at once, and the registered connections stay.
-    reloader.reload(&edge_config_with(&edge, vec![tunnel(
-        "app",
-        "t",
-        &["app.test", "new.test"],
-    )]));
+    reloader.reload(&edge_config_with(
+        &edge,
+        vec![tunnel("app", "t", &["app.test", "new.test"])],
+    ));
     assert_eq!(get(edge.http, "new.test", "/").await.text(), "web");
     assert_eq!(get(edge.http, "app.test", "/").await.text(), "web");
     assert_eq!(
@@ -122,11 +121,10 @@ async fn edge_reload_changes_hostnames_and_revokes_changed_tokens() {
     assert_eq!(conn.state.registered(), 2);
 
     // A new token revokes the connections made with the old one; the old token no longer works.
-    reloader.reload(&edge_config_with(&edge, vec![tunnel(
-        "app",
-        "rotated",
-        &["app.test"],
-    )]));
+    reloader.reload(&edge_config_with(
+        &edge,
+        vec![tunnel("app", "rotated", &["app.test"])],
+    ));
     tokio::time::timeout(WAIT, async {
         while conn.state.registered() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -508,7 +506,8 @@ async fn a_token_rotation_under_load_fails_no_request() {
 
     let both = {
         let mut t = app("old");
-        t.token_hashes.push(sluice::secret::Secret::new("new").sha256());
+        t.token_hashes
+            .push(sluice::secret::Secret::new("new").sha256());
         t
     };
     let mut rotated = cfg.clone();
@@ -534,7 +533,11 @@ async fn a_token_rotation_under_load_fails_no_request() {
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             let conns = tokens_in_use(admin, "app").await;
-            if conns.len() == 2 && conns.iter().all(|&(token, draining)| token == 1 && !draining) {
+            if conns.len() == 2
+                && conns
+                    .iter()
+                    .all(|&(token, draining)| token == 1 && !draining)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -550,13 +553,25 @@ async fn a_token_rotation_under_load_fails_no_request() {
     let mut total = 0;
     for c in clients {
         let (ok, failed) = c.await.unwrap();
-        assert!(failed.is_empty(), "requests failed during the rotation: {failed:?}");
+        assert!(
+            failed.is_empty(),
+            "requests failed during the rotation: {failed:?}"
+        );
         total += ok;
     }
-    assert!(total > 50, "too little load to show anything: {total} requests");
+    assert!(
+        total > 50,
+        "too little load to show anything: {total} requests"
+    );
     let fewest = sampler.await.unwrap();
-    assert!(fewest >= 2, "the connector dropped to {fewest} registered connections");
-    assert_eq!(tokens_in_use(admin, "app").await, vec![(0, false), (0, false)]);
+    assert!(
+        fewest >= 2,
+        "the connector dropped to {fewest} registered connections"
+    );
+    assert_eq!(
+        tokens_in_use(admin, "app").await,
+        vec![(0, false), (0, false)]
+    );
     assert_eq!(get(http, "app.test", "/").await.status, 200);
     conn.stop().await;
 }

@@ -80,9 +80,12 @@ async fn the_edge_notifies_systemd_and_logs_json_lines() {
     // Every line is one JSON object with the level and the message.
     let log = proc.log();
     for line in log.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
-        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{line}");
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
     }
     assert!(log.contains("reloaded tunnels"), "{log}");
     drop(proc);
@@ -142,7 +145,13 @@ fn a_busy_port_is_reported_once_naming_the_listener_without_colour() {
     assert_eq!(code, Some(1), "{err}");
     let needle = format!("failed to bind the admin listener on 127.0.0.1:{port}");
     assert_eq!(err.matches(&needle).count(), 1, "{err}");
-    assert_eq!(err.lines().filter(|l| l.contains("ERROR") || l.starts_with("error")).count(), 1, "{err}");
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.contains("ERROR") || l.starts_with("error"))
+            .count(),
+        1,
+        "{err}"
+    );
     assert!(!err.contains('\u{1b}'), "colour codes on a pipe: {err:?}");
 
     // A bad file: one plain error naming the file, before any logging.
@@ -150,7 +159,10 @@ fn a_busy_port_is_reported_once_naming_the_listener_without_colour() {
     let (code, err) = run_to_end(&["connector", "--config", connector.to_str().unwrap()]);
     assert_eq!(code, Some(1));
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.starts_with("error: ") && err.contains("connector.toml:1:10"), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("connector.toml:1:10"),
+        "{err}"
+    );
     drop(busy);
     let _ = std::fs::remove_dir_all(&d);
 }
@@ -180,14 +192,23 @@ async fn sluice_status_summarises_the_edge_tunnels_and_connections() {
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("edge edge (sluice "), "{text}");
     assert!(
-        text.contains(&format!("tunnel app: 2 connections, 0 in flight, ingress {digest}")),
+        text.contains(&format!(
+            "tunnel app: 2 connections, 0 in flight, ingress {digest}"
+        )),
         "{text}"
     );
-    assert!(text.contains("tunnel idle: 0 connections, 0 in flight, OFFLINE"), "{text}");
+    assert!(
+        text.contains("tunnel idle: 0 connections, 0 in flight, OFFLINE"),
+        "{text}"
+    );
     assert_eq!(text.matches(" replica-1 (sluice/").count(), 2, "{text}");
     conn.stop().await;
 }
@@ -196,9 +217,13 @@ async fn sluice_status_summarises_the_edge_tunnels_and_connections() {
 /// returns what it wrote.
 fn on_a_terminal(args: &str, env: &[(&str, &str)]) -> String {
     let mut cmd = std::process::Command::new("script");
-    cmd.args(["-qec", &format!("{} {args}", env!("CARGO_BIN_EXE_sluice")), "/dev/null"])
-        .env_remove("NO_COLOR")
-        .env("RUST_LOG", "info");
+    cmd.args([
+        "-qec",
+        &format!("{} {args}", env!("CARGO_BIN_EXE_sluice")),
+        "/dev/null",
+    ])
+    .env_remove("NO_COLOR")
+    .env("RUST_LOG", "info");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -215,11 +240,23 @@ fn colours_only_on_a_terminal_and_never_with_no_color() {
     let edge = edge_file(&d, busy.local_addr().unwrap().port(), "");
     let args = format!("edge --config {}", edge.display());
     let coloured = on_a_terminal(&args, &[]);
-    assert!(coloured.contains("failed to bind the http listener"), "{coloured}");
-    assert!(coloured.contains('\u{1b}'), "no colour on a terminal: {coloured:?}");
+    assert!(
+        coloured.contains("failed to bind the http listener"),
+        "{coloured}"
+    );
+    assert!(
+        coloured.contains('\u{1b}'),
+        "no colour on a terminal: {coloured:?}"
+    );
     let plain = on_a_terminal(&args, &[("NO_COLOR", "1")]);
-    assert!(plain.contains("failed to bind the http listener"), "{plain}");
-    assert!(!plain.contains('\u{1b}'), "colour despite NO_COLOR: {plain:?}");
+    assert!(
+        plain.contains("failed to bind the http listener"),
+        "{plain}"
+    );
+    assert!(
+        !plain.contains('\u{1b}'),
+        "colour despite NO_COLOR: {plain:?}"
+    );
     drop(busy);
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -213,7 +213,6 @@ impl Metrics {
         self.requests.get_or_create(&StatusLabels { class }).inc();
         self.duration.observe(elapsed.as_secs_f64());
     }
-
 }
 
 impl Exposition for Metrics {
@@ -333,7 +332,13 @@ impl EdgeMetrics {
     }
 
     /// Counts one answered request.
-    pub fn observe(&self, tunnel: Option<&str>, status: u16, reason: &'static str, elapsed: Duration) {
+    pub fn observe(
+        &self,
+        tunnel: Option<&str>,
+        status: u16,
+        reason: &'static str,
+        elapsed: Duration,
+    ) {
         let tunnel = tunnel.unwrap_or_default().to_string();
         self.requests
             .get_or_create(&EdgeRequestLabels {
@@ -411,10 +416,14 @@ mod tests {
         m.observe(None, 404, "edge-refused", Duration::from_millis(1));
         let text = m.encode();
         assert!(
-            text.contains(r#"sluice_edge_requests_total{tunnel="app",class="5xx",reason="offline"} 1"#),
+            text.contains(
+                r#"sluice_edge_requests_total{tunnel="app",class="5xx",reason="offline"} 1"#
+            ),
             "{text}"
         );
-        assert!(text.contains(r#"sluice_edge_requests_total{tunnel="",class="4xx",reason="edge-refused"} 1"#));
+        assert!(text.contains(
+            r#"sluice_edge_requests_total{tunnel="",class="4xx",reason="edge-refused"} 1"#
+        ));
         assert!(text.contains(r#"sluice_edge_request_duration_seconds_count{tunnel="app"} 1"#));
         for family in ["plugin_", "audit_events", "origin_errors"] {
             assert!(!text.contains(family), "{family} in {text}");

@@ -112,7 +112,11 @@ fn answer(req: &Request<Incoming>, report: &Report) -> Response<HttpBody> {
             "text/plain; charset=utf-8",
             "not ready\n".to_string(),
         ),
-        "/metrics" => (StatusCode::OK, metrics::CONTENT_TYPE, report.metrics.encode()),
+        "/metrics" => (
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            report.metrics.encode(),
+        ),
         "/status" => (
             StatusCode::OK,
             "application/json",

@@ -210,7 +210,13 @@ impl ConnectorConfig {
         field(format!("{:?}", self.paths).as_bytes());
         for rule in &self.ingress {
             field(b"rule");
-            field(rule.hostname.as_ref().map(|p| p.to_string()).unwrap_or_default().as_bytes());
+            field(
+                rule.hostname
+                    .as_ref()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default()
+                    .as_bytes(),
+            );
             field(rule.path.as_ref().map_or("", |r| r.as_str()).as_bytes());
             field(rule.origin.as_bytes());
             let origin = self.origins.iter().find(|o| o.name == rule.origin);

@@ -223,8 +223,11 @@ impl EdgeConfig {
         let https = match file.https {
             Some(h) => Some(HttpsConfig {
                 listen: h.listen,
-                identity: TlsIdentity::server_from_pem_files(&src.resolve(&h.cert), &src.resolve(&h.key))
-                    .map_err(|m| src.error(None, "https.cert", format!("the HTTPS listener: {m}")))?,
+                identity: TlsIdentity::server_from_pem_files(
+                    &src.resolve(&h.cert),
+                    &src.resolve(&h.key),
+                )
+                .map_err(|m| src.error(None, "https.cert", format!("the HTTPS listener: {m}")))?,
             }),
             None => None,
         };

@@ -230,7 +230,9 @@ impl std::str::FromStr for LogFormat {
         match s {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            other => Err(format!("unknown log format {other:?}: \"text\" or \"json\"")),
+            other => Err(format!(
+                "unknown log format {other:?}: \"text\" or \"json\""
+            )),
         }
     }
 }
@@ -283,7 +285,9 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let text = std::fs::read(path)
         .map_err(|e| format!("cannot read private key from {}: {e}", path.display()))?;
     let text = String::from_utf8_lossy(&text);
-    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") || text.contains("Proc-Type: 4,ENCRYPTED") {
+    if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        || text.contains("Proc-Type: 4,ENCRYPTED")
+    {
         return Err(format!(
             "the private key in {} is encrypted: sluice needs it unencrypted (decrypt it with \
              `openssl pkey -in {0} -out KEY.pem` and protect the file with mode 0600 or a \

@@ -26,7 +26,10 @@ fn edge_block(id: &str, hashes: &[[u8; 32]], hostnames: &[HostPattern], comment:
     let token_line = match hashes {
         [one] => format!("\"{}\"", hex::encode(one)),
         many => {
-            let listed: Vec<String> = many.iter().map(|h| format!("\"{}\"", hex::encode(h))).collect();
+            let listed: Vec<String> = many
+                .iter()
+                .map(|h| format!("\"{}\"", hex::encode(h)))
+                .collect();
             format!("[{}]", listed.join(", "))
         }
     };
@@ -125,7 +128,10 @@ mod tests {
         assert!(!r.edge_block.contains(r.token.expose()));
         // The printed block is valid edge TOML (the tunnel part of it).
         let block: toml::Table = toml::from_str(&r.edge_block).unwrap();
-        assert_eq!(block["tunnel"][0]["token-sha256"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            block["tunnel"][0]["token-sha256"].as_array().unwrap().len(),
+            2
+        );
     }
 
     #[test]

@@ -109,9 +109,15 @@ impl ConnectorReloader {
         let needs_restart: Vec<&str> = [
             ("tunnel", old.tunnel != config.tunnel),
             ("edges", old.edges != config.edges),
-            ("ha-connections", old.ha_connections != config.ha_connections),
+            (
+                "ha-connections",
+                old.ha_connections != config.ha_connections,
+            ),
             ("edge-ca", old.edge_ca != config.edge_ca),
-            ("edge-server-name", old.edge_server_name != config.edge_server_name),
+            (
+                "edge-server-name",
+                old.edge_server_name != config.edge_server_name,
+            ),
             ("connector-id", old.connector_id != config.connector_id),
             ("grace-period", old.grace_period != config.grace_period),
             (
@@ -239,7 +245,8 @@ impl Connector {
     fn report(&self, shutdown: &CancellationToken) -> Report {
         let (state, stopping) = (self.state.clone(), shutdown.clone());
         let ready = Arc::new(move || state.registered() > 0 && !stopping.is_cancelled());
-        let (config, state, digest) = (self.config.clone(), self.state.clone(), self.digest.clone());
+        let (config, state, digest) =
+            (self.config.clone(), self.state.clone(), self.digest.clone());
         let in_flight = self.metrics.in_flight.clone();
         let status = Arc::new(move || {
             serde_json::json!({
@@ -276,7 +283,9 @@ impl Connector {
         let admin_stop = CancellationToken::new();
         let _stop_admin = admin_stop.clone().drop_guard();
         if let Some(listener) = self.admin.take() {
-            let addr = listener.local_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+            let addr = listener
+                .local_addr()
+                .map_or_else(|_| "?".into(), |a| a.to_string());
             let admin = Admin::from_std(listener).map_err(|source| ConnectorError::Bind {
                 what: "admin listener",
                 addr,

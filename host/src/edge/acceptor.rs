@@ -328,7 +328,10 @@ mod tests {
     #[test]
     fn peer_strings_are_clipped_and_lose_their_control_characters() {
         assert_eq!(printable("replica-1"), "replica-1");
-        assert_eq!(printable("a\x1b[31mred\nline"), "a\u{fffd}[31mred\u{fffd}line");
+        assert_eq!(
+            printable("a\x1b[31mred\nline"),
+            "a\u{fffd}[31mred\u{fffd}line"
+        );
         let long = "é".repeat(40);
         let kept = printable(&long);
         assert!(kept.len() <= 64 && kept.chars().all(|c| c == 'é'), "{kept}");

@@ -108,9 +108,9 @@ impl EdgeAnswer {
             EdgeAnswer::Malformed(reason) => format!("sluice: {reason}\n"),
             EdgeAnswer::Connect => "sluice: CONNECT is not relayed\n".into(),
             EdgeAnswer::UnknownHost(host) => format!("sluice: no tunnel serves host {host}\n"),
-            EdgeAnswer::TunnelLimit(limit) => format!(
-                "sluice: tunnel {tunnel} is at its limit of {limit} concurrent requests\n"
-            ),
+            EdgeAnswer::TunnelLimit(limit) => {
+                format!("sluice: tunnel {tunnel} is at its limit of {limit} concurrent requests\n")
+            }
             EdgeAnswer::HeadTooLarge => "sluice: the request head is too large\n".into(),
             EdgeAnswer::Offline => {
                 format!("sluice: tunnel {tunnel} is offline (no connector is connected)\n")
@@ -138,7 +138,12 @@ struct Routed {
 }
 
 impl Routed {
-    fn refused(answer: EdgeAnswer, host: Option<String>, tunnel: Option<String>, request_id: &str) -> Self {
+    fn refused(
+        answer: EdgeAnswer,
+        host: Option<String>,
+        tunnel: Option<String>,
+        request_id: &str,
+    ) -> Self {
         Routed {
             resp: answer.response(tunnel.as_deref(), request_id),
             reason: answer.reason(),

@@ -181,17 +181,38 @@ fn restart_needed(old: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static str> {
                 || old.require_consistent_replicas != new.require_consistent_replicas
                 || old.replica_disagreement_grace != new.replica_disagreement_grace,
         ),
-        ("connectors.register-timeout", old.register_timeout != new.register_timeout),
-        ("connectors.max-handshakes", old.max_handshakes != new.max_handshakes),
-        ("header-read-timeout", old.header_read_timeout != new.header_read_timeout),
-        ("max-header-size", old.max_header_size != new.max_header_size),
-        ("trust-forwarded-for", old.trust_forwarded_for != new.trust_forwarded_for),
+        (
+            "connectors.register-timeout",
+            old.register_timeout != new.register_timeout,
+        ),
+        (
+            "connectors.max-handshakes",
+            old.max_handshakes != new.max_handshakes,
+        ),
+        (
+            "header-read-timeout",
+            old.header_read_timeout != new.header_read_timeout,
+        ),
+        (
+            "max-header-size",
+            old.max_header_size != new.max_header_size,
+        ),
+        (
+            "trust-forwarded-for",
+            old.trust_forwarded_for != new.trust_forwarded_for,
+        ),
         ("grace-period", old.grace_period != new.grace_period),
         ("access-log", old.access_log != new.access_log),
         ("log-format", old.log_format != new.log_format),
-        ("allowed-upgrades", old.allowed_upgrades != new.allowed_upgrades),
+        (
+            "allowed-upgrades",
+            old.allowed_upgrades != new.allowed_upgrades,
+        ),
         ("idle-timeout", old.idle_timeout != new.idle_timeout),
-        ("body-idle-timeout", old.body_idle_timeout != new.body_idle_timeout),
+        (
+            "body-idle-timeout",
+            old.body_idle_timeout != new.body_idle_timeout,
+        ),
         (
             "max-connections-per-client",
             old.max_connections_per_client != new.max_connections_per_client,

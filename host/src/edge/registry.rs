@@ -69,7 +69,10 @@ impl ConnEntry {
 
     /// The connector's current ingress digest.
     pub fn digest(&self) -> Option<String> {
-        self.digest.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.digest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Records a new ingress digest (the connector reloaded).
@@ -448,10 +451,7 @@ impl Registry {
                             software: c.software.clone(),
                             protocol: c.protocol,
                             peer: c.conn.remote_address().to_string(),
-                            registered_secs: c
-                                .registered_at
-                                .elapsed()
-                                .map_or(0, |d| d.as_secs()),
+                            registered_secs: c.registered_at.elapsed().map_or(0, |d| d.as_secs()),
                             in_flight: c.in_flight(),
                             draining: c.is_draining(),
                             token: t.token_hashes.iter().position(|h| h == &c.token_sha256),

@@ -640,4 +640,3 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
-
