@@ -354,12 +354,10 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
 
 #[tokio::test]
 async fn connector_not_ready_until_registered() {
-    // The edge's address is known, but the edge starts only later.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // The edge's address is known, but the edge starts only later. The port stays taken
+    // until then, so that no other socket (the connector's own, say) gets it meanwhile.
+    let reserved = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = reserved.local_addr().unwrap().port();
     let identity = identity();
     let mut cfg = sluice::config::ConnectorConfig::new("app", sluice::secret::Secret::new("t"));
     cfg.edges = vec![format!("127.0.0.1:{port}")];
@@ -378,6 +376,7 @@ async fn connector_not_ready_until_registered() {
     let ready = admin_get(admin, "/ready").await;
     assert_eq!((ready.status, ready.text().as_str()), (503, "not ready\n"));
 
+    drop(reserved);
     let mut ecfg =
         sluice::config::EdgeConfig::new(format!("127.0.0.1:{port}").parse().unwrap(), identity);
     ecfg.http_listen = Some(loopback());
