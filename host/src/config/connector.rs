@@ -17,7 +17,10 @@ pub const DEFAULT_HA_CONNECTIONS: u32 = 2;
 const DEFAULT_CONNECT_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 const DEFAULT_REQUEST_TIMEOUT: StdDuration = StdDuration::from_secs(60);
 const DEFAULT_POOL_IDLE_TIMEOUT: StdDuration = StdDuration::from_secs(90);
-const DEFAULT_POOL_MAX_IDLE: usize = 32;
+/// Enough for a connector at a few hundred requests in flight to one origin: below the
+/// concurrency, connections beyond it are closed as they go idle and reopened for the next
+/// request (a TCP handshake per request under load).
+const DEFAULT_POOL_MAX_IDLE: usize = 256;
 /// Default `grace-period` of both roles.
 pub const DEFAULT_GRACE_PERIOD: StdDuration = StdDuration::from_secs(30);
 
