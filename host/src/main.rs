@@ -576,33 +576,42 @@ async fn run(role: Role) -> anyhow::Result<()> {
 }
 
 /// Re-reads `path` on every SIGHUP and applies it; a file with an error is refused, logged,
-/// and the running configuration keeps serving. Stops once shutdown begins.
-async fn on_sighup<F, Fut>(path: std::path::PathBuf, shutdown: CancellationToken, apply: F)
+/// and the running configuration keeps serving. Stops once shutdown begins. The signal is
+/// caught from the moment this is called (before readiness is reported), not from the
+/// first poll of the returned future.
+fn on_sighup<F, Fut>(
+    path: std::path::PathBuf,
+    shutdown: CancellationToken,
+    apply: F,
+) -> impl std::future::Future<Output = ()> + Send + 'static
 where
     F: Fn(std::path::PathBuf) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
 {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(cause = %e, "cannot watch SIGHUP; reload disabled");
-            return;
-        }
-    };
-    loop {
-        tokio::select! {
-            signal = hup.recv() => if signal.is_none() { return },
-            _ = shutdown.cancelled() => return,
-        }
-        info!(file = %path.display(), "SIGHUP: reloading the configuration");
-        let mut reloading = vec![sd_notify::NotifyState::Reloading];
-        reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
-        notify(&reloading);
-        if let Err(e) = apply(path.clone()).await {
-            error!(cause = %e, "reload refused; the running configuration keeps serving");
-        }
-        if !shutdown.is_cancelled() {
-            notify(&[sd_notify::NotifyState::Ready]);
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    async move {
+        let mut hup = match hup {
+            Ok(s) => s,
+            Err(e) => {
+                error!(cause = %e, "cannot watch SIGHUP; reload disabled");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                signal = hup.recv() => if signal.is_none() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            info!(file = %path.display(), "SIGHUP: reloading the configuration");
+            let mut reloading = vec![sd_notify::NotifyState::Reloading];
+            reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+            notify(&reloading);
+            if let Err(e) = apply(path.clone()).await {
+                error!(cause = %e, "reload refused; the running configuration keeps serving");
+            }
+            if !shutdown.is_cancelled() {
+                notify(&[sd_notify::NotifyState::Ready]);
+            }
         }
     }
 }
@@ -611,34 +620,43 @@ where
 const FORCED_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Cancels `shutdown` on SIGINT or SIGTERM; a second signal exits at once, after writing the
-/// audit events already queued (for at most [`FORCED_FLUSH`]).
-async fn watch_signals(shutdown: CancellationToken, audit: Option<sluice::audit::Audit>) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(cause = %e, "cannot watch SIGTERM");
-            return;
+/// audit events already queued (for at most [`FORCED_FLUSH`]). Both signals are caught from
+/// the moment this is called.
+fn watch_signals(
+    shutdown: CancellationToken,
+    audit: Option<sluice::audit::Audit>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, SignalKind};
+    let signals =
+        signal(SignalKind::terminate()).and_then(|t| Ok((t, signal(SignalKind::interrupt())?)));
+    async move {
+        let (mut term, mut int) = match signals {
+            Ok(s) => s,
+            Err(e) => {
+                error!(cause = %e, "cannot watch SIGTERM and SIGINT");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    info!("shutting down (signal again to exit at once)");
-    notify(&[sd_notify::NotifyState::Stopping]);
-    shutdown.cancel();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    if let Some(audit) = audit {
-        info!("exiting now: writing the queued audit events first");
-        if tokio::time::timeout(FORCED_FLUSH, audit.flush())
-            .await
-            .is_err()
-        {
-            warn!("audit events still queued after {FORCED_FLUSH:?} are lost");
+        info!("shutting down (signal again to exit at once)");
+        notify(&[sd_notify::NotifyState::Stopping]);
+        shutdown.cancel();
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
+        if let Some(audit) = audit {
+            info!("exiting now: writing the queued audit events first");
+            if tokio::time::timeout(FORCED_FLUSH, audit.flush())
+                .await
+                .is_err()
+            {
+                warn!("audit events still queued after {FORCED_FLUSH:?} are lost");
+            }
+        }
+        std::process::exit(130);
     }
-    std::process::exit(130);
 }
