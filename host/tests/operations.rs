@@ -555,7 +555,7 @@ fn tunnel_rotate_prints_a_block_accepting_the_current_and_the_new_token() {
 }
 
 /// Polls `check` every 20 ms until it holds, within the test deadline.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: impl std::fmt::Display, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -587,29 +587,24 @@ async fn replicas_that_disagree_are_reported_and_fail_ready_when_asked() {
     b.connector_id = "b".into();
     b.ingress = vec![rule(None, Some("^/api/"), "web"), rule(None, None, "web")];
     assert_ne!(a.routing_digest(), b.routing_digest());
-    let metric = |n: usize| format!(r#"sluice_edge_ingress_digests{{tunnel="app"}} {n}"#);
+    // Waits until the edge counts `n` distinct digests for the tunnel.
+    let digests = |n: usize| {
+        let line = format!(r#"sluice_edge_ingress_digests{{tunnel="app"}} {n}"#);
+        eventually(format!("{n} digest(s)"), move || {
+            let line = line.clone();
+            async move { admin_get(admin, "/metrics").await.text().contains(&line) }
+        })
+    };
 
     let ca = start_connector(a.clone()).await;
     ca.registered(1).await;
-    eventually("one digest", || async {
-        admin_get(admin, "/metrics")
-            .await
-            .text()
-            .contains(&metric(1))
-    })
-    .await;
+    digests(1).await;
     assert_eq!(admin_get(admin, "/ready").await.status, 200);
 
     // A replica with other rules: counted, logged, and /ready fails as configured.
     let cb = start_connector(b).await;
     cb.registered(1).await;
-    eventually("two digests", || async {
-        admin_get(admin, "/metrics")
-            .await
-            .text()
-            .contains(&metric(2))
-    })
-    .await;
+    digests(2).await;
     // Within `replica-disagreement-grace` (a rolling reload) the edge stays ready; past it,
     // not.
     assert_eq!(admin_get(admin, "/ready").await.status, 200);
@@ -634,13 +629,7 @@ async fn replicas_that_disagree_are_reported_and_fail_ready_when_asked() {
     let mut fixed = a.clone();
     fixed.connector_id = "b".into();
     cb.reloader.reload(&fixed).await.unwrap();
-    eventually("agreement", || async {
-        admin_get(admin, "/metrics")
-            .await
-            .text()
-            .contains(&metric(1))
-    })
-    .await;
+    digests(1).await;
     assert_eq!(admin_get(admin, "/ready").await.status, 200);
     assert!(logs
         .text()
