@@ -34,6 +34,7 @@ pub mod ingress;
 pub mod origin;
 pub mod plugin;
 pub mod proto;
+pub mod quic;
 pub mod relay;
 pub mod secret;
 pub mod tls;

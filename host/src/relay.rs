@@ -4,12 +4,16 @@
 //! chunk when the HTTP side asks for one, and an HTTP body is written to a QUIC send stream one
 //! frame at a time, waiting for flow-control credit.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http_body::{Body, Frame};
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Error type of bodies that cross the tunnel.
@@ -28,21 +32,79 @@ pub fn recv_body(recv: quinn::RecvStream) -> HttpBody {
 
 /// Like [`recv_body`], adding the bytes read to `counter`.
 pub fn recv_body_counted(recv: quinn::RecvStream, counter: Arc<AtomicU64>) -> HttpBody {
-    let stream = futures_util::stream::unfold(Some(recv), move |state| {
-        let counter = counter.clone();
-        async move {
-            let mut recv = state?;
-            match recv.read_chunk(CHUNK, true).await {
-                Ok(Some(chunk)) => {
-                    counter.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                    Some((Ok(Frame::data(chunk.bytes)), Some(recv)))
-                }
-                Ok(None) => None,
-                Err(e) => Some((Err(BoxError::from(e)), None)),
+    BoxBody::new(RecvBody {
+        recv: Some(recv),
+        next: None,
+        counter,
+    })
+}
+
+/// The body of a QUIC receive stream.
+///
+/// After each chunk it looks, without waiting, whether the FIN is already there, so that
+/// [`Body::is_end_stream`] is true as soon as it can be: an HTTP writer that stops at the
+/// announced `content-length` then drops a stream read to its end, and QUIC sends no
+/// STOP_SENDING (one packet more per request) for it.
+struct RecvBody {
+    /// `None` once the stream ended or failed.
+    recv: Option<quinn::RecvStream>,
+    /// What was read while looking for the FIN (a chunk or the stream's failure), yielded
+    /// next.
+    next: Option<Result<Bytes, BoxError>>,
+    counter: Arc<AtomicU64>,
+}
+
+impl RecvBody {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BoxError>>> {
+        let Some(recv) = self.recv.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let read = ready!(std::pin::pin!(recv.read_chunk(CHUNK, true)).poll(cx));
+        Poll::Ready(match read {
+            Ok(Some(chunk)) => {
+                self.counter
+                    .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+                Some(Ok(chunk.bytes))
             }
+            Ok(None) => {
+                self.recv = None;
+                None
+            }
+            Err(e) => {
+                self.recv = None;
+                Some(Err(e.into()))
+            }
+        })
+    }
+}
+
+impl Body for RecvBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(next) = this.next.take() {
+            return Poll::Ready(Some(next.map(Frame::data)));
         }
-    });
-    BoxBody::new(StreamBody::new(stream))
+        let chunk = match ready!(this.poll_chunk(cx)) {
+            Some(Ok(chunk)) => chunk,
+            other => return Poll::Ready(other.map(|r| r.map(Frame::data))),
+        };
+        // What follows, if it is already there: the FIN ends the body now; a chunk or a
+        // failure (a reset must never look like a clean end) is kept for the next poll.
+        if let Poll::Ready(Some(next)) = this.poll_chunk(cx) {
+            this.next = Some(next);
+        }
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_none() && self.next.is_none()
+    }
 }
 
 /// Any body, boxed, its error boxed.
@@ -77,21 +139,54 @@ pub enum PumpError {
     Stream(#[from] quinn::WriteError),
 }
 
-/// Writes every data frame of `body` to `send`, returning the byte count. Trailers are
-/// dropped. Does not finish or reset `send`: the caller decides.
-pub async fn pump<B>(mut body: B, send: &mut quinn::SendStream) -> Result<u64, PumpError>
+/// Writes `head` (an encoded frame, possibly empty), then every data frame of `body` to
+/// `send`, and finishes the stream when the body ends; returns the body's byte count.
+/// Trailers are dropped. On an error the stream is left as it is: the caller resets it or not.
+///
+/// A small answer leaves in one packet: when the body's first chunk is already there, it is
+/// written together with the head, and the FIN follows without yielding to the runtime, so
+/// that QUIC's connection task, woken by the first write, finds the whole answer (a head, a
+/// body and a FIN sent one by one cost up to three packets and their acknowledgements).
+pub async fn pump<B>(
+    head: Bytes,
+    mut body: B,
+    send: &mut quinn::SendStream,
+) -> Result<u64, PumpError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
     let mut total = 0u64;
-    while let Some(frame) = body.frame().await {
+    let mut pending = Some(head).filter(|h| !h.is_empty());
+    loop {
+        let next = match pending.as_ref().map(|_| body.frame().now_or_never()) {
+            // The head waits for a chunk that is already there, never for one that is not.
+            Some(None) => {
+                send.write_chunk(pending.take().expect("checked")).await?;
+                body.frame().await
+            }
+            Some(Some(next)) => next,
+            None => body.frame().await,
+        };
+        let Some(frame) = next else { break };
         let frame = frame.map_err(|e| PumpError::Body(e.into()))?;
-        if let Ok(data) = frame.into_data() {
-            total += data.len() as u64;
-            send.write_chunk(data).await?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        total += data.len() as u64;
+        match pending.take() {
+            Some(head) => send.write_all_chunks(&mut [head, data]).await?,
+            None => send.write_chunk(data).await?,
+        }
+        if body.is_end_stream() {
+            break;
         }
     }
+    if let Some(head) = pending {
+        send.write_chunk(head).await?;
+    }
+    // Fails only when the stream was already finished or reset: nothing left to do then.
+    let _ = send.finish();
     Ok(total)
 }
 
@@ -279,6 +374,7 @@ impl<G: Unpin> Body for Guarded<G> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::StreamBody;
     use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
@@ -313,5 +409,65 @@ mod tests {
         assert!(err.is::<BodyIdle>(), "{err}");
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         feeder.abort();
+    }
+
+    /// A stream opened by `conn`'s peer carrying `data`, then FIN (or a reset with `reset`),
+    /// as the receiving side sees it, with the sending half kept for its `stopped()`.
+    async fn stream_with(
+        data: &'static [u8],
+        reset: Option<u32>,
+    ) -> ([quinn::Endpoint; 2], quinn::SendStream, quinn::RecvStream) {
+        let (eps, server, client) = crate::quic::loopback_pair().await;
+        let (mut send, _) = server.open_bi().await.unwrap();
+        send.write_all(data).await.unwrap();
+        match reset {
+            Some(code) => send.reset(code.into()).unwrap(),
+            None => send.finish().unwrap(),
+        }
+        let (_, recv) = client.accept_bi().await.unwrap();
+        (eps, send, recv)
+    }
+
+    #[tokio::test]
+    async fn a_body_read_to_its_last_byte_ends_and_its_stream_is_not_stopped() {
+        let (_eps, mut send, recv) = stream_with(&[7; 100], None).await;
+        let mut body = recv_body(recv);
+        let mut got = Vec::new();
+        // An HTTP writer that stops at `content-length` reads no further than the last byte.
+        while got.len() < 100 {
+            let frame = body.frame().await.unwrap().unwrap();
+            got.extend_from_slice(&frame.into_data().unwrap());
+        }
+        assert!(body.is_end_stream(), "the FIN was there with the last byte");
+        drop(body);
+        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+            .await
+            .unwrap();
+        assert_eq!(
+            stopped.unwrap(),
+            None,
+            "no STOP_SENDING for a stream read to its end"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_after_the_data_is_an_error_never_a_clean_end() {
+        let (_eps, _send, recv) = stream_with(&[7; 100], Some(9)).await;
+        let mut body = recv_body(recv);
+        let mut got = 0;
+        let err = loop {
+            match tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .unwrap()
+            {
+                Some(Ok(frame)) => {
+                    got += frame.into_data().unwrap().len();
+                    assert!(!body.is_end_stream());
+                }
+                Some(Err(e)) => break e,
+                None => panic!("a reset stream ended cleanly after {got} bytes"),
+            }
+        };
+        assert!(err.to_string().contains("reset"), "{err}");
     }
 }

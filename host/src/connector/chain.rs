@@ -60,17 +60,23 @@ impl Chains {
         Chains { plugins, by_rule }
     }
 
-    /// Starts the chain of ingress rule `rule` for one request.
-    pub fn start(&self, rule: usize, view: RequestView, context: AuditContext) -> ChainRun<'_> {
-        let chain = self.by_rule.get(rule).cloned().unwrap_or_default();
-        let held = chain.iter().map(|_| None).collect();
-        ChainRun {
+    /// Starts the chain of ingress rule `rule` for one request; `None` when no plugin runs
+    /// for the rule, without building the request's view (the no-plugin path allocates
+    /// nothing here).
+    pub fn start(
+        &self,
+        rule: usize,
+        view: impl FnOnce() -> RequestView,
+        context: &AuditContext,
+    ) -> Option<ChainRun<'_>> {
+        let chain = self.by_rule.get(rule).filter(|c| !c.is_empty())?;
+        Some(ChainRun {
             chains: self,
             chain,
-            held,
-            view,
-            context,
-        }
+            held: chain.iter().map(|_| None).collect(),
+            view: view(),
+            context: context.clone(),
+        })
     }
 }
 
@@ -113,7 +119,7 @@ enum Phase {
 /// One request's trip through its chain.
 pub struct ChainRun<'a> {
     chains: &'a Chains,
-    chain: Vec<usize>,
+    chain: &'a [usize],
     /// Instances held for the request (per-request isolation), by chain position.
     held: Vec<Option<Slot>>,
     view: RequestView,
@@ -121,11 +127,6 @@ pub struct ChainRun<'a> {
 }
 
 impl ChainRun<'_> {
-    /// Whether any plugin runs for this request.
-    pub fn is_empty(&self) -> bool {
-        self.chain.is_empty()
-    }
-
     /// Runs `on-request` in chain order. Edits are applied to `headers` as they come, so later
     /// plugins see them; the first local response ends the chain. `origin_exists` tells
     /// whether an origin name is configured.

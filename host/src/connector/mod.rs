@@ -375,5 +375,5 @@ impl Connector {
 fn bind_endpoint() -> std::io::Result<quinn::Endpoint> {
     let v6: SocketAddr = "[::]:0".parse().expect("valid literal");
     let v4: SocketAddr = "0.0.0.0:0".parse().expect("valid literal");
-    quinn::Endpoint::client(v6).or_else(|_| quinn::Endpoint::client(v4))
+    crate::quic::endpoint(v6, None).or_else(|_| crate::quic::endpoint(v4, None))
 }

@@ -35,10 +35,7 @@ use crate::ingress::{normalize_target, Ingress, PathPolicy};
 use crate::origin::{OriginError, Origins};
 use crate::plugin::bindings::sluice::plugin::types::Completion;
 use crate::plugin::{LoadError, Plugin, RequestView, Runtime};
-use crate::proto::{
-    self, io::read_frame, io::write_frame, io::FrameIoError, RequestHead, ResponseHead,
-    ResponseSource,
-};
+use crate::proto::{self, io::read_frame, RequestHead, ResponseHead, ResponseSource};
 use crate::relay::{self, PumpError};
 use crate::tls::TlsError;
 
@@ -265,7 +262,7 @@ impl Pipeline {
 
         // On-complete: after the answer was sent, off the client's critical path.
         let elapsed = start.elapsed();
-        if let Some(chain) = run.filter(|c| !c.is_empty()) {
+        if let Some(chain) = run {
             let info = Completion {
                 status: outcome.status,
                 origin: (outcome.source == ResponseSource::Origin).then(|| outcome.origin.clone()),
@@ -331,7 +328,7 @@ impl Pipeline {
 
         // On-request: the rule's plugin chain (global chain first) may edit headers, rewrite
         // the path, choose another configured origin, or answer locally.
-        let view = RequestView {
+        let view = || RequestView {
             method: head.method.clone(),
             scheme: head.scheme.clone(),
             authority: head.authority.clone(),
@@ -345,8 +342,8 @@ impl Pipeline {
             ingress_rule: m.index as u32,
             client_addr: head.client_addr.clone(),
         };
-        let chain = run.insert(self.chains.start(m.index, view, self.audit_context.clone()));
-        if !chain.is_empty() {
+        *run = self.chains.start(m.index, view, &self.audit_context);
+        if let Some(chain) = run.as_mut() {
             let edits = chain
                 .on_request(&mut headers, |name| self.origins.get(name).is_some())
                 .await
@@ -422,7 +419,7 @@ impl Pipeline {
         }
         let mut resp_headers = resp.headers().clone();
         strip_hop_by_hop(&mut resp_headers);
-        if let Some(chain) = run.as_mut().filter(|c| !c.is_empty()) {
+        if let Some(chain) = run.as_mut() {
             chain
                 .on_response(status, &mut resp_headers)
                 .await
@@ -438,7 +435,7 @@ impl Pipeline {
             headers: to_wire(&resp_headers),
             source: ResponseSource::Origin,
         };
-        send_response_head(send, &resp_head, &origin_name).await?;
+        let head_frame = encode_response_head(&resp_head, &origin_name)?;
 
         let mut outcome = Outcome {
             status: status.as_u16(),
@@ -448,6 +445,7 @@ impl Pipeline {
             error: None,
         };
         if let Some((_, recv, on_upgrade)) = upgrade {
+            send_head(send, head_frame, &outcome.origin).await?;
             let spliced = match on_upgrade.await {
                 Ok(upgraded) => relay::splice(
                     TokioIo::new(upgraded),
@@ -473,11 +471,8 @@ impl Pipeline {
         }
 
         let body = relay::with_idle_timeout(resp.into_body(), self.body_idle_timeout);
-        match relay::pump(body, send).await {
-            Ok(n) => {
-                outcome.bytes_out = n;
-                let _ = send.finish();
-            }
+        match relay::pump(head_frame, body, send).await {
+            Ok(n) => outcome.bytes_out = n,
             Err(PumpError::Body(e)) => {
                 warn!(origin = %outcome.origin, cause = %e, "origin failed mid-body; resetting the stream");
                 let _ = send.reset(proto::code::STREAM_ORIGIN_FAILED);
@@ -492,32 +487,33 @@ impl Pipeline {
     }
 }
 
-/// Sends the origin's response head to the edge. A head too large for a frame is the
-/// origin's fault (a protocol error, answered 502); a stream that fails means the edge left.
-async fn send_response_head(
+/// The origin's response head as a frame. A head too large for a frame is the origin's
+/// fault (a protocol error, answered 502).
+fn encode_response_head(head: &ResponseHead, origin: &str) -> Result<Bytes, Failure> {
+    proto::encode(head).map_err(|e| {
+        warn!(%origin, cause = %e, "the origin's response head is too large to relay");
+        Failure::origin(
+            OriginError::Protocol {
+                origin: origin.to_string(),
+                detail: format!("response head too large: {e}"),
+            },
+            origin.to_string(),
+        )
+    })
+}
+
+/// Sends an encoded response head alone; a stream that fails means the edge left.
+async fn send_head(
     send: &mut quinn::SendStream,
-    head: &ResponseHead,
+    frame: Bytes,
     origin: &str,
 ) -> Result<(), Failure> {
-    match write_frame(send, head).await {
-        Ok(()) => Ok(()),
-        Err(FrameIoError::Frame(e)) => {
-            warn!(%origin, cause = %e, "the origin's response head is too large to relay");
-            Err(Failure::origin(
-                OriginError::Protocol {
-                    origin: origin.to_string(),
-                    detail: format!("response head too large: {e}"),
-                },
-                origin.to_string(),
-            ))
+    send.write_chunk(frame).await.map_err(|e| {
+        debug!(cause = %e, "could not send the response head to the edge");
+        Failure::Cancelled {
+            origin: origin.to_string(),
         }
-        Err(e) => {
-            debug!(cause = %e, "could not send the response head to the edge");
-            Err(Failure::Cancelled {
-                origin: origin.to_string(),
-            })
-        }
-    }
+    })
 }
 
 /// Host, `x-forwarded-host` and the request id as the origin gets them. A Host set by a
@@ -644,13 +640,11 @@ async fn answer_local(
         headers: to_wire(&headers),
         source: ResponseSource::Plugin,
     };
-    if write_frame(send, &head).await.is_err() || send.write_chunk(body.clone()).await.is_err() {
-        let _ = send.reset(proto::code::STREAM_CANCELLED);
+    if !send_whole_answer(send, &head, body.clone()).await {
         return Err(Failure::Cancelled {
             origin: String::new(),
         });
     }
-    let _ = send.finish();
     debug!(%plugin, status = status.as_u16(), "a plugin answered locally");
     Ok(Outcome {
         status: status.as_u16(),
@@ -783,10 +777,21 @@ async fn answer_error(send: &mut quinn::SendStream, status: StatusCode, message:
         headers,
         source: ResponseSource::Connector,
     };
-    if write_frame(send, &head).await.is_ok() && send.write_all(body.as_bytes()).await.is_ok() {
+    send_whole_answer(send, &head, Bytes::copy_from_slice(body.as_bytes())).await;
+    body.len() as u64
+}
+
+/// Sends a response made here (head and whole body) in one write and finishes the stream;
+/// `false`, with the stream reset, when the head cannot be encoded or the edge left.
+async fn send_whole_answer(send: &mut quinn::SendStream, head: &ResponseHead, body: Bytes) -> bool {
+    let sent = match proto::encode(head) {
+        Ok(frame) => send.write_all_chunks(&mut [frame, body]).await.is_ok(),
+        Err(_) => false,
+    };
+    if sent {
         let _ = send.finish();
     } else {
         let _ = send.reset(proto::code::STREAM_CANCELLED);
     }
-    body.len() as u64
+    sent
 }

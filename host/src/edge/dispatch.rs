@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::header::{
     HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, TRANSFER_ENCODING, UPGRADE,
 };
@@ -306,7 +307,9 @@ impl Forwarded<'_> {
         let Ok(frame) = proto::encode(&head) else {
             return Err(EdgeAnswer::HeadTooLarge);
         };
-        let Some((in_flight, send, mut recv)) = self.open_any(&frame).await else {
+        // A request without a body is one packet: head and FIN together.
+        let no_body = checked.upgrade.is_none() && body.is_end_stream();
+        let Some((in_flight, send, mut recv)) = self.open_any(&frame, no_body).await else {
             warn!(tunnel = %self.tunnel, "no live connection for the tunnel");
             return Err(EdgeAnswer::Offline);
         };
@@ -318,7 +321,9 @@ impl Forwarded<'_> {
         // Upload the body concurrently with waiting for the answer (an origin may answer
         // early); an upgrade keeps the send half for the bytes after 101.
         let mut held_send = None;
-        if checked.upgrade.is_none() {
+        if no_body {
+            drop(send);
+        } else if checked.upgrade.is_none() {
             let body =
                 relay::with_idle_timeout(relay::boxed(body), self.shared.config.body_idle_timeout);
             tokio::spawn(upload(body, send, counted.clone()).in_current_span());
@@ -421,11 +426,12 @@ impl Forwarded<'_> {
     async fn open_any(
         &self,
         frame: &[u8],
+        finish: bool,
     ) -> Option<(InFlight, quinn::SendStream, quinn::RecvStream)> {
         let mut tried = Vec::new();
         loop {
             let in_flight = self.shared.registry.pick(self.tunnel, &tried)?;
-            match open_stream(&in_flight, frame).await {
+            match open_stream(&in_flight, frame, finish).await {
                 Ok((send, recv)) => return Some((in_flight, send, recv)),
                 Err(e) => {
                     debug!(tunnel = %self.tunnel, connection = in_flight.conn().id, cause = %e, "could not open a stream, trying another connection");
@@ -479,10 +485,8 @@ fn response(status: StatusCode, headers: http::HeaderMap, body: HttpBody) -> Res
 /// Streams the client's body to the connector; a body that fails resets the stream so that
 /// it never looks complete. `_counted` keeps the request counted until the upload ends.
 async fn upload<G>(body: HttpBody, mut send: quinn::SendStream, _counted: G) {
-    match relay::pump(body, &mut send).await {
-        Ok(_) => {
-            let _ = send.finish();
-        }
+    match relay::pump(Bytes::new(), body, &mut send).await {
+        Ok(_) => {}
         Err(e) => {
             debug!(cause = %e, "request body upload stopped");
             let _ = send.reset(proto::code::STREAM_CANCELLED);
@@ -519,9 +523,12 @@ async fn splice_upgraded<G>(
 /// tried (a connector that grants no stream credit must not stall requests).
 const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Opens a request stream on `in_flight`'s connection and writes the head `frame`; with
+/// `finish`, the FIN follows at once (no body).
 async fn open_stream(
     in_flight: &InFlight,
     frame: &[u8],
+    finish: bool,
 ) -> Result<(quinn::SendStream, quinn::RecvStream), Box<dyn std::error::Error + Send + Sync>> {
     let (mut send, recv) = tokio::time::timeout(OPEN_TIMEOUT, in_flight.conn().conn.open_bi())
         .await
@@ -533,6 +540,10 @@ async fn open_stream(
         // Never let a partial head end in a clean FIN.
         let _ = send.reset(proto::code::STREAM_CANCELLED);
         return Err(e.into());
+    }
+    if finish {
+        // Cannot fail: the stream was just opened and written by this task alone.
+        let _ = send.finish();
     }
     Ok((send, recv))
 }

@@ -262,13 +262,14 @@ impl Edge {
         };
         let quic_cert = tls::ServerCert::new(&config.quic_identity)?;
         let server = tls::quic_server(quic_cert.clone())?;
-        let endpoint = quinn::Endpoint::server(server, config.quic_listen).map_err(|source| {
-            EdgeError::Bind {
-                what: "quic",
-                addr: config.quic_listen,
-                source,
-            }
-        })?;
+        let endpoint =
+            crate::quic::endpoint(config.quic_listen, Some(server)).map_err(|source| {
+                EdgeError::Bind {
+                    what: "quic",
+                    addr: config.quic_listen,
+                    source,
+                }
+            })?;
         let admin = match config.admin_listen {
             Some(addr) => Some(Admin::bind(addr).await.map_err(|source| EdgeError::Bind {
                 what: "admin",

@@ -549,16 +549,8 @@ mod tests {
 
     /// A real QUIC connection on loopback, for registry entries (never used for traffic).
     async fn dummy_conn() -> (quinn::Endpoint, quinn::Endpoint, quinn::Connection) {
-        let id = crate::tls::self_signed(&["localhost"]).unwrap();
-        let server = crate::tls::quic_server(crate::tls::ServerCert::new(&id).unwrap()).unwrap();
-        let server_ep = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
-        let mut client_ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        client_ep.set_default_client_config(crate::tls::quic_client(&id.chain).unwrap());
-        let addr = server_ep.local_addr().unwrap();
-        let connecting = client_ep.connect(addr, "localhost").unwrap();
-        let incoming = server_ep.accept().await.unwrap();
-        let (conn, _client) = tokio::join!(incoming, connecting);
-        (server_ep, client_ep, conn.unwrap())
+        let ([server, client], conn, _) = crate::quic::loopback_pair().await;
+        (server, client, conn)
     }
 
     #[tokio::test]

@@ -1,0 +1,101 @@
+//! QUIC endpoints on UDP sockets sized for a tunnel's traffic.
+//!
+//! A tunnel carries bulk transfers in bursts of many datagrams; the kernel's default UDP
+//! receive buffer (~208 KiB on Linux) overflows under such a burst and every drop costs a
+//! retransmission and a congestion-window cut. Both ends therefore ask for
+//! [`SOCKET_BUFFER`] bytes each way, within what the kernel allows (`net.core.rmem_max`,
+//! `net.core.wmem_max`), and say once when they got less.
+
+use std::net::SocketAddr;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::info;
+
+/// Receive and send buffer asked for each QUIC socket.
+pub const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Binds a QUIC endpoint on `addr`: a server when `server` is given, else a client only.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> std::io::Result<quinn::Endpoint> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Like quinn's own binding: a `[::]` endpoint also reaches IPv4 peers.
+        let _ = socket.set_only_v6(false);
+    }
+    size_buffers(&socket);
+    socket.bind(&addr.into())?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        runtime,
+    )
+}
+
+/// Asks for [`SOCKET_BUFFER`] both ways; logs what the kernel granted when it is less.
+fn size_buffers(socket: &Socket) {
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    // Linux reports twice what it grants (its own bookkeeping is counted in).
+    let granted = |size: std::io::Result<usize>| size.map(|s| s / 2).unwrap_or(0);
+    let recv = granted(socket.recv_buffer_size());
+    let send = granted(socket.send_buffer_size());
+    if recv < SOCKET_BUFFER || send < SOCKET_BUFFER {
+        info!(
+            wanted = SOCKET_BUFFER,
+            recv,
+            send,
+            "the kernel caps this QUIC socket's buffers; bulk transfers may lose datagrams \
+             (raise net.core.rmem_max and net.core.wmem_max)"
+        );
+    }
+}
+
+/// A QUIC connection on loopback between two fresh endpoints, for unit tests: the endpoints
+/// (kept alive by the caller), the server's side and the client's side.
+#[cfg(test)]
+pub(crate) async fn loopback_pair() -> ([quinn::Endpoint; 2], quinn::Connection, quinn::Connection)
+{
+    let id = crate::tls::self_signed(&["localhost"]).unwrap();
+    let server = crate::tls::quic_server(crate::tls::ServerCert::new(&id).unwrap()).unwrap();
+    let server_ep = endpoint("127.0.0.1:0".parse().unwrap(), Some(server)).unwrap();
+    let mut client_ep = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+    client_ep.set_default_client_config(crate::tls::quic_client(&id.chain).unwrap());
+    let addr = server_ep.local_addr().unwrap();
+    let connecting = client_ep.connect(addr, "localhost").unwrap();
+    let incoming = server_ep.accept().await.unwrap();
+    let (server_conn, client_conn) = tokio::join!(incoming, connecting);
+    (
+        [server_ep, client_ep],
+        server_conn.unwrap(),
+        client_conn.unwrap(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sockets_get_large_buffers_within_the_kernel_limit() {
+        let ep = endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let addr = ep.local_addr().unwrap();
+        assert!(addr.ip().is_loopback() && addr.port() != 0);
+        // What the kernel allows an unprivileged socket at most, from its own setting.
+        let max = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok());
+        let probe = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+        let default = probe.recv_buffer_size().unwrap() / 2;
+        size_buffers(&probe);
+        let got = probe.recv_buffer_size().unwrap() / 2;
+        match max {
+            Some(max) => assert_eq!(got, SOCKET_BUFFER.min(max), "default was {default}"),
+            None => assert!(got > default),
+        }
+    }
+}
