@@ -1,6 +1,9 @@
 //! Hook-cost benchmark: median and p99 of one `on-request` call with instance reuse, of one
-//! request under per-request isolation (fresh instance, `init`, call), and of a three-plugin
-//! chain. Uses the `echo` fixture plugin (built for wasm32-wasip2 on first run).
+//! request under per-request isolation (fresh instance, `init`, call), of a three-plugin
+//! chain of the `echo` fixture, and of the chain `bench/compare` runs as the connector runs
+//! it: access-guard, header-rewrite and audit-log (with a file sink) through every hook of a
+//! request (`on-request`, `on-response`, `on-complete`), views, decisions and audit events
+//! included. Plugins are built for wasm32-wasip2 on first run.
 //!
 //! Run: `cargo bench -p sluice --bench hooks` (iterations: `SLUICE_BENCH_ITERS`, default 20000).
 
@@ -9,31 +12,36 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice::admin::Metrics;
-use sluice::config::{Isolation, PluginConfig};
+use sluice::audit::Audit;
+use sluice::config::{ConnectorConfig, Isolation, PluginConfig};
+use sluice::connector::chain::{AuditContext, Chains};
+use sluice::plugin::bindings::sluice::plugin::types::Completion;
 use sluice::plugin::{Plugin, RequestView, Runtime};
 
-fn fixture() -> PathBuf {
+/// Builds `packages` for wasm32-wasip2 (release) and returns the directory of the `.wasm`s.
+fn build_wasm(packages: &[&str]) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = root.join("target/wasm");
-    let status = std::process::Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "-p",
-            "fixture-echo",
-            "--target-dir",
-        ])
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.current_dir(&root)
+        .args(["build", "--release", "--target", "wasm32-wasip2"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    let status = cmd
+        .arg("--target-dir")
         .arg(&target)
         .status()
         .expect("cannot run cargo");
     assert!(
         status.success(),
-        "building the echo fixture failed (rustup target add wasm32-wasip2?)"
+        "building {packages:?} failed (rustup target add wasm32-wasip2?)"
     );
-    target.join("wasm32-wasip2/release/fixture_echo.wasm")
+    target.join("wasm32-wasip2/release")
+}
+
+fn fixture() -> PathBuf {
+    build_wasm(&["fixture-echo"]).join("fixture_echo.wasm")
 }
 
 fn view() -> RequestView {
@@ -175,4 +183,134 @@ async fn main() {
         }
         report("chain of three plugins, on-request", samples);
     }
+
+    real_chain(iters, &rt, &metrics, &view).await;
+}
+
+/// The three plugins of `bench/compare` as the connector runs them on every request: each
+/// hook of each plugin with the request's view, the decisions validated and applied, and the
+/// audit-log plugin's events written to a file by the audit writer.
+async fn real_chain(iters: usize, rt: &Arc<Runtime>, metrics: &Arc<Metrics>, view: &RequestView) {
+    let wasm = build_wasm(&["access-guard", "header-rewrite", "audit-log"]);
+    let scratch = std::env::temp_dir().join(format!("sluice-hooks-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).unwrap();
+    let text = format!(
+        r#"tunnel = "bench"
+token = "bench-token-0123456789"
+edges = ["127.0.0.1:7844"]
+plugins = ["guard", "rewrite", "audit"]
+
+[[origin]]
+name = "web"
+url = "http://127.0.0.1:8080"
+
+[[ingress]]
+origin = "web"
+
+[[plugin]]
+name = "guard"
+path = "{wasm}/access_guard.wasm"
+grants = ["credentials"]
+[plugin.config]
+tokens = ["bench-bearer-token-0123456789"]
+
+[[plugin]]
+name = "rewrite"
+path = "{wasm}/header_rewrite.wasm"
+[plugin.config.request.set]
+x-bench = "{{request_id}}"
+
+[[plugin]]
+name = "audit"
+path = "{wasm}/audit_log.wasm"
+
+[audit]
+file = "{scratch}/audit.jsonl"
+"#,
+        wasm = wasm.display(),
+        scratch = scratch.display(),
+    );
+    let config = ConnectorConfig::parse(&text, &scratch.join("connector.toml")).expect("config");
+    let mut loaded = std::collections::HashMap::new();
+    for p in &config.plugins {
+        let plugin = Plugin::load(rt.clone(), p.clone(), metrics.clone())
+            .await
+            .expect("load");
+        loaded.insert(p.name.clone(), Arc::new(plugin));
+    }
+    let chains = Chains::new(&config, loaded);
+    let context = AuditContext {
+        audit: Audit::start(&config.audit, metrics.clone())
+            .await
+            .expect("audit"),
+        tunnel: "bench".into(),
+    };
+    // The request oha sends in `bench/compare`, as the connector's view has it.
+    let mut request = view.clone();
+    request.path = "/100b".into();
+    request.headers = vec![
+        ("user-agent".into(), b"oha/1.4.0".to_vec()),
+        ("accept".into(), b"*/*".to_vec()),
+        (
+            "authorization".into(),
+            b"Bearer bench-bearer-token-0123456789".to_vec(),
+        ),
+        ("x-forwarded-for".into(), b"127.0.0.1".to_vec()),
+        ("x-forwarded-proto".into(), b"http".to_vec()),
+        ("x-forwarded-host".into(), b"bench.test".to_vec()),
+        (
+            "sluice-request-id".into(),
+            b"0123456789abcdef0123456789abcdef".to_vec(),
+        ),
+    ];
+    let request_headers: http::HeaderMap = request
+        .headers
+        .iter()
+        .map(|(n, v)| {
+            (
+                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                http::HeaderValue::from_bytes(v).unwrap(),
+            )
+        })
+        .collect();
+    let mut response_headers = http::HeaderMap::new();
+    response_headers.insert("server", http::HeaderValue::from_static("nginx"));
+    response_headers.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/octet-stream"),
+    );
+    response_headers.insert("content-length", http::HeaderValue::from_static("100"));
+
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + 1000 {
+        let t = Instant::now();
+        let mut headers = request_headers.clone();
+        let mut run = chains
+            .start(0, || request.clone(), &context)
+            .expect("a chain");
+        let edits = run.on_request(&mut headers, |_| true).await.unwrap();
+        assert!(
+            edits.respond.is_none(),
+            "access-guard refused the bench token"
+        );
+        let mut resp = response_headers.clone();
+        run.on_response(http::StatusCode::OK, &mut resp)
+            .await
+            .unwrap();
+        run.on_complete(Completion {
+            status: 200,
+            origin: Some("web".into()),
+            duration_us: 250,
+            bytes_in: 0,
+            bytes_out: 100,
+            error: None,
+        })
+        .await;
+        if i >= 1000 {
+            samples.push(t.elapsed());
+        }
+    }
+    report("bench/compare chain, every hook, per request", samples);
+    context.audit.close().await;
+    let _ = std::fs::remove_dir_all(&scratch);
 }

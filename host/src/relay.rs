@@ -430,7 +430,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_read_to_its_last_byte_ends_and_its_stream_is_not_stopped() {
-        let (_eps, mut send, recv) = stream_with(&[7; 100], None).await;
+        let (_eps, send, recv) = stream_with(&[7; 100], None).await;
         let mut body = recv_body(recv);
         let mut got = Vec::new();
         // An HTTP writer that stops at `content-length` reads no further than the last byte.

@@ -75,18 +75,21 @@ pub trait Plugin: Sized + 'static {
     /// Decides what to do with a request before the origin is chosen.
     fn on_request(&self, req: &Request) -> RequestDecision {
         let _ = req;
+        __rt::not_implemented(__rt::ON_REQUEST);
         RequestDecision::default()
     }
 
     /// Decides what to do with the response head.
     fn on_response(&self, req: &Request, resp: &Response) -> ResponseDecision {
         let _ = (req, resp);
+        __rt::not_implemented(__rt::ON_RESPONSE);
         ResponseDecision::default()
     }
 
     /// Sees how the request ended, after the response was sent.
     fn on_complete(&self, req: &Request, info: &Completion) {
         let _ = (req, info);
+        __rt::not_implemented(__rt::ON_COMPLETE);
     }
 }
 
@@ -174,7 +177,7 @@ pub mod __bindings {
 #[doc(hidden)]
 pub mod __rt {
     use std::any::Any;
-    use std::cell::RefCell;
+    use std::cell::{Cell, RefCell};
 
     use crate::__bindings::sluice::plugin::types as wit;
     use crate::{types, Plugin};
@@ -182,6 +185,27 @@ pub mod __rt {
     thread_local! {
         // A component instance is single-threaded; the plugin lives here between calls.
         static INSTANCE: RefCell<Option<Box<dyn Any>>> = const { RefCell::new(None) };
+        // The hooks whose trait default ran: the plugin does not implement them.
+        static DEFAULTS: Cell<u8> = const { Cell::new(0) };
+    }
+
+    /// Hook bits for [`not_implemented`].
+    pub const ON_REQUEST: u8 = 1;
+    /// See [`ON_REQUEST`].
+    pub const ON_RESPONSE: u8 = 2;
+    /// See [`ON_REQUEST`].
+    pub const ON_COMPLETE: u8 = 4;
+
+    /// Called by the trait's default hooks. Every hook is exported (a trait cannot tell which
+    /// methods a type overrides), so a hook the plugin leaves out is still called; once its
+    /// default has run, later calls return at once instead of reading the whole request
+    /// from the host first (one host call per field), which they would never use.
+    pub fn not_implemented(hook: u8) {
+        DEFAULTS.with(|d| d.set(d.get() | hook));
+    }
+
+    fn is_default(hook: u8) -> bool {
+        DEFAULTS.with(|d| d.get() & hook != 0)
     }
 
     fn with<P: Plugin, R>(f: impl FnOnce(&P) -> R) -> Option<R> {
@@ -200,6 +224,9 @@ pub mod __rt {
     }
 
     pub fn on_request<P: Plugin>(req: &wit::Request) -> wit::RequestDecision {
+        if is_default(ON_REQUEST) {
+            return types::RequestDecision::default().into_wit();
+        }
         let req = types::Request::from_wit(req);
         with::<P, _>(|p| p.on_request(&req))
             .unwrap_or_default()
@@ -210,6 +237,9 @@ pub mod __rt {
         req: &wit::Request,
         resp: wit::Response,
     ) -> wit::ResponseDecision {
+        if is_default(ON_RESPONSE) {
+            return types::ResponseDecision::default().into_wit();
+        }
         let req = types::Request::from_wit(req);
         let resp = types::Response::from_wit(resp);
         with::<P, _>(|p| p.on_response(&req, &resp))
@@ -218,6 +248,9 @@ pub mod __rt {
     }
 
     pub fn on_complete<P: Plugin>(req: &wit::Request, info: wit::Completion) {
+        if is_default(ON_COMPLETE) {
+            return;
+        }
         let req = types::Request::from_wit(req);
         let info = types::Completion::from_wit(info);
         with::<P, _>(|p| p.on_complete(&req, &info));

@@ -6,8 +6,11 @@
 //!
 //! The writer is an OS thread with blocking writes rather than an async task: an async file
 //! write hops to the blocking pool for every flush, which under load cost a context switch
-//! per request. The thread writes everything queued at once, in one `write`, and writes as
-//! soon as the queue runs dry, so an event never waits in a buffer.
+//! per request. The thread writes everything queued at once, in one `write`, as soon as the
+//! queue runs dry, then lingers for [`LINGER`] before it looks again: under load the events
+//! of a few milliseconds share one write and one wake-up of the thread (waking it for every
+//! event cost a context switch per request and preempted the runtime's workers), and an
+//! event never waits more than [`LINGER`] to be written.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -179,6 +182,9 @@ impl Sinks {
     }
 }
 
+/// How long the writer rests after a write before it takes the next batch.
+pub const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+
 /// The writer thread: takes every message queued, writes the events among them in one batch,
 /// then answers the flushes and closes among them, in order.
 fn write_events(mut rx: mpsc::Receiver<Msg>, mut sinks: Sinks, metrics: Arc<Metrics>) {
@@ -211,6 +217,7 @@ fn write_events(mut rx: mpsc::Receiver<Msg>, mut sinks: Sinks, metrics: Arc<Metr
             }
         }
         write_batch(&mut sinks, &mut batch, &mut events, &metrics);
+        std::thread::sleep(LINGER);
     }
     write_batch(&mut sinks, &mut batch, &mut events, &metrics);
 }

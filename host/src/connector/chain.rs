@@ -11,7 +11,7 @@ use http::{HeaderMap, StatusCode};
 use tracing::warn;
 
 use crate::audit::{Audit, AuditEvent};
-use crate::config::{ConnectorConfig, OnError};
+use crate::config::{ConnectorConfig, Grants, OnError};
 use crate::plugin::bindings::sluice::plugin::types::{Completion, RequestDecision, Response};
 use crate::plugin::{decision, Plugin, PluginError, RawEvent, RequestView, Slot};
 
@@ -75,6 +75,7 @@ impl Chains {
             chain,
             held: chain.iter().map(|_| None).collect(),
             view: view(),
+            shared: Vec::new(),
             context: context.clone(),
         })
     }
@@ -123,6 +124,9 @@ pub struct ChainRun<'a> {
     /// Instances held for the request (per-request isolation), by chain position.
     held: Vec<Option<Slot>>,
     view: RequestView,
+    /// `view` as plugins with these grants see it, made on first use and dropped when a
+    /// plugin's edit changes the view.
+    shared: Vec<(Grants, Arc<RequestView>)>,
     context: AuditContext,
 }
 
@@ -188,15 +192,19 @@ impl ChainRun<'_> {
         decision::apply_edits(headers, &d.headers).map_err(invalid)?;
         if let Some(t) = target {
             self.view.path = t.clone();
+            self.shared.clear();
             edits.target = Some(t);
         }
         if let Some(o) = d.origin {
             edits.origin = Some(o);
         }
-        self.view.headers = headers
-            .iter()
-            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
-            .collect();
+        if !d.headers.is_empty() {
+            self.view.headers = headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect();
+            self.shared.clear();
+        }
         if let Some((status, h, body)) = local {
             edits.respond = Some((status, h, body, plugin.name().to_string()));
             return Ok(true);
@@ -304,9 +312,15 @@ impl ChainRun<'_> {
     }
 
     /// The view as `plugin` may see it: the client address and credentials only if granted.
-    fn view_for(&self, plugin: &Plugin) -> RequestView {
+    fn view_for(&mut self, plugin: &Plugin) -> Arc<RequestView> {
+        let grants = plugin.config().grants;
+        if let Some((_, view)) = self.shared.iter().find(|(g, _)| *g == grants) {
+            return view.clone();
+        }
         let mut view = self.view.clone();
-        crate::plugin::restrict_view(&mut view, plugin.config().grants);
+        crate::plugin::restrict_view(&mut view, grants);
+        let view = Arc::new(view);
+        self.shared.push((grants, view.clone()));
         view
     }
 }

@@ -5,6 +5,6 @@ wasmtime::component::bindgen!({
     world: "plugin",
     exports: { default: async },
     with: {
-        "sluice:plugin/types.request": super::host::RequestView,
+        "sluice:plugin/types.request": super::host::SharedView,
     },
 });

@@ -38,6 +38,11 @@ pub struct RequestView {
     pub client_addr: Option<String>,
 }
 
+/// The `request` resource: a view shared by every hook that sees the same request with the
+/// same grants, so that a chain does not copy the request for each plugin and hook.
+#[derive(Debug, Clone, Default)]
+pub struct SharedView(pub Arc<RequestView>);
+
 /// An audit event as emitted by a plugin (the host adds its context later).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawEvent {
@@ -134,23 +139,23 @@ fn clip(mut s: String) -> String {
 impl types::Host for StoreData {}
 
 impl types::HostRequest for StoreData {
-    fn method(&mut self, req: Resource<RequestView>) -> String {
+    fn method(&mut self, req: Resource<SharedView>) -> String {
         self.view(&req).method.clone()
     }
 
-    fn scheme(&mut self, req: Resource<RequestView>) -> String {
+    fn scheme(&mut self, req: Resource<SharedView>) -> String {
         self.view(&req).scheme.clone()
     }
 
-    fn authority(&mut self, req: Resource<RequestView>) -> String {
+    fn authority(&mut self, req: Resource<SharedView>) -> String {
         self.view(&req).authority.clone()
     }
 
-    fn path(&mut self, req: Resource<RequestView>) -> String {
+    fn path(&mut self, req: Resource<SharedView>) -> String {
         self.view(&req).path.clone()
     }
 
-    fn header(&mut self, req: Resource<RequestView>, name: String) -> Vec<Vec<u8>> {
+    fn header(&mut self, req: Resource<SharedView>, name: String) -> Vec<Vec<u8>> {
         let name = name.to_ascii_lowercase();
         self.view(&req)
             .headers
@@ -160,7 +165,7 @@ impl types::HostRequest for StoreData {
             .collect()
     }
 
-    fn headers(&mut self, req: Resource<RequestView>) -> Vec<types::Header> {
+    fn headers(&mut self, req: Resource<SharedView>) -> Vec<types::Header> {
         self.view(&req)
             .headers
             .iter()
@@ -171,23 +176,23 @@ impl types::HostRequest for StoreData {
             .collect()
     }
 
-    fn request_id(&mut self, req: Resource<RequestView>) -> String {
+    fn request_id(&mut self, req: Resource<SharedView>) -> String {
         self.view(&req).request_id.clone()
     }
 
-    fn hostname(&mut self, req: Resource<RequestView>) -> String {
+    fn hostname(&mut self, req: Resource<SharedView>) -> String {
         self.view(&req).hostname.clone()
     }
 
-    fn ingress_rule(&mut self, req: Resource<RequestView>) -> u32 {
+    fn ingress_rule(&mut self, req: Resource<SharedView>) -> u32 {
         self.view(&req).ingress_rule
     }
 
-    fn client_addr(&mut self, req: Resource<RequestView>) -> Option<String> {
+    fn client_addr(&mut self, req: Resource<SharedView>) -> Option<String> {
         self.view(&req).client_addr.clone()
     }
 
-    fn drop(&mut self, req: Resource<RequestView>) -> wasmtime::Result<()> {
+    fn drop(&mut self, req: Resource<SharedView>) -> wasmtime::Result<()> {
         self.table.delete(req)?;
         Ok(())
     }
@@ -196,10 +201,11 @@ impl types::HostRequest for StoreData {
 impl StoreData {
     /// The view behind a handle. The host only hands out live handles and removes them after
     /// the call, so a missing entry means the guest forged one: it sees an empty view.
-    fn view(&self, req: &Resource<RequestView>) -> &RequestView {
+    fn view(&self, req: &Resource<SharedView>) -> &RequestView {
         static EMPTY: std::sync::OnceLock<RequestView> = std::sync::OnceLock::new();
         self.table
             .get(req)
+            .map(|v| &*v.0)
             .unwrap_or_else(|_| EMPTY.get_or_init(RequestView::default))
     }
 }

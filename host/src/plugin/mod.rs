@@ -17,13 +17,14 @@ pub mod tester;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::histogram::Histogram;
 use wasmtime::component::{Component, Instance, InstancePre, Resource};
 use wasmtime::Store;
 
 use bindings::exports::sluice::plugin::{init, on_complete, on_request, on_response};
 use bindings::sluice::plugin::types::{Completion, RequestDecision, Response, ResponseDecision};
 use host::StoreData;
-pub use host::{RawEvent, RequestView};
+pub use host::{RawEvent, RequestView, SharedView};
 pub use runtime::{Runtime, RuntimeError};
 
 use crate::admin::metrics::{Metrics, PluginErrorLabels, PluginHookLabels, PluginLabels};
@@ -180,6 +181,9 @@ pub struct Plugin {
     /// Set once a reload replaced this plugin: instances are no longer kept idle.
     retired: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
+    /// This plugin's `plugin_hook_duration_seconds` series for `on-request`, `on-response`
+    /// and `on-complete`, looked up once rather than on every call.
+    durations: [Histogram; 3],
 }
 
 impl std::fmt::Debug for Plugin {
@@ -248,6 +252,15 @@ impl Plugin {
             on_response: on_response::GuestIndices::new(&pre).ok(),
             on_complete: on_complete::GuestIndices::new(&pre).ok(),
         };
+        let durations = ["on-request", "on-response", "on-complete"].map(|hook| {
+            metrics
+                .plugin_hook_duration
+                .get_or_create(&PluginHookLabels {
+                    plugin: config.name.clone(),
+                    hook,
+                })
+                .clone()
+        });
         let plugin = Plugin {
             name: Arc::from(config.name.as_str()),
             config,
@@ -256,6 +269,7 @@ impl Plugin {
             hooks,
             idle: Mutex::new(Vec::new()),
             retired: std::sync::atomic::AtomicBool::new(false),
+            durations,
             metrics,
         };
         // Start one instance now: a bad configuration is refused at load, not on a request.
@@ -316,9 +330,9 @@ impl Plugin {
     pub async fn on_request(
         &self,
         held: &mut Option<Slot>,
-        view: RequestView,
+        view: impl Into<Arc<RequestView>>,
     ) -> Called<RequestDecision> {
-        self.call(held, "on-request", view, |slot, req| {
+        self.call(held, &self.durations[0], view.into(), |slot, req| {
             Box::pin(async move {
                 let guest = slot.on_request.as_ref().expect("checked by caller");
                 guest.call_on_request(&mut slot.store, req).await
@@ -331,10 +345,10 @@ impl Plugin {
     pub async fn on_response(
         &self,
         held: &mut Option<Slot>,
-        view: RequestView,
+        view: impl Into<Arc<RequestView>>,
         resp: Response,
     ) -> Called<ResponseDecision> {
-        self.call(held, "on-response", view, move |slot, req| {
+        self.call(held, &self.durations[1], view.into(), move |slot, req| {
             Box::pin(async move {
                 let guest = slot.on_response.as_ref().expect("checked by caller");
                 guest.call_on_response(&mut slot.store, req, &resp).await
@@ -347,10 +361,10 @@ impl Plugin {
     pub async fn on_complete(
         &self,
         held: &mut Option<Slot>,
-        view: RequestView,
+        view: impl Into<Arc<RequestView>>,
         info: Completion,
     ) -> Called<()> {
-        self.call(held, "on-complete", view, move |slot, req| {
+        self.call(held, &self.durations[2], view.into(), move |slot, req| {
             Box::pin(async move {
                 let guest = slot.on_complete.as_ref().expect("checked by caller");
                 guest.call_on_complete(&mut slot.store, req, &info).await
@@ -365,14 +379,14 @@ impl Plugin {
     async fn call<T, F>(
         &self,
         held: &mut Option<Slot>,
-        hook: &'static str,
-        view: RequestView,
+        duration: &Histogram,
+        view: Arc<RequestView>,
         f: F,
     ) -> Called<T>
     where
         F: for<'a> FnOnce(
             &'a mut Slot,
-            Resource<RequestView>,
+            Resource<SharedView>,
         ) -> std::pin::Pin<
             Box<dyn std::future::Future<Output = wasmtime::Result<T>> + Send + 'a>,
         >,
@@ -388,7 +402,7 @@ impl Plugin {
                 };
             }
         };
-        let outcome = match slot.store.data_mut().table.push(view) {
+        let outcome = match slot.store.data_mut().table.push(SharedView(view)) {
             Ok(own) => {
                 let borrow = Resource::new_borrow(own.rep());
                 slot.store.data_mut().limiter.denied = false;
@@ -436,13 +450,7 @@ impl Plugin {
                 Err(err)
             }
         };
-        self.metrics
-            .plugin_hook_duration
-            .get_or_create(&PluginHookLabels {
-                plugin: self.name.to_string(),
-                hook,
-            })
-            .observe(start.elapsed().as_secs_f64());
+        duration.observe(start.elapsed().as_secs_f64());
         if let Err(e) = &result {
             self.count_error(e);
         }
