@@ -91,6 +91,54 @@ async fn bad_control_streams_close_only_their_connection() {
     good.stop().await;
 }
 
+/// A connector that offers the binary head encoding gets it, and its request streams carry
+/// binary heads both ways; one that offers only encodings the edge does not know keeps JSON.
+#[tokio::test]
+async fn head_encodings_are_negotiated_at_registration() {
+    use sluice::proto::{Control, HeadCodec, ResponseHead, ResponseSource, BINARY_HEADS};
+    for (offer, codec) in [
+        (vec![BINARY_HEADS], HeadCodec::Binary),
+        (vec!["binary-9"], HeadCodec::Json),
+    ] {
+        let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+        let ep = raw_quic_client(&edge, sluice::proto::ALPN);
+        let reg = raw_register_offering(&ep, &edge, "app", "t", &offer).await;
+        let Ok(Control::Registered(ok)) = &reg.answer else {
+            panic!("{:?}", reg.answer);
+        };
+        assert_eq!(HeadCodec::chosen(ok.heads.as_deref()), codec, "{offer:?}");
+        let http = edge.http;
+        let request = tokio::spawn(async move { get(http, "app.test", "/x?y").await });
+        let (mut rs, mut rr) = tokio::time::timeout(WAIT, reg.conn.accept_bi())
+            .await
+            .unwrap()
+            .unwrap();
+        let payload = sluice::proto::io::read_payload(&mut rr).await.unwrap();
+        let head = codec.decode_request(&payload).unwrap();
+        assert_eq!(
+            (head.authority.as_str(), head.path.as_str()),
+            ("app.test", "/x?y")
+        );
+        assert!(head.empty_body);
+        let resp = ResponseHead {
+            status: 203,
+            headers: vec![("content-length".into(), "2".into())],
+            source: ResponseSource::Origin,
+        };
+        rs.write_all(&codec.encode_response(&resp).unwrap())
+            .await
+            .unwrap();
+        rs.write_all(b"ok").await.unwrap();
+        rs.finish().unwrap();
+        let reply = request.await.unwrap();
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (203, "ok"),
+            "{offer:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn unknown_control_messages_after_registration_are_ignored() {
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;

@@ -35,7 +35,7 @@ use crate::ingress::{normalize_target, Ingress, PathPolicy};
 use crate::origin::{OriginError, Origins};
 use crate::plugin::bindings::sluice::plugin::types::Completion;
 use crate::plugin::{LoadError, Plugin, RequestView, Runtime};
-use crate::proto::{self, io::read_frame, RequestHead, ResponseHead, ResponseSource};
+use crate::proto::{self, io::read_payload, HeadCodec, RequestHead, ResponseHead, ResponseSource};
 use crate::relay::{self, PumpError};
 use crate::tls::TlsError;
 
@@ -177,28 +177,30 @@ impl Pipeline {
     /// until it is done. Never panics on peer input.
     pub async fn handle(
         self: Arc<Self>,
-        mut send: quinn::SendStream,
+        heads: HeadCodec,
+        send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         metrics: Arc<Metrics>,
         permit: OwnedSemaphorePermit,
     ) {
         let _permit = permit;
         let _gauge = InFlightGauge::new(&metrics.in_flight);
-        let head: RequestHead =
-            match tokio::time::timeout(HEAD_TIMEOUT, read_frame(&mut recv)).await {
-                Ok(Ok(h)) => h,
-                Ok(Err(e)) => {
-                    warn!(cause = %e, "bad request stream from the edge");
-                    let _ = send.reset(proto::code::STREAM_PROTOCOL);
-                    let _ = recv.stop(proto::code::STREAM_PROTOCOL);
-                    return;
-                }
-                Err(_) => {
-                    warn!("the edge opened a stream but sent no request head");
-                    let _ = send.reset(proto::code::STREAM_PROTOCOL);
-                    return;
-                }
-            };
+        let mut send = Reply { send, heads };
+        let read = tokio::time::timeout(HEAD_TIMEOUT, read_payload(&mut recv)).await;
+        let head = match read.map(|r| r.and_then(|p| Ok(heads.decode_request(&p)?))) {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                warn!(cause = %e, "bad request stream from the edge");
+                let _ = send.reset(proto::code::STREAM_PROTOCOL);
+                let _ = recv.stop(proto::code::STREAM_PROTOCOL);
+                return;
+            }
+            Err(_) => {
+                warn!("the edge opened a stream but sent no request head");
+                let _ = send.reset(proto::code::STREAM_PROTOCOL);
+                return;
+            }
+        };
         let span = tracing::info_span!("request", id = %head.request_id);
         self.serve(head, send, recv, &metrics)
             .instrument(span)
@@ -208,7 +210,7 @@ impl Pipeline {
     async fn serve(
         &self,
         head: RequestHead,
-        mut send: quinn::SendStream,
+        mut send: Reply,
         recv: quinn::RecvStream,
         metrics: &Metrics,
     ) {
@@ -297,7 +299,7 @@ impl Pipeline {
         &'a self,
         head: &RequestHead,
         host: &str,
-        send: &mut quinn::SendStream,
+        send: &mut Reply,
         recv: quinn::RecvStream,
         bytes_in: &Arc<AtomicU64>,
         run: &mut Option<ChainRun<'a>>,
@@ -402,7 +404,7 @@ impl Pipeline {
         mut resp: http::Response<relay::HttpBody>,
         upgrade: Option<(&str, quinn::RecvStream)>,
         origin_name: String,
-        send: &mut quinn::SendStream,
+        send: &mut Reply,
         bytes_in: &Arc<AtomicU64>,
         run: &mut Option<ChainRun<'_>>,
     ) -> Result<Outcome, Failure> {
@@ -435,7 +437,7 @@ impl Pipeline {
             headers: to_wire(&resp_headers),
             source: ResponseSource::Origin,
         };
-        let head_frame = encode_response_head(&resp_head, &origin_name)?;
+        let head_frame = encode_response_head(send.heads, &resp_head, &origin_name)?;
 
         let mut outcome = Outcome {
             status: status.as_u16(),
@@ -449,7 +451,7 @@ impl Pipeline {
             let spliced = match on_upgrade.await {
                 Ok(upgraded) => relay::splice(
                     TokioIo::new(upgraded),
-                    &mut *send,
+                    &mut send.send,
                     recv,
                     self.body_idle_timeout,
                 )
@@ -489,8 +491,12 @@ impl Pipeline {
 
 /// The origin's response head as a frame. A head too large for a frame is the origin's
 /// fault (a protocol error, answered 502).
-fn encode_response_head(head: &ResponseHead, origin: &str) -> Result<Bytes, Failure> {
-    proto::encode(head).map_err(|e| {
+fn encode_response_head(
+    heads: HeadCodec,
+    head: &ResponseHead,
+    origin: &str,
+) -> Result<Bytes, Failure> {
+    heads.encode_response(head).map_err(|e| {
         warn!(%origin, cause = %e, "the origin's response head is too large to relay");
         Failure::origin(
             OriginError::Protocol {
@@ -618,9 +624,28 @@ impl Framing {
     }
 }
 
+/// The send half of a request stream, with the head encoding of its connection.
+struct Reply {
+    send: quinn::SendStream,
+    heads: HeadCodec,
+}
+
+impl std::ops::Deref for Reply {
+    type Target = quinn::SendStream;
+    fn deref(&self) -> &quinn::SendStream {
+        &self.send
+    }
+}
+
+impl std::ops::DerefMut for Reply {
+    fn deref_mut(&mut self) -> &mut quinn::SendStream {
+        &mut self.send
+    }
+}
+
 /// Sends a plugin's local response.
 async fn answer_local(
-    send: &mut quinn::SendStream,
+    send: &mut Reply,
     status: StatusCode,
     mut headers: http::HeaderMap,
     body: Bytes,
@@ -750,14 +775,20 @@ impl Failure {
 
 /// Answers a stream at once with 503 and `Retry-After` when `max-concurrent-requests` are
 /// already in flight: nothing is queued, nothing is read.
-pub async fn refuse_busy(mut send: quinn::SendStream, mut recv: quinn::RecvStream, limit: usize) {
+pub async fn refuse_busy(
+    heads: HeadCodec,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    limit: usize,
+) {
+    let mut send = Reply { send, heads };
     let _ = recv.stop(proto::code::STREAM_CANCELLED);
     let message = format!("too many requests in flight (max-concurrent-requests = {limit})");
     answer_error(&mut send, StatusCode::SERVICE_UNAVAILABLE, &message).await;
 }
 
 /// Sends a connector-made error response (a 503 says when to retry); returns the body size.
-async fn answer_error(send: &mut quinn::SendStream, status: StatusCode, message: &str) -> u64 {
+async fn answer_error(send: &mut Reply, status: StatusCode, message: &str) -> u64 {
     let body = format!("sluice connector: {message}\n");
     let mut headers = vec![
         (
@@ -783,8 +814,8 @@ async fn answer_error(send: &mut quinn::SendStream, status: StatusCode, message:
 
 /// Sends a response made here (head and whole body) in one write and finishes the stream;
 /// `false`, with the stream reset, when the head cannot be encoded or the edge left.
-async fn send_whole_answer(send: &mut quinn::SendStream, head: &ResponseHead, body: Bytes) -> bool {
-    let sent = match proto::encode(head) {
+async fn send_whole_answer(send: &mut Reply, head: &ResponseHead, body: Bytes) -> bool {
+    let sent = match send.heads.encode_response(head) {
         Ok(frame) => send.write_all_chunks(&mut [frame, body]).await.is_ok(),
         Err(_) => false,
     };

@@ -17,7 +17,7 @@ use super::ConnectorState;
 use crate::admin::metrics::KindLabels;
 use crate::admin::Metrics;
 use crate::config::{connector_split_host_port, BackoffConfig, ConnectorConfig};
-use crate::proto::{self, io::read_frame, io::write_frame, Control, Register, Rejected};
+use crate::proto::{self, io::read_frame, io::write_frame, Control, HeadCodec, Register, Rejected};
 
 /// What a connector says it runs, in its registrations.
 pub const SOFTWARE: &str = concat!("sluice/", env!("CARGO_PKG_VERSION"));
@@ -232,6 +232,8 @@ struct Link {
     control_recv: quinn::RecvStream,
     /// The ingress digest, as of the one sent in `Register`: a later change is sent on.
     digests: tokio::sync::watch::Receiver<String>,
+    /// The head encoding the edge chose.
+    heads: HeadCodec,
     _count: CountGuard,
 }
 
@@ -267,18 +269,20 @@ async fn dial(
             conn_index: index,
             software: Some(SOFTWARE.to_string()),
             digest: Some(digest),
+            heads: HeadCodec::offered(),
         });
         write_frame(&mut send, &register).await?;
         match read_frame::<_, Control>(&mut recv).await? {
             Control::Registered(ok) => {
                 info!(edge_id = %ok.edge_id, connection = ok.connection_id, %addr, "registered with the edge");
-                Ok((conn, send, recv))
+                Ok((conn, send, recv, HeadCodec::chosen(ok.heads.as_deref())))
             }
             Control::Rejected(rej) => Err(SessionError::Rejected(rej)),
             _ => Err(SessionError::Unexpected),
         }
     });
-    let (conn, control_send, control_recv) = dial.await.map_err(|_| SessionError::Timeout)??;
+    let (conn, control_send, control_recv, heads) =
+        dial.await.map_err(|_| SessionError::Timeout)??;
     shared.state.add(1);
     shared.metrics.registered.inc();
     Ok(Link {
@@ -286,6 +290,7 @@ async fn dial(
         control_send,
         control_recv,
         digests,
+        heads,
         _count: CountGuard(shared.state.clone(), shared.metrics.clone()),
     })
 }
@@ -301,6 +306,7 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
         mut control_send,
         control_recv,
         mut digests,
+        heads,
         _count,
     } = link;
     let mut draining = false;
@@ -311,7 +317,7 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
-                Ok((send, recv)) => accept_stream(&shared, send, recv),
+                Ok((send, recv)) => accept_stream(&shared, heads, send, recv),
                 Err(e) => return e.to_string(),
             },
             Ok(()) = digests.changed(), if !draining => {
@@ -348,7 +354,12 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
 
 /// Starts serving one request stream, or refuses it at once when the connector is at its
 /// limit.
-fn accept_stream(shared: &Shared, send: quinn::SendStream, recv: quinn::RecvStream) {
+fn accept_stream(
+    shared: &Shared,
+    heads: HeadCodec,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
     match shared.limit.clone().try_acquire_owned() {
         Ok(permit) => {
             // Each request runs on the pipeline current when it arrived.
@@ -356,7 +367,7 @@ fn accept_stream(shared: &Shared, send: quinn::SendStream, recv: quinn::RecvStre
             let metrics = shared.metrics.clone();
             shared.streams.spawn(
                 pipeline
-                    .handle(send, recv, metrics, permit)
+                    .handle(heads, send, recv, metrics, permit)
                     .in_current_span(),
             );
         }
@@ -369,7 +380,7 @@ fn accept_stream(shared: &Shared, send: quinn::SendStream, recv: quinn::RecvStre
             let limit = shared.config.max_concurrent_requests;
             shared
                 .streams
-                .spawn(pipeline::refuse_busy(send, recv, limit).in_current_span());
+                .spawn(pipeline::refuse_busy(heads, send, recv, limit).in_current_span());
         }
     }
 }

@@ -8,7 +8,9 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::registry::{AddError, ConnEntry, Registrant, Registry};
 use super::EdgeShared;
-use crate::proto::{self, io::read_frame, io::write_frame, Control, RejectCode, Rejected};
+use crate::proto::{
+    self, io::read_frame, io::write_frame, Control, HeadCodec, RejectCode, Rejected,
+};
 use crate::secret::Secret;
 
 /// Why a connection was not registered.
@@ -195,6 +197,7 @@ async fn register(
         conn_index: reg.conn_index,
         software: reg.software.as_deref().map(printable),
         digest: reg.digest.as_deref().map(printable),
+        heads: HeadCodec::chosen(HeadCodec::choose(&reg.heads)),
         conn: conn.clone(),
     };
     let entry = match shared.registry.add(&reg.tunnel, id, registrant) {
@@ -224,6 +227,7 @@ async fn register(
     let ok = Control::Registered(proto::Registered {
         connection_id: id,
         edge_id: shared.config.edge_id.clone(),
+        heads: HeadCodec::choose(&reg.heads).map(str::to_string),
     });
     write_frame(&mut send, &ok).await?;
     unroute.disarm();

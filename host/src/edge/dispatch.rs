@@ -21,7 +21,7 @@ use super::EdgeShared;
 use crate::admin::metrics::{InFlightGauge, KindLabels, TunnelLabels};
 use crate::authority::Authority;
 use crate::headers::{from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID};
-use crate::proto::{self, io::read_frame, RequestHead, ResponseHead, ResponseSource};
+use crate::proto::{self, io::read_payload, HeadCodec, RequestHead, ResponseSource};
 use crate::relay::{self, HttpBody};
 
 /// Handles one client request. Always answers: errors become small plain-text responses.
@@ -304,16 +304,10 @@ impl Forwarded<'_> {
         let client_slot = req.extensions_mut().remove::<HeldSlot>();
         let (parts, body) = req.into_parts();
         let head = self.request_head(parts, &body, &checked);
-        let Ok(frame) = proto::encode(&head) else {
-            return Err(EdgeAnswer::HeadTooLarge);
-        };
         // A request without a body is one packet: head and FIN together.
         let no_body = checked.upgrade.is_none() && body.is_end_stream();
-        let Some((in_flight, send, mut recv)) = self.open_any(&frame, no_body).await else {
-            warn!(tunnel = %self.tunnel, "no live connection for the tunnel");
-            return Err(EdgeAnswer::Offline);
-        };
-        let connection = in_flight.conn().id;
+        let (in_flight, send, mut recv) = self.open_any(&head, no_body).await?;
+        let (connection, heads) = (in_flight.conn().id, in_flight.conn().heads);
         // The request counts (against the tunnel, the connection, the drain) until both its
         // upload and its response are done.
         let counted = Arc::new((in_flight, guards));
@@ -332,7 +326,7 @@ impl Forwarded<'_> {
         }
 
         let (status, mut resp_headers, reason) =
-            match self.response_head(&mut recv, connection).await {
+            match self.response_head(&mut recv, connection, heads).await {
                 Ok(h) => h,
                 Err(answer) => {
                     if let Some(mut s) = held_send {
@@ -421,18 +415,25 @@ impl Forwarded<'_> {
         }
     }
 
-    /// Opens a stream on a live connection of the tunnel and sends `frame`; a connection that
-    /// fails before anything reached the connector is skipped and the next one tried.
+    /// Opens a stream on a live connection of the tunnel and sends `head` in the encoding of
+    /// that connection; a connection that fails before anything reached the connector is
+    /// skipped and the next one tried.
     async fn open_any(
         &self,
-        frame: &[u8],
+        head: &RequestHead,
         finish: bool,
-    ) -> Option<(InFlight, quinn::SendStream, quinn::RecvStream)> {
+    ) -> Result<(InFlight, quinn::SendStream, quinn::RecvStream), EdgeAnswer> {
         let mut tried = Vec::new();
         loop {
-            let in_flight = self.shared.registry.pick(self.tunnel, &tried)?;
-            match open_stream(&in_flight, frame, finish).await {
-                Ok((send, recv)) => return Some((in_flight, send, recv)),
+            let Some(in_flight) = self.shared.registry.pick(self.tunnel, &tried) else {
+                warn!(tunnel = %self.tunnel, "no live connection for the tunnel");
+                return Err(EdgeAnswer::Offline);
+            };
+            let Ok(frame) = in_flight.conn().heads.encode_request(head) else {
+                return Err(EdgeAnswer::HeadTooLarge);
+            };
+            match open_stream(&in_flight, &frame, finish).await {
+                Ok((send, recv)) => return Ok((in_flight, send, recv)),
                 Err(e) => {
                     debug!(tunnel = %self.tunnel, connection = in_flight.conn().id, cause = %e, "could not open a stream, trying another connection");
                     tried.push(in_flight.conn().id);
@@ -446,12 +447,16 @@ impl Forwarded<'_> {
         &self,
         recv: &mut quinn::RecvStream,
         connection: u64,
+        heads: HeadCodec,
     ) -> Result<(StatusCode, http::HeaderMap, &'static str), EdgeAnswer> {
         let tunnel = self.tunnel;
-        let head: ResponseHead = read_frame(recv).await.map_err(|e| {
-            warn!(%tunnel, connection, cause = %e, "the connector did not answer the request");
-            EdgeAnswer::ConnectorFailed
-        })?;
+        let read = read_payload(recv).await;
+        let head = read
+            .and_then(|p| Ok(heads.decode_response(&p)?))
+            .map_err(|e| {
+                warn!(%tunnel, connection, cause = %e, "the connector did not answer the request");
+                EdgeAnswer::ConnectorFailed
+            })?;
         let status = StatusCode::from_u16(head.status).map_err(|_| {
             warn!(%tunnel, connection, status = head.status, "the connector sent an invalid status");
             EdgeAnswer::ConnectorFailed

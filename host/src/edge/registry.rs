@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::config::{HostPattern, TunnelConfig};
+use crate::proto::HeadCodec;
 
 /// One registered connector connection.
 #[derive(Debug)]
@@ -19,6 +20,8 @@ pub struct ConnEntry {
     pub conn: quinn::Connection,
     /// What the connector said it runs (`sluice/0.1.0`), if it said.
     pub software: Option<String>,
+    /// How the heads of its request streams are encoded (agreed at registration).
+    pub heads: HeadCodec,
     /// The transport the connection runs on.
     pub protocol: &'static str,
     /// When it registered.
@@ -94,6 +97,8 @@ pub struct Registrant {
     pub software: Option<String>,
     /// The connector's ingress digest.
     pub digest: Option<String>,
+    /// The head encoding agreed with it.
+    pub heads: HeadCodec,
     /// The QUIC connection.
     pub conn: quinn::Connection,
 }
@@ -334,6 +339,7 @@ impl Registry {
             conn_index,
             software,
             digest,
+            heads,
             conn,
         } = registrant;
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
@@ -371,6 +377,7 @@ impl Registry {
             conn_index,
             conn,
             software,
+            heads,
             protocol: "quic",
             registered_at: std::time::SystemTime::now(),
             digest: Mutex::new(digest),
@@ -543,6 +550,7 @@ mod tests {
             conn_index: 0,
             software: None,
             digest: None,
+            heads: HeadCodec::Json,
             conn: conn.clone(),
         }
     }

@@ -26,6 +26,9 @@ pub enum FrameError {
     /// The payload is not a valid message.
     #[error("malformed frame: {0}")]
     Malformed(#[from] serde_json::Error),
+    /// The payload is not a valid binary head.
+    #[error("malformed frame: {0}")]
+    Invalid(&'static str),
 }
 
 /// Encodes `msg` as one frame (length prefix included).
@@ -116,6 +119,7 @@ mod tests {
             conn_index: 0,
             software: None,
             digest: None,
+            heads: Vec::new(),
         })
     }
 
@@ -126,6 +130,7 @@ mod tests {
             Control::Registered(Registered {
                 connection_id: 7,
                 edge_id: "edge-a".into(),
+                heads: None,
             }),
             Control::Rejected(Rejected {
                 code: RejectCode::Unauthorized,

@@ -26,6 +26,15 @@ where
     R: AsyncRead + Unpin,
     M: serde::de::DeserializeOwned,
 {
+    Ok(decode(&read_payload(r).await?)?)
+}
+
+/// Reads exactly one frame's payload (without its prefix) and nothing past it. Not cancel
+/// safe, as [`read_frame`].
+pub async fn read_payload<R>(r: &mut R) -> Result<Vec<u8>, FrameIoError>
+where
+    R: AsyncRead + Unpin,
+{
     let mut prefix = [0u8; 4];
     let mut have = 0;
     while have < 4 {
@@ -53,7 +62,7 @@ where
         }
         have += n;
     }
-    Ok(decode(&payload)?)
+    Ok(payload)
 }
 
 /// Writes one frame.

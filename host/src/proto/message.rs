@@ -49,6 +49,10 @@ pub struct Register {
     /// tunnel that disagree are reported by the edge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Encodings of request-stream heads the connector reads besides JSON (see
+    /// [`super::HeadCodec`]); absent from connectors that predate them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub heads: Vec<String>,
 }
 
 impl Register {
@@ -84,6 +88,9 @@ pub struct Registered {
     pub connection_id: u64,
     /// Which edge accepted it.
     pub edge_id: String,
+    /// The head encoding the connection uses, chosen from `Register.heads`; absent: JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heads: Option<String>,
 }
 
 /// Registration refused.
@@ -267,6 +274,7 @@ mod tests {
             conn_index: 0,
             software: None,
             digest: None,
+            heads: Vec::new(),
         };
         assert!(reg.check_version().is_ok());
         reg.version = 2;
@@ -282,6 +290,10 @@ mod tests {
             panic!("not a register");
         };
         assert_eq!((reg.software, reg.digest), (None, None));
+        assert!(
+            reg.heads.is_empty(),
+            "an older connector reads JSON heads only"
+        );
         let msg = Control::Digest(Digest {
             digest: "sha256:0123456789abcdef".into(),
         });
@@ -307,6 +319,7 @@ mod tests {
             conn_index: 0,
             software: None,
             digest: None,
+            heads: Vec::new(),
         };
         assert!(!format!("{reg:?}").contains("supersecret"));
     }

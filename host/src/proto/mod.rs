@@ -7,11 +7,15 @@
 //!
 //! JSON keeps the protocol inspectable and lets v1 grow: unknown fields are ignored and unknown
 //! control message kinds decode to [`Control::Unknown`]. The version is checked once, at
-//! registration.
+//! registration. The heads of request streams may instead use a compact binary form when both
+//! ends agree at registration ([`HeadCodec`]); control messages are always JSON.
 
 mod frame;
+mod head;
 pub mod io;
 mod message;
+
+pub use head::{HeadCodec, BINARY as BINARY_HEADS};
 
 pub use frame::{decode, decode_len, encode, FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use message::{

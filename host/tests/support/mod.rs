@@ -542,12 +542,24 @@ impl RawRegistration {
     }
 }
 
-/// Connects with `ep` and sends `Register` for `tunnel` with `token`.
+/// Connects with `ep` and sends `Register` for `tunnel` with `token`, as a connector that
+/// reads JSON heads only.
 pub async fn raw_register(
     ep: &quinn::Endpoint,
     edge: &EdgeHandle,
     tunnel: &str,
     token: &str,
+) -> RawRegistration {
+    raw_register_offering(ep, edge, tunnel, token, &[]).await
+}
+
+/// Like [`raw_register`], offering the head encodings `heads`.
+pub async fn raw_register_offering(
+    ep: &quinn::Endpoint,
+    edge: &EdgeHandle,
+    tunnel: &str,
+    token: &str,
+    heads: &[&str],
 ) -> RawRegistration {
     let conn = ep.connect(edge.quic, "localhost").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -559,6 +571,7 @@ pub async fn raw_register(
         conn_index: 0,
         software: None,
         digest: None,
+        heads: heads.iter().map(|h| h.to_string()).collect(),
     });
     sluice::proto::io::write_frame(&mut send, &msg)
         .await
