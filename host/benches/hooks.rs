@@ -281,19 +281,100 @@ file = "{scratch}/audit.jsonl"
     );
     response_headers.insert("content-length", http::HeaderValue::from_static("100"));
 
+    let one = Arc::new(OneRequest {
+        chains,
+        context,
+        request,
+        request_headers,
+        response_headers,
+    });
     let mut samples = Vec::with_capacity(iters);
     for i in 0..iters + 1000 {
         let t = Instant::now();
-        let mut headers = request_headers.clone();
-        let mut run = chains
-            .start(0, || request.clone(), &context)
+        one.run().await;
+        if i >= 1000 {
+            samples.push(t.elapsed());
+        }
+    }
+    report("bench/compare chain, every hook, per request", samples);
+
+    // As under bench/compare's case A: 64 requests at a time on a two-worker runtime, the
+    // process's CPU time (every thread: workers, audit writer, epoch ticker) per request.
+    let shared = one.clone();
+    let cpu_us = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let before = process_cpu();
+            let tasks: Vec<_> = (0..64)
+                .map(|_| {
+                    let one = shared.clone();
+                    tokio::spawn(async move {
+                        for _ in 0..iters / 64 {
+                            one.run().await;
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+            (process_cpu() - before) * 1e6 / (iters / 64 * 64) as f64
+        })
+    })
+    .join()
+    .unwrap();
+    println!(
+        "{:<44} CPU    {cpu_us:>8.2} µs per request (64 at a time, 2 workers)",
+        "bench/compare chain, concurrent"
+    );
+    one.context.audit.close().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// User + system seconds used by this process so far.
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, in clock ticks of 1/100 s on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One request of bench/compare's traffic through the chain, every hook.
+struct OneRequest {
+    chains: Chains,
+    context: AuditContext,
+    request: RequestView,
+    request_headers: http::HeaderMap,
+    response_headers: http::HeaderMap,
+}
+
+impl OneRequest {
+    async fn run(&self) {
+        let mut headers = self.request_headers.clone();
+        let mut run = self
+            .chains
+            .start(0, || self.request.clone(), &self.context)
             .expect("a chain");
         let edits = run.on_request(&mut headers, |_| true).await.unwrap();
         assert!(
             edits.respond.is_none(),
             "access-guard refused the bench token"
         );
-        let mut resp = response_headers.clone();
+        let mut resp = self.response_headers.clone();
         run.on_response(http::StatusCode::OK, &mut resp)
             .await
             .unwrap();
@@ -306,11 +387,5 @@ file = "{scratch}/audit.jsonl"
             error: None,
         })
         .await;
-        if i >= 1000 {
-            samples.push(t.elapsed());
-        }
     }
-    report("bench/compare chain, every hook, per request", samples);
-    context.audit.close().await;
-    let _ = std::fs::remove_dir_all(&scratch);
 }
