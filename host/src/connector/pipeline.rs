@@ -330,20 +330,7 @@ impl Pipeline {
 
         // On-request: the rule's plugin chain (global chain first) may edit headers, rewrite
         // the path, choose another configured origin, or answer locally.
-        let view = || RequestView {
-            method: head.method.clone(),
-            scheme: head.scheme.clone(),
-            authority: head.authority.clone(),
-            path: target.clone(),
-            headers: headers
-                .iter()
-                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            request_id: head.request_id.clone(),
-            hostname: host.to_string(),
-            ingress_rule: m.index as u32,
-            client_addr: head.client_addr.clone(),
-        };
+        let view = || request_view(head, host, &target, &headers, m.index);
         *run = self.chains.start(m.index, view, &self.audit_context);
         if let Some(chain) = run.as_mut() {
             let edits = chain
@@ -362,14 +349,7 @@ impl Pipeline {
         }
 
         let Some(origin) = self.origins.get(&origin_name) else {
-            return Err(Failure::Answer {
-                status: StatusCode::BAD_GATEWAY,
-                message: format!("origin {origin_name:?} is not configured"),
-                public: Some("no origin is available for this request"),
-                origin: origin_name,
-                kind: "config",
-                origin_failure: false,
-            });
+            return Err(Failure::unconfigured(origin_name));
         };
         set_origin_headers(&mut headers, head, origin.config())?;
         let (body, upgrade_recv) = framing.apply(&mut headers, recv, bytes_in);
@@ -448,18 +428,7 @@ impl Pipeline {
         };
         if let Some((_, recv, on_upgrade)) = upgrade {
             send_head(send, head_frame, &outcome.origin).await?;
-            let spliced = match on_upgrade.await {
-                Ok(upgraded) => relay::splice(
-                    TokioIo::new(upgraded),
-                    &mut send.send,
-                    recv,
-                    self.body_idle_timeout,
-                )
-                .await
-                .map_err(|e| format!("upgraded connection failed: {e}")),
-                Err(e) => Err(format!("origin upgrade failed: {e}")),
-            };
-            match spliced {
+            match self.splice(on_upgrade, send, recv).await {
                 Ok((up, down)) => {
                     bytes_in.fetch_add(up, Ordering::Relaxed);
                     outcome.bytes_out = down;
@@ -486,6 +455,27 @@ impl Pipeline {
             }
         }
         Ok(outcome)
+    }
+
+    /// After a 101: relays the upgraded origin connection and the stream both ways; (bytes
+    /// up, bytes down).
+    async fn splice(
+        &self,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+        send: &mut Reply,
+        recv: quinn::RecvStream,
+    ) -> Result<(u64, u64), String> {
+        let upgraded = on_upgrade
+            .await
+            .map_err(|e| format!("origin upgrade failed: {e}"))?;
+        relay::splice(
+            TokioIo::new(upgraded),
+            &mut send.send,
+            recv,
+            self.body_idle_timeout,
+        )
+        .await
+        .map_err(|e| format!("upgraded connection failed: {e}"))
     }
 }
 
@@ -624,6 +614,30 @@ impl Framing {
     }
 }
 
+/// The request as plugins see it, before any grant restricts it.
+fn request_view(
+    head: &RequestHead,
+    host: &str,
+    target: &str,
+    headers: &http::HeaderMap,
+    rule: usize,
+) -> RequestView {
+    RequestView {
+        method: head.method.clone(),
+        scheme: head.scheme.clone(),
+        authority: head.authority.clone(),
+        path: target.to_string(),
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect(),
+        request_id: head.request_id.clone(),
+        hostname: host.to_string(),
+        ingress_rule: rule as u32,
+        client_addr: head.client_addr.clone(),
+    }
+}
+
 /// The send half of a request stream, with the head encoding of its connection.
 struct Reply {
     send: quinn::SendStream,
@@ -698,6 +712,18 @@ enum Failure {
 }
 
 impl Failure {
+    /// The chosen origin is not in the configuration.
+    fn unconfigured(origin: String) -> Self {
+        Failure::Answer {
+            status: StatusCode::BAD_GATEWAY,
+            message: format!("origin {origin:?} is not configured"),
+            public: Some("no origin is available for this request"),
+            origin,
+            kind: "config",
+            origin_failure: false,
+        }
+    }
+
     fn bad_request(message: String) -> Self {
         Failure::Answer {
             status: StatusCode::BAD_REQUEST,
