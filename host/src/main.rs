@@ -88,6 +88,9 @@ fn serve(command: cli::Command, log_format: Option<LogFormat>) -> ExitCode {
         Role::Demo { .. } => LogFormat::Text,
     };
     init_logging(log_format.unwrap_or(from_file));
+    // Purges every free page of every heap: about 10 MB of a connector's resident memory after
+    // its plugins are compiled.
+    sluice::plugin::set_memory_release(|| unsafe { libmimalloc_sys::mi_collect(true) });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

@@ -152,6 +152,7 @@ impl Pipeline {
                 let plugin = Plugin::load(runtime.clone(), p.clone(), env.metrics.clone()).await?;
                 loaded.insert(p.name.clone(), Arc::new(plugin));
             }
+            crate::plugin::release_compiler_memory();
         }
         Ok(Pipeline {
             ingress: Ingress::new(config.ingress.clone()),

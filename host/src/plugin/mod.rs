@@ -25,7 +25,7 @@ use bindings::exports::sluice::plugin::{init, on_complete, on_request, on_respon
 use bindings::sluice::plugin::types::{Completion, RequestDecision, Response, ResponseDecision};
 use host::StoreData;
 pub use host::{RawEvent, RequestView, SharedView};
-pub use runtime::{Runtime, RuntimeError};
+pub use runtime::{release_compiler_memory, set_memory_release, Runtime, RuntimeError};
 
 use crate::admin::metrics::{Metrics, PluginErrorLabels, PluginHookLabels, PluginLabels};
 use crate::config::{Isolation, OnError, PluginConfig};

@@ -45,6 +45,25 @@ pub const ALLOWED_IMPORTS: &[&str] = &[
     "wasi:random/insecure-seed",
 ];
 
+/// How the process returns freed heap memory to the operating system, when its allocator
+/// can (set once by the binary, which chooses the allocator).
+static RELEASE_MEMORY: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Installs the routine that returns freed heap memory to the operating system. Compiling a
+/// plugin takes tens of megabytes of scratch memory that the allocator would otherwise keep
+/// mapped for the life of the process.
+pub fn set_memory_release(release: fn()) {
+    let _ = RELEASE_MEMORY.set(release);
+}
+
+/// Returns the compiler's freed scratch memory to the operating system, once a set of plugins
+/// is loaded.
+pub fn release_compiler_memory() {
+    if let Some(release) = RELEASE_MEMORY.get() {
+        release();
+    }
+}
+
 /// Why the runtime could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("failed to set up the WebAssembly runtime: {0:#}")]
