@@ -15,6 +15,7 @@
 //! - [`connector`]: dial loop with back-off, sessions, the per-stream pipeline.
 //! - [`ingress`]: path normalisation and first-match rules.
 //! - [`origin`]: HTTP/1.1 client pools, TLS to origins, built-in origins.
+//! - [`transport`]: QUIC, and HTTP/2 on TLS over TCP, behind one connection and stream model.
 //! - [`relay`]: bodies and upgraded sockets across QUIC streams, with back-pressure.
 //! - [`headers`]: hop-by-hop rules and header conversions.
 //! - [`tls`]: rustls configurations for every hop.
@@ -34,7 +35,7 @@ pub mod ingress;
 pub mod origin;
 pub mod plugin;
 pub mod proto;
-pub mod quic;
 pub mod relay;
 pub mod secret;
 pub mod tls;
+pub mod transport;

@@ -4,7 +4,6 @@
 //! chunk when the HTTP side asks for one, and an HTTP body is written to a QUIC send stream one
 //! frame at a time, waiting for flow-control credit.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +15,8 @@ use http_body::{Body, Frame};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::transport::{RecvStream, SendStream, StreamError};
+
 /// Error type of bodies that cross the tunnel.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -26,12 +27,12 @@ pub type HttpBody = BoxBody<Bytes, BoxError>;
 const CHUNK: usize = 64 * 1024;
 
 /// An HTTP body that yields what arrives on `recv` until FIN; a reset becomes a body error.
-pub fn recv_body(recv: quinn::RecvStream) -> HttpBody {
+pub fn recv_body(recv: RecvStream) -> HttpBody {
     recv_body_counted(recv, Arc::default())
 }
 
 /// Like [`recv_body`], adding the bytes read to `counter`.
-pub fn recv_body_counted(recv: quinn::RecvStream, counter: Arc<AtomicU64>) -> HttpBody {
+pub fn recv_body_counted(recv: RecvStream, counter: Arc<AtomicU64>) -> HttpBody {
     BoxBody::new(RecvBody {
         recv: Some(recv),
         next: None,
@@ -47,7 +48,7 @@ pub fn recv_body_counted(recv: quinn::RecvStream, counter: Arc<AtomicU64>) -> Ht
 /// STOP_SENDING (one packet more per request) for it.
 struct RecvBody {
     /// `None` once the stream ended or failed.
-    recv: Option<quinn::RecvStream>,
+    recv: Option<RecvStream>,
     /// What was read while looking for the FIN (a chunk or the stream's failure), yielded
     /// next.
     next: Option<Result<Bytes, BoxError>>,
@@ -59,12 +60,12 @@ impl RecvBody {
         let Some(recv) = self.recv.as_mut() else {
             return Poll::Ready(None);
         };
-        let read = ready!(std::pin::pin!(recv.read_chunk(CHUNK, true)).poll(cx));
+        let read = ready!(recv.poll_chunk(cx, CHUNK));
         Poll::Ready(match read {
             Ok(Some(chunk)) => {
                 self.counter
-                    .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                Some(Ok(chunk.bytes))
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                Some(Ok(chunk))
             }
             Ok(None) => {
                 self.recv = None;
@@ -136,7 +137,7 @@ pub enum PumpError {
     Body(BoxError),
     /// The QUIC stream failed (peer reset or stopped it, connection lost).
     #[error("stream failed: {0}")]
-    Stream(#[from] quinn::WriteError),
+    Stream(#[from] StreamError),
 }
 
 /// Writes `head` (an encoded frame, possibly empty), then every data frame of `body` to
@@ -147,11 +148,7 @@ pub enum PumpError {
 /// written together with the head, and the FIN follows without yielding to the runtime, so
 /// that QUIC's connection task, woken by the first write, finds the whole answer (a head, a
 /// body and a FIN sent one by one cost up to three packets and their acknowledgements).
-pub async fn pump<B>(
-    head: Bytes,
-    mut body: B,
-    send: &mut quinn::SendStream,
-) -> Result<u64, PumpError>
+pub async fn pump<B>(head: Bytes, mut body: B, send: &mut SendStream) -> Result<u64, PumpError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -196,7 +193,7 @@ where
 pub async fn splice<T, W>(
     io: T,
     send: W,
-    recv: quinn::RecvStream,
+    recv: RecvStream,
     idle: std::time::Duration,
 ) -> std::io::Result<(u64, u64)>
 where
@@ -374,6 +371,8 @@ impl<G: Unpin> Body for Guarded<G> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transport::testing::Loopback;
+    use crate::transport::Protocol;
     use http_body_util::StreamBody;
     use std::time::Duration;
 
@@ -411,26 +410,29 @@ mod tests {
         feeder.abort();
     }
 
-    /// A stream opened by `conn`'s peer carrying `data`, then FIN (or a reset with `reset`),
-    /// as the receiving side sees it, with the sending half kept for its `stopped()`.
+    /// A stream opened by the edge's side of a loopback connection over `protocol`, carrying
+    /// `data`, then FIN (or a reset with `reset`), as the connector's side receives it, with
+    /// the sending half kept for its `stopped()`.
     async fn stream_with(
+        protocol: Protocol,
         data: &'static [u8],
         reset: Option<u32>,
-    ) -> ([quinn::Endpoint; 2], quinn::SendStream, quinn::RecvStream) {
-        let (eps, server, client) = crate::quic::loopback_pair().await;
-        let (mut send, _) = server.open_bi().await.unwrap();
+    ) -> (Loopback, SendStream, RecvStream) {
+        let pair = crate::transport::testing::pair(protocol).await;
+        let (mut send, _) = pair.edge.open_bi().await.unwrap();
         send.write_all(data).await.unwrap();
         match reset {
-            Some(code) => send.reset(code.into()).unwrap(),
+            Some(code) => send.reset(code).unwrap(),
             None => send.finish().unwrap(),
         }
-        let (_, recv) = client.accept_bi().await.unwrap();
-        (eps, send, recv)
+        let (_, recv) = pair.connector.accept_bi().await.unwrap();
+        (pair, send, recv)
     }
 
     #[tokio::test]
     async fn a_body_read_to_its_last_byte_ends_and_its_stream_is_not_stopped() {
-        let (_eps, send, recv) = stream_with(&[7; 100], None).await;
+        // QUIC only: HTTP/2 has no STOP_SENDING.
+        let (_pair, mut send, recv) = stream_with(Protocol::Quic, &[7; 100], None).await;
         let mut body = recv_body(recv);
         let mut got = Vec::new();
         // An HTTP writer that stops at `content-length` reads no further than the last byte.
@@ -452,7 +454,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_reset_after_the_data_is_an_error_never_a_clean_end() {
-        let (_eps, _send, recv) = stream_with(&[7; 100], Some(9)).await;
+        for protocol in [Protocol::Quic, Protocol::Http2] {
+            a_reset_after_the_data_is_an_error(protocol).await;
+        }
+    }
+
+    async fn a_reset_after_the_data_is_an_error(protocol: Protocol) {
+        let (_pair, _send, recv) = stream_with(protocol, &[7; 100], Some(9)).await;
         let mut body = recv_body(recv);
         let mut got = 0;
         let err = loop {
@@ -465,9 +473,9 @@ mod tests {
                     assert!(!body.is_end_stream());
                 }
                 Some(Err(e)) => break e,
-                None => panic!("a reset stream ended cleanly after {got} bytes"),
+                None => panic!("{protocol}: a reset stream ended cleanly after {got} bytes"),
             }
         };
-        assert!(err.to_string().contains("reset"), "{err}");
+        assert!(err.to_string().contains("reset"), "{protocol}: {err}");
     }
 }

@@ -166,6 +166,28 @@ pub fn quic_client(extra_ca: &[CertificateDer<'static>]) -> Result<quinn::Client
     Ok(cfg)
 }
 
+/// The edge's TLS config for connectors over TCP: TLS 1.3 only, ALPN `sluice-h2/1`, the
+/// same certificate as the QUIC listener.
+pub fn tcp_server(cert: Arc<ServerCert>) -> Result<rustls::ServerConfig, TlsError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(cert);
+    tls.alpn_protocols = vec![proto::ALPN_TCP.to_vec()];
+    Ok(tls)
+}
+
+/// The connector's TLS config for edges over TCP: system roots plus `extra_ca`, TLS 1.3,
+/// ALPN `sluice-h2/1`.
+pub fn tcp_client(extra_ca: &[CertificateDer<'static>]) -> Result<rustls::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots_with(extra_ca)?)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![proto::ALPN_TCP.to_vec()];
+    Ok(tls)
+}
+
 /// Request streams the edge may have open at once on one connector connection.
 pub const MAX_REQUEST_STREAMS: u32 = 4096;
 

@@ -18,8 +18,8 @@ async fn send_garbage(edge: &EdgeHandle, bytes: &[u8]) -> quinn::ConnectionError
         .expect("edge kept a bad connection open")
 }
 
-fn closed_with(err: &quinn::ConnectionError, code: quinn::VarInt) -> bool {
-    matches!(err, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code)
+fn closed_with(err: &quinn::ConnectionError, code: u32) -> bool {
+    matches!(err, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == quinn::VarInt::from_u32(code))
 }
 
 #[tokio::test]

@@ -313,7 +313,8 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
         r#"sluice_connector_requests_total{class="2xx"} 3"#,
         r#"sluice_connector_requests_total{class="5xx"} 1"#,
         r#"sluice_connector_origin_errors_total{origin="down",kind="refused"} 1"#,
-        "sluice_connector_registered_connections 2",
+        r#"sluice_connector_registered_connections{protocol="quic"} 2"#,
+        r#"sluice_connector_registered_connections{protocol="http2"} 0"#,
         "sluice_connector_streams_in_flight 0",
     ] {
         assert!(

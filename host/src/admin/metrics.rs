@@ -43,7 +43,14 @@ pub struct TunnelLabels {
 pub struct ConnectionLabels {
     /// Tunnel id.
     pub tunnel: String,
-    /// Transport: `quic`.
+    /// Transport: `quic` or `http2`.
+    pub protocol: &'static str,
+}
+
+/// Label of the connector's connection gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// Transport: `quic` or `http2`.
     pub protocol: &'static str,
 }
 
@@ -103,8 +110,8 @@ pub struct Metrics {
     pub duration: Histogram,
     /// Streams (requests) in flight.
     pub in_flight: Gauge,
-    /// Registered connector connections.
-    pub registered: Gauge,
+    /// Registered connector connections, by transport (see [`Metrics::registered_on`]).
+    pub registered: Family<ProtocolLabels, Gauge>,
     /// Failed registrations, by kind.
     pub registration_failures: Family<KindLabels, Counter>,
     /// Origin failures, by origin and kind.
@@ -123,13 +130,31 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The registered-connections gauge of `protocol`.
+    pub fn registered_on(&self, protocol: crate::transport::Protocol) -> Gauge {
+        self.registered
+            .get_or_create(&ProtocolLabels {
+                protocol: protocol.as_str(),
+            })
+            .clone()
+    }
+
     /// The connector's metrics, named `<prefix>_…` (`sluice_connector`).
     pub fn new(prefix: &str) -> Self {
         let mut registry = Registry::with_prefix(prefix);
         let requests = Family::<StatusLabels, Counter>::default();
         let duration = Histogram::new(exponential_buckets(0.0005, 2.0, 18));
         let in_flight = Gauge::default();
-        let registered = Gauge::default();
+        let registered = Family::<ProtocolLabels, Gauge>::default();
+        // Both series exist from the start, at 0.
+        for protocol in [
+            crate::transport::Protocol::Quic,
+            crate::transport::Protocol::Http2,
+        ] {
+            let _ = registered.get_or_create(&ProtocolLabels {
+                protocol: protocol.as_str(),
+            });
+        }
         let registration_failures = Family::<KindLabels, Counter>::default();
         let origin_errors = Family::<OriginErrorLabels, Counter>::default();
         let rejected = Family::<KindLabels, Counter>::default();
@@ -146,7 +171,7 @@ impl Metrics {
         registry.register("streams_in_flight", "Requests in flight", in_flight.clone());
         registry.register(
             "registered_connections",
-            "Connector connections registered",
+            "Connections registered with an edge, by transport",
             registered.clone(),
         );
         registry.register(

@@ -37,6 +37,8 @@ pub struct ConnectorConfig {
     pub edges: Vec<String>,
     /// Connections kept to each edge.
     pub ha_connections: u32,
+    /// The transport to the edges.
+    pub protocol: super::TransportChoice,
     /// Extra CA certificates trusted for edges, besides the system roots.
     pub edge_ca: Vec<CertificateDer<'static>>,
     /// Name to verify in the edge's certificate instead of the host in `edges`.
@@ -253,6 +255,7 @@ impl ConnectorConfig {
             connector_id: default_connector_id(),
             edges: Vec::new(),
             ha_connections: DEFAULT_HA_CONNECTIONS,
+            protocol: Default::default(),
             edge_ca: Vec::new(),
             edge_server_name: None,
             origins: vec![OriginConfig::new("hello", OriginTarget::Hello)],
@@ -473,6 +476,7 @@ impl ConnectorConfig {
             connector_id: file.connector_id.unwrap_or_else(default_connector_id),
             edges: file.edges,
             ha_connections,
+            protocol: file.protocol.unwrap_or_default(),
             edge_ca,
             edge_server_name: file.edge_server_name,
             origins,
@@ -547,6 +551,7 @@ struct ConnectorFile {
     connector_id: Option<String>,
     edges: Vec<String>,
     ha_connections: Option<u32>,
+    protocol: Option<super::TransportChoice>,
     edge_ca: Option<PathBuf>,
     edge_server_name: Option<String>,
     grace_period: Option<Duration>,

@@ -21,8 +21,12 @@ pub struct EdgeConfig {
     pub https: Option<HttpsConfig>,
     /// QUIC listener for connectors.
     pub quic_listen: SocketAddr,
-    /// Certificate the QUIC listener presents to connectors.
+    /// Certificate the QUIC listener presents to connectors (and the TCP listener, when
+    /// there is one).
     pub quic_identity: TlsIdentity,
+    /// TCP listener for connectors (HTTP/2 on TLS 1.3), for networks that block UDP. When it
+    /// and `quic_listen` both ask for port 0, both get the same port number.
+    pub tcp_listen: Option<SocketAddr>,
     /// How long a new connection may take to register.
     pub register_timeout: std::time::Duration,
     /// Tunnels this edge serves.
@@ -120,6 +124,7 @@ impl EdgeConfig {
             https: None,
             quic_listen,
             quic_identity,
+            tcp_listen: None,
             register_timeout: DEFAULT_REGISTER_TIMEOUT,
             tunnels: Vec::new(),
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
@@ -249,6 +254,7 @@ impl EdgeConfig {
             https,
             quic_listen: file.connectors.listen,
             quic_identity,
+            tcp_listen: file.connectors.listen_tcp,
             register_timeout: file
                 .connectors
                 .register_timeout
@@ -384,6 +390,7 @@ struct HttpsFile {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ConnectorsFile {
     listen: SocketAddr,
+    listen_tcp: Option<SocketAddr>,
     cert: PathBuf,
     key: PathBuf,
     register_timeout: Option<Duration>,

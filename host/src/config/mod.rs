@@ -237,6 +237,19 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// Which transport a connector uses to reach its edges (`protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TransportChoice {
+    /// QUIC first; HTTP/2 over TCP when QUIC fails, and back to QUIC when it works again.
+    #[default]
+    Auto,
+    /// QUIC only.
+    Quic,
+    /// HTTP/2 over TLS over TCP only.
+    Http2,
+}
+
 /// The `[admin]` table of either role.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

@@ -77,6 +77,7 @@ pub struct Connector {
     pipeline: Arc<ArcSwap<Pipeline>>,
     env: Arc<PluginEnv>,
     client: quinn::ClientConfig,
+    tcp_client: Arc<rustls::ClientConfig>,
     state: Arc<ConnectorState>,
     metrics: Arc<Metrics>,
     admin: Option<std::net::TcpListener>,
@@ -179,6 +180,7 @@ impl Connector {
         let env = Arc::new(PluginEnv::new(audit, metrics.clone()));
         let pipeline = Arc::new(ArcSwap::from_pointee(Pipeline::new(&config, &env).await?));
         let client = tls::quic_client(&config.edge_ca)?;
+        let tcp_client = Arc::new(tls::tcp_client(&config.edge_ca)?);
         let (registered, _) = watch::channel(0);
         let admin = match config.admin_listen {
             Some(addr) => {
@@ -207,6 +209,7 @@ impl Connector {
             config: Arc::new(config),
             pipeline,
             client,
+            tcp_client,
             state: Arc::new(ConnectorState { registered }),
             metrics,
             env,
@@ -301,6 +304,8 @@ impl Connector {
             pipeline: self.pipeline.clone(),
             client: self.client.clone(),
             endpoint: endpoint.clone(),
+            tcp_client: self.tcp_client.clone(),
+            cut_off: CancellationToken::new(),
             state: self.state.clone(),
             streams: streams.clone(),
             metrics: self.metrics.clone(),
@@ -351,7 +356,11 @@ impl Connector {
                 );
                 // Cut off, the requests still running end at once; their on-complete hooks
                 // still run, and their audit events are still written below.
-                endpoint.close(crate::proto::code::CLOSE_NORMAL, b"connector shutting down");
+                shared.cut_off.cancel();
+                endpoint.close(
+                    crate::proto::code::CLOSE_NORMAL.into(),
+                    b"connector shutting down",
+                );
                 if tokio::time::timeout(AFTER_GRACE, streams.wait())
                     .await
                     .is_err()
@@ -365,7 +374,11 @@ impl Connector {
         }
         // Nothing can emit any more: write what is queued and stop the writer.
         self.env.audit().close().await;
-        endpoint.close(crate::proto::code::CLOSE_NORMAL, b"connector shutting down");
+        shared.cut_off.cancel();
+        endpoint.close(
+            crate::proto::code::CLOSE_NORMAL.into(),
+            b"connector shutting down",
+        );
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         info!("connector stopped");
         Ok(())
@@ -375,5 +388,6 @@ impl Connector {
 fn bind_endpoint() -> std::io::Result<quinn::Endpoint> {
     let v6: SocketAddr = "[::]:0".parse().expect("valid literal");
     let v4: SocketAddr = "0.0.0.0:0".parse().expect("valid literal");
-    crate::quic::endpoint(v6, None).or_else(|_| crate::quic::endpoint(v4, None))
+    use crate::transport::quic::endpoint;
+    endpoint(v6, None).or_else(|_| endpoint(v4, None))
 }

@@ -38,6 +38,7 @@ use crate::plugin::{LoadError, Plugin, RequestView, Runtime};
 use crate::proto::{self, io::read_payload, HeadCodec, RequestHead, ResponseHead, ResponseSource};
 use crate::relay::{self, PumpError};
 use crate::tls::TlsError;
+use crate::transport::{RecvStream, SendStream};
 
 /// How long the edge has to send a request head once it opened a stream.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -179,8 +180,8 @@ impl Pipeline {
     pub async fn handle(
         self: Arc<Self>,
         heads: HeadCodec,
-        send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
+        send: SendStream,
+        mut recv: RecvStream,
         metrics: Arc<Metrics>,
         permit: OwnedSemaphorePermit,
     ) {
@@ -208,13 +209,7 @@ impl Pipeline {
             .await
     }
 
-    async fn serve(
-        &self,
-        head: RequestHead,
-        mut send: Reply,
-        recv: quinn::RecvStream,
-        metrics: &Metrics,
-    ) {
+    async fn serve(&self, head: RequestHead, mut send: Reply, recv: RecvStream, metrics: &Metrics) {
         let start = Instant::now();
         let host = normalize_host(&head.authority);
         let bytes_in = Arc::new(AtomicU64::new(0));
@@ -301,7 +296,7 @@ impl Pipeline {
         head: &RequestHead,
         host: &str,
         send: &mut Reply,
-        recv: quinn::RecvStream,
+        recv: RecvStream,
         bytes_in: &Arc<AtomicU64>,
         run: &mut Option<ChainRun<'a>>,
     ) -> Result<Outcome, Failure> {
@@ -383,7 +378,7 @@ impl Pipeline {
     async fn relay_response(
         &self,
         mut resp: http::Response<relay::HttpBody>,
-        upgrade: Option<(&str, quinn::RecvStream)>,
+        upgrade: Option<(&str, RecvStream)>,
         origin_name: String,
         send: &mut Reply,
         bytes_in: &Arc<AtomicU64>,
@@ -464,7 +459,7 @@ impl Pipeline {
         &self,
         on_upgrade: hyper::upgrade::OnUpgrade,
         send: &mut Reply,
-        recv: quinn::RecvStream,
+        recv: RecvStream,
     ) -> Result<(u64, u64), String> {
         let upgraded = on_upgrade
             .await
@@ -500,11 +495,7 @@ fn encode_response_head(
 }
 
 /// Sends an encoded response head alone; a stream that fails means the edge left.
-async fn send_head(
-    send: &mut quinn::SendStream,
-    frame: Bytes,
-    origin: &str,
-) -> Result<(), Failure> {
+async fn send_head(send: &mut SendStream, frame: Bytes, origin: &str) -> Result<(), Failure> {
     send.write_chunk(frame).await.map_err(|e| {
         debug!(cause = %e, "could not send the response head to the edge");
         Failure::Cancelled {
@@ -588,9 +579,9 @@ impl Framing {
     fn apply(
         self,
         headers: &mut http::HeaderMap,
-        recv: quinn::RecvStream,
+        recv: RecvStream,
         bytes_in: &Arc<AtomicU64>,
-    ) -> (relay::HttpBody, Option<quinn::RecvStream>) {
+    ) -> (relay::HttpBody, Option<RecvStream>) {
         headers.remove(CONTENT_LENGTH);
         headers.remove(TRANSFER_ENCODING);
         let (name, value) = match self {
@@ -641,19 +632,19 @@ fn request_view(
 
 /// The send half of a request stream, with the head encoding of its connection.
 struct Reply {
-    send: quinn::SendStream,
+    send: SendStream,
     heads: HeadCodec,
 }
 
 impl std::ops::Deref for Reply {
-    type Target = quinn::SendStream;
-    fn deref(&self) -> &quinn::SendStream {
+    type Target = SendStream;
+    fn deref(&self) -> &SendStream {
         &self.send
     }
 }
 
 impl std::ops::DerefMut for Reply {
-    fn deref_mut(&mut self) -> &mut quinn::SendStream {
+    fn deref_mut(&mut self) -> &mut SendStream {
         &mut self.send
     }
 }
@@ -802,12 +793,7 @@ impl Failure {
 
 /// Answers a stream at once with 503 and `Retry-After` when `max-concurrent-requests` are
 /// already in flight: nothing is queued, nothing is read.
-pub async fn refuse_busy(
-    heads: HeadCodec,
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    limit: usize,
-) {
+pub async fn refuse_busy(heads: HeadCodec, send: SendStream, mut recv: RecvStream, limit: usize) {
     let mut send = Reply { send, heads };
     let _ = recv.stop(proto::code::STREAM_CANCELLED);
     let message = format!("too many requests in flight (max-concurrent-requests = {limit})");

@@ -1,5 +1,10 @@
 //! One connection slot to one edge: dial, register, serve streams, and re-dial with
 //! exponential back-off and jitter whenever the connection is lost.
+//!
+//! With `protocol = "auto"` a slot dials QUIC first and falls back to HTTP/2 over TCP after
+//! [`QUIC_ATTEMPTS`] failed QUIC handshakes in a row (at once when QUIC cannot even start);
+//! while on HTTP/2 it probes QUIC with back-off and moves back as soon as a QUIC connection
+//! registers, the HTTP/2 one draining as a replaced connection does (no request is dropped).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,14 +21,29 @@ use super::pipeline::{self, Pipeline};
 use super::ConnectorState;
 use crate::admin::metrics::KindLabels;
 use crate::admin::Metrics;
-use crate::config::{connector_split_host_port, BackoffConfig, ConnectorConfig};
+use crate::config::{connector_split_host_port, BackoffConfig, ConnectorConfig, TransportChoice};
 use crate::proto::{self, io::read_frame, io::write_frame, Control, HeadCodec, Register, Rejected};
+use crate::transport::{
+    Connection, ConnectionError, HandshakeError, Protocol, RecvStream, SendStream,
+};
 
 /// What a connector says it runs, in its registrations.
 pub const SOFTWARE: &str = concat!("sluice/", env!("CARGO_PKG_VERSION"));
 
-/// Time allowed for the QUIC handshake plus registration.
+/// Time allowed for the handshake plus registration.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Under `protocol = "auto"`, the time a QUIC handshake gets before it counts as failed: a
+/// network that drops UDP answers nothing at all, and waiting longer only delays the fallback.
+const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Under `protocol = "auto"`, failed QUIC handshakes in a row before a slot falls back to
+/// HTTP/2.
+pub const QUIC_ATTEMPTS: u32 = 2;
+
+/// The first QUIC probe of a slot on HTTP/2 waits the back-off of this attempt (1.6 s with the
+/// default back-off), later ones longer, up to the back-off cap.
+const PROBE_FIRST_STEP: u32 = 4;
 
 /// What every session of a connector shares.
 pub(super) struct Shared {
@@ -31,6 +51,10 @@ pub(super) struct Shared {
     pub pipeline: Arc<ArcSwap<Pipeline>>,
     pub client: quinn::ClientConfig,
     pub endpoint: quinn::Endpoint,
+    /// TLS for edges over TCP.
+    pub tcp_client: Arc<rustls::ClientConfig>,
+    /// Cancelled when the grace period ran out: every connection closes at once.
+    pub cut_off: CancellationToken,
     pub state: Arc<ConnectorState>,
     /// Request streams in flight, waited for when draining.
     pub streams: TaskTracker,
@@ -53,10 +77,12 @@ pub(super) struct Shared {
 enum SessionError {
     #[error("cannot resolve the edge address: {0}")]
     Resolve(String),
-    #[error("cannot connect: {0}")]
-    Connect(#[from] quinn::ConnectError),
+    #[error("cannot connect over {0}: {1}")]
+    Handshake(Protocol, HandshakeError),
+    #[error("no {0} handshake within {1:?}")]
+    HandshakeTimeout(Protocol, Duration),
     #[error("connection failed: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(#[from] ConnectionError),
     #[error("registration timed out")]
     Timeout,
     #[error("control stream: {0}")]
@@ -75,9 +101,18 @@ pub(super) async fn run(
     shutdown: CancellationToken,
 ) {
     let mut attempt = 0u32;
+    let mut selector = Selector::new(shared.config.protocol);
     loop {
         let mut registered_at = None;
-        let result = session(&edge, index, &shared, &mut registered_at, &shutdown).await;
+        let result = session(
+            &edge,
+            index,
+            &shared,
+            &mut selector,
+            &mut registered_at,
+            &shutdown,
+        )
+        .await;
         if shutdown.is_cancelled() {
             return;
         }
@@ -86,7 +121,14 @@ pub(super) async fn run(
                 info!(%reason, "connection to the edge lost");
                 None
             }
-            Err(e) => failed(&shared, &e, "connection to the edge failed"),
+            Err(e) => {
+                let asked = failed(&shared, &e, "connection to the edge failed");
+                if selector.failed(&e) {
+                    // A new transport is tried at once.
+                    continue;
+                }
+                asked
+            }
         };
         if registered_at.is_some_and(|t: Instant| t.elapsed() >= shared.config.backoff.stable) {
             attempt = 0;
@@ -100,6 +142,69 @@ pub(super) async fn run(
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The transport a slot dials, and the `auto` fallback between them.
+struct Selector {
+    choice: TransportChoice,
+    current: Protocol,
+    /// Failed QUIC handshakes in a row.
+    quic_failures: u32,
+}
+
+impl Selector {
+    fn new(choice: TransportChoice) -> Selector {
+        let current = match choice {
+            TransportChoice::Http2 => Protocol::Http2,
+            TransportChoice::Auto | TransportChoice::Quic => Protocol::Quic,
+        };
+        Selector {
+            choice,
+            current,
+            quic_failures: 0,
+        }
+    }
+
+    /// Whether a slot on HTTP/2 probes QUIC in the background.
+    fn probes(&self) -> bool {
+        self.choice == TransportChoice::Auto && self.current == Protocol::Http2
+    }
+
+    /// Counts a failed dial; true when the slot switched transports (and says why, once).
+    fn failed(&mut self, e: &SessionError) -> bool {
+        if self.choice != TransportChoice::Auto {
+            return false;
+        }
+        let (protocol, at_once) = match e {
+            SessionError::Handshake(p, HandshakeError::QuicConnect(_)) => (*p, true),
+            SessionError::Handshake(p, _) | SessionError::HandshakeTimeout(p, _) => (*p, false),
+            _ => return false,
+        };
+        match protocol {
+            Protocol::Quic => {
+                self.quic_failures += 1;
+                if at_once || self.quic_failures >= QUIC_ATTEMPTS {
+                    warn!(cause = %e, failed_attempts = self.quic_failures, "QUIC does not get through to the edge (UDP blocked?); falling back to HTTP/2 over TCP for this connection");
+                    self.current = Protocol::Http2;
+                    self.quic_failures = 0;
+                    return true;
+                }
+                false
+            }
+            Protocol::Http2 => {
+                warn!(cause = %e, "HTTP/2 over TCP does not get through to the edge either; trying QUIC again");
+                self.current = Protocol::Quic;
+                false
+            }
+        }
+    }
+
+    fn registered(&mut self, protocol: Protocol) {
+        self.current = protocol;
+        if protocol == Protocol::Quic {
+            self.quic_failures = 0;
         }
     }
 }
@@ -151,15 +256,17 @@ async fn session(
     edge: &str,
     index: u32,
     shared: &Arc<Shared>,
+    selector: &mut Selector,
     registered_at: &mut Option<Instant>,
     shutdown: &CancellationToken,
 ) -> Result<String, SessionError> {
     let mut tokens = shared.token.subscribe();
     let token = tokens.borrow_and_update().clone();
     let link = tokio::select! {
-        r = dial(edge, index, shared, &token) => r?,
+        r = dial(edge, index, shared, &token, selector.current) => r?,
         _ = shutdown.cancelled() => return Ok("shutting down".into()),
     };
+    selector.registered(link.conn.protocol());
     *registered_at = Some(Instant::now());
     let mut drain = shutdown.child_token();
     let mut serving = shared
@@ -168,8 +275,12 @@ async fn session(
     // Set while a rotation is due: when to try registering with the new token next.
     let mut rotate_at: Option<tokio::time::Instant> = None;
     let mut attempt = 0u32;
+    // Set while on HTTP/2 under `auto`: when to try QUIC next.
+    let mut probes = 0u32;
+    let mut probe_at = selector.probes().then(|| probe_time(shared, &mut probes));
     loop {
-        tokio::select! {
+        // What to register next, and why: a new token, or QUIC again.
+        let replace = tokio::select! {
             ended = &mut serving => {
                 return Ok(ended.unwrap_or_else(|e| format!("connection task failed: {e}")));
             }
@@ -178,42 +289,80 @@ async fn session(
                 tokens.borrow_and_update();
                 rotate_at = Some(tokio::time::Instant::now());
                 attempt = 0;
+                continue;
             }
-            _ = sleep_until_some(rotate_at) => {
-                let turn = tokio::select! {
-                    t = shared.rotation.clone().lock_owned() => t,
-                    _ = shutdown.cancelled() => return Ok("shutting down".into()),
-                };
-                let token = tokens.borrow().clone();
-                let dialled = tokio::select! {
-                    r = dial(edge, index, shared, &token) => r,
-                    _ = shutdown.cancelled() => return Ok("shutting down".into()),
-                };
-                drop(turn);
-                match dialled {
-                    Ok(link) => {
-                        info!("registered a connection with the new token; draining the one registered with the old token");
-                        rotate_at = None;
-                        *registered_at = Some(Instant::now());
-                        // The old connection drains on its own: Drain, the edge's
-                        // acknowledgement once its requests are relayed, then close.
-                        drain.cancel();
-                        drain = shutdown.child_token();
-                        serving = shared
-                            .links
-                            .spawn(serve(link, shared.clone(), drain.clone()).in_current_span());
-                    }
-                    Err(e) => {
-                        let asked = failed(shared, &e, "could not register a connection with the new token; the one registered with the old token keeps serving");
-                        let delay = asked.unwrap_or_else(|| backoff_delay(&shared.config.backoff, attempt));
-                        attempt = attempt.saturating_add(1);
-                        debug!(delay_ms = delay.as_millis() as u64, "trying the new token again after back-off");
-                        rotate_at = Some(tokio::time::Instant::now() + delay);
-                    }
+            _ = sleep_until_some(rotate_at) => Replace::Token,
+            _ = sleep_until_some(probe_at) => Replace::Transport,
+        };
+        let turn = tokio::select! {
+            t = shared.rotation.clone().lock_owned() => t,
+            _ = shutdown.cancelled() => return Ok("shutting down".into()),
+        };
+        let token = tokens.borrow().clone();
+        let protocol = match replace {
+            Replace::Token => selector.current,
+            Replace::Transport => Protocol::Quic,
+        };
+        let dialled = tokio::select! {
+            r = dial(edge, index, shared, &token, protocol) => r,
+            _ = shutdown.cancelled() => return Ok("shutting down".into()),
+        };
+        drop(turn);
+        match (dialled, replace) {
+            (Ok(link), _) => {
+                match replace {
+                    Replace::Token => info!("registered a connection with the new token; draining the one registered with the old token"),
+                    Replace::Transport => info!(probes, "QUIC gets through again: moved this connection from HTTP/2 to QUIC; draining the HTTP/2 one"),
                 }
+                selector.registered(link.conn.protocol());
+                // A rotation that registered replaces the old connection whatever its
+                // transport; QUIC needs no more probing.
+                rotate_at = None;
+                probe_at = selector.probes().then(|| probe_time(shared, &mut probes));
+                *registered_at = Some(Instant::now());
+                // The old connection drains on its own: Drain, the edge's
+                // acknowledgement once its requests are relayed, then close.
+                drain.cancel();
+                drain = shutdown.child_token();
+                serving = shared
+                    .links
+                    .spawn(serve(link, shared.clone(), drain.clone()).in_current_span());
+            }
+            (Err(e), Replace::Token) => {
+                let asked = failed(shared, &e, "could not register a connection with the new token; the one registered with the old token keeps serving");
+                let delay = asked.unwrap_or_else(|| backoff_delay(&shared.config.backoff, attempt));
+                attempt = attempt.saturating_add(1);
+                debug!(
+                    delay_ms = delay.as_millis() as u64,
+                    "trying the new token again after back-off"
+                );
+                rotate_at = Some(tokio::time::Instant::now() + delay);
+            }
+            (Err(e), Replace::Transport) => {
+                debug!(cause = %e, probes, "QUIC probe failed; staying on HTTP/2");
+                probe_at = Some(probe_time(shared, &mut probes));
             }
         }
     }
+}
+
+/// Why a slot registers a second connection while its first one serves.
+#[derive(Clone, Copy)]
+enum Replace {
+    /// The token changed.
+    Token,
+    /// QUIC may work again (`auto` on HTTP/2).
+    Transport,
+}
+
+/// When the next QUIC probe of a slot on HTTP/2 is due; counts it.
+fn probe_time(shared: &Shared, probes: &mut u32) -> tokio::time::Instant {
+    let delay = backoff_delay(
+        &shared.config.backoff,
+        PROBE_FIRST_STEP.saturating_add(*probes),
+    );
+    *probes = probes.saturating_add(1);
+    tokio::time::Instant::now() + delay
 }
 
 /// Sleeps until `at`, or forever when `None`.
@@ -224,12 +373,12 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// A registered connection: the QUIC connection and both halves of its control stream. It
-/// counts as registered until dropped.
+/// A registered connection: the connection and both halves of its control stream. It counts
+/// as registered until dropped.
 struct Link {
-    conn: quinn::Connection,
-    control_send: quinn::SendStream,
-    control_recv: quinn::RecvStream,
+    conn: Connection,
+    control_send: SendStream,
+    control_recv: RecvStream,
     /// The ingress digest, as of the one sent in `Register`: a later change is sent on.
     digests: tokio::sync::watch::Receiver<String>,
     /// The head encoding the edge chose.
@@ -237,12 +386,13 @@ struct Link {
     _count: CountGuard,
 }
 
-/// Dials `edge` and registers one connection with `token`.
+/// Dials `edge` over `protocol` and registers one connection with `token`.
 async fn dial(
     edge: &str,
     index: u32,
     shared: &Shared,
     token: &crate::secret::Secret,
+    protocol: Protocol,
 ) -> Result<Link, SessionError> {
     let (host, port) = connector_split_host_port(edge).map_err(SessionError::Resolve)?;
     let addr = tokio::net::lookup_host((host.as_str(), port))
@@ -256,11 +406,8 @@ async fn dial(
     let digest = digests.borrow_and_update().clone();
 
     let dial = tokio::time::timeout(REGISTER_TIMEOUT, async {
-        let conn = shared
-            .endpoint
-            .connect_with(shared.client.clone(), addr, &server_name)?
-            .await?;
-        let (mut send, mut recv) = conn.open_bi().await?;
+        let conn = connect(shared, protocol, addr, &server_name).await?;
+        let (mut send, mut recv) = conn.open_control().await?;
         let register = Control::Register(Register {
             version: proto::VERSION,
             tunnel: shared.config.tunnel.clone(),
@@ -274,7 +421,7 @@ async fn dial(
         write_frame(&mut send, &register).await?;
         match read_frame::<_, Control>(&mut recv).await? {
             Control::Registered(ok) => {
-                info!(edge_id = %ok.edge_id, connection = ok.connection_id, %addr, "registered with the edge");
+                info!(edge_id = %ok.edge_id, connection = ok.connection_id, %addr, %protocol, "registered with the edge");
                 Ok((conn, send, recv, HeadCodec::chosen(ok.heads.as_deref())))
             }
             Control::Rejected(rej) => Err(SessionError::Rejected(rej)),
@@ -284,15 +431,46 @@ async fn dial(
     let (conn, control_send, control_recv, heads) =
         dial.await.map_err(|_| SessionError::Timeout)??;
     shared.state.add(1);
-    shared.metrics.registered.inc();
+    shared.metrics.registered_on(protocol).inc();
     Ok(Link {
         conn,
         control_send,
         control_recv,
         digests,
         heads,
-        _count: CountGuard(shared.state.clone(), shared.metrics.clone()),
+        _count: CountGuard(shared.state.clone(), shared.metrics.clone(), protocol),
     })
+}
+
+/// The handshake over `protocol`: QUIC on the shared endpoint, or TCP, TLS and HTTP/2.
+async fn connect(
+    shared: &Shared,
+    protocol: Protocol,
+    addr: std::net::SocketAddr,
+    server_name: &str,
+) -> Result<Connection, SessionError> {
+    let failed = |e: HandshakeError| SessionError::Handshake(protocol, e);
+    match protocol {
+        Protocol::Quic => {
+            let connecting = shared
+                .endpoint
+                .connect_with(shared.client.clone(), addr, server_name)
+                .map_err(|e| failed(e.into()))?;
+            // Under `auto` a silent UDP path must fail fast, so that the fallback comes soon.
+            let limit = match shared.config.protocol {
+                TransportChoice::Auto => QUIC_HANDSHAKE_TIMEOUT,
+                _ => REGISTER_TIMEOUT,
+            };
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(Ok(conn)) => Ok(Connection::Quic(conn)),
+                Ok(Err(e)) => Err(failed(e.into())),
+                Err(_) => Err(SessionError::HandshakeTimeout(protocol, limit)),
+            }
+        }
+        Protocol::Http2 => crate::transport::h2::dial(addr, server_name, shared.tcp_client.clone())
+            .await
+            .map_err(failed),
+    }
 }
 
 /// Serves streams on `link` until the connection ends. Once `drain` is cancelled (shutdown,
@@ -316,6 +494,10 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
     let mut deadline = None;
     loop {
         tokio::select! {
+            () = shared.cut_off.cancelled() => {
+                conn.close(proto::code::CLOSE_NORMAL, b"connector shutting down");
+                return "the grace period ran out".into();
+            }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => accept_stream(&shared, heads, send, recv),
                 Err(e) => return e.to_string(),
@@ -354,12 +536,7 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
 
 /// Starts serving one request stream, or refuses it at once when the connector is at its
 /// limit.
-fn accept_stream(
-    shared: &Shared,
-    heads: HeadCodec,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-) {
+fn accept_stream(shared: &Shared, heads: HeadCodec, send: SendStream, recv: RecvStream) {
     match shared.limit.clone().try_acquire_owned() {
         Ok(permit) => {
             // Each request runs on the pipeline current when it arrived.
@@ -387,7 +564,7 @@ fn accept_stream(
 
 /// Reads the edge's control messages until `DrainAck` (true) or the end of the stream
 /// (false). Not cancel safe: keep the future, do not re-create it.
-async fn drain_ack(mut recv: quinn::RecvStream) -> bool {
+async fn drain_ack(mut recv: RecvStream) -> bool {
     loop {
         match read_frame::<_, Control>(&mut recv).await {
             Ok(Control::DrainAck) => return true,
@@ -398,12 +575,12 @@ async fn drain_ack(mut recv: quinn::RecvStream) -> bool {
 }
 
 /// Decrements the registered count when a registered session ends.
-struct CountGuard(Arc<ConnectorState>, Arc<Metrics>);
+struct CountGuard(Arc<ConnectorState>, Arc<Metrics>, Protocol);
 
 impl Drop for CountGuard {
     fn drop(&mut self) {
         self.0.add(-1);
-        self.1.registered.dec();
+        self.1.registered_on(self.2).dec();
     }
 }
 

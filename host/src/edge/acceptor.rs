@@ -12,12 +12,13 @@ use crate::proto::{
     self, io::read_frame, io::write_frame, Control, HeadCodec, RejectCode, Rejected,
 };
 use crate::secret::Secret;
+use crate::transport::{Connection, ConnectionError, HandshakeError, RecvStream, SendStream};
 
 /// Why a connection was not registered.
 #[derive(Debug, thiserror::Error)]
 enum RegisterError {
-    #[error("handshake failed: {0}")]
-    Handshake(#[from] quinn::ConnectionError),
+    #[error("connection failed: {0}")]
+    Connection(#[from] ConnectionError),
     #[error("no control stream within the registration timeout")]
     Timeout,
     #[error("bad control stream: {0}")]
@@ -26,14 +27,15 @@ enum RegisterError {
     Rejected(Rejected),
 }
 
-/// Serves one incoming connector connection until it closes. Never panics on peer input.
-/// `handshake` is held until the connection is registered or refused.
+/// Serves one incoming connector connection, over either transport, until it closes: the
+/// handshake (`incoming`), registration, then the control stream. Never panics on peer
+/// input. `handshake` is held until the connection is registered or refused.
 pub(super) async fn serve(
-    incoming: quinn::Incoming,
+    incoming: impl std::future::Future<Output = Result<Connection, HandshakeError>>,
+    peer: SocketAddr,
     shared: Arc<EdgeShared>,
     handshake: tokio::sync::OwnedSemaphorePermit,
 ) {
-    let peer = incoming.remote_address();
     let failed = |kind: &'static str| {
         shared
             .metrics
@@ -47,7 +49,7 @@ pub(super) async fn serve(
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             failed("handshake");
-            warn!(%peer, cause = %e, "connector handshake failed (wrong ALPN, certificate or protocol)");
+            warn!(%peer, cause = %e, "connector handshake failed (wrong ALPN, certificate or protocol); connection closed");
             return;
         }
         Err(_) => {
@@ -133,7 +135,7 @@ pub(super) async fn serve(
 
 /// Once every request routed to a draining connection has been relayed whole, tells the
 /// connector it may close the connection.
-async fn acknowledge_drain(entry: Arc<ConnEntry>, mut send: quinn::SendStream) {
+async fn acknowledge_drain(entry: Arc<ConnEntry>, mut send: SendStream) {
     entry.wait_idle().await;
     match write_frame(&mut send, &Control::DrainAck).await {
         Ok(()) => debug!(connection = entry.id, "drain acknowledged"),
@@ -144,15 +146,15 @@ async fn acknowledge_drain(entry: Arc<ConnEntry>, mut send: quinn::SendStream) {
 }
 
 /// A registered connection: tunnel id, registry entry and both halves of the control stream.
-type Registration = (String, Arc<ConnEntry>, quinn::SendStream, quinn::RecvStream);
+type Registration = (String, Arc<ConnEntry>, SendStream, RecvStream);
 
 /// Runs the registration exchange.
 async fn register(
-    conn: &quinn::Connection,
+    conn: &Connection,
     peer: SocketAddr,
     shared: &EdgeShared,
 ) -> Result<Registration, RegisterError> {
-    let (mut send, mut recv) = conn.accept_bi().await?;
+    let (mut send, mut recv) = conn.accept_control().await?;
     let msg: Control = read_frame(&mut recv).await?;
     let reg = match msg {
         Control::Register(r) => r,
@@ -314,7 +316,7 @@ fn authorized(shared: &EdgeShared, tunnel: &str, token: &Secret) -> bool {
 }
 
 /// Sends `Rejected`, gives it a moment to arrive, then closes the connection.
-async fn reject(conn: &quinn::Connection, send: &mut quinn::SendStream, rej: &Rejected) {
+async fn reject(conn: &Connection, send: &mut SendStream, rej: &Rejected) {
     if write_frame(send, &Control::Rejected(rej.clone()))
         .await
         .is_ok()

@@ -23,6 +23,7 @@ use crate::authority::Authority;
 use crate::headers::{from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID};
 use crate::proto::{self, io::read_payload, HeadCodec, RequestHead, ResponseSource};
 use crate::relay::{self, HttpBody};
+use crate::transport::{RecvStream, SendStream};
 
 /// Handles one client request. Always answers: errors become small plain-text responses.
 pub(super) async fn handle(
@@ -422,7 +423,7 @@ impl Forwarded<'_> {
         &self,
         head: &RequestHead,
         finish: bool,
-    ) -> Result<(InFlight, quinn::SendStream, quinn::RecvStream), EdgeAnswer> {
+    ) -> Result<(InFlight, SendStream, RecvStream), EdgeAnswer> {
         let mut tried = Vec::new();
         loop {
             let Some(in_flight) = self.shared.registry.pick(self.tunnel, &tried) else {
@@ -445,7 +446,7 @@ impl Forwarded<'_> {
     /// Reads the connector's response head, with the `reason` label of who produced it.
     async fn response_head(
         &self,
-        recv: &mut quinn::RecvStream,
+        recv: &mut RecvStream,
         connection: u64,
         heads: HeadCodec,
     ) -> Result<(StatusCode, http::HeaderMap, &'static str), EdgeAnswer> {
@@ -489,7 +490,7 @@ fn response(status: StatusCode, headers: http::HeaderMap, body: HttpBody) -> Res
 
 /// Streams the client's body to the connector; a body that fails resets the stream so that
 /// it never looks complete. `_counted` keeps the request counted until the upload ends.
-async fn upload<G>(body: HttpBody, mut send: quinn::SendStream, _counted: G) {
+async fn upload<G>(body: HttpBody, mut send: SendStream, _counted: G) {
     match relay::pump(Bytes::new(), body, &mut send).await {
         Ok(_) => {}
         Err(e) => {
@@ -504,8 +505,8 @@ async fn upload<G>(body: HttpBody, mut send: quinn::SendStream, _counted: G) {
 /// as long.
 async fn splice_upgraded<G>(
     on_upgrade: hyper::upgrade::OnUpgrade,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut send: SendStream,
+    recv: RecvStream,
     idle: std::time::Duration,
     _held: G,
 ) {
@@ -534,7 +535,7 @@ async fn open_stream(
     in_flight: &InFlight,
     frame: &[u8],
     finish: bool,
-) -> Result<(quinn::SendStream, quinn::RecvStream), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(SendStream, RecvStream), Box<dyn std::error::Error + Send + Sync>> {
     let (mut send, recv) = tokio::time::timeout(OPEN_TIMEOUT, in_flight.conn().conn.open_bi())
         .await
         .map_err(|_| "no stream credit from the connector in time")??;

@@ -1,5 +1,6 @@
-//! The edge: public HTTP(S) listeners for clients, a QUIC listener for connectors, the tunnel
-//! registry and the dispatch of each request onto a stream of a registered connection.
+//! The edge: public HTTP(S) listeners for clients, QUIC and (optionally) TCP listeners for
+//! connectors, the tunnel registry and the dispatch of each request onto a stream of a
+//! registered connection.
 
 mod acceptor;
 mod client;
@@ -116,6 +117,8 @@ pub struct Edge {
     http: Option<TcpListener>,
     https: Option<(TcpListener, TlsAcceptor)>,
     endpoint: quinn::Endpoint,
+    /// Connectors over HTTP/2 on TLS over TCP.
+    tcp: Option<(TcpListener, TlsAcceptor)>,
     admin: Option<Admin>,
 }
 
@@ -175,6 +178,7 @@ fn restart_needed(old: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static str> {
         ("http.listen", old.http_listen != new.http_listen),
         ("https.listen", https(old) != https(new)),
         ("connectors.listen", old.quic_listen != new.quic_listen),
+        ("connectors.listen-tcp", old.tcp_listen != new.tcp_listen),
         (
             "admin",
             old.admin_listen != new.admin_listen
@@ -261,15 +265,7 @@ impl Edge {
             _ => None,
         };
         let quic_cert = tls::ServerCert::new(&config.quic_identity)?;
-        let server = tls::quic_server(quic_cert.clone())?;
-        let endpoint =
-            crate::quic::endpoint(config.quic_listen, Some(server)).map_err(|source| {
-                EdgeError::Bind {
-                    what: "quic",
-                    addr: config.quic_listen,
-                    source,
-                }
-            })?;
+        let (endpoint, tcp) = bind_connector_listeners(&config, &quic_cert).await?;
         let admin = match config.admin_listen {
             Some(addr) => Some(Admin::bind(addr).await.map_err(|source| EdgeError::Bind {
                 what: "admin",
@@ -294,6 +290,7 @@ impl Edge {
             http,
             https,
             endpoint,
+            tcp,
             admin,
         })
     }
@@ -326,12 +323,20 @@ impl Edge {
             .unwrap_or(self.shared.config.quic_listen)
     }
 
+    /// Address of the TCP listener for connectors.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let shared = self.shared.clone();
         info!(version = env!("CARGO_PKG_VERSION"), edge = %shared.config.edge_id, tunnels = shared.config.tunnels.len(), "sluice edge starting");
         info!(addr = %self.quic_addr(), "listening for connectors (QUIC)");
+        if let Some(addr) = self.tcp_addr() {
+            info!(%addr, "listening for connectors (HTTP/2 over TLS over TCP)");
+        }
         if let Some(addr) = self.http_addr() {
             info!(%addr, "listening for clients (HTTP)");
         }
@@ -373,33 +378,16 @@ impl Edge {
         // Handshakes and registrations in progress, bounded: an unauthenticated peer costs a
         // TLS handshake and a task until it registers or times out.
         let handshakes = Arc::new(tokio::sync::Semaphore::new(shared.config.max_handshakes));
-        loop {
-            let incoming = tokio::select! {
-                i = endpoint.accept() => i,
-                _ = shutdown.cancelled() => break,
-            };
-            let Some(incoming) = incoming else { break };
-            // A peer first proves it receives at its address (a QUIC Retry), so spoofed
-            // packets cannot occupy handshake places.
-            if !incoming.remote_address_validated() && incoming.may_retry() {
-                if let Err(e) = incoming.retry() {
-                    debug!(cause = %e, "could not ask a connector to retry");
-                }
-                continue;
-            }
-            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                debug!(peer = %incoming.remote_address(), "refusing a connector connection: too many handshakes in progress");
-                shared
-                    .metrics
-                    .registration_failures
-                    .get_or_create(&crate::admin::metrics::KindLabels { kind: "busy" })
-                    .inc();
-                incoming.refuse();
-                continue;
-            };
-            let span = tracing::info_span!("connector", peer = %incoming.remote_address());
-            tokio::spawn(acceptor::serve(incoming, shared.clone(), permit).instrument(span));
+        if let Some((listener, tls)) = self.tcp {
+            tokio::spawn(accept_tcp(
+                listener,
+                tls,
+                shared.clone(),
+                handshakes.clone(),
+                shutdown.clone(),
+            ));
         }
+        accept_quic(&endpoint, &shared, &handshakes, &shutdown).await;
         // Listeners stop accepting; open client connections finish their requests (HTTP/1.1
         // keep-alive ends, HTTP/2 gets GOAWAY) within the grace period.
         let grace = shared.config.grace_period;
@@ -412,8 +400,135 @@ impl Edge {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             warn!("grace period ran out; closing with requests still in flight");
         }
-        endpoint.close(crate::proto::code::CLOSE_NORMAL, b"edge shutting down");
+        endpoint.close(
+            crate::proto::code::CLOSE_NORMAL.into(),
+            b"edge shutting down",
+        );
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
         info!("edge stopped");
     }
+}
+
+/// Binds the connectors' QUIC endpoint and, when configured, their TCP listener. When both ask
+/// for port 0 they get the same port number (a connector dials both at one `host:port`).
+async fn bind_connector_listeners(
+    config: &EdgeConfig,
+    cert: &Arc<tls::ServerCert>,
+) -> Result<(quinn::Endpoint, Option<(TcpListener, TlsAcceptor)>), EdgeError> {
+    let bind_quic = |addr: SocketAddr| {
+        let server = tls::quic_server(cert.clone())?;
+        crate::transport::quic::endpoint(addr, Some(server)).map_err(|source| EdgeError::Bind {
+            what: "quic",
+            addr,
+            source,
+        })
+    };
+    let Some(tcp_addr) = config.tcp_listen else {
+        return Ok((bind_quic(config.quic_listen)?, None));
+    };
+    let acceptor = TlsAcceptor::from(Arc::new(tls::tcp_server(cert.clone())?));
+    let same_port = tcp_addr.port() == 0 && config.quic_listen.port() == 0;
+    let mut attempts = 0;
+    loop {
+        let endpoint = bind_quic(config.quic_listen)?;
+        let mut addr = tcp_addr;
+        if same_port {
+            addr.set_port(endpoint.local_addr().map_or(0, |a| a.port()));
+        }
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok((endpoint, Some((listener, acceptor)))),
+            // The UDP port's TCP twin is taken: another pair.
+            Err(e) if same_port && attempts < 16 && e.kind() == std::io::ErrorKind::AddrInUse => {
+                attempts += 1;
+            }
+            Err(source) => {
+                return Err(EdgeError::Bind {
+                    what: "tcp",
+                    addr,
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Accepts connector connections over QUIC until `shutdown`.
+async fn accept_quic(
+    endpoint: &quinn::Endpoint,
+    shared: &Arc<EdgeShared>,
+    handshakes: &Arc<tokio::sync::Semaphore>,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(incoming) = incoming else { break };
+        // A peer first proves it receives at its address (a QUIC Retry), so spoofed
+        // packets cannot occupy handshake places.
+        if !incoming.remote_address_validated() && incoming.may_retry() {
+            if let Err(e) = incoming.retry() {
+                debug!(cause = %e, "could not ask a connector to retry");
+            }
+            continue;
+        }
+        let peer = incoming.remote_address();
+        let Some(permit) = handshake_place(shared, handshakes, peer) else {
+            incoming.refuse();
+            continue;
+        };
+        let handshake = async move { Ok(crate::transport::Connection::Quic(incoming.await?)) };
+        let span = tracing::info_span!("connector", %peer, protocol = "quic");
+        tokio::spawn(acceptor::serve(handshake, peer, shared.clone(), permit).instrument(span));
+    }
+}
+
+/// Accepts connector connections over TCP (TLS, then HTTP/2) until `stop`.
+async fn accept_tcp(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    shared: Arc<EdgeShared>,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.cancelled() => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors, say: pause rather than spin.
+                warn!(cause = %e, "could not accept a connector's TCP connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(permit) = handshake_place(&shared, &handshakes, peer) else {
+            continue;
+        };
+        let handshake = crate::transport::h2::accept(tcp, peer, tls.clone());
+        let span = tracing::info_span!("connector", %peer, protocol = "http2");
+        tokio::spawn(acceptor::serve(handshake, peer, shared.clone(), permit).instrument(span));
+    }
+}
+
+/// A place among the handshakes in progress, or `None` (counted) when all are taken.
+fn handshake_place(
+    shared: &EdgeShared,
+    handshakes: &Arc<tokio::sync::Semaphore>,
+    peer: SocketAddr,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let permit = handshakes.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        debug!(%peer, "refusing a connector connection: too many handshakes in progress");
+        shared
+            .metrics
+            .registration_failures
+            .get_or_create(&crate::admin::metrics::KindLabels { kind: "busy" })
+            .inc();
+    }
+    permit
 }

@@ -16,8 +16,8 @@ pub struct ConnEntry {
     pub connector_id: String,
     /// Which of the connector's connections to this edge it is.
     pub conn_index: u32,
-    /// The QUIC connection.
-    pub conn: quinn::Connection,
+    /// The connection, over QUIC or HTTP/2.
+    pub conn: crate::transport::Connection,
     /// What the connector said it runs (`sluice/0.1.0`), if it said.
     pub software: Option<String>,
     /// How the heads of its request streams are encoded (agreed at registration).
@@ -99,8 +99,8 @@ pub struct Registrant {
     pub digest: Option<String>,
     /// The head encoding agreed with it.
     pub heads: HeadCodec,
-    /// The QUIC connection.
-    pub conn: quinn::Connection,
+    /// The connection, over QUIC or HTTP/2.
+    pub conn: crate::transport::Connection,
 }
 
 /// One registered connection, as `/status` shows it.
@@ -112,7 +112,7 @@ pub struct ConnStatus {
     pub connector: String,
     /// Its software and version, if it said.
     pub software: Option<String>,
-    /// `quic`.
+    /// `quic` or `http2`.
     pub protocol: &'static str,
     /// The connector's address as the edge sees it.
     pub peer: String,
@@ -375,10 +375,10 @@ impl Registry {
             token_sha256,
             connector_id,
             conn_index,
+            protocol: conn.protocol().as_str(),
             conn,
             software,
             heads,
-            protocol: "quic",
             registered_at: std::time::SystemTime::now(),
             digest: Mutex::new(digest),
             in_flight: AtomicUsize::new(0),
@@ -543,7 +543,7 @@ mod tests {
         assert!(reg.admit("nope").is_err());
     }
 
-    fn registrant(token_sha256: [u8; 32], conn: &quinn::Connection) -> Registrant {
+    fn registrant(token_sha256: [u8; 32], conn: &crate::transport::Connection) -> Registrant {
         Registrant {
             token_sha256,
             connector_id: "c".into(),
@@ -556,9 +556,14 @@ mod tests {
     }
 
     /// A real QUIC connection on loopback, for registry entries (never used for traffic).
-    async fn dummy_conn() -> (quinn::Endpoint, quinn::Endpoint, quinn::Connection) {
-        let ([server, client], conn, _) = crate::quic::loopback_pair().await;
-        (server, client, conn)
+    async fn dummy_conn() -> (
+        crate::transport::testing::Loopback,
+        (),
+        crate::transport::Connection,
+    ) {
+        let pair = crate::transport::testing::pair(crate::transport::Protocol::Quic).await;
+        let conn = pair.edge.clone();
+        (pair, (), conn)
     }
 
     #[tokio::test]

@@ -23,29 +23,32 @@ pub use message::{
     ResponseHead, ResponseSource,
 };
 
-/// ALPN protocol id spoken between connector and edge.
+/// ALPN protocol id spoken between connector and edge over QUIC.
 pub const ALPN: &[u8] = b"sluice/1";
+
+/// ALPN protocol id spoken between connector and edge over HTTP/2 on TLS over TCP.
+pub const ALPN_TCP: &[u8] = b"sluice-h2/1";
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
 
-/// QUIC application error codes for closing connections and resetting streams.
+/// Application error codes for closing connections and resetting streams (QUIC application
+/// codes, HTTP/2 `RST_STREAM` and `GOAWAY` codes).
 pub mod code {
-    use quinn::VarInt;
 
     /// Normal close (shutdown).
-    pub const CLOSE_NORMAL: VarInt = VarInt::from_u32(0);
+    pub const CLOSE_NORMAL: u32 = 0;
     /// The peer broke the protocol (bad frame, unexpected message).
-    pub const CLOSE_PROTOCOL: VarInt = VarInt::from_u32(1);
+    pub const CLOSE_PROTOCOL: u32 = 1;
     /// Registration was refused.
-    pub const CLOSE_REJECTED: VarInt = VarInt::from_u32(2);
+    pub const CLOSE_REJECTED: u32 = 2;
     /// The tunnel was removed from the edge's configuration.
-    pub const CLOSE_TUNNEL_REMOVED: VarInt = VarInt::from_u32(3);
+    pub const CLOSE_TUNNEL_REMOVED: u32 = 3;
 
     /// The request was cancelled (the client went away).
-    pub const STREAM_CANCELLED: VarInt = VarInt::from_u32(0x10);
+    pub const STREAM_CANCELLED: u32 = 0x10;
     /// The origin failed mid-body.
-    pub const STREAM_ORIGIN_FAILED: VarInt = VarInt::from_u32(0x11);
+    pub const STREAM_ORIGIN_FAILED: u32 = 0x11;
     /// A malformed frame on a request stream.
-    pub const STREAM_PROTOCOL: VarInt = VarInt::from_u32(0x12);
+    pub const STREAM_PROTOCOL: u32 = 0x12;
 }

@@ -1,0 +1,453 @@
+//! The connections a connector and an edge speak the sluice protocol over: QUIC, or HTTP/2 on
+//! TLS over TCP where UDP is blocked.
+//!
+//! Both carry the same protocol ([`crate::proto`]): one control stream, then one bidirectional
+//! stream per request opened by the edge, each with flow control, a clean end (FIN or
+//! `END_STREAM`) and a reset with an application code. [`Connection`], [`SendStream`] and
+//! [`RecvStream`] give the rest of the host that one model, with QUIC's semantics:
+//!
+//! - a send stream dropped without [`SendStream::finish`] or [`SendStream::reset`] finishes
+//!   (as quinn's does), so a failure must always be an explicit reset;
+//! - [`RecvStream::stop`] tells the peer to stop sending (QUIC `STOP_SENDING`); HTTP/2 has no
+//!   such frame, so there the rest of the stream is read and discarded instead;
+//! - [`SendStream::stopped`] completes when the peer stopped or reset the stream.
+//!
+//! Over HTTP/2 the roles of the two halves differ from QUIC's: the connector dials the TCP
+//! connection and is the TLS client, but it is the HTTP/2 *server*, so that the edge (the
+//! HTTP/2 client) opens the streams, as over QUIC, and nothing on the origin's network listens.
+//! The control stream is therefore the first stream the edge opens, where over QUIC it is the
+//! first the connector opens ([`Connection::open_control`], [`Connection::accept_control`]).
+
+pub mod h2;
+pub mod quic;
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The transport a connection runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// QUIC over UDP.
+    Quic,
+    /// HTTP/2 on TLS 1.3 over TCP.
+    Http2,
+}
+
+impl Protocol {
+    /// The name used in logs, metrics labels and `/ready`: `quic` or `http2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Quic => "quic",
+            Protocol::Http2 => "http2",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a connection ended or could not carry a new stream.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectionError {
+    /// The QUIC connection ended.
+    #[error(transparent)]
+    Quic(#[from] quinn::ConnectionError),
+    /// The HTTP/2 connection ended.
+    #[error("{0}")]
+    Http2(std::sync::Arc<str>),
+}
+
+/// Why a connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// A QUIC connection could not be started.
+    #[error(transparent)]
+    QuicConnect(#[from] quinn::ConnectError),
+    /// The QUIC handshake failed.
+    #[error(transparent)]
+    Quic(#[from] quinn::ConnectionError),
+    /// The TCP connection failed.
+    #[error("TCP: {0}")]
+    Io(#[from] io::Error),
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The peer does not speak sluice over HTTP/2.
+    #[error("the peer did not agree on ALPN sluice-h2/1 (it offered {0})")]
+    Alpn(String),
+    /// The HTTP/2 handshake failed.
+    #[error("HTTP/2: {0}")]
+    Http2(#[from] ::h2::Error),
+}
+
+/// Why a stream could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The peer reset the stream (or, for a send stream, stopped it) with this code.
+    #[error("stream reset by the peer (code {0:#x})")]
+    Reset(u32),
+    /// The stream was already finished or reset here.
+    #[error("stream already closed")]
+    Closed,
+    /// The connection ended.
+    #[error("connection lost: {0}")]
+    Connection(#[from] ConnectionError),
+    /// A QUIC stream failed.
+    #[error(transparent)]
+    QuicWrite(#[from] quinn::WriteError),
+    /// A QUIC stream failed.
+    #[error(transparent)]
+    QuicRead(#[from] quinn::ReadError),
+}
+
+impl From<StreamError> for io::Error {
+    fn from(e: StreamError) -> io::Error {
+        let kind = match e {
+            StreamError::Reset(_) => io::ErrorKind::ConnectionReset,
+            StreamError::Closed => io::ErrorKind::NotConnected,
+            _ => io::ErrorKind::BrokenPipe,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// A connection between a connector and an edge, on either transport. Cloning gives another
+/// handle to the same connection.
+#[derive(Clone)]
+pub enum Connection {
+    /// QUIC.
+    Quic(quinn::Connection),
+    /// HTTP/2 over TLS over TCP.
+    Http2(h2::Connection),
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Connection({}, {})",
+            self.protocol(),
+            self.remote_address()
+        )
+    }
+}
+
+impl Connection {
+    /// The transport.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Connection::Quic(_) => Protocol::Quic,
+            Connection::Http2(_) => Protocol::Http2,
+        }
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        match self {
+            Connection::Quic(c) => c.remote_address(),
+            Connection::Http2(c) => c.remote_address(),
+        }
+    }
+
+    /// The edge opens a request stream.
+    pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        match self {
+            Connection::Quic(c) => {
+                let (send, recv) = c.open_bi().await?;
+                Ok((SendStream::Quic(send), RecvStream::Quic(recv)))
+            }
+            Connection::Http2(c) => c.open_bi("/stream").await,
+        }
+    }
+
+    /// The connector accepts the next request stream.
+    pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        match self {
+            Connection::Quic(c) => {
+                let (send, recv) = c.accept_bi().await?;
+                Ok((SendStream::Quic(send), RecvStream::Quic(recv)))
+            }
+            Connection::Http2(c) => c.accept_bi().await,
+        }
+    }
+
+    /// The connector's side of the control stream: over QUIC it opens it; over HTTP/2 it
+    /// accepts the first stream the edge opens.
+    pub async fn open_control(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        match self {
+            Connection::Quic(c) => {
+                let (send, recv) = c.open_bi().await?;
+                Ok((SendStream::Quic(send), RecvStream::Quic(recv)))
+            }
+            Connection::Http2(c) => c.accept_control().await,
+        }
+    }
+
+    /// The edge's side of the control stream: over QUIC it accepts the first stream the
+    /// connector opens; over HTTP/2 it opens it.
+    pub async fn accept_control(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
+        match self {
+            Connection::Quic(c) => {
+                let (send, recv) = c.accept_bi().await?;
+                Ok((SendStream::Quic(send), RecvStream::Quic(recv)))
+            }
+            Connection::Http2(c) => c.open_bi(h2::CONTROL_PATH).await,
+        }
+    }
+
+    /// Closes the connection with an application `code` and `reason` (HTTP/2 carries only
+    /// the code, in its GOAWAY).
+    pub fn close(&self, code: u32, reason: &[u8]) {
+        match self {
+            Connection::Quic(c) => c.close(code.into(), reason),
+            Connection::Http2(c) => c.close(code, reason),
+        }
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<ConnectionError> {
+        match self {
+            Connection::Quic(c) => c.close_reason().map(Into::into),
+            Connection::Http2(c) => c.close_reason(),
+        }
+    }
+
+    /// Waits until the connection ends; returns why.
+    pub async fn closed(&self) -> ConnectionError {
+        match self {
+            Connection::Quic(c) => c.closed().await.into(),
+            Connection::Http2(c) => c.closed().await,
+        }
+    }
+}
+
+/// The sending half of a stream.
+pub enum SendStream {
+    /// QUIC.
+    Quic(quinn::SendStream),
+    /// HTTP/2.
+    Http2(h2::SendHalf),
+}
+
+impl std::fmt::Debug for SendStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SendStream::Quic(_) => "SendStream(quic)",
+            SendStream::Http2(_) => "SendStream(http2)",
+        })
+    }
+}
+
+impl SendStream {
+    /// Writes `data`, waiting for flow-control credit.
+    pub async fn write_chunk(&mut self, data: Bytes) -> Result<(), StreamError> {
+        match self {
+            SendStream::Quic(s) => Ok(s.write_chunk(data).await?),
+            SendStream::Http2(s) => s.write(data).await,
+        }
+    }
+
+    /// Writes every chunk of `chunks`, in order (QUIC may pack them into one packet).
+    pub async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), StreamError> {
+        match self {
+            SendStream::Quic(s) => Ok(s.write_all_chunks(chunks).await?),
+            SendStream::Http2(s) => {
+                for chunk in chunks {
+                    s.write(std::mem::take(chunk)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a copy of `data`.
+    pub async fn write_all(&mut self, data: &[u8]) -> Result<(), StreamError> {
+        self.write_chunk(Bytes::copy_from_slice(data)).await
+    }
+
+    /// Ends the stream cleanly after what was written.
+    pub fn finish(&mut self) -> Result<(), StreamError> {
+        match self {
+            SendStream::Quic(s) => s.finish().map_err(|_| StreamError::Closed),
+            SendStream::Http2(s) => s.finish(),
+        }
+    }
+
+    /// Abandons the stream with `code`: the peer reads an error, never a clean end.
+    pub fn reset(&mut self, code: u32) -> Result<(), StreamError> {
+        match self {
+            SendStream::Quic(s) => s.reset(code.into()).map_err(|_| StreamError::Closed),
+            SendStream::Http2(s) => s.reset(code),
+        }
+    }
+
+    /// Waits until the peer stops or resets the stream (`Some(code)`), or, over QUIC, until
+    /// everything written was received (`None`). Over HTTP/2 a stream that ends normally
+    /// stays pending until its connection ends.
+    pub async fn stopped(&mut self) -> Result<Option<u32>, StreamError> {
+        match self {
+            SendStream::Quic(s) => s
+                .stopped()
+                .await
+                .map(|code| code.map(|c| c.into_inner() as u32))
+                .map_err(|e| match e {
+                    quinn::StoppedError::ConnectionLost(e) => ConnectionError::from(e).into(),
+                    _ => StreamError::Closed,
+                }),
+            SendStream::Http2(s) => std::future::poll_fn(|cx| s.poll_stopped(cx))
+                .await
+                .map(Some),
+        }
+    }
+}
+
+impl AsyncWrite for SendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            SendStream::Quic(s) => Pin::new(s).poll_write(cx, buf).map_err(Into::into),
+            SendStream::Http2(s) => s.poll_write(cx, buf).map_err(Into::into),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SendStream::Quic(s) => Pin::new(s).poll_flush(cx),
+            SendStream::Http2(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            SendStream::Quic(s) => Pin::new(s).poll_shutdown(cx),
+            SendStream::Http2(s) => Poll::Ready(match s.finish() {
+                Ok(()) | Err(StreamError::Closed) => Ok(()),
+                Err(e) => Err(e.into()),
+            }),
+        }
+    }
+}
+
+/// The receiving half of a stream.
+pub enum RecvStream {
+    /// QUIC.
+    Quic(quinn::RecvStream),
+    /// HTTP/2.
+    Http2(h2::RecvHalf),
+}
+
+impl std::fmt::Debug for RecvStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecvStream::Quic(_) => "RecvStream(quic)",
+            RecvStream::Http2(_) => "RecvStream(http2)",
+        })
+    }
+}
+
+impl RecvStream {
+    /// The next chunk of at most `max` bytes, in order; `None` at the clean end.
+    pub fn poll_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: usize,
+    ) -> Poll<Result<Option<Bytes>, StreamError>> {
+        match self {
+            RecvStream::Quic(s) => {
+                let read = ready!(std::pin::pin!(s.read_chunk(max, true)).poll(cx));
+                Poll::Ready(read.map(|c| c.map(|c| c.bytes)).map_err(Into::into))
+            }
+            RecvStream::Http2(s) => s.poll_chunk(cx, max),
+        }
+    }
+
+    /// The next chunk of at most `max` bytes; `None` at the clean end.
+    pub async fn read_chunk(&mut self, max: usize) -> Result<Option<Bytes>, StreamError> {
+        std::future::poll_fn(|cx| self.poll_chunk(cx, max)).await
+    }
+
+    /// Tells the peer to stop sending (over HTTP/2: discards the rest as it arrives).
+    pub fn stop(&mut self, code: u32) -> Result<(), StreamError> {
+        match self {
+            RecvStream::Quic(s) => s.stop(code.into()).map_err(|_| StreamError::Closed),
+            RecvStream::Http2(s) => {
+                s.stop();
+                Ok(())
+            }
+        }
+    }
+}
+
+use std::future::Future;
+
+impl AsyncRead for RecvStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            RecvStream::Quic(s) => Pin::new(s).poll_read(cx, buf),
+            RecvStream::Http2(s) => s.poll_read(cx, buf),
+        }
+    }
+}
+
+/// Both ends of one connection on loopback, for unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// The edge's and the connector's side of one connection; the QUIC endpoints live as
+    /// long.
+    pub struct Loopback {
+        pub edge: Connection,
+        pub connector: Connection,
+        _endpoints: Option<[quinn::Endpoint; 2]>,
+    }
+
+    /// A registered-style connection pair over `protocol`, TLS verified against a fresh
+    /// self-signed certificate.
+    pub async fn pair(protocol: Protocol) -> Loopback {
+        match protocol {
+            Protocol::Quic => {
+                let (endpoints, edge, connector) = quic::loopback_pair().await;
+                Loopback {
+                    edge: Connection::Quic(edge),
+                    connector: Connection::Quic(connector),
+                    _endpoints: Some(endpoints),
+                }
+            }
+            Protocol::Http2 => {
+                let id = crate::tls::self_signed(&["localhost"]).unwrap();
+                let server =
+                    crate::tls::tcp_server(crate::tls::ServerCert::new(&id).unwrap()).unwrap();
+                let client = std::sync::Arc::new(crate::tls::tcp_client(&id.chain).unwrap());
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let accept = async {
+                    let (tcp, peer) = listener.accept().await.unwrap();
+                    h2::accept(tcp, peer, std::sync::Arc::new(server).into()).await
+                };
+                let (edge, connector) = tokio::join!(accept, h2::dial(addr, "localhost", client));
+                Loopback {
+                    edge: edge.unwrap(),
+                    connector: connector.unwrap(),
+                    _endpoints: None,
+                }
+            }
+        }
+    }
+}
