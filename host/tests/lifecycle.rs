@@ -113,50 +113,6 @@ fn assert_all_ok(tally: &BTreeMap<String, usize>, what: &str) {
     eprintln!("{what}: {ok} responses, all 200");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn draining_one_of_two_connectors_under_load_loses_nothing() {
-    let (edge, a, b) = two_connectors(file_origin().await).await;
-    let stop = CancellationToken::new();
-    let (tally, tasks) = load(edge.http, 32, stop.clone());
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    // SIGTERM's effect on one connector, under load.
-    a.shutdown.cancel();
-    tokio::time::timeout(WAIT, a.task)
-        .await
-        .expect("the drained connector did not exit")
-        .unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let tally = finish(stop, tasks, &tally).await;
-    assert_all_ok(&tally, "connector drained under load");
-    b.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reloading_the_edge_under_load_loses_nothing() {
-    let (edge, a, b) = two_connectors(file_origin().await).await;
-    let tunnels = vec![tunnel("app", "t", &["app.test"])];
-
-    let stop = CancellationToken::new();
-    let (tally, tasks) = load(edge.http, 32, stop.clone());
-    let reloader = edge.reloader.clone().unwrap();
-    let mut cfg = sluice::config::EdgeConfig::new(loopback(), edge.identity.clone());
-    for i in 0..20 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        // SIGHUP's effect: the same tunnel, now with a second hostname every other time.
-        let mut t = tunnels.clone();
-        if i % 2 == 0 {
-            t[0].hostnames
-                .push(sluice::config::HostPattern::try_from("app2.test").unwrap());
-        }
-        cfg.tunnels = t;
-        reloader.reload(&cfg);
-    }
-    let tally = finish(stop, tasks, &tally).await;
-    assert_all_ok(&tally, "edge reloaded 20 times under load");
-    a.stop().await;
-    b.stop().await;
-}
-
 /// An origin whose `/slow` answers a 1 MiB body after `delay`, announcing the request first.
 async fn slow_origin(delay: Duration) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -172,84 +128,130 @@ async fn slow_origin(delay: Duration) -> (SocketAddr, tokio::sync::mpsc::Unbound
     (addr, rx)
 }
 
-#[tokio::test]
-async fn a_response_in_flight_when_the_drain_starts_arrives_whole() {
-    for round in 0..3 {
-        let (origin, mut started) = slow_origin(Duration::from_millis(600)).await;
+over_both_transports! {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn draining_one_of_two_connectors_under_load_loses_nothing() {
+        let (edge, a, b) = two_connectors(file_origin().await).await;
+        let stop = CancellationToken::new();
+        let (tally, tasks) = load(edge.http, 32, stop.clone());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // SIGTERM's effect on one connector, under load.
+        a.shutdown.cancel();
+        tokio::time::timeout(WAIT, a.task)
+            .await
+            .expect("the drained connector did not exit")
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let tally = finish(stop, tasks, &tally).await;
+        assert_all_ok(&tally, "connector drained under load");
+        b.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reloading_the_edge_under_load_loses_nothing() {
+        let (edge, a, b) = two_connectors(file_origin().await).await;
+        let tunnels = vec![tunnel("app", "t", &["app.test"])];
+
+        let stop = CancellationToken::new();
+        let (tally, tasks) = load(edge.http, 32, stop.clone());
+        let reloader = edge.reloader.clone().unwrap();
+        let mut cfg = sluice::config::EdgeConfig::new(loopback(), edge.identity.clone());
+        for i in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // SIGHUP's effect: the same tunnel, now with a second hostname every other time.
+            let mut t = tunnels.clone();
+            if i % 2 == 0 {
+                t[0].hostnames
+                    .push(sluice::config::HostPattern::try_from("app2.test").unwrap());
+            }
+            cfg.tunnels = t;
+            reloader.reload(&cfg);
+        }
+        let tally = finish(stop, tasks, &tally).await;
+        assert_all_ok(&tally, "edge reloaded 20 times under load");
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_response_in_flight_when_the_drain_starts_arrives_whole() {
+        for round in 0..3 {
+            let (origin, mut started) = slow_origin(Duration::from_millis(600)).await;
+            let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+            let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]);
+            cfg.admin_listen = Some(loopback());
+            let conn = start_connector(cfg).await;
+            conn.registered(2).await;
+            let admin = conn.admin.unwrap();
+
+            let http = edge.http;
+            let slow = tokio::spawn(async move { get(http, "app.test", "/slow").await });
+            tokio::time::timeout(WAIT, started.recv()).await.unwrap();
+            conn.shutdown.cancel();
+            // While the drain lasts, the admin port answers: live, not ready.
+            let live = get(admin, "admin", "/live").await;
+            let ready = get(admin, "admin", "/ready").await;
+            assert_eq!((live.status, ready.status), (200, 503), "round {round}");
+
+            let reply = tokio::time::timeout(WAIT, slow).await.unwrap().unwrap();
+            assert_eq!(reply.status, 200, "round {round}: {}", reply.text());
+            assert_eq!(reply.body.len(), 1 << 20, "round {round}");
+            tokio::time::timeout(WAIT, conn.task)
+                .await
+                .expect("the connector did not exit after its drain")
+                .unwrap();
+            edge.shutdown.cancel();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_audit_event_of_a_request_cut_off_by_the_grace_period_is_written() {
+        let dir = std::env::temp_dir().join(format!("sluice-grace-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&file);
+        let (tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+        let origin = start_origin(move |_req: Request<Incoming>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Response::new(sluice::relay::full("late"))
+            }
+        })
+        .await;
         let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-        let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]);
-        cfg.admin_listen = Some(loopback());
+        let mut r = rule(None, None, "web");
+        r.plugins = vec!["auditor".into()];
+        let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![r]);
+        let mut auditor = sluice::config::PluginConfig::new("auditor", fixture("echo"));
+        auditor.config_json = serde_json::to_vec(&serde_json::json!({"audit": true})).unwrap();
+        cfg.plugins = vec![auditor];
+        cfg.audit = sluice::config::AuditConfig {
+            stdout: false,
+            file: Some(file.clone()),
+            queue: 4,
+        };
+        cfg.grace_period = Duration::from_millis(300);
         let conn = start_connector(cfg).await;
         conn.registered(2).await;
-        let admin = conn.admin.unwrap();
 
         let http = edge.http;
-        let slow = tokio::spawn(async move { get(http, "app.test", "/slow").await });
-        tokio::time::timeout(WAIT, started.recv()).await.unwrap();
+        let request = tokio::spawn(async move { get(http, "app.test", "/held").await });
+        tokio::time::timeout(WAIT, held.recv()).await.unwrap();
         conn.shutdown.cancel();
-        // While the drain lasts, the admin port answers: live, not ready.
-        let live = get(admin, "admin", "/live").await;
-        let ready = get(admin, "admin", "/ready").await;
-        assert_eq!((live.status, ready.status), (200, 503), "round {round}");
-
-        let reply = tokio::time::timeout(WAIT, slow).await.unwrap().unwrap();
-        assert_eq!(reply.status, 200, "round {round}: {}", reply.text());
-        assert_eq!(reply.body.len(), 1 << 20, "round {round}");
         tokio::time::timeout(WAIT, conn.task)
             .await
-            .expect("the connector did not exit after its drain")
+            .expect("the connector did not stop after its grace period")
             .unwrap();
+        // Read the moment the connector has stopped: the cut-off request's event is there.
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        assert!(
+            text.lines().any(|l| l.contains("\"path\":\"/held\"")),
+            "the audit file lacks the cut-off request's event:\n{text}"
+        );
+        request.abort();
         edge.shutdown.cancel();
+        let _ = std::fs::remove_dir_all(&dir);
     }
-}
-
-#[tokio::test]
-async fn the_audit_event_of_a_request_cut_off_by_the_grace_period_is_written() {
-    let dir = std::env::temp_dir().join(format!("sluice-grace-audit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("audit.jsonl");
-    let _ = std::fs::remove_file(&file);
-    let (tx, mut held) = tokio::sync::mpsc::unbounded_channel();
-    let origin = start_origin(move |_req: Request<Incoming>| {
-        let tx = tx.clone();
-        async move {
-            let _ = tx.send(());
-            tokio::time::sleep(Duration::from_secs(60)).await;
-            Response::new(sluice::relay::full("late"))
-        }
-    })
-    .await;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
-    let mut r = rule(None, None, "web");
-    r.plugins = vec!["auditor".into()];
-    let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![r]);
-    let mut auditor = sluice::config::PluginConfig::new("auditor", fixture("echo"));
-    auditor.config_json = serde_json::to_vec(&serde_json::json!({"audit": true})).unwrap();
-    cfg.plugins = vec![auditor];
-    cfg.audit = sluice::config::AuditConfig {
-        stdout: false,
-        file: Some(file.clone()),
-        queue: 4,
-    };
-    cfg.grace_period = Duration::from_millis(300);
-    let conn = start_connector(cfg).await;
-    conn.registered(2).await;
-
-    let http = edge.http;
-    let request = tokio::spawn(async move { get(http, "app.test", "/held").await });
-    tokio::time::timeout(WAIT, held.recv()).await.unwrap();
-    conn.shutdown.cancel();
-    tokio::time::timeout(WAIT, conn.task)
-        .await
-        .expect("the connector did not stop after its grace period")
-        .unwrap();
-    // Read the moment the connector has stopped: the cut-off request's event is there.
-    let text = std::fs::read_to_string(&file).unwrap_or_default();
-    assert!(
-        text.lines().any(|l| l.contains("\"path\":\"/held\"")),
-        "the audit file lacks the cut-off request's event:\n{text}"
-    );
-    request.abort();
-    edge.shutdown.cancel();
-    let _ = std::fs::remove_dir_all(&dir);
 }

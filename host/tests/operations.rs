@@ -178,6 +178,7 @@ async fn tunnel_new_creates_a_token_the_edge_accepts() {
     let handle = EdgeHandle {
         http: edge.http_addr().unwrap(),
         quic: edge.quic_addr(),
+        tcp: edge.tcp_addr(),
         https: None,
         admin: None,
         reloader: None,
@@ -248,9 +249,23 @@ async fn admin_endpoints_report_liveness_readiness_and_metrics() {
         .unwrap();
 
     assert_eq!(admin_get(edge_admin, "/live").await.status, 200);
-    assert_eq!(admin_get(edge_admin, "/ready").await.status, 200);
     assert_eq!(admin_get(conn_admin, "/live").await.status, 200);
-    assert_eq!(admin_get(conn_admin, "/ready").await.status, 200);
+    // `/ready` lists the connections with their transport, on both sides.
+    for (admin, fields) in [
+        (edge_admin, ["tunnel", "id"]),
+        (conn_admin, ["edge", "index"]),
+    ] {
+        let ready = admin_get(admin, "/ready").await;
+        assert_eq!(ready.status, 200);
+        let ready = ready.json();
+        assert_eq!(ready["ready"], true);
+        let listed = ready["connections"].as_array().unwrap();
+        assert_eq!(listed.len(), 2, "{ready}");
+        for c in listed {
+            assert_eq!(c["protocol"], "quic", "{ready}");
+            assert!(fields.iter().all(|f| !c[f].is_null()), "{ready}");
+        }
+    }
     assert_eq!(admin_get(conn_admin, "/nope").await.status, 404);
 
     for _ in 0..3 {
@@ -375,7 +390,11 @@ async fn connector_not_ready_until_registered() {
     let task = tokio::spawn(connector.run(stop.clone()));
     assert_eq!(admin_get(admin, "/live").await.status, 200);
     let ready = admin_get(admin, "/ready").await;
-    assert_eq!((ready.status, ready.text().as_str()), (503, "not ready\n"));
+    assert_eq!(ready.status, 503);
+    assert_eq!(
+        ready.json(),
+        serde_json::json!({"ready": false, "connections": []})
+    );
 
     drop(reserved);
     let mut ecfg =

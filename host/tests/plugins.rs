@@ -106,198 +106,6 @@ async fn init_errors_stop_the_connector_naming_plugin_and_message() {
 }
 
 #[tokio::test]
-async fn decisions_reach_the_origin_and_the_client() {
-    let plugins = vec![
-        plugin(
-            "rewrite",
-            "echo",
-            serde_json::json!({
-                "set": {"x-added": "yes", "x-req": "{request_id}", "host": "internal.example"},
-                "remove": ["x-drop-me"],
-                "path": "/rewritten?q=1",
-            }),
-        ),
-        plugin("router", "echo", serde_json::json!({"origin": "other"})),
-        plugin(
-            "answer",
-            "echo",
-            serde_json::json!({"respond_if_path": "/local", "respond_status": 418, "respond_body": "short and stout"}),
-        ),
-    ];
-    // The local-answer plugin runs first, so it sees the original path.
-    let (edge, conn) = tunnel_with(plugins, &["answer", "rewrite", "router"], |_| {}).await;
-
-    let req = Request::get("/original")
-        .header("host", "app.test")
-        .header("x-drop-me", "1")
-        .body(Full::default())
-        .unwrap();
-    let reply = send(edge.http, req).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    let json = reply.json();
-    assert_eq!(json["origin"], "other", "the plugin's origin choice");
-    assert_eq!(json["path"], "/rewritten?q=1", "the plugin's path rewrite");
-    assert_eq!(reply.echoed("x-added").as_deref(), Some("yes"));
-    assert_eq!(
-        reply.echoed("host").as_deref(),
-        Some("internal.example"),
-        "a Host set by a plugin wins"
-    );
-    assert_eq!(reply.echoed("x-req"), reply.echoed("sluice-request-id"));
-    assert!(json["headers"].get("x-drop-me").is_none());
-
-    let reply = get(edge.http, "app.test", "/local").await;
-    assert_eq!(
-        (reply.status, reply.text().as_str()),
-        (418, "short and stout")
-    );
-    assert_eq!(reply.headers["content-type"], "text/plain");
-    conn.stop().await;
-}
-
-#[tokio::test]
-async fn chains_run_in_order_and_responses_in_reverse() {
-    let plugins = vec![
-        plugin("first", "echo", serde_json::json!({"tag": "first"})),
-        plugin("second", "echo", serde_json::json!({"tag": "second"})),
-        plugin("global", "echo", serde_json::json!({"tag": "global"})),
-    ];
-    let (edge, conn) = tunnel_with(plugins, &["first", "second"], |c| {
-        c.global_plugins = vec!["global".into()]
-    })
-    .await;
-    let reply = get(edge.http, "app.test", "/").await;
-    assert_eq!(
-        reply.echoed("x-chain").as_deref(),
-        Some("global,first,second"),
-        "each plugin sees the edits before it"
-    );
-    assert_eq!(
-        reply.headers["x-chain-response"], "second,first,global",
-        "the response chain runs in reverse"
-    );
-    conn.stop().await;
-}
-
-#[tokio::test]
-async fn audit_lines_are_complete_after_graceful_shutdown() {
-    const N: usize = 25;
-    let dir = std::env::temp_dir().join(format!("sluice-audit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("audit.jsonl");
-    let _ = std::fs::remove_file(&file);
-    let plugins = vec![plugin(
-        "auditor",
-        "echo",
-        serde_json::json!({"audit": true}),
-    )];
-    let file_for_cfg = file.clone();
-    let (edge, conn) = tunnel_with(plugins, &["auditor"], move |c| {
-        c.audit = AuditConfig {
-            stdout: false,
-            file: Some(file_for_cfg),
-            queue: 4,
-        };
-    })
-    .await;
-    let mut ids = Vec::new();
-    for i in 0..N {
-        let reply = get(edge.http, "app.test", &format!("/item/{i}")).await;
-        assert_eq!(reply.status, 200);
-        ids.push(
-            reply.headers["sluice-request-id"]
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
-    }
-    conn.stop().await;
-
-    let text = std::fs::read_to_string(&file).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), N, "{text}");
-    for (i, line) in lines.iter().enumerate() {
-        let event: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        assert_eq!(event["plugin"], "auditor");
-        assert_eq!(event["kind"], "complete");
-        assert_eq!(event["tunnel"], "app");
-        assert_eq!(event["hostname"], "app.test");
-        assert_eq!(event["request_id"], ids[i].as_str());
-        assert_eq!(event["attributes"]["path"], format!("/item/{i}"));
-        assert_eq!(event["attributes"]["status"], "200");
-        assert_eq!(event["attributes"]["origin"], "web");
-        assert!(event["ts"].as_str().unwrap().ends_with('Z'));
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-#[tokio::test]
-async fn failing_plugins_follow_their_policy_and_never_take_the_process_down() {
-    let (logs, _guard) = capture_logs();
-    let mut closed = plugin("strict", "misbehave", serde_json::json!({}));
-    closed.on_error = OnError::FailClosed;
-    closed.timeout = Duration::from_millis(200);
-    closed.memory = 8 << 20;
-    let (edge, conn) = tunnel_with(vec![closed], &["strict"], |c| {
-        c.admin_listen = Some(loopback())
-    })
-    .await;
-
-    for path in [
-        "/trap",
-        "/loop",
-        "/sleep",
-        "/oom",
-        "/bad-header",
-        "/bad-origin",
-        "/huge",
-    ] {
-        let reply = get(edge.http, "app.test", path).await;
-        assert_eq!(reply.status, 502, "{path}: {}", reply.text());
-        assert_eq!(
-            reply.text(),
-            "sluice connector: the request could not be processed\n",
-            "{path}"
-        );
-        // Other requests keep succeeding, on fresh or reused instances.
-        let ok = get(edge.http, "app.test", "/fine").await;
-        assert_eq!(ok.status, 200, "after {path}: {}", ok.text());
-        assert_eq!(ok.json()["path"], "/fine");
-    }
-    let text = logs.text();
-    for kind in [
-        "kind=\"trap\"",
-        "kind=\"timeout\"",
-        "kind=\"memory\"",
-        "kind=\"invalid-decision\"",
-    ] {
-        assert!(
-            text.contains("plugin failed") && text.contains(kind),
-            "no {kind} failure logged:\n{text}"
-        );
-    }
-    assert!(
-        text.contains("plugin=\"strict\""),
-        "failures are logged with the plugin's name"
-    );
-    conn.stop().await;
-}
-
-#[tokio::test]
-async fn fail_open_skips_the_plugin() {
-    let mut open = plugin("lenient", "misbehave", serde_json::json!({}));
-    open.on_error = OnError::FailOpen;
-    let (edge, conn) = tunnel_with(vec![open], &["lenient"], |_| {}).await;
-    for path in ["/trap", "/bad-header", "/bad-origin"] {
-        let reply = get(edge.http, "app.test", path).await;
-        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
-        assert_eq!(reply.json()["path"], path);
-    }
-    conn.stop().await;
-}
-
-#[tokio::test]
 async fn deadline_memory_and_errors_are_counted_in_metrics() {
     let mut p = plugin("strict", "misbehave", serde_json::json!({}));
     p.timeout = Duration::from_millis(200);
@@ -620,4 +428,198 @@ async fn a_reload_compiles_plugins_without_stalling_requests() {
         "only {during} requests were answered while the reload compiled its plugin"
     );
     conn.stop().await;
+}
+
+over_both_transports! {
+    #[tokio::test]
+    async fn decisions_reach_the_origin_and_the_client() {
+        let plugins = vec![
+            plugin(
+                "rewrite",
+                "echo",
+                serde_json::json!({
+                    "set": {"x-added": "yes", "x-req": "{request_id}", "host": "internal.example"},
+                    "remove": ["x-drop-me"],
+                    "path": "/rewritten?q=1",
+                }),
+            ),
+            plugin("router", "echo", serde_json::json!({"origin": "other"})),
+            plugin(
+                "answer",
+                "echo",
+                serde_json::json!({"respond_if_path": "/local", "respond_status": 418, "respond_body": "short and stout"}),
+            ),
+        ];
+        // The local-answer plugin runs first, so it sees the original path.
+        let (edge, conn) = tunnel_with(plugins, &["answer", "rewrite", "router"], |_| {}).await;
+
+        let req = Request::get("/original")
+            .header("host", "app.test")
+            .header("x-drop-me", "1")
+            .body(Full::default())
+            .unwrap();
+        let reply = send(edge.http, req).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let json = reply.json();
+        assert_eq!(json["origin"], "other", "the plugin's origin choice");
+        assert_eq!(json["path"], "/rewritten?q=1", "the plugin's path rewrite");
+        assert_eq!(reply.echoed("x-added").as_deref(), Some("yes"));
+        assert_eq!(
+            reply.echoed("host").as_deref(),
+            Some("internal.example"),
+            "a Host set by a plugin wins"
+        );
+        assert_eq!(reply.echoed("x-req"), reply.echoed("sluice-request-id"));
+        assert!(json["headers"].get("x-drop-me").is_none());
+
+        let reply = get(edge.http, "app.test", "/local").await;
+        assert_eq!(
+            (reply.status, reply.text().as_str()),
+            (418, "short and stout")
+        );
+        assert_eq!(reply.headers["content-type"], "text/plain");
+        conn.stop().await;
+    }
+
+    #[tokio::test]
+    async fn chains_run_in_order_and_responses_in_reverse() {
+        let plugins = vec![
+            plugin("first", "echo", serde_json::json!({"tag": "first"})),
+            plugin("second", "echo", serde_json::json!({"tag": "second"})),
+            plugin("global", "echo", serde_json::json!({"tag": "global"})),
+        ];
+        let (edge, conn) = tunnel_with(plugins, &["first", "second"], |c| {
+            c.global_plugins = vec!["global".into()]
+        })
+        .await;
+        let reply = get(edge.http, "app.test", "/").await;
+        assert_eq!(
+            reply.echoed("x-chain").as_deref(),
+            Some("global,first,second"),
+            "each plugin sees the edits before it"
+        );
+        assert_eq!(
+            reply.headers["x-chain-response"], "second,first,global",
+            "the response chain runs in reverse"
+        );
+        conn.stop().await;
+    }
+
+    #[tokio::test]
+    async fn audit_lines_are_complete_after_graceful_shutdown() {
+        const N: usize = 25;
+        let dir = std::env::temp_dir().join(format!("sluice-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&file);
+        let plugins = vec![plugin(
+            "auditor",
+            "echo",
+            serde_json::json!({"audit": true}),
+        )];
+        let file_for_cfg = file.clone();
+        let (edge, conn) = tunnel_with(plugins, &["auditor"], move |c| {
+            c.audit = AuditConfig {
+                stdout: false,
+                file: Some(file_for_cfg),
+                queue: 4,
+            };
+        })
+        .await;
+        let mut ids = Vec::new();
+        for i in 0..N {
+            let reply = get(edge.http, "app.test", &format!("/item/{i}")).await;
+            assert_eq!(reply.status, 200);
+            ids.push(
+                reply.headers["sluice-request-id"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        conn.stop().await;
+
+        let text = std::fs::read_to_string(&file).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), N, "{text}");
+        for (i, line) in lines.iter().enumerate() {
+            let event: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            assert_eq!(event["plugin"], "auditor");
+            assert_eq!(event["kind"], "complete");
+            assert_eq!(event["tunnel"], "app");
+            assert_eq!(event["hostname"], "app.test");
+            assert_eq!(event["request_id"], ids[i].as_str());
+            assert_eq!(event["attributes"]["path"], format!("/item/{i}"));
+            assert_eq!(event["attributes"]["status"], "200");
+            assert_eq!(event["attributes"]["origin"], "web");
+            assert!(event["ts"].as_str().unwrap().ends_with('Z'));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn failing_plugins_follow_their_policy_and_never_take_the_process_down() {
+        let (logs, _guard) = capture_logs();
+        let mut closed = plugin("strict", "misbehave", serde_json::json!({}));
+        closed.on_error = OnError::FailClosed;
+        closed.timeout = Duration::from_millis(200);
+        closed.memory = 8 << 20;
+        let (edge, conn) = tunnel_with(vec![closed], &["strict"], |c| {
+            c.admin_listen = Some(loopback())
+        })
+        .await;
+
+        for path in [
+            "/trap",
+            "/loop",
+            "/sleep",
+            "/oom",
+            "/bad-header",
+            "/bad-origin",
+            "/huge",
+        ] {
+            let reply = get(edge.http, "app.test", path).await;
+            assert_eq!(reply.status, 502, "{path}: {}", reply.text());
+            assert_eq!(
+                reply.text(),
+                "sluice connector: the request could not be processed\n",
+                "{path}"
+            );
+            // Other requests keep succeeding, on fresh or reused instances.
+            let ok = get(edge.http, "app.test", "/fine").await;
+            assert_eq!(ok.status, 200, "after {path}: {}", ok.text());
+            assert_eq!(ok.json()["path"], "/fine");
+        }
+        let text = logs.text();
+        for kind in [
+            "kind=\"trap\"",
+            "kind=\"timeout\"",
+            "kind=\"memory\"",
+            "kind=\"invalid-decision\"",
+        ] {
+            assert!(
+                text.contains("plugin failed") && text.contains(kind),
+                "no {kind} failure logged:\n{text}"
+            );
+        }
+        assert!(
+            text.contains("plugin=\"strict\""),
+            "failures are logged with the plugin's name"
+        );
+        conn.stop().await;
+    }
+
+    #[tokio::test]
+    async fn fail_open_skips_the_plugin() {
+        let mut open = plugin("lenient", "misbehave", serde_json::json!({}));
+        open.on_error = OnError::FailOpen;
+        let (edge, conn) = tunnel_with(vec![open], &["lenient"], |_| {}).await;
+        for path in ["/trap", "/bad-header", "/bad-origin"] {
+            let reply = get(edge.http, "app.test", path).await;
+            assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+            assert_eq!(reply.json()["path"], path);
+        }
+        conn.stop().await;
+    }
 }

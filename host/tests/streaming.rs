@@ -94,141 +94,6 @@ async fn transfer_origin() -> std::net::SocketAddr {
     .await
 }
 
-#[tokio::test]
-async fn large_upload_and_download_arrive_byte_exact() {
-    let origin = transfer_origin().await;
-    let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
-
-    let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(c);
-
-    // Upload without a content-length: streamed chunked all the way.
-    let req = Request::post("/upload")
-        .header("host", "app.test")
-        .body(body_of(BIG))
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(300), sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let text = String::from_utf8(
-        resp.into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec(),
-    )
-    .unwrap();
-    assert_eq!(text, format!("{BIG} {}", digest_of(BIG)));
-
-    // Download on the same client connection.
-    let req = Request::get(format!("/download/{BIG}"))
-        .header("host", "app.test")
-        .body(sluice::relay::empty())
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(300), sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(resp.headers()["content-length"], BIG.to_string().as_str());
-    let mut body = resp.into_body();
-    let mut h = Sha256::new();
-    let mut n = 0u64;
-    while let Some(frame) = body.frame().await {
-        if let Ok(d) = frame.unwrap().into_data() {
-            n += d.len() as u64;
-            h.update(&d);
-        }
-    }
-    assert_eq!(n, BIG);
-    assert_eq!(hex::encode(h.finalize()), digest_of(BIG));
-    conn.stop().await;
-}
-
-#[tokio::test]
-async fn origin_failure_mid_body_is_not_a_clean_end() {
-    let origin = transfer_origin().await;
-    let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
-
-    let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(c);
-    let req = Request::get("/broken")
-        .header("host", "app.test")
-        .body(sluice::relay::empty())
-        .unwrap();
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let result = tokio::time::timeout(WAIT, resp.into_body().collect())
-        .await
-        .unwrap();
-    assert!(
-        result.is_err(),
-        "a truncated body must surface as an error to the client"
-    );
-    conn.stop().await;
-}
-
-#[tokio::test]
-async fn websocket_frames_flow_both_ways() {
-    // A WebSocket echo origin that also greets first, so both directions are exercised.
-    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let origin = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-                ws.send(Message::text("hello from origin")).await.unwrap();
-                while let Some(Ok(msg)) = ws.next().await {
-                    match msg {
-                        Message::Text(t) => {
-                            ws.send(Message::text(format!("echo: {t}"))).await.unwrap()
-                        }
-                        Message::Binary(b) => ws.send(Message::binary(b)).await.unwrap(),
-                        Message::Close(_) => break,
-                        _ => {}
-                    }
-                }
-            });
-        }
-    });
-    let (edge, conn) = app_tunnel(vec![http_origin("ws", origin)]).await;
-
-    let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    let (mut ws, resp) = tokio::time::timeout(
-        WAIT,
-        tokio_tungstenite::client_async("ws://app.test/socket", tcp),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
-    assert_eq!(next(&mut ws).await, Message::text("hello from origin"));
-    for i in 0..20 {
-        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
-        assert_eq!(
-            next(&mut ws).await,
-            Message::text(format!("echo: ping {i}"))
-        );
-    }
-    let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    ws.send(Message::binary(blob.clone())).await.unwrap();
-    assert_eq!(next(&mut ws).await, Message::binary(blob));
-    ws.close(None).await.unwrap();
-    conn.stop().await;
-}
-
 async fn next(ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>) -> Message {
     tokio::time::timeout(WAIT, ws.next())
         .await
@@ -248,60 +113,197 @@ impl Drop for DropSignal {
     }
 }
 
-#[tokio::test]
-async fn client_leaving_mid_download_stops_the_origin_body() {
-    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
-    let gone_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(gone_tx)));
-    let origin = start_origin(move |_req: Request<Incoming>| {
-        let signal = DropSignal(gone_tx.lock().unwrap().take());
-        async move {
-            // An endless body, one 16 KiB chunk every 20 ms; the signal fires when hyper drops it.
-            let stream = futures_util::stream::unfold(signal, |signal| async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                Some((
-                    Ok::<_, sluice::relay::BoxError>(Frame::data(Bytes::from(vec![
-                        7u8;
-                        16 * 1024
-                    ]))),
-                    signal,
-                ))
-            });
-            Response::new(BodyExt::boxed(StreamBody::new(stream)))
-        }
-    })
-    .await;
-    let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
+over_both_transports! {
+    #[tokio::test]
+    async fn large_upload_and_download_arrive_byte_exact() {
+        let origin = transfer_origin().await;
+        let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
 
-    let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
+        let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+        let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(c);
+
+        // Upload without a content-length: streamed chunked all the way.
+        let req = Request::post("/upload")
+            .header("host", "app.test")
+            .body(body_of(BIG))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(300), sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = String::from_utf8(
+            resp.into_body()
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
         .unwrap();
-    let client_conn = tokio::spawn(c);
-    let req = Request::get("/stream")
-        .header("host", "app.test")
-        .body(sluice::relay::empty())
-        .unwrap();
-    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        assert_eq!(text, format!("{BIG} {}", digest_of(BIG)));
+
+        // Download on the same client connection.
+        let req = Request::get(format!("/download/{BIG}"))
+            .header("host", "app.test")
+            .body(sluice::relay::empty())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(300), sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-length"], BIG.to_string().as_str());
+        let mut body = resp.into_body();
+        let mut h = Sha256::new();
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(d) = frame.unwrap().into_data() {
+                n += d.len() as u64;
+                h.update(&d);
+            }
+        }
+        assert_eq!(n, BIG);
+        assert_eq!(hex::encode(h.finalize()), digest_of(BIG));
+        conn.stop().await;
+    }
+
+    #[tokio::test]
+    async fn origin_failure_mid_body_is_not_a_clean_end() {
+        let origin = transfer_origin().await;
+        let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
+
+        let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+        let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(c);
+        let req = Request::get("/broken")
+            .header("host", "app.test")
+            .body(sluice::relay::empty())
+            .unwrap();
+        let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let result = tokio::time::timeout(WAIT, resp.into_body().collect())
+            .await
+            .unwrap();
+        assert!(
+            result.is_err(),
+            "a truncated body must surface as an error to the client"
+        );
+        conn.stop().await;
+    }
+
+    #[tokio::test]
+    async fn websocket_frames_flow_both_ways() {
+        // A WebSocket echo origin that also greets first, so both directions are exercised.
+        let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+        let origin = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                    ws.send(Message::text("hello from origin")).await.unwrap();
+                    while let Some(Ok(msg)) = ws.next().await {
+                        match msg {
+                            Message::Text(t) => {
+                                ws.send(Message::text(format!("echo: {t}"))).await.unwrap()
+                            }
+                            Message::Binary(b) => ws.send(Message::binary(b)).await.unwrap(),
+                            Message::Close(_) => break,
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        let (edge, conn) = app_tunnel(vec![http_origin("ws", origin)]).await;
+
+        let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+        let (mut ws, resp) = tokio::time::timeout(
+            WAIT,
+            tokio_tungstenite::client_async("ws://app.test/socket", tcp),
+        )
         .await
         .unwrap()
         .unwrap();
-    let mut body = resp.into_body();
-    let mut got = 0;
-    while got < 64 * 1024 {
-        let frame = tokio::time::timeout(WAIT, body.frame())
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(next(&mut ws).await, Message::text("hello from origin"));
+        for i in 0..20 {
+            ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+            assert_eq!(
+                next(&mut ws).await,
+                Message::text(format!("echo: ping {i}"))
+            );
+        }
+        let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        ws.send(Message::binary(blob.clone())).await.unwrap();
+        assert_eq!(next(&mut ws).await, Message::binary(blob));
+        ws.close(None).await.unwrap();
+        conn.stop().await;
+    }
+
+    #[tokio::test]
+    async fn client_leaving_mid_download_stops_the_origin_body() {
+        let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+        let gone_tx = std::sync::Arc::new(std::sync::Mutex::new(Some(gone_tx)));
+        let origin = start_origin(move |_req: Request<Incoming>| {
+            let signal = DropSignal(gone_tx.lock().unwrap().take());
+            async move {
+                // An endless body, one 16 KiB chunk every 20 ms; the signal fires when hyper drops it.
+                let stream = futures_util::stream::unfold(signal, |signal| async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    Some((
+                        Ok::<_, sluice::relay::BoxError>(Frame::data(Bytes::from(vec![
+                            7u8;
+                            16 * 1024
+                        ]))),
+                        signal,
+                    ))
+                });
+                Response::new(BodyExt::boxed(StreamBody::new(stream)))
+            }
+        })
+        .await;
+        let (edge, conn) = app_tunnel(vec![http_origin("o", origin)]).await;
+
+        let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+        let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        let client_conn = tokio::spawn(c);
+        let req = Request::get("/stream")
+            .header("host", "app.test")
+            .body(sluice::relay::empty())
+            .unwrap();
+        let resp = tokio::time::timeout(WAIT, sender.send_request(req))
             .await
             .unwrap()
-            .unwrap()
             .unwrap();
-        got += frame.data_ref().map_or(0, |d| d.len());
+        let mut body = resp.into_body();
+        let mut got = 0;
+        while got < 64 * 1024 {
+            let frame = tokio::time::timeout(WAIT, body.frame())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            got += frame.data_ref().map_or(0, |d| d.len());
+        }
+        // The client goes away mid-body.
+        drop(body);
+        drop(sender);
+        client_conn.abort();
+        tokio::time::timeout(WAIT, gone_rx)
+            .await
+            .expect("the origin kept streaming after the client left")
+            .unwrap();
+        conn.stop().await;
     }
-    // The client goes away mid-body.
-    drop(body);
-    drop(sender);
-    client_conn.abort();
-    tokio::time::timeout(WAIT, gone_rx)
-        .await
-        .expect("the origin kept streaming after the client left")
-        .unwrap();
-    conn.stop().await;
 }

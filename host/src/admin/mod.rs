@@ -32,6 +32,8 @@ pub struct Report {
     pub metrics: Arc<dyn Exposition>,
     /// `/ready`.
     pub ready: Readiness,
+    /// The connections `/ready` lists, with their transport.
+    pub connections: Status,
     /// `/status`.
     pub status: Status,
 }
@@ -102,16 +104,19 @@ fn answer(req: &Request<Incoming>, report: &Report) -> Response<HttpBody> {
             "text/plain; charset=utf-8",
             "live\n".to_string(),
         ),
-        "/ready" if ready() => (
-            StatusCode::OK,
-            "text/plain; charset=utf-8",
-            "ready\n".to_string(),
-        ),
-        "/ready" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain; charset=utf-8",
-            "not ready\n".to_string(),
-        ),
+        "/ready" => {
+            let ready = ready();
+            let body = serde_json::json!({
+                "ready": ready,
+                "connections": (report.connections)(),
+            });
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, "application/json", format!("{body}\n"))
+        }
         "/metrics" => (
             StatusCode::OK,
             metrics::CONTENT_TYPE,

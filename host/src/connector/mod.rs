@@ -48,12 +48,61 @@ pub enum ConnectorError {
 #[derive(Debug)]
 pub struct ConnectorState {
     registered: watch::Sender<usize>,
+    /// The registered connections, by a key of their own.
+    links: std::sync::Mutex<std::collections::BTreeMap<u64, LinkInfo>>,
+    next_key: std::sync::atomic::AtomicU64,
+}
+
+/// One registered connection, as `/ready` and `/status` list it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LinkInfo {
+    /// The edge, as configured.
+    pub edge: String,
+    /// Which of the connections to that edge.
+    pub index: u32,
+    /// The transport.
+    pub protocol: crate::transport::Protocol,
+    /// The id the edge gave the connection.
+    pub connection_id: u64,
 }
 
 impl ConnectorState {
+    fn new() -> ConnectorState {
+        ConnectorState {
+            registered: watch::channel(0).0,
+            links: Default::default(),
+            next_key: Default::default(),
+        }
+    }
+
     /// Number of connections currently registered with an edge.
     pub fn registered(&self) -> usize {
         *self.registered.borrow()
+    }
+
+    /// The connections currently registered.
+    pub fn connections(&self) -> Vec<LinkInfo> {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.values().cloned().collect()
+    }
+
+    /// Counts a registered connection; the key removes it.
+    fn link(&self, info: LinkInfo) -> u64 {
+        let key = self
+            .next_key
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.insert(key, info);
+        drop(links);
+        self.add(1);
+        key
+    }
+
+    fn unlink(&self, key: u64) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.remove(&key);
+        drop(links);
+        self.add(-1);
     }
 
     /// Waits until at least `n` connections are registered.
@@ -181,7 +230,6 @@ impl Connector {
         let pipeline = Arc::new(ArcSwap::from_pointee(Pipeline::new(&config, &env).await?));
         let client = tls::quic_client(&config.edge_ca)?;
         let tcp_client = Arc::new(tls::tcp_client(&config.edge_ca)?);
-        let (registered, _) = watch::channel(0);
         let admin = match config.admin_listen {
             Some(addr) => {
                 let bind = |source| ConnectorError::Bind {
@@ -210,7 +258,7 @@ impl Connector {
             pipeline,
             client,
             tcp_client,
-            state: Arc::new(ConnectorState { registered }),
+            state: Arc::new(ConnectorState::new()),
             metrics,
             env,
             admin,
@@ -259,13 +307,16 @@ impl Connector {
                 "connector_id": config.connector_id,
                 "edges": config.edges,
                 "registered_connections": state.registered(),
+                "connections": state.connections(),
                 "in_flight": in_flight.get(),
                 "digest": *digest.borrow(),
             })
         });
+        let listed = self.state.clone();
         Report {
             metrics: self.metrics.clone(),
             ready,
+            connections: Arc::new(move || serde_json::json!(listed.connections())),
             status,
         }
     }

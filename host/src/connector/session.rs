@@ -422,15 +422,26 @@ async fn dial(
         match read_frame::<_, Control>(&mut recv).await? {
             Control::Registered(ok) => {
                 info!(edge_id = %ok.edge_id, connection = ok.connection_id, %addr, %protocol, "registered with the edge");
-                Ok((conn, send, recv, HeadCodec::chosen(ok.heads.as_deref())))
+                Ok((
+                    conn,
+                    send,
+                    recv,
+                    HeadCodec::chosen(ok.heads.as_deref()),
+                    ok.connection_id,
+                ))
             }
             Control::Rejected(rej) => Err(SessionError::Rejected(rej)),
             _ => Err(SessionError::Unexpected),
         }
     });
-    let (conn, control_send, control_recv, heads) =
+    let (conn, control_send, control_recv, heads, connection_id) =
         dial.await.map_err(|_| SessionError::Timeout)??;
-    shared.state.add(1);
+    let key = shared.state.link(super::LinkInfo {
+        edge: edge.to_string(),
+        index,
+        protocol,
+        connection_id,
+    });
     shared.metrics.registered_on(protocol).inc();
     Ok(Link {
         conn,
@@ -438,7 +449,7 @@ async fn dial(
         control_recv,
         digests,
         heads,
-        _count: CountGuard(shared.state.clone(), shared.metrics.clone(), protocol),
+        _count: CountGuard(shared.state.clone(), shared.metrics.clone(), protocol, key),
     })
 }
 
@@ -574,12 +585,12 @@ async fn drain_ack(mut recv: RecvStream) -> bool {
     }
 }
 
-/// Decrements the registered count when a registered session ends.
-struct CountGuard(Arc<ConnectorState>, Arc<Metrics>, Protocol);
+/// Uncounts a registered connection when it ends.
+struct CountGuard(Arc<ConnectorState>, Arc<Metrics>, Protocol, u64);
 
 impl Drop for CountGuard {
     fn drop(&mut self) {
-        self.0.add(-1);
+        self.0.unlink(self.3);
         self.1.registered_on(self.2).dec();
     }
 }

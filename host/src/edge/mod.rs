@@ -84,6 +84,26 @@ impl EdgeShared {
         }
     }
 
+    /// What `/ready` lists: every registered connector connection with its transport.
+    fn connections(&self) -> serde_json::Value {
+        let listed: Vec<serde_json::Value> = self
+            .registry
+            .status()
+            .iter()
+            .flat_map(|t| {
+                t.connections.iter().map(|c| {
+                    serde_json::json!({
+                        "tunnel": t.id,
+                        "id": c.id,
+                        "connector": c.connector,
+                        "protocol": c.protocol,
+                    })
+                })
+            })
+            .collect();
+        listed.into()
+    }
+
     /// `/status`: the edge and every tunnel with its connections.
     fn status(&self) -> serde_json::Value {
         serde_json::json!({
@@ -348,10 +368,12 @@ impl Edge {
         let admin_stop = CancellationToken::new();
         let _stop_admin = admin_stop.clone().drop_guard();
         if let Some(admin) = self.admin {
-            let (ready_shared, status_shared) = (shared.clone(), shared.clone());
+            let (ready_shared, status_shared, listed) =
+                (shared.clone(), shared.clone(), shared.clone());
             let report = Report {
                 metrics: shared.metrics.clone(),
                 ready: Arc::new(move || ready_shared.is_ready()),
+                connections: Arc::new(move || listed.connections()),
                 status: Arc::new(move || status_shared.status()),
             };
             tokio::spawn(admin.run(report, admin_stop.clone()));

@@ -26,6 +26,65 @@ use sluice::secret::Secret;
 
 pub mod raw;
 
+use sluice::config::TransportChoice;
+
+thread_local! {
+    /// The transport [`connector_config`] asks for: set by [`over_both_transports!`] for the
+    /// test running on this thread (tests run their body on their own thread), `auto`
+    /// otherwise.
+    static TRANSPORT: std::cell::Cell<TransportChoice> =
+        const { std::cell::Cell::new(TransportChoice::Auto) };
+}
+
+/// Makes the connectors of this thread's test use `transport` until the guard drops.
+pub fn use_transport(transport: TransportChoice) -> impl Drop {
+    struct Reset(TransportChoice);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            TRANSPORT.with(|t| t.set(self.0));
+        }
+    }
+    Reset(TRANSPORT.with(|t| t.replace(transport)))
+}
+
+/// The transport connectors of this thread's test use.
+pub fn transport() -> TransportChoice {
+    TRANSPORT.with(|t| t.get())
+}
+
+/// Runs every test function given once over QUIC and once over HTTP/2 on TCP, as
+/// `quic::NAME` and `http2::NAME`: the same body, with [`connector_config`] choosing the
+/// transport (every test edge listens on both).
+#[macro_export]
+macro_rules! over_both_transports {
+    ($($(#[$meta:meta])* async fn $name:ident() $body:block)*) => {
+        mod quic {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                $(#[$meta])*
+                async fn $name() {
+                    let _transport =
+                        support::use_transport(sluice::config::TransportChoice::Quic);
+                    $body
+                }
+            )*
+        }
+        mod http2 {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                $(#[$meta])*
+                async fn $name() {
+                    let _transport =
+                        support::use_transport(sluice::config::TransportChoice::Http2);
+                    $body
+                }
+            )*
+        }
+    };
+}
+
 /// Upper bound for anything a test waits on.
 pub const WAIT: Duration = Duration::from_secs(20);
 
@@ -145,6 +204,8 @@ pub fn loopback() -> SocketAddr {
 pub struct EdgeHandle {
     pub http: SocketAddr,
     pub quic: SocketAddr,
+    /// The TCP listener for connectors (same port number as `quic`).
+    pub tcp: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub reloader: Option<sluice::edge::EdgeReloader>,
@@ -163,13 +224,16 @@ pub async fn start_edge(
     let (identity, ca_pem) = identity_pem();
     let mut cfg = EdgeConfig::new(loopback(), identity.clone());
     cfg.http_listen = Some(loopback());
+    // Connectors reach it over either transport at one port number.
+    cfg.tcp_listen = Some(loopback());
     cfg.tunnels = tunnels;
     tweak(&mut cfg);
     let edge = Edge::bind(cfg).await.unwrap();
     let shutdown = CancellationToken::new();
-    let (http, quic, https, admin) = (
+    let (http, quic, tcp, https, admin) = (
         edge.http_addr().unwrap(),
         edge.quic_addr(),
+        edge.tcp_addr(),
         edge.https_addr(),
         edge.admin_addr(),
     );
@@ -178,6 +242,7 @@ pub async fn start_edge(
     EdgeHandle {
         http,
         quic,
+        tcp,
         https,
         admin,
         reloader,
@@ -200,10 +265,20 @@ pub struct ConnectorHandle {
 }
 
 impl ConnectorHandle {
+    /// Waits until `n` connections are registered; under a test run over one transport,
+    /// checks they all use it.
     pub async fn registered(&self, n: usize) {
         tokio::time::timeout(WAIT, self.state.wait_registered(n))
             .await
             .expect("connector did not register in time");
+        let want = match transport() {
+            TransportChoice::Auto => return,
+            TransportChoice::Quic => sluice::transport::Protocol::Quic,
+            TransportChoice::Http2 => sluice::transport::Protocol::Http2,
+        };
+        for link in self.state.connections() {
+            assert_eq!(link.protocol, want, "{link:?}");
+        }
     }
 
     pub async fn stop(self) {
@@ -223,6 +298,7 @@ pub fn connector_config(
 ) -> ConnectorConfig {
     let mut cfg = ConnectorConfig::new(tunnel, Secret::new(token));
     cfg.edges = vec![edge.quic.to_string()];
+    cfg.protocol = transport();
     cfg.edge_server_name = Some("localhost".into());
     cfg.edge_ca = edge.identity.chain.clone();
     if ingress.is_empty() {
