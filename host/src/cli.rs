@@ -36,6 +36,11 @@ pub enum Command {
         /// The TOML file to check.
         #[arg(long, short)]
         config: PathBuf,
+        /// Also try every edge of a connector's file over QUIC and over TCP (certificate and
+        /// registration included, nothing served); exits 1 when an edge is reachable over
+        /// neither.
+        #[arg(long)]
+        connectivity: bool,
     },
     /// Work on plugins.
     Plugin {

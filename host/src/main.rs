@@ -24,7 +24,14 @@ fn main() -> ExitCode {
             .expect("clap allows only text and json")
     });
     match cli.command {
-        cli::Command::Check { config } => check(&config),
+        cli::Command::Check {
+            config,
+            connectivity: false,
+        } => check(&config),
+        cli::Command::Check {
+            config,
+            connectivity: true,
+        } => check_connectivity(&config),
         cli::Command::Tunnel { action } => match action {
             cli::TunnelCommand::New {
                 name,
@@ -233,6 +240,49 @@ fn cert_new(names: &[String], ips: &[std::net::IpAddr], out: &std::path::Path) -
     println!("# In each connector's file (copy ca.crt beside it):");
     println!("edge-ca = \"ca.crt\"");
     ExitCode::SUCCESS
+}
+
+/// `sluice check --connectivity`: the file first, then every edge over both transports.
+fn check_connectivity(path: &std::path::Path) -> ExitCode {
+    let config = match config::load_any(path) {
+        Ok(AnyConfig::Connector(c)) => c,
+        Ok(AnyConfig::Edge(_)) => {
+            eprintln!(
+                "error: {}: --connectivity checks a connector's file (its edges)",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match one_thread_runtime() {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let reports = match runtime.block_on(sluice::connector::check::connectivity(&config)) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for report in &reports {
+        print!("{report}");
+    }
+    let unreachable = reports.iter().filter(|r| !r.works()).count();
+    if unreachable == 0 {
+        println!("every edge is reachable");
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "{unreachable} of {} edges reachable over no transport",
+            reports.len()
+        );
+        ExitCode::FAILURE
+    }
 }
 
 /// A runtime for a command that does a little I/O; on error, says so and gives the exit code.

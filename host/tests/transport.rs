@@ -222,3 +222,75 @@ async fn garbage_and_wrong_alpn_on_the_tcp_listener_close_only_that_connection()
     assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
     good.stop().await;
 }
+
+/// Runs `sluice check --connectivity` on a connector file for `edge` with `token`; returns
+/// whether it succeeded and what it printed.
+async fn check_connectivity(edge: &EdgeHandle, token: &str, name: &str) -> (bool, String) {
+    let dir = std::env::temp_dir().join(format!("sluice-check-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("ca.pem"), &edge.ca_pem).unwrap();
+    std::fs::write(
+        dir.join("connector.toml"),
+        format!(
+            "tunnel = \"app\"\ntoken = \"{token}\"\nedges = [\"{}\"]\nedge-ca = \"ca.pem\"\n\
+             edge-server-name = \"localhost\"\n\n[[ingress]]\norigin = \"hello\"\n",
+            edge.quic
+        ),
+    )
+    .unwrap();
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["check", "--connectivity", "--config"])
+        .arg(dir.join("connector.toml"))
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the check did not finish")
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn check_connectivity_tries_both_transports_and_registers_nothing() {
+    let (logs, _guard) = capture_logs();
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |cfg| {
+        cfg.admin_listen = Some(loopback());
+    })
+    .await;
+
+    // Both transports work: certificate verified, registration accepted, nothing routed.
+    let (ok, out) = check_connectivity(&edge, "t", "both").await;
+    assert!(ok, "{out}");
+    for line in ["quic     ok", "http2    ok", "every edge is reachable"] {
+        assert!(out.contains(line), "no {line:?} in:\n{out}");
+    }
+    logs.wait_for("connectivity check passed (not routed)")
+        .await;
+    let ready = get(edge.admin.unwrap(), "admin", "/ready").await.json();
+    assert_eq!(ready["connections"], serde_json::json!([]), "{ready}");
+    assert_eq!(get(edge.http, "app.test", "/").await.status, 502);
+
+    // A wrong token: both transports connect, the edge refuses both registrations.
+    let (ok, out) = check_connectivity(&edge, "wrong", "token").await;
+    assert!(!ok, "{out}");
+    assert_eq!(out.matches("refused the registration").count(), 2, "{out}");
+    assert!(
+        out.contains("1 of 1 edges reachable over no transport"),
+        "{out}"
+    );
+
+    // An edge without a TCP listener: QUIC alone is enough.
+    let quic_only = start_edge(vec![tunnel("app", "t", &["app.test"])], |cfg| {
+        cfg.tcp_listen = None;
+    })
+    .await;
+    let (ok, out) = check_connectivity(&quic_only, "t", "quic-only").await;
+    assert!(ok, "{out}");
+    assert!(out.contains("quic     ok"), "{out}");
+    assert!(
+        out.contains("http2    FAIL  cannot connect over http2"),
+        "{out}"
+    );
+}

@@ -2,6 +2,7 @@
 //! and serves the request streams the edges open through the [`pipeline::Pipeline`].
 
 pub mod chain;
+pub mod check;
 pub mod pipeline;
 mod session;
 
@@ -125,13 +126,10 @@ pub struct Connector {
     config: Arc<ConnectorConfig>,
     pipeline: Arc<ArcSwap<Pipeline>>,
     env: Arc<PluginEnv>,
-    client: quinn::ClientConfig,
-    tcp_client: Arc<rustls::ClientConfig>,
+    dialer: session::Dialer,
     state: Arc<ConnectorState>,
     metrics: Arc<Metrics>,
     admin: Option<std::net::TcpListener>,
-    /// The UDP socket every connection to the edges uses.
-    endpoint: quinn::Endpoint,
     token: Arc<watch::Sender<crate::secret::Secret>>,
     digest: Arc<watch::Sender<String>>,
 }
@@ -228,8 +226,7 @@ impl Connector {
         let audit = Audit::start(&config.audit, metrics.clone()).await?;
         let env = Arc::new(PluginEnv::new(audit, metrics.clone()));
         let pipeline = Arc::new(ArcSwap::from_pointee(Pipeline::new(&config, &env).await?));
-        let client = tls::quic_client(&config.edge_ca)?;
-        let tcp_client = Arc::new(tls::tcp_client(&config.edge_ca)?);
+        let dialer = session::Dialer::new(&config)?;
         let admin = match config.admin_listen {
             Some(addr) => {
                 let bind = |source| ConnectorError::Bind {
@@ -243,21 +240,14 @@ impl Connector {
             }
             None => None,
         };
-        let endpoint = bind_endpoint().map_err(|source| ConnectorError::Bind {
-            what: "QUIC socket for edges",
-            addr: "[::]:0 and 0.0.0.0:0".into(),
-            source,
-        })?;
         let token = Arc::new(watch::Sender::new(config.token.clone()));
         let digest = Arc::new(watch::Sender::new(config.routing_digest()));
         Ok(Connector {
-            endpoint,
             token,
             digest,
             config: Arc::new(config),
             pipeline,
-            client,
-            tcp_client,
+            dialer,
             state: Arc::new(ConnectorState::new()),
             metrics,
             env,
@@ -323,7 +313,7 @@ impl Connector {
 
     /// Runs until `shutdown` is cancelled.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), ConnectorError> {
-        let endpoint = self.endpoint.clone();
+        let endpoint = self.dialer.endpoint.clone();
         info!(
             version = env!("CARGO_PKG_VERSION"),
             tunnel = %self.config.tunnel,
@@ -353,9 +343,7 @@ impl Connector {
         let shared = Arc::new(session::Shared {
             config: self.config.clone(),
             pipeline: self.pipeline.clone(),
-            client: self.client.clone(),
-            endpoint: endpoint.clone(),
-            tcp_client: self.tcp_client.clone(),
+            dialer: self.dialer.clone(),
             cut_off: CancellationToken::new(),
             state: self.state.clone(),
             streams: streams.clone(),
@@ -434,11 +422,4 @@ impl Connector {
         info!("connector stopped");
         Ok(())
     }
-}
-
-fn bind_endpoint() -> std::io::Result<quinn::Endpoint> {
-    let v6: SocketAddr = "[::]:0".parse().expect("valid literal");
-    let v4: SocketAddr = "0.0.0.0:0".parse().expect("valid literal");
-    use crate::transport::quic::endpoint;
-    endpoint(v6, None).or_else(|_| endpoint(v4, None))
 }

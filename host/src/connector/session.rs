@@ -49,10 +49,7 @@ const PROBE_FIRST_STEP: u32 = 4;
 pub(super) struct Shared {
     pub config: Arc<ConnectorConfig>,
     pub pipeline: Arc<ArcSwap<Pipeline>>,
-    pub client: quinn::ClientConfig,
-    pub endpoint: quinn::Endpoint,
-    /// TLS for edges over TCP.
-    pub tcp_client: Arc<rustls::ClientConfig>,
+    pub dialer: Dialer,
     /// Cancelled when the grace period ran out: every connection closes at once.
     pub cut_off: CancellationToken,
     pub state: Arc<ConnectorState>,
@@ -72,9 +69,87 @@ pub(super) struct Shared {
     pub digest: Arc<tokio::sync::watch::Sender<String>>,
 }
 
+/// How a connector reaches its edges: its one QUIC endpoint, and TLS for either transport.
+#[derive(Clone)]
+pub(super) struct Dialer {
+    pub endpoint: quinn::Endpoint,
+    pub quic: quinn::ClientConfig,
+    pub tcp: Arc<rustls::ClientConfig>,
+}
+
+impl Dialer {
+    /// TLS trusting the system roots plus the configured `edge-ca`, and a QUIC endpoint on an
+    /// ephemeral port.
+    pub fn new(config: &ConnectorConfig) -> Result<Dialer, super::ConnectorError> {
+        let endpoint = bind_endpoint().map_err(|source| super::ConnectorError::Bind {
+            what: "QUIC socket for edges",
+            addr: "[::]:0 and 0.0.0.0:0".into(),
+            source,
+        })?;
+        Ok(Dialer {
+            endpoint,
+            quic: crate::tls::quic_client(&config.edge_ca)?,
+            tcp: Arc::new(crate::tls::tcp_client(&config.edge_ca)?),
+        })
+    }
+
+    /// The handshake over `protocol` (QUIC on the endpoint, or TCP, TLS and HTTP/2), within
+    /// `limit`.
+    pub async fn connect(
+        &self,
+        protocol: Protocol,
+        addr: std::net::SocketAddr,
+        server_name: &str,
+        limit: Duration,
+    ) -> Result<Connection, SessionError> {
+        let failed = |e: HandshakeError| SessionError::Handshake(protocol, e);
+        let handshake = async {
+            match protocol {
+                Protocol::Quic => {
+                    let connecting = self
+                        .endpoint
+                        .connect_with(self.quic.clone(), addr, server_name)
+                        .map_err(|e| failed(e.into()))?;
+                    Ok(Connection::Quic(
+                        connecting.await.map_err(|e| failed(e.into()))?,
+                    ))
+                }
+                Protocol::Http2 => crate::transport::h2::dial(addr, server_name, self.tcp.clone())
+                    .await
+                    .map_err(failed),
+            }
+        };
+        tokio::time::timeout(limit, handshake)
+            .await
+            .unwrap_or(Err(SessionError::HandshakeTimeout(protocol, limit)))
+    }
+}
+
+/// A QUIC endpoint on an ephemeral port, dual-stack when the host allows it.
+fn bind_endpoint() -> std::io::Result<quinn::Endpoint> {
+    let v6: std::net::SocketAddr = "[::]:0".parse().expect("valid literal");
+    let v4: std::net::SocketAddr = "0.0.0.0:0".parse().expect("valid literal");
+    use crate::transport::quic::endpoint;
+    endpoint(v6, None).or_else(|_| endpoint(v4, None))
+}
+
+/// Opens the control stream on `conn`, sends `register` and reads the edge's answer.
+pub(super) async fn register(
+    conn: &Connection,
+    register: Register,
+) -> Result<(SendStream, RecvStream, proto::Registered), SessionError> {
+    let (mut send, mut recv) = conn.open_control().await?;
+    write_frame(&mut send, &Control::Register(register)).await?;
+    match read_frame::<_, Control>(&mut recv).await? {
+        Control::Registered(ok) => Ok((send, recv, ok)),
+        Control::Rejected(rej) => Err(SessionError::Rejected(rej)),
+        _ => Err(SessionError::Unexpected),
+    }
+}
+
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
-enum SessionError {
+pub(super) enum SessionError {
     #[error("cannot resolve the edge address: {0}")]
     Resolve(String),
     #[error("cannot connect over {0}: {1}")]
@@ -405,34 +480,39 @@ async fn dial(
     let mut digests = shared.digest.subscribe();
     let digest = digests.borrow_and_update().clone();
 
+    // Under `auto` a silent UDP path must fail fast, so that the fallback comes soon.
+    let limit = match (protocol, shared.config.protocol) {
+        (Protocol::Quic, TransportChoice::Auto) => QUIC_HANDSHAKE_TIMEOUT,
+        _ => REGISTER_TIMEOUT,
+    };
     let dial = tokio::time::timeout(REGISTER_TIMEOUT, async {
-        let conn = connect(shared, protocol, addr, &server_name).await?;
-        let (mut send, mut recv) = conn.open_control().await?;
-        let register = Control::Register(Register {
-            version: proto::VERSION,
-            tunnel: shared.config.tunnel.clone(),
-            token: token.clone(),
-            connector_id: shared.config.connector_id.clone(),
-            conn_index: index,
-            software: Some(SOFTWARE.to_string()),
-            digest: Some(digest),
-            heads: HeadCodec::offered(),
-        });
-        write_frame(&mut send, &register).await?;
-        match read_frame::<_, Control>(&mut recv).await? {
-            Control::Registered(ok) => {
-                info!(edge_id = %ok.edge_id, connection = ok.connection_id, %addr, %protocol, "registered with the edge");
-                Ok((
-                    conn,
-                    send,
-                    recv,
-                    HeadCodec::chosen(ok.heads.as_deref()),
-                    ok.connection_id,
-                ))
-            }
-            Control::Rejected(rej) => Err(SessionError::Rejected(rej)),
-            _ => Err(SessionError::Unexpected),
-        }
+        let conn = shared
+            .dialer
+            .connect(protocol, addr, &server_name, limit)
+            .await?;
+        let (send, recv, ok) = register(
+            &conn,
+            Register {
+                version: proto::VERSION,
+                tunnel: shared.config.tunnel.clone(),
+                token: token.clone(),
+                connector_id: shared.config.connector_id.clone(),
+                conn_index: index,
+                software: Some(SOFTWARE.to_string()),
+                digest: Some(digest),
+                heads: HeadCodec::offered(),
+                probe: false,
+            },
+        )
+        .await?;
+        info!(edge_id = %ok.edge_id, connection = ok.connection_id, %addr, %protocol, "registered with the edge");
+        Ok::<_, SessionError>((
+            conn,
+            send,
+            recv,
+            HeadCodec::chosen(ok.heads.as_deref()),
+            ok.connection_id,
+        ))
     });
     let (conn, control_send, control_recv, heads, connection_id) =
         dial.await.map_err(|_| SessionError::Timeout)??;
@@ -451,37 +531,6 @@ async fn dial(
         heads,
         _count: CountGuard(shared.state.clone(), shared.metrics.clone(), protocol, key),
     })
-}
-
-/// The handshake over `protocol`: QUIC on the shared endpoint, or TCP, TLS and HTTP/2.
-async fn connect(
-    shared: &Shared,
-    protocol: Protocol,
-    addr: std::net::SocketAddr,
-    server_name: &str,
-) -> Result<Connection, SessionError> {
-    let failed = |e: HandshakeError| SessionError::Handshake(protocol, e);
-    match protocol {
-        Protocol::Quic => {
-            let connecting = shared
-                .endpoint
-                .connect_with(shared.client.clone(), addr, server_name)
-                .map_err(|e| failed(e.into()))?;
-            // Under `auto` a silent UDP path must fail fast, so that the fallback comes soon.
-            let limit = match shared.config.protocol {
-                TransportChoice::Auto => QUIC_HANDSHAKE_TIMEOUT,
-                _ => REGISTER_TIMEOUT,
-            };
-            match tokio::time::timeout(limit, connecting).await {
-                Ok(Ok(conn)) => Ok(Connection::Quic(conn)),
-                Ok(Err(e)) => Err(failed(e.into())),
-                Err(_) => Err(SessionError::HandshakeTimeout(protocol, limit)),
-            }
-        }
-        Protocol::Http2 => crate::transport::h2::dial(addr, server_name, shared.tcp_client.clone())
-            .await
-            .map_err(failed),
-    }
 }
 
 /// Serves streams on `link` until the connection ends. Once `drain` is cancelled (shutdown,

@@ -25,6 +25,9 @@ enum RegisterError {
     Frame(#[from] proto::io::FrameIoError),
     #[error("{}", .0.message)]
     Rejected(Rejected),
+    /// A connectivity check that passed: answered, never routed.
+    #[error("connectivity check")]
+    Probe,
 }
 
 /// Serves one incoming connector connection, over either transport, until it closes: the
@@ -61,6 +64,7 @@ pub(super) async fn serve(
     let registered = tokio::time::timeout_at(deadline, register(&conn, peer, &shared)).await;
     let (tunnel, entry, control_send, mut control) = match registered {
         Ok(Ok(r)) => r,
+        Ok(Err(RegisterError::Probe)) => return,
         Ok(Err(RegisterError::Rejected(rej))) => {
             failed(match rej.code {
                 RejectCode::Unauthorized => "unauthorized",
@@ -133,6 +137,17 @@ pub(super) async fn serve(
     info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, %reason, "connector connection closed");
 }
 
+/// After a connectivity check: the checker closes the connection once it has read the answer;
+/// one that does not is closed after a moment (within the registration timeout).
+async fn finish_probe(conn: &Connection) {
+    if tokio::time::timeout(Duration::from_secs(2), conn.closed())
+        .await
+        .is_err()
+    {
+        conn.close(proto::code::CLOSE_NORMAL, b"connectivity check done");
+    }
+}
+
 /// Once every request routed to a draining connection has been relayed whole, tells the
 /// connector it may close the connection.
 async fn acknowledge_drain(entry: Arc<ConnEntry>, mut send: SendStream) {
@@ -188,6 +203,21 @@ async fn register(
         warn!(%peer, tunnel = ?clip(&reg.tunnel), connector = ?clip(&reg.connector_id), reason = %rej.message, "registration refused");
         reject(conn, &mut send, &rej).await;
         return Err(RegisterError::Rejected(rej));
+    }
+
+    if reg.probe {
+        let ok = Control::Registered(proto::Registered {
+            connection_id: 0,
+            edge_id: shared.config.edge_id.clone(),
+            heads: None,
+        });
+        write_frame(&mut send, &ok).await?;
+        let _ = send.finish();
+        info!(%peer, tunnel = %reg.tunnel, connector = ?clip(&reg.connector_id), protocol = %conn.protocol(), "connectivity check passed (not routed)");
+        // The stream stays until the checker, having read the answer, closes the connection
+        // (over HTTP/2 dropping it now could discard the answer).
+        finish_probe(conn).await;
+        return Err(RegisterError::Probe);
     }
 
     // Route, then answer. The registry re-checks the token under the lock a reload takes, so

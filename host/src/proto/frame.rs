@@ -120,6 +120,7 @@ mod tests {
             software: None,
             digest: None,
             heads: Vec::new(),
+            probe: false,
         })
     }
 

@@ -53,6 +53,11 @@ pub struct Register {
     /// [`super::HeadCodec`]); absent from connectors that predate them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub heads: Vec<String>,
+    /// A connectivity check (`sluice check --connectivity`): the edge authenticates it and
+    /// answers as for a registration, but routes nothing to the connection. An edge that
+    /// predates it registers the connection as any other, until the check closes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probe: bool,
 }
 
 impl Register {
@@ -275,6 +280,7 @@ mod tests {
             software: None,
             digest: None,
             heads: Vec::new(),
+            probe: false,
         };
         assert!(reg.check_version().is_ok());
         reg.version = 2;
@@ -320,6 +326,7 @@ mod tests {
             software: None,
             digest: None,
             heads: Vec::new(),
+            probe: false,
         };
         assert!(!format!("{reg:?}").contains("supersecret"));
     }

@@ -12,6 +12,13 @@
 //! HTTP/2 flow control gives the same back-pressure as QUIC's: a sender waits for window
 //! credit ([`SendHalf::write`]), and a receiver returns credit only as the bytes are taken
 //! from it.
+//!
+//! Dropping both halves of a stream before the peer ended its side resets it. On the
+//! connector's side, after a complete answer, h2 sends what was queued first and then
+//! `RST_STREAM(NO_ERROR)` (RFC 9113 §8.1: a server may answer before the request body ends),
+//! which the edge reads as QUIC's `STOP_SENDING`. On the edge's side dropping is giving up (the
+//! client left): `RST_STREAM(CANCEL)` at once, queued bytes discarded, so an edge that must
+//! deliver what it wrote keeps the stream until the connector is done with it.
 
 use std::io;
 use std::net::SocketAddr;

@@ -161,10 +161,7 @@ impl Connection {
     /// The edge opens a request stream.
     pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
         match self {
-            Connection::Quic(c) => {
-                let (send, recv) = c.open_bi().await?;
-                Ok((SendStream::Quic(send), RecvStream::Quic(recv)))
-            }
+            Connection::Quic(c) => Ok(quic_pair(c.open_bi().await?)),
             Connection::Http2(c) => c.open_bi("/stream").await,
         }
     }
@@ -172,10 +169,7 @@ impl Connection {
     /// The connector accepts the next request stream.
     pub async fn accept_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
         match self {
-            Connection::Quic(c) => {
-                let (send, recv) = c.accept_bi().await?;
-                Ok((SendStream::Quic(send), RecvStream::Quic(recv)))
-            }
+            Connection::Quic(c) => Ok(quic_pair(c.accept_bi().await?)),
             Connection::Http2(c) => c.accept_bi().await,
         }
     }
@@ -184,10 +178,7 @@ impl Connection {
     /// accepts the first stream the edge opens.
     pub async fn open_control(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
         match self {
-            Connection::Quic(c) => {
-                let (send, recv) = c.open_bi().await?;
-                Ok((SendStream::Quic(send), RecvStream::Quic(recv)))
-            }
+            Connection::Quic(c) => Ok(quic_pair(c.open_bi().await?)),
             Connection::Http2(c) => c.accept_control().await,
         }
     }
@@ -196,10 +187,7 @@ impl Connection {
     /// connector opens; over HTTP/2 it opens it.
     pub async fn accept_control(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
         match self {
-            Connection::Quic(c) => {
-                let (send, recv) = c.accept_bi().await?;
-                Ok((SendStream::Quic(send), RecvStream::Quic(recv)))
-            }
+            Connection::Quic(c) => Ok(quic_pair(c.accept_bi().await?)),
             Connection::Http2(c) => c.open_bi(h2::CONTROL_PATH).await,
         }
     }
@@ -228,6 +216,11 @@ impl Connection {
             Connection::Http2(c) => c.closed().await,
         }
     }
+}
+
+/// Both halves of a QUIC stream.
+fn quic_pair((send, recv): (quinn::SendStream, quinn::RecvStream)) -> (SendStream, RecvStream) {
+    (SendStream::Quic(send), RecvStream::Quic(recv))
 }
 
 /// The sending half of a stream.
@@ -448,6 +441,66 @@ pub(crate) mod testing {
                     _endpoints: None,
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads `recv` to its end; the bytes, or the failure.
+    async fn read_all(recv: &mut RecvStream) -> Result<Vec<u8>, StreamError> {
+        let mut got = Vec::new();
+        while let Some(chunk) = recv.read_chunk(64 << 10).await? {
+            got.extend_from_slice(&chunk);
+        }
+        Ok(got)
+    }
+
+    /// The connector answers before the edge finished sending (a 503 to a request whose body
+    /// is still arriving), stops reading and drops the stream at once: the answer arrives whole
+    /// and ends cleanly, over either transport.
+    #[tokio::test]
+    async fn an_answer_finished_before_the_request_ended_arrives_whole() {
+        for protocol in [Protocol::Quic, Protocol::Http2] {
+            let pair = testing::pair(protocol).await;
+            let (mut edge_send, mut edge_recv) = pair.edge.open_bi().await.unwrap();
+            edge_send
+                .write_all(b"head, and a body still coming")
+                .await
+                .unwrap();
+            let (mut send, mut recv) = pair.connector.accept_bi().await.unwrap();
+            recv.stop(crate::proto::code::STREAM_CANCELLED).unwrap();
+            send.write_all(&[7; 100_000]).await.unwrap();
+            send.finish().unwrap();
+            drop((send, recv));
+            let got =
+                tokio::time::timeout(std::time::Duration::from_secs(10), read_all(&mut edge_recv))
+                    .await
+                    .unwrap_or_else(|_| panic!("{protocol}: the answer never ended"));
+            assert_eq!(
+                got.map(|b| b.len())
+                    .unwrap_or_else(|e| panic!("{protocol}: {e}")),
+                100_000
+            );
+        }
+    }
+
+    /// The edge gives up on a stream (the client left): the connector sees it at once.
+    #[tokio::test]
+    async fn an_abandoned_stream_is_seen_as_stopped() {
+        for protocol in [Protocol::Quic, Protocol::Http2] {
+            let pair = testing::pair(protocol).await;
+            let (mut edge_send, edge_recv) = pair.edge.open_bi().await.unwrap();
+            edge_send.write_all(b"head").await.unwrap();
+            edge_send.finish().unwrap();
+            let (mut send, _recv) = pair.connector.accept_bi().await.unwrap();
+            drop((edge_send, edge_recv));
+            let stopped = tokio::time::timeout(std::time::Duration::from_secs(5), send.stopped())
+                .await
+                .unwrap_or_else(|_| panic!("{protocol}: the connector never saw the edge leave"));
+            assert!(matches!(stopped, Ok(Some(_))), "{protocol}: {stopped:?}");
         }
     }
 }

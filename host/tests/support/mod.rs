@@ -648,6 +648,7 @@ pub async fn raw_register_offering(
         software: None,
         digest: None,
         heads: heads.iter().map(|h| h.to_string()).collect(),
+        probe: false,
     });
     sluice::proto::io::write_frame(&mut send, &msg)
         .await
