@@ -343,10 +343,7 @@ async fn session(
     };
     selector.registered(link.conn.protocol());
     *registered_at = Some(Instant::now());
-    let mut drain = shutdown.child_token();
-    let mut serving = shared
-        .links
-        .spawn(serve(link, shared.clone(), drain.clone()).in_current_span());
+    let mut serving = Serving::start(link, shared, shutdown);
     // Set while a rotation is due: when to try registering with the new token next.
     let mut rotate_at: Option<tokio::time::Instant> = None;
     let mut attempt = 0u32;
@@ -356,7 +353,7 @@ async fn session(
     loop {
         // What to register next, and why: a new token, or QUIC again.
         let replace = tokio::select! {
-            ended = &mut serving => {
+            ended = &mut serving.task => {
                 return Ok(ended.unwrap_or_else(|e| format!("connection task failed: {e}")));
             }
             // `Shared` holds the sender for as long as sessions run: `changed` cannot fail.
@@ -369,20 +366,15 @@ async fn session(
             _ = sleep_until_some(rotate_at) => Replace::Token,
             _ = sleep_until_some(probe_at) => Replace::Transport,
         };
-        let turn = tokio::select! {
-            t = shared.rotation.clone().lock_owned() => t,
-            _ = shutdown.cancelled() => return Ok("shutting down".into()),
-        };
-        let token = tokens.borrow().clone();
         let protocol = match replace {
             Replace::Token => selector.current,
             Replace::Transport => Protocol::Quic,
         };
-        let dialled = tokio::select! {
-            r = dial(edge, index, shared, &token, protocol) => r,
-            _ = shutdown.cancelled() => return Ok("shutting down".into()),
+        let Some(dialled) =
+            dial_replacement(edge, index, shared, &tokens, protocol, shutdown).await
+        else {
+            return Ok("shutting down".into());
         };
-        drop(turn);
         match (dialled, replace) {
             (Ok(link), _) => {
                 match replace {
@@ -395,13 +387,7 @@ async fn session(
                 rotate_at = None;
                 probe_at = selector.probes().then(|| probe_time(shared, &mut probes));
                 *registered_at = Some(Instant::now());
-                // The old connection drains on its own: Drain, the edge's
-                // acknowledgement once its requests are relayed, then close.
-                drain.cancel();
-                drain = shutdown.child_token();
-                serving = shared
-                    .links
-                    .spawn(serve(link, shared.clone(), drain.clone()).in_current_span());
+                serving.replace(link, shared, shutdown);
             }
             (Err(e), Replace::Token) => {
                 let asked = failed(shared, &e, "could not register a connection with the new token; the one registered with the old token keeps serving");
@@ -418,6 +404,51 @@ async fn session(
                 probe_at = Some(probe_time(shared, &mut probes));
             }
         }
+    }
+}
+
+/// The registered connection a slot serves, in a task of its own.
+struct Serving {
+    task: tokio::task::JoinHandle<String>,
+    /// Cancelled to drain it.
+    drain: CancellationToken,
+}
+
+impl Serving {
+    fn start(link: Link, shared: &Arc<Shared>, shutdown: &CancellationToken) -> Serving {
+        let drain = shutdown.child_token();
+        let task = shared
+            .links
+            .spawn(serve(link, shared.clone(), drain.clone()).in_current_span());
+        Serving { task, drain }
+    }
+
+    /// Serves `link` from now on. The old connection drains on its own: Drain, the edge's
+    /// acknowledgement once its requests are relayed, then close.
+    fn replace(&mut self, link: Link, shared: &Arc<Shared>, shutdown: &CancellationToken) {
+        self.drain.cancel();
+        *self = Serving::start(link, shared, shutdown);
+    }
+}
+
+/// Registers a second connection for the slot, one slot at a time across the connector (so
+/// that replacements never leave a tunnel short of connections); `None` on shutdown.
+async fn dial_replacement(
+    edge: &str,
+    index: u32,
+    shared: &Shared,
+    tokens: &tokio::sync::watch::Receiver<crate::secret::Secret>,
+    protocol: Protocol,
+    shutdown: &CancellationToken,
+) -> Option<Result<Link, SessionError>> {
+    let _turn = tokio::select! {
+        t = shared.rotation.clone().lock_owned() => t,
+        _ = shutdown.cancelled() => return None,
+    };
+    let token = tokens.borrow().clone();
+    tokio::select! {
+        r = dial(edge, index, shared, &token, protocol) => Some(r),
+        _ = shutdown.cancelled() => None,
     }
 }
 

@@ -20,6 +20,7 @@
 //! client left): `RST_STREAM(CANCEL)` at once, queued bytes discarded, so an edge that must
 //! deliver what it wrote keeps the stream until the connector is done with it.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -126,7 +127,11 @@ impl Connection {
             ));
         };
         let mut requests = requests.clone().ready().await.map_err(|e| self.lost(e))?;
-        let request = http::Request::post(format!("https://sluice{path}"))
+        let uri = match path {
+            CONTROL_PATH => http::Uri::from_static("https://sluice/control"),
+            _ => http::Uri::from_static("https://sluice/stream"),
+        };
+        let request = http::Request::post(uri)
             .body(())
             .expect("a static method and URI");
         let (response, send) = requests
@@ -559,8 +564,6 @@ impl RecvHalf {
         self.state = Receiving::Closed;
     }
 }
-
-use std::future::Future;
 
 /// The connector dials an edge's TCP listener: TCP, TLS 1.3 with the sluice HTTP/2 ALPN,
 /// then the HTTP/2 server side.

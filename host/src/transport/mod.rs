@@ -21,6 +21,7 @@
 pub mod h2;
 pub mod quic;
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -162,7 +163,7 @@ impl Connection {
     pub async fn open_bi(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
         match self {
             Connection::Quic(c) => Ok(quic_pair(c.open_bi().await?)),
-            Connection::Http2(c) => c.open_bi("/stream").await,
+            Connection::Http2(c) => c.open_bi(h2::STREAM_PATH).await,
         }
     }
 
@@ -382,8 +383,6 @@ impl RecvStream {
         }
     }
 }
-
-use std::future::Future;
 
 impl AsyncRead for RecvStream {
     fn poll_read(
