@@ -203,9 +203,22 @@ async fn a_reload_replaces_the_listener_certificates_for_new_handshakes() {
     let mut renewed = connector_config(&edge, "app", "t", vec![http_origin("web", origin)], vec![]);
     renewed.edge_ca = new_quic.chain.clone();
     renewed.ha_connections = 1;
-    let second = start_connector(renewed).await;
+    let second = start_connector(renewed.clone()).await;
     second.registered(1).await;
     assert_eq!(conn.state.registered(), 2);
+    // The TCP listener for connectors presents the same, renewed certificate.
+    renewed.protocol = sluice::config::TransportChoice::Http2;
+    renewed.connector_id = "over-tcp".into();
+    let over_tcp = start_connector(renewed).await;
+    over_tcp.registered(1).await;
+    let protocols: Vec<_> = over_tcp
+        .state
+        .connections()
+        .iter()
+        .map(|c| c.protocol)
+        .collect();
+    assert_eq!(protocols, [sluice::transport::Protocol::Http2]);
+    over_tcp.stop().await;
     second.stop().await;
     conn.stop().await;
 }

@@ -103,6 +103,7 @@ async fn auto_falls_back_to_http2_when_udp_is_dropped_and_returns_to_quic() {
         let started = start_edge(vec![tunnel("app", "t", &["app.test"])], |cfg| {
             cfg.quic_listen = quic_port;
             cfg.tcp_listen = Some(tcp);
+            cfg.admin_listen = Some(loopback());
         })
         .await;
         edge = Some(started);
@@ -127,6 +128,12 @@ async fn auto_falls_back_to_http2_when_udp_is_dropped_and_returns_to_quic() {
     assert_eq!(protocols(&conn), [Protocol::Http2]);
     logs.wait_for("falling back to HTTP/2 over TCP").await;
     assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
+    let admin = edge.admin.unwrap();
+    let metrics = get(admin, "admin", "/metrics").await.text();
+    assert!(
+        metrics.contains(r#"sluice_edge_registered_connections{tunnel="app",protocol="http2"} 1"#),
+        "{metrics}"
+    );
 
     // UDP comes back: the connection moves to QUIC while requests keep flowing, none lost.
     gate.open.store(true, Ordering::Relaxed);
@@ -159,6 +166,23 @@ async fn auto_falls_back_to_http2_when_udp_is_dropped_and_returns_to_quic() {
         "requests failed during the move: {statuses:?}"
     );
     assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
+    // The edge counts the QUIC connection, and the drained HTTP/2 one no more.
+    let mut metrics = String::new();
+    for _ in 0..200 {
+        metrics = get(admin, "admin", "/metrics").await.text();
+        if metrics
+            .contains(r#"sluice_edge_registered_connections{tunnel="app",protocol="http2"} 0"#)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for line in [
+        r#"sluice_edge_registered_connections{tunnel="app",protocol="quic"} 1"#,
+        r#"sluice_edge_registered_connections{tunnel="app",protocol="http2"} 0"#,
+    ] {
+        assert!(metrics.contains(line), "no {line} in {metrics}");
+    }
     println!("fell back to HTTP/2 after {fell_back_after:?}");
     conn.stop().await;
 }
