@@ -159,4 +159,17 @@ pub enum PluginCommand {
         #[arg(long, default_value = "1s")]
         timeout: String,
     },
+    /// The connector's compile helper: writes the plugin compiled for an engine of these
+    /// settings to stdout (exit 2 with the compiler's message when it does not compile).
+    #[command(hide = true)]
+    CompileHelper {
+        /// Largest memory of an instance, in bytes.
+        #[arg(long)]
+        max_memory: usize,
+        /// Instances of the engine's pool.
+        #[arg(long)]
+        instances: u32,
+        /// The plugin component (`.wasm`).
+        wasm: PathBuf,
+    },
 }

@@ -98,6 +98,7 @@ fn serve(command: cli::Command, log_format: Option<LogFormat>) -> ExitCode {
     // Purges every free page of every heap: about 10 MB of a connector's resident memory after
     // its plugins are compiled.
     sluice::plugin::set_memory_release(|| unsafe { libmimalloc_sys::mi_collect(true) });
+    sluice::plugin::set_compiler(compile_in_helper);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -240,6 +241,56 @@ fn cert_new(names: &[String], ips: &[std::net::IpAddr], out: &std::path::Path) -
     println!("# In each connector's file (copy ca.crt beside it):");
     println!("edge-ca = \"ca.crt\"");
     ExitCode::SUCCESS
+}
+
+/// The compile helper's side: the serialized component on stdout.
+fn compile_helper(wasm: &std::path::Path, max_memory: usize, instances: u32) -> ExitCode {
+    use std::io::Write;
+    match sluice::plugin::Runtime::compile_serialized(wasm, max_memory, instances) {
+        Ok(bytes) => match std::io::stdout().lock().write_all(&bytes) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cannot write the compiled plugin: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(message) => {
+            eprint!("{message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Compiles a plugin in a helper process of this same binary (see
+/// `sluice::plugin::set_compiler`).
+fn compile_in_helper(
+    wasm: &std::path::Path,
+    max_memory: usize,
+    instances: u32,
+) -> Result<Vec<u8>, sluice::plugin::HelperError> {
+    use sluice::plugin::HelperError;
+    let exe = std::env::current_exe()
+        .map_err(|e| HelperError::Helper(format!("cannot find this binary: {e}")))?;
+    let out = std::process::Command::new(exe)
+        .args(["plugin", "compile-helper", "--max-memory"])
+        .arg(max_memory.to_string())
+        .arg("--instances")
+        .arg(instances.to_string())
+        .arg(wasm)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| HelperError::Helper(format!("cannot start the helper: {e}")))?;
+    match out.status.code() {
+        Some(0) => Ok(out.stdout),
+        Some(2) => Err(HelperError::Plugin(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )),
+        _ => Err(HelperError::Helper(format!(
+            "the helper failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))),
+    }
 }
 
 /// `sluice check --connectivity`: the file first, then every edge over both transports.
@@ -413,6 +464,14 @@ fn describe_status(v: &serde_json::Value) -> String {
 }
 
 fn plugin_command(action: cli::PluginCommand) -> ExitCode {
+    if let cli::PluginCommand::CompileHelper {
+        max_memory,
+        instances,
+        wasm,
+    } = action
+    {
+        return compile_helper(&wasm, max_memory, instances);
+    }
     let cli::PluginCommand::Test {
         wasm,
         config,
@@ -422,7 +481,10 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         grants,
         client,
         timeout,
-    } = action;
+    } = action
+    else {
+        unreachable!("the compile helper returned above");
+    };
     // Plugin logs go to stdout with the report, without timestamps.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new("info"))

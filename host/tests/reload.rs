@@ -376,6 +376,8 @@ async fn a_second_signal_writes_the_queued_audit_events_before_exiting() {
     )
     .unwrap();
     let mut proc = Proc::spawn("connector", &file);
+    // The binary compiles its plugins in a helper process, never in the connector itself.
+    proc.wait_log("compiled=\"helper process\"", 1).await;
     proc.wait_log("registered with the edge", 1).await;
 
     // Far more events than the FIFO holds: the rest wait in the connector's queue.

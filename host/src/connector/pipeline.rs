@@ -151,6 +151,8 @@ impl Pipeline {
             let runtime = env.runtime(config)?;
             for p in &config.plugins {
                 let plugin = Plugin::load(runtime.clone(), p.clone(), env.metrics.clone()).await?;
+                let (compiled, took) = plugin.compiled();
+                info!(plugin = %p.name, compiled = compiled.as_str(), ms = took.as_millis() as u64, "plugin loaded");
                 loaded.insert(p.name.clone(), Arc::new(plugin));
             }
             crate::plugin::release_compiler_memory();

@@ -18,14 +18,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::histogram::Histogram;
-use wasmtime::component::{Component, Instance, InstancePre, Resource};
+use wasmtime::component::{Instance, InstancePre, Resource};
 use wasmtime::Store;
 
 use bindings::exports::sluice::plugin::{init, on_complete, on_request, on_response};
 use bindings::sluice::plugin::types::{Completion, RequestDecision, Response, ResponseDecision};
 use host::StoreData;
 pub use host::{RawEvent, RequestView, SharedView};
-pub use runtime::{release_compiler_memory, set_memory_release, Runtime, RuntimeError};
+pub use runtime::{
+    release_compiler_memory, set_compiler, set_memory_release, Compiled, Compiler, HelperError,
+    Runtime, RuntimeError,
+};
 
 use crate::admin::metrics::{Metrics, PluginErrorLabels, PluginHookLabels, PluginLabels};
 use crate::config::{Isolation, OnError, PluginConfig};
@@ -184,6 +187,8 @@ pub struct Plugin {
     /// This plugin's `plugin_hook_duration_seconds` series for `on-request`, `on-response`
     /// and `on-complete`, looked up once rather than on every call.
     durations: [Histogram; 3],
+    /// Where it was compiled, and how long that took.
+    compiled: (Compiled, Duration),
 }
 
 impl std::fmt::Debug for Plugin {
@@ -212,18 +217,20 @@ impl Plugin {
         let plugin = config.name.clone();
         // Compiling takes from milliseconds to seconds of CPU: on a blocking thread, so that a
         // reload never stalls the requests sharing an async worker.
+        let started = Instant::now();
         let compiled = {
-            let (engine, path) = (runtime.engine.clone(), config.path.clone());
-            tokio::task::spawn_blocking(move || Component::from_file(&engine, &path)).await
+            let (runtime, path) = (runtime.clone(), config.path.clone());
+            tokio::task::spawn_blocking(move || runtime.compile(&path)).await
         };
-        let component = compiled
+        let (component, compiled_by) = compiled
             .map_err(|e| format!("compilation did not finish: {e}"))
-            .and_then(|r| r.map_err(|e| format!("{e:#}")))
+            .and_then(|r| r)
             .map_err(|reason| LoadError::Component {
                 plugin: plugin.clone(),
                 path: config.path.display().to_string(),
                 reason,
             })?;
+        let compile_time = started.elapsed();
         let ty = component.component_type();
         let forbidden: Vec<String> = ty
             .imports(&runtime.engine)
@@ -271,6 +278,7 @@ impl Plugin {
             retired: std::sync::atomic::AtomicBool::new(false),
             durations,
             metrics,
+            compiled: (compiled_by, compile_time),
         };
         // Start one instance now: a bad configuration is refused at load, not on a request.
         let slot = plugin.instantiate().await.map_err(|e| match e {
@@ -299,6 +307,11 @@ impl Plugin {
         self.retired
             .store(true, std::sync::atomic::Ordering::Relaxed);
         self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Where the plugin was compiled, and how long that took.
+    pub fn compiled(&self) -> (Compiled, Duration) {
+        self.compiled
     }
 
     /// The plugin's name.

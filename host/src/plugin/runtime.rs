@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmtime::component::{HasSelf, Linker};
+use std::path::Path;
+
+use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::bindings::Plugin as PluginWorld;
@@ -64,6 +66,30 @@ pub fn release_compiler_memory() {
     }
 }
 
+/// Why a helper process did not compile a plugin.
+#[derive(Debug)]
+pub enum HelperError {
+    /// The plugin does not compile: the compiler's message.
+    Plugin(String),
+    /// The helper could not run or answer (it is then compiled in this process).
+    Helper(String),
+}
+
+/// Compiles a plugin in a helper process: given the `.wasm` path and the engine's settings
+/// (largest memory, instances), the serialized component of [`Runtime::compile_serialized`].
+pub type Compiler = fn(&Path, usize, u32) -> Result<Vec<u8>, HelperError>;
+
+/// The helper the binary installs; without one (the library in tests), plugins compile in
+/// this process.
+static COMPILER: std::sync::OnceLock<Compiler> = std::sync::OnceLock::new();
+
+/// Installs the helper that compiles plugins outside this process. Compiling takes tens of
+/// megabytes of scratch memory and pages in the compiler's code; in a helper, neither ever
+/// enters the long-running connector, which only maps the finished machine code.
+pub fn set_compiler(compiler: Compiler) {
+    let _ = COMPILER.set(compiler);
+}
+
 /// Why the runtime could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("failed to set up the WebAssembly runtime: {0:#}")]
@@ -75,6 +101,8 @@ pub struct Runtime {
     pub(super) linker: Linker<StoreData>,
     /// Size of the instance pool.
     pub instances: u32,
+    /// Largest memory an instance may have.
+    max_memory: usize,
     _ticker: Ticker,
 }
 
@@ -88,24 +116,7 @@ impl Runtime {
     /// An engine with room for `instances` live component instances (all plugins together,
     /// idle pooled ones included), each of whose memories may grow to `max_memory` bytes.
     pub fn new(max_memory: usize, instances: u32) -> Result<Arc<Runtime>, RuntimeError> {
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(instances)
-            .total_core_instances(instances.saturating_mul(4))
-            .total_memories(instances)
-            .total_tables(instances.saturating_mul(4))
-            .total_stacks(instances)
-            .max_memory_size(max_memory);
-        let mut config = Config::new();
-        config
-            .wasm_component_model(true)
-            .epoch_interruption(true)
-            .memory_init_cow(true)
-            // Plugin memories are small: reserve just enough address space for the largest
-            // allowed memory instead of the default 4 GiB per memory.
-            .memory_reservation(max_memory as u64)
-            .memory_guard_size(64 * 1024)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&config(max_memory, instances))?;
 
         let mut linker: Linker<StoreData> = Linker::new(&engine);
         PluginWorld::add_to_linker::<StoreData, HasSelf<StoreData>>(&mut linker, |s| s)?;
@@ -116,8 +127,90 @@ impl Runtime {
             engine,
             linker,
             instances,
+            max_memory,
         }))
     }
+
+    /// The component of `wasm`, compiled for this engine: by the helper process when the
+    /// binary installed one, else here (and here too when the helper cannot run). Blocking:
+    /// call it on a blocking thread.
+    pub fn compile(&self, wasm: &Path) -> Result<(Component, Compiled), String> {
+        if let Some(compiler) = COMPILER.get() {
+            match compiler(wasm, self.max_memory, self.instances) {
+                // SAFETY: the bytes are what `compile_serialized` produced in a process of
+                // this very binary, for an engine of these very settings, passed through a
+                // pipe of its own; nothing else can have written them. wasmtime still checks
+                // that they match this engine and refuses them otherwise.
+                Ok(bytes) => match unsafe { Component::deserialize(&self.engine, &bytes) } {
+                    Ok(component) => return Ok((component, Compiled::Helper)),
+                    Err(e) => {
+                        tracing::warn!(cause = %format!("{e:#}"), "the plugin compiled by the helper process does not fit this engine; compiling in this process")
+                    }
+                },
+                Err(HelperError::Plugin(message)) => return Err(message),
+                Err(HelperError::Helper(cause)) => {
+                    tracing::warn!(%cause, "could not compile the plugin in a helper process; compiling in this process")
+                }
+            }
+        }
+        Component::from_file(&self.engine, wasm)
+            .map(|c| (c, Compiled::InProcess))
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// What a helper process runs: compiles `wasm` for an engine of these settings and returns
+    /// it serialized, or the compiler's message.
+    pub fn compile_serialized(
+        wasm: &Path,
+        max_memory: usize,
+        instances: u32,
+    ) -> Result<Vec<u8>, String> {
+        let engine = Engine::new(&config(max_memory, instances)).map_err(|e| format!("{e:#}"))?;
+        let component = Component::from_file(&engine, wasm).map_err(|e| format!("{e:#}"))?;
+        component.serialize().map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// Where a plugin was compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compiled {
+    /// In a helper process.
+    Helper,
+    /// In this process.
+    InProcess,
+}
+
+impl Compiled {
+    /// For logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compiled::Helper => "helper process",
+            Compiled::InProcess => "in process",
+        }
+    }
+}
+
+/// The engine settings of a runtime with room for `instances` instances of at most
+/// `max_memory` bytes each; a helper process compiles with the very same.
+fn config(max_memory: usize, instances: u32) -> Config {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(instances)
+        .total_core_instances(instances.saturating_mul(4))
+        .total_memories(instances)
+        .total_tables(instances.saturating_mul(4))
+        .total_stacks(instances)
+        .max_memory_size(max_memory);
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .memory_init_cow(true)
+        // Plugin memories are small: reserve just enough address space for the largest
+        // allowed memory instead of the default 4 GiB per memory.
+        .memory_reservation(max_memory as u64)
+        .memory_guard_size(64 * 1024)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
 }
 
 /// The WASI interfaces Rust's standard library links into every wasm32-wasip2 component,
