@@ -160,7 +160,7 @@ pub enum PluginCommand {
         timeout: String,
     },
     /// The connector's compile helper: writes the plugin compiled for an engine of these
-    /// settings to stdout (exit 2 with the compiler's message when it does not compile).
+    /// settings to stdout (exit 3 with the compiler's message when it does not compile).
     #[command(hide = true)]
     CompileHelper {
         /// Largest memory of an instance, in bytes.

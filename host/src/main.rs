@@ -243,6 +243,10 @@ fn cert_new(names: &[String], ips: &[std::net::IpAddr], out: &std::path::Path) -
     ExitCode::SUCCESS
 }
 
+/// The compile helper's exit status for "the plugin does not compile" (clap takes 2 for its
+/// own argument errors).
+const HELPER_PLUGIN_FAILED: u8 = 3;
+
 /// The compile helper's side: the serialized component on stdout.
 fn compile_helper(wasm: &std::path::Path, max_memory: usize, instances: u32) -> ExitCode {
     use std::io::Write;
@@ -256,7 +260,7 @@ fn compile_helper(wasm: &std::path::Path, max_memory: usize, instances: u32) -> 
         },
         Err(message) => {
             eprint!("{message}");
-            ExitCode::from(2)
+            ExitCode::from(HELPER_PLUGIN_FAILED)
         }
     }
 }
@@ -269,20 +273,25 @@ fn compile_in_helper(
     instances: u32,
 ) -> Result<Vec<u8>, sluice::plugin::HelperError> {
     use sluice::plugin::HelperError;
-    let exe = std::env::current_exe()
-        .map_err(|e| HelperError::Helper(format!("cannot find this binary: {e}")))?;
+    // The running image itself, even when its file was replaced by an upgrade since.
+    let exe = match std::path::Path::new("/proc/self/exe") {
+        p if p.exists() => p.to_path_buf(),
+        _ => std::env::current_exe()
+            .map_err(|e| HelperError::Helper(format!("cannot find this binary: {e}")))?,
+    };
     let out = std::process::Command::new(exe)
         .args(["plugin", "compile-helper", "--max-memory"])
         .arg(max_memory.to_string())
         .arg("--instances")
         .arg(instances.to_string())
+        .arg("--")
         .arg(wasm)
         .stdin(std::process::Stdio::null())
         .output()
         .map_err(|e| HelperError::Helper(format!("cannot start the helper: {e}")))?;
     match out.status.code() {
         Some(0) => Ok(out.stdout),
-        Some(2) => Err(HelperError::Plugin(
+        Some(code) if code == i32::from(HELPER_PLUGIN_FAILED) => Err(HelperError::Plugin(
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )),
         _ => Err(HelperError::Helper(format!(

@@ -422,6 +422,12 @@ impl Edge {
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             warn!("grace period ran out; closing with requests still in flight");
         }
+        // Connections over either transport (closing the endpoint ends only QUIC's).
+        for entry in shared.registry.all_connections() {
+            entry
+                .conn
+                .close(crate::proto::code::CLOSE_NORMAL, b"edge shutting down");
+        }
         endpoint.close(
             crate::proto::code::CLOSE_NORMAL.into(),
             b"edge shutting down",

@@ -482,6 +482,12 @@ impl Registry {
         out
     }
 
+    /// Every registered connection, all tunnels together.
+    pub fn all_connections(&self) -> Vec<Arc<ConnEntry>> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.values().flatten().cloned().collect()
+    }
+
     /// Number of registered connections, all tunnels together.
     pub fn total_connections(&self) -> usize {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());

@@ -137,10 +137,11 @@ impl Runtime {
     pub fn compile(&self, wasm: &Path) -> Result<(Component, Compiled), String> {
         if let Some(compiler) = COMPILER.get() {
             match compiler(wasm, self.max_memory, self.instances) {
-                // SAFETY: the bytes are what `compile_serialized` produced in a process of
-                // this very binary, for an engine of these very settings, passed through a
-                // pipe of its own; nothing else can have written them. wasmtime still checks
-                // that they match this engine and refuses them otherwise.
+                // SAFETY: the bytes are what `compile_serialized` produced in a helper run from
+                // this process's own image (`/proc/self/exe`), for an engine of these very
+                // settings, passed through a pipe of its own: nothing else can have written
+                // them. wasmtime still checks that they match this engine (its version and
+                // settings) and refuses them otherwise.
                 Ok(bytes) => match unsafe { Component::deserialize(&self.engine, &bytes) } {
                     Ok(component) => return Ok((component, Compiled::Helper)),
                     Err(e) => {

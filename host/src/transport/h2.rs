@@ -111,6 +111,13 @@ impl State {
     }
 }
 
+impl Drop for Inner {
+    /// As a QUIC connection does, one whose last handle is dropped closes.
+    fn drop(&mut self) {
+        self.state.closing.cancel();
+    }
+}
+
 impl Connection {
     pub(super) fn remote_address(&self) -> SocketAddr {
         self.0.peer
@@ -558,12 +565,31 @@ impl RecvHalf {
         Poll::Ready(Ok(()))
     }
 
-    /// Stops reading: what else arrives is discarded (its credit returned at once by h2).
+    /// Stops reading: what else arrives is read and discarded in a task of its own, so that
+    /// the peer's writer is not stalled on a window nobody returns (h2 gives a dropped
+    /// stream's credit back to the connection only, not to the stream), for at most
+    /// [`DISCARD_LIMIT`].
     pub(super) fn stop(&mut self) {
         self.rest = Bytes::new();
-        self.state = Receiving::Closed;
+        let state = std::mem::replace(&mut self.state, Receiving::Closed);
+        let (Receiving::Open(mut body), Ok(runtime)) =
+            (state, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let discard = async {
+                while let Some(Ok(data)) = std::future::poll_fn(|cx| body.poll_data(cx)).await {
+                    let _ = body.flow_control().release_capacity(data.len());
+                }
+            };
+            let _ = tokio::time::timeout(DISCARD_LIMIT, discard).await;
+        });
     }
 }
+
+/// How long a stopped stream's remaining bytes are read and discarded.
+const DISCARD_LIMIT: Duration = Duration::from_secs(30);
 
 /// The connector dials an edge's TCP listener: TCP, TLS 1.3 with the sluice HTTP/2 ALPN,
 /// then the HTTP/2 server side.

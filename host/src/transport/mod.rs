@@ -9,7 +9,8 @@
 //! - a send stream dropped without [`SendStream::finish`] or [`SendStream::reset`] finishes
 //!   (as quinn's does), so a failure must always be an explicit reset;
 //! - [`RecvStream::stop`] tells the peer to stop sending (QUIC `STOP_SENDING`); HTTP/2 has no
-//!   such frame, so there the rest of the stream is read and discarded instead;
+//!   such frame, so there the rest of the stream is read and discarded instead (for at most
+//!   30 s), which keeps the peer's writer moving;
 //! - [`SendStream::stopped`] completes when the peer stopped or reset the stream.
 //!
 //! Over HTTP/2 the roles of the two halves differ from QUIC's: the connector dials the TCP
@@ -500,6 +501,45 @@ mod tests {
                 .await
                 .unwrap_or_else(|_| panic!("{protocol}: the connector never saw the edge leave"));
             assert!(matches!(stopped, Ok(Some(_))), "{protocol}: {stopped:?}");
+        }
+    }
+
+    /// A receiver that stops reading never stalls the sender: QUIC tells it to stop, HTTP/2
+    /// reads and discards the rest (more than a stream window of it here).
+    #[tokio::test]
+    async fn a_stopped_stream_never_stalls_its_sender() {
+        for protocol in [Protocol::Quic, Protocol::Http2] {
+            let pair = testing::pair(protocol).await;
+            let (mut edge_send, _edge_recv) = pair.edge.open_bi().await.unwrap();
+            edge_send.write_all(b"head").await.unwrap();
+            let (_send, mut recv) = pair.connector.accept_bi().await.unwrap();
+            recv.stop(crate::proto::code::STREAM_CANCELLED).unwrap();
+            let upload = async {
+                for _ in 0..64 {
+                    edge_send
+                        .write_chunk(Bytes::from(vec![0; 64 << 10]))
+                        .await?;
+                }
+                Ok::<_, StreamError>(())
+            };
+            // QUIC: the writer learns it was stopped; HTTP/2: the 4 MiB go through.
+            tokio::time::timeout(std::time::Duration::from_secs(10), upload)
+                .await
+                .unwrap_or_else(|_| panic!("{protocol}: the sender stalled"))
+                .ok();
+        }
+    }
+
+    /// A connection whose last handle is dropped closes, and its peer sees it end.
+    #[tokio::test]
+    async fn a_dropped_connection_closes() {
+        for protocol in [Protocol::Quic, Protocol::Http2] {
+            let mut pair = testing::pair(protocol).await;
+            // Drops the connector's only handle; the QUIC endpoints stay.
+            pair.connector = pair.edge.clone();
+            tokio::time::timeout(std::time::Duration::from_secs(5), pair.edge.closed())
+                .await
+                .unwrap_or_else(|_| panic!("{protocol}: the connection stayed open"));
         }
     }
 }
