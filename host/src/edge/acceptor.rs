@@ -132,7 +132,7 @@ pub(super) async fn serve(
         }
     };
     shared.registry.remove(&tunnel, entry.id);
-    connections(&shared, &tunnel, entry.protocol).dec();
+    connections(&shared, &tunnel, entry.protocol()).dec();
     shared.replicas_changed(&tunnel);
     info!(tunnel = %tunnel, connection = entry.id, connector = %entry.connector_id, %reason, "connector connection closed");
 }
@@ -263,7 +263,7 @@ async fn register(
     });
     write_frame(&mut send, &ok).await?;
     unroute.disarm();
-    connections(shared, &reg.tunnel, entry.protocol).inc();
+    connections(shared, &reg.tunnel, entry.protocol()).inc();
     shared.replicas_changed(&reg.tunnel);
     info!(
         %peer,

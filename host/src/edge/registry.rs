@@ -22,8 +22,6 @@ pub struct ConnEntry {
     pub software: Option<String>,
     /// How the heads of its request streams are encoded (agreed at registration).
     pub heads: HeadCodec,
-    /// The transport the connection runs on.
-    pub protocol: &'static str,
     /// When it registered.
     pub registered_at: std::time::SystemTime,
     /// Digest of the connector's ingress rules and plugins, updated when it reloads.
@@ -37,6 +35,11 @@ pub struct ConnEntry {
 }
 
 impl ConnEntry {
+    /// The transport the connection runs on: `quic` or `http2`.
+    pub fn protocol(&self) -> &'static str {
+        self.conn.protocol().as_str()
+    }
+
     /// Streams currently open on this connection.
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
@@ -375,7 +378,6 @@ impl Registry {
             token_sha256,
             connector_id,
             conn_index,
-            protocol: conn.protocol().as_str(),
             conn,
             software,
             heads,
@@ -456,7 +458,7 @@ impl Registry {
                             id: c.id,
                             connector: c.connector_id.clone(),
                             software: c.software.clone(),
-                            protocol: c.protocol,
+                            protocol: c.protocol(),
                             peer: c.conn.remote_address().to_string(),
                             registered_secs: c.registered_at.elapsed().map_or(0, |d| d.as_secs()),
                             in_flight: c.in_flight(),
