@@ -95,6 +95,7 @@ impl Demo {
             hostnames: vec![HostPattern::try_from(DEMO_HOST).expect("valid demo host")],
             max_concurrent_requests: 1000,
             max_connections: crate::config::DEFAULT_TUNNEL_MAX_CONNECTIONS,
+            ports: Vec::new(),
         });
         let edge = Edge::bind(edge_cfg).await?;
 

@@ -460,6 +460,7 @@ async fn a_token_rotation_under_load_fails_no_request() {
     // must still fit.
     let app = |token: &str| sluice::config::TunnelConfig {
         max_connections: 2,
+        ports: Vec::new(),
         ..tunnel("app", token, &["app.test"])
     };
     let edge = start_edge(vec![app("old")], |c| c.admin_listen = Some(loopback())).await;

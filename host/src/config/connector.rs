@@ -70,6 +70,35 @@ pub struct ConnectorConfig {
     /// A request body (from the edge) or response body (from the origin) that moves no data
     /// for this long is aborted.
     pub body_idle_timeout: StdDuration,
+    /// Services the edge's public ports are bound to (`[[service]]`).
+    pub services: Vec<ServiceConfig>,
+    /// TCP sessions and UDP flows open at once (public ports and `sluice access` alike);
+    /// separate from `max-concurrent-requests`.
+    pub max_sessions: usize,
+    /// A TCP session that moves no byte either way for this long is closed.
+    pub session_idle_timeout: StdDuration,
+    /// A UDP flow that carries no datagram either way for this long is closed.
+    pub udp_idle_timeout: StdDuration,
+}
+
+/// Default `max-sessions`.
+pub const DEFAULT_MAX_SESSIONS: usize = 1024;
+/// Default `session-idle-timeout` (long: an interactive shell may sit quiet for a while).
+pub const DEFAULT_SESSION_IDLE_TIMEOUT: StdDuration = StdDuration::from_secs(3600);
+/// Default `udp-idle-timeout`.
+pub const DEFAULT_UDP_IDLE_TIMEOUT: StdDuration = StdDuration::from_secs(60);
+
+/// A named TCP or UDP service, reached through a public port of the edge.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// The name `[[tunnel.port]] service` refers to.
+    pub name: String,
+    /// [`OriginTarget::Tcp`] or [`OriginTarget::Udp`].
+    pub target: OriginTarget,
+    /// Send a PROXY protocol v2 header with the client's address before the first byte.
+    pub proxy_protocol: bool,
+    /// Time to establish the TCP connection.
+    pub connect_timeout: StdDuration,
 }
 
 /// Default `max-concurrent-requests` of the connector.
@@ -148,11 +177,80 @@ pub enum OriginTarget {
     Hello,
     /// Built-in: answers with this status.
     Status(u16),
+    /// A TCP service (`tcp://host:port`, `ssh://host[:22]`, `rdp://host[:3389]`): a session
+    /// carries raw bytes both ways. Reached through an ingress rule by `sluice access tcp`,
+    /// or through a public port of the edge as a `[[service]]`.
+    Tcp(SocketTarget),
+    /// A UDP service (`udp://host:port`), for `[[service]]` blocks (public UDP ports).
+    Udp(SocketTarget),
+}
+
+/// The address of a TCP or UDP origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketTarget {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl std::fmt::Display for SocketTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Schemes of socket origins, the protocol they use and their default port.
+const SOCKET_SCHEMES: [(&str, crate::proto::SessionProtocol, Option<u16>); 4] = [
+    ("tcp", crate::proto::SessionProtocol::Tcp, None),
+    ("ssh", crate::proto::SessionProtocol::Tcp, Some(22)),
+    ("rdp", crate::proto::SessionProtocol::Tcp, Some(3389)),
+    ("udp", crate::proto::SessionProtocol::Udp, None),
+];
+
+impl OriginTarget {
+    /// Parses `tcp://host:port` (`ssh://` and `rdp://` with default ports) and
+    /// `udp://host:port`; `None` for any other scheme.
+    fn parse_socket(s: &str) -> Option<Result<Self, String>> {
+        let (scheme, rest) = s.split_once("://")?;
+        let (_, protocol, default_port) = SOCKET_SCHEMES.iter().find(|(n, ..)| *n == scheme)?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let parsed = match default_port {
+            Some(port) if !rest.ends_with(']') && rest.rsplit_once(':').is_none() => {
+                Ok((rest.to_string(), *port))
+            }
+            Some(port) if rest.starts_with('[') && rest.ends_with(']') => {
+                Ok((rest[1..rest.len() - 1].to_string(), *port))
+            }
+            _ => split_host_port(rest),
+        };
+        Some(match parsed {
+            Ok((host, port)) if !host.is_empty() && port != 0 && !host.contains('/') => {
+                let target = SocketTarget { host, port };
+                Ok(match protocol {
+                    crate::proto::SessionProtocol::Tcp => OriginTarget::Tcp(target),
+                    crate::proto::SessionProtocol::Udp => OriginTarget::Udp(target),
+                })
+            }
+            Ok(_) => Err(format!(
+                "invalid origin {s:?}: expected {scheme}://host:port"
+            )),
+            Err(e) => Err(format!("invalid origin {s:?}: {e}")),
+        })
+    }
 }
 
 impl OriginTarget {
-    /// Parses `http://…`, `https://…`, `hello` or `status:NNN`.
+    /// Parses `http://…`, `https://…`, `tcp://…` (`ssh://`, `rdp://`), `udp://…`, `hello` or
+    /// `status:NNN`.
     pub fn parse(s: &str) -> Result<Self, String> {
+        if let Some(socket) = Self::parse_socket(s) {
+            return socket;
+        }
         if s == "hello" {
             return Ok(OriginTarget::Hello);
         }
@@ -171,7 +269,7 @@ impl OriginTarget {
             Some("http") | Some("https") => {}
             _ => {
                 return Err(format!(
-                "invalid origin {s:?}: expected http://…, https://…, \"hello\" or \"status:NNN\""
+                "invalid origin {s:?}: expected http://…, https://…, tcp://…, ssh://…, rdp://…, udp://…, \"hello\" or \"status:NNN\""
             ))
             }
         }
@@ -276,6 +374,10 @@ impl ConnectorConfig {
             audit: AuditConfig::default(),
             paths: PathPolicy::default(),
             body_idle_timeout: super::edge::DEFAULT_BODY_IDLE_TIMEOUT,
+            services: Vec::new(),
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            session_idle_timeout: DEFAULT_SESSION_IDLE_TIMEOUT,
+            udp_idle_timeout: DEFAULT_UDP_IDLE_TIMEOUT,
         }
     }
 
@@ -318,76 +420,8 @@ impl ConnectorConfig {
             None => Vec::new(),
         };
 
-        let mut origins = Vec::new();
-        let mut names: HashMap<String, usize> = HashMap::new();
-        for (i, entry) in file.origin.iter().enumerate() {
-            let at = Some(entry.span().start);
-            let o = entry.get_ref();
-            let key = format!("origin[{i}]");
-            if o.name.is_empty() {
-                return Err(src.error(at, format!("{key}.name"), "origin name must not be empty"));
-            }
-            if let Some(prev) = names.insert(o.name.clone(), i) {
-                return Err(src.error(
-                    at,
-                    format!("{key}.name"),
-                    format!("duplicate origin name {:?} (also origin[{prev}])", o.name),
-                ));
-            }
-            let target =
-                OriginTarget::parse(&o.url).map_err(|m| src.error(at, format!("{key}.url"), m))?;
-            let ca = match &o.ca {
-                Some(p) => read_certs(&src.resolve(p))
-                    .map_err(|m| src.error(at, format!("{key}.ca"), m))?,
-                None => Vec::new(),
-            };
-            if let Some(h) = &o.host_header {
-                http::HeaderValue::from_str(h).map_err(|_| {
-                    src.error(
-                        at,
-                        format!("{key}.host-header"),
-                        format!("invalid host header {h:?}"),
-                    )
-                })?;
-            }
-            let mut cfg = OriginConfig::new(o.name.clone(), target);
-            cfg.connect_timeout = o.connect_timeout.map_or(cfg.connect_timeout, |d| d.0);
-            cfg.request_timeout = o.request_timeout.map_or(cfg.request_timeout, |d| d.0);
-            cfg.host_header = o.host_header.clone();
-            cfg.ca = ca;
-            cfg.server_name = o.server_name.clone();
-            cfg.danger_accept_invalid_certs = o.danger_accept_invalid_certs.unwrap_or(false);
-            cfg.pool_idle_timeout = o.pool_idle_timeout.map_or(cfg.pool_idle_timeout, |d| d.0);
-            cfg.pool_max_idle = o.pool_max_idle.unwrap_or(cfg.pool_max_idle);
-            origins.push(cfg);
-        }
-
-        let mut plugins = Vec::new();
-        let mut plugin_names: HashMap<String, usize> = HashMap::new();
-        for (i, entry) in file.plugin.iter().enumerate() {
-            let at = Some(entry.span().start);
-            let p = entry.get_ref();
-            let cfg = p
-                .validate(|path| src.resolve(path))
-                .map_err(|(field, m)| src.error(at, format!("plugin[{i}].{field}"), m))?;
-            if let Some(prev) = plugin_names.insert(cfg.name.clone(), i) {
-                return Err(src.error(
-                    at,
-                    format!("plugin[{i}].name"),
-                    format!("duplicate plugin name {:?} (also plugin[{prev}])", cfg.name),
-                ));
-            }
-            plugins.push(cfg);
-        }
-        for (j, p) in file.plugins.iter().enumerate() {
-            if !plugin_names.contains_key(p) {
-                return Err(src.error(
-                    None,
-                    format!("plugins[{j}]"),
-                    format!("unknown plugin {p:?}: define it in a [[plugin]] entry"),
-                ));
-            }
-        }
+        let (mut origins, mut names) = file.origins(&src)?;
+        let (plugins, plugin_names) = file.plugins(&src)?;
         let audit = match &file.audit {
             Some(a) => AuditConfig {
                 stdout: a.stdout,
@@ -397,77 +431,15 @@ impl ConnectorConfig {
             None => AuditConfig::default(),
         };
 
-        if file.ingress.is_empty() {
-            return Err(src.error(
-                None,
-                "ingress",
-                "at least one [[ingress]] rule is required, the last one matching everything",
-            ));
-        }
-        let mut ingress = Vec::new();
-        let last = file.ingress.len() - 1;
-        for (i, entry) in file.ingress.iter().enumerate() {
-            let at = Some(entry.span().start);
-            let r = entry.get_ref();
-            let key = format!("ingress[{i}]");
-            let path = match &r.path {
-                Some(p) => Some(regex::Regex::new(p).map_err(|e| {
-                    src.error(
-                        at,
-                        format!("{key}.path"),
-                        format!("invalid path regex: {e}"),
-                    )
-                })?),
-                None => None,
-            };
-            let catch_all = r.hostname.is_none() && path.is_none();
-            if i == last && !catch_all {
-                return Err(src.error(
-                    at,
-                    key,
-                    "the last ingress rule must match every request: give it no hostname and no path",
-                ));
+        let ingress = file.ingress(&src, &mut origins, &mut names, &plugin_names)?;
+        let services = file.services(&src)?;
+        for (key, value) in [
+            ("max-sessions", file.max_sessions),
+            ("max-concurrent-requests", file.max_concurrent_requests),
+        ] {
+            if value == Some(0) {
+                return Err(src.error(None, key, "must be at least 1"));
             }
-            if i != last && catch_all {
-                return Err(src.error(
-                    at,
-                    key,
-                    format!("this rule matches every request, so the rules after it (up to ingress[{last}]) would never apply"),
-                ));
-            }
-            if !names.contains_key(&r.origin) {
-                match OriginTarget::parse(&r.origin) {
-                    Ok(target @ (OriginTarget::Hello | OriginTarget::Status(_))) => {
-                        names.insert(r.origin.clone(), origins.len());
-                        origins.push(OriginConfig::new(r.origin.clone(), target));
-                    }
-                    _ => {
-                        return Err(src.error(
-                            at,
-                            format!("{key}.origin"),
-                            format!(
-                                "unknown origin {:?}: name an [[origin]] or a built-in (\"hello\", \"status:NNN\")",
-                                r.origin
-                            ),
-                        ))
-                    }
-                }
-            }
-            for (j, p) in r.plugins.iter().enumerate() {
-                if !plugin_names.contains_key(p) {
-                    return Err(src.error(
-                        at,
-                        format!("{key}.plugins[{j}]"),
-                        format!("unknown plugin {p:?}: define it in a [[plugin]] entry"),
-                    ));
-                }
-            }
-            ingress.push(IngressRuleConfig {
-                hostname: r.hostname.clone(),
-                path,
-                origin: r.origin.clone(),
-                plugins: r.plugins.clone(),
-            });
         }
 
         let config = ConnectorConfig {
@@ -496,6 +468,14 @@ impl ConnectorConfig {
             body_idle_timeout: file
                 .body_idle_timeout
                 .map_or(super::edge::DEFAULT_BODY_IDLE_TIMEOUT, |d| d.0),
+            services,
+            max_sessions: file.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
+            session_idle_timeout: file
+                .session_idle_timeout
+                .map_or(DEFAULT_SESSION_IDLE_TIMEOUT, |d| d.0),
+            udp_idle_timeout: file
+                .udp_idle_timeout
+                .map_or(DEFAULT_UDP_IDLE_TIMEOUT, |d| d.0),
         };
         let max = crate::plugin::runtime::MAX_INSTANCES;
         if config.plugin_instances() > max {
@@ -570,6 +550,20 @@ struct ConnectorFile {
     #[serde(default)]
     ingress: Vec<Spanned<IngressFile>>,
     paths: Option<PathsFile>,
+    #[serde(default)]
+    service: Vec<Spanned<ServiceFile>>,
+    max_sessions: Option<usize>,
+    session_idle_timeout: Option<Duration>,
+    udp_idle_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ServiceFile {
+    name: String,
+    origin: String,
+    proxy_protocol: Option<bool>,
+    connect_timeout: Option<Duration>,
 }
 
 /// `[paths]`: the path policy.
@@ -602,6 +596,231 @@ impl PathsFile {
 }
 
 impl ConnectorFile {
+    /// The `[[origin]]` blocks, and their index by name.
+    fn origins(
+        &self,
+        src: &Source,
+    ) -> Result<(Vec<OriginConfig>, HashMap<String, usize>), ConfigError> {
+        let mut origins = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        for (i, entry) in self.origin.iter().enumerate() {
+            let at = Some(entry.span().start);
+            let o = entry.get_ref();
+            let key = format!("origin[{i}]");
+            if o.name.is_empty() {
+                return Err(src.error(at, format!("{key}.name"), "origin name must not be empty"));
+            }
+            if let Some(prev) = names.insert(o.name.clone(), i) {
+                return Err(src.error(
+                    at,
+                    format!("{key}.name"),
+                    format!("duplicate origin name {:?} (also origin[{prev}])", o.name),
+                ));
+            }
+            let target =
+                OriginTarget::parse(&o.url).map_err(|m| src.error(at, format!("{key}.url"), m))?;
+            let ca = match &o.ca {
+                Some(p) => read_certs(&src.resolve(p))
+                    .map_err(|m| src.error(at, format!("{key}.ca"), m))?,
+                None => Vec::new(),
+            };
+            if let Some(h) = &o.host_header {
+                http::HeaderValue::from_str(h).map_err(|_| {
+                    src.error(
+                        at,
+                        format!("{key}.host-header"),
+                        format!("invalid host header {h:?}"),
+                    )
+                })?;
+            }
+            let mut cfg = OriginConfig::new(o.name.clone(), target);
+            cfg.connect_timeout = o.connect_timeout.map_or(cfg.connect_timeout, |d| d.0);
+            cfg.request_timeout = o.request_timeout.map_or(cfg.request_timeout, |d| d.0);
+            cfg.host_header = o.host_header.clone();
+            cfg.ca = ca;
+            cfg.server_name = o.server_name.clone();
+            cfg.danger_accept_invalid_certs = o.danger_accept_invalid_certs.unwrap_or(false);
+            cfg.pool_idle_timeout = o.pool_idle_timeout.map_or(cfg.pool_idle_timeout, |d| d.0);
+            cfg.pool_max_idle = o.pool_max_idle.unwrap_or(cfg.pool_max_idle);
+            origins.push(cfg);
+        }
+
+        Ok((origins, names))
+    }
+
+    /// The `[[plugin]]` blocks, and their index by name; checks the global chain.
+    fn plugins(
+        &self,
+        src: &Source,
+    ) -> Result<(Vec<PluginConfig>, HashMap<String, usize>), ConfigError> {
+        let mut plugins = Vec::new();
+        let mut plugin_names: HashMap<String, usize> = HashMap::new();
+        for (i, entry) in self.plugin.iter().enumerate() {
+            let at = Some(entry.span().start);
+            let p = entry.get_ref();
+            let cfg = p
+                .validate(|path| src.resolve(path))
+                .map_err(|(field, m)| src.error(at, format!("plugin[{i}].{field}"), m))?;
+            if let Some(prev) = plugin_names.insert(cfg.name.clone(), i) {
+                return Err(src.error(
+                    at,
+                    format!("plugin[{i}].name"),
+                    format!("duplicate plugin name {:?} (also plugin[{prev}])", cfg.name),
+                ));
+            }
+            plugins.push(cfg);
+        }
+        for (j, p) in self.plugins.iter().enumerate() {
+            if !plugin_names.contains_key(p) {
+                return Err(src.error(
+                    None,
+                    format!("plugins[{j}]"),
+                    format!("unknown plugin {p:?}: define it in a [[plugin]] entry"),
+                ));
+            }
+        }
+        Ok((plugins, plugin_names))
+    }
+
+    /// The `[[ingress]]` rules. Built-in and socket origins named inline are added to
+    /// `origins`.
+    fn ingress(
+        &self,
+        src: &Source,
+        origins: &mut Vec<OriginConfig>,
+        names: &mut HashMap<String, usize>,
+        plugin_names: &HashMap<String, usize>,
+    ) -> Result<Vec<IngressRuleConfig>, ConfigError> {
+        if self.ingress.is_empty() {
+            return Err(src.error(
+                None,
+                "ingress",
+                "at least one [[ingress]] rule is required, the last one matching everything",
+            ));
+        }
+        let mut ingress = Vec::new();
+        let last = self.ingress.len() - 1;
+        for (i, entry) in self.ingress.iter().enumerate() {
+            let at = Some(entry.span().start);
+            let r = entry.get_ref();
+            let key = format!("ingress[{i}]");
+            let path = match &r.path {
+                Some(p) => Some(regex::Regex::new(p).map_err(|e| {
+                    src.error(
+                        at,
+                        format!("{key}.path"),
+                        format!("invalid path regex: {e}"),
+                    )
+                })?),
+                None => None,
+            };
+            let catch_all = r.hostname.is_none() && path.is_none();
+            if i == last && !catch_all {
+                return Err(src.error(
+                at,
+                key,
+                "the last ingress rule must match every request: give it no hostname and no path",
+            ));
+            }
+            if i != last && catch_all {
+                return Err(src.error(
+                at,
+                key,
+                format!("this rule matches every request, so the rules after it (up to ingress[{last}]) would never apply"),
+            ));
+            }
+            if !names.contains_key(&r.origin) {
+                match OriginTarget::parse(&r.origin) {
+                Ok(
+                    target @ (OriginTarget::Hello
+                    | OriginTarget::Status(_)
+                    | OriginTarget::Tcp(_)),
+                ) => {
+                    names.insert(r.origin.clone(), origins.len());
+                    origins.push(OriginConfig::new(r.origin.clone(), target));
+                }
+                Ok(OriginTarget::Udp(_)) => return Err(src.error(
+                    at,
+                    format!("{key}.origin"),
+                    "a UDP origin is reached only through a public port of the edge: declare it in a [[service]] block",
+                )),
+                _ => {
+                    return Err(src.error(
+                        at,
+                        format!("{key}.origin"),
+                        format!(
+                            "unknown origin {:?}: name an [[origin]], a built-in (\"hello\", \"status:NNN\") or a TCP service (tcp://host:port)",
+                            r.origin
+                        ),
+                    ))
+                }
+            }
+            }
+            for (j, p) in r.plugins.iter().enumerate() {
+                if !plugin_names.contains_key(p) {
+                    return Err(src.error(
+                        at,
+                        format!("{key}.plugins[{j}]"),
+                        format!("unknown plugin {p:?}: define it in a [[plugin]] entry"),
+                    ));
+                }
+            }
+            ingress.push(IngressRuleConfig {
+                hostname: r.hostname.clone(),
+                path,
+                origin: r.origin.clone(),
+                plugins: r.plugins.clone(),
+            });
+        }
+
+        Ok(ingress)
+    }
+
+    /// The `[[service]]` blocks: names the edge's public ports are bound to.
+    fn services(&self, src: &Source) -> Result<Vec<ServiceConfig>, ConfigError> {
+        let mut services = Vec::new();
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        for (i, entry) in self.service.iter().enumerate() {
+            let at = Some(entry.span().start);
+            let f = entry.get_ref();
+            let key = format!("service[{i}]");
+            if f.name.is_empty() {
+                return Err(src.error(at, format!("{key}.name"), "service name must not be empty"));
+            }
+            if let Some(prev) = names.insert(&f.name, i) {
+                return Err(src.error(
+                    at,
+                    format!("{key}.name"),
+                    format!("duplicate service name {:?} (also service[{prev}])", f.name),
+                ));
+            }
+            let target = match OriginTarget::parse(&f.origin) {
+                Ok(t @ (OriginTarget::Tcp(_) | OriginTarget::Udp(_))) => t,
+                Ok(_) => return Err(src.error(
+                    at,
+                    format!("{key}.origin"),
+                    "a service's origin is tcp://host:port (or ssh://, rdp://) or udp://host:port",
+                )),
+                Err(m) => return Err(src.error(at, format!("{key}.origin"), m)),
+            };
+            let proxy_protocol = f.proxy_protocol.unwrap_or(false);
+            if proxy_protocol && matches!(target, OriginTarget::Udp(_)) {
+                return Err(src.error(
+                    at,
+                    format!("{key}.proxy-protocol"),
+                    "PROXY protocol is sent to TCP services only",
+                ));
+            }
+            services.push(ServiceConfig {
+                name: f.name.clone(),
+                target,
+                proxy_protocol,
+                connect_timeout: f.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            });
+        }
+        Ok(services)
+    }
+
     fn token(&self, src: &Source) -> Result<Secret, String> {
         let token = match (&self.token, &self.token_file, &self.token_env) {
             (Some(t), None, None) => t.clone(),

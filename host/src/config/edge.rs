@@ -100,6 +100,50 @@ pub struct TunnelConfig {
     /// Registered connector connections allowed for this tunnel; past it a registration is
     /// refused.
     pub max_connections: usize,
+    /// Public TCP and UDP ports bound to the tunnel's services (`[[tunnel.port]]`).
+    pub ports: Vec<PortConfig>,
+}
+
+/// A public port of a tunnel: TCP connections or UDP flows to it become sessions to one of the
+/// tunnel's services.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// TCP or UDP.
+    pub protocol: crate::proto::SessionProtocol,
+    /// The connector's `[[service]]` it leads to.
+    pub service: String,
+    /// Client networks allowed; empty: everyone. Others are closed at accept (TCP) or their
+    /// datagrams dropped (UDP).
+    pub allow: Vec<ipnet::IpNet>,
+    /// Sessions (TCP) or flows (UDP) open at once on this port; more are refused.
+    pub max_sessions: usize,
+    /// A session or flow that moves nothing either way for this long is closed.
+    pub idle_timeout: std::time::Duration,
+}
+
+/// Default `[[tunnel.port]] max-sessions`.
+pub const DEFAULT_PORT_MAX_SESSIONS: usize = 1024;
+
+impl PortConfig {
+    /// Whether `ip` may use the port.
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.allow.is_empty() || self.allow.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Whether this port and `other` would need the same socket.
+    fn collides(&self, other: &PortConfig) -> bool {
+        let (a, b) = (self.listen, other.listen);
+        self.protocol == other.protocol
+            && a.port() != 0
+            && a.port() == b.port()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    }
 }
 
 /// Default per-tunnel `max-connections`: 16 connectors at the default `ha-connections`.
@@ -214,6 +258,31 @@ impl EdgeConfig {
                     ));
                 }
             }
+            let mut ports = Vec::new();
+            for (j, p) in t.port.iter().enumerate() {
+                let at = Some(p.span().start);
+                let port = p
+                    .get_ref()
+                    .validate()
+                    .map_err(|(field, m)| src.error(at, format!("{key}.port[{j}].{field}"), m))?;
+                let claimed = tunnels
+                    .iter()
+                    .flat_map(|o: &TunnelConfig| o.ports.iter().map(move |q| (&o.id, q)))
+                    .chain(ports.iter().map(|q| (&t.id, q)))
+                    .find(|(_, q)| q.collides(&port));
+                if let Some((owner, _)) = claimed {
+                    return Err(src.error(
+                        at,
+                        format!("{key}.port[{j}].listen"),
+                        format!(
+                            "{} port {} is already claimed by tunnel {owner:?}: a port belongs to one tunnel",
+                            port.protocol.as_str(),
+                            port.listen
+                        ),
+                    ));
+                }
+                ports.push(port);
+            }
             tunnels.push(TunnelConfig {
                 id: t.id.clone(),
                 token_hashes,
@@ -222,6 +291,7 @@ impl EdgeConfig {
                     .max_concurrent_requests
                     .unwrap_or(DEFAULT_TUNNEL_MAX_CONCURRENT),
                 max_connections: t.max_connections.unwrap_or(DEFAULT_TUNNEL_MAX_CONNECTIONS),
+                ports,
             });
         }
 
@@ -408,6 +478,69 @@ struct TunnelFile {
     hostnames: Vec<Spanned<HostPattern>>,
     max_concurrent_requests: Option<usize>,
     max_connections: Option<usize>,
+    #[serde(default)]
+    port: Vec<Spanned<PortFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PortFile {
+    listen: SocketAddr,
+    protocol: Option<crate::proto::SessionProtocol>,
+    service: String,
+    #[serde(default)]
+    allow: Vec<String>,
+    max_sessions: Option<usize>,
+    idle_timeout: Option<Duration>,
+}
+
+impl PortFile {
+    /// The validated port; errors carry the key suffix they concern.
+    fn validate(&self) -> Result<PortConfig, (&'static str, String)> {
+        if self.service.is_empty() {
+            return Err((
+                "service",
+                "name one of the connector's [[service]] blocks".into(),
+            ));
+        }
+        let allow = self
+            .allow
+            .iter()
+            .map(|a| {
+                a.parse::<ipnet::IpNet>()
+                    .or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|n| n.trunc())
+                    .map_err(|_| {
+                        (
+                            "allow",
+                            format!("{a:?} is not an address or a CIDR network"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if self.max_sessions == Some(0) {
+            return Err(("max-sessions", "must be at least 1".into()));
+        }
+        let protocol = self.protocol.unwrap_or(crate::proto::SessionProtocol::Tcp);
+        Ok(PortConfig {
+            listen: self.listen,
+            protocol,
+            service: self.service.clone(),
+            allow,
+            max_sessions: self.max_sessions.unwrap_or(DEFAULT_PORT_MAX_SESSIONS),
+            idle_timeout: self.idle_timeout.map_or(
+                match protocol {
+                    crate::proto::SessionProtocol::Tcp => {
+                        super::connector::DEFAULT_SESSION_IDLE_TIMEOUT
+                    }
+                    crate::proto::SessionProtocol::Udp => {
+                        super::connector::DEFAULT_UDP_IDLE_TIMEOUT
+                    }
+                },
+                |d| d.0,
+            ),
+        })
+    }
 }
 
 /// A value or a list of values (`token-sha256 = "…"` or `token-sha256 = ["…", "…"]`).

@@ -18,9 +18,10 @@ use serde::de::DeserializeOwned;
 
 pub use connector::{
     split_host_port as connector_split_host_port, BackoffConfig, ConnectorConfig,
-    IngressRuleConfig, OriginConfig, OriginTarget, DEFAULT_HA_CONNECTIONS,
+    IngressRuleConfig, OriginConfig, OriginTarget, ServiceConfig, SocketTarget,
+    DEFAULT_HA_CONNECTIONS,
 };
-pub use edge::{EdgeConfig, HttpsConfig, TunnelConfig, DEFAULT_TUNNEL_MAX_CONNECTIONS};
+pub use edge::{EdgeConfig, HttpsConfig, PortConfig, TunnelConfig, DEFAULT_TUNNEL_MAX_CONNECTIONS};
 pub use plugin::{AuditConfig, Grants, Isolation, OnError, PluginConfig};
 pub use tunnel::{new_tunnel, rotate_tunnel, NewTunnel};
 pub use types::{normalize_host, ByteSize, Duration, HostPattern};

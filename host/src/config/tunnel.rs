@@ -116,6 +116,7 @@ mod tests {
             hostnames: vec![HostPattern::try_from("app.example.com").unwrap()],
             max_concurrent_requests: 1,
             max_connections: 1,
+            ports: Vec::new(),
         };
         let r = rotate_tunnel(&current).unwrap();
         assert_ne!(r.token, t.token);

@@ -156,6 +156,7 @@ async fn try_transport(
         digest: None,
         heads: HeadCodec::offered(),
         probe: true,
+        sessions: false,
     };
     let registered = tokio::time::timeout(STEP_TIMEOUT, session::register(&conn, probe)).await;
     let registration = started.elapsed() - handshake;

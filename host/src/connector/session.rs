@@ -533,6 +533,7 @@ async fn dial(
                 digest: Some(digest),
                 heads: HeadCodec::offered(),
                 probe: false,
+                sessions: true,
             },
         )
         .await?;

@@ -230,6 +230,7 @@ async fn register(
         software: reg.software.as_deref().map(printable),
         digest: reg.digest.as_deref().map(printable),
         heads: HeadCodec::chosen(HeadCodec::choose(&reg.heads)),
+        sessions: reg.sessions,
         conn: conn.clone(),
     };
     let entry = match shared.registry.add(&reg.tunnel, id, registrant) {

@@ -22,6 +22,8 @@ pub struct ConnEntry {
     pub software: Option<String>,
     /// How the heads of its request streams are encoded (agreed at registration).
     pub heads: HeadCodec,
+    /// The connector serves session streams (public TCP and UDP ports).
+    pub sessions: bool,
     /// When it registered.
     pub registered_at: std::time::SystemTime,
     /// Digest of the connector's ingress rules and plugins, updated when it reloads.
@@ -102,6 +104,8 @@ pub struct Registrant {
     pub digest: Option<String>,
     /// The head encoding agreed with it.
     pub heads: HeadCodec,
+    /// It serves session streams.
+    pub sessions: bool,
     /// The connection, over QUIC or HTTP/2.
     pub conn: crate::transport::Connection,
 }
@@ -343,6 +347,7 @@ impl Registry {
             software,
             digest,
             heads,
+            sessions,
             conn,
         } = registrant;
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
@@ -381,6 +386,7 @@ impl Registry {
             conn,
             software,
             heads,
+            sessions,
             registered_at: std::time::SystemTime::now(),
             digest: Mutex::new(digest),
             in_flight: AtomicUsize::new(0),
@@ -413,13 +419,22 @@ impl Registry {
     /// Picks the usable connection of `tunnel` with the fewest streams in flight, skipping
     /// connections in `exclude`, and counts the new stream against it.
     pub fn pick(&self, tunnel: &str, exclude: &[u64]) -> Option<InFlight> {
+        self.pick_where(tunnel, |c| !exclude.contains(&c.id))
+    }
+
+    /// As [`Registry::pick`], among the connections of `tunnel` that serve session streams.
+    pub fn pick_for_session(&self, tunnel: &str) -> Option<InFlight> {
+        self.pick_where(tunnel, |c| c.sessions)
+    }
+
+    fn pick_where(&self, tunnel: &str, eligible: impl Fn(&ConnEntry) -> bool) -> Option<InFlight> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get(tunnel)?;
         // Ties are broken by rotating the starting point, so idle connections share the load.
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
         let best = (0..list.len())
             .map(|i| &list[(start + i) % list.len()])
-            .filter(|c| c.usable() && !exclude.contains(&c.id))
+            .filter(|c| c.usable() && eligible(c))
             .min_by_key(|c| c.in_flight())?
             .clone();
         best.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -511,6 +526,7 @@ mod tests {
                 .collect(),
             max_concurrent_requests: 10,
             max_connections: 2,
+            ports: Vec::new(),
         }
     }
 
@@ -559,6 +575,7 @@ mod tests {
             software: None,
             digest: None,
             heads: HeadCodec::Json,
+            sessions: false,
             conn: conn.clone(),
         }
     }

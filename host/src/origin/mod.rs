@@ -12,7 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{OriginConfig, OriginTarget};
+use crate::config::{OriginConfig, OriginTarget, SocketTarget};
 use crate::relay::HttpBody;
 use crate::tls;
 
@@ -118,6 +118,8 @@ enum Kind {
     Http(Box<HttpClients>),
     Hello,
     Status(StatusCode),
+    /// A TCP service: sessions, never HTTP requests.
+    Socket,
 }
 
 /// The clients of an HTTP origin.
@@ -135,6 +137,7 @@ impl std::fmt::Debug for Kind {
             Kind::Http(_) => f.write_str("Http"),
             Kind::Hello => f.write_str("Hello"),
             Kind::Status(s) => write!(f, "Status({s})"),
+            Kind::Socket => f.write_str("Socket"),
         }
     }
 }
@@ -148,6 +151,7 @@ impl Origin {
             OriginTarget::Status(code) => {
                 Kind::Status(StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY))
             }
+            OriginTarget::Tcp(_) | OriginTarget::Udp(_) => Kind::Socket,
             OriginTarget::Http(_) => {
                 let mut http = HttpConnector::new();
                 http.enforce_http(false);
@@ -192,6 +196,15 @@ impl Origin {
         &self.config
     }
 
+    /// The address of a TCP origin (`tcp://`, `ssh://`, `rdp://`), which takes sessions
+    /// instead of HTTP requests.
+    pub fn tcp_target(&self) -> Option<&SocketTarget> {
+        match &self.config.target {
+            OriginTarget::Tcp(t) => Some(t),
+            _ => None,
+        }
+    }
+
     /// Sends `req` (whose URI holds only path and query) and waits for the response head.
     ///
     /// Cancel safe in the sense that matters: dropping the future abandons the origin request
@@ -203,6 +216,10 @@ impl Origin {
         match &self.kind {
             Kind::Hello => Ok(builtin::hello(req).await),
             Kind::Status(code) => Ok(builtin::status(*code)),
+            Kind::Socket => Err(OriginError::Protocol {
+                origin: self.config.name.clone(),
+                detail: "a TCP origin takes sessions, not HTTP requests".into(),
+            }),
             Kind::Http(clients) => {
                 let client = if req.headers().contains_key(http::header::UPGRADE) {
                     &clients.upgrades
@@ -314,5 +331,34 @@ impl Origins {
     /// The origin called `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<Origin>> {
         self.by_name.get(name)
+    }
+}
+
+/// Opens a TCP connection to a socket origin (a TCP session's origin), within `timeout`.
+/// Failures are classified as for HTTP origins: one status, one metric label, one message.
+pub async fn connect_tcp(
+    origin: &str,
+    target: &SocketTarget,
+    timeout: std::time::Duration,
+) -> Result<tokio::net::TcpStream, OriginError> {
+    let addr = (target.host.as_str(), target.port);
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Err(_) => Err(OriginError::ConnectTimeout {
+            origin: origin.to_string(),
+            timeout,
+        }),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(OriginError::Refused {
+                origin: origin.to_string(),
+            })
+        }
+        Ok(Err(e)) => Err(OriginError::Unreachable {
+            origin: origin.to_string(),
+            detail: e.to_string(),
+        }),
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
     }
 }

@@ -121,6 +121,7 @@ mod tests {
             digest: None,
             heads: Vec::new(),
             probe: false,
+            sessions: false,
         })
     }
 

@@ -58,6 +58,10 @@ pub struct Register {
     /// predates it registers the connection as any other, until the check closes it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub probe: bool,
+    /// The connector serves session streams (TCP and UDP services, [`super::SessionHead`]).
+    /// An edge sends none to a connector that does not say so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sessions: bool,
 }
 
 impl Register {
@@ -281,6 +285,7 @@ mod tests {
             digest: None,
             heads: Vec::new(),
             probe: false,
+            sessions: false,
         };
         assert!(reg.check_version().is_ok());
         reg.version = 2;
@@ -327,6 +332,7 @@ mod tests {
             digest: None,
             heads: Vec::new(),
             probe: false,
+            sessions: false,
         };
         assert!(!format!("{reg:?}").contains("supersecret"));
     }

@@ -14,8 +14,12 @@ mod frame;
 mod head;
 pub mod io;
 mod message;
+mod session;
 
 pub use head::{HeadCodec, BINARY as BINARY_HEADS};
+pub use session::{
+    encode_datagram, DatagramDecoder, SessionHead, SessionProtocol, SessionReply, MAX_DATAGRAM,
+};
 
 pub use frame::{decode, decode_len, encode, FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use message::{
@@ -51,4 +55,6 @@ pub mod code {
     pub const STREAM_ORIGIN_FAILED: u32 = 0x11;
     /// A malformed frame on a request stream.
     pub const STREAM_PROTOCOL: u32 = 0x12;
+    /// A session (TCP or UDP) was idle past its timeout, or its origin failed.
+    pub const STREAM_SESSION_ENDED: u32 = 0x13;
 }

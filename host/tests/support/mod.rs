@@ -193,6 +193,7 @@ pub fn tunnel(id: &str, token: &str, hosts: &[&str]) -> TunnelConfig {
             .collect(),
         max_concurrent_requests: 1000,
         max_connections: sluice::config::DEFAULT_TUNNEL_MAX_CONNECTIONS,
+        ports: Vec::new(),
     }
 }
 
@@ -649,6 +650,7 @@ pub async fn raw_register_offering(
         digest: None,
         heads: heads.iter().map(|h| h.to_string()).collect(),
         probe: false,
+        sessions: false,
     });
     sluice::proto::io::write_frame(&mut send, &msg)
         .await
