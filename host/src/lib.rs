@@ -37,5 +37,6 @@ pub mod plugin;
 pub mod proto;
 pub mod relay;
 pub mod secret;
+pub mod services;
 pub mod tls;
 pub mod transport;

@@ -126,6 +126,8 @@ pub struct Metrics {
     pub plugin_instances: Family<PluginLabels, Gauge>,
     /// Audit events written.
     pub audit_events: Counter,
+    /// TCP sessions and UDP flows.
+    pub sessions: std::sync::Arc<crate::services::SessionMetrics>,
     registry: Registry,
 }
 
@@ -216,7 +218,10 @@ impl Metrics {
             "Audit events written to the sinks",
             audit_events.clone(),
         );
+        let sessions = std::sync::Arc::new(crate::services::SessionMetrics::default());
+        sessions.register(&mut registry);
         Metrics {
+            sessions,
             requests,
             duration,
             in_flight,
@@ -290,6 +295,8 @@ pub struct EdgeMetrics {
     pub registration_failures: Family<KindLabels, Counter>,
     /// Requests refused by admission control, by kind.
     pub rejected: Family<KindLabels, Counter>,
+    /// TCP sessions and UDP flows on the tunnels' public ports.
+    pub sessions: std::sync::Arc<crate::services::SessionMetrics>,
     registry: Registry,
 }
 
@@ -344,7 +351,10 @@ impl EdgeMetrics {
             "Requests refused by admission control, by kind",
             Family::clone(&rejected),
         );
+        let sessions = std::sync::Arc::new(crate::services::SessionMetrics::default());
+        sessions.register(&mut registry);
         EdgeMetrics {
+            sessions,
             requests,
             duration,
             in_flight,

@@ -4,6 +4,7 @@
 pub mod chain;
 pub mod check;
 pub mod pipeline;
+mod services;
 mod session;
 
 use std::net::SocketAddr;
@@ -348,9 +349,7 @@ impl Connector {
             state: self.state.clone(),
             streams: streams.clone(),
             metrics: self.metrics.clone(),
-            limit: Arc::new(tokio::sync::Semaphore::new(
-                self.config.max_concurrent_requests,
-            )),
+            admission: pipeline::Admission::new(&self.config),
             token: self.token.clone(),
             rotation: Arc::default(),
             digest: self.digest.clone(),

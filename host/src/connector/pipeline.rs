@@ -35,7 +35,9 @@ use crate::ingress::{normalize_target, Ingress, PathPolicy};
 use crate::origin::{OriginError, Origins};
 use crate::plugin::bindings::sluice::plugin::types::Completion;
 use crate::plugin::{LoadError, Plugin, RequestView, Runtime};
-use crate::proto::{self, io::read_payload, HeadCodec, RequestHead, ResponseHead, ResponseSource};
+use crate::proto::{
+    self, io::read_payload, HeadCodec, RequestHead, ResponseHead, ResponseSource, SessionHead,
+};
 use crate::relay::{self, PumpError};
 use crate::tls::TlsError;
 use crate::transport::{RecvStream, SendStream};
@@ -54,6 +56,38 @@ pub struct Pipeline {
     access_log: bool,
     paths: PathPolicy,
     body_idle_timeout: Duration,
+    /// TCP and UDP services, by name.
+    pub(super) services: HashMap<String, crate::config::ServiceConfig>,
+    pub(super) session_idle_timeout: Duration,
+    pub(super) udp_idle_timeout: Duration,
+    sessions: Arc<crate::services::SessionMetrics>,
+}
+
+/// Admission control: requests and sessions have separate limits.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// One permit per request in flight (`max-concurrent-requests`).
+    pub requests: Arc<tokio::sync::Semaphore>,
+    /// One permit per TCP session or UDP flow (`max-sessions`).
+    pub sessions: Arc<tokio::sync::Semaphore>,
+}
+
+impl Admission {
+    /// Fresh limits from `config`.
+    pub fn new(config: &ConnectorConfig) -> Self {
+        Admission {
+            requests: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_requests)),
+            sessions: Arc::new(tokio::sync::Semaphore::new(config.max_sessions)),
+        }
+    }
+}
+
+/// What one admitted request holds: its request permit, which a request that becomes a TCP
+/// session exchanges for a session permit.
+pub(super) struct Admitted {
+    pub request: Option<OwnedSemaphorePermit>,
+    pub admission: Admission,
+    pub session_limit: usize,
 }
 
 /// Why a pipeline could not be built.
@@ -134,12 +168,12 @@ impl PluginEnv {
 
 /// What happened to one request, for the access log (and the on-complete hook).
 #[derive(Debug)]
-struct Outcome {
-    status: u16,
-    origin: String,
-    source: ResponseSource,
-    bytes_out: u64,
-    error: Option<String>,
+pub(super) struct Outcome {
+    pub status: u16,
+    pub origin: String,
+    pub source: ResponseSource,
+    pub bytes_out: u64,
+    pub error: Option<String>,
 }
 
 impl Pipeline {
@@ -168,7 +202,36 @@ impl Pipeline {
             access_log: config.access_log,
             paths: config.paths,
             body_idle_timeout: config.body_idle_timeout,
+            services: config
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect(),
+            session_idle_timeout: config.session_idle_timeout,
+            udp_idle_timeout: config.udp_idle_timeout,
+            sessions: env.metrics.sessions.clone(),
         })
+    }
+
+    /// The tunnel this connector serves.
+    pub(super) fn tunnel(&self) -> &str {
+        &self.audit_context.tunnel
+    }
+
+    /// Whether requests and sessions are logged on `sluice::access`.
+    pub(super) fn access_log(&self) -> bool {
+        self.access_log
+    }
+
+    /// The session metrics.
+    pub(super) fn session_metrics(&self) -> Arc<crate::services::SessionMetrics> {
+        self.sessions.clone()
+    }
+
+    /// Counts a session that did not start.
+    pub(super) fn session_metrics_refused(&self, tunnel: &str, service: &str, why: &'static str) {
+        self.sessions
+            .refused(tunnel, service, proto::SessionProtocol::Tcp, why);
     }
 
     /// Frees the idle instances of this pipeline's plugins once a reload replaced it; the
@@ -177,47 +240,78 @@ impl Pipeline {
         self.chains.retire();
     }
 
-    /// Serves one request stream opened by the edge, holding `permit` (admission control)
-    /// until it is done. Never panics on peer input.
+    /// Serves one stream opened by the edge: a request, or a session to a TCP or UDP service.
+    /// Each takes a permit of its own limit ([`Admission`]) or is refused at once. Never
+    /// panics on peer input.
     pub async fn handle(
         self: Arc<Self>,
         heads: HeadCodec,
         send: SendStream,
         mut recv: RecvStream,
         metrics: Arc<Metrics>,
-        permit: OwnedSemaphorePermit,
+        admission: Admission,
+        limits: (usize, usize),
     ) {
-        let _permit = permit;
-        let _gauge = InFlightGauge::new(&metrics.in_flight);
         let mut send = Reply { send, heads };
         let read = tokio::time::timeout(HEAD_TIMEOUT, read_payload(&mut recv)).await;
-        let head = match read.map(|r| r.and_then(|p| Ok(heads.decode_request(&p)?))) {
-            Ok(Ok(h)) => h,
-            Ok(Err(e)) => {
-                warn!(cause = %e, "bad request stream from the edge");
-                let _ = send.reset(proto::code::STREAM_PROTOCOL);
-                let _ = recv.stop(proto::code::STREAM_PROTOCOL);
-                return;
-            }
+        let payload = match read {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => return refuse_malformed(&mut send, &mut recv, &e),
             Err(_) => {
                 warn!("the edge opened a stream but sent no request head");
                 let _ = send.reset(proto::code::STREAM_PROTOCOL);
                 return;
             }
         };
+        if SessionHead::is_session(&payload) {
+            let head = match SessionHead::decode(&payload) {
+                Ok(h) => h,
+                Err(e) => return refuse_malformed(&mut send, &mut recv, &e),
+            };
+            let permit = admission.sessions.clone().try_acquire_owned().ok();
+            let span = tracing::info_span!("session", id = %head.session_id);
+            return self
+                .serve_session(head, send.send, recv, permit, &metrics, limits.1)
+                .instrument(span)
+                .await;
+        }
+        let head = match heads.decode_request(&payload) {
+            Ok(h) => h,
+            Err(e) => return refuse_malformed(&mut send, &mut recv, &e),
+        };
+        let Ok(permit) = admission.requests.clone().try_acquire_owned() else {
+            metrics
+                .rejected
+                .get_or_create(&crate::admin::metrics::KindLabels { kind: "limit" })
+                .inc();
+            return refuse_busy(send, recv, limits.0).await;
+        };
+        let mut admitted = Admitted {
+            request: Some(permit),
+            admission,
+            session_limit: limits.1,
+        };
+        let _gauge = InFlightGauge::new(&metrics.in_flight);
         let span = tracing::info_span!("request", id = %head.request_id);
-        self.serve(head, send, recv, &metrics)
+        self.serve(head, send, recv, &metrics, &mut admitted)
             .instrument(span)
             .await
     }
 
-    async fn serve(&self, head: RequestHead, mut send: Reply, recv: RecvStream, metrics: &Metrics) {
+    async fn serve(
+        &self,
+        head: RequestHead,
+        mut send: Reply,
+        recv: RecvStream,
+        metrics: &Metrics,
+        admitted: &mut Admitted,
+    ) {
         let start = Instant::now();
         let host = normalize_host(&head.authority);
         let bytes_in = Arc::new(AtomicU64::new(0));
         let mut run = None;
         let outcome = match self
-            .proxy(&head, &host, &mut send, recv, &bytes_in, &mut run)
+            .proxy(&head, &host, &mut send, recv, &bytes_in, &mut run, admitted)
             .await
         {
             Ok(o) => o,
@@ -301,6 +395,7 @@ impl Pipeline {
         recv: RecvStream,
         bytes_in: &Arc<AtomicU64>,
         run: &mut Option<ChainRun<'a>>,
+        admitted: &mut Admitted,
     ) -> Result<Outcome, Failure> {
         let (path, mut target) = normalize_target(&head.path, &self.paths)
             .map_err(|e| Failure::bad_request(e.to_string()))?;
@@ -349,6 +444,15 @@ impl Pipeline {
         let Some(origin) = self.origins.get(&origin_name) else {
             return Err(Failure::unconfigured(origin_name));
         };
+        if let Some(tcp) = origin.tcp_target() {
+            let session = super::services::AccessSession {
+                head,
+                headers: &headers,
+                target: tcp,
+                origin: origin.config(),
+            };
+            return self.tcp_over_websocket(session, send, recv, admitted).await;
+        }
         set_origin_headers(&mut headers, head, origin.config())?;
         let (body, upgrade_recv) = framing.apply(&mut headers, recv, bytes_in);
         let body = relay::with_idle_timeout(body, self.body_idle_timeout);
@@ -479,7 +583,7 @@ impl Pipeline {
 
 /// The origin's response head as a frame. A head too large for a frame is the origin's
 /// fault (a protocol error, answered 502).
-fn encode_response_head(
+pub(super) fn encode_response_head(
     heads: HeadCodec,
     head: &ResponseHead,
     origin: &str,
@@ -497,7 +601,11 @@ fn encode_response_head(
 }
 
 /// Sends an encoded response head alone; a stream that fails means the edge left.
-async fn send_head(send: &mut SendStream, frame: Bytes, origin: &str) -> Result<(), Failure> {
+pub(super) async fn send_head(
+    send: &mut SendStream,
+    frame: Bytes,
+    origin: &str,
+) -> Result<(), Failure> {
     send.write_chunk(frame).await.map_err(|e| {
         debug!(cause = %e, "could not send the response head to the edge");
         Failure::Cancelled {
@@ -633,9 +741,9 @@ fn request_view(
 }
 
 /// The send half of a request stream, with the head encoding of its connection.
-struct Reply {
-    send: SendStream,
-    heads: HeadCodec,
+pub(super) struct Reply {
+    pub send: SendStream,
+    pub heads: HeadCodec,
 }
 
 impl std::ops::Deref for Reply {
@@ -689,7 +797,7 @@ async fn answer_local(
 }
 
 /// How a request ended without an origin response to relay.
-enum Failure {
+pub(super) enum Failure {
     /// Answer the edge with an error produced by the connector.
     Answer {
         status: StatusCode,
@@ -781,7 +889,7 @@ impl Failure {
         }
     }
 
-    fn origin(e: OriginError, origin: String) -> Self {
+    pub(super) fn origin(e: OriginError, origin: String) -> Self {
         Failure::Answer {
             status: e.status(),
             message: e.to_string(),
@@ -793,10 +901,16 @@ impl Failure {
     }
 }
 
-/// Answers a stream at once with 503 and `Retry-After` when `max-concurrent-requests` are
-/// already in flight: nothing is queued, nothing is read.
-pub async fn refuse_busy(heads: HeadCodec, send: SendStream, mut recv: RecvStream, limit: usize) {
-    let mut send = Reply { send, heads };
+/// A stream whose first frame is not a valid head: reset both ways.
+fn refuse_malformed(send: &mut Reply, recv: &mut RecvStream, e: &dyn std::fmt::Display) {
+    warn!(cause = %e, "bad request stream from the edge");
+    let _ = send.reset(proto::code::STREAM_PROTOCOL);
+    let _ = recv.stop(proto::code::STREAM_PROTOCOL);
+}
+
+/// Answers a request at once with 503 and `Retry-After` when `max-concurrent-requests` are
+/// already in flight: nothing is queued, nothing of its body is read.
+async fn refuse_busy(mut send: Reply, mut recv: RecvStream, limit: usize) {
     let _ = recv.stop(proto::code::STREAM_CANCELLED);
     let message = format!("too many requests in flight (max-concurrent-requests = {limit})");
     answer_error(&mut send, StatusCode::SERVICE_UNAVAILABLE, &message).await;

@@ -15,7 +15,6 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use arc_swap::ArcSwap;
-use tokio::sync::Semaphore;
 
 use super::pipeline::{self, Pipeline};
 use super::ConnectorState;
@@ -56,8 +55,8 @@ pub(super) struct Shared {
     /// Request streams in flight, waited for when draining.
     pub streams: TaskTracker,
     pub metrics: Arc<Metrics>,
-    /// Admission control: one permit per request in flight.
-    pub limit: Arc<Semaphore>,
+    /// Admission control: requests and sessions in flight.
+    pub admission: pipeline::Admission,
     /// The token connections register with; a reload may change it.
     pub token: Arc<tokio::sync::watch::Sender<crate::secret::Secret>>,
     /// Taken by a slot while it re-registers after a token change, so that connections are
@@ -626,32 +625,27 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
     }
 }
 
-/// Starts serving one request stream, or refuses it at once when the connector is at its
-/// limit.
+/// Starts serving one stream (a request or a session); its own limit is applied once its
+/// head says which it is.
 fn accept_stream(shared: &Shared, heads: HeadCodec, send: SendStream, recv: RecvStream) {
-    match shared.limit.clone().try_acquire_owned() {
-        Ok(permit) => {
-            // Each request runs on the pipeline current when it arrived.
-            let pipeline = shared.pipeline.load_full();
-            let metrics = shared.metrics.clone();
-            shared.streams.spawn(
-                pipeline
-                    .handle(heads, send, recv, metrics, permit)
-                    .in_current_span(),
-            );
-        }
-        Err(_) => {
-            shared
-                .metrics
-                .rejected
-                .get_or_create(&KindLabels { kind: "limit" })
-                .inc();
-            let limit = shared.config.max_concurrent_requests;
-            shared
-                .streams
-                .spawn(pipeline::refuse_busy(heads, send, recv, limit).in_current_span());
-        }
-    }
+    // Each stream runs on the pipeline current when it arrived.
+    let pipeline = shared.pipeline.load_full();
+    let limits = (
+        shared.config.max_concurrent_requests,
+        shared.config.max_sessions,
+    );
+    shared.streams.spawn(
+        pipeline
+            .handle(
+                heads,
+                send,
+                recv,
+                shared.metrics.clone(),
+                shared.admission.clone(),
+                limits,
+            )
+            .in_current_span(),
+    );
 }
 
 /// Reads the edge's control messages until `DrainAck` (true) or the end of the stream

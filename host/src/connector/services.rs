@@ -1,0 +1,323 @@
+//! The connector's side of TCP and UDP services: session streams from the edge's public ports
+//! ([`Pipeline::serve_session`]) and `sluice access` WebSocket requests routed to a `tcp://`
+//! origin ([`Pipeline::tcp_over_websocket`]).
+
+use http::header::{HeaderValue, CONNECTION, UPGRADE};
+use http::{HeaderMap, StatusCode};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, warn};
+
+use super::pipeline::{
+    encode_response_head, send_head, Admitted, Failure, Outcome, Pipeline, Reply,
+};
+use crate::admin::Metrics;
+use crate::config::{OriginConfig, OriginTarget, ServiceConfig, SocketTarget};
+use crate::headers::to_wire;
+use crate::origin::{connect_tcp, OriginError};
+use crate::proto::{
+    self, io::write_frame, RequestHead, ResponseHead, ResponseSource, SessionHead, SessionProtocol,
+    SessionReply,
+};
+use crate::relay;
+use crate::services::{self, websocket, Ending, SessionLabels, SessionRecord};
+use crate::transport::{RecvStream, SendStream};
+
+/// A `sluice access` request routed to a TCP origin.
+pub(super) struct AccessSession<'a> {
+    pub head: &'a RequestHead,
+    pub headers: &'a HeaderMap,
+    pub target: &'a SocketTarget,
+    pub origin: &'a OriginConfig,
+}
+
+/// Why a session from a public port could not start: the one place its reply text and its
+/// metric label come from.
+enum Refusal {
+    UnknownService,
+    Limit(usize),
+    Origin(OriginError),
+}
+
+impl Refusal {
+    fn kind(&self) -> &'static str {
+        match self {
+            Refusal::UnknownService => "unknown-service",
+            Refusal::Limit(_) => "limit",
+            Refusal::Origin(e) => e.kind(),
+        }
+    }
+
+    /// The reply to the edge, which logs it (the origin's address stays here).
+    fn reply(&self, service: &str) -> String {
+        match self {
+            Refusal::UnknownService => format!(
+                "the connector has no service {service:?}: add a [[service]] block naming it"
+            ),
+            Refusal::Limit(n) => format!("too many sessions (max-sessions = {n})"),
+            Refusal::Origin(e) => format!("{} ({})", e.public_text(), e.kind()),
+        }
+    }
+}
+
+impl Pipeline {
+    /// Serves a session stream from one of the edge's public ports: connects to the service's
+    /// origin, answers the edge, then relays until either side ends or the session idles.
+    pub(super) async fn serve_session(
+        &self,
+        head: SessionHead,
+        mut send: SendStream,
+        recv: RecvStream,
+        permit: Option<OwnedSemaphorePermit>,
+        metrics: &Metrics,
+        limit: usize,
+    ) {
+        let labels = SessionLabels {
+            tunnel: self.tunnel().to_string(),
+            service: head.service.clone(),
+            protocol: head.protocol.as_str(),
+        };
+        let started = match (self.services.get(&head.service), permit) {
+            (None, _) => Err(Refusal::UnknownService),
+            (Some(_), None) => Err(Refusal::Limit(limit)),
+            (Some(service), Some(permit)) => match connect(service, &head).await {
+                Ok(origin) => Ok((service, origin, permit)),
+                Err(e) => Err(Refusal::Origin(e)),
+            },
+        };
+        let (service, origin, _permit) = match started {
+            Ok(s) => s,
+            Err(refusal) => {
+                warn!(service = %head.service, client = %head.client_addr, kind = refusal.kind(), "session refused");
+                if let Refusal::Origin(e) = &refusal {
+                    debug!(cause = %e, "origin of the session");
+                }
+                metrics.sessions.refused(
+                    &labels.tunnel,
+                    &labels.service,
+                    head.protocol,
+                    refusal.kind(),
+                );
+                let reply = SessionReply {
+                    error: Some(refusal.reply(&head.service)),
+                };
+                if write_frame(&mut send, &reply).await.is_ok() {
+                    let _ = send.finish();
+                }
+                return;
+            }
+        };
+        if write_frame(&mut send, &SessionReply { error: None })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let record = SessionRecord::open(
+            metrics.sessions.clone(),
+            labels,
+            &head.session_id,
+            &head.client_addr.to_string(),
+            self.access_log(),
+        );
+        let result = match origin {
+            SessionOrigin::Tcp(tcp) => {
+                // (to the stream = down, from the stream = up)
+                relay::splice(tcp, &mut send, recv, self.session_idle_timeout)
+                    .await
+                    .map(|(down, up)| (up, down))
+            }
+            SessionOrigin::Udp(socket) => {
+                let mut peer = services::udp::ConnectedSocket(socket);
+                services::udp::relay(&mut peer, &mut send, recv, self.udp_idle_timeout)
+                    .await
+                    .map(|(down, up)| (up, down))
+            }
+        };
+        if result.is_err() {
+            let _ = send.reset(proto::code::STREAM_SESSION_ENDED);
+        }
+        let error = result.as_ref().err().map(|e| e.to_string());
+        let (up, down) = result.as_ref().copied().unwrap_or_default();
+        debug!(service = %service.name, up, down, "session ended");
+        record.close(up, down, Ending::of(&result), error.as_deref());
+    }
+
+    /// A `sluice access tcp` WebSocket request whose rule (or plugin) chose a TCP origin:
+    /// exchanges the request's permit for a session permit, connects, answers `101` and
+    /// bridges the WebSocket to the origin connection.
+    pub(super) async fn tcp_over_websocket(
+        &self,
+        s: AccessSession<'_>,
+        send: &mut Reply,
+        recv: RecvStream,
+        admitted: &mut Admitted,
+    ) -> Result<Outcome, Failure> {
+        let name = s.origin.name.clone();
+        let key = match (s.head.upgrade.as_deref(), s.headers.get("sec-websocket-key")) {
+            (Some(u), Some(key)) if u.eq_ignore_ascii_case("websocket") => key.clone(),
+            _ => {
+                return Err(Failure::Answer {
+                    status: StatusCode::BAD_REQUEST,
+                    message: format!("origin {name:?} is a TCP service; the request is not a WebSocket upgrade"),
+                    public: Some("this hostname leads to a TCP service: connect with `sluice access tcp --hostname HOST`"),
+                    origin: name,
+                    kind: "bad-request",
+                    origin_failure: false,
+                })
+            }
+        };
+        let tunnel = self.tunnel().to_string();
+        let Ok(permit) = admitted.admission.sessions.clone().try_acquire_owned() else {
+            self.session_metrics_refused(&tunnel, &name, "limit");
+            return Err(Failure::Answer {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: format!(
+                    "too many sessions (max-sessions = {})",
+                    admitted.session_limit
+                ),
+                public: None,
+                origin: name,
+                kind: "limit",
+                origin_failure: false,
+            });
+        };
+        // A session does not count against max-concurrent-requests.
+        admitted.request = None;
+        let _permit = permit;
+        let tcp = match connect_tcp(&name, s.target, s.origin.connect_timeout).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.session_metrics_refused(&tunnel, &name, e.kind());
+                warn!(origin = %name, kind = e.kind(), cause = %e, "TCP origin unreachable");
+                return Err(Failure::origin(e, name));
+            }
+        };
+
+        let mut headers = HeaderMap::new();
+        headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&websocket::accept_key(key.as_bytes())) {
+            headers.insert("sec-websocket-accept", v);
+        }
+        let offered = s
+            .headers
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim() == websocket::SUBPROTOCOL);
+        if offered {
+            headers.insert(
+                "sec-websocket-protocol",
+                HeaderValue::from_static(websocket::SUBPROTOCOL),
+            );
+        }
+        let head = ResponseHead {
+            status: 101,
+            headers: to_wire(&headers),
+            source: ResponseSource::Origin,
+        };
+        let frame = encode_response_head(send.heads, &head, &name)?;
+        send_head(&mut send.send, frame, &name).await?;
+
+        let record = SessionRecord::open(
+            self.session_metrics(),
+            SessionLabels {
+                tunnel,
+                service: name.clone(),
+                protocol: SessionProtocol::Tcp.as_str(),
+            },
+            &s.head.request_id,
+            s.head.client_addr.as_deref().unwrap_or(""),
+            self.access_log(),
+        );
+        let io = tokio::io::join(recv, &mut send.send);
+        let ws =
+            WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket::config())).await;
+        let result = websocket::bridge(ws, tcp, self.session_idle_timeout).await;
+        if result.is_err() {
+            let _ = send.send.reset(proto::code::STREAM_SESSION_ENDED);
+        }
+        let error = result.as_ref().err().map(|e| e.to_string());
+        let (up, down) = result.as_ref().copied().unwrap_or_default();
+        record.close(up, down, Ending::of(&result), error.as_deref());
+        Ok(Outcome {
+            status: 101,
+            origin: name,
+            source: ResponseSource::Origin,
+            bytes_out: down,
+            error,
+        })
+    }
+}
+
+/// The origin end of a session from a public port.
+enum SessionOrigin {
+    Tcp(tokio::net::TcpStream),
+    Udp(tokio::net::UdpSocket),
+}
+
+/// Connects to a service's origin: TCP (then the PROXY protocol header, when asked for) or a
+/// UDP socket connected to it.
+async fn connect(
+    service: &ServiceConfig,
+    head: &SessionHead,
+) -> Result<SessionOrigin, OriginError> {
+    match (&service.target, head.protocol) {
+        (OriginTarget::Tcp(target), SessionProtocol::Tcp) => {
+            let mut tcp = connect_tcp(&service.name, target, service.connect_timeout).await?;
+            if service.proxy_protocol {
+                let header = services::proxy_protocol::header(head.client_addr, head.listen_addr);
+                tcp.write_all(&header)
+                    .await
+                    .map_err(|e| OriginError::Unreachable {
+                        origin: service.name.clone(),
+                        detail: format!("writing the PROXY protocol header: {e}"),
+                    })?;
+            }
+            Ok(SessionOrigin::Tcp(tcp))
+        }
+        (OriginTarget::Udp(target), SessionProtocol::Udp) => connect_udp(&service.name, target)
+            .await
+            .map(SessionOrigin::Udp),
+        (_, protocol) => Err(OriginError::Protocol {
+            origin: service.name.clone(),
+            detail: format!(
+                "the edge's port is {} but the service is not",
+                protocol.as_str()
+            ),
+        }),
+    }
+}
+
+/// A UDP socket connected to `target` (resolved now).
+async fn connect_udp(
+    name: &str,
+    target: &SocketTarget,
+) -> Result<tokio::net::UdpSocket, OriginError> {
+    let unreachable = |detail: String| OriginError::Unreachable {
+        origin: name.to_string(),
+        detail,
+    };
+    let addr = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?
+        .next()
+        .ok_or_else(|| unreachable("the name has no address".into()))?;
+    let local: std::net::SocketAddr = if addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(local)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    socket
+        .connect(addr)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(socket)
+}

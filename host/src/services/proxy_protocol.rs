@@ -1,0 +1,90 @@
+//! PROXY protocol version 2 headers: how a TCP origin behind a public port learns the
+//! client's address, which it would otherwise see as the connector's.
+//!
+//! Only the binary v2 form with the `PROXY` command over TCP is produced (no TLVs): a fixed
+//! 12-byte signature, version and command, family and transport, the address block length,
+//! then source and destination addresses and ports.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// The v2 signature every header starts with.
+const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+/// Version 2, command `PROXY`.
+const VERSION_PROXY: u8 = 0x21;
+/// `AF_INET` + `STREAM`.
+const TCP_V4: u8 = 0x11;
+/// `AF_INET6` + `STREAM`.
+const TCP_V6: u8 = 0x21;
+
+/// The header announcing a TCP connection from `client` to `server` (the edge's public
+/// address the client reached). Mixed families are given both as IPv6 (IPv4 mapped).
+pub fn header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 36);
+    out.extend_from_slice(&SIGNATURE);
+    out.push(VERSION_PROXY);
+    match (client.ip(), server.ip()) {
+        (IpAddr::V4(c), IpAddr::V4(s)) => {
+            out.push(TCP_V4);
+            out.extend_from_slice(&12u16.to_be_bytes());
+            out.extend_from_slice(&c.octets());
+            out.extend_from_slice(&s.octets());
+        }
+        (c, s) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            out.push(TCP_V6);
+            out.extend_from_slice(&36u16.to_be_bytes());
+            out.extend_from_slice(&v6(c).octets());
+            out.extend_from_slice(&v6(s).octets());
+        }
+    }
+    out.extend_from_slice(&client.port().to_be_bytes());
+    out.extend_from_slice(&server.port().to_be_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_header_is_byte_exact() {
+        let h = header(
+            "203.0.113.7:50000".parse().unwrap(),
+            "192.0.2.1:2222".parse().unwrap(),
+        );
+        let mut expected = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        expected.extend_from_slice(&[0x21, 0x11, 0, 12]);
+        expected.extend_from_slice(&[203, 0, 113, 7, 192, 0, 2, 1]);
+        expected.extend_from_slice(&50000u16.to_be_bytes());
+        expected.extend_from_slice(&2222u16.to_be_bytes());
+        assert_eq!(h, expected);
+    }
+
+    #[test]
+    fn ipv6_and_mixed_families_use_the_ipv6_block() {
+        let h = header(
+            "[2001:db8::7]:40000".parse().unwrap(),
+            "192.0.2.1:22".parse().unwrap(),
+        );
+        assert_eq!(h.len(), 16 + 36);
+        assert_eq!(&h[12..16], &[0x21, 0x21, 0, 36]);
+        assert_eq!(
+            h[16..32],
+            "2001:db8::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(
+            h[32..48],
+            "::ffff:192.0.2.1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(&h[48..], &[0x9c, 0x40, 0, 22]);
+    }
+}
