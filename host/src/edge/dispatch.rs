@@ -531,7 +531,7 @@ const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Opens a request stream on `in_flight`'s connection and writes the head `frame`; with
 /// `finish`, the FIN follows at once (no body).
-async fn open_stream(
+pub(super) async fn open_stream(
     in_flight: &InFlight,
     frame: &[u8],
     finish: bool,

@@ -5,7 +5,10 @@
 mod acceptor;
 mod client;
 mod dispatch;
+mod ports;
 pub mod registry;
+
+pub use ports::PortInfo;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -140,6 +143,8 @@ pub struct Edge {
     /// Connectors over HTTP/2 on TLS over TCP.
     tcp: Option<(TcpListener, TlsAcceptor)>,
     admin: Option<Admin>,
+    /// The tunnels' public TCP and UDP ports.
+    ports: Vec<ports::Port>,
 }
 
 /// Applies a new configuration's tunnels to a running edge (SIGHUP).
@@ -190,6 +195,14 @@ impl EdgeReloader {
     }
 }
 
+/// Every tunnel's public ports.
+fn ports_of(c: &EdgeConfig) -> Vec<(&str, &[crate::config::PortConfig])> {
+    c.tunnels
+        .iter()
+        .map(|t| (t.id.as_str(), t.ports.as_slice()))
+        .collect()
+}
+
 /// The settings of `new` that differ from `old` and that only a restart applies.
 fn restart_needed(old: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static str> {
     let https = |c: &EdgeConfig| c.https.as_ref().map(|h| h.listen);
@@ -199,6 +212,7 @@ fn restart_needed(old: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static str> {
         ("https.listen", https(old) != https(new)),
         ("connectors.listen", old.quic_listen != new.quic_listen),
         ("connectors.listen-tcp", old.tcp_listen != new.tcp_listen),
+        ("tunnel.port", ports_of(old) != ports_of(new)),
         (
             "admin",
             old.admin_listen != new.admin_listen
@@ -294,6 +308,19 @@ impl Edge {
             })?),
             None => None,
         };
+        let mut bound = Vec::new();
+        for tunnel in &config.tunnels {
+            for port in &tunnel.ports {
+                let p = ports::Port::bind(&tunnel.id, port)
+                    .await
+                    .map_err(|source| EdgeError::Bind {
+                        what: "public port",
+                        addr: port.listen,
+                        source,
+                    })?;
+                bound.push(p);
+            }
+        }
         let registry = Registry::new(&config.tunnels);
         let metrics = Arc::new(EdgeMetrics::new());
         let shared = Arc::new(EdgeShared {
@@ -312,7 +339,13 @@ impl Edge {
             endpoint,
             tcp,
             admin,
+            ports: bound,
         })
+    }
+
+    /// The tunnels' public ports, as bound.
+    pub fn ports(&self) -> Vec<PortInfo> {
+        self.ports.iter().map(ports::Port::info).collect()
     }
 
     /// Address of the admin listener.
@@ -386,6 +419,11 @@ impl Edge {
                 shutdown.clone(),
                 tracker.clone(),
             ));
+        }
+        for port in self.ports {
+            let info = port.info();
+            info!(tunnel = %info.tunnel, service = %info.service, protocol = info.protocol.as_str(), addr = %info.addr, "listening on a public port");
+            tracker.spawn(port.serve(shared.clone(), shutdown.clone(), tracker.clone()));
         }
         if let Some((listener, acceptor)) = self.https {
             tracker.spawn(client::serve_clients(

@@ -1,0 +1,374 @@
+//! Public TCP and UDP ports (`[[tunnel.port]]`): each accepted TCP connection, and each UDP
+//! flow (one client address and port), becomes a session stream to a connector of the port's
+//! tunnel, which connects it to the `[[service]]` the port names.
+//!
+//! A port is bound when the edge starts (changing ports needs a restart). Clients outside its
+//! `allow` list are closed at accept (TCP) or their datagrams dropped (UDP); past
+//! `max-sessions` new sessions or flows are refused the same way. Sessions run as the edge's
+//! client connections do: on shutdown they get the grace period, then their connector
+//! connections close and they end.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn, Instrument};
+
+use super::registry::InFlight;
+use super::EdgeShared;
+use crate::config::PortConfig;
+use crate::proto::{self, io::read_frame, SessionHead, SessionProtocol, SessionReply};
+use crate::relay;
+use crate::services::{self, udp::DatagramPeer, Ending, SessionLabels, SessionRecord};
+use crate::transport::{RecvStream, SendStream};
+
+/// Time the connector has to connect to the service's origin and answer.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Datagrams queued for one UDP flow while its stream opens or is busy; more are dropped, as
+/// a congested network would.
+const FLOW_QUEUE: usize = 256;
+
+/// Why the edge binds a port, and what it shows of it.
+#[derive(Debug, Clone)]
+pub struct PortInfo {
+    /// The tunnel the port belongs to.
+    pub tunnel: String,
+    /// The service it leads to.
+    pub service: String,
+    /// TCP or UDP.
+    pub protocol: SessionProtocol,
+    /// The bound address.
+    pub addr: SocketAddr,
+}
+
+/// A bound public port.
+pub(super) enum Bound {
+    Tcp(TcpListener),
+    Udp(Arc<UdpSocket>),
+}
+
+/// One bound port with its tunnel and settings.
+pub(super) struct Port {
+    pub tunnel: String,
+    pub config: PortConfig,
+    pub socket: Bound,
+}
+
+impl Port {
+    /// Binds `config`'s address.
+    pub async fn bind(tunnel: &str, config: &PortConfig) -> std::io::Result<Port> {
+        let socket = match config.protocol {
+            SessionProtocol::Tcp => Bound::Tcp(TcpListener::bind(config.listen).await?),
+            SessionProtocol::Udp => Bound::Udp(Arc::new(UdpSocket::bind(config.listen).await?)),
+        };
+        Ok(Port {
+            tunnel: tunnel.to_string(),
+            config: config.clone(),
+            socket,
+        })
+    }
+
+    /// What `/status` and the tests see of it.
+    pub fn info(&self) -> PortInfo {
+        let addr = match &self.socket {
+            Bound::Tcp(l) => l.local_addr(),
+            Bound::Udp(s) => s.local_addr(),
+        };
+        PortInfo {
+            tunnel: self.tunnel.clone(),
+            service: self.config.service.clone(),
+            protocol: self.config.protocol,
+            addr: addr.unwrap_or(self.config.listen),
+        }
+    }
+
+    /// Serves the port until `shutdown`; sessions run on `tracker`.
+    pub async fn serve(
+        self,
+        shared: Arc<EdgeShared>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        let info = self.info();
+        let port = Arc::new(PortCtx {
+            tunnel: self.tunnel,
+            config: self.config,
+            addr: info.addr,
+            shared,
+        });
+        let span = tracing::info_span!("port", tunnel = %port.tunnel, service = %port.config.service, addr = %port.addr);
+        match self.socket {
+            Bound::Tcp(listener) => {
+                serve_tcp(listener, port, shutdown, tracker)
+                    .instrument(span)
+                    .await
+            }
+            Bound::Udp(socket) => {
+                serve_udp(socket, port, shutdown, tracker)
+                    .instrument(span)
+                    .await
+            }
+        }
+    }
+}
+
+/// What every session of one port shares.
+struct PortCtx {
+    tunnel: String,
+    config: PortConfig,
+    addr: SocketAddr,
+    shared: Arc<EdgeShared>,
+}
+
+impl PortCtx {
+    fn labels(&self) -> SessionLabels {
+        SessionLabels {
+            tunnel: self.tunnel.clone(),
+            service: self.config.service.clone(),
+            protocol: self.config.protocol.as_str(),
+        }
+    }
+
+    fn refused(&self, why: &'static str) {
+        self.shared.metrics.sessions.refused(
+            &self.tunnel,
+            &self.config.service,
+            self.config.protocol,
+            why,
+        );
+    }
+
+    fn head(&self, client: SocketAddr) -> SessionHead {
+        SessionHead {
+            session_id: services::session_id(),
+            service: self.config.service.clone(),
+            protocol: self.config.protocol,
+            client_addr: client,
+            listen_addr: self.addr,
+        }
+    }
+
+    fn record(&self, head: &SessionHead) -> SessionRecord {
+        SessionRecord::open(
+            self.shared.metrics.sessions.clone(),
+            self.labels(),
+            &head.session_id,
+            &head.client_addr.to_string(),
+            self.shared.config.access_log,
+        )
+    }
+
+    /// Opens a session stream on a connection of the port's tunnel and waits for the
+    /// connector to connect to the origin. On failure, the reason as a metric label.
+    async fn open(
+        &self,
+        head: &SessionHead,
+    ) -> Result<(SendStream, RecvStream, InFlight), &'static str> {
+        let Some(in_flight) = self.shared.registry.pick_for_session(&self.tunnel) else {
+            warn!(client = %head.client_addr, "no connector of the tunnel serves sessions; closing the client's connection");
+            return Err("offline");
+        };
+        let frame = head.encode().map_err(|_| "edge-refused")?;
+        let (send, mut recv) = super::dispatch::open_stream(&in_flight, &frame, false)
+            .await
+            .map_err(|e| {
+                warn!(cause = %e, "could not open a session stream to the connector");
+                "connector-failed"
+            })?;
+        match tokio::time::timeout(REPLY_TIMEOUT, read_frame::<_, SessionReply>(&mut recv)).await {
+            Ok(Ok(SessionReply { error: None })) => Ok((send, recv, in_flight)),
+            Ok(Ok(SessionReply { error: Some(e) })) => {
+                warn!(client = %head.client_addr, session_id = %head.session_id, reason = ?e, "the connector refused the session");
+                Err("connector-refused")
+            }
+            Ok(Err(e)) => {
+                warn!(cause = %e, "the connector did not answer the session");
+                Err("connector-failed")
+            }
+            Err(_) => {
+                warn!("the connector did not answer the session in time");
+                Err("connector-failed")
+            }
+        }
+    }
+}
+
+async fn serve_tcp(
+    listener: TcpListener,
+    port: Arc<PortCtx>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(port.config.max_sessions));
+    loop {
+        let (tcp, client) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, most likely: pause instead of spinning.
+                    warn!(cause = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if !port.config.allows(client.ip()) {
+            debug!(%client, "client not in the port's allow list; closed");
+            port.refused("denied");
+            abort(tcp);
+            continue;
+        }
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            debug!(%client, "port at max-sessions; closed");
+            port.refused("limit");
+            abort(tcp);
+            continue;
+        };
+        tracker.spawn(tcp_session(tcp, client, port.clone(), permit).in_current_span());
+    }
+}
+
+/// Closes a client's connection with a reset: it never looks like a session that ended.
+fn abort(tcp: TcpStream) {
+    // A zero linger sends RST at once and never blocks, which is what tokio's deprecation
+    // of `set_linger` warns about.
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+async fn tcp_session(
+    tcp: TcpStream,
+    client: SocketAddr,
+    port: Arc<PortCtx>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let _ = tcp.set_nodelay(true);
+    let head = port.head(client);
+    let (mut send, recv, _in_flight) = match port.open(&head).await {
+        Ok(s) => s,
+        Err(why) => {
+            port.refused(why);
+            return abort(tcp);
+        }
+    };
+    let record = port.record(&head);
+    let result = relay::splice(tcp, &mut send, recv, port.config.idle_timeout).await;
+    if result.is_err() {
+        let _ = send.reset(proto::code::STREAM_SESSION_ENDED);
+    }
+    let error = result.as_ref().err().map(|e| e.to_string());
+    let (up, down) = result.as_ref().copied().unwrap_or_default();
+    record.close(up, down, Ending::of(&result), error.as_deref());
+}
+
+/// Open UDP flows of one port, by client address.
+type Flows = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>>;
+
+async fn serve_udp(
+    socket: Arc<UdpSocket>,
+    port: Arc<PortCtx>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let flows: Flows = Arc::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let (n, client) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = socket.recv_from(&mut buf) => match received {
+                Ok(r) => r,
+                // An ICMP error for an earlier reply: nothing to do.
+                Err(_) => continue,
+            },
+        };
+        if !port.config.allows(client.ip()) {
+            port.refused("denied");
+            continue;
+        }
+        let datagram = Bytes::copy_from_slice(&buf[..n]);
+        let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
+        let datagram = match map.get(&client).map(|tx| tx.try_send(datagram)) {
+            Some(Ok(())) | Some(Err(mpsc::error::TrySendError::Full(_))) => continue,
+            // The flow just ended: this datagram starts a new one.
+            Some(Err(mpsc::error::TrySendError::Closed(d))) => {
+                map.remove(&client);
+                d
+            }
+            None => Bytes::copy_from_slice(&buf[..n]),
+        };
+        if map.len() >= port.config.max_sessions {
+            port.refused("limit");
+            continue;
+        }
+        let (tx, rx) = mpsc::channel(FLOW_QUEUE);
+        let _ = tx.try_send(datagram);
+        map.insert(client, tx.clone());
+        drop(map);
+        let peer = FlowClient {
+            socket: socket.clone(),
+            client,
+            rx,
+        };
+        tracker.spawn(udp_flow(peer, port.clone(), flows.clone(), tx).in_current_span());
+    }
+}
+
+/// The client end of a UDP flow at the edge: datagrams from the port's receive loop, replies
+/// sent from the port's socket.
+struct FlowClient {
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl DatagramPeer for FlowClient {
+    async fn recv(&mut self) -> std::io::Result<Option<Bytes>> {
+        Ok(self.rx.recv().await)
+    }
+
+    async fn send(&mut self, datagram: &[u8]) -> std::io::Result<()> {
+        self.socket.send_to(datagram, self.client).await.map(drop)
+    }
+}
+
+async fn udp_flow(
+    mut peer: FlowClient,
+    port: Arc<PortCtx>,
+    flows: Flows,
+    mine: mpsc::Sender<Bytes>,
+) {
+    let head = port.head(peer.client);
+    let result = match port.open(&head).await {
+        Ok((mut send, recv, _in_flight)) => {
+            let record = port.record(&head);
+            let r =
+                services::udp::relay(&mut peer, &mut send, recv, port.config.idle_timeout).await;
+            if r.is_err() && !matches!(Ending::of(&r), Ending::Idle) {
+                let _ = send.reset(proto::code::STREAM_SESSION_ENDED);
+            }
+            let error = r.as_ref().err().map(|e| e.to_string());
+            let (up, down) = r.as_ref().copied().unwrap_or_default();
+            record.close(up, down, Ending::of(&r), error.as_deref());
+            Ok(())
+        }
+        Err(why) => Err(why),
+    };
+    if let Err(why) = result {
+        port.refused(why);
+    }
+    let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
+    if map
+        .get(&peer.client)
+        .is_some_and(|tx| tx.same_channel(&mine))
+    {
+        map.remove(&peer.client);
+    }
+}
