@@ -69,6 +69,12 @@ pub enum Command {
         #[command(subcommand)]
         action: TunnelCommand,
     },
+    /// Reach a TCP service of a tunnel (SSH, a database…) through the edge's HTTPS listener.
+    Access {
+        /// What to reach.
+        #[command(subcommand)]
+        action: AccessCommand,
+    },
     /// Run an edge, a connector and the hello origin on loopback and print a curl to try.
     Demo {
         /// Port of the demo's HTTP listener on 127.0.0.1 (0 picks a free one).
@@ -80,6 +86,39 @@ pub enum Command {
         /// Run without plugins.
         #[arg(long)]
         no_plugins: bool,
+    },
+}
+
+/// `sluice access …`
+#[derive(Debug, Subcommand)]
+pub enum AccessCommand {
+    /// One session per local connection (`--listen`) or one on standard input and output
+    /// (`--stdio`, for ssh's `ProxyCommand`), each a WebSocket to the edge.
+    Tcp {
+        /// The service's public hostname (its ingress rule names a `tcp://` origin).
+        #[arg(long)]
+        hostname: String,
+        /// Carry standard input and output (ssh: `-o ProxyCommand='sluice access tcp
+        /// --hostname %h --stdio'`).
+        #[arg(long, conflicts_with = "listen", required_unless_present = "listen")]
+        stdio: bool,
+        /// Accept local connections here, one session each (`127.0.0.1:2222`).
+        #[arg(long)]
+        listen: Option<String>,
+        /// The edge's HTTPS listener, `host:port`, when the hostname does not resolve to it
+        /// (default: the hostname, port 443).
+        #[arg(long)]
+        edge: Option<String>,
+        /// A PEM file of CA certificates trusted for the edge, besides the system roots.
+        #[arg(long)]
+        edge_ca: Option<PathBuf>,
+        /// The name to verify in the edge's certificate (default: the hostname).
+        #[arg(long)]
+        edge_server_name: Option<String>,
+        /// A file holding the token sent as `Authorization: Bearer` (for access-guard);
+        /// without it, the `SLUICE_ACCESS_TOKEN` environment variable, if set.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
 }
 

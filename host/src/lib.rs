@@ -22,6 +22,7 @@
 //! - [`demo`]: edge, connector and origin in one process, on loopback.
 //! - [`secret`]: a string that never prints itself.
 
+pub mod access;
 pub mod admin;
 pub mod audit;
 pub mod authority;

@@ -49,6 +49,9 @@ fn main() -> ExitCode {
             action: cli::CertCommand::New { names, ips, out },
         } => cert_new(&names, &ips, &out),
         cli::Command::Status { admin, json } => status(&admin, json),
+        cli::Command::Access {
+            action: cli::AccessCommand::Tcp { .. },
+        } => access(cli.command, log_format),
         command => serve(command, log_format),
     }
 }
@@ -783,4 +786,104 @@ fn watch_signals(
         }
         std::process::exit(130);
     }
+}
+
+/// `sluice access tcp`: the file-less client of a TCP service.
+fn access(command: cli::Command, log_format: Option<LogFormat>) -> ExitCode {
+    let cli::Command::Access {
+        action:
+            cli::AccessCommand::Tcp {
+                hostname,
+                stdio,
+                listen,
+                edge,
+                edge_ca,
+                edge_server_name,
+                token_file,
+            },
+    } = command
+    else {
+        unreachable!("called for `access tcp` only")
+    };
+    let target = match access_target(hostname, edge, edge_ca, edge_server_name, token_file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Under ssh, the terminal is the user's: only warnings and errors unless RUST_LOG says.
+    if stdio && std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    init_logging(log_format.unwrap_or(LogFormat::Text));
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: failed to start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match listen {
+            None => target.stdio().await.map_err(|e| e.to_string()),
+            Some(listen) => {
+                let addr = sluice::access::parse_listen(&listen)?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+                let bound = listener.local_addr().map_err(|e| e.to_string())?;
+                info!(addr = %bound, hostname = %target.hostname, edge = %target.edge, "listening; each connection becomes a session");
+                let shutdown = tokio_util::sync::CancellationToken::new();
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::signal::ctrl_c().await;
+                    stop.cancel();
+                });
+                std::sync::Arc::new(target).listen(listener, shutdown).await;
+                Ok(())
+            }
+        }
+    });
+    // Standard input may still be read by a blocking thread: do not wait for it.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn access_target(
+    hostname: String,
+    edge: Option<String>,
+    edge_ca: Option<std::path::PathBuf>,
+    edge_server_name: Option<String>,
+    token_file: Option<std::path::PathBuf>,
+) -> Result<sluice::access::AccessTarget, String> {
+    let edge_ca = match edge_ca {
+        Some(p) => sluice::config::read_certs(&p).map_err(|e| format!("--edge-ca: {e}"))?,
+        None => Vec::new(),
+    };
+    let token = match token_file {
+        Some(p) => {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| format!("cannot read --token-file {}: {e}", p.display()))?;
+            Some(text.trim().to_string())
+        }
+        None => std::env::var("SLUICE_ACCESS_TOKEN").ok(),
+    };
+    let token = match token {
+        Some(t) if t.is_empty() => return Err("the token is empty".into()),
+        t => t.map(sluice::secret::Secret::new),
+    };
+    Ok(sluice::access::AccessTarget {
+        edge: sluice::access::default_edge(&hostname, edge.as_deref()),
+        hostname,
+        edge_ca,
+        edge_server_name,
+        token,
+    })
 }

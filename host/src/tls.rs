@@ -166,6 +166,15 @@ pub fn quic_client(extra_ca: &[CertificateDer<'static>]) -> Result<quinn::Client
     Ok(cfg)
 }
 
+/// A client's TLS config for the edge's HTTPS listener (`sluice access`): system roots plus
+/// `extra_ca`; the caller sets ALPN.
+pub fn https_client(extra_ca: &[CertificateDer<'static>]) -> Result<rustls::ClientConfig, TlsError> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots_with(extra_ca)?)
+        .with_no_client_auth())
+}
+
 /// The edge's TLS config for connectors over TCP: TLS 1.3 only, ALPN `sluice-h2/1`, the
 /// same certificate as the QUIC listener.
 pub fn tcp_server(cert: Arc<ServerCert>) -> Result<rustls::ServerConfig, TlsError> {

@@ -238,9 +238,7 @@ async fn serve_tcp(
 
 /// Closes a client's connection with a reset: it never looks like a session that ended.
 fn abort(tcp: TcpStream) {
-    // A zero linger sends RST at once and never blocks, which is what tokio's deprecation
-    // of `set_linger` warns about.
-    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    let _ = tcp.set_zero_linger();
     drop(tcp);
 }
 

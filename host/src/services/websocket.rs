@@ -68,6 +68,8 @@ where
                 Message::Binary(data) if data.is_empty() => break,
                 Message::Binary(data) => {
                     writer.write_all(&data).await?;
+                    // A no-op on sockets; standard output holds bytes until flushed.
+                    writer.flush().await?;
                     into_io.fetch_add(data.len() as u64, Ordering::Relaxed);
                     moved.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
