@@ -209,6 +209,8 @@ pub struct EdgeHandle {
     pub tcp: Option<SocketAddr>,
     pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The tunnels' public ports, as bound.
+    pub ports: Vec<sluice::edge::PortInfo>,
     pub reloader: Option<sluice::edge::EdgeReloader>,
     pub identity: TlsIdentity,
     /// The edge's QUIC certificate as PEM.
@@ -239,8 +241,10 @@ pub async fn start_edge(
         edge.admin_addr(),
     );
     let reloader = Some(edge.reloader());
+    let ports = edge.ports();
     let task = tokio::spawn(edge.run(shutdown.clone()));
     EdgeHandle {
+        ports,
         http,
         quic,
         tcp,
@@ -730,5 +734,40 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The path of an outside program a test runs, or a failure that says how to install it (the
+/// README's test command, `.ci/test`, installs them all).
+pub fn require_program(name: &str, package: &str) -> std::path::PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"] {
+        let path = std::path::Path::new(dir).join(name);
+        if path.is_file() {
+            return path;
+        }
+    }
+    panic!(
+        "{name} is not installed: run `apt-get install {package}` (the README's test command, .ci/test, installs it)"
+    );
+}
+
+/// A free TCP port on loopback for an outside server (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts TCP connections at `addr`.
+pub async fn wait_listening(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listens at {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,0 +1,304 @@
+//! TCP and UDP services through the tunnel: public ports at the edge (TCP with half-close and
+//! PROXY protocol, UDP flows), `sluice access tcp` over the edge's HTTPS listener, limits,
+//! metrics, drain — and real servers: OpenSSH and Redis.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice::config::{ConnectorConfig, EdgeConfig, OriginConfig, OriginTarget, PortConfig, ServiceConfig};
+use sluice::proto::SessionProtocol;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+fn port(service: &str, protocol: SessionProtocol) -> PortConfig {
+    PortConfig {
+        listen: loopback(),
+        protocol,
+        service: service.into(),
+        allow: Vec::new(),
+        max_sessions: 16,
+        idle_timeout: Duration::from_secs(60),
+    }
+}
+
+fn service(name: &str, origin: &str) -> ServiceConfig {
+    ServiceConfig {
+        name: name.into(),
+        target: OriginTarget::parse(origin).unwrap(),
+        proxy_protocol: false,
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+/// An edge whose tunnel `app` has `ports`, with an HTTPS listener and an admin listener, and a
+/// registered connector serving `services`.
+async fn services_tunnel(
+    ports: Vec<PortConfig>,
+    services: Vec<ServiceConfig>,
+    tweak_edge: impl FnOnce(&mut EdgeConfig),
+    tweak: impl FnOnce(&mut ConnectorConfig),
+) -> (EdgeHandle, ConnectorHandle) {
+    let mut t = tunnel("app", "t", &["app.test", "ssh.test"]);
+    t.ports = ports;
+    let edge = start_edge(vec![t], |c| {
+        c.https = Some(sluice::config::HttpsConfig {
+            listen: loopback(),
+            identity: c.quic_identity.clone(),
+        });
+        c.admin_listen = Some(loopback());
+        tweak_edge(c);
+    })
+    .await;
+    let hello = OriginConfig::new("hello", OriginTarget::Hello);
+    let mut cfg = connector_config(&edge, "app", "t", vec![hello], vec![]);
+    cfg.services = services;
+    cfg.admin_listen = Some(loopback());
+    tweak(&mut cfg);
+    let conn = start_connector(cfg).await;
+    conn.registered(sluice::config::DEFAULT_HA_CONNECTIONS as usize)
+        .await;
+    (edge, conn)
+}
+
+fn port_addr(edge: &EdgeHandle, service: &str) -> SocketAddr {
+    edge.ports
+        .iter()
+        .find(|p| p.service == service)
+        .unwrap_or_else(|| panic!("no port for {service}"))
+        .addr
+}
+
+/// A TCP origin that reads each connection to its end, records exactly what it received, then
+/// answers how many bytes that was and closes.
+async fn recording_origin() -> (SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+    let listener = TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                if tcp.read_to_end(&mut got).await.is_err() {
+                    return;
+                }
+                let answer = format!("received {} bytes", got.len());
+                record.lock().unwrap().push(got);
+                let _ = tcp.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A TCP origin echoing every byte until the client half-closes.
+async fn tcp_echo_origin() -> SocketAddr {
+    let listener = TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A UDP origin answering each datagram with `echo:` and the datagram, to its sender.
+async fn udp_echo_origin() -> SocketAddr {
+    let socket = UdpSocket::bind(loopback()).await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let mut reply = b"echo:".to_vec();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+/// Waits until the `/metrics` of `admin` has a line containing every one of `parts`.
+async fn wait_metric(admin: SocketAddr, parts: &[&str]) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = get(admin, "admin", "/metrics").await.text();
+        if let Some(line) = text.lines().find(|l| parts.iter().all(|p| l.contains(p))) {
+            return line.to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no metric line with {parts:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads until the peer closes or resets; `true` when it closed without sending anything.
+async fn closed_without_data(tcp: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(WAIT, tcp.read(&mut buf)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => true,
+        Ok(Ok(_)) => false,
+        Err(_) => panic!("the connection stayed open"),
+    }
+}
+
+over_both_transports! {
+    #[tokio::test]
+    async fn a_public_tcp_port_carries_bytes_both_ways_and_propagates_half_close() {
+        let (origin, seen) = recording_origin().await;
+        let (edge, _conn) = services_tunnel(
+            vec![port("data", SessionProtocol::Tcp)],
+            vec![service("data", &format!("tcp://{origin}"))],
+            |_| {},
+            |_| {},
+        )
+        .await;
+        let sent = pattern(3 << 20, 7);
+        let mut tcp = TcpStream::connect(port_addr(&edge, "data")).await.unwrap();
+        tcp.write_all(&sent).await.unwrap();
+        // Half-close: the origin sees the end of the upload, and answers on the other half.
+        tcp.shutdown().await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, tcp.read_to_string(&mut answer))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer, format!("received {} bytes", sent.len()));
+        assert!(seen.lock().unwrap()[0] == sent, "the origin received other bytes");
+        wait_metric(edge.admin.unwrap(), &["sluice_edge_session_bytes_total", "service=\"data\"", "direction=\"up\"", &format!("{}", sent.len())]).await;
+    }
+
+    #[tokio::test]
+    async fn a_public_udp_port_relays_each_clients_flow() {
+        let origin = udp_echo_origin().await;
+        let (edge, conn) = services_tunnel(
+            vec![port("dns", SessionProtocol::Udp)],
+            vec![service("dns", &format!("udp://{origin}"))],
+            |_| {},
+            |_| {},
+        )
+        .await;
+        let target = port_addr(&edge, "dns");
+        let (a, b) = (
+            UdpSocket::bind(loopback()).await.unwrap(),
+            UdpSocket::bind(loopback()).await.unwrap(),
+        );
+        // Datagrams may be lost, as UDP's are: resend until answered.
+        async fn ask(socket: &UdpSocket, to: SocketAddr, msg: &[u8]) -> Vec<u8> {
+            let mut buf = vec![0u8; 65536];
+            for _ in 0..50 {
+                socket.send_to(msg, to).await.unwrap();
+                if let Ok(Ok((n, _))) =
+                    tokio::time::timeout(Duration::from_millis(400), socket.recv_from(&mut buf)).await
+                {
+                    return buf[..n].to_vec();
+                }
+            }
+            panic!("no answer to {msg:?}");
+        }
+        for i in 0..3 {
+            let ma = format!("a{i}");
+            let mb = format!("b{i}");
+            assert_eq!(ask(&a, target, ma.as_bytes()).await, format!("echo:{ma}").into_bytes());
+            assert_eq!(ask(&b, target, mb.as_bytes()).await, format!("echo:{mb}").into_bytes());
+        }
+        let big = pattern(8000, 3);
+        let mut want = b"echo:".to_vec();
+        want.extend_from_slice(&big);
+        assert_eq!(ask(&a, target, &big).await, want);
+        // Two clients, two flows, on both roles.
+        wait_metric(edge.admin.unwrap(), &["sluice_edge_sessions_active{", "protocol=\"udp\"", "} 2"]).await;
+        wait_metric(conn.admin.unwrap(), &["sluice_connector_sessions_active{", "service=\"dns\"", "} 2"]).await;
+    }
+
+    #[tokio::test]
+    async fn proxy_protocol_gives_the_origin_the_clients_address_byte_exact() {
+        let (origin, seen) = recording_origin().await;
+        let mut svc = service("db", &format!("tcp://{origin}"));
+        svc.proxy_protocol = true;
+        let (edge, _conn) = services_tunnel(vec![port("db", SessionProtocol::Tcp)], vec![svc], |_| {}, |_| {}).await;
+        let public = port_addr(&edge, "db");
+        let mut tcp = TcpStream::connect(public).await.unwrap();
+        let client = tcp.local_addr().unwrap();
+        tcp.write_all(b"hello").await.unwrap();
+        tcp.shutdown().await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, tcp.read_to_string(&mut answer)).await.unwrap().unwrap();
+        let mut want = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+        let (std::net::IpAddr::V4(c), std::net::IpAddr::V4(s)) = (client.ip(), public.ip()) else {
+            unreachable!("loopback is IPv4")
+        };
+        want.extend_from_slice(&c.octets());
+        want.extend_from_slice(&s.octets());
+        want.extend_from_slice(&client.port().to_be_bytes());
+        want.extend_from_slice(&public.port().to_be_bytes());
+        want.extend_from_slice(b"hello");
+        assert_eq!(seen.lock().unwrap()[0], want);
+    }
+
+    #[tokio::test]
+    async fn sluice_access_reaches_a_tcp_origin_through_https_and_the_plugin_chain() {
+        let origin = tcp_echo_origin().await;
+        let mut guard = sluice::config::PluginConfig::new("guard", example_plugin("access-guard"));
+        guard.config_json = serde_json::to_vec(&serde_json::json!({"tokens": ["a-token-of-sixteen-chars"]})).unwrap();
+        guard.grants.credentials = true;
+        guard.timeout = Duration::from_secs(1);
+        let (edge, _conn) = services_tunnel(vec![], vec![], |_| {}, |cfg| {
+            let mut ssh = rule(Some("ssh.test"), None, "shell");
+            ssh.plugins = vec!["guard".into()];
+            cfg.origins.push(OriginConfig::new("shell", OriginTarget::parse(&format!("tcp://{origin}")).unwrap()));
+            cfg.ingress.insert(0, ssh);
+            cfg.plugins = vec![guard];
+        })
+        .await;
+        let mut target = sluice::access::AccessTarget {
+            hostname: "ssh.test".into(),
+            edge: edge.https.unwrap().to_string(),
+            edge_ca: edge.identity.chain.clone(),
+            edge_server_name: Some("localhost".into()),
+            token: None,
+        };
+        match target.connect().await {
+            Err(sluice::access::AccessError::Refused { status: 401, .. }) => {}
+            other => panic!("expected a 401 from the guard, got {:?}", other.map(|_| ())),
+        }
+        target.token = Some(sluice::secret::Secret::new("a-token-of-sixteen-chars"));
+        let ws = target.connect().await.unwrap();
+        let (local, remote) = tokio::io::duplex(1 << 16);
+        let bridge = tokio::spawn(sluice::services::websocket::bridge(ws, local, WAIT));
+        let sent = pattern(1 << 20, 9);
+        let (mut r, mut w) = tokio::io::split(remote);
+        let upload = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                w.write_all(&sent).await.unwrap();
+                // Half-close: the echo origin ends its side after the last byte.
+                w.shutdown().await.unwrap();
+            })
+        };
+        let mut back = Vec::new();
+        tokio::time::timeout(WAIT, r.read_to_end(&mut back)).await.unwrap().unwrap();
+        upload.await.unwrap();
+        assert!(back == sent, "the echo differs");
+        let (down, up) = tokio::time::timeout(WAIT, bridge).await.unwrap().unwrap().unwrap();
+        assert_eq!((down, up), (sent.len() as u64, sent.len() as u64));
+
+        // A plain request to the TCP hostname is told how to connect.
+        let reply = get(edge.http, "ssh.test", "/").await;
+        assert_eq!(reply.status, 401, "the guard runs first");
+    }
+}
