@@ -131,6 +131,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 /// Waits until the `/metrics` of `admin` has a line containing every one of `parts`.
+#[allow(dead_code)]
 async fn wait_metric(admin: SocketAddr, parts: &[&str]) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -300,5 +301,108 @@ over_both_transports! {
         // A plain request to the TCP hostname is told how to connect.
         let reply = get(edge.http, "ssh.test", "/").await;
         assert_eq!(reply.status, 401, "the guard runs first");
+    }
+
+    #[tokio::test]
+    async fn a_client_outside_the_allow_list_is_closed_and_never_reaches_the_connector() {
+        let (origin, seen) = recording_origin().await;
+        let mut p = port("db", SessionProtocol::Tcp);
+        p.allow = vec!["192.0.2.0/24".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        let (edge, conn) = services_tunnel(vec![p], vec![service("db", &format!("tcp://{origin}"))], |_| {}, |_| {}).await;
+        let mut tcp = TcpStream::connect(port_addr(&edge, "db")).await.unwrap();
+        let _ = tcp.write_all(b"let me in").await;
+        assert!(closed_without_data(&mut tcp).await);
+        wait_metric(edge.admin.unwrap(), &["sluice_edge_sessions_total{", "outcome=\"denied\"", "} 1"]).await;
+        // The edge opened no stream for it: the connector counted no session at all.
+        let text = get(conn.admin.unwrap(), "admin", "/metrics").await.text();
+        assert!(!text.contains("sluice_connector_sessions_total{"), "{text}");
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_origin_that_refuses_resets_the_client_and_is_counted_on_both_roles() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (logs, _guard) = capture_logs();
+        let (edge, conn) = services_tunnel(
+            vec![port("gone", SessionProtocol::Tcp), port("typo", SessionProtocol::Tcp)],
+            vec![service("gone", &format!("tcp://{closed}"))],
+            |_| {},
+            |_| {},
+        )
+        .await;
+        let mut tcp = TcpStream::connect(port_addr(&edge, "gone")).await.unwrap();
+        assert!(closed_without_data(&mut tcp).await);
+        wait_metric(conn.admin.unwrap(), &["sluice_connector_sessions_total{", "service=\"gone\"", "outcome=\"refused\"", "} 1"]).await;
+        wait_metric(edge.admin.unwrap(), &["sluice_edge_sessions_total{", "service=\"gone\"", "outcome=\"connector-refused\"", "} 1"]).await;
+        logs.wait_for("the origin is unreachable (refused)").await;
+        // A port whose service the connector does not have: said plainly in the edge's log.
+        let mut tcp = TcpStream::connect(port_addr(&edge, "typo")).await.unwrap();
+        assert!(closed_without_data(&mut tcp).await);
+        logs.wait_for("the connector has no service \\\"typo\\\"").await;
+    }
+
+    #[tokio::test]
+    async fn sessions_past_a_ports_cap_are_refused_and_logged_with_their_bytes() {
+        let origin = tcp_echo_origin().await;
+        let mut p = port("echo", SessionProtocol::Tcp);
+        p.max_sessions = 1;
+        let (logs, _guard) = capture_logs();
+        let (edge, _conn) = services_tunnel(vec![p], vec![service("echo", &format!("tcp://{origin}"))], |_| {}, |_| {}).await;
+        let addr = port_addr(&edge, "echo");
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        first.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(WAIT, first.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"ping");
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        assert!(closed_without_data(&mut second).await);
+        wait_metric(edge.admin.unwrap(), &["sluice_edge_sessions_total{", "outcome=\"limit\"", "} 1"]).await;
+        // The first goes on; once it ends, its access-log line has its bytes.
+        first.write_all(b"pong").await.unwrap();
+        tokio::time::timeout(WAIT, first.read_exact(&mut buf)).await.unwrap().unwrap();
+        first.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, first.read_to_end(&mut rest)).await.unwrap().unwrap();
+        logs.wait_for("bytes_up=8 bytes_down=8").await;
+        assert!(logs.text().contains("outcome=\"closed\"") || logs.text().contains("outcome=closed"), "{}", logs.text());
+    }
+
+    #[tokio::test]
+    async fn a_plain_request_to_a_tcp_hostname_is_told_to_use_sluice_access() {
+        let origin = tcp_echo_origin().await;
+        let (edge, _conn) = services_tunnel(vec![], vec![], |_| {}, |cfg| {
+            cfg.origins.push(OriginConfig::new("shell", OriginTarget::parse(&format!("tcp://{origin}")).unwrap()));
+            cfg.ingress.insert(0, rule(Some("ssh.test"), None, "shell"));
+        })
+        .await;
+        let reply = get(edge.http, "ssh.test", "/").await;
+        assert_eq!(reply.status, 400);
+        assert!(reply.text().contains("sluice access tcp"), "{}", reply.text());
+    }
+
+    #[tokio::test]
+    async fn on_shutdown_a_session_keeps_working_for_the_grace_period_then_closes() {
+        let origin = tcp_echo_origin().await;
+        let (edge, conn) = services_tunnel(
+            vec![port("echo", SessionProtocol::Tcp)],
+            vec![service("echo", &format!("tcp://{origin}"))],
+            |_| {},
+            |cfg| cfg.grace_period = Duration::from_secs(2),
+        )
+        .await;
+        let mut tcp = TcpStream::connect(port_addr(&edge, "echo")).await.unwrap();
+        let mut buf = [0u8; 5];
+        tcp.write_all(b"first").await.unwrap();
+        tokio::time::timeout(WAIT, tcp.read_exact(&mut buf)).await.unwrap().unwrap();
+        let started = tokio::time::Instant::now();
+        conn.shutdown.cancel();
+        // Draining: the open session still carries bytes both ways.
+        tcp.write_all(b"again").await.unwrap();
+        tokio::time::timeout(WAIT, tcp.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"again");
+        // Then the grace period ends and the session with it.
+        assert!(closed_without_data(&mut tcp).await);
+        assert!(started.elapsed() >= Duration::from_millis(1500), "{:?}", started.elapsed());
+        let _ = tokio::time::timeout(WAIT, conn.task).await;
     }
 }
