@@ -124,7 +124,9 @@ impl AccessTarget {
                     body,
                 })
             }
-            Err(e) => Err(AccessError::Other(format!("the WebSocket handshake failed: {e}"))),
+            Err(e) => Err(AccessError::Other(format!(
+                "the WebSocket handshake failed: {e}"
+            ))),
         }
     }
 
@@ -132,7 +134,9 @@ impl AccessTarget {
         use tungstenite::client::IntoClientRequest;
         let mut request = format!("wss://{}/", self.hostname)
             .into_client_request()
-            .map_err(|e| AccessError::Other(format!("invalid hostname {:?}: {e}", self.hostname)))?;
+            .map_err(|e| {
+                AccessError::Other(format!("invalid hostname {:?}: {e}", self.hostname))
+            })?;
         let headers = request.headers_mut();
         headers.insert(
             "sec-websocket-protocol",
@@ -181,7 +185,9 @@ impl AccessTarget {
                     Ok(ws) => {
                         info!(%peer, hostname = %target.hostname, "session opened");
                         match websocket::bridge(ws, tcp, CLIENT_IDLE).await {
-                            Ok((down, up)) => info!(%peer, bytes_up = up, bytes_down = down, "session closed"),
+                            Ok((down, up)) => {
+                                info!(%peer, bytes_up = up, bytes_down = down, "session closed")
+                            }
                             Err(e) => warn!(%peer, cause = %e, "session failed"),
                         }
                     }

@@ -168,7 +168,9 @@ pub fn quic_client(extra_ca: &[CertificateDer<'static>]) -> Result<quinn::Client
 
 /// A client's TLS config for the edge's HTTPS listener (`sluice access`): system roots plus
 /// `extra_ca`; the caller sets ALPN.
-pub fn https_client(extra_ca: &[CertificateDer<'static>]) -> Result<rustls::ClientConfig, TlsError> {
+pub fn https_client(
+    extra_ca: &[CertificateDer<'static>],
+) -> Result<rustls::ClientConfig, TlsError> {
     Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots_with(extra_ca)?)

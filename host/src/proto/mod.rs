@@ -9,6 +9,10 @@
 //! control message kinds decode to [`Control::Unknown`]. The version is checked once, at
 //! registration. The heads of request streams may instead use a compact binary form when both
 //! ends agree at registration ([`HeadCodec`]); control messages are always JSON.
+//!
+//! A stream may instead carry a TCP session or a UDP flow from a public port of the edge: it
+//! starts with a [`SessionHead`] (its own tag byte) and is answered by a [`SessionReply`];
+//! only connectors that set `Register.sessions` are sent one.
 
 mod frame;
 mod head;
