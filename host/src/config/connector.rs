@@ -869,3 +869,49 @@ struct IngressFile {
     #[serde(default)]
     plugins: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn socket(host: &str, port: u16) -> SocketTarget {
+        SocketTarget {
+            host: host.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn socket_origins_parse_with_their_default_ports() {
+        let parse = |s: &str| OriginTarget::parse(s);
+        assert_eq!(
+            parse("tcp://db.internal:5432"),
+            Ok(OriginTarget::Tcp(socket("db.internal", 5432)))
+        );
+        assert_eq!(
+            parse("ssh://10.0.0.5"),
+            Ok(OriginTarget::Tcp(socket("10.0.0.5", 22)))
+        );
+        assert_eq!(
+            parse("ssh://10.0.0.5:2200/"),
+            Ok(OriginTarget::Tcp(socket("10.0.0.5", 2200)))
+        );
+        assert_eq!(
+            parse("rdp://[2001:db8::5]"),
+            Ok(OriginTarget::Tcp(socket("2001:db8::5", 3389)))
+        );
+        assert_eq!(
+            parse("udp://[::1]:53"),
+            Ok(OriginTarget::Udp(socket("::1", 53)))
+        );
+        assert_eq!(socket("::1", 53).to_string(), "[::1]:53");
+        for bad in [
+            "tcp://db.internal",
+            "tcp://:5432",
+            "udp://host:0",
+            "tcp://host:5432/path",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -646,3 +646,44 @@ impl TunnelConfig {
         any.into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(listen: &str, protocol: crate::proto::SessionProtocol, allow: &[&str]) -> PortConfig {
+        PortConfig {
+            listen: listen.parse().unwrap(),
+            protocol,
+            service: "s".into(),
+            allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+            max_sessions: 1,
+            idle_timeout: std::time::Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn allow_lists_match_networks_and_ipv4_mapped_clients() {
+        use crate::proto::SessionProtocol::Tcp;
+        let p = port("0.0.0.0:22", Tcp, &["203.0.113.0/24", "2001:db8::/32"]);
+        for ok in ["203.0.113.9", "::ffff:203.0.113.9", "2001:db8::1"] {
+            assert!(p.allows(ok.parse().unwrap()), "{ok}");
+        }
+        for no in ["203.0.114.1", "127.0.0.1", "2001:db9::1"] {
+            assert!(!p.allows(no.parse().unwrap()), "{no}");
+        }
+        assert!(port("0.0.0.0:22", Tcp, &[]).allows("198.51.100.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn ports_collide_on_one_socket_only() {
+        use crate::proto::SessionProtocol::{Tcp, Udp};
+        let any = port("0.0.0.0:53", Tcp, &[]);
+        assert!(any.collides(&port("127.0.0.1:53", Tcp, &[])));
+        assert!(!any.collides(&port("0.0.0.0:53", Udp, &[])));
+        assert!(!any.collides(&port("0.0.0.0:54", Tcp, &[])));
+        assert!(!port("127.0.0.1:53", Tcp, &[]).collides(&port("127.0.0.2:53", Tcp, &[])));
+        // Port 0 asks for any free port: never a collision.
+        assert!(!port("0.0.0.0:0", Tcp, &[]).collides(&port("0.0.0.0:0", Tcp, &[])));
+    }
+}
