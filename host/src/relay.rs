@@ -187,6 +187,9 @@ where
     Ok(total)
 }
 
+/// Bytes copied at once each way by [`splice`].
+const SPLICE_BUF: usize = 64 * 1024;
+
 /// Copies bytes both ways between an upgraded HTTP connection and a QUIC stream pair until
 /// both directions end, or until no byte has moved either way for `idle`. Returns (bytes to
 /// QUIC, bytes from QUIC).
@@ -219,7 +222,9 @@ where
         }
     };
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut io, &mut quic) => r,
+        // 64 KiB at a time rather than tokio's default 8 KiB: a quarter of the stream writes
+        // and syscalls per byte of a bulk session.
+        r = tokio::io::copy_bidirectional_with_sizes(&mut io, &mut quic, SPLICE_BUF, SPLICE_BUF) => r,
         () = quiet => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("the upgraded connection was idle for {idle:?}"),

@@ -228,6 +228,22 @@ over_both_transports! {
         // Two clients, two flows, on both roles.
         wait_metric(edge.admin.unwrap(), &["sluice_edge_sessions_active{", "protocol=\"udp\"", "} 2"]).await;
         wait_metric(conn.admin.unwrap(), &["sluice_connector_sessions_active{", "service=\"dns\"", "} 2"]).await;
+        // Over QUIC, small datagrams ride QUIC datagrams both ways; one too large for a QUIC
+        // datagram, and every one over HTTP/2, rides the flow's stream.
+        for admin in [edge.admin.unwrap(), conn.admin.unwrap()] {
+            let text = get(admin, "admin", "/metrics").await.text();
+            let count = |carrier: &str| -> u64 {
+                text.lines()
+                    .find(|l| l.contains("udp_datagrams_total{") && l.contains(&format!("carrier=\"{carrier}\"")))
+                    .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            assert!(count("stream") >= 1, "{text}");
+            match support::transport() {
+                sluice::config::TransportChoice::Quic => assert!(count("quic-datagram") >= 6, "{text}"),
+                _ => assert_eq!(count("quic-datagram"), 0, "{text}"),
+            }
+        }
     }
 
     #[tokio::test]

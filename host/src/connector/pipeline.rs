@@ -82,6 +82,25 @@ impl Admission {
     }
 }
 
+/// What a stream is served with besides its halves: the connection's head encoding, the
+/// metrics, the admission limits and, over QUIC, the connection's UDP flow router.
+#[derive(Clone)]
+pub struct StreamContext {
+    /// The head encoding agreed at registration.
+    pub heads: HeadCodec,
+    /// The connector's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Admission control.
+    pub admission: Admission,
+    /// `max-concurrent-requests` and `max-sessions`, for refusal messages.
+    pub limits: (usize, usize),
+    /// The connection and its flow router, when UDP flows may use QUIC datagrams.
+    pub datagrams: Option<(
+        crate::transport::Connection,
+        Arc<crate::services::udp::FlowRouter>,
+    )>,
+}
+
 /// What one admitted request holds: its request permit, which a request that becomes a TCP
 /// session exchanges for a session permit.
 pub(super) struct Admitted {
@@ -245,13 +264,17 @@ impl Pipeline {
     /// panics on peer input.
     pub async fn handle(
         self: Arc<Self>,
-        heads: HeadCodec,
         send: SendStream,
         mut recv: RecvStream,
-        metrics: Arc<Metrics>,
-        admission: Admission,
-        limits: (usize, usize),
+        ctx: StreamContext,
     ) {
+        let StreamContext {
+            heads,
+            metrics,
+            admission,
+            limits,
+            datagrams,
+        } = ctx;
         let mut send = Reply { send, heads };
         let read = tokio::time::timeout(HEAD_TIMEOUT, read_payload(&mut recv)).await;
         let payload = match read {
@@ -270,8 +293,15 @@ impl Pipeline {
             };
             let permit = admission.sessions.clone().try_acquire_owned().ok();
             let span = tracing::info_span!("session", id = %head.session_id);
+            let session = super::services::SessionStream {
+                head,
+                send: send.send,
+                recv,
+                permit,
+                datagrams,
+            };
             return self
-                .serve_session(head, send.send, recv, permit, &metrics, limits.1)
+                .serve_session(session, &metrics, limits.1)
                 .instrument(span)
                 .await;
         }

@@ -33,6 +33,20 @@ pub(super) struct AccessSession<'a> {
     pub origin: &'a OriginConfig,
 }
 
+/// A session stream from the edge, as the connector received it.
+pub(super) struct SessionStream {
+    pub head: SessionHead,
+    pub send: SendStream,
+    pub recv: RecvStream,
+    /// A session permit, if one was free.
+    pub permit: Option<OwnedSemaphorePermit>,
+    /// The connection and its flow router, over QUIC.
+    pub datagrams: Option<(
+        crate::transport::Connection,
+        std::sync::Arc<services::udp::FlowRouter>,
+    )>,
+}
+
 /// Why a session from a public port could not start: the one place its reply text and its
 /// metric label come from.
 enum Refusal {
@@ -65,15 +79,14 @@ impl Refusal {
 impl Pipeline {
     /// Serves a session stream from one of the edge's public ports: connects to the service's
     /// origin, answers the edge, then relays until either side ends or the session idles.
-    pub(super) async fn serve_session(
-        &self,
-        head: SessionHead,
-        mut send: SendStream,
-        recv: RecvStream,
-        permit: Option<OwnedSemaphorePermit>,
-        metrics: &Metrics,
-        limit: usize,
-    ) {
+    pub(super) async fn serve_session(&self, s: SessionStream, metrics: &Metrics, limit: usize) {
+        let SessionStream {
+            head,
+            mut send,
+            recv,
+            permit,
+            datagrams,
+        } = s;
         let labels = SessionLabels {
             tunnel: self.tunnel().to_string(),
             service: head.service.clone(),
@@ -102,6 +115,7 @@ impl Pipeline {
                 );
                 let reply = SessionReply {
                     error: Some(refusal.reply(&head.service)),
+                    datagrams: false,
                 };
                 if write_frame(&mut send, &reply).await.is_ok() {
                     let _ = send.finish();
@@ -109,10 +123,16 @@ impl Pipeline {
                 return;
             }
         };
-        if write_frame(&mut send, &SessionReply { error: None })
-            .await
-            .is_err()
-        {
+        // A UDP flow over QUIC takes the datagram path the edge offered.
+        let link = match (&origin, head.flow, &datagrams) {
+            (SessionOrigin::Udp(_), Some(id), Some((conn, router))) => router.open(conn, id),
+            _ => None,
+        };
+        let reply = SessionReply {
+            error: None,
+            datagrams: link.is_some(),
+        };
+        if write_frame(&mut send, &reply).await.is_err() {
             return;
         }
         let record = SessionRecord::open(
@@ -131,9 +151,11 @@ impl Pipeline {
             }
             SessionOrigin::Udp(socket) => {
                 let mut peer = services::udp::ConnectedSocket(socket);
-                services::udp::relay(&mut peer, &mut send, recv, self.udp_idle_timeout)
-                    .await
-                    .map(|(down, up)| (up, down))
+                let counters = metrics.sessions.datagram_counters(record.labels());
+                let idle = self.udp_idle_timeout;
+                let (stats, r) =
+                    services::udp::relay(&mut peer, &mut send, recv, link, idle, &counters).await;
+                r.map(|()| (stats.out, stats.into))
             }
         };
         if result.is_err() {

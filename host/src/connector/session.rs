@@ -16,12 +16,13 @@ use tracing::{debug, info, warn, Instrument};
 
 use arc_swap::ArcSwap;
 
-use super::pipeline::{self, Pipeline};
+use super::pipeline::{self, Pipeline, StreamContext};
 use super::ConnectorState;
 use crate::admin::metrics::KindLabels;
 use crate::admin::Metrics;
 use crate::config::{connector_split_host_port, BackoffConfig, ConnectorConfig, TransportChoice};
 use crate::proto::{self, io::read_frame, io::write_frame, Control, HeadCodec, Register, Rejected};
+use crate::services::udp::FlowRouter;
 use crate::transport::{
     Connection, ConnectionError, HandshakeError, Protocol, RecvStream, SendStream,
 };
@@ -578,6 +579,16 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
         heads,
         _count,
     } = link;
+    let ctx = StreamContext {
+        heads,
+        metrics: shared.metrics.clone(),
+        admission: shared.admission.clone(),
+        limits: (
+            shared.config.max_concurrent_requests,
+            shared.config.max_sessions,
+        ),
+        datagrams: FlowRouter::start(&conn).map(|router| (conn.clone(), router)),
+    };
     let mut draining = false;
     let acked = drain_ack(control_recv);
     tokio::pin!(acked);
@@ -590,7 +601,7 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
                 return "the grace period ran out".into();
             }
             accepted = conn.accept_bi() => match accepted {
-                Ok((send, recv)) => accept_stream(&shared, heads, send, recv),
+                Ok((send, recv)) => accept_stream(&shared, &ctx, send, recv),
                 Err(e) => return e.to_string(),
             },
             Ok(()) = digests.changed(), if !draining => {
@@ -627,25 +638,12 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
 
 /// Starts serving one stream (a request or a session); its own limit is applied once its
 /// head says which it is.
-fn accept_stream(shared: &Shared, heads: HeadCodec, send: SendStream, recv: RecvStream) {
+fn accept_stream(shared: &Shared, ctx: &StreamContext, send: SendStream, recv: RecvStream) {
     // Each stream runs on the pipeline current when it arrived.
     let pipeline = shared.pipeline.load_full();
-    let limits = (
-        shared.config.max_concurrent_requests,
-        shared.config.max_sessions,
-    );
-    shared.streams.spawn(
-        pipeline
-            .handle(
-                heads,
-                send,
-                recv,
-                shared.metrics.clone(),
-                shared.admission.clone(),
-                limits,
-            )
-            .in_current_span(),
-    );
+    shared
+        .streams
+        .spawn(pipeline.handle(send, recv, ctx.clone()).in_current_span());
 }
 
 /// Reads the edge's control messages until `DrainAck` (true) or the end of the stream

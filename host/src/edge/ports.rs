@@ -25,7 +25,8 @@ use super::EdgeShared;
 use crate::config::PortConfig;
 use crate::proto::{self, io::read_frame, SessionHead, SessionProtocol, SessionReply};
 use crate::relay;
-use crate::services::{self, udp::DatagramPeer, Ending, SessionLabels, SessionRecord};
+use crate::services::udp::{DatagramLink, DatagramPeer};
+use crate::services::{self, Ending, SessionLabels, SessionRecord};
 use crate::transport::{RecvStream, SendStream};
 
 /// Time the connector has to connect to the service's origin and answer.
@@ -152,6 +153,7 @@ impl PortCtx {
             protocol: self.config.protocol,
             client_addr: client,
             listen_addr: self.addr,
+            flow: None,
         }
     }
 
@@ -166,15 +168,18 @@ impl PortCtx {
     }
 
     /// Opens a session stream on a connection of the port's tunnel and waits for the
-    /// connector to connect to the origin. On failure, the reason as a metric label.
-    async fn open(
-        &self,
-        head: &SessionHead,
-    ) -> Result<(SendStream, RecvStream, InFlight), &'static str> {
+    /// connector to connect to the origin. A UDP flow over QUIC is offered a QUIC-datagram
+    /// path, kept when the connector accepts it. On failure, the reason as a metric label.
+    async fn open(&self, head: &mut SessionHead) -> Result<Opened, &'static str> {
         let Some(in_flight) = self.shared.registry.pick_for_session(&self.tunnel) else {
             warn!(client = %head.client_addr, "no connector of the tunnel serves sessions; closing the client's connection");
             return Err("offline");
         };
+        let link = match (&in_flight.conn().flows, head.protocol) {
+            (Some(router), SessionProtocol::Udp) => Some(router.open_next(&in_flight.conn().conn)),
+            _ => None,
+        };
+        head.flow = link.as_ref().map(DatagramLink::id);
         let frame = head.encode().map_err(|_| "edge-refused")?;
         let (send, mut recv) = super::dispatch::open_stream(&in_flight, &frame, false)
             .await
@@ -183,8 +188,16 @@ impl PortCtx {
                 "connector-failed"
             })?;
         match tokio::time::timeout(REPLY_TIMEOUT, read_frame::<_, SessionReply>(&mut recv)).await {
-            Ok(Ok(SessionReply { error: None })) => Ok((send, recv, in_flight)),
-            Ok(Ok(SessionReply { error: Some(e) })) => {
+            Ok(Ok(SessionReply {
+                error: None,
+                datagrams,
+            })) => Ok(Opened {
+                send,
+                recv,
+                link: link.filter(|_| datagrams),
+                _in_flight: in_flight,
+            }),
+            Ok(Ok(SessionReply { error: Some(e), .. })) => {
                 warn!(client = %head.client_addr, session_id = %head.session_id, reason = ?e, "the connector refused the session");
                 Err("connector-refused")
             }
@@ -198,6 +211,16 @@ impl PortCtx {
             }
         }
     }
+}
+
+/// A session the connector accepted.
+struct Opened {
+    send: SendStream,
+    recv: RecvStream,
+    /// A UDP flow's QUIC-datagram path, when both ends use one.
+    link: Option<DatagramLink>,
+    /// Counts the stream against its connection until the session ends.
+    _in_flight: InFlight,
 }
 
 async fn serve_tcp(
@@ -249,8 +272,13 @@ async fn tcp_session(
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let _ = tcp.set_nodelay(true);
-    let head = port.head(client);
-    let (mut send, recv, _in_flight) = match port.open(&head).await {
+    let mut head = port.head(client);
+    let Opened {
+        mut send,
+        recv,
+        _in_flight,
+        ..
+    } = match port.open(&mut head).await {
         Ok(s) => s,
         Err(why) => {
             port.refused(why);
@@ -343,24 +371,30 @@ async fn udp_flow(
     flows: Flows,
     mine: mpsc::Sender<Bytes>,
 ) {
-    let head = port.head(peer.client);
-    let result = match port.open(&head).await {
-        Ok((mut send, recv, _in_flight)) => {
+    let mut head = port.head(peer.client);
+    match port.open(&mut head).await {
+        Ok(Opened {
+            mut send,
+            recv,
+            link,
+            _in_flight,
+        }) => {
             let record = port.record(&head);
-            let r =
-                services::udp::relay(&mut peer, &mut send, recv, port.config.idle_timeout).await;
+            let counters = port
+                .shared
+                .metrics
+                .sessions
+                .datagram_counters(record.labels());
+            let idle = port.config.idle_timeout;
+            let (stats, r) =
+                services::udp::relay(&mut peer, &mut send, recv, link, idle, &counters).await;
             if r.is_err() && !matches!(Ending::of(&r), Ending::Idle) {
                 let _ = send.reset(proto::code::STREAM_SESSION_ENDED);
             }
             let error = r.as_ref().err().map(|e| e.to_string());
-            let (up, down) = r.as_ref().copied().unwrap_or_default();
-            record.close(up, down, Ending::of(&r), error.as_deref());
-            Ok(())
+            record.close(stats.into, stats.out, Ending::of(&r), error.as_deref());
         }
-        Err(why) => Err(why),
-    };
-    if let Err(why) = result {
-        port.refused(why);
+        Err(why) => port.refused(why),
     }
     let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
     if map

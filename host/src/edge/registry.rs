@@ -24,6 +24,8 @@ pub struct ConnEntry {
     pub heads: HeadCodec,
     /// The connector serves session streams (public TCP and UDP ports).
     pub sessions: bool,
+    /// Its UDP flows' QUIC datagrams (sessions over QUIC only).
+    pub flows: Option<Arc<crate::services::udp::FlowRouter>>,
     /// When it registered.
     pub registered_at: std::time::SystemTime,
     /// Digest of the connector's ingress rules and plugins, updated when it reloads.
@@ -378,6 +380,9 @@ impl Registry {
         {
             return Err(AddError::Full(config.max_connections));
         }
+        let flows = sessions
+            .then(|| crate::services::udp::FlowRouter::start(&conn))
+            .flatten();
         let entry = Arc::new(ConnEntry {
             id,
             token_sha256,
@@ -387,6 +392,7 @@ impl Registry {
             software,
             heads,
             sessions,
+            flows,
             registered_at: std::time::SystemTime::now(),
             digest: Mutex::new(digest),
             in_flight: AtomicUsize::new(0),

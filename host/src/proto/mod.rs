@@ -22,7 +22,8 @@ mod session;
 
 pub use head::{HeadCodec, BINARY as BINARY_HEADS};
 pub use session::{
-    encode_datagram, DatagramDecoder, SessionHead, SessionProtocol, SessionReply, MAX_DATAGRAM,
+    decode_flow_datagram, encode_datagram, encode_flow_datagram, DatagramDecoder, SessionHead,
+    SessionProtocol, SessionReply, MAX_DATAGRAM,
 };
 
 pub use frame::{decode, decode_len, encode, FrameDecoder, FrameError, MAX_FRAME_LEN};

@@ -7,6 +7,13 @@
 //! carries each datagram as a big-endian `u16` length and its bytes ([`encode_datagram`],
 //! [`DatagramDecoder`]).
 //!
+//! Over QUIC, a UDP flow's datagrams also travel as QUIC datagrams, unreliable and unordered
+//! as UDP's are: the edge names a flow id in the head (`flow`), the connector accepts in its
+//! reply (`datagrams`), and from then on each QUIC datagram is the flow id (big-endian `u32`)
+//! and one UDP payload ([`encode_flow_datagram`]). A UDP datagram too large for a QUIC
+//! datagram on the path goes on the flow's stream instead, framed as above; the receiver takes
+//! both. The stream lives as long as the flow.
+//!
 //! A session head is told apart from a request head by its first payload byte,
 //! [`SESSION_TAG`], which neither JSON nor the binary request head starts with; the JSON that
 //! follows keeps it readable and lets it grow. Only connectors that set `Register.sessions`
@@ -56,6 +63,9 @@ pub struct SessionHead {
     pub client_addr: std::net::SocketAddr,
     /// The edge's address the client reached (the destination in a PROXY protocol header).
     pub listen_addr: std::net::SocketAddr,
+    /// UDP over QUIC: the flow's id in QUIC datagrams, if the edge offers to use them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<u32>,
 }
 
 /// The connector's answer on a session stream: the origin is connected, or why not.
@@ -65,6 +75,9 @@ pub struct SessionReply {
     /// absent: it started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The connector accepts the flow's datagrams as QUIC datagrams (the head named a flow).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub datagrams: bool,
 }
 
 impl SessionHead {
@@ -109,6 +122,23 @@ pub fn encode_datagram(datagram: &[u8]) -> Result<Bytes, FrameError> {
     out.put_u16(datagram.len() as u16);
     out.put_slice(datagram);
     Ok(out.freeze())
+}
+
+/// One UDP payload of flow `flow` as a QUIC datagram.
+pub fn encode_flow_datagram(flow: u32, payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(4 + payload.len());
+    out.put_u32(flow);
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// The flow and payload of a QUIC datagram; `None` when it is too short to name a flow.
+pub fn decode_flow_datagram(mut datagram: Bytes) -> Option<(u32, Bytes)> {
+    if datagram.len() < 4 {
+        return None;
+    }
+    let flow = datagram.get_u32();
+    Some((flow, datagram))
 }
 
 /// Splits a UDP flow's stream back into datagrams, whatever pieces it arrives in.
@@ -162,6 +192,7 @@ mod tests {
             protocol: SessionProtocol::Tcp,
             client_addr: "203.0.113.7:50000".parse().unwrap(),
             listen_addr: "[2001:db8::1]:2222".parse().unwrap(),
+            flow: Some(7),
         }
     }
 
@@ -222,5 +253,20 @@ mod tests {
         let mut dec = DatagramDecoder::new();
         dec.push(&[0xff, 0xff]);
         assert!(dec.next_datagram().is_err());
+    }
+
+    #[test]
+    fn flow_datagrams_carry_their_flow_id() {
+        let d = encode_flow_datagram(0x0102_0304, b"payload");
+        assert_eq!(&d[..4], &[1, 2, 3, 4]);
+        assert_eq!(
+            decode_flow_datagram(d),
+            Some((0x0102_0304, Bytes::from_static(b"payload")))
+        );
+        assert_eq!(
+            decode_flow_datagram(encode_flow_datagram(9, b"")),
+            Some((9, Bytes::new()))
+        );
+        assert_eq!(decode_flow_datagram(Bytes::from_static(b"abc")), None);
     }
 }

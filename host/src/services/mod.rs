@@ -65,6 +65,17 @@ pub struct SessionBytesLabels {
     pub direction: &'static str,
 }
 
+/// Labels of the UDP datagram counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CarrierLabels {
+    /// Tunnel id.
+    pub tunnel: String,
+    /// Service name.
+    pub service: String,
+    /// `quic-datagram` or `stream` (over HTTP/2, or too large for a QUIC datagram).
+    pub carrier: &'static str,
+}
+
 /// The session metrics of one role.
 #[derive(Debug, Default)]
 pub struct SessionMetrics {
@@ -74,6 +85,8 @@ pub struct SessionMetrics {
     pub sessions: Family<SessionOutcomeLabels, Counter>,
     /// Bytes relayed, by direction.
     pub bytes: Family<SessionBytesLabels, Counter>,
+    /// UDP datagrams sent into the tunnel, by carrier.
+    pub datagrams: Family<CarrierLabels, Counter>,
 }
 
 impl SessionMetrics {
@@ -94,6 +107,11 @@ impl SessionMetrics {
             "Bytes relayed by TCP sessions and UDP flows, by direction (up: client to origin)",
             self.bytes.clone(),
         );
+        registry.register(
+            "udp_datagrams",
+            "UDP datagrams sent into the tunnel, by carrier: quic-datagram, or stream (HTTP/2, or too large for a QUIC datagram)",
+            self.datagrams.clone(),
+        );
     }
 
     /// Counts a session that did not start.
@@ -112,6 +130,24 @@ impl SessionMetrics {
                 outcome: why,
             })
             .inc();
+    }
+
+    /// The counters of the datagrams a UDP flow of `labels` sends into the tunnel, by carrier,
+    /// for [`udp::relay`] to count as it goes.
+    pub fn datagram_counters(&self, labels: &SessionLabels) -> udp::DatagramCounters {
+        let counter = |carrier| {
+            self.datagrams
+                .get_or_create(&CarrierLabels {
+                    tunnel: labels.tunnel.clone(),
+                    service: labels.service.clone(),
+                    carrier,
+                })
+                .clone()
+        };
+        udp::DatagramCounters {
+            quic: counter("quic-datagram"),
+            stream: counter("stream"),
+        }
     }
 }
 
@@ -176,6 +212,11 @@ impl SessionRecord {
             start: Instant::now(),
             access_log,
         }
+    }
+
+    /// The session's labels.
+    pub fn labels(&self) -> &SessionLabels {
+        &self.labels
     }
 
     /// Ends the session: adds its bytes (`up`: client to origin), counts its ending and

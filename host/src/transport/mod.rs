@@ -211,6 +211,33 @@ impl Connection {
         }
     }
 
+    /// The largest unreliable datagram the connection can send now: QUIC datagrams on a QUIC
+    /// connection whose peer accepts them; `None` over HTTP/2, which has none.
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        match self {
+            Connection::Quic(c) => c.max_datagram_size(),
+            Connection::Http2(_) => None,
+        }
+    }
+
+    /// Sends one unreliable datagram (it may be lost, like a UDP packet); `false` when it
+    /// could not be sent (too large, datagrams unsupported, the connection closed).
+    pub fn send_datagram(&self, data: Bytes) -> bool {
+        match self {
+            Connection::Quic(c) => c.send_datagram(data).is_ok(),
+            Connection::Http2(_) => false,
+        }
+    }
+
+    /// The next datagram from the peer; never completes over HTTP/2 until the connection
+    /// ends.
+    pub async fn read_datagram(&self) -> Result<Bytes, ConnectionError> {
+        match self {
+            Connection::Quic(c) => Ok(c.read_datagram().await?),
+            Connection::Http2(c) => Err(c.closed().await),
+        }
+    }
+
     /// Waits until the connection ends; returns why.
     pub async fn closed(&self) -> ConnectionError {
         match self {
