@@ -181,6 +181,7 @@ async fn tunnel_new_creates_a_token_the_edge_accepts() {
         tcp: edge.tcp_addr(),
         https: None,
         admin: None,
+        ports: edge.ports(),
         reloader: None,
         identity,
         ca_pem: String::new(),

@@ -173,6 +173,7 @@ impl ConnectorReloader {
                 "max-concurrent-requests",
                 old.max_concurrent_requests != config.max_concurrent_requests,
             ),
+            ("max-sessions", old.max_sessions != config.max_sessions),
             ("log-format", old.log_format != config.log_format),
             ("admin", old.admin_listen != config.admin_listen),
             ("audit", old.audit != config.audit),
