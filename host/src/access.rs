@@ -154,9 +154,9 @@ impl AccessTarget {
     pub async fn stdio(&self) -> Result<(), AccessError> {
         let ws = self.connect().await?;
         let io = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-        websocket::bridge(ws, io, CLIENT_IDLE)
+        websocket::bridge(ws, io, CLIENT_IDLE, None)
             .await
-            .map(drop)
+            .result
             .map_err(|e| AccessError::Other(format!("the session failed: {e}")))
     }
 
@@ -184,11 +184,15 @@ impl AccessTarget {
                 match target.connect().await {
                     Ok(ws) => {
                         info!(%peer, hostname = %target.hostname, "session opened");
-                        match websocket::bridge(ws, tcp, CLIENT_IDLE).await {
-                            Ok((down, up)) => {
+                        let r = websocket::bridge(ws, tcp, CLIENT_IDLE, None).await;
+                        let (up, down) = (r.sent, r.received);
+                        match r.result {
+                            Ok(()) => {
                                 info!(%peer, bytes_up = up, bytes_down = down, "session closed")
                             }
-                            Err(e) => warn!(%peer, cause = %e, "session failed"),
+                            Err(e) => {
+                                warn!(%peer, bytes_up = up, bytes_down = down, cause = %e, "session failed")
+                            }
                         }
                     }
                     Err(e) => warn!(%peer, "{e}"),
@@ -206,8 +210,16 @@ pub fn default_edge(hostname: &str, edge: Option<&str>) -> String {
     }
 }
 
-/// The address of a `--listen` value.
-pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("--listen {s:?}: give an address and port, like 127.0.0.1:2222"))
+/// The address of a `--listen` value: loopback only, unless `allow_remote`, since every
+/// session opened through it carries this client's token.
+pub fn parse_listen(s: &str, allow_remote: bool) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|_| format!("--listen {s:?}: give an address and port, like 127.0.0.1:2222"))?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        return Err(format!(
+            "--listen {addr}: not a loopback address; anyone who can reach it would get sessions carrying your token (add --danger-allow-remote if that is intended)"
+        ));
+    }
+    Ok(addr)
 }

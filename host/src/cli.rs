@@ -102,9 +102,14 @@ pub enum AccessCommand {
         /// --hostname %h --stdio'`).
         #[arg(long, conflicts_with = "listen", required_unless_present = "listen")]
         stdio: bool,
-        /// Accept local connections here, one session each (`127.0.0.1:2222`).
+        /// Accept local connections here, one session each (`127.0.0.1:2222`). Only loopback
+        /// addresses, unless --danger-allow-remote.
         #[arg(long)]
         listen: Option<String>,
+        /// Let --listen take a non-loopback address: anyone who can reach it gets sessions
+        /// that carry this client's token.
+        #[arg(long, requires = "listen")]
+        danger_allow_remote: bool,
         /// The edge's HTTPS listener, `host:port`, when the hostname does not resolve to it
         /// (default: the hostname, port 443).
         #[arg(long)]

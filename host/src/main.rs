@@ -800,6 +800,7 @@ fn access(command: cli::Command, log_format: Option<LogFormat>) -> ExitCode {
                 edge_ca,
                 edge_server_name,
                 token_file,
+                danger_allow_remote,
             },
     } = command
     else {
@@ -828,7 +829,7 @@ fn access(command: cli::Command, log_format: Option<LogFormat>) -> ExitCode {
         match listen {
             None => target.stdio().await.map_err(|e| e.to_string()),
             Some(listen) => {
-                let addr = sluice::access::parse_listen(&listen)?;
+                let addr = sluice::access::parse_listen(&listen, danger_allow_remote)?;
                 let listener = tokio::net::TcpListener::bind(addr)
                     .await
                     .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -876,8 +877,10 @@ fn access_target(
         None => std::env::var("SLUICE_ACCESS_TOKEN").ok(),
     };
     let token = match token {
-        Some(t) if t.is_empty() => return Err("the token is empty".into()),
-        t => t.map(sluice::secret::Secret::new),
+        Some(t) if t.trim().is_empty() => {
+            return Err("the token is empty (--token-file, or SLUICE_ACCESS_TOKEN)".into())
+        }
+        t => t.map(|t| sluice::secret::Secret::new(t.trim())),
     };
     Ok(sluice::access::AccessTarget {
         edge: sluice::access::default_edge(&hostname, edge.as_deref()),

@@ -190,52 +190,73 @@ where
 /// Bytes copied at once each way by [`splice`].
 const SPLICE_BUF: usize = 64 * 1024;
 
-/// Copies bytes both ways between an upgraded HTTP connection and a QUIC stream pair until
-/// both directions end, or until no byte has moved either way for `idle`. Returns (bytes to
-/// QUIC, bytes from QUIC).
+/// What a relay between a byte stream outside the tunnel and the tunnel moved, and how it
+/// ended. The counts hold whatever the ending, so a session that idled or failed is still
+/// accounted for.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes from the outside stream into the tunnel.
+    pub sent: u64,
+    /// Bytes from the tunnel to the outside stream.
+    pub received: u64,
+    /// `Ok` when both directions ended; `TimedOut` when nothing moved for the idle timeout.
+    pub result: std::io::Result<()>,
+}
+
+/// Copies bytes both ways between `io` (an upgraded HTTP connection, a TCP session's socket)
+/// and a stream pair until both directions end, or until no byte has moved either way for
+/// `idle`. A half-close either way is passed on.
 pub async fn splice<T, W>(
     io: T,
     send: W,
-    recv: RecvStream,
+    recv: &mut RecvStream,
     idle: std::time::Duration,
-) -> std::io::Result<(u64, u64)>
+) -> Relayed
 where
     T: AsyncRead + AsyncWrite + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let moved = Arc::new(AtomicU64::new(0));
+    let (read, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     // Every byte either way passes through `io`: watching it watches both directions.
     let mut io = Counted {
         inner: io,
-        moved: moved.clone(),
+        read: read.clone(),
+        written: written.clone(),
     };
-    let mut quic = tokio::io::join(recv, send);
+    let mut stream = tokio::io::join(recv, send);
+    let moved = || read.load(Ordering::Relaxed) + written.load(Ordering::Relaxed);
     let quiet = async {
-        let mut seen = moved.load(Ordering::Relaxed);
+        let mut seen = moved();
         loop {
             tokio::time::sleep(idle).await;
-            let now = moved.load(Ordering::Relaxed);
+            let now = moved();
             if now == seen {
                 return;
             }
             seen = now;
         }
     };
-    tokio::select! {
+    let result = tokio::select! {
         // 64 KiB at a time rather than tokio's default 8 KiB: a quarter of the stream writes
         // and syscalls per byte of a bulk session.
-        r = tokio::io::copy_bidirectional_with_sizes(&mut io, &mut quic, SPLICE_BUF, SPLICE_BUF) => r,
+        r = tokio::io::copy_bidirectional_with_sizes(&mut io, &mut stream, SPLICE_BUF, SPLICE_BUF) => r.map(drop),
         () = quiet => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("the upgraded connection was idle for {idle:?}"),
+            format!("nothing moved either way for {idle:?}"),
         )),
+    };
+    Relayed {
+        sent: read.load(Ordering::Relaxed),
+        received: written.load(Ordering::Relaxed),
+        result,
     }
 }
 
-/// Counts the bytes read and written through `inner`.
+/// Counts the bytes read from and written to `inner`.
 struct Counted<T> {
     inner: T,
-    moved: Arc<AtomicU64>,
+    read: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
@@ -247,7 +268,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
         polled
     }
 }
@@ -260,7 +281,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> std::task::Poll<std::io::Result<usize>> {
         let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
         if let std::task::Poll::Ready(Ok(n)) = &polled {
-            self.moved.fetch_add(*n as u64, Ordering::Relaxed);
+            self.written.fetch_add(*n as u64, Ordering::Relaxed);
         }
         polled
     }

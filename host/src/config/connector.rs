@@ -300,7 +300,8 @@ pub struct IngressRuleConfig {
 
 impl ConnectorConfig {
     /// Digest of what decides how a request is answered: the path policy, the ingress rules
-    /// (host, path, plugins, and the origin with all its settings), the global chain, and
+    /// (host, path, plugins, and the origin with all its settings), the services of public
+    /// ports, the global chain, and
     /// each plugin's component bytes, configuration and failure policy. Replicas of one tunnel should have
     /// the same; the edge reports those that do not. `sha256:` and 16 hexadecimal digits.
     pub fn routing_digest(&self) -> String {
@@ -327,6 +328,10 @@ impl ConnectorConfig {
             for p in &rule.plugins {
                 field(p.as_bytes());
             }
+        }
+        for service in &self.services {
+            field(b"service");
+            field(format!("{service:?}").as_bytes());
         }
         field(b"global");
         for p in &self.global_plugins {

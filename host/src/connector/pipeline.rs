@@ -61,6 +61,8 @@ pub struct Pipeline {
     pub(super) session_idle_timeout: Duration,
     pub(super) udp_idle_timeout: Duration,
     sessions: Arc<crate::services::SessionMetrics>,
+    /// Refused sessions are logged at most once a second.
+    session_warnings: crate::services::Throttle,
 }
 
 /// Admission control: requests and sessions have separate limits.
@@ -105,6 +107,8 @@ pub struct StreamContext {
 /// session exchanges for a session permit.
 pub(super) struct Admitted {
     pub request: Option<OwnedSemaphorePermit>,
+    /// Counts the request in `streams_in_flight` until it ends or becomes a session.
+    pub gauge: Option<InFlightGauge>,
     pub admission: Admission,
     pub session_limit: usize,
 }
@@ -229,12 +233,26 @@ impl Pipeline {
             session_idle_timeout: config.session_idle_timeout,
             udp_idle_timeout: config.udp_idle_timeout,
             sessions: env.metrics.sessions.clone(),
+            session_warnings: Default::default(),
         })
     }
 
     /// The tunnel this connector serves.
     pub(super) fn tunnel(&self) -> &str {
         &self.audit_context.tunnel
+    }
+
+    /// How often a quiet `sluice access` session sends a WebSocket ping: often enough that
+    /// the edge, whose `body-idle-timeout` closes upgraded connections idle that long, sees it
+    /// alive (a third of this connector's own `body-idle-timeout`, which operators keep alike
+    /// on both roles; 20 s by default).
+    pub(super) fn ping_interval(&self) -> Duration {
+        (self.body_idle_timeout / 3).max(Duration::from_millis(100))
+    }
+
+    /// Lets a refused session's warning through at most once a second.
+    pub(super) fn session_warnings(&self) -> &crate::services::Throttle {
+        &self.session_warnings
     }
 
     /// Whether requests and sessions are logged on `sluice::access`.
@@ -318,10 +336,10 @@ impl Pipeline {
         };
         let mut admitted = Admitted {
             request: Some(permit),
+            gauge: Some(InFlightGauge::new(&metrics.in_flight)),
             admission,
             session_limit: limits.1,
         };
-        let _gauge = InFlightGauge::new(&metrics.in_flight);
         let span = tracing::info_span!("request", id = %head.request_id);
         self.serve(head, send, recv, &metrics, &mut admitted)
             .instrument(span)
@@ -595,19 +613,21 @@ impl Pipeline {
         &self,
         on_upgrade: hyper::upgrade::OnUpgrade,
         send: &mut Reply,
-        recv: RecvStream,
+        mut recv: RecvStream,
     ) -> Result<(u64, u64), String> {
         let upgraded = on_upgrade
             .await
             .map_err(|e| format!("origin upgrade failed: {e}"))?;
-        relay::splice(
+        let r = relay::splice(
             TokioIo::new(upgraded),
             &mut send.send,
-            recv,
+            &mut recv,
             self.body_idle_timeout,
         )
-        .await
-        .map_err(|e| format!("upgraded connection failed: {e}"))
+        .await;
+        r.result
+            .map(|()| (r.received, r.sent))
+            .map_err(|e| format!("upgraded connection failed: {e}"))
     }
 }
 

@@ -22,7 +22,7 @@ use crate::proto::{
     SessionReply,
 };
 use crate::relay;
-use crate::services::{self, websocket, Ending, SessionLabels, SessionRecord};
+use crate::services::{self, websocket, SessionLabels, SessionRecord};
 use crate::transport::{RecvStream, SendStream};
 
 /// A `sluice access` request routed to a TCP origin.
@@ -52,6 +52,8 @@ pub(super) struct SessionStream {
 enum Refusal {
     UnknownService,
     Limit(usize),
+    /// The edge's port is TCP and the service UDP, or the reverse.
+    WrongProtocol(SessionProtocol),
     Origin(OriginError),
 }
 
@@ -60,6 +62,7 @@ impl Refusal {
         match self {
             Refusal::UnknownService => "unknown-service",
             Refusal::Limit(_) => "limit",
+            Refusal::WrongProtocol(_) => "wrong-protocol",
             Refusal::Origin(e) => e.kind(),
         }
     }
@@ -71,6 +74,10 @@ impl Refusal {
                 "the connector has no service {service:?}: add a [[service]] block naming it"
             ),
             Refusal::Limit(n) => format!("too many sessions (max-sessions = {n})"),
+            Refusal::WrongProtocol(port) => format!(
+                "the edge's port is {} but the connector's service {service:?} is not: make both tcp or both udp",
+                port.as_str()
+            ),
             Refusal::Origin(e) => format!("{} ({})", e.public_text(), e.kind()),
         }
     }
@@ -83,7 +90,7 @@ impl Pipeline {
         let SessionStream {
             head,
             mut send,
-            recv,
+            mut recv,
             permit,
             datagrams,
         } = s;
@@ -95,6 +102,9 @@ impl Pipeline {
         let started = match (self.services.get(&head.service), permit) {
             (None, _) => Err(Refusal::UnknownService),
             (Some(_), None) => Err(Refusal::Limit(limit)),
+            (Some(service), _) if service_protocol(service) != head.protocol => {
+                Err(Refusal::WrongProtocol(head.protocol))
+            }
             (Some(service), Some(permit)) => match connect(service, &head).await {
                 Ok(origin) => Ok((service, origin, permit)),
                 Err(e) => Err(Refusal::Origin(e)),
@@ -103,9 +113,12 @@ impl Pipeline {
         let (service, origin, _permit) = match started {
             Ok(s) => s,
             Err(refusal) => {
-                warn!(service = %head.service, client = %head.client_addr, kind = refusal.kind(), "session refused");
-                if let Refusal::Origin(e) = &refusal {
-                    debug!(cause = %e, "origin of the session");
+                if self.session_warnings().allow() {
+                    let cause = match &refusal {
+                        Refusal::Origin(e) => e.to_string(),
+                        other => other.reply(&head.service),
+                    };
+                    warn!(service = %head.service, client = %head.client_addr, kind = refusal.kind(), %cause, "session refused");
                 }
                 metrics.sessions.refused(
                     &labels.tunnel,
@@ -142,29 +155,23 @@ impl Pipeline {
             &head.client_addr.to_string(),
             self.access_log(),
         );
-        let result = match origin {
+        // `sent` is what the origin sent into the tunnel: down.
+        let r = match origin {
             SessionOrigin::Tcp(tcp) => {
-                // (to the stream = down, from the stream = up)
-                relay::splice(tcp, &mut send, recv, self.session_idle_timeout)
-                    .await
-                    .map(|(down, up)| (up, down))
+                relay::splice(tcp, &mut send, &mut recv, self.session_idle_timeout).await
             }
             SessionOrigin::Udp(socket) => {
-                let mut peer = services::udp::ConnectedSocket(socket);
+                let origin = services::udp::ConnectedSocket(std::sync::Arc::new(socket));
                 let counters = metrics.sessions.datagram_counters(record.labels());
                 let idle = self.udp_idle_timeout;
-                let (stats, r) =
-                    services::udp::relay(&mut peer, &mut send, recv, link, idle, &counters).await;
-                r.map(|()| (stats.out, stats.into))
+                let sink = origin.clone();
+                services::udp::relay(origin, &sink, &mut send, &mut recv, link, idle, &counters)
+                    .await
             }
         };
-        if result.is_err() {
-            let _ = send.reset(proto::code::STREAM_SESSION_ENDED);
-        }
-        let error = result.as_ref().err().map(|e| e.to_string());
-        let (up, down) = result.as_ref().copied().unwrap_or_default();
-        debug!(service = %service.name, up, down, "session ended");
-        record.close(up, down, Ending::of(&result), error.as_deref());
+        services::end_stream(&mut send, recv, &r.result).await;
+        debug!(service = %service.name, up = r.received, down = r.sent, "session ended");
+        record.close(r.received, r.sent, &r.result);
     }
 
     /// A `sluice access tcp` WebSocket request whose rule (or plugin) chose a TCP origin:
@@ -206,8 +213,9 @@ impl Pipeline {
                 origin_failure: false,
             });
         };
-        // A session does not count against max-concurrent-requests.
+        // A session does not count against max-concurrent-requests, nor as a request in flight.
         admitted.request = None;
+        admitted.gauge = None;
         let _permit = permit;
         let tcp = match connect_tcp(&name, s.target, s.origin.connect_timeout).await {
             Ok(t) => t,
@@ -259,18 +267,19 @@ impl Pipeline {
         let io = tokio::io::join(recv, &mut send.send);
         let ws =
             WebSocketStream::from_raw_socket(io, Role::Server, Some(websocket::config())).await;
-        let result = websocket::bridge(ws, tcp, self.session_idle_timeout).await;
-        if result.is_err() {
+        // The WebSocket's `received` went to the origin (up); `sent` came from it (down).
+        let ping = Some(self.ping_interval());
+        let r = websocket::bridge(ws, tcp, self.session_idle_timeout, ping).await;
+        if r.result.is_err() {
             let _ = send.send.reset(proto::code::STREAM_SESSION_ENDED);
         }
-        let error = result.as_ref().err().map(|e| e.to_string());
-        let (up, down) = result.as_ref().copied().unwrap_or_default();
-        record.close(up, down, Ending::of(&result), error.as_deref());
+        let error = r.result.as_ref().err().map(|e| e.to_string());
+        record.close(r.received, r.sent, &r.result);
         Ok(Outcome {
             status: 101,
             origin: name,
             source: ResponseSource::Origin,
-            bytes_out: down,
+            bytes_out: r.sent,
             error,
         })
     }
@@ -305,13 +314,19 @@ async fn connect(
         (OriginTarget::Udp(target), SessionProtocol::Udp) => connect_udp(&service.name, target)
             .await
             .map(SessionOrigin::Udp),
+        // Checked by the caller (`service_protocol`).
         (_, protocol) => Err(OriginError::Protocol {
             origin: service.name.clone(),
-            detail: format!(
-                "the edge's port is {} but the service is not",
-                protocol.as_str()
-            ),
+            detail: format!("not a {} service", protocol.as_str()),
         }),
+    }
+}
+
+/// Whether a service is reached over TCP or UDP.
+fn service_protocol(service: &ServiceConfig) -> SessionProtocol {
+    match service.target {
+        OriginTarget::Udp(_) => SessionProtocol::Udp,
+        _ => SessionProtocol::Tcp,
     }
 }
 

@@ -506,18 +506,22 @@ async fn upload<G>(body: HttpBody, mut send: SendStream, _counted: G) {
 async fn splice_upgraded<G>(
     on_upgrade: hyper::upgrade::OnUpgrade,
     mut send: SendStream,
-    recv: RecvStream,
+    mut recv: RecvStream,
     idle: std::time::Duration,
     _held: G,
 ) {
     match on_upgrade.await {
-        Ok(upgraded) => match relay::splice(TokioIo::new(upgraded), &mut send, recv, idle).await {
-            Ok((up, down)) => debug!(up, down, "upgraded connection closed"),
-            Err(e) => {
-                debug!(cause = %e, "upgraded connection failed");
-                let _ = send.reset(proto::code::STREAM_CANCELLED);
+        Ok(upgraded) => {
+            let r = relay::splice(TokioIo::new(upgraded), &mut send, &mut recv, idle).await;
+            let (up, down) = (r.sent, r.received);
+            match r.result {
+                Ok(()) => debug!(up, down, "upgraded connection closed"),
+                Err(e) => {
+                    debug!(up, down, cause = %e, "upgraded connection failed");
+                    let _ = send.reset(proto::code::STREAM_CANCELLED);
+                }
             }
-        },
+        }
         Err(e) => {
             debug!(cause = %e, "client upgrade failed");
             let _ = send.reset(proto::code::STREAM_CANCELLED);

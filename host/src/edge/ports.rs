@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,10 +24,10 @@ use tracing::{debug, warn, Instrument};
 use super::registry::InFlight;
 use super::EdgeShared;
 use crate::config::PortConfig;
-use crate::proto::{self, io::read_frame, SessionHead, SessionProtocol, SessionReply};
+use crate::proto::{io::read_frame, SessionHead, SessionProtocol, SessionReply};
 use crate::relay;
-use crate::services::udp::{DatagramLink, DatagramPeer};
-use crate::services::{self, Ending, SessionLabels, SessionRecord};
+use crate::services::udp::{DatagramLink, DatagramSink, DatagramSource};
+use crate::services::{self, SessionLabels, SessionRecord};
 use crate::transport::{RecvStream, SendStream};
 
 /// Time the connector has to connect to the service's origin and answer.
@@ -103,6 +104,7 @@ impl Port {
             config: self.config,
             addr: info.addr,
             shared,
+            warnings: services::Throttle::default(),
         });
         let span = tracing::info_span!("port", tunnel = %port.tunnel, service = %port.config.service, addr = %port.addr);
         match self.socket {
@@ -126,6 +128,8 @@ struct PortCtx {
     config: PortConfig,
     addr: SocketAddr,
     shared: Arc<EdgeShared>,
+    /// Refused sessions are logged at most once a second.
+    warnings: services::Throttle,
 }
 
 impl PortCtx {
@@ -144,6 +148,11 @@ impl PortCtx {
             self.config.protocol,
             why,
         );
+    }
+
+    /// Whether a refusal may be logged now (at most one a second per port).
+    fn may_warn(&self) -> bool {
+        self.warnings.allow()
     }
 
     fn head(&self, client: SocketAddr) -> SessionHead {
@@ -172,7 +181,13 @@ impl PortCtx {
     /// path, kept when the connector accepts it. On failure, the reason as a metric label.
     async fn open(&self, head: &mut SessionHead) -> Result<Opened, &'static str> {
         let Some(in_flight) = self.shared.registry.pick_for_session(&self.tunnel) else {
-            warn!(client = %head.client_addr, "no connector of the tunnel serves sessions; closing the client's connection");
+            if self.may_warn() {
+                if self.shared.registry.live_connections(&self.tunnel) == 0 {
+                    warn!(client = %head.client_addr, "the tunnel is offline (no connector is connected); session refused");
+                } else {
+                    warn!(client = %head.client_addr, "the tunnel's connectors predate TCP and UDP services (upgrade them); session refused");
+                }
+            }
             return Err("offline");
         };
         let link = match (&in_flight.conn().flows, head.protocol) {
@@ -184,7 +199,9 @@ impl PortCtx {
         let (send, mut recv) = super::dispatch::open_stream(&in_flight, &frame, false)
             .await
             .map_err(|e| {
-                warn!(cause = %e, "could not open a session stream to the connector");
+                if self.may_warn() {
+                    warn!(cause = %e, "could not open a session stream to the connector");
+                }
                 "connector-failed"
             })?;
         match tokio::time::timeout(REPLY_TIMEOUT, read_frame::<_, SessionReply>(&mut recv)).await {
@@ -198,15 +215,21 @@ impl PortCtx {
                 _in_flight: in_flight,
             }),
             Ok(Ok(SessionReply { error: Some(e), .. })) => {
-                warn!(client = %head.client_addr, session_id = %head.session_id, reason = ?e, "the connector refused the session");
+                if self.may_warn() {
+                    warn!(client = %head.client_addr, session_id = %head.session_id, reason = ?e, "the connector refused the session");
+                }
                 Err("connector-refused")
             }
             Ok(Err(e)) => {
-                warn!(cause = %e, "the connector did not answer the session");
+                if self.may_warn() {
+                    warn!(cause = %e, "the connector did not answer the session");
+                }
                 Err("connector-failed")
             }
             Err(_) => {
-                warn!("the connector did not answer the session in time");
+                if self.may_warn() {
+                    warn!("the connector did not answer the session in time");
+                }
                 Err("connector-failed")
             }
         }
@@ -273,9 +296,14 @@ async fn tcp_session(
 ) {
     let _ = tcp.set_nodelay(true);
     let mut head = port.head(client);
+    // The address the client reached (on a wildcard listener, the one it connected to), for
+    // a PROXY protocol header.
+    if let Ok(local) = tcp.local_addr() {
+        head.listen_addr = local;
+    }
     let Opened {
         mut send,
-        recv,
+        mut recv,
         _in_flight,
         ..
     } = match port.open(&mut head).await {
@@ -286,17 +314,17 @@ async fn tcp_session(
         }
     };
     let record = port.record(&head);
-    let result = relay::splice(tcp, &mut send, recv, port.config.idle_timeout).await;
-    if result.is_err() {
-        let _ = send.reset(proto::code::STREAM_SESSION_ENDED);
-    }
-    let error = result.as_ref().err().map(|e| e.to_string());
-    let (up, down) = result.as_ref().copied().unwrap_or_default();
-    record.close(up, down, Ending::of(&result), error.as_deref());
+    let r = relay::splice(tcp, &mut send, &mut recv, port.config.idle_timeout).await;
+    services::end_stream(&mut send, recv, &r.result).await;
+    record.close(r.sent, r.received, &r.result);
 }
 
 /// Open UDP flows of one port, by client address.
 type Flows = Arc<Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>>;
+
+/// Bytes of datagrams one UDP port holds queued for its flows (while a flow's stream opens,
+/// or while it waits on back-pressure); past it, datagrams are dropped.
+const PORT_QUEUE_BYTES: usize = 4 << 20;
 
 async fn serve_udp(
     socket: Arc<UdpSocket>,
@@ -305,6 +333,7 @@ async fn serve_udp(
     tracker: TaskTracker,
 ) {
     let flows: Flows = Arc::default();
+    let queued = Arc::new(AtomicUsize::new(0));
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let (n, client) = tokio::select! {
@@ -319,10 +348,17 @@ async fn serve_udp(
             port.refused("denied");
             continue;
         }
+        if queued.load(Ordering::Relaxed) + n > PORT_QUEUE_BYTES {
+            continue;
+        }
         let datagram = Bytes::copy_from_slice(&buf[..n]);
         let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
         let datagram = match map.get(&client).map(|tx| tx.try_send(datagram)) {
-            Some(Ok(())) | Some(Err(mpsc::error::TrySendError::Full(_))) => continue,
+            Some(Ok(())) => {
+                queued.fetch_add(n, Ordering::Relaxed);
+                continue;
+            }
+            Some(Err(mpsc::error::TrySendError::Full(_))) => continue,
             // The flow just ended: this datagram starts a new one.
             Some(Err(mpsc::error::TrySendError::Closed(d))) => {
                 map.remove(&client);
@@ -335,47 +371,74 @@ async fn serve_udp(
             continue;
         }
         let (tx, rx) = mpsc::channel(FLOW_QUEUE);
-        let _ = tx.try_send(datagram);
+        if tx.try_send(datagram).is_ok() {
+            queued.fetch_add(n, Ordering::Relaxed);
+        }
         map.insert(client, tx.clone());
         drop(map);
-        let peer = FlowClient {
+        let source = QueuedSource {
+            rx,
+            queued: queued.clone(),
+        };
+        let sink = ClientSink {
             socket: socket.clone(),
             client,
-            rx,
         };
-        tracker.spawn(udp_flow(peer, port.clone(), flows.clone(), tx).in_current_span());
+        tracker.spawn(udp_flow(source, sink, port.clone(), flows.clone(), tx).in_current_span());
     }
 }
 
-/// The client end of a UDP flow at the edge: datagrams from the port's receive loop, replies
-/// sent from the port's socket.
-struct FlowClient {
+/// A flow's datagrams from its client, as the port's receive loop queued them.
+struct QueuedSource {
+    rx: mpsc::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl DatagramSource for QueuedSource {
+    async fn recv(&mut self) -> std::io::Result<Option<Bytes>> {
+        let d = self.rx.recv().await;
+        if let Some(d) = &d {
+            self.queued.fetch_sub(d.len(), Ordering::Relaxed);
+        }
+        Ok(d)
+    }
+}
+
+impl Drop for QueuedSource {
+    fn drop(&mut self) {
+        // Whatever is still queued leaves the port's budget with the flow.
+        self.rx.close();
+        while let Ok(d) = self.rx.try_recv() {
+            self.queued.fetch_sub(d.len(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Replies to a flow's client, from the port's socket.
+struct ClientSink {
     socket: Arc<UdpSocket>,
     client: SocketAddr,
-    rx: mpsc::Receiver<Bytes>,
 }
 
-impl DatagramPeer for FlowClient {
-    async fn recv(&mut self) -> std::io::Result<Option<Bytes>> {
-        Ok(self.rx.recv().await)
-    }
-
-    async fn send(&mut self, datagram: &[u8]) -> std::io::Result<()> {
+impl DatagramSink for ClientSink {
+    async fn send(&self, datagram: &[u8]) -> std::io::Result<()> {
         self.socket.send_to(datagram, self.client).await.map(drop)
     }
 }
 
 async fn udp_flow(
-    mut peer: FlowClient,
+    source: QueuedSource,
+    sink: ClientSink,
     port: Arc<PortCtx>,
     flows: Flows,
     mine: mpsc::Sender<Bytes>,
 ) {
-    let mut head = port.head(peer.client);
+    let client = sink.client;
+    let mut head = port.head(client);
     match port.open(&mut head).await {
         Ok(Opened {
             mut send,
-            recv,
+            mut recv,
             link,
             _in_flight,
         }) => {
@@ -386,21 +449,16 @@ async fn udp_flow(
                 .sessions
                 .datagram_counters(record.labels());
             let idle = port.config.idle_timeout;
-            let (stats, r) =
-                services::udp::relay(&mut peer, &mut send, recv, link, idle, &counters).await;
-            if r.is_err() && !matches!(Ending::of(&r), Ending::Idle) {
-                let _ = send.reset(proto::code::STREAM_SESSION_ENDED);
-            }
-            let error = r.as_ref().err().map(|e| e.to_string());
-            record.close(stats.into, stats.out, Ending::of(&r), error.as_deref());
+            let r =
+                services::udp::relay(source, &sink, &mut send, &mut recv, link, idle, &counters)
+                    .await;
+            services::end_stream(&mut send, recv, &r.result).await;
+            record.close(r.sent, r.received, &r.result);
         }
         Err(why) => port.refused(why),
     }
     let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
-    if map
-        .get(&peer.client)
-        .is_some_and(|tx| tx.same_channel(&mine))
-    {
-        map.remove(&peer.client);
+    if map.get(&client).is_some_and(|tx| tx.same_channel(&mine)) {
+        map.remove(&client);
     }
 }

@@ -173,7 +173,7 @@ impl Ending {
     }
 
     /// The ending of a relay that returned `r`.
-    pub fn of<T>(r: &std::io::Result<T>) -> Ending {
+    pub fn of(r: &std::io::Result<()>) -> Ending {
         match r {
             Ok(_) => Ending::Closed,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ending::Idle,
@@ -219,9 +219,12 @@ impl SessionRecord {
         &self.labels
     }
 
-    /// Ends the session: adds its bytes (`up`: client to origin), counts its ending and
+    /// Ends the session: adds its bytes (`up`: client to origin), counts how it ended and
     /// writes its access-log line.
-    pub fn close(self, up: u64, down: u64, ending: Ending, error: Option<&str>) {
+    pub fn close(self, up: u64, down: u64, result: &std::io::Result<()>) {
+        let ending = Ending::of(result);
+        let error = result.as_ref().err().map(|e| e.to_string());
+        let error = error.as_deref();
         let l = &self.labels;
         for (direction, n) in [("up", up), ("down", down)] {
             self.metrics
@@ -264,6 +267,67 @@ impl SessionRecord {
 impl Drop for SessionRecord {
     fn drop(&mut self) {
         self.metrics.active.get_or_create(&self.labels).dec();
+    }
+}
+
+/// How long a session that idled keeps reading what the other role still sends, after its
+/// FIN, so that the other role ends its side normally instead of seeing its stream stopped.
+const IDLE_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ends a session's stream as the relay ended: a reset both ways when something failed; a FIN
+/// when both sides closed; after an idle timeout, a FIN, then whatever the other role still
+/// sends is read (for at most [`IDLE_LINGER`]) until its FIN, so that both roles record a
+/// normal end.
+pub async fn end_stream(
+    send: &mut crate::transport::SendStream,
+    mut recv: crate::transport::RecvStream,
+    result: &std::io::Result<()>,
+) {
+    match Ending::of(result) {
+        Ending::Failed => {
+            let _ = send.reset(crate::proto::code::STREAM_SESSION_ENDED);
+            let _ = recv.stop(crate::proto::code::STREAM_SESSION_ENDED);
+        }
+        Ending::Closed => {
+            let _ = send.finish();
+        }
+        Ending::Idle => {
+            let _ = send.finish();
+            let rest = async { while let Ok(Some(_)) = recv.read_chunk(64 * 1024).await {} };
+            let _ = tokio::time::timeout(IDLE_LINGER, rest).await;
+        }
+    }
+}
+
+/// Lets a warning through at most once a second: sessions are opened by anyone who can reach
+/// a port, and a refusal each must not flood the log.
+#[derive(Debug)]
+pub struct Throttle {
+    started: Instant,
+    /// Milliseconds since `started` of the last warning, plus one second (0: none yet).
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            started: Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl Throttle {
+    /// Whether a warning may be logged now.
+    pub fn allow(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.started.elapsed().as_millis() as u64 + 1000;
+        let last = self.last.load(Relaxed);
+        now >= last + 1000
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
     }
 }
 

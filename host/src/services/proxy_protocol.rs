@@ -16,13 +16,14 @@ const TCP_V4: u8 = 0x11;
 /// `AF_INET6` + `STREAM`.
 const TCP_V6: u8 = 0x21;
 
-/// The header announcing a TCP connection from `client` to `server` (the edge's public
-/// address the client reached). Mixed families are given both as IPv6 (IPv4 mapped).
+/// The header announcing a TCP connection from `client` to `server` (the edge's address the
+/// client reached). IPv4 clients of a dual-stack listener (`::ffff:a.b.c.d`) are given as
+/// IPv4; mixed families, both as IPv6 (IPv4 mapped).
 pub fn header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + 36);
     out.extend_from_slice(&SIGNATURE);
     out.push(VERSION_PROXY);
-    match (client.ip(), server.ip()) {
+    match (client.ip().to_canonical(), server.ip().to_canonical()) {
         (IpAddr::V4(c), IpAddr::V4(s)) => {
             out.push(TCP_V4);
             out.extend_from_slice(&12u16.to_be_bytes());
@@ -86,5 +87,21 @@ mod tests {
                 .octets()
         );
         assert_eq!(&h[48..], &[0x9c, 0x40, 0, 22]);
+    }
+
+    #[test]
+    fn ipv4_clients_of_a_dual_stack_listener_are_given_as_ipv4() {
+        let h = header(
+            "[::ffff:203.0.113.7]:50000".parse().unwrap(),
+            "[::ffff:192.0.2.1]:2222".parse().unwrap(),
+        );
+        assert_eq!(
+            h,
+            header(
+                "203.0.113.7:50000".parse().unwrap(),
+                "192.0.2.1:2222".parse().unwrap()
+            )
+        );
+        assert_eq!(h.len(), 16 + 12);
     }
 }

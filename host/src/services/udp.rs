@@ -8,7 +8,7 @@
 //! [`FlowRouter`] that hands the QUIC datagrams it receives to their flows.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,39 +16,47 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::proto::{decode_flow_datagram, encode_datagram, encode_flow_datagram, DatagramDecoder};
+use crate::relay::Relayed;
 use crate::transport::{Connection, RecvStream, SendStream};
 
 /// Bytes read from the stream at once.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// QUIC datagrams queued for one flow before they are dropped (as a congested network would).
-const FLOW_QUEUE: usize = 256;
+/// QUIC datagrams (each at most a path MTU) queued for one flow before they are dropped, as
+/// a congested network would.
+const FLOW_QUEUE: usize = 64;
 
-/// One end of a UDP flow outside the tunnel: the client (at the edge) or the origin (at the
-/// connector).
-pub trait DatagramPeer {
-    /// The next datagram from the peer; `None` when the flow was closed on this side.
-    /// Must be cancel safe.
+/// Where a flow's datagrams come from outside the tunnel: the client (at the edge) or the
+/// origin (at the connector).
+pub trait DatagramSource {
+    /// The next datagram; `None` when the flow was closed on this side. Must be cancel safe.
     fn recv(&mut self) -> impl std::future::Future<Output = std::io::Result<Option<Bytes>>> + Send;
-    /// Sends one datagram to the peer.
+}
+
+/// Where a flow's datagrams from the tunnel go.
+pub trait DatagramSink {
+    /// Sends one datagram.
     fn send(
-        &mut self,
+        &self,
         datagram: &[u8],
     ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
 }
 
-/// The origin of a flow, at the connector: a UDP socket connected to it.
-pub struct ConnectedSocket(pub tokio::net::UdpSocket);
+/// The origin of a flow, at the connector: a UDP socket connected to it, both source and sink.
+#[derive(Clone)]
+pub struct ConnectedSocket(pub Arc<tokio::net::UdpSocket>);
 
-impl DatagramPeer for ConnectedSocket {
+impl DatagramSource for ConnectedSocket {
     async fn recv(&mut self) -> std::io::Result<Option<Bytes>> {
         let mut buf = vec![0u8; crate::proto::MAX_DATAGRAM];
         let n = self.0.recv(&mut buf).await?;
         buf.truncate(n);
         Ok(Some(Bytes::from(buf)))
     }
+}
 
-    async fn send(&mut self, datagram: &[u8]) -> std::io::Result<()> {
+impl DatagramSink for ConnectedSocket {
+    async fn send(&self, datagram: &[u8]) -> std::io::Result<()> {
         self.0.send(datagram).await.map(drop)
     }
 }
@@ -93,10 +101,12 @@ impl FlowRouter {
         let (tx, rx) = mpsc::channel(FLOW_QUEUE);
         flows.insert(id, tx);
         Some(DatagramLink {
-            conn: conn.clone(),
-            id,
+            tx: LinkSender {
+                conn: conn.clone(),
+                id,
+                router: self.clone(),
+            },
             rx,
-            router: self.clone(),
         })
     }
 
@@ -112,21 +122,29 @@ impl FlowRouter {
 }
 
 /// A flow's QUIC-datagram path: its id, what arrives for it, and the connection to send on.
-/// Closing it (dropping) forgets the flow.
+/// Dropping it forgets the flow.
 #[derive(Debug)]
 pub struct DatagramLink {
-    conn: Connection,
-    id: u32,
+    tx: LinkSender,
     rx: mpsc::Receiver<Bytes>,
-    router: Arc<FlowRouter>,
 }
 
 impl DatagramLink {
     /// The flow's id.
     pub fn id(&self) -> u32 {
-        self.id
+        self.tx.id
     }
+}
 
+/// The sending side of a [`DatagramLink`]; forgets the flow when dropped.
+#[derive(Debug)]
+struct LinkSender {
+    conn: Connection,
+    id: u32,
+    router: Arc<FlowRouter>,
+}
+
+impl LinkSender {
     /// Sends one payload as a QUIC datagram; `false` when it does not fit one (then it goes
     /// on the stream) or cannot be sent.
     fn send(&self, payload: &[u8]) -> bool {
@@ -140,20 +158,11 @@ impl DatagramLink {
     }
 }
 
-impl Drop for DatagramLink {
+impl Drop for LinkSender {
     fn drop(&mut self) {
         let mut flows = self.router.flows.lock().unwrap_or_else(|p| p.into_inner());
         flows.remove(&self.id);
     }
-}
-
-/// What a flow carried.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct FlowStats {
-    /// Payload bytes from the peer into the tunnel.
-    pub into: u64,
-    /// Payload bytes from the tunnel to the peer.
-    pub out: u64,
 }
 
 /// Counts a flow's datagrams into the tunnel by carrier, as they are sent.
@@ -165,108 +174,110 @@ pub struct DatagramCounters {
     pub stream: prometheus_client::metrics::counter::Counter,
 }
 
-/// Waits for the next QUIC datagram of the flow; never, without a datagram path.
-async fn next_datagram(link: &mut Option<DatagramLink>) -> Option<Bytes> {
-    match link {
-        Some(l) => l.rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Relays datagrams between `peer` and the tunnel (the stream, and QUIC datagrams when `link`
-/// is given) until the stream ends, the peer closes, or nothing moves either way for `idle`
-/// (then `TimedOut`). Finishes the stream when done.
-pub async fn relay<P: DatagramPeer>(
-    peer: &mut P,
+/// Relays a UDP flow between `source`/`sink` outside the tunnel and the tunnel (the stream,
+/// and QUIC datagrams when `link` is given), both directions at once, until the stream ends,
+/// the source closes, or no datagram moves either way for `idle` (`TimedOut`). A direction
+/// that waits (the stream's back-pressure) never holds up the other or the idle timeout.
+/// The caller ends the stream ([`super::end_stream`]).
+pub async fn relay<S: DatagramSource, K: DatagramSink>(
+    mut source: S,
+    sink: &K,
     send: &mut SendStream,
-    mut recv: RecvStream,
-    mut link: Option<DatagramLink>,
+    recv: &mut RecvStream,
+    link: Option<DatagramLink>,
     idle: Duration,
     counters: &DatagramCounters,
-) -> (FlowStats, std::io::Result<()>) {
-    let mut stats = FlowStats::default();
-    let mut decoder = DatagramDecoder::new();
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer);
-    let result = loop {
-        tokio::select! {
-            d = peer.recv() => match d {
-                Ok(Some(d)) => {
-                    if link.as_ref().is_some_and(|l| l.send(&d)) {
-                        counters.quic.inc();
-                    } else {
-                        let frame = match encode_datagram(&d) {
-                            Ok(f) => f,
-                            Err(e) => break Err(std::io::Error::other(e)),
-                        };
-                        if let Err(e) = send.write_chunk(frame).await {
-                            break Err(e.into());
-                        }
-                        counters.stream.inc();
-                    }
-                    stats.into += d.len() as u64;
-                }
-                Ok(None) => break Ok(()),
+) -> Relayed {
+    let (sent, received, moved) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (link_tx, mut link_rx) = match link {
+        Some(l) => (Some(l.tx), Some(l.rx)),
+        None => (None, None),
+    };
+    let into_tunnel = async {
+        loop {
+            let d = match source.recv().await {
+                Ok(Some(d)) => d,
+                Ok(None) => return Ok(()),
                 // An ICMP error for an earlier datagram (nothing listens at the origin): UDP
                 // loses it as it would without the tunnel, and the flow goes on.
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
-                Err(e) => break Err(e),
-            },
-            Some(d) = next_datagram(&mut link) => {
-                if let Err(e) = deliver(peer, &d, &mut stats).await {
-                    break Err(e);
-                }
+                Err(e) => return Err(e),
+            };
+            if link_tx.as_ref().is_some_and(|l| l.send(&d)) {
+                counters.quic.inc();
+            } else {
+                let frame = encode_datagram(&d).map_err(std::io::Error::other)?;
+                send.write_chunk(frame).await?;
+                counters.stream.inc();
             }
-            chunk = recv.read_chunk(READ_CHUNK) => match chunk {
-                Ok(Some(chunk)) => {
-                    decoder.push(&chunk);
-                    let mut failed = None;
-                    loop {
-                        match decoder.next_datagram() {
-                            Ok(Some(d)) => {
-                                if let Err(e) = deliver(peer, &d, &mut stats).await {
-                                    failed = Some(e);
-                                    break;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                failed = Some(std::io::Error::other(e));
-                                break;
-                            }
+            sent.fetch_add(d.len() as u64, Ordering::Relaxed);
+            moved.fetch_add(1, Ordering::Relaxed);
+        }
+    };
+    let out_of_tunnel = async {
+        let mut decoder = DatagramDecoder::new();
+        loop {
+            let datagram = async {
+                match link_rx.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                Some(d) = datagram => deliver(sink, &d, &received, &moved).await?,
+                chunk = recv.read_chunk(READ_CHUNK) => match chunk? {
+                    Some(chunk) => {
+                        decoder.push(&chunk);
+                        while let Some(d) = decoder.next_datagram().map_err(std::io::Error::other)? {
+                            deliver(sink, &d, &received, &moved).await?;
                         }
                     }
-                    if let Some(e) = failed {
-                        break Err(e);
-                    }
-                }
-                Ok(None) if decoder.pending() == 0 => break Ok(()),
-                Ok(None) => break Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the flow's stream ended inside a datagram",
-                )),
-                Err(e) => break Err(e.into()),
-            },
-            () = &mut timer => break Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("no datagram either way for {idle:?}"),
-            )),
+                    None if decoder.pending() == 0 => return Ok(()),
+                    None => return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the flow's stream ended inside a datagram",
+                    )),
+                },
+            }
         }
-        timer.as_mut().reset(tokio::time::Instant::now() + idle);
     };
-    let _ = send.finish();
-    (stats, result)
+    let quiet = async {
+        let mut seen = moved.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(idle).await;
+            let now = moved.load(Ordering::Relaxed);
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    };
+    let result: std::io::Result<()> = tokio::select! {
+        r = into_tunnel => r,
+        r = out_of_tunnel => r,
+        () = quiet => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no datagram either way for {idle:?}"),
+        )),
+    };
+    Relayed {
+        sent: sent.into_inner(),
+        received: received.into_inner(),
+        result,
+    }
 }
 
-/// Sends one datagram from the tunnel to the peer; a refused one (ICMP) is lost as UDP's are.
-async fn deliver<P: DatagramPeer>(
-    peer: &mut P,
+/// Sends one datagram from the tunnel to the sink; a refused one (ICMP) is lost as UDP's are.
+async fn deliver<K: DatagramSink>(
+    sink: &K,
     d: &[u8],
-    stats: &mut FlowStats,
+    received: &AtomicU64,
+    moved: &AtomicU64,
 ) -> std::io::Result<()> {
-    match peer.send(d).await {
+    moved.fetch_add(1, Ordering::Relaxed);
+    match sink.send(d).await {
         Ok(()) => {
-            stats.out += d.len() as u64;
+            received.fetch_add(d.len() as u64, Ordering::Relaxed);
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),

@@ -13,7 +13,6 @@
 //! sub-protocol [`SUBPROTOCOL`] names this convention.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -46,21 +45,24 @@ pub fn accept_key(key: &[u8]) -> String {
 }
 
 /// Relays a TCP-like byte stream `io` and a WebSocket both ways, half-closes included, until
-/// both directions ended, or nothing moved for `idle` (`TimedOut`). Returns (bytes from the
-/// WebSocket written to `io`, bytes from `io` sent on the WebSocket).
+/// both directions ended, or no data moved for `idle` (`TimedOut`). With `ping`, a WebSocket
+/// ping goes out at that interval while `io` has sent nothing, so that proxies and the edge,
+/// which close connections idle for their own timeouts, see a quiet session as alive (pings
+/// do not count as data for `idle`). `sent` counts bytes from `io` onto the WebSocket.
 pub async fn bridge<S, T>(
     ws: WebSocketStream<S>,
     io: T,
     idle: Duration,
-) -> std::io::Result<(u64, u64)>
+    ping: Option<Duration>,
+) -> crate::relay::Relayed
 where
     S: AsyncRead + AsyncWrite + Unpin,
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let moved = Arc::new(AtomicU64::new(0));
     let (mut sink, mut stream) = ws.split();
     let (mut reader, mut writer) = tokio::io::split(io);
-    let (into_io, out_of_io) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (received, sent) = (AtomicU64::new(0), AtomicU64::new(0));
+    let moved = || received.load(Ordering::Relaxed) + sent.load(Ordering::Relaxed);
 
     let inbound = async {
         while let Some(msg) = stream.next().await {
@@ -70,8 +72,7 @@ where
                     writer.write_all(&data).await?;
                     // A no-op on sockets; standard output holds bytes until flushed.
                     writer.flush().await?;
-                    into_io.fetch_add(data.len() as u64, Ordering::Relaxed);
-                    moved.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    received.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
                 Message::Close(_) => break,
                 // Pings are answered by the library; text has no meaning here.
@@ -82,8 +83,25 @@ where
     };
     let outbound = async {
         let mut buf = vec![0u8; READ_CHUNK];
+        let mut ticks = ping.map(|every| {
+            let mut t = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
-            let n = reader.read(&mut buf).await?;
+            let tick = async {
+                match ticks.as_mut() {
+                    Some(t) => t.tick().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let n = tokio::select! {
+                n = reader.read(&mut buf) => n?,
+                _ = tick => {
+                    sink.send(Message::Ping(Vec::new())).await.map_err(ws_error)?;
+                    continue;
+                }
+            };
             if n == 0 {
                 // Our half-close: an empty binary message.
                 sink.send(Message::Binary(Vec::new()))
@@ -94,15 +112,17 @@ where
             sink.send(Message::Binary(buf[..n].to_vec()))
                 .await
                 .map_err(ws_error)?;
-            out_of_io.fetch_add(n as u64, Ordering::Relaxed);
-            moved.fetch_add(n as u64, Ordering::Relaxed);
+            sent.fetch_add(n as u64, Ordering::Relaxed);
+            if let Some(t) = ticks.as_mut() {
+                t.reset();
+            }
         }
     };
     let quiet = async {
-        let mut seen = moved.load(Ordering::Relaxed);
+        let mut seen = moved();
         loop {
             tokio::time::sleep(idle).await;
-            let now = moved.load(Ordering::Relaxed);
+            let now = moved();
             if now == seen {
                 return;
             }
@@ -115,14 +135,18 @@ where
         let _ = sink.close().await;
         Ok::<_, std::io::Error>(())
     };
-    tokio::select! {
-        r = both => r?,
-        () = quiet => return Err(std::io::Error::new(
+    let result = tokio::select! {
+        r = both => r,
+        () = quiet => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
-            format!("the session was idle for {idle:?}"),
+            format!("no data either way for {idle:?}"),
         )),
+    };
+    crate::relay::Relayed {
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+        result,
     }
-    Ok((into_io.into_inner(), out_of_io.into_inner()))
 }
 
 fn ws_error(e: tokio_tungstenite::tungstenite::Error) -> std::io::Error {

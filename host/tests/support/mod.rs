@@ -771,3 +771,63 @@ pub async fn wait_listening(addr: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+// TCP and UDP services (tests/services.rs, tests/bulk.rs).
+
+pub fn port(service: &str, protocol: sluice::proto::SessionProtocol) -> sluice::config::PortConfig {
+    sluice::config::PortConfig {
+        listen: loopback(),
+        protocol,
+        service: service.into(),
+        allow: Vec::new(),
+        max_sessions: 16,
+        idle_timeout: Duration::from_secs(60),
+    }
+}
+
+pub fn service(name: &str, origin: &str) -> sluice::config::ServiceConfig {
+    sluice::config::ServiceConfig {
+        name: name.into(),
+        target: OriginTarget::parse(origin).unwrap(),
+        proxy_protocol: false,
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+/// An edge whose tunnel `app` has `ports`, with an HTTPS listener and an admin listener, and a
+/// registered connector serving `services`.
+pub async fn services_tunnel(
+    ports: Vec<sluice::config::PortConfig>,
+    services: Vec<sluice::config::ServiceConfig>,
+    tweak_edge: impl FnOnce(&mut EdgeConfig),
+    tweak: impl FnOnce(&mut ConnectorConfig),
+) -> (EdgeHandle, ConnectorHandle) {
+    let mut t = tunnel("app", "t", &["app.test", "ssh.test"]);
+    t.ports = ports;
+    let edge = start_edge(vec![t], |c| {
+        c.https = Some(sluice::config::HttpsConfig {
+            listen: loopback(),
+            identity: c.quic_identity.clone(),
+        });
+        c.admin_listen = Some(loopback());
+        tweak_edge(c);
+    })
+    .await;
+    let hello = OriginConfig::new("hello", OriginTarget::Hello);
+    let mut cfg = connector_config(&edge, "app", "t", vec![hello], vec![]);
+    cfg.services = services;
+    cfg.admin_listen = Some(loopback());
+    tweak(&mut cfg);
+    let conn = start_connector(cfg).await;
+    conn.registered(sluice::config::DEFAULT_HA_CONNECTIONS as usize)
+        .await;
+    (edge, conn)
+}
+
+pub fn port_addr(edge: &EdgeHandle, service: &str) -> SocketAddr {
+    edge.ports
+        .iter()
+        .find(|p| p.service == service)
+        .unwrap_or_else(|| panic!("no port for {service}"))
+        .addr
+}
