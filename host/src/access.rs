@@ -167,16 +167,8 @@ impl AccessTarget {
         shutdown: tokio_util::sync::CancellationToken,
     ) {
         loop {
-            let (tcp, peer) = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(cause = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+            let Some((tcp, peer)) = crate::net::accept(&listener, &shutdown, "local").await else {
+                return;
             };
             let target = self.clone();
             tokio::spawn(async move {

@@ -33,6 +33,7 @@ pub mod demo;
 pub mod edge;
 pub mod headers;
 pub mod ingress;
+pub mod net;
 pub mod origin;
 pub mod plugin;
 pub mod proto;

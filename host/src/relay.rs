@@ -224,18 +224,9 @@ where
         written: written.clone(),
     };
     let mut stream = tokio::io::join(recv, send);
-    let moved = || read.load(Ordering::Relaxed) + written.load(Ordering::Relaxed);
-    let quiet = async {
-        let mut seen = moved();
-        loop {
-            tokio::time::sleep(idle).await;
-            let now = moved();
-            if now == seen {
-                return;
-            }
-            seen = now;
-        }
-    };
+    let quiet = quiet(idle, || {
+        read.load(Ordering::Relaxed) + written.load(Ordering::Relaxed)
+    });
     let result = tokio::select! {
         // 64 KiB at a time rather than tokio's default 8 KiB: a quarter of the stream writes
         // and syscalls per byte of a bulk session.
@@ -249,6 +240,20 @@ where
         sent: read.load(Ordering::Relaxed),
         received: written.load(Ordering::Relaxed),
         result,
+    }
+}
+
+/// Completes once `moved` (a count of what a relay moved) has not changed for a whole `idle`
+/// period: the relay is idle.
+pub async fn quiet(idle: std::time::Duration, moved: impl Fn() -> u64) {
+    let mut seen = moved();
+    loop {
+        tokio::time::sleep(idle).await;
+        let now = moved();
+        if now == seen {
+            return;
+        }
+        seen = now;
     }
 }
 

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use metrics::{EdgeMetrics, Exposition, Metrics};
 
@@ -69,16 +69,9 @@ impl Admin {
             info!(%addr, "listening for admin requests (/live, /ready, /metrics, /status)");
         }
         loop {
-            let (tcp, _) = tokio::select! {
-                a = self.listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        warn!(cause = %e, "failed to accept an admin connection");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = shutdown.cancelled() => return,
+            let Some((tcp, _)) = crate::net::accept(&self.listener, &shutdown, "admin").await
+            else {
+                return;
             };
             let report = report.clone();
             tokio::spawn(async move {

@@ -103,6 +103,24 @@ pub struct StreamContext {
     )>,
 }
 
+/// What serving one request accumulates: the bytes of its body, its plugin chain (for
+/// `on-complete`) and its admission.
+struct RequestState<'a, 'b> {
+    bytes_in: Arc<AtomicU64>,
+    chain: Option<ChainRun<'a>>,
+    admitted: &'b mut Admitted,
+}
+
+/// Where ingress sends a request, before its plugins run.
+struct Routed {
+    /// Index of the matching rule.
+    rule: usize,
+    target: String,
+    headers: http::HeaderMap,
+    framing: Framing,
+    origin_name: String,
+}
+
 /// What one admitted request holds: its request permit, which a request that becomes a TCP
 /// session exchanges for a session permit.
 pub(super) struct Admitted {
@@ -356,12 +374,12 @@ impl Pipeline {
     ) {
         let start = Instant::now();
         let host = normalize_host(&head.authority);
-        let bytes_in = Arc::new(AtomicU64::new(0));
-        let mut run = None;
-        let outcome = match self
-            .proxy(&head, &host, &mut send, recv, &bytes_in, &mut run, admitted)
-            .await
-        {
+        let mut state = RequestState {
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            chain: None,
+            admitted,
+        };
+        let outcome = match self.proxy(&head, &host, &mut send, recv, &mut state).await {
             Ok(o) => o,
             Err(Failure::Answer {
                 status,
@@ -404,7 +422,8 @@ impl Pipeline {
 
         // On-complete: after the answer was sent, off the client's critical path.
         let elapsed = start.elapsed();
-        if let Some(chain) = run {
+        let bytes_in = state.bytes_in;
+        if let Some(chain) = state.chain {
             let info = Completion {
                 status: outcome.status,
                 origin: (outcome.source == ResponseSource::Origin).then(|| outcome.origin.clone()),
@@ -435,45 +454,29 @@ impl Pipeline {
         );
     }
 
+    /// Routes the request (path policy, ingress), runs the `on-request` chain, then answers
+    /// locally, opens a TCP session, or forwards it to the origin and relays the response.
     async fn proxy<'a>(
         &'a self,
         head: &RequestHead,
         host: &str,
         send: &mut Reply,
         recv: RecvStream,
-        bytes_in: &Arc<AtomicU64>,
-        run: &mut Option<ChainRun<'a>>,
-        admitted: &mut Admitted,
+        state: &mut RequestState<'a, '_>,
     ) -> Result<Outcome, Failure> {
-        let (path, mut target) = normalize_target(&head.path, &self.paths)
-            .map_err(|e| Failure::bad_request(e.to_string()))?;
-        let Some(m) = self.ingress.find(host, &path) else {
-            // Validation guarantees a catch-all; answer sensibly anyway.
-            return Err(Failure::Answer {
-                status: StatusCode::BAD_GATEWAY,
-                message: "no ingress rule matches".into(),
-                public: None,
-                origin: String::new(),
-                kind: "ingress",
-                origin_failure: false,
-            });
-        };
-        let method = Method::from_bytes(head.method.as_bytes())
-            .map_err(|_| Failure::bad_request("invalid method".into()))?;
-        let (mut headers, invalid) = from_wire(&head.headers);
-        if invalid > 0 {
-            debug!(invalid, "dropped invalid request headers");
-        }
-        strip_hop_by_hop(&mut headers);
-        headers.remove(HOST);
-        let framing = Framing::of(head, &headers)?;
-        let mut origin_name = m.rule.origin.clone();
+        let Routed {
+            rule,
+            mut target,
+            mut headers,
+            framing,
+            mut origin_name,
+        } = self.route(head, host)?;
 
         // On-request: the rule's plugin chain (global chain first) may edit headers, rewrite
         // the path, choose another configured origin, or answer locally.
-        let view = || request_view(head, host, &target, &headers, m.index);
-        *run = self.chains.start(m.index, view, &self.audit_context);
-        if let Some(chain) = run.as_mut() {
+        let view = || request_view(head, host, &target, &headers, rule);
+        state.chain = self.chains.start(rule, view, &self.audit_context);
+        if let Some(chain) = state.chain.as_mut() {
             let edits = chain
                 .on_request(&mut headers, |name| self.origins.get(name).is_some())
                 .await
@@ -499,13 +502,16 @@ impl Pipeline {
                 target: tcp,
                 origin: origin.config(),
             };
-            return self.tcp_over_websocket(session, send, recv, admitted).await;
+            return self
+                .tcp_over_websocket(session, send, recv, state.admitted)
+                .await;
         }
         set_origin_headers(&mut headers, head, origin.config())?;
-        let (body, upgrade_recv) = framing.apply(&mut headers, recv, bytes_in);
+        let (body, upgrade_recv) = framing.apply(&mut headers, recv, &state.bytes_in);
         let body = relay::with_idle_timeout(body, self.body_idle_timeout);
         let mut req = Request::new(body);
-        *req.method_mut() = method;
+        *req.method_mut() = Method::from_bytes(head.method.as_bytes())
+            .map_err(|_| Failure::bad_request("invalid method".into()))?;
         *req.uri_mut() = target
             .parse()
             .map_err(|_| Failure::bad_request("invalid path".into()))?;
@@ -523,8 +529,49 @@ impl Pipeline {
             Failure::origin(e, origin_name.clone())
         })?;
         let upgrade = head.upgrade.as_deref().zip(upgrade_recv);
-        self.relay_response(resp, upgrade, origin_name, send, bytes_in, run)
-            .await
+        self.relay_response(
+            resp,
+            upgrade,
+            origin_name,
+            send,
+            &state.bytes_in,
+            &mut state.chain,
+        )
+        .await
+    }
+
+    /// The request's place in the ingress rules: the normalised target, the matching rule and
+    /// its origin, and the end-to-end headers with their framing checked.
+    fn route(&self, head: &RequestHead, host: &str) -> Result<Routed, Failure> {
+        let (path, target) = normalize_target(&head.path, &self.paths)
+            .map_err(|e| Failure::bad_request(e.to_string()))?;
+        let Some(m) = self.ingress.find(host, &path) else {
+            // Validation guarantees a catch-all; answer sensibly anyway.
+            return Err(Failure::Answer {
+                status: StatusCode::BAD_GATEWAY,
+                message: "no ingress rule matches".into(),
+                public: None,
+                origin: String::new(),
+                kind: "ingress",
+                origin_failure: false,
+            });
+        };
+        Method::from_bytes(head.method.as_bytes())
+            .map_err(|_| Failure::bad_request("invalid method".into()))?;
+        let (mut headers, invalid) = from_wire(&head.headers);
+        if invalid > 0 {
+            debug!(invalid, "dropped invalid request headers");
+        }
+        strip_hop_by_hop(&mut headers);
+        headers.remove(HOST);
+        let framing = Framing::of(head, &headers)?;
+        Ok(Routed {
+            rule: m.index,
+            target,
+            headers,
+            framing,
+            origin_name: m.rule.origin.clone(),
+        })
     }
 
     /// Runs the response chain on the origin's head, sends it to the edge, then streams the

@@ -33,18 +33,8 @@ pub(super) async fn serve_clients(
     let scheme: &'static str = if tls.is_some() { "https" } else { "http" };
     let per_client = PerClient::default();
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.cancelled() => return,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                warn!(cause = %e, "failed to accept a client connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some((tcp, peer)) = crate::net::accept(&listener, &shutdown, "client").await else {
+            return;
         };
         let Some(slot) = per_client.admit(peer.ip(), shared.config.max_connections_per_client)
         else {

@@ -559,18 +559,8 @@ async fn accept_tcp(
     stop: CancellationToken,
 ) {
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.cancelled() => break,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Out of file descriptors, say: pause rather than spin.
-                warn!(cause = %e, "could not accept a connector's TCP connection");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((tcp, peer)) = crate::net::accept(&listener, &stop, "connector TCP").await else {
+            break;
         };
         let Some(permit) = handshake_place(&shared, &handshakes, peer) else {
             continue;

@@ -254,17 +254,9 @@ async fn serve_tcp(
 ) {
     let limit = Arc::new(tokio::sync::Semaphore::new(port.config.max_sessions));
     loop {
-        let (tcp, client) = tokio::select! {
-            () = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors, most likely: pause instead of spinning.
-                    warn!(cause = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Some((tcp, client)) = crate::net::accept(&listener, &shutdown, "public port").await
+        else {
+            return;
         };
         if !port.config.allows(client.ip()) {
             debug!(%client, "client not in the port's allow list; closed");

@@ -241,17 +241,7 @@ pub async fn relay<S: DatagramSource, K: DatagramSink>(
             }
         }
     };
-    let quiet = async {
-        let mut seen = moved.load(Ordering::Relaxed);
-        loop {
-            tokio::time::sleep(idle).await;
-            let now = moved.load(Ordering::Relaxed);
-            if now == seen {
-                return;
-            }
-            seen = now;
-        }
-    };
+    let quiet = crate::relay::quiet(idle, || moved.load(Ordering::Relaxed));
     let result: std::io::Result<()> = tokio::select! {
         r = into_tunnel => r,
         r = out_of_tunnel => r,

@@ -33,10 +33,11 @@ const READ_CHUNK: usize = 64 * 1024;
 
 /// The WebSocket limits of a session.
 pub fn config() -> WebSocketConfig {
-    let mut c = WebSocketConfig::default();
-    c.max_message_size = Some(MAX_MESSAGE);
-    c.max_frame_size = Some(MAX_MESSAGE);
-    c
+    WebSocketConfig {
+        max_message_size: Some(MAX_MESSAGE),
+        max_frame_size: Some(MAX_MESSAGE),
+        ..Default::default()
+    }
 }
 
 /// The `Sec-WebSocket-Accept` answer to a client's `Sec-WebSocket-Key`.
@@ -118,17 +119,7 @@ where
             }
         }
     };
-    let quiet = async {
-        let mut seen = moved();
-        loop {
-            tokio::time::sleep(idle).await;
-            let now = moved();
-            if now == seen {
-                return;
-            }
-            seen = now;
-        }
-    };
+    let quiet = crate::relay::quiet(idle, moved);
     let both = async {
         let ((), mut sink) = tokio::try_join!(inbound, outbound)?;
         let _ = sink.send(Message::Close(None)).await;
