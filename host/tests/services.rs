@@ -74,6 +74,15 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// access-guard accepting `token` (as `Authorization: Bearer`).
+fn guard(token: &str) -> sluice::config::PluginConfig {
+    let mut guard = sluice::config::PluginConfig::new("guard", example_plugin("access-guard"));
+    guard.config_json = serde_json::to_vec(&serde_json::json!({ "tokens": [token] })).unwrap();
+    guard.grants.credentials = true;
+    guard.timeout = Duration::from_secs(1);
+    guard
+}
+
 /// Waits until the `/metrics` of `admin` has a line containing every one of `parts`.
 #[allow(dead_code)]
 async fn wait_metric(admin: SocketAddr, parts: &[&str]) -> String {
@@ -227,10 +236,7 @@ over_both_transports! {
     #[tokio::test]
     async fn sluice_access_reaches_a_tcp_origin_through_https_and_the_plugin_chain() {
         let origin = tcp_echo_origin().await;
-        let mut guard = sluice::config::PluginConfig::new("guard", example_plugin("access-guard"));
-        guard.config_json = serde_json::to_vec(&serde_json::json!({"tokens": ["a-token-of-sixteen-chars"]})).unwrap();
-        guard.grants.credentials = true;
-        guard.timeout = Duration::from_secs(1);
+        let guard = guard("a-token-of-sixteen-chars");
         let (edge, _conn) = services_tunnel(vec![], vec![], |_| {}, |cfg| {
             let mut ssh = rule(Some("ssh.test"), None, "shell");
             ssh.plugins = vec!["guard".into()];
@@ -400,6 +406,48 @@ over_both_transports! {
         // The edge finished the stream (no reset): the connector saw a normal end.
         wait_metric(conn.admin.unwrap(), &["sluice_connector_sessions_total{", "outcome=\"closed\"", "} 1"]).await;
         wait_metric(conn.admin.unwrap(), &["sluice_connector_session_bytes_total{", "direction=\"up\"", "} 5"]).await;
+    }
+
+    #[tokio::test]
+    async fn sluice_access_to_an_origin_that_refuses_gets_a_clear_502() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (edge, _conn) = services_tunnel(vec![], vec![], |_| {}, |cfg| {
+            cfg.origins.push(OriginConfig::new("shell", OriginTarget::parse(&format!("tcp://{closed}")).unwrap()));
+            cfg.ingress.insert(0, rule(Some("ssh.test"), None, "shell"));
+        })
+        .await;
+        let target = sluice::access::AccessTarget {
+            hostname: "ssh.test".into(),
+            edge: edge.https.unwrap().to_string(),
+            edge_ca: edge.identity.chain.clone(),
+            edge_server_name: Some("localhost".into()),
+            token: None,
+        };
+        match target.connect().await {
+            Err(e @ sluice::access::AccessError::Refused { status: 502, .. }) => {
+                assert!(e.to_string().contains("the origin is unreachable"), "{e}");
+            }
+            other => panic!("expected a 502, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[tokio::test]
+    async fn udp_flows_past_a_ports_cap_are_dropped_and_counted() {
+        let origin = udp_echo_origin().await;
+        let mut p = port("dns", SessionProtocol::Udp);
+        p.max_sessions = 1;
+        let (edge, _conn) = services_tunnel(vec![p], vec![service("dns", &format!("udp://{origin}"))], |_| {}, |_| {}).await;
+        let target = port_addr(&edge, "dns");
+        let first = UdpSocket::bind(loopback()).await.unwrap();
+        first.send_to(b"one", target).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = tokio::time::timeout(WAIT, first.recv_from(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf[..n], b"echo:one");
+        // A second client while the first flow lives: its datagram is dropped and counted.
+        let second = UdpSocket::bind(loopback()).await.unwrap();
+        second.send_to(b"two", target).await.unwrap();
+        wait_metric(edge.admin.unwrap(), &["sluice_edge_sessions_total{", "outcome=\"limit\"", "} 1"]).await;
+        wait_metric(edge.admin.unwrap(), &["sluice_edge_sessions_active{", "protocol=\"udp\"", "} 1"]).await;
     }
 
     #[tokio::test]
@@ -591,16 +639,22 @@ async fn ssh_runs_a_command_through_sluice_access_stdio_and_listen() {
             let origin =
                 OriginTarget::parse(&format!("ssh://127.0.0.1:{}", sshd_addr.port())).unwrap();
             cfg.origins.push(OriginConfig::new("sshd", origin));
-            cfg.ingress.insert(0, rule(Some("ssh.test"), None, "sshd"));
+            // Behind access-guard: the client sends the token from --token-file.
+            let mut ssh = rule(Some("ssh.test"), None, "sshd");
+            ssh.plugins = vec!["guard".into()];
+            cfg.ingress.insert(0, ssh);
+            cfg.plugins = vec![guard("a-token-of-sixteen-chars")];
         },
     )
     .await;
     std::fs::write(dir.path("edge-ca.pem"), &edge.ca_pem).unwrap();
+    std::fs::write(dir.path("token"), "a-token-of-sixteen-chars\n").unwrap();
     let bin = env!("CARGO_BIN_EXE_sluice");
     let edge_args = format!(
-        "--edge {} --edge-ca {} --edge-server-name localhost",
+        "--edge {} --edge-ca {} --edge-server-name localhost --token-file {}",
         edge.https.unwrap(),
-        dir.path("edge-ca.pem").display()
+        dir.path("edge-ca.pem").display(),
+        dir.path("token").display()
     );
 
     // As ssh's ProxyCommand: `%h` is the hostname given to ssh.
