@@ -165,10 +165,32 @@ fn check(path: &std::path::Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(AnyConfig::Connector(c)) => {
+            // Plugins load and run `init` as at start: a typo in a plugin's configuration, a
+            // missing or wrongly built `.wasm` fail here, not when the connector starts.
+            let plugins = if c.plugins.is_empty() {
+                Vec::new()
+            } else {
+                let runtime = match one_thread_runtime() {
+                    Ok(r) => r,
+                    Err(code) => return code,
+                };
+                match runtime.block_on(sluice::plugin::check(&c.plugins)) {
+                    Ok(lines) => lines,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            };
             let defined = c
                 .origins
                 .iter()
-                .filter(|o| matches!(o.target, config::OriginTarget::Http(_)))
+                .filter(|o| {
+                    !matches!(
+                        o.target,
+                        config::OriginTarget::Hello | config::OriginTarget::Status(_)
+                    )
+                })
                 .count();
             let built_in = match c.origins.len() - defined {
                 0 => String::new(),
@@ -181,6 +203,9 @@ fn check(path: &std::path::Path) -> ExitCode {
                 count(defined, "origin"),
                 count(c.plugins.len(), "plugin"),
             );
+            for line in plugins {
+                println!("  {line}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

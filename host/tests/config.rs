@@ -1,6 +1,8 @@
 //! Configuration: every bad file in `tests/config/invalid` prints exactly its `.err` through
 //! `sluice check`, and every file in `examples/` parses.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -128,4 +130,77 @@ fn tempdir(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// A connector file with one plugin, `[[plugin]]` on line 6.
+fn plugin_file(dir: &Path, wasm: &Path, config: &str) -> PathBuf {
+    let file = dir.join("connector.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "tunnel = \"app\"\ntoken = \"x\"\nedges = [\"127.0.0.1:7844\"]\nplugins = [\"p\"]\n\n[[plugin]]\nname = \"p\"\npath = {:?}\n[plugin.config]\n{config}\n\n[[ingress]]\norigin = \"hello\"\n",
+            wasm.display().to_string()
+        ),
+    )
+    .unwrap();
+    file
+}
+
+fn check(file: &Path) -> (bool, String, String) {
+    let out = sluice().arg("check").arg("--config").arg(file).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_loads_every_plugin_and_runs_its_init() {
+    let dir = tempdir("check-plugins");
+    let rewrite = support::example_plugin("header-rewrite");
+
+    let (ok, out, err) = check(&plugin_file(&dir, &rewrite, "request = { set = { x-a = \"1\" } }"));
+    assert!(ok, "{err}");
+    assert!(out.contains("plugin \"p\": init ok; exports on-request, on-response"), "{out}");
+
+    // A configuration the plugin refuses: the file and line of its block, and the key path
+    // inside [plugin.config] (not a position in the JSON the host hands over).
+    let (ok, _, err) = check(&plugin_file(&dir, &rewrite, "request = { set = 5 }"));
+    assert!(!ok);
+    let file = dir.join("connector.toml");
+    assert!(
+        err.starts_with(&format!("error: {}:6 (plugin[0]): plugin \"p\" rejected its configuration: \"invalid configuration: request.set: invalid type: integer `5`, expected a map\"", file.display())),
+        "{err}"
+    );
+    assert!(!err.contains("line 1 column"), "{err}");
+
+    // A missing file.
+    let (ok, _, err) = check(&plugin_file(&dir, &dir.join("missing.wasm"), ""));
+    assert!(!ok);
+    assert!(err.contains("cannot read") && err.contains("missing.wasm"), "{err}");
+
+    // A core module (what a wasm32-wasip1 build gives).
+    let core = dir.join("core.wasm");
+    std::fs::write(&core, b"\0asm\x01\0\0\0").unwrap();
+    let (ok, _, err) = check(&plugin_file(&dir, &core, ""));
+    assert!(!ok);
+    assert!(err.contains("this is a core WebAssembly module, not a component: build the plugin with `cargo build --target wasm32-wasip2`"), "{err}");
+
+    // A component built without export_plugin!: it would load and do nothing.
+    let (ok, _, err) = check(&plugin_file(&dir, &support::fixture("nohooks"), ""));
+    assert!(!ok);
+    assert!(err.contains("exports no hook") && err.contains("sluice_sdk::export_plugin!(YourPlugin);"), "{err}");
+}
+
+#[test]
+fn plugin_test_refuses_a_component_that_exports_no_hook() {
+    let out = sluice()
+        .args(["plugin", "test"])
+        .arg(support::fixture("nohooks"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exports no hook") && err.contains("export_plugin!"), "{err}");
 }

@@ -94,9 +94,22 @@ pub trait Plugin: Sized + 'static {
 }
 
 /// Parses a JSON configuration the way the host's `init` does and builds the plugin.
+///
+/// A configuration that does not fit `P::Config` is refused with the key path of the problem
+/// (`rules[0].name: unknown field ...`), as in the `[plugin.config]` table of the connector's
+/// file, not a position in the JSON the host passes.
 pub fn load<P: Plugin>(config: &[u8]) -> Result<P, String> {
-    let parsed: P::Config =
-        serde_json::from_slice(config).map_err(|e| format!("invalid configuration: {e}"))?;
+    let mut de = serde_json::Deserializer::from_slice(config);
+    let parsed: P::Config = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let inner = e.inner().to_string();
+        // serde_json ends its messages with a position in the JSON, which means nothing to
+        // someone reading the TOML.
+        let inner = inner.split(" at line ").next().unwrap_or(&inner);
+        match e.path().to_string().as_str() {
+            "." => format!("invalid configuration: {inner}"),
+            path => format!("invalid configuration: {path}: {inner}"),
+        }
+    })?;
     P::new(parsed)
 }
 

@@ -663,9 +663,11 @@ impl ConnectorFile {
         for (i, entry) in self.plugin.iter().enumerate() {
             let at = Some(entry.span().start);
             let p = entry.get_ref();
-            let cfg = p
+            let mut cfg = p
                 .validate(|path| src.resolve(path))
                 .map_err(|(field, m)| src.error(at, format!("plugin[{i}].{field}"), m))?;
+            let (line, _) = src.position(entry.span().start);
+            cfg.defined_at = Some(format!("{}:{line} (plugin[{i}])", src.file.display()));
             if let Some(prev) = plugin_names.insert(cfg.name.clone(), i) {
                 return Err(src.error(
                     at,

@@ -39,6 +39,9 @@ pub struct PluginConfig {
     pub max_calls: u64,
     /// Capabilities granted beyond the defaults.
     pub grants: Grants,
+    /// Where the `[[plugin]]` block is (`connector.toml:15`), for load errors; none for a
+    /// plugin not from a file (`sluice plugin test`).
+    pub defined_at: Option<String>,
 }
 
 impl PluginConfig {
@@ -54,6 +57,7 @@ impl PluginConfig {
             isolation: Isolation::Reuse,
             max_calls: DEFAULT_MAX_CALLS,
             grants: Grants::default(),
+            defined_at: None,
         }
     }
 }
@@ -195,6 +199,7 @@ impl PluginFile {
             isolation: self.isolation.unwrap_or(Isolation::Reuse),
             max_calls,
             grants,
+            defined_at: None,
         })
     }
 }

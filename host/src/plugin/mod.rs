@@ -93,12 +93,23 @@ pub enum LoadError {
         reason: String,
     },
     /// `init` refused the plugin's configuration.
-    #[error("plugin {plugin:?} rejected its configuration: {message:?}")]
+    #[error("{}plugin {plugin:?} rejected its configuration: {message:?}", .at.as_deref().map(|a| format!("{a}: ")).unwrap_or_default())]
     Init {
+        /// Where the plugin's block is in the connector's file, if it came from one.
+        at: Option<String>,
         /// Plugin name.
         plugin: String,
         /// The plugin's message.
         message: String,
+    },
+    /// The component exports none of the hooks: built without `export_plugin!`, it would
+    /// load and do nothing.
+    #[error("plugin {plugin:?} ({path}) exports no hook (on-request, on-response or on-complete), so it would do nothing: a plugin written with sluice-sdk must end with `sluice_sdk::export_plugin!(YourPlugin);`")]
+    NoHooks {
+        /// Plugin name.
+        plugin: String,
+        /// Its file.
+        path: String,
     },
     /// The first instance could not be created or initialised.
     #[error("plugin {plugin:?} failed to start: {reason}")]
@@ -206,6 +217,28 @@ pub struct Called<T> {
     pub events: Vec<RawEvent>,
 }
 
+/// Loads each plugin as the connector would (compile, check the imports and grants, link,
+/// run `init` with its configuration), then drops it: what `sluice check` runs. One line per
+/// plugin, naming the hooks it exports; the first failure's message otherwise.
+pub async fn check(plugins: &[PluginConfig]) -> Result<Vec<String>, String> {
+    let memory = plugins.iter().map(|p| p.memory).max().unwrap_or(0).max(64 << 20);
+    let runtime = Runtime::new(memory, 16).map_err(|e| e.to_string())?;
+    let metrics = Arc::new(Metrics::new("check"));
+    let mut lines = Vec::new();
+    for p in plugins {
+        let plugin = Plugin::load(runtime.clone(), p.clone(), metrics.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let (req, resp, complete) = plugin.exports();
+        let hooks: Vec<&str> = [("on-request", req), ("on-response", resp), ("on-complete", complete)]
+            .into_iter()
+            .filter_map(|(name, has)| has.then_some(name))
+            .collect();
+        lines.push(format!("plugin {:?}: init ok; exports {}", p.name, hooks.join(", ")));
+    }
+    Ok(lines)
+}
+
 impl Plugin {
     /// Compiles, checks and links the component, then starts one instance and runs `init`
     /// with the plugin's configuration.
@@ -259,6 +292,13 @@ impl Plugin {
             on_response: on_response::GuestIndices::new(&pre).ok(),
             on_complete: on_complete::GuestIndices::new(&pre).ok(),
         };
+        if hooks.on_request.is_none() && hooks.on_response.is_none() && hooks.on_complete.is_none()
+        {
+            return Err(LoadError::NoHooks {
+                plugin,
+                path: config.path.display().to_string(),
+            });
+        }
         let durations = ["on-request", "on-response", "on-complete"].map(|hook| {
             metrics
                 .plugin_hook_duration
@@ -283,6 +323,7 @@ impl Plugin {
         // Start one instance now: a bad configuration is refused at load, not on a request.
         let slot = plugin.instantiate().await.map_err(|e| match e {
             PluginError::InvalidDecision(message) => LoadError::Init {
+                at: plugin.config.defined_at.clone(),
                 plugin: plugin.config.name.clone(),
                 message,
             },

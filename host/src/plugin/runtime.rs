@@ -135,6 +135,7 @@ impl Runtime {
     /// binary installed one, else here (and here too when the helper cannot run). Blocking:
     /// call it on a blocking thread.
     pub fn compile(&self, wasm: &Path) -> Result<(Component, Compiled), String> {
+        check_header(wasm)?;
         if let Some(compiler) = COMPILER.get() {
             match compiler(wasm, self.max_memory, self.instances) {
                 // SAFETY: the bytes are what `compile_serialized` produced in a helper run from
@@ -169,6 +170,25 @@ impl Runtime {
         let engine = Engine::new(&config(max_memory, instances)).map_err(|e| format!("{e:#}"))?;
         let component = Component::from_file(&engine, wasm).map_err(|e| format!("{e:#}"))?;
         component.serialize().map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// Refuses, with a message that says what to do, a file that is not a WebAssembly component:
+/// a core module (what `wasm32-wasip1` or `wasm32-unknown-unknown` builds give), or no
+/// WebAssembly at all. The compiler's own message for these is a parser error.
+fn check_header(wasm: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    let n = std::fs::File::open(wasm)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| format!("cannot read {}: {e}", wasm.display()))?;
+    // `\0asm`, then a version and a layer: 1, 0 for a core module; 0x0d, 1 for a component.
+    match (n, &head[..4], &head[4..]) {
+        (8, b"\0asm", [1, 0, 0, 0]) => Err(
+            "this is a core WebAssembly module, not a component: build the plugin with `cargo build --target wasm32-wasip2` (wasm32-wasip1 and wasm32-unknown-unknown give core modules)".into(),
+        ),
+        (8, b"\0asm", _) => Ok(()),
+        _ => Err("this is not a WebAssembly file (no `\\0asm` header): give the `.wasm` a `cargo build --target wasm32-wasip2` of the plugin produces".into()),
     }
 }
 
