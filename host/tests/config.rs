@@ -147,7 +147,12 @@ fn plugin_file(dir: &Path, wasm: &Path, config: &str) -> PathBuf {
 }
 
 fn check(file: &Path) -> (bool, String, String) {
-    let out = sluice().arg("check").arg("--config").arg(file).output().unwrap();
+    let out = sluice()
+        .arg("check")
+        .arg("--config")
+        .arg(file)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -160,9 +165,16 @@ fn check_loads_every_plugin_and_runs_its_init() {
     let dir = tempdir("check-plugins");
     let rewrite = support::example_plugin("header-rewrite");
 
-    let (ok, out, err) = check(&plugin_file(&dir, &rewrite, "request = { set = { x-a = \"1\" } }"));
+    let (ok, out, err) = check(&plugin_file(
+        &dir,
+        &rewrite,
+        "request = { set = { x-a = \"1\" } }",
+    ));
     assert!(ok, "{err}");
-    assert!(out.contains("plugin \"p\": init ok; exports on-request, on-response"), "{out}");
+    assert!(
+        out.contains("plugin \"p\": init ok; exports on-request, on-response"),
+        "{out}"
+    );
 
     // A configuration the plugin refuses: the file and line of its block, and the key path
     // inside [plugin.config] (not a position in the JSON the host hands over).
@@ -178,7 +190,10 @@ fn check_loads_every_plugin_and_runs_its_init() {
     // A missing file.
     let (ok, _, err) = check(&plugin_file(&dir, &dir.join("missing.wasm"), ""));
     assert!(!ok);
-    assert!(err.contains("cannot read") && err.contains("missing.wasm"), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("missing.wasm"),
+        "{err}"
+    );
 
     // A core module (what a wasm32-wasip1 build gives).
     let core = dir.join("core.wasm");
@@ -190,7 +205,10 @@ fn check_loads_every_plugin_and_runs_its_init() {
     // A component built without export_plugin!: it would load and do nothing.
     let (ok, _, err) = check(&plugin_file(&dir, &support::fixture("nohooks"), ""));
     assert!(!ok);
-    assert!(err.contains("exports no hook") && err.contains("sluice_sdk::export_plugin!(YourPlugin);"), "{err}");
+    assert!(
+        err.contains("exports no hook") && err.contains("sluice_sdk::export_plugin!(YourPlugin);"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -202,5 +220,8 @@ fn plugin_test_refuses_a_component_that_exports_no_hook() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("exports no hook") && err.contains("export_plugin!"), "{err}");
+    assert!(
+        err.contains("exports no hook") && err.contains("export_plugin!"),
+        "{err}"
+    );
 }

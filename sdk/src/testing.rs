@@ -59,6 +59,55 @@ pub fn events() -> Vec<Event> {
     EVENTS.with(|e| e.borrow().clone())
 }
 
+/// A capability the operator grants a plugin in its `[[plugin]]` block (`grants = [...]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// `client-addr`: the client's address and the headers that carry it.
+    ClientAddr,
+    /// `credentials`: `authorization`, `proxy-authorization`, `cookie`, `set-cookie`.
+    Credentials,
+}
+
+/// Headers the host hides from plugins without [`Grant::Credentials`].
+pub const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+];
+
+/// Headers the host hides from plugins without [`Grant::ClientAddr`].
+pub const CLIENT_ADDRESS_HEADERS: &[&str] = &["x-forwarded-for", "forwarded", "x-real-ip"];
+
+/// `req` as the host shows it to a plugin granted only `grants`: what the others would
+/// reveal is removed, as in production. Test a plugin under the grants the operator will
+/// give it, so that a missing grant fails a unit test rather than a deployment.
+///
+/// ```
+/// use sluice_sdk::testing::{granted, Grant};
+/// use sluice_sdk::Request;
+///
+/// let req = Request::new("GET", "https://app.test/")
+///     .with_header("authorization", "Bearer t")
+///     .with_client_addr("203.0.113.7:50000");
+/// let seen = granted(req.clone(), &[]);
+/// assert_eq!(seen.header("authorization"), None);
+/// assert_eq!(seen.client_addr, None);
+/// assert_eq!(granted(req, &[Grant::Credentials]).header("authorization"), Some("Bearer t"));
+/// ```
+pub fn granted(mut req: crate::Request, grants: &[Grant]) -> crate::Request {
+    if !grants.contains(&Grant::ClientAddr) {
+        req.client_addr = None;
+        req.headers
+            .retain(|(n, _)| !CLIENT_ADDRESS_HEADERS.contains(&n.as_str()));
+    }
+    if !grants.contains(&Grant::Credentials) {
+        req.headers
+            .retain(|(n, _)| !CREDENTIAL_HEADERS.contains(&n.as_str()));
+    }
+    req
+}
+
 /// Forgets everything recorded on this thread.
 pub fn reset() {
     LOGS.with(|l| l.borrow_mut().clear());

@@ -27,7 +27,10 @@ pub struct Request {
 }
 
 impl Request {
-    /// A request for `url` (`https://host/path?query`), for tests.
+    /// A request for `url` (`https://host/path?query`), for tests. As in production, the
+    /// authority is in [`Request::authority`] and [`Request::hostname`], not in a `host`
+    /// header; the view is what a plugin with every grant sees (see
+    /// [`crate::testing::granted`] for what the host hides otherwise).
     pub fn new(method: &str, url: &str) -> Request {
         let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
         let (authority, path) = match rest.find('/') {
@@ -43,7 +46,7 @@ impl Request {
             scheme: scheme.to_string(),
             authority: authority.to_string(),
             path: path.to_string(),
-            headers: vec![("host".to_string(), authority.as_bytes().to_vec())],
+            headers: Vec::new(),
             request_id: "00000000000000000000000000000000".into(),
             hostname,
             ingress_rule: 0,
@@ -232,9 +235,21 @@ impl LocalResponse {
 
     /// Sets a plain-text body (and its content type).
     pub fn text(self, body: &str) -> LocalResponse {
-        let mut r = self.header("content-type", "text/plain; charset=utf-8");
-        r.body = body.as_bytes().to_vec();
-        r
+        self.header("content-type", "text/plain; charset=utf-8")
+            .body(body.as_bytes())
+    }
+
+    /// Sets an HTML body (and its content type).
+    pub fn html(self, body: &str) -> LocalResponse {
+        self.header("content-type", "text/html; charset=utf-8")
+            .body(body.as_bytes())
+    }
+
+    /// Sets the body as bytes; add a `content-type` with [`LocalResponse::header`]. The host
+    /// sets `content-length`.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> LocalResponse {
+        self.body = body.into();
+        self
     }
 }
 
@@ -367,5 +382,38 @@ impl ResponseDecision {
         wit::ResponseDecision {
             headers: self.headers.into_iter().map(HeaderEdit::into_wit).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_responses_set_their_content_type_and_body() {
+        let html = LocalResponse::new(200).html("<p>hi</p>");
+        assert_eq!(
+            html.headers,
+            vec![(
+                "content-type".to_string(),
+                b"text/html; charset=utf-8".to_vec()
+            )]
+        );
+        assert_eq!(html.body, b"<p>hi</p>");
+        let raw = LocalResponse::new(200)
+            .header("content-type", "application/octet-stream")
+            .body(vec![0u8, 255]);
+        assert_eq!(raw.body, vec![0u8, 255]);
+        assert_eq!(LocalResponse::new(503).text("down").body, b"down");
+    }
+
+    #[test]
+    fn a_test_request_has_no_host_header_as_in_production() {
+        let req = Request::new("GET", "https://App.Test:8443/x?y=1");
+        assert_eq!(req.header("host"), None);
+        assert_eq!(
+            (req.authority.as_str(), req.hostname.as_str()),
+            ("App.Test:8443", "app.test")
+        );
     }
 }

@@ -221,7 +221,12 @@ pub struct Called<T> {
 /// run `init` with its configuration), then drops it: what `sluice check` runs. One line per
 /// plugin, naming the hooks it exports; the first failure's message otherwise.
 pub async fn check(plugins: &[PluginConfig]) -> Result<Vec<String>, String> {
-    let memory = plugins.iter().map(|p| p.memory).max().unwrap_or(0).max(64 << 20);
+    let memory = plugins
+        .iter()
+        .map(|p| p.memory)
+        .max()
+        .unwrap_or(0)
+        .max(64 << 20);
     let runtime = Runtime::new(memory, 16).map_err(|e| e.to_string())?;
     let metrics = Arc::new(Metrics::new("check"));
     let mut lines = Vec::new();
@@ -230,11 +235,19 @@ pub async fn check(plugins: &[PluginConfig]) -> Result<Vec<String>, String> {
             .await
             .map_err(|e| e.to_string())?;
         let (req, resp, complete) = plugin.exports();
-        let hooks: Vec<&str> = [("on-request", req), ("on-response", resp), ("on-complete", complete)]
-            .into_iter()
-            .filter_map(|(name, has)| has.then_some(name))
-            .collect();
-        lines.push(format!("plugin {:?}: init ok; exports {}", p.name, hooks.join(", ")));
+        let hooks: Vec<&str> = [
+            ("on-request", req),
+            ("on-response", resp),
+            ("on-complete", complete),
+        ]
+        .into_iter()
+        .filter_map(|(name, has)| has.then_some(name))
+        .collect();
+        lines.push(format!(
+            "plugin {:?}: init ok; exports {}",
+            p.name,
+            hooks.join(", ")
+        ));
     }
     Ok(lines)
 }
