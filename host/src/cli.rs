@@ -176,6 +176,19 @@ pub enum TunnelCommand {
 /// `sluice plugin …`
 #[derive(Debug, Subcommand)]
 pub enum PluginCommand {
+    /// Create a plugin crate: Cargo.toml, a plugin with one hook and a configuration, a native
+    /// test and a README, ready to build for wasm32-wasip2 and to `plugin test`.
+    New {
+        /// The crate's name (lowercase letters, digits, '-', '_').
+        name: String,
+        /// The folder to create it in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// A local checkout's `sdk/` folder to depend on (default: the sluice repository's
+        /// git URL).
+        #[arg(long)]
+        sdk_path: Option<PathBuf>,
+    },
     /// Run a plugin's hooks on a made-up exchange and print its decisions, logs and audit events.
     Test {
         /// The plugin component (`.wasm`).

@@ -501,6 +501,32 @@ fn describe_status(v: &serde_json::Value) -> String {
 }
 
 fn plugin_command(action: cli::PluginCommand) -> ExitCode {
+    if let cli::PluginCommand::New {
+        name,
+        dir,
+        sdk_path,
+    } = action
+    {
+        use sluice::plugin::scaffold::{create, SdkSource};
+        let sdk = match sdk_path {
+            Some(p) => SdkSource::Path(std::fs::canonicalize(&p).unwrap_or(p)),
+            None => SdkSource::Git(env!("CARGO_PKG_REPOSITORY").to_string()),
+        };
+        return match create(&name, &dir, &sdk) {
+            Ok(root) => {
+                println!("created {}", root.display());
+                println!(
+                    "next: cd {} && cargo test && cargo build --release --target wasm32-wasip2",
+                    root.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let cli::PluginCommand::CompileHelper {
         max_memory,
         instances,

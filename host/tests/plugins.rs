@@ -623,3 +623,60 @@ over_both_transports! {
         conn.stop().await;
     }
 }
+
+/// `sluice plugin new` makes a crate that passes its own tests, builds for wasm32-wasip2, and
+/// passes `sluice plugin test` as generated.
+#[test]
+fn plugin_new_creates_a_crate_that_tests_builds_and_runs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = std::env::temp_dir().join(format!("sluice-plugin-new-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sluice = env!("CARGO_BIN_EXE_sluice");
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(std::process::Command::new(sluice)
+        .args(["plugin", "new", "my-plugin", "--dir"])
+        .arg(&dir)
+        .arg("--sdk-path")
+        .arg(root.join("sdk")));
+    let krate = dir.join("my-plugin");
+    for file in ["Cargo.toml", "src/lib.rs", "README.md"] {
+        assert!(krate.join(file).is_file(), "{file} missing");
+    }
+    // One target folder for every run of this test, so that only the first builds the SDK.
+    let target = root.join("target/scaffold");
+    let cargo = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.current_dir(&krate)
+            .args(args)
+            .env("CARGO_TARGET_DIR", &target);
+        cmd
+    };
+    let tests = run(&mut cargo(&["test"]));
+    assert!(tests.contains("test result: ok. 2 passed"), "{tests}");
+    run(&mut cargo(&[
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip2",
+    ]));
+    let report = run(std::process::Command::new(sluice)
+        .args(["plugin", "test"])
+        .arg(target.join("wasm32-wasip2/release/my_plugin.wasm"))
+        .args([
+            "--config",
+            r#"{"header-name": "x-hello", "header-value": "world"}"#,
+        ]));
+    assert!(report.contains("init ok; exports on-request"), "{report}");
+    assert!(report.contains("set x-hello: world"), "{report}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

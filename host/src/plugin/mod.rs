@@ -12,6 +12,7 @@ pub mod bindings;
 pub mod decision;
 pub mod host;
 pub mod runtime;
+pub mod scaffold;
 pub mod tester;
 
 use std::sync::{Arc, Mutex};
