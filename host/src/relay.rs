@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http_body::{Body, Frame};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
@@ -25,6 +25,9 @@ pub type HttpBody = BoxBody<Bytes, BoxError>;
 
 /// Largest chunk read from a QUIC stream at once.
 const CHUNK: usize = 64 * 1024;
+
+/// Largest body frame [`recv_body`] joins from chunks that have already arrived.
+const COALESCE: usize = 64 * 1024;
 
 /// An HTTP body that yields what arrives on `recv` until FIN; a reset becomes a body error.
 pub fn recv_body(recv: RecvStream) -> HttpBody {
@@ -91,14 +94,40 @@ impl Body for RecvBody {
         if let Some(next) = this.next.take() {
             return Poll::Ready(Some(next.map(Frame::data)));
         }
-        let chunk = match ready!(this.poll_chunk(cx)) {
+        let mut chunk = match ready!(this.poll_chunk(cx)) {
             Some(Ok(chunk)) => chunk,
             other => return Poll::Ready(other.map(|r| r.map(Frame::data))),
         };
-        // What follows, if it is already there: the FIN ends the body now; a chunk or a
-        // failure (a reset must never look like a clean end) is kept for the next poll.
-        if let Poll::Ready(Some(next)) = this.poll_chunk(cx) {
-            this.next = Some(next);
+        // QUIC hands over what one packet carried (about 1.2 KB): what has already arrived
+        // behind it is joined into one frame of up to COALESCE bytes, so that the HTTP writer
+        // downstream handles (and writes) tens of kilobytes at a time, not a packet's worth.
+        let mut joined: Option<BytesMut> = None;
+        loop {
+            // What follows, if it is already there: the FIN ends the body now; a failure (a
+            // reset must never look like a clean end), or a chunk past the frame's size, is
+            // kept for the next poll.
+            match this.poll_chunk(cx) {
+                Poll::Ready(Some(Ok(more))) => {
+                    if joined.as_ref().map_or(chunk.len(), BytesMut::len) >= COALESCE {
+                        this.next = Some(Ok(more));
+                        break;
+                    }
+                    let buf = joined.get_or_insert_with(|| {
+                        let mut b = BytesMut::with_capacity(COALESCE + CHUNK);
+                        b.extend_from_slice(&chunk);
+                        b
+                    });
+                    buf.extend_from_slice(&more);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.next = Some(Err(e));
+                    break;
+                }
+                Poll::Ready(None) | Poll::Pending => break,
+            }
+        }
+        if let Some(buf) = joined {
+            chunk = buf.freeze();
         }
         Poll::Ready(Some(Ok(Frame::data(chunk))))
     }
