@@ -27,19 +27,9 @@ fn invalid_configs_print_their_exact_error() {
     for file in &files {
         let expected = std::fs::read_to_string(file.with_extension("err"))
             .unwrap_or_else(|_| panic!("{} has no .err file", file.display()));
-        let out = sluice()
-            .arg("check")
-            .arg("--config")
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{} was accepted", file.display());
-        assert_eq!(
-            String::from_utf8_lossy(&out.stderr),
-            expected,
-            "for {}",
-            file.display()
-        );
+        let (ok, _, err) = check(file);
+        assert!(!ok, "{} was accepted", file.display());
+        assert_eq!(err, expected, "for {}", file.display());
     }
 }
 

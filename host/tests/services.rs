@@ -74,6 +74,24 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// `sluice access` to `ssh.test` through `edge`'s HTTPS listener, without a token.
+fn access_target(edge: &EdgeHandle) -> sluice::access::AccessTarget {
+    sluice::access::AccessTarget {
+        hostname: "ssh.test".into(),
+        edge: edge.https.unwrap().to_string(),
+        edge_ca: edge.identity.chain.clone(),
+        edge_server_name: Some("localhost".into()),
+        token: None,
+    }
+}
+
+/// Routes `ssh.test` to the TCP origin at `addr` (origin "shell"), before the catch-all.
+fn tcp_hostname(cfg: &mut sluice::config::ConnectorConfig, addr: SocketAddr) {
+    let target = OriginTarget::parse(&format!("tcp://{addr}")).unwrap();
+    cfg.origins.push(OriginConfig::new("shell", target));
+    cfg.ingress.insert(0, rule(Some("ssh.test"), None, "shell"));
+}
+
 /// access-guard accepting `token` (as `Authorization: Bearer`).
 fn guard(token: &str) -> sluice::config::PluginConfig {
     let mut guard = sluice::config::PluginConfig::new("guard", example_plugin("access-guard"));
@@ -245,13 +263,7 @@ over_both_transports! {
             cfg.plugins = vec![guard];
         })
         .await;
-        let mut target = sluice::access::AccessTarget {
-            hostname: "ssh.test".into(),
-            edge: edge.https.unwrap().to_string(),
-            edge_ca: edge.identity.chain.clone(),
-            edge_server_name: Some("localhost".into()),
-            token: None,
-        };
+        let mut target = access_target(&edge);
         match target.connect().await {
             Err(sluice::access::AccessError::Refused { status: 401, .. }) => {}
             other => panic!("expected a 401 from the guard, got {:?}", other.map(|_| ())),
@@ -351,8 +363,7 @@ over_both_transports! {
     async fn a_plain_request_to_a_tcp_hostname_is_told_to_use_sluice_access() {
         let origin = tcp_echo_origin().await;
         let (edge, _conn) = services_tunnel(vec![], vec![], |_| {}, |cfg| {
-            cfg.origins.push(OriginConfig::new("shell", OriginTarget::parse(&format!("tcp://{origin}")).unwrap()));
-            cfg.ingress.insert(0, rule(Some("ssh.test"), None, "shell"));
+            tcp_hostname(cfg, origin);
         })
         .await;
         let reply = get(edge.http, "ssh.test", "/").await;
@@ -412,17 +423,10 @@ over_both_transports! {
     async fn sluice_access_to_an_origin_that_refuses_gets_a_clear_502() {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let (edge, _conn) = services_tunnel(vec![], vec![], |_| {}, |cfg| {
-            cfg.origins.push(OriginConfig::new("shell", OriginTarget::parse(&format!("tcp://{closed}")).unwrap()));
-            cfg.ingress.insert(0, rule(Some("ssh.test"), None, "shell"));
+            tcp_hostname(cfg, closed);
         })
         .await;
-        let target = sluice::access::AccessTarget {
-            hostname: "ssh.test".into(),
-            edge: edge.https.unwrap().to_string(),
-            edge_ca: edge.identity.chain.clone(),
-            edge_server_name: Some("localhost".into()),
-            token: None,
-        };
+        let target = access_target(&edge);
         match target.connect().await {
             Err(e @ sluice::access::AccessError::Refused { status: 502, .. }) => {
                 assert!(e.to_string().contains("the origin is unreachable"), "{e}");
@@ -485,18 +489,11 @@ over_both_transports! {
             |e| e.body_idle_timeout = Duration::from_secs(1),
             |cfg| {
                 cfg.body_idle_timeout = Duration::from_millis(1500);
-                cfg.origins.push(OriginConfig::new("shell", OriginTarget::parse(&format!("tcp://{origin}")).unwrap()));
-                cfg.ingress.insert(0, rule(Some("ssh.test"), None, "shell"));
+                tcp_hostname(cfg, origin);
             },
         )
         .await;
-        let target = sluice::access::AccessTarget {
-            hostname: "ssh.test".into(),
-            edge: edge.https.unwrap().to_string(),
-            edge_ca: edge.identity.chain.clone(),
-            edge_server_name: Some("localhost".into()),
-            token: None,
-        };
+        let target = access_target(&edge);
         let ws = target.connect().await.unwrap();
         let (local, remote) = tokio::io::duplex(1 << 16);
         tokio::spawn(sluice::services::websocket::bridge(ws, local, WAIT, None));
