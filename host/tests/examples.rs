@@ -30,203 +30,207 @@ async fn tunnel_with(
     plugin_tunnel(plugins, &chain, &origins, tweak).await
 }
 
-#[tokio::test]
-async fn header_rewrite_edits_requests_and_responses() {
-    let mut p = example(
-        "header-rewrite",
-        serde_json::json!({
-            "request": {"set": {"x-request": "{request_id}", "x-client": "{client_ip}", "x-host": "{host}"}, "remove": ["x-internal"]},
-            "response": {"set": {"x-served-by": "sluice"}},
-        }),
-    );
-    p.grants = Grants {
-        client_addr: true,
-        credentials: false,
-    };
-    let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
-    let req = Request::get("/")
-        .header("host", "app.test")
-        .header("x-internal", "secret")
-        .body(Full::default())
-        .unwrap();
-    let reply = send(edge.http, req).await;
-    assert_eq!(reply.status, 200);
-    assert_eq!(reply.echoed("x-request"), reply.echoed("sluice-request-id"));
-    assert_eq!(reply.echoed("x-client").as_deref(), Some("127.0.0.1"));
-    assert_eq!(reply.echoed("x-host").as_deref(), Some("app.test"));
-    assert!(reply.json()["headers"].get("x-internal").is_none());
-    assert_eq!(reply.headers["x-served-by"], "sluice");
-    conn.stop().await;
-}
-
-#[tokio::test]
-async fn origin_router_routes_splits_and_sticks() {
-    let p = example(
-        "origin-router",
-        serde_json::json!({
-            "routes": [{"origin": "beta", "header": {"name": "x-beta", "value": "1"}}],
-            "split": {"weights": {"web": 80, "canary": 20}, "sticky": {"header": "x-user"}},
-        }),
-    );
-    let (edge, conn) = tunnel_with(vec![p], &["beta", "canary"], |_| {}).await;
-    let req = Request::get("/")
-        .header("host", "app.test")
-        .header("x-beta", "1")
-        .body(Full::default())
-        .unwrap();
-    assert_eq!(send(edge.http, req).await.json()["origin"], "beta");
-
-    let mut canary = 0;
-    const USERS: usize = 200;
-    for i in 0..USERS {
-        let user = format!("user-{i}");
-        let pick = |user: String| {
-            let http = edge.http;
-            async move {
-                let req = Request::get("/")
-                    .header("host", "app.test")
-                    .header("x-user", user)
-                    .body(Full::default())
-                    .unwrap();
-                send(http, req).await.json()["origin"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            }
-        };
-        let first = pick(user.clone()).await;
-        assert_eq!(
-            pick(user).await,
-            first,
-            "the same user must stay on the same origin"
+// Each scenario runs with the example plugins built from today's sources and with the ones
+// kept as built for sluice:plugin@0.1.0, which must keep loading and behaving the same.
+over_both_plugin_builds! {
+    #[tokio::test]
+    async fn header_rewrite_edits_requests_and_responses() {
+        let mut p = example(
+            "header-rewrite",
+            serde_json::json!({
+                "request": {"set": {"x-request": "{request_id}", "x-client": "{client_ip}", "x-host": "{host}"}, "remove": ["x-internal"]},
+                "response": {"set": {"x-served-by": "sluice"}},
+            }),
         );
-        if first == "canary" {
-            canary += 1;
-        }
-    }
-    // 20 % of 200 users is 40; allow for the spread of a hash over 200 keys.
-    assert!(
-        (20..=60).contains(&canary),
-        "canary got {canary} of {USERS} users"
-    );
-    conn.stop().await;
-}
-
-#[tokio::test]
-async fn audit_log_writes_one_event_per_request() {
-    let dir = std::env::temp_dir().join(format!("sluice-example-audit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("audit.jsonl");
-    let _ = std::fs::remove_file(&file);
-    let p = example(
-        "audit-log",
-        serde_json::json!({"fields": ["method", "path", "status", "origin"], "headers": ["user-agent"]}),
-    );
-    let f = file.clone();
-    let (edge, conn) = tunnel_with(vec![p], &[], move |c| {
-        c.audit = AuditConfig {
-            stdout: false,
-            file: Some(f),
-            queue: 16,
-        }
-    })
-    .await;
-    for i in 0..5 {
-        let req = Request::post(format!("/orders/{i}"))
+        p.grants = Grants {
+            client_addr: true,
+            credentials: false,
+        };
+        let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
+        let req = Request::get("/")
             .header("host", "app.test")
-            .header("user-agent", "tester/1")
-            .body(Full::from("x"))
+            .header("x-internal", "secret")
+            .body(Full::default())
             .unwrap();
-        assert_eq!(send(edge.http, req).await.status, 200);
+        let reply = send(edge.http, req).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.echoed("x-request"), reply.echoed("sluice-request-id"));
+        assert_eq!(reply.echoed("x-client").as_deref(), Some("127.0.0.1"));
+        assert_eq!(reply.echoed("x-host").as_deref(), Some("app.test"));
+        assert!(reply.json()["headers"].get("x-internal").is_none());
+        assert_eq!(reply.headers["x-served-by"], "sluice");
+        conn.stop().await;
     }
-    conn.stop().await;
-    let text = std::fs::read_to_string(&file).unwrap();
-    let events: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(events.len(), 5, "{text}");
-    for (i, e) in events.iter().enumerate() {
-        assert_eq!(e["plugin"], "audit-log");
-        assert_eq!(e["kind"], "access");
-        assert_eq!(e["attributes"]["method"], "POST");
-        assert_eq!(e["attributes"]["path"], format!("/orders/{i}"));
-        assert_eq!(e["attributes"]["status"], "200");
-        assert_eq!(e["attributes"]["origin"], "web");
-        assert_eq!(e["attributes"]["header.user-agent"], "tester/1");
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-}
 
-#[tokio::test]
-async fn access_guard_refuses_and_admits() {
-    const SECRET: &str = "0123456789abcdef0123456789abcdef";
-    let mut p = example(
-        "access-guard",
-        serde_json::json!({
-            "tokens": ["static-token-0123456789"],
-            "jwt": {"secret": SECRET, "issuer": "https://id.example.com", "audience": "app"},
-        }),
-    );
-    p.grants = Grants {
-        client_addr: false,
-        credentials: true,
-    };
-    let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
-    let with = |auth: Option<String>| {
-        let mut b = Request::get("/private").header("host", "app.test");
-        if let Some(a) = auth {
-            b = b.header("authorization", a);
+    #[tokio::test]
+    async fn origin_router_routes_splits_and_sticks() {
+        let p = example(
+            "origin-router",
+            serde_json::json!({
+                "routes": [{"origin": "beta", "header": {"name": "x-beta", "value": "1"}}],
+                "split": {"weights": {"web": 80, "canary": 20}, "sticky": {"header": "x-user"}},
+            }),
+        );
+        let (edge, conn) = tunnel_with(vec![p], &["beta", "canary"], |_| {}).await;
+        let req = Request::get("/")
+            .header("host", "app.test")
+            .header("x-beta", "1")
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(send(edge.http, req).await.json()["origin"], "beta");
+
+        let mut canary = 0;
+        const USERS: usize = 200;
+        for i in 0..USERS {
+            let user = format!("user-{i}");
+            let pick = |user: String| {
+                let http = edge.http;
+                async move {
+                    let req = Request::get("/")
+                        .header("host", "app.test")
+                        .header("x-user", user)
+                        .body(Full::default())
+                        .unwrap();
+                    send(http, req).await.json()["origin"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                }
+            };
+            let first = pick(user.clone()).await;
+            assert_eq!(
+                pick(user).await,
+                first,
+                "the same user must stay on the same origin"
+            );
+            if first == "canary" {
+                canary += 1;
+            }
         }
-        b.body(Full::default()).unwrap()
-    };
+        // 20 % of 200 users is 40; allow for the spread of a hash over 200 keys.
+        assert!(
+            (20..=60).contains(&canary),
+            "canary got {canary} of {USERS} users"
+        );
+        conn.stop().await;
+    }
 
-    let reply = send(edge.http, with(None)).await;
-    assert_eq!(reply.status, 401);
-    assert_eq!(
-        reply.headers["www-authenticate"],
-        r#"Bearer realm="sluice""#
-    );
-    assert_eq!(
-        send(
-            edge.http,
-            with(Some("Bearer wrong-token-0123456789".into()))
-        )
-        .await
-        .status,
-        403
-    );
+    #[tokio::test]
+    async fn audit_log_writes_one_event_per_request() {
+        let dir = std::env::temp_dir().join(format!("sluice-example-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("audit.jsonl");
+        let _ = std::fs::remove_file(&file);
+        let p = example(
+            "audit-log",
+            serde_json::json!({"fields": ["method", "path", "status", "origin"], "headers": ["user-agent"]}),
+        );
+        let f = file.clone();
+        let (edge, conn) = tunnel_with(vec![p], &[], move |c| {
+            c.audit = AuditConfig {
+                stdout: false,
+                file: Some(f),
+                queue: 16,
+            }
+        })
+        .await;
+        for i in 0..5 {
+            let req = Request::post(format!("/orders/{i}"))
+                .header("host", "app.test")
+                .header("user-agent", "tester/1")
+                .body(Full::from("x"))
+                .unwrap();
+            assert_eq!(send(edge.http, req).await.status, 200);
+        }
+        conn.stop().await;
+        let text = std::fs::read_to_string(&file).unwrap();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(events.len(), 5, "{text}");
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e["plugin"], "audit-log");
+            assert_eq!(e["kind"], "access");
+            assert_eq!(e["attributes"]["method"], "POST");
+            assert_eq!(e["attributes"]["path"], format!("/orders/{i}"));
+            assert_eq!(e["attributes"]["status"], "200");
+            assert_eq!(e["attributes"]["origin"], "web");
+            assert_eq!(e["attributes"]["header.user-agent"], "tester/1");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
-    let reply = send(
-        edge.http,
-        with(Some("Bearer static-token-0123456789".into())),
-    )
-    .await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.json()["path"], "/private");
+    #[tokio::test]
+    async fn access_guard_refuses_and_admits() {
+        const SECRET: &str = "0123456789abcdef0123456789abcdef";
+        let mut p = example(
+            "access-guard",
+            serde_json::json!({
+                "tokens": ["static-token-0123456789"],
+                "jwt": {"secret": SECRET, "issuer": "https://id.example.com", "audience": "app"},
+            }),
+        );
+        p.grants = Grants {
+            client_addr: false,
+            credentials: true,
+        };
+        let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
+        let with = |auth: Option<String>| {
+            let mut b = Request::get("/private").header("host", "app.test");
+            if let Some(a) = auth {
+                b = b.header("authorization", a);
+            }
+            b.body(Full::default()).unwrap()
+        };
 
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let good = access_guard::sign_hs256(
-        SECRET,
-        &serde_json::json!({"sub": "ada", "iss": "https://id.example.com", "aud": "app", "exp": now + 300}),
-    );
-    let reply = send(edge.http, with(Some(format!("Bearer {good}")))).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    assert_eq!(reply.echoed("x-auth-subject").as_deref(), Some("ada"));
-    let expired = access_guard::sign_hs256(
-        SECRET,
-        &serde_json::json!({"sub": "ada", "iss": "https://id.example.com", "aud": "app", "exp": now - 3600}),
-    );
-    assert_eq!(
-        send(edge.http, with(Some(format!("Bearer {expired}"))))
+        let reply = send(edge.http, with(None)).await;
+        assert_eq!(reply.status, 401);
+        assert_eq!(
+            reply.headers["www-authenticate"],
+            r#"Bearer realm="sluice""#
+        );
+        assert_eq!(
+            send(
+                edge.http,
+                with(Some("Bearer wrong-token-0123456789".into()))
+            )
             .await
             .status,
-        403
-    );
-    conn.stop().await;
+            403
+        );
+
+        let reply = send(
+            edge.http,
+            with(Some("Bearer static-token-0123456789".into())),
+        )
+        .await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["path"], "/private");
+
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let good = access_guard::sign_hs256(
+            SECRET,
+            &serde_json::json!({"sub": "ada", "iss": "https://id.example.com", "aud": "app", "exp": now + 300}),
+        );
+        let reply = send(edge.http, with(Some(format!("Bearer {good}")))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.echoed("x-auth-subject").as_deref(), Some("ada"));
+        let expired = access_guard::sign_hs256(
+            SECRET,
+            &serde_json::json!({"sub": "ada", "iss": "https://id.example.com", "aud": "app", "exp": now - 3600}),
+        );
+        assert_eq!(
+            send(edge.http, with(Some(format!("Bearer {expired}"))))
+                .await
+                .status,
+            403
+        );
+        conn.stop().await;
+    }
 }
 
 #[test]

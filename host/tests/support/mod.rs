@@ -569,10 +569,61 @@ pub const EXAMPLE_PLUGINS: &[&str] = &[
     "access-guard",
 ];
 
-/// Path of an example plugin (`plugins/NAME`), built like [`fixture`].
+thread_local! {
+    /// Whether [`example_plugin`] gives the pinned 0.1 builds (`tests/pinned/v0.1`) for the
+    /// test running on this thread: set by [`over_both_plugin_builds!`].
+    static PINNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes [`example_plugin`] give the example plugins as built for `sluice:plugin@0.1.0` until
+/// the guard drops.
+pub fn use_pinned_plugins() -> impl Drop {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PINNED.with(|p| p.set(self.0));
+        }
+    }
+    Reset(PINNED.with(|p| p.replace(true)))
+}
+
+/// Runs every test function given twice, as `built::NAME` (the example plugins built from
+/// today's sources) and `v0_1::NAME` (the ones kept as built for `sluice:plugin@0.1.0`).
+#[macro_export]
+macro_rules! over_both_plugin_builds {
+    ($($(#[$meta:meta])* async fn $name:ident() $body:block)*) => {
+        mod built {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                $(#[$meta])*
+                async fn $name() $body
+            )*
+        }
+        mod v0_1 {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                $(#[$meta])*
+                async fn $name() {
+                    let _pinned = support::use_pinned_plugins();
+                    $body
+                }
+            )*
+        }
+    };
+}
+
+/// Path of an example plugin (`plugins/NAME`), built like [`fixture`]; or, under
+/// [`use_pinned_plugins`], as kept in `tests/pinned/v0.1`.
 pub fn example_plugin(name: &str) -> std::path::PathBuf {
-    let echo = fixture("echo");
-    echo.with_file_name(format!("{}.wasm", name.replace('-', "_")))
+    let file = format!("{}.wasm", name.replace('-', "_"));
+    if PINNED.with(|p| p.get()) {
+        return std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/pinned/v0.1")
+            .join(file);
+    }
+    fixture("echo").with_file_name(file)
 }
 
 /// A TLS client trusting `identity`'s certificate, offering `alpn`.
