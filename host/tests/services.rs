@@ -420,6 +420,35 @@ over_both_transports! {
     }
 
     #[tokio::test]
+    async fn a_connector_without_the_service_passes_the_session_to_one_that_has_it() {
+        let origin = tcp_echo_origin().await;
+        let (edge, _with) = services_tunnel(
+            vec![port("echo", SessionProtocol::Tcp)],
+            vec![service("echo", &format!("tcp://{origin}"))],
+            |_| {},
+            |cfg| cfg.connector_id = "with-echo".into(),
+        )
+        .await;
+        // A replica of the tunnel whose file lacks the service.
+        let hello = OriginConfig::new("hello", OriginTarget::Hello);
+        let mut cfg = connector_config(&edge, "app", "t", vec![hello], vec![]);
+        cfg.connector_id = "without-echo".into();
+        let without = start_connector(cfg).await;
+        without.registered(2).await;
+        // Sessions are spread over both; each reaches the echo, through a second try when the
+        // first connector tried lacks the service.
+        for i in 0..8u8 {
+            let mut tcp = TcpStream::connect(port_addr(&edge, "echo")).await.unwrap();
+            tcp.write_all(&[i]).await.unwrap();
+            let mut buf = [0u8; 1];
+            tokio::time::timeout(WAIT, tcp.read_exact(&mut buf)).await.unwrap().unwrap();
+            assert_eq!(buf, [i]);
+        }
+        let text = get(edge.admin.unwrap(), "admin", "/metrics").await.text();
+        assert!(!text.contains("outcome=\"connector-refused\""), "{text}");
+    }
+
+    #[tokio::test]
     async fn sluice_access_to_an_origin_that_refuses_gets_a_clear_502() {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let (edge, _conn) = services_tunnel(vec![], vec![], |_| {}, |cfg| {

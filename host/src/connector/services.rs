@@ -129,6 +129,10 @@ impl Pipeline {
                 let reply = SessionReply {
                     error: Some(refusal.reply(&head.service)),
                     datagrams: false,
+                    elsewhere: matches!(
+                        refusal,
+                        Refusal::UnknownService | Refusal::Limit(_) | Refusal::WrongProtocol(_)
+                    ),
                 };
                 if write_frame(&mut send, &reply).await.is_ok() {
                     let _ = send.finish();
@@ -144,6 +148,7 @@ impl Pipeline {
         let reply = SessionReply {
             error: None,
             datagrams: link.is_some(),
+            elsewhere: false,
         };
         if write_frame(&mut send, &reply).await.is_err() {
             return;

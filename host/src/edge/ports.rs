@@ -177,63 +177,108 @@ impl PortCtx {
     }
 
     /// Opens a session stream on a connection of the port's tunnel and waits for the
-    /// connector to connect to the origin. A UDP flow over QUIC is offered a QUIC-datagram
-    /// path, kept when the connector accepts it. On failure, the reason as a metric label.
+    /// connector to connect to the origin. A connector that lacks the service or is at its
+    /// limit says so, and another connector of the tunnel is tried. A UDP flow over QUIC is
+    /// offered a QUIC-datagram path, kept when the connector accepts it. On failure, the
+    /// reason as a metric label.
     async fn open(&self, head: &mut SessionHead) -> Result<Opened, &'static str> {
-        let Some(in_flight) = self.shared.registry.pick_for_session(&self.tunnel) else {
-            if self.may_warn() {
-                if self.shared.registry.live_connections(&self.tunnel) == 0 {
-                    warn!(client = %head.client_addr, "the tunnel is offline (no connector is connected); session refused");
-                } else {
-                    warn!(client = %head.client_addr, "the tunnel's connectors predate TCP and UDP services (upgrade them); session refused");
+        let mut tried = Vec::new();
+        loop {
+            match self.attempt(head, &tried).await {
+                Ok(opened) => return Ok(opened),
+                Err(Attempt::Refused { connector }) if tried.len() < MAX_CONNECTORS_TRIED => {
+                    tried.push(connector);
                 }
+                Err(Attempt::Refused { .. }) => return Err("connector-refused"),
+                Err(Attempt::Offline) if !tried.is_empty() => return Err("connector-refused"),
+                Err(Attempt::Offline) => {
+                    if self.may_warn() {
+                        if self.shared.registry.live_connections(&self.tunnel) == 0 {
+                            warn!(client = %head.client_addr, "the tunnel is offline (no connector is connected); session refused");
+                        } else {
+                            warn!(client = %head.client_addr, "the tunnel's connectors predate TCP and UDP services (upgrade them); session refused");
+                        }
+                    }
+                    return Err("offline");
+                }
+                Err(Attempt::Failed(why)) => return Err(why),
             }
-            return Err("offline");
+        }
+    }
+
+    /// One try on a connection of a connector not in `skip`.
+    async fn attempt(&self, head: &mut SessionHead, skip: &[String]) -> Result<Opened, Attempt> {
+        let Some(in_flight) = self.shared.registry.pick_for_session(&self.tunnel, skip) else {
+            return Err(Attempt::Offline);
         };
         let link = match (&in_flight.conn().flows, head.protocol) {
             (Some(router), SessionProtocol::Udp) => Some(router.open_next(&in_flight.conn().conn)),
             _ => None,
         };
         head.flow = link.as_ref().map(DatagramLink::id);
-        let frame = head.encode().map_err(|_| "edge-refused")?;
+        let frame = head.encode().map_err(|_| Attempt::Failed("edge-refused"))?;
         let (send, mut recv) = super::dispatch::open_stream(&in_flight, &frame, false)
             .await
             .map_err(|e| {
                 if self.may_warn() {
                     warn!(cause = %e, "could not open a session stream to the connector");
                 }
-                "connector-failed"
+                Attempt::Failed("connector-failed")
             })?;
         match tokio::time::timeout(REPLY_TIMEOUT, read_frame::<_, SessionReply>(&mut recv)).await {
             Ok(Ok(SessionReply {
                 error: None,
                 datagrams,
+                ..
             })) => Ok(Opened {
                 send,
                 recv,
                 link: link.filter(|_| datagrams),
                 _in_flight: in_flight,
             }),
-            Ok(Ok(SessionReply { error: Some(e), .. })) => {
+            Ok(Ok(SessionReply {
+                error: Some(e),
+                elsewhere,
+                ..
+            })) => {
                 if self.may_warn() {
-                    warn!(client = %head.client_addr, session_id = %head.session_id, reason = ?e, "the connector refused the session");
+                    warn!(client = %head.client_addr, session_id = %head.session_id, connector = %in_flight.conn().connector_id, reason = ?e, "the connector refused the session");
                 }
-                Err("connector-refused")
+                if elsewhere {
+                    Err(Attempt::Refused {
+                        connector: in_flight.conn().connector_id.clone(),
+                    })
+                } else {
+                    Err(Attempt::Failed("connector-refused"))
+                }
             }
             Ok(Err(e)) => {
                 if self.may_warn() {
                     warn!(cause = %e, "the connector did not answer the session");
                 }
-                Err("connector-failed")
+                Err(Attempt::Failed("connector-failed"))
             }
             Err(_) => {
                 if self.may_warn() {
                     warn!("the connector did not answer the session in time");
                 }
-                Err("connector-failed")
+                Err(Attempt::Failed("connector-failed"))
             }
         }
     }
+}
+
+/// Connectors one session tries before it is refused.
+const MAX_CONNECTORS_TRIED: usize = 4;
+
+/// How one try to open a session went wrong.
+enum Attempt {
+    /// No (other) connector of the tunnel serves sessions.
+    Offline,
+    /// This connector lacks the service or is at its limit; another may accept.
+    Refused { connector: String },
+    /// Anything else, as a metric label.
+    Failed(&'static str),
 }
 
 /// A session the connector accepted.

@@ -428,9 +428,10 @@ impl Registry {
         self.pick_where(tunnel, |c| !exclude.contains(&c.id))
     }
 
-    /// As [`Registry::pick`], among the connections of `tunnel` that serve session streams.
-    pub fn pick_for_session(&self, tunnel: &str) -> Option<InFlight> {
-        self.pick_where(tunnel, |c| c.sessions)
+    /// As [`Registry::pick`], among the connections of `tunnel` that serve session streams,
+    /// skipping those of the connectors in `skip`.
+    pub fn pick_for_session(&self, tunnel: &str, skip: &[String]) -> Option<InFlight> {
+        self.pick_where(tunnel, |c| c.sessions && !skip.contains(&c.connector_id))
     }
 
     fn pick_where(&self, tunnel: &str, eligible: impl Fn(&ConnEntry) -> bool) -> Option<InFlight> {

@@ -78,6 +78,10 @@ pub struct SessionReply {
     /// The connector accepts the flow's datagrams as QUIC datagrams (the head named a flow).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub datagrams: bool,
+    /// With an error: another connector of the tunnel may accept the session (this one has
+    /// no such service, or is at its limit), so the edge tries one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub elsewhere: bool,
 }
 
 impl SessionHead {
