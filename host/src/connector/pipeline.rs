@@ -127,8 +127,8 @@ pub(super) struct Admitted {
     pub request: Option<OwnedSemaphorePermit>,
     /// Counts the request in `streams_in_flight` until it ends or becomes a session.
     pub gauge: Option<InFlightGauge>,
-    pub admission: Admission,
-    pub session_limit: usize,
+    /// The connection's context: its session limit, for the exchange.
+    pub ctx: Arc<StreamContext>,
 }
 
 /// Why a pipeline could not be built.
@@ -302,15 +302,9 @@ impl Pipeline {
         self: Arc<Self>,
         send: SendStream,
         mut recv: RecvStream,
-        ctx: StreamContext,
+        ctx: Arc<StreamContext>,
     ) {
-        let StreamContext {
-            heads,
-            metrics,
-            admission,
-            limits,
-            datagrams,
-        } = ctx;
+        let (heads, metrics, limits) = (ctx.heads, &ctx.metrics, ctx.limits);
         let mut send = Reply { send, heads };
         let read = tokio::time::timeout(HEAD_TIMEOUT, read_payload(&mut recv)).await;
         let payload = match read {
@@ -327,17 +321,17 @@ impl Pipeline {
                 Ok(h) => h,
                 Err(e) => return refuse_malformed(&mut send, &mut recv, &e),
             };
-            let permit = admission.sessions.clone().try_acquire_owned().ok();
+            let permit = ctx.admission.sessions.clone().try_acquire_owned().ok();
             let span = tracing::info_span!("session", id = %head.session_id);
             let session = super::services::SessionStream {
                 head,
                 send: send.send,
                 recv,
                 permit,
-                datagrams,
+                datagrams: ctx.datagrams.clone(),
             };
             return self
-                .serve_session(session, &metrics, limits.1)
+                .serve_session(session, metrics, limits.1)
                 .instrument(span)
                 .await;
         }
@@ -345,7 +339,7 @@ impl Pipeline {
             Ok(h) => h,
             Err(e) => return refuse_malformed(&mut send, &mut recv, &e),
         };
-        let Ok(permit) = admission.requests.clone().try_acquire_owned() else {
+        let Ok(permit) = ctx.admission.requests.clone().try_acquire_owned() else {
             metrics
                 .rejected
                 .get_or_create(&crate::admin::metrics::KindLabels { kind: "limit" })
@@ -355,11 +349,10 @@ impl Pipeline {
         let mut admitted = Admitted {
             request: Some(permit),
             gauge: Some(InFlightGauge::new(&metrics.in_flight)),
-            admission,
-            session_limit: limits.1,
+            ctx: ctx.clone(),
         };
         let span = tracing::info_span!("request", id = %head.request_id);
-        self.serve(head, send, recv, &metrics, &mut admitted)
+        self.serve(head, send, recv, metrics, &mut admitted)
             .instrument(span)
             .await
     }

@@ -204,13 +204,13 @@ impl Pipeline {
             }
         };
         let tunnel = self.tunnel().to_string();
-        let Ok(permit) = admitted.admission.sessions.clone().try_acquire_owned() else {
+        let Ok(permit) = admitted.ctx.admission.sessions.clone().try_acquire_owned() else {
             self.session_metrics_refused(&tunnel, &name, "limit");
             return Err(Failure::Answer {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 message: format!(
                     "too many sessions (max-sessions = {})",
-                    admitted.session_limit
+                    admitted.ctx.limits.1
                 ),
                 public: None,
                 origin: name,

@@ -579,7 +579,7 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
         heads,
         _count,
     } = link;
-    let ctx = StreamContext {
+    let ctx = Arc::new(StreamContext {
         heads,
         metrics: shared.metrics.clone(),
         admission: shared.admission.clone(),
@@ -588,7 +588,7 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
             shared.config.max_sessions,
         ),
         datagrams: FlowRouter::start(&conn).map(|router| (conn.clone(), router)),
-    };
+    });
     let mut draining = false;
     let acked = drain_ack(control_recv);
     tokio::pin!(acked);
@@ -638,7 +638,7 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
 
 /// Starts serving one stream (a request or a session); its own limit is applied once its
 /// head says which it is.
-fn accept_stream(shared: &Shared, ctx: &StreamContext, send: SendStream, recv: RecvStream) {
+fn accept_stream(shared: &Shared, ctx: &Arc<StreamContext>, send: SendStream, recv: RecvStream) {
     // Each stream runs on the pipeline current when it arrived.
     let pipeline = shared.pipeline.load_full();
     shared

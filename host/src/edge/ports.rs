@@ -390,18 +390,20 @@ async fn serve_udp(
         }
         let datagram = Bytes::copy_from_slice(&buf[..n]);
         let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
-        let datagram = match map.get(&client).map(|tx| tx.try_send(datagram)) {
-            Some(Ok(())) => {
-                queued.fetch_add(n, Ordering::Relaxed);
-                continue;
-            }
-            Some(Err(mpsc::error::TrySendError::Full(_))) => continue,
-            // The flow just ended: this datagram starts a new one.
-            Some(Err(mpsc::error::TrySendError::Closed(d))) => {
-                map.remove(&client);
-                d
-            }
-            None => Bytes::copy_from_slice(&buf[..n]),
+        let datagram = match map.get(&client) {
+            None => datagram,
+            Some(tx) => match tx.try_send(datagram) {
+                Ok(()) => {
+                    queued.fetch_add(n, Ordering::Relaxed);
+                    continue;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => continue,
+                // The flow just ended: this datagram starts a new one.
+                Err(mpsc::error::TrySendError::Closed(d)) => {
+                    map.remove(&client);
+                    d
+                }
+            },
         };
         if map.len() >= port.config.max_sessions {
             port.refused("limit");
