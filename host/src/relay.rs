@@ -158,6 +158,13 @@ pub fn full(data: impl Into<Bytes>) -> HttpBody {
         .boxed()
 }
 
+/// The body length `headers` announce with a single, valid `content-length`.
+pub fn announced_length(headers: &http::HeaderMap) -> Option<u64> {
+    let mut values = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    let length = values.next()?.to_str().ok()?.parse().ok()?;
+    values.next().is_none().then_some(length)
+}
+
 /// Why pumping a body into a QUIC stream stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {
@@ -177,7 +184,15 @@ pub enum PumpError {
 /// written together with the head, and the FIN follows without yielding to the runtime, so
 /// that QUIC's connection task, woken by the first write, finds the whole answer (a head, a
 /// body and a FIN sent one by one cost up to three packets and their acknowledgements).
-pub async fn pump<B>(head: Bytes, mut body: B, send: &mut SendStream) -> Result<u64, PumpError>
+/// With `head_waits` (a small body of announced length), the head waits for the first chunk
+/// even when it is not there yet: an HTTP/1 origin's head often reaches us a moment before
+/// its body, and a client can do nothing with the head of a short answer without its body.
+pub async fn pump<B>(
+    head: Bytes,
+    mut body: B,
+    send: &mut SendStream,
+    head_waits: bool,
+) -> Result<u64, PumpError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -186,11 +201,13 @@ where
     let mut pending = Some(head).filter(|h| !h.is_empty());
     loop {
         let next = match pending.as_ref().map(|_| body.frame().now_or_never()) {
-            // The head waits for a chunk that is already there, never for one that is not.
-            Some(None) => {
+            // Unless told to, the head waits for a chunk that is already there, never for one
+            // that is not.
+            Some(None) if !head_waits => {
                 send.write_chunk(pending.take().expect("checked")).await?;
                 body.frame().await
             }
+            Some(None) => body.frame().await,
             Some(Some(next)) => next,
             None => body.frame().await,
         };

@@ -28,7 +28,7 @@
 //!     }
 //!
 //!     fn on_request(&self, req: &Request) -> RequestDecision {
-//!         sluice_sdk::log::info(&format!("greeting {}", req.path));
+//!         sluice_sdk::log::info(&format!("greeting {}", req.path()));
 //!         RequestDecision::new().set_header("x-greeting", &self.greeting)
 //!     }
 //! }

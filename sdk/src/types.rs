@@ -1,37 +1,37 @@
 //! Plain Rust views of requests, responses and completions, and the decisions a plugin returns.
 
+use std::cell::OnceCell;
+
 use crate::__bindings::sluice::plugin::types as wit;
 
 /// The request as a plugin sees it (read-only). It reflects the edits of the plugins that ran
 /// before this one.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Request {
-    /// Method, such as `GET`.
-    pub method: String,
-    /// `http` or `https`, as the client spoke to the edge.
-    pub scheme: String,
-    /// The Host the client asked for, port included if given.
-    pub authority: String,
-    /// Normalised path with the query (`/a/b?c=d`).
-    pub path: String,
-    /// Headers, lowercase names, in order; repeated headers appear several times.
-    pub headers: Vec<(String, Vec<u8>)>,
-    /// The request id (`sluice-request-id`).
-    pub request_id: String,
-    /// The tunnel's public hostname for this request (lowercase, no port).
-    pub hostname: String,
-    /// Index of the ingress rule that matched.
-    pub ingress_rule: u32,
-    /// The client's address, if the operator granted `client-addr`.
-    pub client_addr: Option<String>,
+///
+/// In a component, each part is fetched from the host the first time the plugin asks for it,
+/// and kept for the rest of the hook: a hook pays only for what it reads (a plugin that looks
+/// at one header does not copy the path, the method and every other header into its memory).
+/// In native tests, [`Request::new`] builds one with every part already there.
+#[derive(Clone)]
+pub struct Request<'a> {
+    /// The host's view, while a hook runs; `None` for a request built by a test.
+    host: Option<&'a wit::Request>,
+    method: OnceCell<String>,
+    scheme: OnceCell<String>,
+    authority: OnceCell<String>,
+    path: OnceCell<String>,
+    pub(crate) headers: OnceCell<Vec<(String, Vec<u8>)>>,
+    request_id: OnceCell<String>,
+    hostname: OnceCell<String>,
+    ingress_rule: OnceCell<u32>,
+    pub(crate) client_addr: OnceCell<Option<String>>,
 }
 
-impl Request {
+impl Request<'static> {
     /// A request for `url` (`https://host/path?query`), for tests. As in production, the
     /// authority is in [`Request::authority`] and [`Request::hostname`], not in a `host`
     /// header; the view is what a plugin with every grant sees (see
     /// [`crate::testing::granted`] for what the host hides otherwise).
-    pub fn new(method: &str, url: &str) -> Request {
+    pub fn new(method: &str, url: &str) -> Request<'static> {
         let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -42,42 +42,127 @@ impl Request {
             .map_or(authority, |(h, _)| h)
             .to_ascii_lowercase();
         Request {
-            method: method.to_string(),
-            scheme: scheme.to_string(),
-            authority: authority.to_string(),
-            path: path.to_string(),
-            headers: Vec::new(),
-            request_id: "00000000000000000000000000000000".into(),
-            hostname,
-            ingress_rule: 0,
-            client_addr: None,
+            host: None,
+            method: method.to_string().into(),
+            scheme: scheme.to_string().into(),
+            authority: authority.to_string().into(),
+            path: path.to_string().into(),
+            headers: Vec::new().into(),
+            request_id: String::from("00000000000000000000000000000000").into(),
+            hostname: hostname.into(),
+            ingress_rule: 0.into(),
+            client_addr: None.into(),
         }
     }
 
     /// Adds a header (for tests).
-    pub fn with_header(mut self, name: &str, value: &str) -> Request {
+    pub fn with_header(mut self, name: &str, value: &str) -> Request<'static> {
         self.headers
+            .get_mut()
+            .expect("set by Request::new")
             .push((name.to_ascii_lowercase(), value.as_bytes().to_vec()));
         self
     }
 
     /// Sets the client address (for tests).
-    pub fn with_client_addr(mut self, addr: &str) -> Request {
-        self.client_addr = Some(addr.to_string());
+    pub fn with_client_addr(mut self, addr: &str) -> Request<'static> {
+        self.client_addr = Some(addr.to_string()).into();
         self
+    }
+
+    /// Sets the request id (for tests; [`Request::new`] uses 32 zeros).
+    pub fn with_request_id(mut self, id: &str) -> Request<'static> {
+        self.request_id = id.to_string().into();
+        self
+    }
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn from_wit(req: &'a wit::Request) -> Request<'a> {
+        Request {
+            host: Some(req),
+            method: OnceCell::new(),
+            scheme: OnceCell::new(),
+            authority: OnceCell::new(),
+            path: OnceCell::new(),
+            headers: OnceCell::new(),
+            request_id: OnceCell::new(),
+            hostname: OnceCell::new(),
+            ingress_rule: OnceCell::new(),
+            client_addr: OnceCell::new(),
+        }
+    }
+
+    /// The host's view; every part of a request built by a test is already set.
+    fn host(&self) -> &'a wit::Request {
+        self.host
+            .expect("a request built by a test has every part set")
+    }
+
+    /// Method, such as `GET`.
+    pub fn method(&self) -> &str {
+        self.method.get_or_init(|| self.host().method())
+    }
+
+    /// `http` or `https`, as the client spoke to the edge.
+    pub fn scheme(&self) -> &str {
+        self.scheme.get_or_init(|| self.host().scheme())
+    }
+
+    /// The Host the client asked for, port included if given.
+    pub fn authority(&self) -> &str {
+        self.authority.get_or_init(|| self.host().authority())
+    }
+
+    /// Normalised path with the query (`/a/b?c=d`).
+    pub fn path(&self) -> &str {
+        self.path.get_or_init(|| self.host().path())
+    }
+
+    /// Every header, lowercase names, in order; a repeated header appears several times.
+    pub fn headers(&self) -> &[(String, Vec<u8>)] {
+        self.headers.get_or_init(|| {
+            self.host()
+                .headers()
+                .into_iter()
+                .map(|h| (h.name, h.value))
+                .collect()
+        })
+    }
+
+    /// The request id (`sluice-request-id`).
+    pub fn request_id(&self) -> &str {
+        self.request_id.get_or_init(|| self.host().request_id())
+    }
+
+    /// The tunnel's public hostname for this request (lowercase, no port).
+    pub fn hostname(&self) -> &str {
+        self.hostname.get_or_init(|| self.host().hostname())
+    }
+
+    /// Index of the ingress rule that matched, in the connector's file.
+    pub fn ingress_rule(&self) -> u32 {
+        *self.ingress_rule.get_or_init(|| self.host().ingress_rule())
+    }
+
+    /// The client's address (`ip:port`), if the operator granted `client-addr`.
+    pub fn client_addr(&self) -> Option<&str> {
+        self.client_addr
+            .get_or_init(|| self.host().client_addr())
+            .as_deref()
     }
 
     /// The first value of header `name`, if it is valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
+        self.headers()
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
 
     /// Every value of header `name`, in order.
-    pub fn header_bytes<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers
+    pub fn header_bytes<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
+        self.headers()
             .iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_slice())
@@ -95,12 +180,12 @@ impl Request {
 
     /// The path without the query.
     pub fn path_only(&self) -> &str {
-        self.path.split('?').next().unwrap_or("/")
+        self.path().split('?').next().unwrap_or("/")
     }
 
     /// The client's IP address (without port), if granted.
     pub fn client_ip(&self) -> Option<&str> {
-        let addr = self.client_addr.as_deref()?;
+        let addr = self.client_addr()?;
         Some(match addr.rsplit_once(':') {
             Some((ip, port)) if port.bytes().all(|b| b.is_ascii_digit()) => {
                 ip.trim_start_matches('[').trim_end_matches(']')
@@ -108,23 +193,18 @@ impl Request {
             _ => addr,
         })
     }
+}
 
-    pub(crate) fn from_wit(req: &wit::Request) -> Request {
-        Request {
-            method: req.method(),
-            scheme: req.scheme(),
-            authority: req.authority(),
-            path: req.path(),
-            headers: req
-                .headers()
-                .into_iter()
-                .map(|h| (h.name, h.value))
-                .collect(),
-            request_id: req.request_id(),
-            hostname: req.hostname(),
-            ingress_rule: req.ingress_rule(),
-            client_addr: req.client_addr(),
-        }
+impl std::fmt::Debug for Request<'_> {
+    /// Shows the parts read so far (a debug print never calls the host).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("method", &self.method.get())
+            .field("authority", &self.authority.get())
+            .field("path", &self.path.get())
+            .field("headers", &self.headers.get())
+            .field("request_id", &self.request_id.get())
+            .finish_non_exhaustive()
     }
 }
 
@@ -412,7 +492,7 @@ mod tests {
         let req = Request::new("GET", "https://App.Test:8443/x?y=1");
         assert_eq!(req.header("host"), None);
         assert_eq!(
-            (req.authority.as_str(), req.hostname.as_str()),
+            (req.authority(), req.hostname()),
             ("App.Test:8443", "app.test")
         );
     }

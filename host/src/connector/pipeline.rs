@@ -45,6 +45,10 @@ use crate::transport::{RecvStream, SendStream};
 /// How long the edge has to send a request head once it opened a stream.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A response body of announced length up to this many bytes leaves with its head (see
+/// [`relay::pump`]).
+const SHORT_BODY: u64 = 16 * 1024;
+
 /// Ingress rules, origins and plugin chains: everything a request needs, swapped as a whole
 /// on reload.
 #[derive(Debug)]
@@ -631,8 +635,9 @@ impl Pipeline {
             return Ok(outcome);
         }
 
+        let short = relay::announced_length(resp.headers()).is_some_and(|n| n <= SHORT_BODY);
         let body = relay::with_idle_timeout(resp.into_body(), self.body_idle_timeout);
-        match relay::pump(head_frame, body, send).await {
+        match relay::pump(head_frame, body, send, short).await {
             Ok(n) => outcome.bytes_out = n,
             Err(PumpError::Body(e)) => {
                 warn!(origin = %outcome.origin, cause = %e, "origin failed mid-body; resetting the stream");
@@ -796,6 +801,7 @@ impl Framing {
                 if let Some(n) = length {
                     headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
                 }
+                recv.release();
                 return (relay::empty(), None);
             }
             Framing::Length(n) => (CONTENT_LENGTH, HeaderValue::from(n)),

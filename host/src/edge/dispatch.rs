@@ -491,7 +491,7 @@ fn response(status: StatusCode, headers: http::HeaderMap, body: HttpBody) -> Res
 /// Streams the client's body to the connector; a body that fails resets the stream so that
 /// it never looks complete. `_counted` keeps the request counted until the upload ends.
 async fn upload<G>(body: HttpBody, mut send: SendStream, _counted: G) {
-    match relay::pump(Bytes::new(), body, &mut send).await {
+    match relay::pump(Bytes::new(), body, &mut send, false).await {
         Ok(_) => {}
         Err(e) => {
             debug!(cause = %e, "request body upload stopped");

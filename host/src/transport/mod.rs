@@ -400,6 +400,16 @@ impl RecvStream {
         std::future::poll_fn(|cx| self.poll_chunk(cx, max)).await
     }
 
+    /// Lets go of a stream whose end should already be here (a request head that announced
+    /// no body came with its FIN). Reading that FIN first, without waiting, matters over
+    /// QUIC: dropping a stream that was not read to its end sends STOP_SENDING, one packet
+    /// more per request, which also pushes the peer into acknowledging at once. Anything
+    /// else (data the head did not announce, no FIN yet) is dropped as before.
+    pub fn release(mut self) {
+        use futures_util::FutureExt;
+        let _ = self.read_chunk(1).now_or_never();
+    }
+
     /// Tells the peer to stop sending (over HTTP/2: discards the rest as it arrives).
     pub fn stop(&mut self, code: u32) -> Result<(), StreamError> {
         match self {
@@ -555,6 +565,41 @@ mod tests {
                 .unwrap_or_else(|_| panic!("{protocol}: the sender stalled"))
                 .ok();
         }
+    }
+
+    /// A request that announced no body comes with its FIN; letting go of it sends no
+    /// STOP_SENDING (which would cost a packet, and an immediate acknowledgement, per request).
+    #[tokio::test]
+    async fn releasing_an_ended_stream_sends_no_stop_sending() {
+        let pair = testing::pair(Protocol::Quic).await;
+        let (Connection::Quic(_), Connection::Quic(connector)) = (&pair.edge, &pair.connector)
+        else {
+            unreachable!()
+        };
+        let (mut edge_send, mut edge_recv) = pair.edge.open_bi().await.unwrap();
+        edge_send.write_all(b"head").await.unwrap();
+        edge_send.finish().unwrap();
+        // Resolves once the connector acknowledged everything, the FIN included.
+        let acked = tokio::time::timeout(std::time::Duration::from_secs(5), edge_send.stopped())
+            .await
+            .expect("the connector never acknowledged the stream");
+        assert!(matches!(acked, Ok(None)), "{acked:?}");
+
+        let (mut send, mut recv) = pair.connector.accept_bi().await.unwrap();
+        assert_eq!(
+            recv.read_chunk(64).await.unwrap().as_deref(),
+            Some(&b"head"[..])
+        );
+        recv.release();
+        // An answer after the release: once the edge has it all, anything queued before it
+        // has been sent too.
+        send.write_all(b"answer").await.unwrap();
+        send.finish().unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), read_all(&mut edge_recv))
+            .await
+            .expect("the answer never ended");
+        assert_eq!(got.unwrap(), b"answer");
+        assert_eq!(connector.stats().frame_tx.stop_sending, 0);
     }
 
     /// A connection whose last handle is dropped closes, and its peer sees it end.

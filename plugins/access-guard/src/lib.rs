@@ -166,7 +166,7 @@ impl AccessGuard {
                 &[
                     ("status", &status.to_string()),
                     ("reason", reason),
-                    ("path", &req.path),
+                    ("path", req.path()),
                 ],
             );
         }
@@ -292,7 +292,7 @@ mod tests {
         .unwrap()
     }
 
-    fn with_token(t: &str) -> Request {
+    fn with_token(t: &str) -> Request<'static> {
         Request::new("GET", "https://app.test/")
             .with_header("authorization", &format!("Bearer {t}"))
     }

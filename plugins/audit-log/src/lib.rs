@@ -55,9 +55,9 @@ impl AuditLog {
         let mut out = Vec::new();
         for field in &self.config.fields {
             let value = match field.as_str() {
-                "method" => req.method.clone(),
-                "host" => req.hostname.clone(),
-                "path" => req.path.clone(),
+                "method" => req.method().to_string(),
+                "host" => req.hostname().to_string(),
+                "path" => req.path().to_string(),
                 "status" => info.status.to_string(),
                 "duration_ms" => format!("{:.3}", info.duration_us as f64 / 1000.0),
                 "origin" => info.origin.clone().unwrap_or_default(),

@@ -102,9 +102,9 @@ fn check(edits: &Edits, side: &str) -> Result<(), String> {
 /// Replaces the variables in `template` for `req`.
 pub fn expand(template: &str, req: &Request) -> String {
     template
-        .replace("{request_id}", &req.request_id)
+        .replace("{request_id}", req.request_id())
         .replace("{client_ip}", req.client_ip().unwrap_or("unknown"))
-        .replace("{host}", &req.hostname)
+        .replace("{host}", req.hostname())
 }
 
 impl Plugin for HeaderRewrite {
@@ -166,7 +166,7 @@ mod tests {
                 HeaderEdit::Remove("x-internal".into()),
                 HeaderEdit::Set(
                     "x-id".into(),
-                    format!("{}@app.test", req.request_id).into_bytes()
+                    format!("{}@app.test", req.request_id()).into_bytes()
                 ),
                 HeaderEdit::Set("x-ip".into(), b"192.0.2.7".to_vec()),
                 HeaderEdit::Append("via".into(), b"sluice".to_vec()),

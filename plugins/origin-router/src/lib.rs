@@ -115,7 +115,7 @@ impl OriginRouter {
                 .or_else(|| s.cookie.as_deref().and_then(|c| req.cookie(c)))
         });
         // Without a sticky key, the request id (random per request) spreads requests.
-        let key = sticky_key.unwrap_or(&req.request_id);
+        let key = sticky_key.unwrap_or(req.request_id());
         let mut point = fnv1a(key.as_bytes()) % self.total;
         for (origin, weight) in &split.weights {
             if point < u64::from(*weight) {
