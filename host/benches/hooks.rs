@@ -115,7 +115,7 @@ async fn main() {
         ("on-request, reuse, one header edit", r#"{"tag":"a"}"#),
     ] {
         let p = load(&rt, "reuse", config, Isolation::Reuse, &metrics).await;
-        let mut none = None;
+        let mut none = sluice::plugin::Held::default();
         for _ in 0..1000 {
             p.on_request(&mut none, view.clone()).await.result.unwrap();
         }
@@ -140,14 +140,14 @@ async fn main() {
         )
         .await;
         for _ in 0..200 {
-            let mut held = None;
+            let mut held = sluice::plugin::Held::default();
             p.on_request(&mut held, view.clone()).await.result.unwrap();
         }
         let n = (iters / 4).max(100);
         let mut samples = Vec::with_capacity(n);
         for _ in 0..n {
             let t = Instant::now();
-            let mut held = None;
+            let mut held = sluice::plugin::Held::default();
             p.on_request(&mut held, view.clone()).await.result.unwrap();
             drop(held);
             samples.push(t.elapsed());
@@ -170,7 +170,7 @@ async fn main() {
                 .await,
             );
         }
-        let mut none = None;
+        let mut none = sluice::plugin::Held::default();
         let mut samples = Vec::with_capacity(iters);
         for i in 0..iters + 1000 {
             let t = Instant::now();
@@ -375,9 +375,8 @@ impl OneRequest {
             "access-guard refused the bench token"
         );
         let mut resp = self.response_headers.clone();
-        run.on_response(http::StatusCode::OK, &mut resp)
-            .await
-            .unwrap();
+        let mut status = http::StatusCode::OK;
+        run.on_response(&mut status, &mut resp).await.unwrap();
         run.on_complete(Completion {
             status: 200,
             origin: Some("web".into()),

@@ -268,7 +268,8 @@ fn plugin_test_command_reports_decisions_logs_and_audit() {
         "  set x-demo: hello app.example.com",
         "on-response (status 503): ok",
         "  set x-by: sluice",
-        "on-complete (status 503): ok",
+        // The SDK's default: the plugin says so, and the connector stops calling it.
+        "on-complete (status 503): not implemented (the connector stops calling it)",
     ];
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines, expected, "{stdout}");

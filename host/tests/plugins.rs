@@ -105,6 +105,91 @@ async fn init_errors_stop_the_connector_naming_plugin_and_message() {
     let _ = std::fs::remove_file(junk);
 }
 
+/// What `sluice:plugin@0.2.0` adds, through the tunnel, with a plugin built by the SDK: a
+/// value kept in the request's context from `on-request` to `on-response` (and never into
+/// the next request served by the same instance); a response whose status and body the
+/// plugin replaced, with an exact `content-length`; and a hook the plugin left to the SDK's
+/// default, called once and then no more.
+#[tokio::test]
+async fn a_0_2_plugin_keeps_context_replaces_bodies_and_is_not_called_for_what_it_lacks() {
+    let p = plugin(
+        "stateful",
+        "stateful",
+        serde_json::json!({"remember": "/r", "mask_from": 500, "mask_status": 503, "mask_body": "sorry, later\n"}),
+    );
+    let failing = start_origin(|req: Request<hyper::body::Incoming>| async move {
+        let status = if req.uri().path().starts_with("/boom") {
+            500
+        } else {
+            200
+        };
+        let mut resp = hyper::Response::new(sluice::relay::full("origin body: internal details"));
+        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+        resp
+    })
+    .await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let mut r = rule(None, None, "web");
+    r.plugins = vec!["stateful".into()];
+    let mut cfg = connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("web", failing)],
+        vec![r],
+    );
+    cfg.plugins = vec![p];
+    cfg.admin_listen = Some(loopback());
+    let conn = start_connector(cfg).await;
+    conn.registered(1).await;
+
+    let admin = conn.admin.unwrap();
+    let calls = |metrics: &str, hook: &str| {
+        let key = format!(
+            r#"sluice_connector_plugin_hook_duration_seconds_count{{plugin="stateful",hook="{hook}"}} "#
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map(str::to_string)
+    };
+    let first = get(edge.http, "app.test", "/r/one").await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.headers["x-remembered"], "/r/one");
+    assert_eq!(first.text(), "origin body: internal details");
+    // on-complete runs after the answer: wait for the first request's.
+    tokio::time::timeout(WAIT, async {
+        let ran = |n: Option<String>| n.is_some_and(|n| n != "0");
+        while !ran(calls(
+            &get(admin, "admin", "/metrics").await.text(),
+            "on-complete",
+        )) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("on-complete never ran");
+    // One instance serves the requests one after the other (reuse): the next request's
+    // context starts empty.
+    for _ in 0..3 {
+        let next = get(edge.http, "app.test", "/other").await;
+        assert_eq!(next.headers["x-remembered"], "none");
+    }
+
+    let masked = get(edge.http, "app.test", "/boom").await;
+    assert_eq!(masked.status, 503);
+    assert_eq!(masked.text(), "sorry, later\n");
+    assert_eq!(masked.headers["content-length"], "13");
+    assert_eq!(masked.headers["content-type"], "text/plain");
+
+    let metrics = get(admin, "admin", "/metrics").await.text();
+    let count = |hook| calls(&metrics, hook).unwrap_or_else(|| panic!("no {hook}:\n{metrics}"));
+    assert_eq!(count("on-request"), "5");
+    assert_eq!(count("on-response"), "5");
+    // Not implemented: said so on the first request, never called again.
+    assert_eq!(count("on-complete"), "1");
+}
+
 #[tokio::test]
 async fn deadline_memory_and_errors_are_counted_in_metrics() {
     let mut p = plugin("strict", "misbehave", serde_json::json!({}));
@@ -341,7 +426,7 @@ async fn an_exhausted_instance_pool_is_unavailable_never_skipped() {
         ingress_rule: 0,
         client_addr: None,
     };
-    let (mut a, mut b, mut c) = (None, None, None);
+    let (mut a, mut b, mut c) = <[sluice::plugin::Held; 3]>::default().into();
     assert!(guard.on_request(&mut a, view()).await.result.is_ok());
     assert!(guard.on_request(&mut b, view()).await.result.is_ok());
     let third = guard.on_request(&mut c, view()).await.result;

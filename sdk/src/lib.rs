@@ -46,15 +46,20 @@
 //! |---|---|---|
 //! | [`Plugin::new`] | once per instance, with the operator's `config` table | refuse the configuration |
 //! | [`Plugin::on_request`] | before the origin is chosen, in chain order | edit headers, rewrite the path, pick an origin, answer locally |
-//! | [`Plugin::on_response`] | when the response head arrives, in reverse chain order | edit response headers |
+//! | [`Plugin::on_response`] | when the response head arrives, in reverse chain order | edit response headers, change the status, replace the body |
 //! | [`Plugin::on_complete`] | after the response was sent | log, emit audit events |
 //!
 //! The host validates every decision; see [`RequestDecision`] for what it refuses.
+//! [`context`] keeps values from one hook to the next of the same request. A hook left to the
+//! trait's default tells the host it is not implemented, and the host stops calling it.
+//!
+//! Components built with this crate are of the `sluice:plugin@0.2.0` world.
 #![deny(missing_docs)]
 
 mod types;
 
 pub mod audit;
+pub mod context;
 pub mod log;
 pub mod testing;
 
@@ -144,7 +149,7 @@ macro_rules! export_plugin {
         impl $crate::__bindings::exports::sluice::plugin::on_request::Guest for __SluicePluginExport {
             fn on_request(
                 req: &$crate::__bindings::sluice::plugin::types::Request,
-            ) -> $crate::__bindings::sluice::plugin::types::RequestDecision {
+            ) -> ::std::option::Option<$crate::__bindings::sluice::plugin::types::RequestDecision> {
                 $crate::__rt::on_request::<$plugin>(req)
             }
         }
@@ -153,7 +158,7 @@ macro_rules! export_plugin {
             fn on_response(
                 req: &$crate::__bindings::sluice::plugin::types::Request,
                 resp: $crate::__bindings::sluice::plugin::types::Response,
-            ) -> $crate::__bindings::sluice::plugin::types::ResponseDecision {
+            ) -> ::std::option::Option<$crate::__bindings::sluice::plugin::types::ResponseDecision> {
                 $crate::__rt::on_response::<$plugin>(req, resp)
             }
         }
@@ -162,7 +167,7 @@ macro_rules! export_plugin {
             fn on_complete(
                 req: &$crate::__bindings::sluice::plugin::types::Request,
                 info: $crate::__bindings::sluice::plugin::types::Completion,
-            ) {
+            ) -> bool {
                 $crate::__rt::on_complete::<$plugin>(req, info)
             }
         }
@@ -210,9 +215,9 @@ pub mod __rt {
     pub const ON_COMPLETE: u8 = 4;
 
     /// Called by the trait's default hooks. Every hook is exported (a trait cannot tell which
-    /// methods a type overrides), so a hook the plugin leaves out is still called; once its
-    /// default has run, later calls return at once instead of reading the whole request
-    /// from the host first (one host call per field), which they would never use.
+    /// methods a type overrides), so a hook the plugin leaves out is still called once: its
+    /// default runs, and the hook answers "not implemented" (`none`), after which the host
+    /// stops calling it.
     pub fn not_implemented(hook: u8) {
         DEFAULTS.with(|d| d.set(d.get() | hook));
     }
@@ -236,36 +241,35 @@ pub mod __rt {
         Ok(())
     }
 
-    pub fn on_request<P: Plugin>(req: &wit::Request) -> wit::RequestDecision {
+    pub fn on_request<P: Plugin>(req: &wit::Request) -> Option<wit::RequestDecision> {
         if is_default(ON_REQUEST) {
-            return types::RequestDecision::default().into_wit();
+            return None;
         }
         let req = types::Request::from_wit(req);
-        with::<P, _>(|p| p.on_request(&req))
-            .unwrap_or_default()
-            .into_wit()
+        let decision = with::<P, _>(|p| p.on_request(&req)).unwrap_or_default();
+        (!is_default(ON_REQUEST)).then(|| decision.into_wit())
     }
 
     pub fn on_response<P: Plugin>(
         req: &wit::Request,
         resp: wit::Response,
-    ) -> wit::ResponseDecision {
+    ) -> Option<wit::ResponseDecision> {
         if is_default(ON_RESPONSE) {
-            return types::ResponseDecision::default().into_wit();
+            return None;
         }
         let req = types::Request::from_wit(req);
         let resp = types::Response::from_wit(resp);
-        with::<P, _>(|p| p.on_response(&req, &resp))
-            .unwrap_or_default()
-            .into_wit()
+        let decision = with::<P, _>(|p| p.on_response(&req, &resp)).unwrap_or_default();
+        (!is_default(ON_RESPONSE)).then(|| decision.into_wit())
     }
 
-    pub fn on_complete<P: Plugin>(req: &wit::Request, info: wit::Completion) {
+    pub fn on_complete<P: Plugin>(req: &wit::Request, info: wit::Completion) -> bool {
         if is_default(ON_COMPLETE) {
-            return;
+            return false;
         }
         let req = types::Request::from_wit(req);
         let info = types::Completion::from_wit(info);
         with::<P, _>(|p| p.on_complete(&req, &info));
+        !is_default(ON_COMPLETE)
     }
 }

@@ -47,6 +47,51 @@ impl Event {
 thread_local! {
     static LOGS: RefCell<Vec<(Level, String)>> = const { RefCell::new(Vec::new()) };
     static EVENTS: RefCell<Vec<Event>> = const { RefCell::new(Vec::new()) };
+    static CONTEXT: RefCell<Vec<(String, Vec<u8>)>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) fn context_get(key: &str) -> Option<Vec<u8>> {
+    CONTEXT.with(|c| {
+        c.borrow()
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    })
+}
+
+/// The host's rules, so that a plugin over the limits fails its unit tests too.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) fn context_set(key: &str, value: &[u8]) -> Result<(), String> {
+    use crate::context::{MAX_BYTES, MAX_KEY};
+    if key.len() > MAX_KEY {
+        return Err(format!(
+            "context key of {} bytes; the limit is {MAX_KEY}",
+            key.len()
+        ));
+    }
+    CONTEXT.with(|c| {
+        let mut c = c.borrow_mut();
+        let others: usize = c
+            .iter()
+            .filter(|(k, _)| k != key)
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        let bytes = others + key.len() + value.len();
+        if bytes > MAX_BYTES {
+            return Err(format!(
+                "the request's context would hold {bytes} bytes; the limit is {MAX_BYTES}"
+            ));
+        }
+        c.retain(|(k, _)| k != key);
+        c.push((key.to_string(), value.to_vec()));
+        Ok(())
+    })
+}
+
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) fn context_remove(key: &str) {
+    CONTEXT.with(|c| c.borrow_mut().retain(|(k, _)| k != key));
 }
 
 /// Log lines recorded on this thread.
@@ -110,10 +155,12 @@ pub fn granted(mut req: crate::Request<'static>, grants: &[Grant]) -> crate::Req
     req
 }
 
-/// Forgets everything recorded on this thread.
+/// Forgets everything recorded on this thread, and the request's [`crate::context`] (call it
+/// between two requests of a test).
 pub fn reset() {
     LOGS.with(|l| l.borrow_mut().clear());
     EVENTS.with(|e| e.borrow_mut().clear());
+    CONTEXT.with(|c| c.borrow_mut().clear());
 }
 
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]

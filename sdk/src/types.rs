@@ -425,6 +425,10 @@ impl RequestDecision {
 pub struct ResponseDecision {
     /// Edits to the response headers, applied in order.
     pub headers: Vec<HeaderEdit>,
+    /// A new status for the client (200-599; an accepted upgrade, 101, cannot be changed).
+    pub status: Option<u16>,
+    /// A body in place of the origin's; the host sets `content-length`.
+    pub body: Option<Vec<u8>>,
 }
 
 impl ResponseDecision {
@@ -458,9 +462,25 @@ impl ResponseDecision {
         self
     }
 
+    /// Changes the status the client gets (200-599). Later plugins of the response chain see
+    /// the new one.
+    pub fn status(mut self, status: u16) -> ResponseDecision {
+        self.status = Some(status);
+        self
+    }
+
+    /// Replaces the origin's body (at most 256 KiB; not for a 204 or 304). The origin's body
+    /// is discarded; the host sets `content-length`. Set `content-type` too if it changes.
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> ResponseDecision {
+        self.body = Some(body.into());
+        self
+    }
+
     pub(crate) fn into_wit(self) -> wit::ResponseDecision {
         wit::ResponseDecision {
             headers: self.headers.into_iter().map(HeaderEdit::into_wit).collect(),
+            status: self.status,
+            body: self.body,
         }
     }
 }

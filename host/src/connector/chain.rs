@@ -12,8 +12,10 @@ use tracing::warn;
 
 use crate::audit::{Audit, AuditEvent};
 use crate::config::{ConnectorConfig, Grants, OnError};
-use crate::plugin::bindings::sluice::plugin::types::{Completion, RequestDecision, Response};
-use crate::plugin::{decision, Plugin, PluginError, RawEvent, RequestView, Slot};
+use crate::plugin::bindings::sluice::plugin::types::{
+    Completion, RequestDecision, Response, ResponseDecision,
+};
+use crate::plugin::{decision, Held, Plugin, PluginError, RawEvent, RequestView};
 
 use crate::plugin::CREDENTIALS;
 
@@ -73,7 +75,7 @@ impl Chains {
         Some(ChainRun {
             chains: self,
             chain,
-            held: chain.iter().map(|_| None).collect(),
+            held: chain.iter().map(|_| Held::default()).collect(),
             view: view(),
             shared: Vec::new(),
             context: context.clone(),
@@ -121,8 +123,9 @@ enum Phase {
 pub struct ChainRun<'a> {
     chains: &'a Chains,
     chain: &'a [usize],
-    /// Instances held for the request (per-request isolation), by chain position.
-    held: Vec<Option<Slot>>,
+    /// What the request keeps of each plugin between hooks (its context; its own instance
+    /// under per-request isolation), by chain position.
+    held: Vec<Held>,
     view: RequestView,
     /// `view` as plugins with these grants see it, made on first use and dropped when a
     /// plugin's edit changes the view.
@@ -212,12 +215,15 @@ impl ChainRun<'_> {
         Ok(false)
     }
 
-    /// Runs `on-response` in reverse chain order on the response head.
+    /// Runs `on-response` in reverse chain order on the response head. Plugins may change
+    /// `status` (later ones see the change) and replace the body: the last replacement is
+    /// returned.
     pub async fn on_response(
         &mut self,
-        status: StatusCode,
+        status: &mut StatusCode,
         headers: &mut HeaderMap,
-    ) -> Result<(), Refused> {
+    ) -> Result<Option<Bytes>, Refused> {
+        let mut body = None;
         for pos in (0..self.chain.len()).rev() {
             let plugin = self.chains.plugins[self.chain[pos]].clone();
             if !plugin.exports().1 {
@@ -235,14 +241,14 @@ impl ChainRun<'_> {
             let called = plugin.on_response(&mut self.held[pos], view, resp).await;
             self.release_unneeded(pos, &plugin, Phase::Response);
             emit(&self.context, &self.view, plugin.name(), called.events).await;
-            let result = called.result.and_then(|d| {
-                decision::apply_edits(headers, &d.headers).map_err(|e| plugin.refuse(e))
-            });
+            let result = called
+                .result
+                .and_then(|d| apply_response(&plugin, d, status, headers, &mut body));
             if let Err(error) = result {
                 self.failed(&plugin, error)?;
             }
         }
-        Ok(())
+        Ok(body)
     }
 
     /// Runs `on-complete` in chain order, after the answer was sent. Failures are logged and
@@ -257,7 +263,7 @@ impl ChainRun<'_> {
             let called = plugin
                 .on_complete(&mut self.held[pos], view, info.clone())
                 .await;
-            self.held[pos] = None;
+            self.held[pos].release_instance();
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             if let Err(error) = called.result {
                 warn!(plugin = plugin.name(), kind = error.kind(), %error, "plugin failed in on-complete");
@@ -307,7 +313,7 @@ impl ChainRun<'_> {
             Phase::Response => on_complete,
         };
         if !needed {
-            self.held[pos] = None;
+            self.held[pos].release_instance();
         }
     }
 
@@ -323,6 +329,36 @@ impl ChainRun<'_> {
         self.shared.push((grants, view.clone()));
         view
     }
+}
+
+/// Validates and applies one `on-response` decision, all or nothing.
+fn apply_response(
+    plugin: &Plugin,
+    d: ResponseDecision,
+    status: &mut StatusCode,
+    headers: &mut HeaderMap,
+    body: &mut Option<Bytes>,
+) -> Result<(), PluginError> {
+    let invalid = |e: String| plugin.refuse(e);
+    let new_status = d
+        .status
+        .map(|s| decision::response_status(*status, s))
+        .transpose()
+        .map_err(invalid)?;
+    let new_body = d
+        .body
+        .as_deref()
+        .map(|b| decision::response_body(new_status.unwrap_or(*status), b))
+        .transpose()
+        .map_err(invalid)?;
+    decision::apply_edits(headers, &d.headers).map_err(invalid)?;
+    if let Some(s) = new_status {
+        *status = s;
+    }
+    if new_body.is_some() {
+        *body = new_body;
+    }
+    Ok(())
 }
 
 /// Stamps a plugin's events with the request's context and queues them (waiting if the

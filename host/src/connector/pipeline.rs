@@ -582,7 +582,7 @@ impl Pipeline {
         bytes_in: &Arc<AtomicU64>,
         run: &mut Option<ChainRun<'_>>,
     ) -> Result<Outcome, Failure> {
-        let status = resp.status();
+        let mut status = resp.status();
         let (upgrade, declined) = match upgrade {
             Some((name, recv)) if status == StatusCode::SWITCHING_PROTOCOLS => {
                 (Some((name, recv, hyper::upgrade::on(&mut resp))), None)
@@ -595,11 +595,17 @@ impl Pipeline {
         }
         let mut resp_headers = resp.headers().clone();
         strip_hop_by_hop(&mut resp_headers);
+        let mut replaced = None;
         if let Some(chain) = run.as_mut() {
-            chain
-                .on_response(status, &mut resp_headers)
+            replaced = chain
+                .on_response(&mut status, &mut resp_headers)
                 .await
                 .map_err(Failure::plugin_after_origin)?;
+        }
+        if let Some(body) = &replaced {
+            // The origin's body is discarded unread; the plugin's gets an exact length.
+            resp_headers.remove(TRANSFER_ENCODING);
+            resp_headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         if let Some((name, _, _)) = &upgrade {
             if let Ok(v) = HeaderValue::from_str(name) {
@@ -635,8 +641,11 @@ impl Pipeline {
             return Ok(outcome);
         }
 
-        let short = relay::announced_length(resp.headers()).is_some_and(|n| n <= SHORT_BODY);
-        let body = relay::with_idle_timeout(resp.into_body(), self.body_idle_timeout);
+        let short = relay::announced_length(&resp_headers).is_some_and(|n| n <= SHORT_BODY);
+        let body = match replaced {
+            Some(body) => relay::full(body),
+            None => relay::with_idle_timeout(resp.into_body(), self.body_idle_timeout),
+        };
         match relay::pump(head_frame, body, send, short).await {
             Ok(n) => outcome.bytes_out = n,
             Err(PumpError::Body(e)) => {

@@ -110,6 +110,32 @@ pub fn local_response(r: &LocalResponse) -> Result<(StatusCode, HeaderMap, Bytes
     Ok((status, headers, Bytes::copy_from_slice(&r.body)))
 }
 
+/// A status `on-response` gives a response whose status is `current`: 200-599, and never
+/// for an upgrade the origin accepted (101), whose connection is about to change hands.
+pub fn response_status(current: StatusCode, new: u16) -> Result<StatusCode, String> {
+    if current == StatusCode::SWITCHING_PROTOCOLS {
+        return Err("the status of an upgrade (101) cannot be changed".into());
+    }
+    StatusCode::from_u16(new)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| format!("invalid response status {new} (200..=599)"))
+}
+
+/// A body `on-response` puts in place of the origin's, for a response of `status`.
+pub fn response_body(status: StatusCode, body: &[u8]) -> Result<Bytes, String> {
+    if matches!(status.as_u16(), 101 | 204 | 304) {
+        return Err(format!("a {} response carries no body", status.as_u16()));
+    }
+    if body.len() > MAX_LOCAL_BODY {
+        return Err(format!(
+            "response body of {} bytes exceeds the {MAX_LOCAL_BODY}-byte limit",
+            body.len()
+        ));
+    }
+    Ok(Bytes::copy_from_slice(body))
+}
+
 /// Headers as the WIT `header` list.
 pub fn to_wit(headers: &HeaderMap) -> Vec<Header> {
     headers
@@ -124,6 +150,28 @@ pub fn to_wit(headers: &HeaderMap) -> Vec<Header> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_response_statuses_and_bodies_follow_the_rules() {
+        let ok = StatusCode::OK;
+        assert_eq!(
+            response_status(ok, 503),
+            Ok(StatusCode::SERVICE_UNAVAILABLE)
+        );
+        for bad in [0, 101, 199, 600, 1000] {
+            assert!(response_status(ok, bad).is_err(), "{bad}");
+        }
+        assert!(response_status(StatusCode::SWITCHING_PROTOCOLS, 200)
+            .unwrap_err()
+            .contains("upgrade"));
+        assert_eq!(response_body(ok, b"hi").unwrap(), Bytes::from_static(b"hi"));
+        for no_body in [StatusCode::NO_CONTENT, StatusCode::NOT_MODIFIED] {
+            assert!(response_body(no_body, b"x").is_err());
+        }
+        assert!(response_body(ok, &vec![0; MAX_LOCAL_BODY + 1])
+            .unwrap_err()
+            .contains("limit"));
+    }
 
     fn h(name: &str, value: &str) -> Header {
         Header {

@@ -8,7 +8,7 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_io::streams::{OutputStream, StreamError};
 
-use super::bindings::sluice::plugin::{audit, log, types};
+use super::bindings::sluice::plugin::context;
 
 /// Longest log message or audit value kept from a plugin; longer ones are cut.
 const MAX_TEXT: usize = 4096;
@@ -62,6 +62,8 @@ pub struct StoreData {
     pub(super) events: Vec<RawEvent>,
     /// Events dropped during the current call (over [`MAX_EVENTS_PER_CALL`]).
     pub(super) dropped_events: usize,
+    /// The context of the request the current call belongs to (lent by the chain).
+    pub(super) context: Context,
 }
 
 impl StoreData {
@@ -81,6 +83,7 @@ impl StoreData {
             },
             events: Vec::new(),
             dropped_events: 0,
+            context: Context::default(),
         }
     }
 }
@@ -136,67 +139,94 @@ fn clip(mut s: String) -> String {
     s
 }
 
-impl types::Host for StoreData {}
+/// The imports both worlds share (the request view, log, audit), implemented once for each
+/// version's generated traits: the bodies are the same, the types are each version's own.
+macro_rules! shared_imports {
+    ($version:path) => {
+        const _: () = {
+            use world::sluice::plugin::{audit, log, types};
+            use $version as world;
 
-impl types::HostRequest for StoreData {
-    fn method(&mut self, req: Resource<SharedView>) -> String {
-        self.view(&req).method.clone()
-    }
+            impl types::Host for StoreData {}
 
-    fn scheme(&mut self, req: Resource<SharedView>) -> String {
-        self.view(&req).scheme.clone()
-    }
+            impl types::HostRequest for StoreData {
+                fn method(&mut self, req: Resource<SharedView>) -> String {
+                    self.view(&req).method.clone()
+                }
 
-    fn authority(&mut self, req: Resource<SharedView>) -> String {
-        self.view(&req).authority.clone()
-    }
+                fn scheme(&mut self, req: Resource<SharedView>) -> String {
+                    self.view(&req).scheme.clone()
+                }
 
-    fn path(&mut self, req: Resource<SharedView>) -> String {
-        self.view(&req).path.clone()
-    }
+                fn authority(&mut self, req: Resource<SharedView>) -> String {
+                    self.view(&req).authority.clone()
+                }
 
-    fn header(&mut self, req: Resource<SharedView>, name: String) -> Vec<Vec<u8>> {
-        let name = name.to_ascii_lowercase();
-        self.view(&req)
-            .headers
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
+                fn path(&mut self, req: Resource<SharedView>) -> String {
+                    self.view(&req).path.clone()
+                }
 
-    fn headers(&mut self, req: Resource<SharedView>) -> Vec<types::Header> {
-        self.view(&req)
-            .headers
-            .iter()
-            .map(|(name, value)| types::Header {
-                name: name.clone(),
-                value: value.clone(),
-            })
-            .collect()
-    }
+                fn header(&mut self, req: Resource<SharedView>, name: String) -> Vec<Vec<u8>> {
+                    self.header_values(&req, &name)
+                }
 
-    fn request_id(&mut self, req: Resource<SharedView>) -> String {
-        self.view(&req).request_id.clone()
-    }
+                fn headers(&mut self, req: Resource<SharedView>) -> Vec<types::Header> {
+                    self.view(&req)
+                        .headers
+                        .iter()
+                        .map(|(name, value)| types::Header {
+                            name: name.clone(),
+                            value: value.clone(),
+                        })
+                        .collect()
+                }
 
-    fn hostname(&mut self, req: Resource<SharedView>) -> String {
-        self.view(&req).hostname.clone()
-    }
+                fn request_id(&mut self, req: Resource<SharedView>) -> String {
+                    self.view(&req).request_id.clone()
+                }
 
-    fn ingress_rule(&mut self, req: Resource<SharedView>) -> u32 {
-        self.view(&req).ingress_rule
-    }
+                fn hostname(&mut self, req: Resource<SharedView>) -> String {
+                    self.view(&req).hostname.clone()
+                }
 
-    fn client_addr(&mut self, req: Resource<SharedView>) -> Option<String> {
-        self.view(&req).client_addr.clone()
-    }
+                fn ingress_rule(&mut self, req: Resource<SharedView>) -> u32 {
+                    self.view(&req).ingress_rule
+                }
 
-    fn drop(&mut self, req: Resource<SharedView>) -> wasmtime::Result<()> {
-        self.table.delete(req)?;
-        Ok(())
-    }
+                fn client_addr(&mut self, req: Resource<SharedView>) -> Option<String> {
+                    self.view(&req).client_addr.clone()
+                }
+
+                fn drop(&mut self, req: Resource<SharedView>) -> wasmtime::Result<()> {
+                    self.table.delete(req)?;
+                    Ok(())
+                }
+            }
+
+            impl log::Host for StoreData {
+                fn log(&mut self, level: log::Level, message: String) {
+                    let level = match level {
+                        log::Level::Trace => tracing::Level::TRACE,
+                        log::Level::Debug => tracing::Level::DEBUG,
+                        log::Level::Info => tracing::Level::INFO,
+                        log::Level::Warn => tracing::Level::WARN,
+                        log::Level::Error => tracing::Level::ERROR,
+                    };
+                    self.log_line(level, message);
+                }
+            }
+
+            impl audit::Host for StoreData {
+                fn emit(&mut self, kind: String, attributes: Vec<audit::Attribute>) {
+                    self.push_event(kind, attributes.into_iter().map(|a| (a.key, a.value)));
+                }
+            }
+        };
+    };
 }
+
+shared_imports!(super::bindings);
+shared_imports!(super::bindings::v0_1);
 
 impl StoreData {
     /// The view behind a handle. The host only hands out live handles and removes them after
@@ -210,33 +240,105 @@ impl StoreData {
     }
 }
 
-impl log::Host for StoreData {
-    fn log(&mut self, level: log::Level, message: String) {
+impl StoreData {
+    fn header_values(&self, req: &Resource<SharedView>, name: &str) -> Vec<Vec<u8>> {
+        let name = name.to_ascii_lowercase();
+        self.view(req)
+            .headers
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    fn log_line(&self, level: tracing::Level, message: String) {
         let message = clip(message);
         let plugin = &*self.plugin;
         match level {
-            log::Level::Trace => tracing::trace!(plugin, "{message}"),
-            log::Level::Debug => tracing::debug!(plugin, "{message}"),
-            log::Level::Info => tracing::info!(plugin, "{message}"),
-            log::Level::Warn => tracing::warn!(plugin, "{message}"),
-            log::Level::Error => tracing::error!(plugin, "{message}"),
+            tracing::Level::TRACE => tracing::trace!(plugin, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(plugin, "{message}"),
+            tracing::Level::INFO => tracing::info!(plugin, "{message}"),
+            tracing::Level::WARN => tracing::warn!(plugin, "{message}"),
+            tracing::Level::ERROR => tracing::error!(plugin, "{message}"),
         }
     }
-}
 
-impl audit::Host for StoreData {
-    fn emit(&mut self, kind: String, attributes: Vec<audit::Attribute>) {
+    fn push_event(&mut self, kind: String, attributes: impl Iterator<Item = (String, String)>) {
         if self.events.len() >= MAX_EVENTS_PER_CALL {
             self.dropped_events += 1;
             return;
         }
         self.events.push(RawEvent {
             kind: clip(kind),
-            attributes: attributes
-                .into_iter()
-                .map(|a| (clip(a.key), clip(a.value)))
-                .collect(),
+            attributes: attributes.map(|(k, v)| (clip(k), clip(v))).collect(),
         });
+    }
+}
+
+/// Longest context key, in bytes.
+pub const MAX_CONTEXT_KEY: usize = 128;
+/// What one plugin may keep in one request's context: keys and values together, in bytes.
+pub const MAX_CONTEXT_BYTES: usize = 16 * 1024;
+
+/// One plugin's values for one request (the `context` import). The chain keeps it between
+/// hooks and lends it to the instance that runs each one, so it follows the request, not the
+/// instance.
+#[derive(Debug, Default)]
+pub struct Context {
+    entries: Vec<(String, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Context {
+    /// The value under `key`.
+    pub fn get(&self, key: &str) -> Option<&[u8]> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    /// Stores `value` under `key`, within the limits; on an error nothing changes.
+    pub fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        if key.len() > MAX_CONTEXT_KEY {
+            return Err(format!(
+                "context key of {} bytes; the limit is {MAX_CONTEXT_KEY}",
+                key.len()
+            ));
+        }
+        let replaced = self.get(&key).map_or(0, |v| key.len() + v.len());
+        let bytes = self.bytes - replaced + key.len() + value.len();
+        if bytes > MAX_CONTEXT_BYTES {
+            return Err(format!(
+                "the request's context would hold {bytes} bytes; the limit is {MAX_CONTEXT_BYTES}"
+            ));
+        }
+        self.remove(&key);
+        self.entries.push((key, value));
+        self.bytes = bytes;
+        Ok(())
+    }
+
+    /// Forgets `key`.
+    pub fn remove(&mut self, key: &str) {
+        if let Some(i) = self.entries.iter().position(|(k, _)| k == key) {
+            let (k, v) = self.entries.swap_remove(i);
+            self.bytes -= k.len() + v.len();
+        }
+    }
+}
+
+impl context::Host for StoreData {
+    fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.context.get(&key).map(<[u8]>::to_vec)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.context.set(key, value)
+    }
+
+    fn remove(&mut self, key: String) {
+        self.context.remove(&key);
     }
 }
 
@@ -351,5 +453,29 @@ impl tokio::io::AsyncWrite for LogStream {
     ) -> std::task::Poll<std::io::Result<()>> {
         self.flush_partial();
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_context_keeps_within_its_limits_and_changes_nothing_past_them() {
+        let mut c = Context::default();
+        c.set("user".into(), b"alice".to_vec()).unwrap();
+        c.set("user".into(), b"bob".to_vec()).unwrap();
+        assert_eq!(c.get("user"), Some(&b"bob"[..]));
+        assert!(c.set("k".repeat(MAX_CONTEXT_KEY + 1), Vec::new()).is_err());
+        let room = MAX_CONTEXT_BYTES - "user".len() - "bob".len() - "big".len();
+        c.set("big".into(), vec![0; room]).unwrap();
+        let refused = c.set("more".into(), vec![0; 1]).unwrap_err();
+        assert!(refused.contains("limit"), "{refused}");
+        assert_eq!(c.get("more"), None);
+        // Replacing a value counts the old one out first.
+        c.set("big".into(), vec![1; room]).unwrap();
+        c.remove("big");
+        c.set("more".into(), vec![0; 1]).unwrap();
+        assert_eq!(c.get("user"), Some(&b"bob"[..]));
     }
 }

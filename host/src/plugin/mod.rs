@@ -24,8 +24,9 @@ use wasmtime::Store;
 
 use bindings::exports::sluice::plugin::{init, on_complete, on_request, on_response};
 use bindings::sluice::plugin::types::{Completion, RequestDecision, Response, ResponseDecision};
+use bindings::v0_1::exports::sluice::plugin as v0_1;
 use host::StoreData;
-pub use host::{RawEvent, RequestView, SharedView};
+pub use host::{Context, RawEvent, RequestView, SharedView};
 pub use runtime::{
     release_compiler_memory, set_compiler, set_memory_release, Compiled, Compiler, HelperError,
     Runtime, RuntimeError,
@@ -160,20 +161,156 @@ impl PluginError {
     }
 }
 
-/// The hooks a component exports (looked up once, at load).
-struct HookIndices {
-    init: Option<init::GuestIndices>,
-    on_request: Option<on_request::GuestIndices>,
-    on_response: Option<on_response::GuestIndices>,
-    on_complete: Option<on_complete::GuestIndices>,
+/// The hooks of one world version: their indices, looked up once at load, or their
+/// functions in one instance.
+struct Hooks<I, Q, S, C> {
+    init: Option<I>,
+    on_request: Option<Q>,
+    on_response: Option<S>,
+    on_complete: Option<C>,
+}
+
+impl<I, Q, S, C> Hooks<I, Q, S, C> {
+    fn any(&self) -> bool {
+        self.on_request.is_some() || self.on_response.is_some() || self.on_complete.is_some()
+    }
+}
+
+/// The hooks a component exports, by the world version it was built for.
+enum HookIndices {
+    /// `sluice:plugin@0.2.0`.
+    Now(
+        Hooks<
+            init::GuestIndices,
+            on_request::GuestIndices,
+            on_response::GuestIndices,
+            on_complete::GuestIndices,
+        >,
+    ),
+    /// `sluice:plugin@0.1.0`.
+    V0_1(
+        Hooks<
+            v0_1::init::GuestIndices,
+            v0_1::on_request::GuestIndices,
+            v0_1::on_response::GuestIndices,
+            v0_1::on_complete::GuestIndices,
+        >,
+    ),
+}
+
+impl HookIndices {
+    /// The hooks `pre` exports: 0.2.0's if it exports any, else 0.1.0's.
+    fn of(pre: &InstancePre<StoreData>) -> HookIndices {
+        let now = Hooks {
+            init: init::GuestIndices::new(pre).ok(),
+            on_request: on_request::GuestIndices::new(pre).ok(),
+            on_response: on_response::GuestIndices::new(pre).ok(),
+            on_complete: on_complete::GuestIndices::new(pre).ok(),
+        };
+        if now.any() || now.init.is_some() {
+            return HookIndices::Now(now);
+        }
+        HookIndices::V0_1(Hooks {
+            init: v0_1::init::GuestIndices::new(pre).ok(),
+            on_request: v0_1::on_request::GuestIndices::new(pre).ok(),
+            on_response: v0_1::on_response::GuestIndices::new(pre).ok(),
+            on_complete: v0_1::on_complete::GuestIndices::new(pre).ok(),
+        })
+    }
+
+    /// Whether the component exports `on-request`, `on-response`, `on-complete`.
+    fn exported(&self) -> [bool; 3] {
+        match self {
+            HookIndices::Now(h) => [
+                h.on_request.is_some(),
+                h.on_response.is_some(),
+                h.on_complete.is_some(),
+            ],
+            HookIndices::V0_1(h) => [
+                h.on_request.is_some(),
+                h.on_response.is_some(),
+                h.on_complete.is_some(),
+            ],
+        }
+    }
+
+    /// The hook functions of `instance`.
+    fn load(&self, store: &mut Store<StoreData>, instance: &Instance) -> wasmtime::Result<Guests> {
+        fn each<I, G>(
+            i: &Option<I>,
+            load: impl FnOnce(&I) -> wasmtime::Result<G>,
+        ) -> wasmtime::Result<Option<G>> {
+            i.as_ref().map(load).transpose()
+        }
+        Ok(match self {
+            HookIndices::Now(h) => Guests::Now(Hooks {
+                init: None,
+                on_request: each(&h.on_request, |i| i.load(&mut *store, instance))?,
+                on_response: each(&h.on_response, |i| i.load(&mut *store, instance))?,
+                on_complete: each(&h.on_complete, |i| i.load(&mut *store, instance))?,
+            }),
+            HookIndices::V0_1(h) => Guests::V0_1(Hooks {
+                init: None,
+                on_request: each(&h.on_request, |i| i.load(&mut *store, instance))?,
+                on_response: each(&h.on_response, |i| i.load(&mut *store, instance))?,
+                on_complete: each(&h.on_complete, |i| i.load(&mut *store, instance))?,
+            }),
+        })
+    }
+
+    /// Runs `init`, if exported.
+    async fn init(
+        &self,
+        store: &mut Store<StoreData>,
+        instance: &Instance,
+        config: &[u8],
+    ) -> wasmtime::Result<Result<(), String>> {
+        match self {
+            HookIndices::Now(Hooks { init: Some(i), .. }) => {
+                i.load(&mut *store, instance)?
+                    .call_init(&mut *store, config)
+                    .await
+            }
+            HookIndices::V0_1(Hooks { init: Some(i), .. }) => {
+                i.load(&mut *store, instance)?
+                    .call_init(&mut *store, config)
+                    .await
+            }
+            _ => Ok(Ok(())),
+        }
+    }
+}
+
+/// The hook functions of one instance.
+enum Guests {
+    Now(Hooks<(), on_request::Guest, on_response::Guest, on_complete::Guest>),
+    V0_1(Hooks<(), v0_1::on_request::Guest, v0_1::on_response::Guest, v0_1::on_complete::Guest>),
+}
+
+/// Hook indices for `unimplemented` and the duration series.
+const ON_REQUEST: usize = 0;
+const ON_RESPONSE: usize = 1;
+const ON_COMPLETE: usize = 2;
+
+/// What one request keeps of one plugin between its hooks: the plugin's context, and under
+/// per-request isolation its own instance.
+#[derive(Default)]
+pub struct Held {
+    slot: Option<Slot>,
+    context: Context,
+}
+
+impl Held {
+    /// Gives back the request's own instance (per-request isolation), keeping the context.
+    pub fn release_instance(&mut self) {
+        self.slot = None;
+    }
 }
 
 /// One instance and its store.
 pub struct Slot {
     store: Store<StoreData>,
-    on_request: Option<on_request::Guest>,
-    on_response: Option<on_response::Guest>,
-    on_complete: Option<on_complete::Guest>,
+    guests: Guests,
     calls: u64,
     /// The plugin's live-instance gauge, decremented when the instance goes.
     live: prometheus_client::metrics::gauge::Gauge,
@@ -192,6 +329,9 @@ pub struct Plugin {
     runtime: Arc<Runtime>,
     pre: InstancePre<StoreData>,
     hooks: HookIndices,
+    /// Hooks the component exports but said it does not implement (0.2.0's `none`): never
+    /// called again.
+    unimplemented: [std::sync::atomic::AtomicBool; 3],
     idle: Mutex<Vec<Slot>>,
     /// Set once a reload replaced this plugin: instances are no longer kept idle.
     retired: std::sync::atomic::AtomicBool,
@@ -300,14 +440,8 @@ impl Plugin {
                 plugin: plugin.clone(),
                 reason: format!("{e:#}"),
             })?;
-        let hooks = HookIndices {
-            init: init::GuestIndices::new(&pre).ok(),
-            on_request: on_request::GuestIndices::new(&pre).ok(),
-            on_response: on_response::GuestIndices::new(&pre).ok(),
-            on_complete: on_complete::GuestIndices::new(&pre).ok(),
-        };
-        if hooks.on_request.is_none() && hooks.on_response.is_none() && hooks.on_complete.is_none()
-        {
+        let hooks = HookIndices::of(&pre);
+        if hooks.exported() == [false; 3] {
             return Err(LoadError::NoHooks {
                 plugin,
                 path: config.path.display().to_string(),
@@ -328,6 +462,7 @@ impl Plugin {
             runtime,
             pre,
             hooks,
+            unimplemented: Default::default(),
             idle: Mutex::new(Vec::new()),
             retired: std::sync::atomic::AtomicBool::new(false),
             durations,
@@ -384,61 +519,146 @@ impl Plugin {
         &self.config
     }
 
-    /// Whether the component exports `on-request`, `on-response`, `on-complete`.
+    /// Whether `on-request`, `on-response`, `on-complete` are to be called: exported, and
+    /// not declared unimplemented.
     pub fn exports(&self) -> (bool, bool, bool) {
+        let [req, resp, complete] = self.hooks.exported();
+        let live =
+            |hook: usize| !self.unimplemented[hook].load(std::sync::atomic::Ordering::Relaxed);
         (
-            self.hooks.on_request.is_some(),
-            self.hooks.on_response.is_some(),
-            self.hooks.on_complete.is_some(),
+            req && live(ON_REQUEST),
+            resp && live(ON_RESPONSE),
+            complete && live(ON_COMPLETE),
         )
     }
 
-    /// Calls `on-request`. `held` carries the request's own instance under per-request
-    /// isolation (and stays `None` under reuse).
+    /// Which world the component was built for: `"0.2.0"` or `"0.1.0"`.
+    pub fn world_version(&self) -> &'static str {
+        match self.hooks {
+            HookIndices::Now(_) => "0.2.0",
+            HookIndices::V0_1(_) => "0.1.0",
+        }
+    }
+
+    /// Remembers that the plugin does not implement `hook` (it said so), so that it is no
+    /// longer called.
+    fn mark_unimplemented(&self, hook: usize) {
+        self.unimplemented[hook].store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Calls `on-request`. `held` is what the request keeps of this plugin between hooks.
     pub async fn on_request(
         &self,
-        held: &mut Option<Slot>,
+        held: &mut Held,
         view: impl Into<Arc<RequestView>>,
     ) -> Called<RequestDecision> {
-        self.call(held, &self.durations[0], view.into(), |slot, req| {
-            Box::pin(async move {
-                let guest = slot.on_request.as_ref().expect("checked by caller");
-                guest.call_on_request(&mut slot.store, req).await
+        let called = self
+            .call(held, ON_REQUEST, view.into(), |slot, req| {
+                Box::pin(async move {
+                    let Slot { store, guests, .. } = slot;
+                    match guests {
+                        Guests::Now(g) => {
+                            let guest = g.on_request.as_ref().expect("checked by caller");
+                            guest.call_on_request(store, req).await
+                        }
+                        Guests::V0_1(g) => {
+                            let guest = g.on_request.as_ref().expect("checked by caller");
+                            let d = guest.call_on_request(store, req).await?;
+                            Ok(Some(d.into()))
+                        }
+                    }
+                })
             })
+            .await;
+        self.implemented(called, ON_REQUEST, || RequestDecision {
+            headers: Vec::new(),
+            path: None,
+            origin: None,
+            respond: None,
         })
-        .await
     }
 
     /// Calls `on-response`.
     pub async fn on_response(
         &self,
-        held: &mut Option<Slot>,
+        held: &mut Held,
         view: impl Into<Arc<RequestView>>,
         resp: Response,
     ) -> Called<ResponseDecision> {
-        self.call(held, &self.durations[1], view.into(), move |slot, req| {
-            Box::pin(async move {
-                let guest = slot.on_response.as_ref().expect("checked by caller");
-                guest.call_on_response(&mut slot.store, req, &resp).await
+        let called = self
+            .call(held, ON_RESPONSE, view.into(), move |slot, req| {
+                Box::pin(async move {
+                    let Slot { store, guests, .. } = slot;
+                    match guests {
+                        Guests::Now(g) => {
+                            let guest = g.on_response.as_ref().expect("checked by caller");
+                            guest.call_on_response(store, req, &resp).await
+                        }
+                        Guests::V0_1(g) => {
+                            let guest = g.on_response.as_ref().expect("checked by caller");
+                            let old = (&resp).into();
+                            let d = guest.call_on_response(store, req, &old).await?;
+                            Ok(Some(d.into()))
+                        }
+                    }
+                })
             })
+            .await;
+        self.implemented(called, ON_RESPONSE, || ResponseDecision {
+            headers: Vec::new(),
+            status: None,
+            body: None,
         })
-        .await
     }
 
     /// Calls `on-complete`.
     pub async fn on_complete(
         &self,
-        held: &mut Option<Slot>,
+        held: &mut Held,
         view: impl Into<Arc<RequestView>>,
         info: Completion,
     ) -> Called<()> {
-        self.call(held, &self.durations[2], view.into(), move |slot, req| {
-            Box::pin(async move {
-                let guest = slot.on_complete.as_ref().expect("checked by caller");
-                guest.call_on_complete(&mut slot.store, req, &info).await
+        let called = self
+            .call(held, ON_COMPLETE, view.into(), move |slot, req| {
+                Box::pin(async move {
+                    let Slot { store, guests, .. } = slot;
+                    match guests {
+                        Guests::Now(g) => {
+                            let guest = g.on_complete.as_ref().expect("checked by caller");
+                            let implemented = guest.call_on_complete(store, req, &info).await?;
+                            Ok(implemented.then_some(()))
+                        }
+                        Guests::V0_1(g) => {
+                            let guest = g.on_complete.as_ref().expect("checked by caller");
+                            let old = (&info).into();
+                            guest.call_on_complete(store, req, &old).await?;
+                            Ok(Some(()))
+                        }
+                    }
+                })
             })
-        })
-        .await
+            .await;
+        self.implemented(called, ON_COMPLETE, || ())
+    }
+
+    /// A hook's answer: a plugin that says it does not implement the hook (an SDK default)
+    /// changed nothing, and is not called for it again.
+    fn implemented<T>(
+        &self,
+        called: Called<Option<T>>,
+        hook: usize,
+        nothing: impl FnOnce() -> T,
+    ) -> Called<T> {
+        let result = called.result.map(|answer| {
+            answer.unwrap_or_else(|| {
+                self.mark_unimplemented(hook);
+                nothing()
+            })
+        });
+        Called {
+            result,
+            events: called.events,
+        }
     }
 
     /// Runs one hook on an instance: takes one (held, idle or new), exposes the request view
@@ -446,8 +666,8 @@ impl Plugin {
     /// returns or drops the instance.
     async fn call<T, F>(
         &self,
-        held: &mut Option<Slot>,
-        duration: &Histogram,
+        held: &mut Held,
+        hook: usize,
         view: Arc<RequestView>,
         f: F,
     ) -> Called<T>
@@ -460,7 +680,8 @@ impl Plugin {
         >,
     {
         let start = Instant::now();
-        let mut slot = match self.acquire(held).await {
+        let duration = &self.durations[hook];
+        let mut slot = match self.acquire(&mut held.slot).await {
             Ok(s) => s,
             Err(e) => {
                 self.count_error(&e);
@@ -470,6 +691,9 @@ impl Plugin {
                 };
             }
         };
+        // The request's context for this plugin, lent for the call (and taken back below,
+        // whatever the outcome: the instance itself keeps none between requests).
+        std::mem::swap(&mut slot.store.data_mut().context, &mut held.context);
         let outcome = match slot.store.data_mut().table.push(SharedView(view)) {
             Ok(own) => {
                 let borrow = Resource::new_borrow(own.rep());
@@ -488,6 +712,7 @@ impl Plugin {
             Err(e) => Err(e.into()),
         };
         let data = slot.store.data_mut();
+        std::mem::swap(&mut data.context, &mut held.context);
         let events = std::mem::take(&mut data.events);
         let dropped = std::mem::take(&mut data.dropped_events);
         if dropped > 0 {
@@ -508,7 +733,7 @@ impl Plugin {
         let result = match outcome {
             Ok(v) => {
                 slot.calls += 1;
-                self.release(held, slot);
+                self.release(&mut held.slot, slot);
                 Ok(v)
             }
             Err(e) => {
@@ -603,35 +828,22 @@ impl Plugin {
             })
             .clone();
         live.inc();
+        let guests = self
+            .hooks
+            .load(&mut store, &instance)
+            .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
         let mut slot = Slot {
-            on_request: None,
-            on_response: None,
-            on_complete: None,
+            guests,
             calls: 0,
             store,
             live,
         };
-        let loaded = (|| -> wasmtime::Result<()> {
-            if let Some(i) = &self.hooks.on_request {
-                slot.on_request = Some(i.load(&mut slot.store, &instance)?);
-            }
-            if let Some(i) = &self.hooks.on_response {
-                slot.on_response = Some(i.load(&mut slot.store, &instance)?);
-            }
-            if let Some(i) = &self.hooks.on_complete {
-                slot.on_complete = Some(i.load(&mut slot.store, &instance)?);
-            }
-            Ok(())
-        })();
-        loaded.map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
-        if let Some(i) = &self.hooks.init {
-            let guest = i
-                .load(&mut slot.store, &instance)
-                .map_err(|e| PluginError::Instantiate(format!("{e:#}")))?;
+        {
             slot.store.set_epoch_deadline(1);
             let init = tokio::time::timeout(
                 INIT_DEADLINE,
-                guest.call_init(&mut slot.store, &self.config.config_json),
+                self.hooks
+                    .init(&mut slot.store, &instance, &self.config.config_json),
             )
             .await
             .unwrap_or_else(|_| Err(wasmtime::Error::from(wasmtime::Trap::Interrupt)));

@@ -27,6 +27,7 @@ pub const ALLOWED_IMPORTS: &[&str] = &[
     "sluice:plugin/types",
     "sluice:plugin/log",
     "sluice:plugin/audit",
+    "sluice:plugin/context",
     "wasi:cli/environment",
     "wasi:cli/exit",
     "wasi:cli/stdin",
@@ -120,6 +121,11 @@ impl Runtime {
 
         let mut linker: Linker<StoreData> = Linker::new(&engine);
         PluginWorld::add_to_linker::<StoreData, HasSelf<StoreData>>(&mut linker, |s| s)?;
+        // Components built against 0.1.0 import its interfaces, which stay linked.
+        super::bindings::v0_1::Plugin::add_to_linker::<StoreData, HasSelf<StoreData>>(
+            &mut linker,
+            |s| s,
+        )?;
         add_wasi(&mut linker)?;
         let ticker = Ticker::start(engine.clone()).map_err(wasmtime::Error::from)?;
         Ok(Arc::new(Runtime {

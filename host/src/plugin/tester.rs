@@ -115,12 +115,12 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         view.method, view.scheme, view.authority, view.path
     ));
 
-    let mut held = None;
+    let mut held = crate::plugin::Held::default();
     let mut status = t.status;
     let mut origin = Some("origin".to_string());
     if req_hook {
         let called = plugin.on_request(&mut held, view.clone()).await;
-        report(&mut out, "on-request", &called);
+        report(&mut out, "on-request", &called, plugin.exports().0);
         if let Ok(d) = &called.result {
             describe_request(&mut out, d);
             if let Some(r) = &d.respond {
@@ -138,10 +138,21 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
                 .collect(),
         };
         let called = plugin.on_response(&mut held, view.clone(), resp).await;
-        report(&mut out, &format!("on-response (status {status})"), &called);
+        let hook = format!("on-response (status {status})");
+        report(&mut out, &hook, &called, plugin.exports().1);
         if let Ok(d) = &called.result {
             for e in &d.headers {
                 out.push(format!("  {}", edit(e)));
+            }
+            if let Some(s) = d.status {
+                out.push(format!("  status {s}"));
+            }
+            if let Some(b) = &d.body {
+                out.push(format!(
+                    "  body {} bytes: {:?}",
+                    b.len(),
+                    String::from_utf8_lossy(b)
+                ));
             }
         }
     }
@@ -155,13 +166,19 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
             error: None,
         };
         let called = plugin.on_complete(&mut held, view, info).await;
-        report(&mut out, &format!("on-complete (status {status})"), &called);
+        let hook = format!("on-complete (status {status})");
+        report(&mut out, &hook, &called, plugin.exports().2);
     }
     Ok(out.join("\n") + "\n")
 }
 
-fn report<T>(out: &mut Vec<String>, hook: &str, called: &Called<T>) {
+/// One hook's line; `implemented` is false once the plugin said it does not implement the
+/// hook (the connector then stops calling it).
+fn report<T>(out: &mut Vec<String>, hook: &str, called: &Called<T>, implemented: bool) {
     match &called.result {
+        Ok(_) if !implemented => out.push(format!(
+            "{hook}: not implemented (the connector stops calling it)"
+        )),
         Ok(_) => out.push(format!("{hook}: ok")),
         Err(e) => out.push(format!("{hook}: FAILED ({}): {e}", e.kind())),
     }

@@ -539,7 +539,7 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
         cmd.current_dir(&root)
             .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
             .arg(&target_dir);
-        for f in ["echo", "misbehave", "fs", "sockets", "nohooks"] {
+        for f in ["echo", "misbehave", "fs", "sockets", "nohooks", "stateful"] {
             cmd.args(["-p", &format!("fixture-{f}")]);
         }
         for p in EXAMPLE_PLUGINS {

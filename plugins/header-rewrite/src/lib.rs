@@ -126,6 +126,7 @@ impl Plugin for HeaderRewrite {
     fn on_response(&self, req: &Request, _resp: &Response) -> ResponseDecision {
         ResponseDecision {
             headers: edits(&self.config.response, req),
+            ..ResponseDecision::default()
         }
     }
 }
