@@ -233,6 +233,96 @@ over_both_plugin_builds! {
     }
 }
 
+// Plugins written for sluice:plugin@0.2.0 (no 0.1 build of them exists).
+
+#[tokio::test]
+async fn ip_allow_admits_and_refuses_by_the_client_address() {
+    let mut allow = example(
+        "ip-allow",
+        serde_json::json!({"allow": ["127.0.0.0/8", "::1/128"]}),
+    );
+    allow.grants = Grants {
+        client_addr: true,
+        credentials: false,
+    };
+    let (edge, conn) = tunnel_with(vec![allow], &[], |_| {}).await;
+    let reply = get(edge.http, "app.test", "/x").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    conn.stop().await;
+
+    let mut deny = example(
+        "ip-allow",
+        serde_json::json!({"allow": ["127.0.0.0/8"], "deny": ["127.0.0.1"], "status": 404}),
+    );
+    deny.grants = Grants {
+        client_addr: true,
+        credentials: false,
+    };
+    let (edge, conn) = tunnel_with(vec![deny], &[], |_| {}).await;
+    assert_eq!(get(edge.http, "app.test", "/x").await.status, 404);
+    conn.stop().await;
+
+    // Without the grant the plugin sees no address: it refuses (fail closed).
+    let ungranted = example("ip-allow", serde_json::json!({"allow": ["127.0.0.0/8"]}));
+    let (edge, conn) = tunnel_with(vec![ungranted], &[], |_| {}).await;
+    assert_eq!(get(edge.http, "app.test", "/x").await.status, 403);
+    conn.stop().await;
+}
+
+#[tokio::test]
+async fn cors_answers_preflights_locally_and_marks_allowed_responses() {
+    let p = example(
+        "cors",
+        serde_json::json!({"allow-origins": ["https://app.example"], "allow-methods": ["GET", "PUT"],
+                           "allow-headers": ["content-type"], "expose-headers": ["x-total"]}),
+    );
+    let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
+    let preflight = Request::options("/items")
+        .header("host", "app.test")
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "PUT")
+        .header("access-control-request-headers", "content-type")
+        .body(Full::default())
+        .unwrap();
+    let reply = send(edge.http, preflight).await;
+    assert_eq!(reply.status, 204);
+    assert_eq!(
+        reply.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(reply.headers["access-control-allow-methods"], "GET, PUT");
+    assert_eq!(
+        reply.headers["access-control-allow-headers"],
+        "content-type"
+    );
+    // Answered by the plugin: the echo origin's JSON body is not there.
+    assert!(reply.body.is_empty());
+
+    let actual = Request::get("/items")
+        .header("host", "app.test")
+        .header("origin", "https://app.example")
+        .body(Full::default())
+        .unwrap();
+    let reply = send(edge.http, actual).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["path"], "/items");
+    assert_eq!(
+        reply.headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(reply.headers["access-control-expose-headers"], "x-total");
+
+    let foreign = Request::get("/items")
+        .header("host", "app.test")
+        .header("origin", "https://elsewhere.example")
+        .body(Full::default())
+        .unwrap();
+    let reply = send(edge.http, foreign).await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.headers.get("access-control-allow-origin").is_none());
+    conn.stop().await;
+}
+
 #[test]
 fn plugin_test_command_reports_decisions_logs_and_audit() {
     let run = |args: &[&str]| {
