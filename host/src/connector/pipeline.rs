@@ -231,7 +231,7 @@ impl Pipeline {
             for p in &config.plugins {
                 let plugin = Plugin::load(runtime.clone(), p.clone(), env.metrics.clone()).await?;
                 let (compiled, took) = plugin.compiled();
-                info!(plugin = %p.name, compiled = compiled.as_str(), ms = took.as_millis() as u64, "plugin loaded");
+                info!(plugin = %p.name, world = plugin.world_version(), compiled = compiled.as_str(), ms = took.as_millis() as u64, "plugin loaded");
                 loaded.insert(p.name.clone(), Arc::new(plugin));
             }
             crate::plugin::release_compiler_memory();
