@@ -590,8 +590,11 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
             match grant.as_str() {
                 "client-addr" => g.client_addr = true,
                 "credentials" => g.credentials = true,
+                "kv" => g.kv = true,
                 other => {
-                    anyhow::bail!("unknown grant {other:?}: \"client-addr\" or \"credentials\"")
+                    anyhow::bail!(
+                        "unknown grant {other:?}: \"client-addr\", \"credentials\" or \"kv\""
+                    )
                 }
             }
         }

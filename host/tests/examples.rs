@@ -45,6 +45,7 @@ over_both_plugin_builds! {
         p.grants = Grants {
             client_addr: true,
             credentials: false,
+            kv: false,
         };
         let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
         let req = Request::get("/")
@@ -174,6 +175,7 @@ over_both_plugin_builds! {
         p.grants = Grants {
             client_addr: false,
             credentials: true,
+            kv: false,
         };
         let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
         let with = |auth: Option<String>| {
@@ -244,6 +246,7 @@ async fn ip_allow_admits_and_refuses_by_the_client_address() {
     allow.grants = Grants {
         client_addr: true,
         credentials: false,
+        kv: false,
     };
     let (edge, conn) = tunnel_with(vec![allow], &[], |_| {}).await;
     let reply = get(edge.http, "app.test", "/x").await;
@@ -257,6 +260,7 @@ async fn ip_allow_admits_and_refuses_by_the_client_address() {
     deny.grants = Grants {
         client_addr: true,
         credentials: false,
+        kv: false,
     };
     let (edge, conn) = tunnel_with(vec![deny], &[], |_| {}).await;
     assert_eq!(get(edge.http, "app.test", "/x").await.status, 404);

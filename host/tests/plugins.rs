@@ -107,16 +107,25 @@ async fn init_errors_stop_the_connector_naming_plugin_and_message() {
 
 /// What `sluice:plugin@0.2.0` adds, through the tunnel, with a plugin built by the SDK: a
 /// value kept in the request's context from `on-request` to `on-response` (and never into
-/// the next request served by the same instance); a response whose status and body the
+/// the next request served by the same instance); a counter in the plugin's key-value store,
+/// which needs the `kv` grant and outlives a reload; a response whose status and body the
 /// plugin replaced, with an exact `content-length`; and a hook the plugin left to the SDK's
 /// default, called once and then no more.
 #[tokio::test]
-async fn a_0_2_plugin_keeps_context_replaces_bodies_and_is_not_called_for_what_it_lacks() {
-    let p = plugin(
-        "stateful",
-        "stateful",
-        serde_json::json!({"remember": "/r", "mask_from": 500, "mask_status": 503, "mask_body": "sorry, later\n"}),
+async fn a_0_2_plugin_keeps_context_and_kv_replaces_bodies_and_is_not_called_for_what_it_lacks() {
+    let config = serde_json::json!({"remember": "/r", "mask_from": 500, "mask_status": 503, "mask_body": "sorry, later\n"});
+    // It uses the key-value store: refused at load without the grant, naming it.
+    let runtime = Runtime::new(64 << 20, 4).unwrap();
+    let metrics = Arc::new(sluice::admin::Metrics::new("t"));
+    let ungranted = plugin("stateful", "stateful", config.clone());
+    let err = Plugin::load(runtime, ungranted, metrics).await.unwrap_err();
+    assert!(
+        matches!(err, LoadError::NotGranted { grant: "kv", .. }),
+        "{err}"
     );
+    assert!(err.to_string().contains(r#"grants = ["kv"]"#), "{err}");
+    let mut p = plugin("stateful", "stateful", config);
+    p.grants.kv = true;
     let failing = start_origin(|req: Request<hyper::body::Incoming>| async move {
         let status = if req.uri().path().starts_with("/boom") {
             500
@@ -140,7 +149,7 @@ async fn a_0_2_plugin_keeps_context_replaces_bodies_and_is_not_called_for_what_i
     );
     cfg.plugins = vec![p];
     cfg.admin_listen = Some(loopback());
-    let conn = start_connector(cfg).await;
+    let conn = start_connector(cfg.clone()).await;
     conn.registered(1).await;
 
     let admin = conn.admin.unwrap();
@@ -155,6 +164,7 @@ async fn a_0_2_plugin_keeps_context_replaces_bodies_and_is_not_called_for_what_i
     };
     let first = get(edge.http, "app.test", "/r/one").await;
     assert_eq!(first.status, 200);
+    assert_eq!(first.headers["x-hits"], "1");
     assert_eq!(first.headers["x-remembered"], "/r/one");
     assert_eq!(first.text(), "origin body: internal details");
     // on-complete runs after the answer: wait for the first request's.
@@ -171,9 +181,11 @@ async fn a_0_2_plugin_keeps_context_replaces_bodies_and_is_not_called_for_what_i
     .expect("on-complete never ran");
     // One instance serves the requests one after the other (reuse): the next request's
     // context starts empty.
-    for _ in 0..3 {
+    for hits in 2..=4 {
         let next = get(edge.http, "app.test", "/other").await;
         assert_eq!(next.headers["x-remembered"], "none");
+        // Kept in the plugin's namespace from one request to the next.
+        assert_eq!(next.headers["x-hits"], hits.to_string());
     }
 
     let masked = get(edge.http, "app.test", "/boom").await;
@@ -188,6 +200,12 @@ async fn a_0_2_plugin_keeps_context_replaces_bodies_and_is_not_called_for_what_i
     assert_eq!(count("on-response"), "5");
     // Not implemented: said so on the first request, never called again.
     assert_eq!(count("on-complete"), "1");
+
+    // The key-value namespace outlives a reload.
+    conn.reloader.reload(&cfg).await.unwrap();
+    let after = get(edge.http, "app.test", "/other").await;
+    assert_eq!(after.headers["x-hits"], "6");
+    conn.stop().await;
 }
 
 #[tokio::test]
@@ -246,6 +264,7 @@ async fn stdout_goes_to_the_log_and_grants_gate_what_a_plugin_sees() {
     granted.grants = sluice::config::Grants {
         client_addr: true,
         credentials: true,
+        kv: false,
     };
     let plain = plugin("plain", "echo", serde_json::json!({"expose": true}));
     let web = echo_origin("web").await;

@@ -60,6 +60,7 @@ mod types;
 
 pub mod audit;
 pub mod context;
+pub mod kv;
 pub mod log;
 pub mod testing;
 

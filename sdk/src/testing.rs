@@ -156,7 +156,8 @@ pub fn granted(mut req: crate::Request<'static>, grants: &[Grant]) -> crate::Req
 }
 
 /// Forgets everything recorded on this thread, and the request's [`crate::context`] (call it
-/// between two requests of a test).
+/// between two requests of a test). The [`crate::kv`] store stays, as it does between
+/// requests in the connector: see [`clear_kv`].
 pub fn reset() {
     LOGS.with(|l| l.borrow_mut().clear());
     EVENTS.with(|e| e.borrow_mut().clear());
@@ -179,4 +180,121 @@ pub(crate) fn record_event(kind: &str, attributes: &[(&str, &str)]) {
                 .collect(),
         })
     });
+}
+
+thread_local! {
+    static CLOCK: std::cell::Cell<std::time::Duration> = const { std::cell::Cell::new(std::time::Duration::ZERO) };
+}
+
+/// Moves the test clock forward: [`crate::kv`] keys whose time-to-live has passed are gone.
+pub fn advance(by: std::time::Duration) {
+    CLOCK.with(|c| c.set(c.get() + by));
+}
+
+/// Empties the [`crate::kv`] store of this thread and sets the test clock back to zero.
+pub fn clear_kv() {
+    kv_fake::STORE.with(|s| s.borrow_mut().clear());
+    CLOCK.with(|c| c.set(std::time::Duration::ZERO));
+}
+
+/// The [`crate::kv`] store of native builds: a map on the test thread, the host's rules.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) mod kv_fake {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use crate::kv::{Error, MAX_KEY};
+
+    thread_local! {
+        pub(super) static STORE: RefCell<HashMap<String, (Vec<u8>, Option<Duration>)>> =
+            RefCell::new(HashMap::new());
+    }
+
+    fn now() -> Duration {
+        super::CLOCK.with(|c| c.get())
+    }
+
+    fn check(key: &str) -> Result<(), Error> {
+        if key.len() > MAX_KEY {
+            return Err(Error::Quota(format!(
+                "a key of {} bytes; the limit is {MAX_KEY}",
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn live(key: &str) -> Option<(Vec<u8>, Option<Duration>)> {
+        STORE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.get(key)
+                .is_some_and(|(_, e)| e.is_some_and(|e| e <= now()))
+            {
+                s.remove(key);
+            }
+            s.get(key).cloned()
+        })
+    }
+
+    fn expiry(ttl_ms: Option<u64>) -> Option<Duration> {
+        ttl_ms.map(|ms| now() + Duration::from_millis(ms))
+    }
+
+    fn put(key: &str, value: Vec<u8>, expires: Option<Duration>) {
+        STORE.with(|s| s.borrow_mut().insert(key.to_string(), (value, expires)));
+    }
+
+    pub fn get(key: &str) -> Result<Option<Vec<u8>>, Error> {
+        check(key)?;
+        Ok(live(key).map(|(v, _)| v))
+    }
+
+    pub fn set(key: &str, value: &[u8], ttl_ms: Option<u64>) -> Result<(), Error> {
+        check(key)?;
+        put(key, value.to_vec(), expiry(ttl_ms));
+        Ok(())
+    }
+
+    pub fn delete(key: &str) -> Result<bool, Error> {
+        check(key)?;
+        let was = live(key).is_some();
+        STORE.with(|s| s.borrow_mut().remove(key));
+        Ok(was)
+    }
+
+    pub fn compare_and_swap(
+        key: &str,
+        expected: Option<&[u8]>,
+        new: &[u8],
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, Error> {
+        check(key)?;
+        if live(key).as_ref().map(|(v, _)| v.as_slice()) != expected {
+            return Ok(false);
+        }
+        put(key, new.to_vec(), expiry(ttl_ms));
+        Ok(true)
+    }
+
+    pub fn increment(key: &str, delta: i64, ttl_ms: Option<u64>) -> Result<i64, Error> {
+        check(key)?;
+        let (current, expires) = match live(key) {
+            Some((v, e)) => {
+                let n = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .ok_or_else(|| {
+                        Error::Backend(format!("the value of {key:?} is not an integer"))
+                    })?;
+                (n, e)
+            }
+            None => (0, expiry(ttl_ms)),
+        };
+        let sum = current
+            .checked_add(delta)
+            .ok_or_else(|| Error::Backend(format!("incrementing {key:?} overflows")))?;
+        put(key, sum.to_string().into_bytes(), expires);
+        Ok(sum)
+    }
 }

@@ -17,6 +17,10 @@ pub const DEFAULT_MAX_CALLS: u64 = 10_000;
 pub const MAX_MEMORY: usize = 1 << 30;
 /// Default bound of the audit queue.
 pub const DEFAULT_AUDIT_QUEUE: usize = 1024;
+/// Default key count of a plugin's key-value namespace.
+pub const DEFAULT_KV_MAX_KEYS: usize = 10_000;
+/// Default size (keys and values) of a plugin's key-value namespace.
+pub const DEFAULT_KV_MAX_BYTES: usize = 16 << 20;
 
 /// A validated plugin entry.
 #[derive(Debug, Clone)]
@@ -39,6 +43,8 @@ pub struct PluginConfig {
     pub max_calls: u64,
     /// Capabilities granted beyond the defaults.
     pub grants: Grants,
+    /// Quotas of the plugin's key-value namespace (with the `kv` grant).
+    pub kv: KvQuota,
     /// Where the `[[plugin]]` block is (`connector.toml:15`), for load errors; none for a
     /// plugin not from a file (`sluice plugin test`).
     pub defined_at: Option<String>,
@@ -57,6 +63,7 @@ impl PluginConfig {
             isolation: Isolation::Reuse,
             max_calls: DEFAULT_MAX_CALLS,
             grants: Grants::default(),
+            kv: KvQuota::default(),
             defined_at: None,
         }
     }
@@ -91,6 +98,27 @@ pub struct Grants {
     /// `credentials`: the request view shows `authorization`, `proxy-authorization` and
     /// `cookie`, and `on-response` sees `set-cookie` (hidden otherwise).
     pub credentials: bool,
+    /// `kv`: the plugin may use its own key-value namespace (the `kv` import; a component
+    /// importing it without the grant is refused at load).
+    pub kv: bool,
+}
+
+/// What a plugin may keep in its key-value namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvQuota {
+    /// Keys at once.
+    pub max_keys: usize,
+    /// Keys and values together, bytes.
+    pub max_bytes: usize,
+}
+
+impl Default for KvQuota {
+    fn default() -> Self {
+        KvQuota {
+            max_keys: DEFAULT_KV_MAX_KEYS,
+            max_bytes: DEFAULT_KV_MAX_BYTES,
+        }
+    }
 }
 
 /// The `[audit]` table.
@@ -128,6 +156,8 @@ pub(super) struct PluginFile {
     pub max_calls: Option<u64>,
     #[serde(default)]
     pub grants: Vec<String>,
+    pub kv_max_keys: Option<usize>,
+    pub kv_max_bytes: Option<ByteSize>,
 }
 
 #[derive(Deserialize)]
@@ -181,13 +211,29 @@ impl PluginFile {
             match g.as_str() {
                 "client-addr" => grants.client_addr = true,
                 "credentials" => grants.credentials = true,
+                "kv" => grants.kv = true,
                 other => {
                     return Err((
                         format!("grants[{i}]"),
-                        format!("unknown grant {other:?}: sluice can grant \"client-addr\" and \"credentials\""),
+                        format!("unknown grant {other:?}: sluice can grant \"client-addr\", \"credentials\" and \"kv\""),
                     ))
                 }
             }
+        }
+        let kv = KvQuota {
+            max_keys: self.kv_max_keys.unwrap_or(DEFAULT_KV_MAX_KEYS),
+            max_bytes: self
+                .kv_max_bytes
+                .map_or(DEFAULT_KV_MAX_BYTES, |b| b.0 as usize),
+        };
+        if kv.max_keys == 0 {
+            return Err(("kv-max-keys".into(), "must be at least 1".into()));
+        }
+        if !(1024..=(1 << 30)).contains(&kv.max_bytes) {
+            return Err((
+                "kv-max-bytes".into(),
+                "must be between 1KiB and 1GiB".into(),
+            ));
         }
         Ok(PluginConfig {
             name: self.name.clone(),
@@ -199,6 +245,7 @@ impl PluginFile {
             isolation: self.isolation.unwrap_or(Isolation::Reuse),
             max_calls,
             grants,
+            kv,
             defined_at: None,
         })
     }

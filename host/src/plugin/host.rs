@@ -8,7 +8,8 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_io::streams::{OutputStream, StreamError};
 
-use super::bindings::sluice::plugin::context;
+use super::bindings::sluice::plugin::{context, kv};
+use super::kv::{KvAccess, KvError};
 
 /// Longest log message or audit value kept from a plugin; longer ones are cut.
 const MAX_TEXT: usize = 4096;
@@ -64,6 +65,8 @@ pub struct StoreData {
     pub(super) dropped_events: usize,
     /// The context of the request the current call belongs to (lent by the chain).
     pub(super) context: Context,
+    /// The plugin's key-value namespace, with the `kv` grant.
+    pub(super) kv: Option<KvAccess>,
 }
 
 impl StoreData {
@@ -84,6 +87,7 @@ impl StoreData {
             events: Vec::new(),
             dropped_events: 0,
             context: Context::default(),
+            kv: None,
         }
     }
 }
@@ -453,6 +457,59 @@ impl tokio::io::AsyncWrite for LogStream {
     ) -> std::task::Poll<std::io::Result<()>> {
         self.flush_partial();
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl From<KvError> for kv::KvError {
+    fn from(e: KvError) -> Self {
+        match e {
+            KvError::Quota(m) => kv::KvError::Quota(m),
+            KvError::Backend(m) => kv::KvError::Backend(m),
+        }
+    }
+}
+
+impl StoreData {
+    /// The namespace; linked only with the grant, so `None` means a bug, reported as such.
+    fn kv(&self) -> Result<&KvAccess, kv::KvError> {
+        self.kv
+            .as_ref()
+            .ok_or_else(|| kv::KvError::Backend("no kv grant".into()))
+    }
+}
+
+impl kv::Host for StoreData {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::KvError> {
+        Ok(self.kv()?.get(&key)?)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), kv::KvError> {
+        Ok(self.kv()?.set(&key, value, ttl_ms)?)
+    }
+
+    fn delete(&mut self, key: String) -> Result<bool, kv::KvError> {
+        Ok(self.kv()?.delete(&key)?)
+    }
+
+    fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, kv::KvError> {
+        Ok(self
+            .kv()?
+            .compare_and_swap(&key, expected.as_deref(), new, ttl_ms)?)
+    }
+
+    fn increment(
+        &mut self,
+        key: String,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> Result<i64, kv::KvError> {
+        Ok(self.kv()?.increment(&key, delta, ttl_ms)?)
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod bindings;
 pub mod decision;
 pub mod host;
+pub mod kv;
 pub mod runtime;
 pub mod scaffold;
 pub mod tester;
@@ -85,6 +86,16 @@ pub enum LoadError {
         plugin: String,
         /// The imports it wanted and may not have.
         imports: Vec<String>,
+    },
+    /// The component imports what only a grant allows, without the grant.
+    #[error("plugin {plugin:?} imports {import} but is not granted {grant:?}: add it to the plugin's grants (grants = [\"{grant}\"]) if it may have it")]
+    NotGranted {
+        /// Plugin name.
+        plugin: String,
+        /// The import.
+        import: String,
+        /// The grant it needs.
+        grant: &'static str,
     },
     /// The component does not match the `sluice:plugin` world.
     #[error("plugin {plugin:?} does not match the sluice:plugin world: {reason}")]
@@ -431,6 +442,26 @@ impl Plugin {
             return Err(LoadError::ForbiddenImport {
                 plugin,
                 imports: forbidden,
+            });
+        }
+        let granted = |grant: &str| match grant {
+            "kv" => config.grants.kv,
+            _ => false,
+        };
+        if let Some((import, grant)) = ty
+            .imports(&runtime.engine)
+            .map(|(import, _)| import.split('@').next().unwrap_or(import).to_string())
+            .find_map(|import| {
+                runtime::GRANTED_IMPORTS
+                    .iter()
+                    .find(|(i, g)| *i == import && !granted(g))
+                    .map(|(_, g)| (import.clone(), *g))
+            })
+        {
+            return Err(LoadError::NotGranted {
+                plugin,
+                import,
+                grant,
             });
         }
         let pre = runtime
@@ -798,7 +829,10 @@ impl Plugin {
     /// A fresh instance with `init` run. An `init` error comes back as `InvalidDecision`
     /// carrying the plugin's message (the loader turns it into [`LoadError::Init`]).
     async fn instantiate(&self) -> Result<Slot, PluginError> {
-        let data = StoreData::new(self.name.clone(), self.config.memory);
+        let mut data = StoreData::new(self.name.clone(), self.config.memory);
+        if self.config.grants.kv {
+            data.kv = Some(self.runtime.kv.access(&self.name, self.config.kv));
+        }
         let mut store = Store::new(&self.runtime.engine, data);
         store.limiter(|d| &mut d.limiter);
         // Guest code yields to the async runtime at every epoch tick, so a hook that runs to

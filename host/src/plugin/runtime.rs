@@ -21,13 +21,17 @@ pub const TICK: Duration = Duration::from_millis(1);
 /// [`crate::config::ConnectorConfig::plugin_instances`]).
 pub const MAX_INSTANCES: usize = 20_000;
 
+/// Imports of [`ALLOWED_IMPORTS`] a plugin may have only with a grant: (import, grant).
+pub const GRANTED_IMPORTS: &[(&str, &str)] = &[("sluice:plugin/kv", "kv")];
+
 /// Imports a plugin may have, without their `@version`. Everything else (filesystem, sockets,
-/// outbound HTTP…) is refused at load time.
+/// outbound HTTP…) is refused at load time; those of [`GRANTED_IMPORTS`] need their grant.
 pub const ALLOWED_IMPORTS: &[&str] = &[
     "sluice:plugin/types",
     "sluice:plugin/log",
     "sluice:plugin/audit",
     "sluice:plugin/context",
+    "sluice:plugin/kv",
     "wasi:cli/environment",
     "wasi:cli/exit",
     "wasi:cli/stdin",
@@ -104,6 +108,8 @@ pub struct Runtime {
     pub instances: u32,
     /// Largest memory an instance may have.
     max_memory: usize,
+    /// The plugins' key-value namespaces (kept as long as the runtime, across reloads).
+    pub kv: super::kv::KvStore,
     _ticker: Ticker,
 }
 
@@ -134,6 +140,7 @@ impl Runtime {
             linker,
             instances,
             max_memory,
+            kv: Default::default(),
         }))
     }
 

@@ -1,0 +1,320 @@
+//! The plugins' key-value store (the `kv` import, with the `kv` grant): one namespace per
+//! plugin name, held by the [`super::Runtime`] and so kept across reloads, bounded by the
+//! operator's quotas. Expired keys are dropped when read, and swept when a write would
+//! otherwise pass a quota.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::KvQuota;
+
+/// Longest key, in bytes.
+pub const MAX_KEY: usize = 512;
+
+/// Why a key-value operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    /// A write would pass a quota.
+    #[error("{0}")]
+    Quota(String),
+    /// The store could not do it.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// Every plugin's namespace, in this process.
+#[derive(Debug, Default)]
+pub struct KvStore {
+    spaces: Mutex<HashMap<String, Arc<Mutex<Space>>>>,
+}
+
+impl KvStore {
+    /// Plugin `name`'s namespace under `quota` (the same one for every instance and reload
+    /// of the plugin).
+    pub fn access(&self, name: &str, quota: KvQuota) -> KvAccess {
+        let space = self
+            .spaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        KvAccess { space, quota }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Space {
+    entries: HashMap<String, Entry>,
+    /// Keys and values together.
+    bytes: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    value: Vec<u8>,
+    expires: Option<Instant>,
+}
+
+impl Entry {
+    fn live(&self, now: Instant) -> bool {
+        self.expires.is_none_or(|e| e > now)
+    }
+}
+
+impl Space {
+    fn get(&mut self, key: &str, now: Instant) -> Option<&Entry> {
+        if self.entries.get(key).is_some_and(|e| !e.live(now)) {
+            self.remove(key);
+        }
+        self.entries.get(key)
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        match self.entries.remove(key) {
+            Some(e) => {
+                self.bytes -= key.len() + e.value.len();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let dead: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.live(now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in dead {
+            self.remove(&k);
+        }
+    }
+
+    /// Stores `value` under `key` if the quota allows it (sweeping expired keys first when
+    /// it would not); nothing changes otherwise.
+    fn put(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        expires: Option<Instant>,
+        quota: KvQuota,
+        now: Instant,
+    ) -> Result<(), KvError> {
+        let fits = |s: &Space| {
+            let old = s.entries.get(key).map(|e| key.len() + e.value.len());
+            let keys = s.entries.len() + usize::from(old.is_none());
+            let bytes = s.bytes - old.unwrap_or(0) + key.len() + value.len();
+            (keys, bytes)
+        };
+        let (mut keys, mut bytes) = fits(self);
+        if keys > quota.max_keys || bytes > quota.max_bytes {
+            self.sweep(now);
+            (keys, bytes) = fits(self);
+        }
+        if keys > quota.max_keys {
+            return Err(KvError::Quota(format!(
+                "the namespace holds its {} keys (kv-max-keys)",
+                quota.max_keys
+            )));
+        }
+        if bytes > quota.max_bytes {
+            return Err(KvError::Quota(format!(
+                "the namespace would hold {bytes} bytes; kv-max-bytes is {}",
+                quota.max_bytes
+            )));
+        }
+        self.remove(key);
+        self.bytes += key.len() + value.len();
+        self.entries
+            .insert(key.to_string(), Entry { value, expires });
+        Ok(())
+    }
+}
+
+/// One plugin's namespace and quota.
+#[derive(Debug, Clone)]
+pub struct KvAccess {
+    space: Arc<Mutex<Space>>,
+    quota: KvQuota,
+}
+
+fn check_key(key: &str) -> Result<(), KvError> {
+    if key.len() > MAX_KEY {
+        return Err(KvError::Quota(format!(
+            "a key of {} bytes; the limit is {MAX_KEY}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn expiry(now: Instant, ttl_ms: Option<u64>) -> Option<Instant> {
+    ttl_ms.map(|ms| now + Duration::from_millis(ms.min(100 * 365 * 86_400_000)))
+}
+
+impl KvAccess {
+    fn space(&self) -> std::sync::MutexGuard<'_, Space> {
+        self.space.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The live value of `key`.
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        check_key(key)?;
+        Ok(self
+            .space()
+            .get(key, Instant::now())
+            .map(|e| e.value.clone()))
+    }
+
+    /// Sets `key`, expiring after `ttl_ms` if given.
+    pub fn set(&self, key: &str, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
+        check_key(key)?;
+        let now = Instant::now();
+        self.space()
+            .put(key, value, expiry(now, ttl_ms), self.quota, now)
+    }
+
+    /// Removes `key`; whether it was there (and live).
+    pub fn delete(&self, key: &str) -> Result<bool, KvError> {
+        check_key(key)?;
+        let mut space = self.space();
+        let live = space.get(key, Instant::now()).is_some();
+        space.remove(key);
+        Ok(live)
+    }
+
+    /// Sets `key` to `new` if its live value is `expected` (`None`: absent).
+    pub fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        check_key(key)?;
+        let now = Instant::now();
+        let mut space = self.space();
+        let current = space.get(key, now).map(|e| e.value.as_slice());
+        if current != expected {
+            return Ok(false);
+        }
+        space.put(key, new, expiry(now, ttl_ms), self.quota, now)?;
+        Ok(true)
+    }
+
+    /// Adds `delta` to the decimal integer at `key` (0 when absent); the new value.
+    pub fn increment(&self, key: &str, delta: i64, ttl_ms: Option<u64>) -> Result<i64, KvError> {
+        check_key(key)?;
+        let now = Instant::now();
+        let mut space = self.space();
+        let (current, expires) = match space.get(key, now) {
+            Some(e) => {
+                let n = std::str::from_utf8(&e.value)
+                    .ok()
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .ok_or_else(|| {
+                        KvError::Backend(format!("the value of {key:?} is not an integer"))
+                    })?;
+                (n, e.expires)
+            }
+            None => (0, expiry(now, ttl_ms)),
+        };
+        let sum = current
+            .checked_add(delta)
+            .ok_or_else(|| KvError::Backend(format!("incrementing {key:?} overflows")))?;
+        space.put(key, sum.to_string().into_bytes(), expires, self.quota, now)?;
+        Ok(sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(keys: usize, bytes: usize) -> KvAccess {
+        KvStore::default().access(
+            "p",
+            KvQuota {
+                max_keys: keys,
+                max_bytes: bytes,
+            },
+        )
+    }
+
+    #[test]
+    fn get_set_delete_cas_and_increment() {
+        let kv = access(100, 1 << 20);
+        assert_eq!(kv.get("a").unwrap(), None);
+        kv.set("a", b"1".to_vec(), None).unwrap();
+        assert_eq!(kv.get("a").unwrap().as_deref(), Some(&b"1"[..]));
+        assert!(!kv
+            .compare_and_swap("a", Some(b"2"), b"3".to_vec(), None)
+            .unwrap());
+        assert!(kv
+            .compare_and_swap("a", Some(b"1"), b"3".to_vec(), None)
+            .unwrap());
+        assert!(kv.compare_and_swap("b", None, b"x".to_vec(), None).unwrap());
+        assert!(!kv.compare_and_swap("b", None, b"y".to_vec(), None).unwrap());
+        assert_eq!(kv.increment("n", 5, None).unwrap(), 5);
+        assert_eq!(kv.increment("n", -7, None).unwrap(), -2);
+        assert!(matches!(
+            kv.increment("b", 1, None),
+            Err(KvError::Backend(_))
+        ));
+        kv.set("max", i64::MAX.to_string().into_bytes(), None)
+            .unwrap();
+        assert!(kv.increment("max", 1, None).is_err());
+        assert!(kv.delete("a").unwrap());
+        assert!(!kv.delete("a").unwrap());
+        assert!(kv.get(&"k".repeat(MAX_KEY + 1)).is_err());
+    }
+
+    #[test]
+    fn expired_keys_are_gone_and_make_room() {
+        let kv = access(2, 1 << 20);
+        kv.set("short", b"v".to_vec(), Some(0)).unwrap();
+        assert_eq!(kv.get("short").unwrap(), None);
+        kv.set("a", b"v".to_vec(), Some(0)).unwrap();
+        kv.set("b", b"v".to_vec(), None).unwrap();
+        // "a" expired: the sweep makes room for a second live key.
+        kv.set("c", b"v".to_vec(), None).unwrap();
+        let full = kv.set("d", b"v".to_vec(), None).unwrap_err();
+        assert!(
+            matches!(full, KvError::Quota(ref m) if m.contains("kv-max-keys")),
+            "{full}"
+        );
+        // An existing key's expiry survives an increment.
+        kv.delete("b").unwrap();
+        assert_eq!(kv.increment("hits", 1, Some(0)).unwrap(), 1);
+        assert_eq!(kv.get("hits").unwrap(), None);
+    }
+
+    #[test]
+    fn the_byte_quota_refuses_a_write_whole() {
+        let kv = access(100, 1024);
+        kv.set("a", vec![0; 1000], None).unwrap();
+        let refused = kv.set("b", vec![0; 100], None).unwrap_err();
+        assert!(matches!(refused, KvError::Quota(ref m) if m.contains("kv-max-bytes")));
+        assert_eq!(kv.get("b").unwrap(), None);
+        // Replacing counts the old value out.
+        kv.set("a", vec![1; 1010], None).unwrap();
+    }
+
+    #[test]
+    fn namespaces_are_per_plugin_and_outlive_their_accesses() {
+        let store = KvStore::default();
+        let q = KvQuota::default();
+        store
+            .access("one", q)
+            .set("k", b"1".to_vec(), None)
+            .unwrap();
+        assert_eq!(store.access("two", q).get("k").unwrap(), None);
+        assert_eq!(
+            store.access("one", q).get("k").unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+    }
+}
