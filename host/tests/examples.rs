@@ -274,6 +274,29 @@ async fn ip_allow_admits_and_refuses_by_the_client_address() {
 }
 
 #[tokio::test]
+async fn rate_limit_refuses_past_the_burst_with_retry_after() {
+    let mut p = example("rate-limit", serde_json::json!({"rate": 0.5, "burst": 2}));
+    p.grants = Grants {
+        client_addr: true,
+        credentials: false,
+        kv: true,
+    };
+    let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
+    for _ in 0..2 {
+        assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
+    }
+    let refused = get(edge.http, "app.test", "/").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.headers["retry-after"], "2");
+    conn.stop().await;
+
+    // It keeps its buckets in the key-value store: without the grant it does not load.
+    let ungranted = example("rate-limit", serde_json::json!({"rate": 1, "burst": 1}));
+    let err = sluice::plugin::check(&[ungranted]).await.unwrap_err();
+    assert!(err.contains("not granted \"kv\""), "{err}");
+}
+
+#[tokio::test]
 async fn cors_answers_preflights_locally_and_marks_allowed_responses() {
     let p = example(
         "cors",

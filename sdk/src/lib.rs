@@ -59,6 +59,7 @@
 mod types;
 
 pub mod audit;
+pub mod clock;
 pub mod context;
 pub mod kv;
 pub mod log;

@@ -186,12 +186,21 @@ thread_local! {
     static CLOCK: std::cell::Cell<std::time::Duration> = const { std::cell::Cell::new(std::time::Duration::ZERO) };
 }
 
-/// Moves the test clock forward: [`crate::kv`] keys whose time-to-live has passed are gone.
+/// Moves the test clock forward: [`crate::clock::now`] is later by `by`, and [`crate::kv`]
+/// keys whose time to live has passed are gone.
 pub fn advance(by: std::time::Duration) {
     CLOCK.with(|c| c.set(c.get() + by));
 }
 
-/// Empties the [`crate::kv`] store of this thread and sets the test clock back to zero.
+/// Where the test clock starts (2023-11-14, a fixed instant: tests are repeatable).
+pub const CLOCK_START: std::time::Duration = std::time::Duration::from_secs(1_700_000_000);
+
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) fn test_now() -> std::time::SystemTime {
+    std::time::SystemTime::UNIX_EPOCH + CLOCK_START + CLOCK.with(|c| c.get())
+}
+
+/// Empties the [`crate::kv`] store of this thread and sets the test clock back to its start.
 pub fn clear_kv() {
     kv_fake::STORE.with(|s| s.borrow_mut().clear());
     CLOCK.with(|c| c.set(std::time::Duration::ZERO));

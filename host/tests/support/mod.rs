@@ -569,6 +569,7 @@ pub const EXAMPLE_PLUGINS: &[&str] = &[
     "access-guard",
     "ip-allow",
     "cors",
+    "rate-limit",
 ];
 
 thread_local! {
