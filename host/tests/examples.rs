@@ -296,6 +296,73 @@ async fn rate_limit_refuses_past_the_burst_with_retry_after() {
     assert!(err.contains("not granted \"kv\""), "{err}");
 }
 
+/// Two connectors of one tunnel, their plugins' key-value store in one real Redis: the
+/// bucket a client emptied through the first is still empty through the second.
+#[tokio::test]
+async fn rate_limit_holds_across_two_connectors_sharing_redis() {
+    let (redis, _server) = start_redis().await;
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let web = echo_origin("web").await;
+    let config = |id: &str| {
+        let mut p = example("rate-limit", serde_json::json!({"rate": 0.01, "burst": 2}));
+        p.name = "limit".into();
+        p.grants = Grants {
+            client_addr: true,
+            credentials: false,
+            kv: true,
+        };
+        let mut r = rule(None, None, "web");
+        r.plugins = vec!["limit".into()];
+        let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", web)], vec![r]);
+        cfg.connector_id = id.into();
+        cfg.plugins = vec![p];
+        cfg.kv_redis = Some(format!("redis://{redis}"));
+        cfg.admin_listen = Some(loopback());
+        cfg
+    };
+    let first = start_connector(config("first")).await;
+    first.registered(1).await;
+    for _ in 0..2 {
+        assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
+    }
+    assert_eq!(get(edge.http, "app.test", "/").await.status, 429);
+
+    // The second connector takes over; the first leaves.
+    let second = start_connector(config("second")).await;
+    second.registered(1).await;
+    first.stop().await;
+    let admin = second.admin.unwrap();
+    let served = || async {
+        let metrics = get(admin, "admin", "/metrics").await.text();
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(r#"sluice_connector_plugin_hook_duration_seconds_count{plugin="limit",hook="on-request"} "#)
+            })
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let before = served().await;
+            let reply = get(edge.http, "app.test", "/").await;
+            // Never a 200: the only bucket is empty, wherever the request went.
+            assert_ne!(
+                reply.status, 200,
+                "the limit did not hold across connectors"
+            );
+            if served().await > before {
+                assert_eq!(reply.status, 429, "{}", reply.text());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the second connector never served a request");
+    second.stop().await;
+}
+
 #[tokio::test]
 async fn cors_answers_preflights_locally_and_marks_allowed_responses() {
     let p = example(

@@ -784,3 +784,64 @@ fn plugin_new_creates_a_crate_that_tests_builds_and_runs() {
     assert!(report.contains("set x-hello: world"), "{report}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The key-value store's Redis backend against a real redis-server: every operation, expiry,
+/// a non-integer increment, and two plugins' namespaces kept apart.
+#[tokio::test]
+async fn the_redis_kv_backend_does_what_the_in_process_one_does() {
+    use sluice::plugin::kv::{KvError, KvStore};
+    let (redis, _server) = start_redis().await;
+    let store = KvStore::default();
+    store
+        .configure(Some(&format!("redis://{redis}")), "t")
+        .unwrap();
+    let quota = sluice::config::KvQuota {
+        max_keys: 10,
+        max_bytes: 1024,
+    };
+    let kv = store.access("p", quota);
+    assert_eq!(kv.get("a").await.unwrap(), None);
+    kv.set("a", b"1".to_vec(), None).await.unwrap();
+    assert_eq!(kv.get("a").await.unwrap().as_deref(), Some(&b"1"[..]));
+    assert!(!kv
+        .compare_and_swap("a", Some(b"2"), b"3".to_vec(), None)
+        .await
+        .unwrap());
+    assert!(kv
+        .compare_and_swap("a", Some(b"1"), b"3".to_vec(), None)
+        .await
+        .unwrap());
+    assert!(kv
+        .compare_and_swap("b", None, b"x".to_vec(), None)
+        .await
+        .unwrap());
+    assert!(!kv
+        .compare_and_swap("b", None, b"y".to_vec(), None)
+        .await
+        .unwrap());
+    assert_eq!(kv.increment("n", 5, None).await.unwrap(), 5);
+    assert_eq!(kv.increment("n", -7, None).await.unwrap(), -2);
+    assert!(matches!(
+        kv.increment("b", 1, None).await,
+        Err(KvError::Backend(_))
+    ));
+    assert!(kv.delete("a").await.unwrap());
+    assert!(!kv.delete("a").await.unwrap());
+    // A value past kv-max-bytes is refused before it is sent.
+    assert!(matches!(
+        kv.set("big", vec![0; 2000], None).await,
+        Err(KvError::Quota(_))
+    ));
+    // Another plugin's namespace does not see these keys.
+    assert_eq!(store.access("q", quota).get("b").await.unwrap(), None);
+    // Expiry, by Redis's clock.
+    kv.set("short", b"v".to_vec(), Some(50)).await.unwrap();
+    assert_eq!(kv.increment("ttl", 1, Some(50)).await.unwrap(), 1);
+    tokio::time::timeout(WAIT, async {
+        while kv.get("short").await.unwrap().is_some() || kv.get("ttl").await.unwrap().is_some() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("keys with a time to live never expired");
+}

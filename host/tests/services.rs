@@ -561,14 +561,6 @@ impl Drop for Scratch {
 }
 
 /// An outside server, killed when dropped.
-struct Server(tokio::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
 /// OpenSSH's sshd on a loopback port with a fresh host key, accepting the fresh client key
 /// `id` (in `dir`) for the current user.
 async fn start_sshd(dir: &Scratch) -> (Server, SocketAddr) {
@@ -716,17 +708,7 @@ async fn ssh_runs_a_command_through_sluice_access_stdio_and_listen() {
 
 #[tokio::test]
 async fn redis_behind_a_public_port_answers_and_keeps_a_thousand_pipelined_commands_in_order() {
-    let redis = require_program("redis-server", "redis-server");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let child = tokio::process::Command::new(redis)
-        .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _redis = Server(child);
-    wait_listening(addr).await;
+    let (addr, _redis) = start_redis().await;
     let (edge, _conn) = services_tunnel(
         vec![port("redis", SessionProtocol::Tcp)],
         vec![service("redis", &format!("tcp://{addr}"))],

@@ -65,6 +65,9 @@ pub struct ConnectorConfig {
     pub global_plugins: Vec<String>,
     /// Audit sinks.
     pub audit: AuditConfig,
+    /// Where plugins' key-value namespaces live: `None` in this process, or a Redis URL
+    /// (`[kv] redis`) that connectors sharing it share them through.
+    pub kv_redis: Option<String>,
     /// How request paths are normalised before matching and proxying.
     pub paths: PathPolicy,
     /// A request body (from the edge) or response body (from the origin) that moves no data
@@ -377,6 +380,7 @@ impl ConnectorConfig {
             plugins: Vec::new(),
             global_plugins: Vec::new(),
             audit: AuditConfig::default(),
+            kv_redis: None,
             paths: PathPolicy::default(),
             body_idle_timeout: super::edge::DEFAULT_BODY_IDLE_TIMEOUT,
             services: Vec::new(),
@@ -436,6 +440,24 @@ impl ConnectorConfig {
             None => AuditConfig::default(),
         };
 
+        let kv_at = file.kv.as_ref().map(|kv| kv.span().start);
+        let kv_redis = match file.kv.as_ref().and_then(|kv| kv.get_ref().redis.clone()) {
+            Some(url) => {
+                if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+                    return Err(src.error(
+                        kv_at,
+                        "kv.redis",
+                        "use redis://host:port[/db] or redis+unix:///path (TLS to Redis is not supported)",
+                    ));
+                }
+                if let Err(e) = redis::Client::open(url.as_str()) {
+                    return Err(src.error(kv_at, "kv.redis", format!("not a Redis URL: {e}")));
+                }
+                Some(url)
+            }
+            None => None,
+        };
+
         let ingress = file.ingress(&src, &mut origins, &mut names, &plugin_names)?;
         let services = file.services(&src)?;
         for (key, value) in [
@@ -469,6 +491,7 @@ impl ConnectorConfig {
             plugins,
             global_plugins: file.plugins,
             audit,
+            kv_redis,
             paths: file.paths.map(PathsFile::policy).unwrap_or_default(),
             body_idle_timeout: file
                 .body_idle_timeout
@@ -548,6 +571,7 @@ struct ConnectorFile {
     #[serde(default)]
     plugins: Vec<String>,
     audit: Option<super::plugin::AuditFile>,
+    kv: Option<Spanned<KvFile>>,
     #[serde(default)]
     plugin: Vec<Spanned<super::plugin::PluginFile>>,
     #[serde(default)]
@@ -921,4 +945,11 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }
+}
+
+/// The `[kv]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct KvFile {
+    redis: Option<String>,
 }

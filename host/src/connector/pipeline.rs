@@ -160,6 +160,9 @@ pub enum PipelineError {
         "plugin {0:?} asks for more memory than the running connector allows; restart to apply"
     )]
     Memory(String),
+    /// The key-value backend could not be set up.
+    #[error("[kv]: {0}")]
+    Kv(String),
 }
 
 /// What pipelines share across reloads: the Wasm engine (created with the first plugin),
@@ -209,6 +212,15 @@ impl PluginEnv {
         *guard = Some((rt.clone(), max));
         Ok(rt)
     }
+
+    /// The runtime, its key-value store set to the configuration's backend.
+    fn runtime_for(&self, config: &ConnectorConfig) -> Result<Arc<Runtime>, PipelineError> {
+        let rt = self.runtime(config)?;
+        rt.kv
+            .configure(config.kv_redis.as_deref(), &config.tunnel)
+            .map_err(PipelineError::Kv)?;
+        Ok(rt)
+    }
 }
 
 /// What happened to one request, for the access log (and the on-complete hook).
@@ -227,7 +239,7 @@ impl Pipeline {
     pub async fn new(config: &ConnectorConfig, env: &PluginEnv) -> Result<Self, PipelineError> {
         let mut loaded = HashMap::new();
         if !config.plugins.is_empty() {
-            let runtime = env.runtime(config)?;
+            let runtime = env.runtime_for(config)?;
             for p in &config.plugins {
                 let plugin = Plugin::load(runtime.clone(), p.clone(), env.metrics.clone()).await?;
                 let (compiled, took) = plugin.compiled();

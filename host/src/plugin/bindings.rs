@@ -6,6 +6,9 @@ wasmtime::component::bindgen!({
     path: "../wit",
     world: "plugin",
     exports: { default: async },
+    // The key-value store may wait on the network (Redis): its calls suspend the hook's
+    // fiber, never a worker thread.
+    imports: { "sluice:plugin/kv": async },
     with: {
         "sluice:plugin/types.request": super::host::SharedView,
     },

@@ -479,19 +479,24 @@ impl StoreData {
 }
 
 impl kv::Host for StoreData {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::KvError> {
-        Ok(self.kv()?.get(&key)?)
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::KvError> {
+        Ok(self.kv()?.get(&key).await?)
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), kv::KvError> {
-        Ok(self.kv()?.set(&key, value, ttl_ms)?)
+    async fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<(), kv::KvError> {
+        Ok(self.kv()?.set(&key, value, ttl_ms).await?)
     }
 
-    fn delete(&mut self, key: String) -> Result<bool, kv::KvError> {
-        Ok(self.kv()?.delete(&key)?)
+    async fn delete(&mut self, key: String) -> Result<bool, kv::KvError> {
+        Ok(self.kv()?.delete(&key).await?)
     }
 
-    fn compare_and_swap(
+    async fn compare_and_swap(
         &mut self,
         key: String,
         expected: Option<Vec<u8>>,
@@ -500,16 +505,17 @@ impl kv::Host for StoreData {
     ) -> Result<bool, kv::KvError> {
         Ok(self
             .kv()?
-            .compare_and_swap(&key, expected.as_deref(), new, ttl_ms)?)
+            .compare_and_swap(&key, expected.as_deref(), new, ttl_ms)
+            .await?)
     }
 
-    fn increment(
+    async fn increment(
         &mut self,
         key: String,
         delta: i64,
         ttl_ms: Option<u64>,
     ) -> Result<i64, kv::KvError> {
-        Ok(self.kv()?.increment(&key, delta, ttl_ms)?)
+        Ok(self.kv()?.increment(&key, delta, ttl_ms).await?)
     }
 }
 

@@ -1,7 +1,13 @@
 //! The plugins' key-value store (the `kv` import, with the `kv` grant): one namespace per
-//! plugin name, held by the [`super::Runtime`] and so kept across reloads, bounded by the
-//! operator's quotas. Expired keys are dropped when read, and swept when a write would
-//! otherwise pass a quota.
+//! plugin name, held by the [`super::Runtime`] and so kept across reloads.
+//!
+//! Two backends. In this process (the default): bounded by the operator's quotas; expired
+//! keys are dropped when read, and swept when a write would otherwise pass a quota. In Redis
+//! (`[kv] redis`): connectors given the same Redis share the namespaces, under
+//! `sluice:kv:{tunnel}:{plugin}:`; compare-and-swap and increment run as Lua scripts, so they
+//! are atomic across connectors. There the key and value sizes are checked, but the
+//! namespace's key count and total size are not counted (Redis's own `maxmemory` bounds
+//! them).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,16 +29,76 @@ pub enum KvError {
     Backend(String),
 }
 
-/// Every plugin's namespace, in this process.
-#[derive(Debug, Default)]
+/// Every plugin's namespace.
+#[derive(Default)]
 pub struct KvStore {
     spaces: Mutex<HashMap<String, Arc<Mutex<Space>>>>,
+    /// The Redis backend, when configured: its URL, the key prefix, the connection.
+    redis: Mutex<Option<Redis>>,
 }
 
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KvStore")
+    }
+}
+
+#[derive(Clone)]
+struct Redis {
+    url: String,
+    prefix: String,
+    conn: redis::aio::ConnectionManager,
+}
+
+/// How long a Redis connection attempt, and then each command, may take.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
 impl KvStore {
+    /// Uses Redis at `url` (keys prefixed for `tunnel`), or this process with `None`. Called
+    /// for every configuration, reloads included: the connection is kept while the URL
+    /// stays. Connects lazily; must run inside the async runtime.
+    pub fn configure(&self, url: Option<&str>, tunnel: &str) -> Result<(), String> {
+        let mut redis = self.redis.lock().unwrap_or_else(|p| p.into_inner());
+        let prefix = format!("sluice:kv:{tunnel}:");
+        match url {
+            None => *redis = None,
+            Some(url)
+                if redis
+                    .as_ref()
+                    .is_some_and(|r| r.url == url && r.prefix == prefix) => {}
+            Some(url) => {
+                let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(REDIS_TIMEOUT))
+                    .set_response_timeout(Some(REDIS_TIMEOUT))
+                    .set_number_of_retries(2);
+                let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| e.to_string())?;
+                *redis = Some(Redis {
+                    url: url.to_string(),
+                    prefix,
+                    conn,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Plugin `name`'s namespace under `quota` (the same one for every instance and reload
     /// of the plugin).
     pub fn access(&self, name: &str, quota: KvQuota) -> KvAccess {
+        if let Some(r) = self
+            .redis
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return KvAccess::Redis {
+                conn: r.conn.clone(),
+                prefix: format!("{}{name}:", r.prefix),
+                quota,
+            };
+        }
         let space = self
             .spaces
             .lock()
@@ -40,12 +106,13 @@ impl KvStore {
             .entry(name.to_string())
             .or_default()
             .clone();
-        KvAccess { space, quota }
+        KvAccess::Memory { space, quota }
     }
 }
 
+/// One plugin's namespace in this process.
 #[derive(Debug, Default)]
-struct Space {
+pub struct Space {
     entries: HashMap<String, Entry>,
     /// Keys and values together.
     bytes: usize,
@@ -135,10 +202,24 @@ impl Space {
 }
 
 /// One plugin's namespace and quota.
-#[derive(Debug, Clone)]
-pub struct KvAccess {
-    space: Arc<Mutex<Space>>,
-    quota: KvQuota,
+#[derive(Clone)]
+pub enum KvAccess {
+    /// In this process.
+    Memory {
+        /// The namespace.
+        space: Arc<Mutex<Space>>,
+        /// Its bounds.
+        quota: KvQuota,
+    },
+    /// In Redis, under `prefix`.
+    Redis {
+        /// The shared connection.
+        conn: redis::aio::ConnectionManager,
+        /// `sluice:kv:{tunnel}:{plugin}:`.
+        prefix: String,
+        /// Its bounds (the value size is checked against `max_bytes`).
+        quota: KvQuota,
+    },
 }
 
 fn check_key(key: &str) -> Result<(), KvError> {
@@ -155,9 +236,12 @@ fn expiry(now: Instant, ttl_ms: Option<u64>) -> Option<Instant> {
     ttl_ms.map(|ms| now + Duration::from_millis(ms.min(100 * 365 * 86_400_000)))
 }
 
-impl KvAccess {
+/// The in-process backend's operations.
+struct MemoryAccess<'a>(&'a Mutex<Space>, KvQuota);
+
+impl MemoryAccess<'_> {
     fn space(&self) -> std::sync::MutexGuard<'_, Space> {
-        self.space.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The live value of `key`.
@@ -174,7 +258,7 @@ impl KvAccess {
         check_key(key)?;
         let now = Instant::now();
         self.space()
-            .put(key, value, expiry(now, ttl_ms), self.quota, now)
+            .put(key, value, expiry(now, ttl_ms), self.1, now)
     }
 
     /// Removes `key`; whether it was there (and live).
@@ -201,7 +285,7 @@ impl KvAccess {
         if current != expected {
             return Ok(false);
         }
-        space.put(key, new, expiry(now, ttl_ms), self.quota, now)?;
+        space.put(key, new, expiry(now, ttl_ms), self.1, now)?;
         Ok(true)
     }
 
@@ -225,8 +309,161 @@ impl KvAccess {
         let sum = current
             .checked_add(delta)
             .ok_or_else(|| KvError::Backend(format!("incrementing {key:?} overflows")))?;
-        space.put(key, sum.to_string().into_bytes(), expires, self.quota, now)?;
+        space.put(key, sum.to_string().into_bytes(), expires, self.1, now)?;
         Ok(sum)
+    }
+}
+
+/// Sets a key to ARGV[3] if it holds ARGV[2] (ARGV[1] = "1") or is absent (ARGV[1] = "0");
+/// ARGV[4] is a time to live in ms, or empty.
+const CAS: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if ARGV[1] == '1' then
+  if cur ~= ARGV[2] then return 0 end
+elseif cur then
+  return 0
+end
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+else
+  redis.call('SET', KEYS[1], ARGV[3])
+end
+return 1
+"#;
+
+/// Adds ARGV[1] to a key; a key it creates expires after ARGV[2] ms (if not empty).
+const INCREMENT: &str = r#"
+local existed = redis.call('EXISTS', KEYS[1])
+local v = redis.call('INCRBY', KEYS[1], ARGV[1])
+if existed == 0 and ARGV[2] ~= '' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return v
+"#;
+
+fn backend(e: redis::RedisError) -> KvError {
+    KvError::Backend(format!("redis: {e}"))
+}
+
+fn ttl_arg(ttl_ms: Option<u64>) -> String {
+    ttl_ms.map(|ms| ms.max(1).to_string()).unwrap_or_default()
+}
+
+impl KvAccess {
+    fn value_fits(&self, key: &str, value: &[u8]) -> Result<(), KvError> {
+        check_key(key)?;
+        let KvAccess::Redis { quota, .. } = self else {
+            return Ok(());
+        };
+        if key.len() + value.len() > quota.max_bytes {
+            return Err(KvError::Quota(format!(
+                "a value of {} bytes; kv-max-bytes is {}",
+                value.len(),
+                quota.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The live value of `key`.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        match self {
+            KvAccess::Memory { space, quota } => MemoryAccess(space, *quota).get(key),
+            KvAccess::Redis { conn, prefix, .. } => {
+                check_key(key)?;
+                redis::cmd("GET")
+                    .arg(format!("{prefix}{key}"))
+                    .query_async(&mut conn.clone())
+                    .await
+                    .map_err(backend)
+            }
+        }
+    }
+
+    /// Sets `key`, expiring after `ttl_ms` if given.
+    pub async fn set(&self, key: &str, value: Vec<u8>, ttl_ms: Option<u64>) -> Result<(), KvError> {
+        match self {
+            KvAccess::Memory { space, quota } => {
+                MemoryAccess(space, *quota).set(key, value, ttl_ms)
+            }
+            KvAccess::Redis { conn, prefix, .. } => {
+                self.value_fits(key, &value)?;
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(format!("{prefix}{key}")).arg(value);
+                if let Some(ms) = ttl_ms {
+                    cmd.arg("PX").arg(ms.max(1));
+                }
+                cmd.query_async(&mut conn.clone()).await.map_err(backend)
+            }
+        }
+    }
+
+    /// Removes `key`; whether it was there (and live).
+    pub async fn delete(&self, key: &str) -> Result<bool, KvError> {
+        match self {
+            KvAccess::Memory { space, quota } => MemoryAccess(space, *quota).delete(key),
+            KvAccess::Redis { conn, prefix, .. } => {
+                check_key(key)?;
+                let n: u64 = redis::cmd("DEL")
+                    .arg(format!("{prefix}{key}"))
+                    .query_async(&mut conn.clone())
+                    .await
+                    .map_err(backend)?;
+                Ok(n > 0)
+            }
+        }
+    }
+
+    /// Sets `key` to `new` if its live value is `expected` (`None`: absent).
+    pub async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        new: Vec<u8>,
+        ttl_ms: Option<u64>,
+    ) -> Result<bool, KvError> {
+        match self {
+            KvAccess::Memory { space, quota } => {
+                MemoryAccess(space, *quota).compare_and_swap(key, expected, new, ttl_ms)
+            }
+            KvAccess::Redis { conn, prefix, .. } => {
+                self.value_fits(key, &new)?;
+                let swapped: i64 = redis::Script::new(CAS)
+                    .key(format!("{prefix}{key}"))
+                    .arg(if expected.is_some() { "1" } else { "0" })
+                    .arg(expected.unwrap_or_default())
+                    .arg(new)
+                    .arg(ttl_arg(ttl_ms))
+                    .invoke_async(&mut conn.clone())
+                    .await
+                    .map_err(backend)?;
+                Ok(swapped == 1)
+            }
+        }
+    }
+
+    /// Adds `delta` to the decimal integer at `key` (0 when absent); the new value.
+    pub async fn increment(
+        &self,
+        key: &str,
+        delta: i64,
+        ttl_ms: Option<u64>,
+    ) -> Result<i64, KvError> {
+        match self {
+            KvAccess::Memory { space, quota } => {
+                MemoryAccess(space, *quota).increment(key, delta, ttl_ms)
+            }
+            KvAccess::Redis { conn, prefix, .. } => {
+                check_key(key)?;
+                redis::Script::new(INCREMENT)
+                    .key(format!("{prefix}{key}"))
+                    .arg(delta)
+                    .arg(ttl_arg(ttl_ms))
+                    .invoke_async(&mut conn.clone())
+                    .await
+                    .map_err(backend)
+            }
+        }
     }
 }
 
@@ -234,14 +471,45 @@ impl KvAccess {
 mod tests {
     use super::*;
 
-    fn access(keys: usize, bytes: usize) -> KvAccess {
-        KvStore::default().access(
+    /// The in-process operations on a fresh namespace (they are synchronous underneath).
+    struct Sync(KvAccess);
+
+    impl Sync {
+        fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+            use futures_util::FutureExt;
+            f.now_or_never().expect("the in-process store never waits")
+        }
+        fn get(&self, k: &str) -> Result<Option<Vec<u8>>, KvError> {
+            Self::run(self.0.get(k))
+        }
+        fn set(&self, k: &str, v: Vec<u8>, ttl: Option<u64>) -> Result<(), KvError> {
+            Self::run(self.0.set(k, v, ttl))
+        }
+        fn delete(&self, k: &str) -> Result<bool, KvError> {
+            Self::run(self.0.delete(k))
+        }
+        fn compare_and_swap(
+            &self,
+            k: &str,
+            e: Option<&[u8]>,
+            n: Vec<u8>,
+            ttl: Option<u64>,
+        ) -> Result<bool, KvError> {
+            Self::run(self.0.compare_and_swap(k, e, n, ttl))
+        }
+        fn increment(&self, k: &str, d: i64, ttl: Option<u64>) -> Result<i64, KvError> {
+            Self::run(self.0.increment(k, d, ttl))
+        }
+    }
+
+    fn access(keys: usize, bytes: usize) -> Sync {
+        Sync(KvStore::default().access(
             "p",
             KvQuota {
                 max_keys: keys,
                 max_bytes: bytes,
             },
-        )
+        ))
     }
 
     #[test]
@@ -307,13 +575,12 @@ mod tests {
     fn namespaces_are_per_plugin_and_outlive_their_accesses() {
         let store = KvStore::default();
         let q = KvQuota::default();
-        store
-            .access("one", q)
+        Sync(store.access("one", q))
             .set("k", b"1".to_vec(), None)
             .unwrap();
-        assert_eq!(store.access("two", q).get("k").unwrap(), None);
+        assert_eq!(Sync(store.access("two", q)).get("k").unwrap(), None);
         assert_eq!(
-            store.access("one", q).get("k").unwrap().as_deref(),
+            Sync(store.access("one", q)).get("k").unwrap().as_deref(),
             Some(&b"1"[..])
         );
     }

@@ -805,6 +805,31 @@ pub fn require_program(name: &str, package: &str) -> std::path::PathBuf {
     );
 }
 
+/// An outside server process, killed when dropped.
+pub struct Server(pub tokio::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// A fresh redis-server on a loopback port, without persistence; its address.
+pub async fn start_redis() -> (SocketAddr, Server) {
+    let redis = require_program("redis-server", "redis-server");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let child = tokio::process::Command::new(redis)
+        .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    wait_listening(addr).await;
+    (addr, server)
+}
+
 /// A free TCP port on loopback for an outside server (bound, then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
