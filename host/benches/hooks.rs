@@ -3,7 +3,9 @@
 //! chain of the `echo` fixture, and of the chain `bench/compare` runs as the connector runs
 //! it: access-guard, header-rewrite and audit-log (with a file sink) through every hook of a
 //! request (`on-request`, `on-response`, `on-complete`), views, decisions and audit events
-//! included. Plugins are built for wasm32-wasip2 on first run.
+//! included; then one call that reads or increments a key in the plugin's key-value store, in
+//! this process and in Redis (when redis-server is installed). Plugins are built for
+//! wasm32-wasip2 on first run.
 //!
 //! Run: `cargo bench -p sluice --bench hooks` (iterations: `SLUICE_BENCH_ITERS`, default 20000).
 
@@ -185,6 +187,86 @@ async fn main() {
     }
 
     real_chain(iters, &rt, &metrics, &view).await;
+    kv_costs(iters, &metrics, &view).await;
+}
+
+/// One `on-request` that reads or increments a key in the plugin's key-value store, in this
+/// process and in a redis-server on loopback (started here when installed): the store's cost
+/// is the difference from the no-op call above.
+async fn kv_costs(iters: usize, metrics: &Arc<Metrics>, view: &RequestView) {
+    let wasm = build_wasm(&["fixture-stateful"]).join("fixture_stateful.wasm");
+    let redis = start_redis();
+    let mut backends = vec![("in-process", None)];
+    match &redis {
+        Some((_, url)) => backends.push(("Redis on loopback", Some(url.clone()))),
+        None => println!(
+            "(no redis-server: `apt-get install redis-server` to measure the Redis backend)"
+        ),
+    }
+    for (backend, url) in backends {
+        let rt = Runtime::new(64 << 20, 16).unwrap();
+        rt.kv.configure(url.as_deref(), "bench").unwrap();
+        for op in ["get", "increment"] {
+            let mut cfg = PluginConfig::new(format!("kv-{op}"), &wasm);
+            cfg.config_json = format!(
+                r#"{{"remember": "/none", "mask_from": 600, "mask_status": 503, "mask_body": "", "kv_op": "{op}"}}"#
+            )
+            .into_bytes();
+            cfg.grants.kv = true;
+            cfg.max_calls = u64::MAX;
+            let p = Plugin::load(rt.clone(), cfg, metrics.clone())
+                .await
+                .expect("load");
+            let mut held = sluice::plugin::Held::default();
+            for _ in 0..1000 {
+                p.on_request(&mut held, view.clone()).await.result.unwrap();
+            }
+            let mut samples = Vec::with_capacity(iters);
+            for _ in 0..iters {
+                let t = Instant::now();
+                p.on_request(&mut held, view.clone()).await.result.unwrap();
+                samples.push(t.elapsed());
+            }
+            report(&format!("on-request, kv {op}, {backend}"), samples);
+        }
+    }
+    if let Some((mut child, _)) = redis {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A redis-server on a free loopback port, if installed; the process and its URL.
+fn start_redis() -> Option<(std::process::Child, String)> {
+    let bin = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .ok()?
+        .local_addr()
+        .ok()?
+        .port();
+    let child = std::process::Command::new(bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--loglevel", "warning"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some((child, format!("redis://127.0.0.1:{port}")))
 }
 
 /// The three plugins of `bench/compare` as the connector runs them on every request: each
