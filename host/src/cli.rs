@@ -211,6 +211,10 @@ pub enum PluginCommand {
         /// The client address shown to a plugin granted `client-addr`.
         #[arg(long, default_value = "203.0.113.7:50123")]
         client: String,
+        /// Seed the plugin's key-value store (needs `--grant kv`): `key=value`; repeat for
+        /// several. The store's contents are printed after the hooks.
+        #[arg(long = "kv")]
+        kv: Vec<String>,
         /// Deadline of each hook call (the connector's default is 10ms; this default leaves
         /// room for a debug build of sluice).
         #[arg(long, default_value = "1s")]

@@ -544,6 +544,7 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         grants,
         client,
         timeout,
+        kv,
     } = action
     else {
         unreachable!("the compile helper returned above");
@@ -601,6 +602,16 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         let timeout = sluice::config::Duration::try_from(timeout)
             .map_err(anyhow::Error::msg)?
             .0;
+        let mut seed = Vec::new();
+        for entry in kv {
+            let (k, v) = entry
+                .split_once('=')
+                .with_context(|| format!("invalid --kv {entry:?}: expected key=value"))?;
+            seed.push((k.to_string(), v.as_bytes().to_vec()));
+        }
+        if !seed.is_empty() && !g.kv {
+            anyhow::bail!("--kv seeds the key-value store, which needs --grant kv");
+        }
         Ok(sluice::plugin::tester::TestRun {
             wasm,
             config_json,
@@ -610,6 +621,7 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
             grants: g,
             client_addr: client,
             timeout,
+            kv: seed,
         })
     };
     let test = match run() {

@@ -417,6 +417,48 @@ async fn cors_answers_preflights_locally_and_marks_allowed_responses() {
     conn.stop().await;
 }
 
+/// `sluice plugin test --kv` seeds the plugin's key-value store, and the report ends with
+/// what the store holds after the hooks.
+#[test]
+fn plugin_test_seeds_and_shows_the_key_value_store() {
+    let limit = example_plugin("rate-limit");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+            .args(["plugin", "test", limit.to_str().unwrap()])
+            .args([
+                "--config",
+                r#"{"rate": 1, "burst": 5}"#,
+                "--grant",
+                "client-addr",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stdout, stderr)
+    };
+    let (ok, stdout, stderr) = run(&["--grant", "kv"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("on-request: ok\n  no change"), "{stdout}");
+    assert!(
+        stdout.contains(r#"kv bucket:203.0.113.7 = "4.000000:"#),
+        "{stdout}"
+    );
+    // An empty bucket, seeded: refused.
+    let (ok, stdout, stderr) = run(&[
+        "--grant",
+        "kv",
+        "--kv",
+        "bucket:203.0.113.7=0.000000:9999999999999",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("respond 429"), "{stdout}");
+    let (ok, _, stderr) = run(&["--kv", "a=b"]);
+    assert!(!ok);
+    assert!(stderr.contains("needs --grant kv"), "{stderr}");
+}
+
 #[test]
 fn plugin_test_command_reports_decisions_logs_and_audit() {
     let run = |args: &[&str]| {

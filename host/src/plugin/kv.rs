@@ -236,6 +236,26 @@ fn expiry(now: Instant, ttl_ms: Option<u64>) -> Option<Instant> {
     ttl_ms.map(|ms| now + Duration::from_millis(ms.min(100 * 365 * 86_400_000)))
 }
 
+impl KvAccess {
+    /// Every live key and its value, sorted by key; in this process only (a Redis namespace
+    /// lists nothing: `sluice plugin test` uses the in-process store).
+    pub fn entries(&self) -> Vec<(String, Vec<u8>)> {
+        let KvAccess::Memory { space, .. } = self else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let space = space.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = space
+            .entries
+            .iter()
+            .filter(|(_, e)| e.live(now))
+            .map(|(k, e)| (k.clone(), e.value.clone()))
+            .collect();
+        all.sort();
+        all
+    }
+}
+
 /// The in-process backend's operations.
 struct MemoryAccess<'a>(&'a Mutex<Space>, KvQuota);
 

@@ -29,6 +29,8 @@ pub struct TestRun {
     pub client_addr: String,
     /// Deadline of each hook call.
     pub timeout: Duration,
+    /// Keys and values put in the plugin's key-value store before the hooks run.
+    pub kv: Vec<(String, Vec<u8>)>,
 }
 
 /// Why a test run could not happen.
@@ -43,6 +45,9 @@ pub enum TestError {
     /// The plugin did not load.
     #[error(transparent)]
     Load(#[from] super::LoadError),
+    /// `--kv` could not seed the store.
+    #[error("{0}")]
+    Kv(String),
 }
 
 /// Runs the hooks and returns the report, one line per fact.
@@ -90,6 +95,13 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
     cfg.timeout = t.timeout;
     cfg.grants = t.grants;
     let runtime = Runtime::new(cfg.memory.max(64 << 20), 16)?;
+    let store = runtime.kv.access(&name, cfg.kv);
+    for (k, v) in &t.kv {
+        store
+            .set(k, v.clone(), None)
+            .await
+            .map_err(|e| TestError::Kv(format!("cannot seed {k:?}: {e}")))?;
+    }
     let plugin = Plugin::load(runtime, cfg, Arc::new(Metrics::new("plugin_test"))).await?;
     let (req_hook, resp_hook, complete_hook) = plugin.exports();
     let mut out = Vec::new();
@@ -168,6 +180,11 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         let called = plugin.on_complete(&mut held, view, info).await;
         let hook = format!("on-complete (status {status})");
         report(&mut out, &hook, &called, plugin.exports().2);
+    }
+    if t.grants.kv {
+        for (k, v) in store.entries() {
+            out.push(format!("kv {k} = {:?}", String::from_utf8_lossy(&v)));
+        }
     }
     Ok(out.join("\n") + "\n")
 }
