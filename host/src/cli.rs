@@ -205,7 +205,8 @@ pub enum PluginCommand {
         /// Status of the made-up origin response.
         #[arg(long, default_value_t = 200)]
         status: u16,
-        /// Grant a capability (`client-addr`, `credentials`, `kv`); repeat for several.
+        /// Grant a capability (`client-addr`, `credentials`, `kv`, `metrics`); repeat for
+        /// several.
         #[arg(long = "grant")]
         grants: Vec<String>,
         /// The client address shown to a plugin granted `client-addr`.

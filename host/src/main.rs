@@ -592,9 +592,10 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
                 "client-addr" => g.client_addr = true,
                 "credentials" => g.credentials = true,
                 "kv" => g.kv = true,
+                "metrics" => g.metrics = true,
                 other => {
                     anyhow::bail!(
-                        "unknown grant {other:?}: \"client-addr\", \"credentials\" or \"kv\""
+                        "unknown grant {other:?}: \"client-addr\", \"credentials\", \"kv\" or \"metrics\""
                     )
                 }
             }

@@ -46,6 +46,7 @@ over_both_plugin_builds! {
             client_addr: true,
             credentials: false,
             kv: false,
+            metrics: false,
         };
         let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
         let req = Request::get("/")
@@ -176,6 +177,7 @@ over_both_plugin_builds! {
             client_addr: false,
             credentials: true,
             kv: false,
+            metrics: false,
         };
         let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
         let with = |auth: Option<String>| {
@@ -247,6 +249,7 @@ async fn ip_allow_admits_and_refuses_by_the_client_address() {
         client_addr: true,
         credentials: false,
         kv: false,
+        metrics: false,
     };
     let (edge, conn) = tunnel_with(vec![allow], &[], |_| {}).await;
     let reply = get(edge.http, "app.test", "/x").await;
@@ -261,6 +264,7 @@ async fn ip_allow_admits_and_refuses_by_the_client_address() {
         client_addr: true,
         credentials: false,
         kv: false,
+        metrics: false,
     };
     let (edge, conn) = tunnel_with(vec![deny], &[], |_| {}).await;
     assert_eq!(get(edge.http, "app.test", "/x").await.status, 404);
@@ -280,6 +284,7 @@ async fn rate_limit_refuses_past_the_burst_with_retry_after() {
         client_addr: true,
         credentials: false,
         kv: true,
+        metrics: false,
     };
     let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
     for _ in 0..2 {
@@ -310,6 +315,7 @@ async fn rate_limit_holds_across_two_connectors_sharing_redis() {
             client_addr: true,
             credentials: false,
             kv: true,
+            metrics: false,
         };
         let mut r = rule(None, None, "web");
         r.plugins = vec!["limit".into()];

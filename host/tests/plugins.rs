@@ -117,7 +117,8 @@ async fn a_0_2_plugin_keeps_context_and_kv_replaces_bodies_and_is_not_called_for
     // It uses the key-value store: refused at load without the grant, naming it.
     let runtime = Runtime::new(64 << 20, 4).unwrap();
     let metrics = Arc::new(sluice::admin::Metrics::new("t"));
-    let ungranted = plugin("stateful", "stateful", config.clone());
+    let mut ungranted = plugin("stateful", "stateful", config.clone());
+    ungranted.grants.metrics = true;
     let err = Plugin::load(runtime, ungranted, metrics).await.unwrap_err();
     assert!(
         matches!(err, LoadError::NotGranted { grant: "kv", .. }),
@@ -126,6 +127,7 @@ async fn a_0_2_plugin_keeps_context_and_kv_replaces_bodies_and_is_not_called_for
     assert!(err.to_string().contains(r#"grants = ["kv"]"#), "{err}");
     let mut p = plugin("stateful", "stateful", config);
     p.grants.kv = true;
+    p.grants.metrics = true;
     let failing = start_origin(|req: Request<hyper::body::Incoming>| async move {
         let status = if req.uri().path().starts_with("/boom") {
             500
@@ -200,6 +202,12 @@ async fn a_0_2_plugin_keeps_context_and_kv_replaces_bodies_and_is_not_called_for
     assert_eq!(count("on-response"), "5");
     // Not implemented: said so on the first request, never called again.
     assert_eq!(count("on-complete"), "1");
+    // The plugin's own counter, under its name.
+    for (kind, n) in [("remembered", 1), ("other", 4)] {
+        let line =
+            format!(r#"sluice_connector_plugin_stateful_requests_total{{path="{kind}"}} {n}"#);
+        assert!(metrics.contains(&line), "no {line}:\n{metrics}");
+    }
 
     // The key-value namespace outlives a reload.
     conn.reloader.reload(&cfg).await.unwrap();
@@ -265,6 +273,7 @@ async fn stdout_goes_to_the_log_and_grants_gate_what_a_plugin_sees() {
         client_addr: true,
         credentials: true,
         kv: false,
+        metrics: false,
     };
     let plain = plugin("plain", "echo", serde_json::json!({"expose": true}));
     let web = echo_origin("web").await;

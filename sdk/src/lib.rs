@@ -63,6 +63,7 @@ pub mod clock;
 pub mod context;
 pub mod kv;
 pub mod log;
+pub mod metrics;
 pub mod testing;
 
 pub use types::{

@@ -155,13 +155,15 @@ pub fn granted(mut req: crate::Request<'static>, grants: &[Grant]) -> crate::Req
     req
 }
 
-/// Forgets everything recorded on this thread, and the request's [`crate::context`] (call it
+/// Forgets everything recorded on this thread (logs, events, [`metric`]s), and the request's
+/// [`crate::context`] (call it
 /// between two requests of a test). The [`crate::kv`] store stays, as it does between
 /// requests in the connector: see [`clear_kv`].
 pub fn reset() {
     LOGS.with(|l| l.borrow_mut().clear());
     EVENTS.with(|e| e.borrow_mut().clear());
     CONTEXT.with(|c| c.borrow_mut().clear());
+    METRICS.with(|m| m.borrow_mut().clear());
 }
 
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
@@ -306,4 +308,41 @@ pub(crate) mod kv_fake {
         put(key, sum.to_string().into_bytes(), expires);
         Ok(sum)
     }
+}
+
+thread_local! {
+    static METRICS: RefCell<Vec<(String, Vec<(String, String)>, f64)>> = const { RefCell::new(Vec::new()) };
+}
+
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) fn record_metric(
+    name: &str,
+    mut labels: Vec<(String, String)>,
+    update: impl FnOnce(f64) -> f64,
+) -> Result<(), String> {
+    labels.sort();
+    METRICS.with(|m| {
+        let mut m = m.borrow_mut();
+        match m.iter_mut().find(|(n, l, _)| n == name && *l == labels) {
+            Some((_, _, v)) => *v = update(*v),
+            None => m.push((name.to_string(), labels, update(0.0))),
+        }
+    });
+    Ok(())
+}
+
+/// The value of metric `name` with `labels` recorded on this thread: a counter's total, a
+/// gauge's last value, a histogram's sum of observations. `None` if never touched.
+pub fn metric(name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    labels.sort();
+    METRICS.with(|m| {
+        m.borrow()
+            .iter()
+            .find(|(n, l, _)| n == name && *l == labels)
+            .map(|(_, _, v)| *v)
+    })
 }

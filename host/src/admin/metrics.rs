@@ -128,6 +128,8 @@ pub struct Metrics {
     pub audit_events: Counter,
     /// TCP sessions and UDP flows.
     pub sessions: std::sync::Arc<crate::services::SessionMetrics>,
+    /// Metrics plugins define (`…_plugin_{plugin}_{name}`).
+    pub plugin_metrics: std::sync::Arc<crate::plugin::metrics::PluginMetrics>,
     registry: Registry,
 }
 
@@ -220,8 +222,13 @@ impl Metrics {
         );
         let sessions = std::sync::Arc::new(crate::services::SessionMetrics::default());
         sessions.register(&mut registry);
+        let plugin_metrics = std::sync::Arc::new(crate::plugin::metrics::PluginMetrics::default());
+        registry.register_collector(Box::new(crate::plugin::metrics::Shared(
+            plugin_metrics.clone(),
+        )));
         Metrics {
             sessions,
+            plugin_metrics,
             requests,
             duration,
             in_flight,

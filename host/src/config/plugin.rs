@@ -21,6 +21,8 @@ pub const DEFAULT_AUDIT_QUEUE: usize = 1024;
 pub const DEFAULT_KV_MAX_KEYS: usize = 10_000;
 /// Default size (keys and values) of a plugin's key-value namespace.
 pub const DEFAULT_KV_MAX_BYTES: usize = 16 << 20;
+/// Default number of series (label combinations) a plugin's own metrics may have.
+pub const DEFAULT_METRICS_MAX_SERIES: usize = 100;
 
 /// A validated plugin entry.
 #[derive(Debug, Clone)]
@@ -45,6 +47,8 @@ pub struct PluginConfig {
     pub grants: Grants,
     /// Quotas of the plugin's key-value namespace (with the `kv` grant).
     pub kv: KvQuota,
+    /// Series the plugin's own metrics may have (with the `metrics` grant).
+    pub metrics_max_series: usize,
     /// Where the `[[plugin]]` block is (`connector.toml:15`), for load errors; none for a
     /// plugin not from a file (`sluice plugin test`).
     pub defined_at: Option<String>,
@@ -64,6 +68,7 @@ impl PluginConfig {
             max_calls: DEFAULT_MAX_CALLS,
             grants: Grants::default(),
             kv: KvQuota::default(),
+            metrics_max_series: DEFAULT_METRICS_MAX_SERIES,
             defined_at: None,
         }
     }
@@ -101,6 +106,9 @@ pub struct Grants {
     /// `kv`: the plugin may use its own key-value namespace (the `kv` import; a component
     /// importing it without the grant is refused at load).
     pub kv: bool,
+    /// `metrics`: the plugin may define counters, gauges and histograms (the `metrics`
+    /// import), bounded by `metrics-max-series`.
+    pub metrics: bool,
 }
 
 /// What a plugin may keep in its key-value namespace.
@@ -158,6 +166,7 @@ pub(super) struct PluginFile {
     pub grants: Vec<String>,
     pub kv_max_keys: Option<usize>,
     pub kv_max_bytes: Option<ByteSize>,
+    pub metrics_max_series: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -212,10 +221,11 @@ impl PluginFile {
                 "client-addr" => grants.client_addr = true,
                 "credentials" => grants.credentials = true,
                 "kv" => grants.kv = true,
+                "metrics" => grants.metrics = true,
                 other => {
                     return Err((
                         format!("grants[{i}]"),
-                        format!("unknown grant {other:?}: sluice can grant \"client-addr\", \"credentials\" and \"kv\""),
+                        format!("unknown grant {other:?}: sluice can grant \"client-addr\", \"credentials\", \"kv\" and \"metrics\""),
                     ))
                 }
             }
@@ -235,6 +245,15 @@ impl PluginFile {
                 "must be between 1KiB and 1GiB".into(),
             ));
         }
+        let metrics_max_series = self
+            .metrics_max_series
+            .unwrap_or(DEFAULT_METRICS_MAX_SERIES);
+        if !(1..=100_000).contains(&metrics_max_series) {
+            return Err((
+                "metrics-max-series".into(),
+                "must be between 1 and 100000".into(),
+            ));
+        }
         Ok(PluginConfig {
             name: self.name.clone(),
             path: resolve(&self.path),
@@ -246,6 +265,7 @@ impl PluginFile {
             max_calls,
             grants,
             kv,
+            metrics_max_series,
             defined_at: None,
         })
     }

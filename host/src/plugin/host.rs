@@ -8,7 +8,7 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_io::streams::{OutputStream, StreamError};
 
-use super::bindings::sluice::plugin::{context, kv};
+use super::bindings::sluice::plugin::{context, kv, metrics};
 use super::kv::{KvAccess, KvError};
 
 /// Longest log message or audit value kept from a plugin; longer ones are cut.
@@ -67,6 +67,8 @@ pub struct StoreData {
     pub(super) context: Context,
     /// The plugin's key-value namespace, with the `kv` grant.
     pub(super) kv: Option<KvAccess>,
+    /// The plugin's own metrics, with the `metrics` grant.
+    pub(super) metrics: Option<super::metrics::PluginMetricsAccess>,
 }
 
 impl StoreData {
@@ -88,6 +90,7 @@ impl StoreData {
             dropped_events: 0,
             context: Context::default(),
             kv: None,
+            metrics: None,
         }
     }
 }
@@ -516,6 +519,44 @@ impl kv::Host for StoreData {
         ttl_ms: Option<u64>,
     ) -> Result<i64, kv::KvError> {
         Ok(self.kv()?.increment(&key, delta, ttl_ms).await?)
+    }
+}
+
+impl StoreData {
+    fn plugin_metrics(&self) -> Result<&super::metrics::PluginMetricsAccess, String> {
+        self.metrics
+            .as_ref()
+            .ok_or_else(|| "no metrics grant".to_string())
+    }
+}
+
+impl metrics::Host for StoreData {
+    fn counter_add(
+        &mut self,
+        name: String,
+        labels: Vec<(String, String)>,
+        value: u64,
+    ) -> Result<(), String> {
+        self.plugin_metrics()?.counter_add(&name, labels, value)
+    }
+
+    fn gauge_set(
+        &mut self,
+        name: String,
+        labels: Vec<(String, String)>,
+        value: i64,
+    ) -> Result<(), String> {
+        self.plugin_metrics()?.gauge_set(&name, labels, value)
+    }
+
+    fn histogram_observe(
+        &mut self,
+        name: String,
+        labels: Vec<(String, String)>,
+        value: f64,
+    ) -> Result<(), String> {
+        self.plugin_metrics()?
+            .histogram_observe(&name, labels, value)
     }
 }
 

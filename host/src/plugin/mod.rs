@@ -12,6 +12,7 @@ pub mod bindings;
 pub mod decision;
 pub mod host;
 pub mod kv;
+pub mod metrics;
 pub mod runtime;
 pub mod scaffold;
 pub mod tester;
@@ -446,6 +447,7 @@ impl Plugin {
         }
         let granted = |grant: &str| match grant {
             "kv" => config.grants.kv,
+            "metrics" => config.grants.metrics,
             _ => false,
         };
         if let Some((import, grant)) = ty
@@ -832,6 +834,13 @@ impl Plugin {
         let mut data = StoreData::new(self.name.clone(), self.config.memory);
         if self.config.grants.kv {
             data.kv = Some(self.runtime.kv.access(&self.name, self.config.kv));
+        }
+        if self.config.grants.metrics {
+            data.metrics = Some(
+                self.metrics
+                    .plugin_metrics
+                    .access(&self.name, self.config.metrics_max_series),
+            );
         }
         let mut store = Store::new(&self.runtime.engine, data);
         store.limiter(|d| &mut d.limiter);

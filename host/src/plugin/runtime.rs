@@ -22,7 +22,10 @@ pub const TICK: Duration = Duration::from_millis(1);
 pub const MAX_INSTANCES: usize = 20_000;
 
 /// Imports of [`ALLOWED_IMPORTS`] a plugin may have only with a grant: (import, grant).
-pub const GRANTED_IMPORTS: &[(&str, &str)] = &[("sluice:plugin/kv", "kv")];
+pub const GRANTED_IMPORTS: &[(&str, &str)] = &[
+    ("sluice:plugin/kv", "kv"),
+    ("sluice:plugin/metrics", "metrics"),
+];
 
 /// Imports a plugin may have, without their `@version`. Everything else (filesystem, sockets,
 /// outbound HTTP…) is refused at load time; those of [`GRANTED_IMPORTS`] need their grant.
@@ -32,6 +35,7 @@ pub const ALLOWED_IMPORTS: &[&str] = &[
     "sluice:plugin/audit",
     "sluice:plugin/context",
     "sluice:plugin/kv",
+    "sluice:plugin/metrics",
     "wasi:cli/environment",
     "wasi:cli/exit",
     "wasi:cli/stdin",
