@@ -217,9 +217,11 @@ pub(crate) mod kv_fake {
 
     use crate::kv::{Error, MAX_KEY};
 
+    /// Key → value and when it expires (on the test clock).
+    type Store = HashMap<String, (Vec<u8>, Option<Duration>)>;
+
     thread_local! {
-        pub(super) static STORE: RefCell<HashMap<String, (Vec<u8>, Option<Duration>)>> =
-            RefCell::new(HashMap::new());
+        pub(super) static STORE: RefCell<Store> = RefCell::new(HashMap::new());
     }
 
     fn now() -> Duration {
@@ -310,8 +312,11 @@ pub(crate) mod kv_fake {
     }
 }
 
+/// Metric name, sorted labels, value.
+type Recorded = Vec<(String, Vec<(String, String)>, f64)>;
+
 thread_local! {
-    static METRICS: RefCell<Vec<(String, Vec<(String, String)>, f64)>> = const { RefCell::new(Vec::new()) };
+    static METRICS: RefCell<Recorded> = const { RefCell::new(Vec::new()) };
 }
 
 #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
