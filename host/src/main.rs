@@ -588,17 +588,7 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         }
         let mut g = sluice::config::Grants::default();
         for grant in grants {
-            match grant.as_str() {
-                "client-addr" => g.client_addr = true,
-                "credentials" => g.credentials = true,
-                "kv" => g.kv = true,
-                "metrics" => g.metrics = true,
-                other => {
-                    anyhow::bail!(
-                        "unknown grant {other:?}: \"client-addr\", \"credentials\", \"kv\" or \"metrics\""
-                    )
-                }
-            }
+            g.add(&grant).map_err(anyhow::Error::msg)?;
         }
         let timeout = sluice::config::Duration::try_from(timeout)
             .map_err(anyhow::Error::msg)?

@@ -42,12 +42,7 @@ over_both_plugin_builds! {
                 "response": {"set": {"x-served-by": "sluice"}},
             }),
         );
-        p.grants = Grants {
-            client_addr: true,
-            credentials: false,
-            kv: false,
-            metrics: false,
-        };
+        p.grants = Grants::of(&["client-addr"]);
         let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
         let req = Request::get("/")
             .header("host", "app.test")
@@ -173,12 +168,7 @@ over_both_plugin_builds! {
                 "jwt": {"secret": SECRET, "issuer": "https://id.example.com", "audience": "app"},
             }),
         );
-        p.grants = Grants {
-            client_addr: false,
-            credentials: true,
-            kv: false,
-            metrics: false,
-        };
+        p.grants = Grants::of(&["credentials"]);
         let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
         let with = |auth: Option<String>| {
             let mut b = Request::get("/private").header("host", "app.test");
@@ -245,12 +235,7 @@ async fn ip_allow_admits_and_refuses_by_the_client_address() {
         "ip-allow",
         serde_json::json!({"allow": ["127.0.0.0/8", "::1/128"]}),
     );
-    allow.grants = Grants {
-        client_addr: true,
-        credentials: false,
-        kv: false,
-        metrics: false,
-    };
+    allow.grants = Grants::of(&["client-addr"]);
     let (edge, conn) = tunnel_with(vec![allow], &[], |_| {}).await;
     let reply = get(edge.http, "app.test", "/x").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -260,12 +245,7 @@ async fn ip_allow_admits_and_refuses_by_the_client_address() {
         "ip-allow",
         serde_json::json!({"allow": ["127.0.0.0/8"], "deny": ["127.0.0.1"], "status": 404}),
     );
-    deny.grants = Grants {
-        client_addr: true,
-        credentials: false,
-        kv: false,
-        metrics: false,
-    };
+    deny.grants = Grants::of(&["client-addr"]);
     let (edge, conn) = tunnel_with(vec![deny], &[], |_| {}).await;
     assert_eq!(get(edge.http, "app.test", "/x").await.status, 404);
     conn.stop().await;
@@ -280,12 +260,7 @@ async fn ip_allow_admits_and_refuses_by_the_client_address() {
 #[tokio::test]
 async fn rate_limit_refuses_past_the_burst_with_retry_after() {
     let mut p = example("rate-limit", serde_json::json!({"rate": 0.5, "burst": 2}));
-    p.grants = Grants {
-        client_addr: true,
-        credentials: false,
-        kv: true,
-        metrics: false,
-    };
+    p.grants = Grants::of(&["client-addr", "kv"]);
     let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
     for _ in 0..2 {
         assert_eq!(get(edge.http, "app.test", "/").await.status, 200);
@@ -311,12 +286,7 @@ async fn rate_limit_holds_across_two_connectors_sharing_redis() {
     let config = |id: &str| {
         let mut p = example("rate-limit", serde_json::json!({"rate": 0.01, "burst": 2}));
         p.name = "limit".into();
-        p.grants = Grants {
-            client_addr: true,
-            credentials: false,
-            kv: true,
-            metrics: false,
-        };
+        p.grants = Grants::of(&["client-addr", "kv"]);
         let mut r = rule(None, None, "web");
         r.plugins = vec!["limit".into()];
         let mut cfg = connector_config(&edge, "app", "t", vec![http_origin("web", web)], vec![r]);

@@ -269,12 +269,7 @@ async fn stdout_goes_to_the_log_and_grants_gate_what_a_plugin_sees() {
         "echo",
         serde_json::json!({"expose": true, "print": true}),
     );
-    granted.grants = sluice::config::Grants {
-        client_addr: true,
-        credentials: true,
-        kv: false,
-        metrics: false,
-    };
+    granted.grants = sluice::config::Grants::of(&["client-addr", "credentials"]);
     let plain = plugin("plain", "echo", serde_json::json!({"expose": true}));
     let web = echo_origin("web").await;
     let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;

@@ -111,6 +111,39 @@ pub struct Grants {
     pub metrics: bool,
 }
 
+impl Grants {
+    /// The grants' names, as written in `grants = [...]`.
+    pub const NAMES: &'static [&'static str] = &["client-addr", "credentials", "kv", "metrics"];
+
+    /// Grants `name`; an unknown name is refused with the list of known ones.
+    pub fn add(&mut self, name: &str) -> Result<(), String> {
+        let flag = match name {
+            "client-addr" => &mut self.client_addr,
+            "credentials" => &mut self.credentials,
+            "kv" => &mut self.kv,
+            "metrics" => &mut self.metrics,
+            other => {
+                let known: Vec<String> = Self::NAMES.iter().map(|n| format!("{n:?}")).collect();
+                return Err(format!(
+                    "unknown grant {other:?}: sluice can grant {}",
+                    known.join(", ")
+                ));
+            }
+        };
+        *flag = true;
+        Ok(())
+    }
+
+    /// The grants named in `names` (for tests and tools); panics on an unknown name.
+    pub fn of(names: &[&str]) -> Grants {
+        let mut g = Grants::default();
+        for n in names {
+            g.add(n).expect("a known grant");
+        }
+        g
+    }
+}
+
 /// What a plugin may keep in its key-value namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvQuota {
@@ -217,18 +250,9 @@ impl PluginFile {
         }
         let mut grants = Grants::default();
         for (i, g) in self.grants.iter().enumerate() {
-            match g.as_str() {
-                "client-addr" => grants.client_addr = true,
-                "credentials" => grants.credentials = true,
-                "kv" => grants.kv = true,
-                "metrics" => grants.metrics = true,
-                other => {
-                    return Err((
-                        format!("grants[{i}]"),
-                        format!("unknown grant {other:?}: sluice can grant \"client-addr\", \"credentials\", \"kv\" and \"metrics\""),
-                    ))
-                }
-            }
+            grants
+                .add(g)
+                .map_err(|message| (format!("grants[{i}]"), message))?;
         }
         let kv = KvQuota {
             max_keys: self.kv_max_keys.unwrap_or(DEFAULT_KV_MAX_KEYS),
