@@ -361,6 +361,12 @@ end
 return v
 "#;
 
+/// The two scripts, hashed once (Redis runs them by hash, loading them on first use).
+static CAS_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(CAS));
+static INCREMENT_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(INCREMENT));
+
 fn backend(e: redis::RedisError) -> KvError {
     KvError::Backend(format!("redis: {e}"))
 }
@@ -448,7 +454,7 @@ impl KvAccess {
             }
             KvAccess::Redis { conn, prefix, .. } => {
                 self.value_fits(key, &new)?;
-                let swapped: i64 = redis::Script::new(CAS)
+                let swapped: i64 = CAS_SCRIPT
                     .key(format!("{prefix}{key}"))
                     .arg(if expected.is_some() { "1" } else { "0" })
                     .arg(expected.unwrap_or_default())
@@ -475,7 +481,7 @@ impl KvAccess {
             }
             KvAccess::Redis { conn, prefix, .. } => {
                 check_key(key)?;
-                redis::Script::new(INCREMENT)
+                INCREMENT_SCRIPT
                     .key(format!("{prefix}{key}"))
                     .arg(delta)
                     .arg(ttl_arg(ttl_ms))

@@ -52,21 +52,28 @@ impl prometheus_client::collector::Collector for PluginMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let metrics = self.metrics.lock().unwrap_or_else(|p| p.into_inner());
         for (name, (metric, _)) in metrics.iter() {
-            let help = "Defined by a plugin";
             match metric {
-                Metric::Counter(f) => {
-                    f.encode(encoder.encode_descriptor(name, help, None, f.metric_type())?)?
-                }
-                Metric::Gauge(f) => {
-                    f.encode(encoder.encode_descriptor(name, help, None, f.metric_type())?)?
-                }
-                Metric::Histogram(f) => {
-                    f.encode(encoder.encode_descriptor(name, help, None, f.metric_type())?)?
-                }
+                Metric::Counter(f) => describe(&mut encoder, name, f)?,
+                Metric::Gauge(f) => describe(&mut encoder, name, f)?,
+                Metric::Histogram(f) => describe(&mut encoder, name, f)?,
             }
         }
         Ok(())
     }
+}
+
+/// Encodes one plugin metric under `name`.
+fn describe(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    metric: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(
+        name,
+        "Defined by a plugin",
+        None,
+        metric.metric_type(),
+    )?)
 }
 
 /// [`PluginMetrics`] as the registry holds it (the connector keeps the other handle).
@@ -125,7 +132,7 @@ impl PluginMetricsAccess {
         &self,
         name: &str,
         labels: Vec<(String, String)>,
-        make: fn() -> Metric,
+        (wanted, make): (&'static str, fn() -> Metric),
         apply: impl FnOnce(&Metric, &Labels),
     ) -> Result<(), String> {
         check_name("metric name", name)?;
@@ -149,9 +156,8 @@ impl PluginMetricsAccess {
         let full = format!("plugin_{}_{name}", self.plugin);
         let mut metrics = self.store.metrics.lock().unwrap_or_else(|p| p.into_inner());
         let (metric, series) = metrics
-            .entry(full.clone())
+            .entry(full)
             .or_insert_with(|| (make(), Default::default()));
-        let wanted = make().kind();
         if metric.kind() != wanted {
             return Err(format!(
                 "metric {name:?} is a {}, not a {wanted}",
@@ -179,7 +185,7 @@ impl PluginMetricsAccess {
         self.with_series(
             name,
             labels,
-            || Metric::Counter(Family::default()),
+            ("counter", || Metric::Counter(Family::default())),
             |m, l| {
                 if let Metric::Counter(f) = m {
                     f.get_or_create(l).inc_by(value);
@@ -193,7 +199,7 @@ impl PluginMetricsAccess {
         self.with_series(
             name,
             labels,
-            || Metric::Gauge(Family::default()),
+            ("gauge", || Metric::Gauge(Family::default())),
             |m, l| {
                 if let Metric::Gauge(f) = m {
                     f.get_or_create(l).set(value);
@@ -207,7 +213,9 @@ impl PluginMetricsAccess {
         self.with_series(
             name,
             labels,
-            || Metric::Histogram(Family::new_with_constructor(new_histogram)),
+            ("histogram", || {
+                Metric::Histogram(Family::new_with_constructor(new_histogram))
+            }),
             |m, l| {
                 if let Metric::Histogram(f) = m {
                     f.get_or_create(l).observe(value);
