@@ -205,7 +205,7 @@ pub enum PluginCommand {
         /// Status of the made-up origin response.
         #[arg(long, default_value_t = 200)]
         status: u16,
-        /// Grant a capability (`client-addr`, `credentials`, `kv`, `metrics`); repeat for
+        /// Grant a capability (`client-addr`, `credentials`, `kv`, `metrics`, `http`); repeat for
         /// several.
         #[arg(long = "grant")]
         grants: Vec<String>,
@@ -216,6 +216,12 @@ pub enum PluginCommand {
         /// several. The store's contents are printed after the hooks.
         #[arg(long = "kv")]
         kv: Vec<String>,
+        /// Answer the plugin's outbound calls (needs `--grant http`):
+        /// `"TARGET STATUS [BODY]"`, where TARGET is the URL the plugin calls (or
+        /// `origin:NAME/path`) and BODY is text or `@file`; repeat for several (a target given
+        /// twice answers in turn). No call leaves the machine; each is printed after the hooks.
+        #[arg(long = "http")]
+        http: Vec<String>,
         /// Deadline of each hook call (the connector's default is 10ms; this default leaves
         /// room for a debug build of sluice).
         #[arg(long, default_value = "1s")]

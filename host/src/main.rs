@@ -545,6 +545,7 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         client,
         timeout,
         kv,
+        http,
     } = action
     else {
         unreachable!("the compile helper returned above");
@@ -603,6 +604,14 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         if !seed.is_empty() && !g.kv {
             anyhow::bail!("--kv seeds the key-value store, which needs --grant kv");
         }
+        let http = http
+            .iter()
+            .map(|entry| sluice::plugin::tester::scripted_answer(entry))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(anyhow::Error::msg)?;
+        if !http.is_empty() && !g.http {
+            anyhow::bail!("--http answers outbound calls, which need --grant http");
+        }
         Ok(sluice::plugin::tester::TestRun {
             wasm,
             config_json,
@@ -613,6 +622,7 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
             client_addr: client,
             timeout,
             kv: seed,
+            http,
         })
     };
     let test = match run() {

@@ -61,6 +61,7 @@ mod types;
 pub mod audit;
 pub mod clock;
 pub mod context;
+pub mod http;
 pub mod kv;
 pub mod log;
 pub mod metrics;

@@ -160,6 +160,7 @@ pub fn granted(mut req: crate::Request<'static>, grants: &[Grant]) -> crate::Req
 /// between two requests of a test). The [`crate::kv`] store stays, as it does between
 /// requests in the connector: see [`clear_kv`].
 pub fn reset() {
+    http_fake::CALLS.with(|c| c.borrow_mut().clear());
     LOGS.with(|l| l.borrow_mut().clear());
     EVENTS.with(|e| e.borrow_mut().clear());
     CONTEXT.with(|c| c.borrow_mut().clear());
@@ -206,6 +207,62 @@ pub(crate) fn test_now() -> std::time::SystemTime {
 pub fn clear_kv() {
     kv_fake::STORE.with(|s| s.borrow_mut().clear());
     CLOCK.with(|c| c.set(std::time::Duration::ZERO));
+}
+
+/// Scripts the answer to the next [`crate::http`] call to `target`: a URL as the plugin
+/// gives it (`https://auth.example.com/jwks`), or `origin:NAME/path` for a call to a
+/// configured origin. Several answers for one target are given in turn; the last one stays
+/// for every later call. A call with no scripted answer fails with
+/// [`crate::http::Error::Failed`]. Scripts stay across [`reset`]; [`clear_http`] forgets them.
+pub fn http_respond(target: &str, response: crate::http::Response) {
+    http_fake::SCRIPT.with(|s| s.borrow_mut().push((target.to_string(), Ok(response))));
+}
+
+/// Scripts a failure of the next [`crate::http`] call to `target` (as [`http_respond`]).
+pub fn http_fail(target: &str, error: crate::http::Error) {
+    http_fake::SCRIPT.with(|s| s.borrow_mut().push((target.to_string(), Err(error))));
+}
+
+/// The [`crate::http`] calls made on this thread since the last [`reset`], in order.
+pub fn http_calls() -> Vec<crate::http::Request> {
+    http_fake::CALLS.with(|c| c.borrow().clone())
+}
+
+/// Forgets the scripted [`crate::http`] answers and the calls made.
+pub fn clear_http() {
+    http_fake::SCRIPT.with(|s| s.borrow_mut().clear());
+    http_fake::CALLS.with(|c| c.borrow_mut().clear());
+}
+
+/// The [`crate::http`] calls of native builds: scripted answers, recorded calls.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+pub(crate) mod http_fake {
+    use std::cell::RefCell;
+
+    use crate::http::{Error, Request, Response};
+
+    type Scripted = Result<Response, Error>;
+
+    thread_local! {
+        pub(super) static SCRIPT: RefCell<Vec<(String, Scripted)>> = const { RefCell::new(Vec::new()) };
+        pub(super) static CALLS: RefCell<Vec<Request>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn send(req: Request) -> Result<Response, Error> {
+        let target = req.target();
+        CALLS.with(|c| c.borrow_mut().push(req));
+        SCRIPT.with(|s| {
+            let mut s = s.borrow_mut();
+            let matching: Vec<usize> = (0..s.len()).filter(|i| s[*i].0 == target).collect();
+            match matching.as_slice() {
+                [] => Err(Error::Failed(format!(
+                    "no scripted response for {target} (script one with sluice_sdk::testing::http_respond)"
+                ))),
+                [only] => s[*only].1.clone(),
+                [first, ..] => s.remove(*first).1,
+            }
+        })
+    }
 }
 
 /// The [`crate::kv`] store of native builds: a map on the test thread, the host's rules.

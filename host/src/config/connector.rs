@@ -430,7 +430,7 @@ impl ConnectorConfig {
         };
 
         let (mut origins, mut names) = file.origins(&src)?;
-        let (plugins, plugin_names) = file.plugins(&src)?;
+        let (plugins, plugin_names) = file.plugins(&src, &origins)?;
         let audit = match &file.audit {
             Some(a) => AuditConfig {
                 stdout: a.stdout,
@@ -681,6 +681,7 @@ impl ConnectorFile {
     fn plugins(
         &self,
         src: &Source,
+        origins: &[OriginConfig],
     ) -> Result<(Vec<PluginConfig>, HashMap<String, usize>), ConfigError> {
         let mut plugins = Vec::new();
         let mut plugin_names: HashMap<String, usize> = HashMap::new();
@@ -690,6 +691,21 @@ impl ConnectorFile {
             let mut cfg = p
                 .validate(|path| src.resolve(path))
                 .map_err(|(field, m)| src.error(at, format!("plugin[{i}].{field}"), m))?;
+            for (j, name) in p.allow_origins.iter().enumerate() {
+                let origin = origins
+                    .iter()
+                    .find(|o| o.name == *name && matches!(o.target, OriginTarget::Http(_)));
+                match origin {
+                    Some(o) => cfg.http.allow_origins.push(o.clone()),
+                    None => {
+                        return Err(src.error(
+                            at,
+                            format!("plugin[{i}].allow-origins[{j}]"),
+                            format!("no http:// or https:// [[origin]] named {name:?}"),
+                        ))
+                    }
+                }
+            }
             let (line, _) = src.position(entry.span().start);
             cfg.defined_at = Some(format!("{}:{line} (plugin[{i}])", src.file.display()));
             if let Some(prev) = plugin_names.insert(cfg.name.clone(), i) {

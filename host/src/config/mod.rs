@@ -22,7 +22,7 @@ pub use connector::{
     DEFAULT_HA_CONNECTIONS,
 };
 pub use edge::{EdgeConfig, HttpsConfig, PortConfig, TunnelConfig, DEFAULT_TUNNEL_MAX_CONNECTIONS};
-pub use plugin::{AuditConfig, Grants, Isolation, KvQuota, OnError, PluginConfig};
+pub use plugin::{AuditConfig, Grants, HttpPolicy, Isolation, KvQuota, OnError, PluginConfig};
 pub use tunnel::{new_tunnel, rotate_tunnel, NewTunnel};
 pub use types::{normalize_host, ByteSize, Duration, HostPattern};
 

@@ -23,6 +23,14 @@ pub const DEFAULT_KV_MAX_KEYS: usize = 10_000;
 pub const DEFAULT_KV_MAX_BYTES: usize = 16 << 20;
 /// Default number of series (label combinations) a plugin's own metrics may have.
 pub const DEFAULT_METRICS_MAX_SERIES: usize = 100;
+/// Default deadline of one outbound HTTP call.
+pub const DEFAULT_HTTP_TIMEOUT: StdDuration = StdDuration::from_secs(5);
+/// Longest deadline an operator may give outbound HTTP calls.
+pub const MAX_HTTP_TIMEOUT: StdDuration = StdDuration::from_secs(60);
+/// Default cap of an outbound HTTP response body.
+pub const DEFAULT_HTTP_MAX_RESPONSE: usize = 1 << 20;
+/// Largest cap an operator may give outbound HTTP response bodies.
+pub const MAX_HTTP_MAX_RESPONSE: usize = 64 << 20;
 
 /// A validated plugin entry.
 #[derive(Debug, Clone)]
@@ -49,6 +57,8 @@ pub struct PluginConfig {
     pub kv: KvQuota,
     /// Series the plugin's own metrics may have (with the `metrics` grant).
     pub metrics_max_series: usize,
+    /// What outbound HTTP calls may reach (with the `http` grant).
+    pub http: HttpPolicy,
     /// Where the `[[plugin]]` block is (`connector.toml:15`), for load errors; none for a
     /// plugin not from a file (`sluice plugin test`).
     pub defined_at: Option<String>,
@@ -69,7 +79,40 @@ impl PluginConfig {
             grants: Grants::default(),
             kv: KvQuota::default(),
             metrics_max_series: DEFAULT_METRICS_MAX_SERIES,
+            http: HttpPolicy::default(),
             defined_at: None,
+        }
+    }
+}
+
+/// Where a plugin granted `http` may send requests, and the bounds of each call.
+#[derive(Debug, Clone)]
+pub struct HttpPolicy {
+    /// Host patterns (`auth.example.com`, `*.example.com`, `10.0.0.5:8080`): a pattern without a
+    /// port allows any port; `*.` allows subdomains (not the domain itself). Lowercase.
+    pub allow_hosts: Vec<String>,
+    /// Configured origins the plugin may call by name (resolved from `allow-origins`).
+    pub allow_origins: Vec<super::OriginConfig>,
+    /// Deadline of each call.
+    pub timeout: StdDuration,
+    /// Largest response body, bytes.
+    pub max_response: usize,
+    /// Certificate authorities trusted for `https://` hosts besides the system's.
+    pub ca: Vec<rustls_pki_types::CertificateDer<'static>>,
+    /// Canned answers instead of the network (`sluice plugin test --http`); every call is
+    /// then answered from here and recorded, and nothing leaves the process.
+    pub script: Option<std::sync::Arc<crate::plugin::outbound::Script>>,
+}
+
+impl Default for HttpPolicy {
+    fn default() -> Self {
+        HttpPolicy {
+            allow_hosts: Vec::new(),
+            allow_origins: Vec::new(),
+            timeout: DEFAULT_HTTP_TIMEOUT,
+            max_response: DEFAULT_HTTP_MAX_RESPONSE,
+            ca: Vec::new(),
+            script: None,
         }
     }
 }
@@ -109,11 +152,15 @@ pub struct Grants {
     /// `metrics`: the plugin may define counters, gauges and histograms (the `metrics`
     /// import), bounded by `metrics-max-series`.
     pub metrics: bool,
+    /// `http`: the plugin may make outbound HTTP calls (the `http` import) to the hosts of
+    /// `allow-hosts` and the origins of `allow-origins`.
+    pub http: bool,
 }
 
 impl Grants {
     /// The grants' names, as written in `grants = [...]`.
-    pub const NAMES: &'static [&'static str] = &["client-addr", "credentials", "kv", "metrics"];
+    pub const NAMES: &'static [&'static str] =
+        &["client-addr", "credentials", "kv", "metrics", "http"];
 
     /// Grants `name`; an unknown name is refused with the list of known ones.
     pub fn add(&mut self, name: &str) -> Result<(), String> {
@@ -122,6 +169,7 @@ impl Grants {
             "credentials" => &mut self.credentials,
             "kv" => &mut self.kv,
             "metrics" => &mut self.metrics,
+            "http" => &mut self.http,
             other => {
                 let known: Vec<String> = Self::NAMES.iter().map(|n| format!("{n:?}")).collect();
                 return Err(format!(
@@ -200,6 +248,13 @@ pub(super) struct PluginFile {
     pub kv_max_keys: Option<usize>,
     pub kv_max_bytes: Option<ByteSize>,
     pub metrics_max_series: Option<usize>,
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    #[serde(default)]
+    pub allow_origins: Vec<String>,
+    pub http_timeout: Option<Duration>,
+    pub http_max_response: Option<ByteSize>,
+    pub http_ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -278,6 +333,7 @@ impl PluginFile {
                 "must be between 1 and 100000".into(),
             ));
         }
+        let http = self.http_policy(&grants, &resolve)?;
         Ok(PluginConfig {
             name: self.name.clone(),
             path: resolve(&self.path),
@@ -290,7 +346,67 @@ impl PluginFile {
             grants,
             kv,
             metrics_max_series,
+            http,
             defined_at: None,
         })
+    }
+
+    /// The `http` grant's settings. Origins named in `allow-origins` are resolved by the
+    /// caller, which knows them; here they are checked for form only.
+    fn http_policy(
+        &self,
+        grants: &Grants,
+        resolve: &impl Fn(&std::path::Path) -> PathBuf,
+    ) -> Result<HttpPolicy, (String, String)> {
+        let mut policy = HttpPolicy::default();
+        let set = [
+            ("allow-hosts", !self.allow_hosts.is_empty()),
+            ("allow-origins", !self.allow_origins.is_empty()),
+            ("http-timeout", self.http_timeout.is_some()),
+            ("http-max-response", self.http_max_response.is_some()),
+            ("http-ca", self.http_ca.is_some()),
+        ];
+        if !grants.http {
+            return match set.iter().find(|(_, on)| *on) {
+                Some((key, _)) => Err((
+                    key.to_string(),
+                    "applies to outbound HTTP calls: add \"http\" to grants".into(),
+                )),
+                None => Ok(policy),
+            };
+        }
+        if self.allow_hosts.is_empty() && self.allow_origins.is_empty() {
+            return Err((
+                "grants".into(),
+                "the http grant needs allow-hosts or allow-origins: say what the plugin may call"
+                    .into(),
+            ));
+        }
+        for (i, h) in self.allow_hosts.iter().enumerate() {
+            policy.allow_hosts.push(
+                crate::plugin::outbound::host_pattern(h)
+                    .map_err(|m| (format!("allow-hosts[{i}]"), m))?,
+            );
+        }
+        if let Some(t) = self.http_timeout {
+            if t.0.is_zero() || t.0 > MAX_HTTP_TIMEOUT {
+                return Err(("http-timeout".into(), "must be between 1ms and 60s".into()));
+            }
+            policy.timeout = t.0;
+        }
+        if let Some(b) = self.http_max_response {
+            let b = b.0 as usize;
+            if !(1..=MAX_HTTP_MAX_RESPONSE).contains(&b) {
+                return Err((
+                    "http-max-response".into(),
+                    "must be between 1B and 64MiB".into(),
+                ));
+            }
+            policy.max_response = b;
+        }
+        if let Some(ca) = &self.http_ca {
+            policy.ca = super::read_certs(&resolve(ca)).map_err(|m| ("http-ca".into(), m))?;
+        }
+        Ok(policy)
     }
 }

@@ -6,9 +6,9 @@ wasmtime::component::bindgen!({
     path: "../wit",
     world: "plugin",
     exports: { default: async },
-    // The key-value store may wait on the network (Redis): its calls suspend the hook's
-    // fiber, never a worker thread.
-    imports: { "sluice:plugin/kv": async },
+    // The key-value store (with Redis) and outbound HTTP wait on the network: their calls
+    // suspend the hook's fiber, never a worker thread.
+    imports: { "sluice:plugin/kv": async, "sluice:plugin/http": async },
     with: {
         "sluice:plugin/types.request": super::host::SharedView,
     },

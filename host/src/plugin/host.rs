@@ -8,8 +8,9 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_io::streams::{OutputStream, StreamError};
 
-use super::bindings::sluice::plugin::{context, kv, metrics};
+use super::bindings::sluice::plugin::{context, http, kv, metrics};
 use super::kv::{KvAccess, KvError};
+use super::outbound::{Call, CallError, Outbound, WaitClock};
 
 /// Longest log message or audit value kept from a plugin; longer ones are cut.
 const MAX_TEXT: usize = 4096;
@@ -69,6 +70,12 @@ pub struct StoreData {
     pub(super) kv: Option<KvAccess>,
     /// The plugin's own metrics, with the `metrics` grant.
     pub(super) metrics: Option<super::metrics::PluginMetricsAccess>,
+    /// The plugin's outbound calls, with the `http` grant.
+    pub(super) outbound: Option<Arc<Outbound>>,
+    /// Outbound calls made in the current hook call.
+    pub(super) outbound_calls: u32,
+    /// Time the current hook call spent waiting on outbound calls.
+    pub(super) waiting: Arc<WaitClock>,
 }
 
 impl StoreData {
@@ -91,6 +98,9 @@ impl StoreData {
             context: Context::default(),
             kv: None,
             metrics: None,
+            outbound: None,
+            outbound_calls: 0,
+            waiting: Arc::default(),
         }
     }
 }
@@ -557,6 +567,57 @@ impl metrics::Host for StoreData {
     ) -> Result<(), String> {
         self.plugin_metrics()?
             .histogram_observe(&name, labels, value)
+    }
+}
+
+impl From<CallError> for http::HttpError {
+    fn from(e: CallError) -> Self {
+        match e {
+            CallError::Denied(m) => http::HttpError::Denied(m),
+            CallError::Invalid(m) => http::HttpError::Invalid(m),
+            CallError::Timeout => http::HttpError::Timeout,
+            CallError::TooLarge(n) => http::HttpError::TooLarge(n),
+            CallError::Failed(m) => http::HttpError::Failed(m),
+        }
+    }
+}
+
+impl http::Host for StoreData {
+    async fn send(
+        &mut self,
+        req: http::OutboundRequest,
+    ) -> Result<http::OutboundResponse, http::HttpError> {
+        let outbound = self
+            .outbound
+            .clone()
+            .ok_or_else(|| http::HttpError::Denied("no http grant".into()))?;
+        if self.outbound_calls >= super::outbound::MAX_CALLS_PER_HOOK {
+            return Err(http::HttpError::Denied(format!(
+                "a hook call may make {} outbound calls",
+                super::outbound::MAX_CALLS_PER_HOOK
+            )));
+        }
+        self.outbound_calls += 1;
+        let call = Call {
+            method: req.method,
+            url: req.url,
+            origin: req.origin,
+            headers: req.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+            body: req.body,
+            timeout: req
+                .timeout_ms
+                .map(|ms| std::time::Duration::from_millis(ms.into())),
+        };
+        let answer = self.waiting.clone().wait(outbound.send(call)).await?;
+        Ok(http::OutboundResponse {
+            status: answer.status,
+            headers: answer
+                .headers
+                .into_iter()
+                .map(|(name, value)| super::bindings::sluice::plugin::types::Header { name, value })
+                .collect(),
+            body: answer.body,
+        })
     }
 }
 

@@ -13,6 +13,7 @@ pub mod decision;
 pub mod host;
 pub mod kv;
 pub mod metrics;
+pub mod outbound;
 pub mod runtime;
 pub mod scaffold;
 pub mod tester;
@@ -81,7 +82,7 @@ pub enum LoadError {
         reason: String,
     },
     /// The component imports something the host does not grant.
-    #[error("plugin {plugin:?} imports {}, which sluice does not provide to plugins (no filesystem, sockets or outbound HTTP)", .imports.join(", "))]
+    #[error("plugin {plugin:?} imports {}, which sluice does not provide to plugins (no filesystem or sockets; outbound HTTP is sluice:plugin/http, with the http grant)", .imports.join(", "))]
     ForbiddenImport {
         /// Plugin name.
         plugin: String,
@@ -353,6 +354,8 @@ pub struct Plugin {
     durations: [Histogram; 3],
     /// Where it was compiled, and how long that took.
     compiled: (Compiled, Duration),
+    /// Outbound HTTP calls, with the `http` grant.
+    outbound: Option<Arc<outbound::Outbound>>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -448,6 +451,7 @@ impl Plugin {
         let granted = |grant: &str| match grant {
             "kv" => config.grants.kv,
             "metrics" => config.grants.metrics,
+            "http" => config.grants.http,
             _ => false,
         };
         if let Some((import, grant)) = ty
@@ -489,8 +493,21 @@ impl Plugin {
                 })
                 .clone()
         });
+        let name: Arc<str> = Arc::from(config.name.as_str());
+        let outbound = match config.grants.http {
+            true => Some(Arc::new(
+                outbound::Outbound::new(name.clone(), config.http.clone()).map_err(|reason| {
+                    LoadError::Start {
+                        plugin: config.name.clone(),
+                        reason: format!("outbound HTTP: {reason}"),
+                    }
+                })?,
+            )),
+            false => None,
+        };
         let plugin = Plugin {
-            name: Arc::from(config.name.as_str()),
+            name,
+            outbound,
             config,
             runtime,
             pre,
@@ -727,19 +744,24 @@ impl Plugin {
         // The request's context for this plugin, lent for the call (and taken back below,
         // whatever the outcome: the instance itself keeps none between requests).
         std::mem::swap(&mut slot.store.data_mut().context, &mut held.context);
+        let waiting = slot.store.data().waiting.clone();
+        waiting.reset();
+        slot.store.data_mut().outbound_calls = 0;
         let outcome = match slot.store.data_mut().table.push(SharedView(view)) {
             Ok(own) => {
                 let borrow = Resource::new_borrow(own.rep());
                 slot.store.data_mut().limiter.denied = false;
                 slot.store.set_epoch_deadline(1);
-                // The epoch deadline stops guest code; this one also stops a plugin blocked in
-                // a host call (a WASI sleep, say). Either way the instance is dropped below.
-                match tokio::time::timeout(self.wall_deadline(), f(&mut slot, borrow)).await {
-                    Ok(r) => {
+                // The deadline bounds the hook's wall-clock time less what it spent waiting on
+                // outbound HTTP calls (which have deadlines of their own); it also stops a
+                // plugin blocked in another host call. The instance is then dropped below.
+                let deadline = self.wall_deadline();
+                match outbound::within(deadline, &waiting, f(&mut slot, borrow)).await {
+                    Some(r) => {
                         let _ = slot.store.data_mut().table.delete(own);
                         r
                     }
-                    Err(_) => Err(wasmtime::Error::from(wasmtime::Trap::Interrupt)),
+                    None => Err(wasmtime::Error::from(wasmtime::Trap::Interrupt)),
                 }
             }
             Err(e) => Err(e.into()),
@@ -835,6 +857,7 @@ impl Plugin {
         if self.config.grants.kv {
             data.kv = Some(self.runtime.kv.access(&self.name, self.config.kv));
         }
+        data.outbound = self.outbound.clone();
         if self.config.grants.metrics {
             data.metrics = Some(
                 self.metrics

@@ -25,6 +25,7 @@ pub const MAX_INSTANCES: usize = 20_000;
 pub const GRANTED_IMPORTS: &[(&str, &str)] = &[
     ("sluice:plugin/kv", "kv"),
     ("sluice:plugin/metrics", "metrics"),
+    ("sluice:plugin/http", "http"),
 ];
 
 /// Imports a plugin may have, without their `@version`. Everything else (filesystem, sockets,
@@ -36,6 +37,7 @@ pub const ALLOWED_IMPORTS: &[&str] = &[
     "sluice:plugin/context",
     "sluice:plugin/kv",
     "sluice:plugin/metrics",
+    "sluice:plugin/http",
     "wasi:cli/environment",
     "wasi:cli/exit",
     "wasi:cli/stdin",

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::bindings::sluice::plugin::types::{Completion, HeaderEdit, RequestDecision, Response};
+use super::outbound::{Answer, Script};
 use super::{Called, Plugin, RequestView, Runtime};
 use crate::admin::Metrics;
 use crate::config::{Grants, PluginConfig};
@@ -31,6 +32,36 @@ pub struct TestRun {
     pub timeout: Duration,
     /// Keys and values put in the plugin's key-value store before the hooks run.
     pub kv: Vec<(String, Vec<u8>)>,
+    /// Answers to the plugin's outbound calls, by target (see [`scripted_answer`]).
+    pub http: Vec<(String, Answer)>,
+}
+
+/// Parses one `--http` entry, `"TARGET STATUS [BODY]"`, BODY being text or `@file`.
+pub fn scripted_answer(entry: &str) -> Result<(String, Answer), String> {
+    let invalid = || {
+        format!("invalid --http {entry:?}: expected \"URL STATUS [BODY]\" (BODY is text or @file)")
+    };
+    let mut parts = entry.trim().splitn(3, ' ');
+    let target = parts.next().filter(|t| !t.is_empty()).ok_or_else(invalid)?;
+    let status: u16 = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .filter(|s| (100..=599).contains(s))
+        .ok_or_else(invalid)?;
+    let body = match parts.next() {
+        Some(file) if file.starts_with('@') => std::fs::read(&file[1..])
+            .map_err(|e| format!("--http {target}: cannot read {}: {e}", &file[1..]))?,
+        Some(text) => text.as_bytes().to_vec(),
+        None => Vec::new(),
+    };
+    Ok((
+        target.to_string(),
+        Answer {
+            status,
+            headers: Vec::new(),
+            body,
+        },
+    ))
 }
 
 /// Why a test run could not happen.
@@ -94,6 +125,9 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
     cfg.config_json = t.config_json.clone();
     cfg.timeout = t.timeout;
     cfg.grants = t.grants;
+    let script = Arc::new(Script::new(t.http.clone()));
+    // Every call is answered from the script: a test run reaches no network.
+    cfg.http.script = Some(script.clone());
     let runtime = Runtime::new(cfg.memory.max(64 << 20), 16)?;
     let store = runtime.kv.access(&name, cfg.kv);
     for (k, v) in &t.kv {
@@ -180,6 +214,9 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         let called = plugin.on_complete(&mut held, view, info).await;
         let hook = format!("on-complete (status {status})");
         report(&mut out, &hook, &called, plugin.exports().2);
+    }
+    for call in script.calls() {
+        out.push(format!("http {call}"));
     }
     if t.grants.kv {
         for (k, v) in store.entries() {
