@@ -849,3 +849,192 @@ async fn the_redis_kv_backend_does_what_the_in_process_one_does() {
     .await
     .expect("keys with a time to live never expired");
 }
+
+/// An API for outbound calls: `/keys` answers `k1`, `/slow` answers after 300 ms, `/big`
+/// announces 64 KiB, `/echo` tells what it got.
+async fn call_target() -> std::net::SocketAddr {
+    start_origin(|req: Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let path = req.uri().path().to_string();
+        let method = req.method().to_string();
+        let probe = req
+            .headers()
+            .get("x-probe")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let agent = req
+            .headers()
+            .get("user-agent")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .unwrap_or_default();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let text = match path.as_str() {
+            "/keys" => "k1".to_string(),
+            "/slow" => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "late".to_string()
+            }
+            "/big" => "x".repeat(64 * 1024),
+            _ => format!(
+                "{method} probe={probe} agent={agent} body={}",
+                String::from_utf8_lossy(&body)
+            ),
+        };
+        http::Response::new(sluice::relay::full(text))
+    })
+    .await
+}
+
+/// Sends a request through the tunnel whose `x-call*` headers tell the `caller` fixture what
+/// to call; returns status and body.
+async fn call_through(edge: &EdgeHandle, headers: &[(&str, String)]) -> (u16, String) {
+    let mut req = Request::get("/").header("host", "app.test");
+    for (n, v) in headers {
+        req = req.header(*n, v.as_str());
+    }
+    let r = send(edge.http, req.body(Full::default()).unwrap()).await;
+    (r.status, r.text())
+}
+
+#[tokio::test]
+async fn outbound_calls_reach_what_the_operator_allowed_and_nothing_else() {
+    let api = call_target().await;
+    let (secure, id) = start_tls_origin(|_req: Request<hyper::body::Incoming>| async {
+        http::Response::new(sluice::relay::full("secure"))
+    })
+    .await;
+    let mut p = plugin("caller", "caller", serde_json::json!({}));
+    p.grants = sluice::config::Grants::of(&["http"]);
+    // The hook's own deadline; the 300 ms call below must not count against it.
+    p.timeout = Duration::from_millis(150);
+    p.http.allow_hosts = vec![
+        format!("127.0.0.1:{}", api.port()),
+        format!("localhost:{}", secure.port()),
+    ];
+    p.http.allow_origins = vec![http_origin("api", api)];
+    p.http.ca = id.chain.clone();
+    p.http.max_response = 16 * 1024;
+    let (edge, conn) = tunnel_with(vec![p], &["caller"], |_| {}).await;
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", api.port());
+
+    let (status, body) = call_through(&edge, &[("x-call", url("/keys"))]).await;
+    assert_eq!((status, body.as_str()), (200, "status 200: k1"));
+    let (_, body) = call_through(
+        &edge,
+        &[
+            ("x-call", url("/echo")),
+            ("x-call-method", "POST".into()),
+            ("x-call-body", "payload".into()),
+            ("x-call-header", "x-probe: 42".into()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        body,
+        "status 200: POST probe=42 agent=sluice plugin caller body=payload"
+    );
+    // Waiting on a call is not the plugin's work: a 300 ms call fits a 150 ms hook deadline.
+    let (status, body) = call_through(&edge, &[("x-call", url("/slow"))]).await;
+    assert_eq!((status, body.as_str()), (200, "status 200: late"));
+    // Its own deadline is the call's.
+    let (status, body) = call_through(
+        &edge,
+        &[("x-call", url("/slow")), ("x-call-timeout-ms", "50".into())],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (502, "Timeout"));
+    // The operator's size cap.
+    let (_, body) = call_through(&edge, &[("x-call", url("/big"))]).await;
+    assert_eq!(body, "TooLarge(65536)");
+    // TLS verified against the plugin's http-ca.
+    let (_, body) = call_through(
+        &edge,
+        &[("x-call", format!("https://localhost:{}/", secure.port()))],
+    )
+    .await;
+    assert_eq!(body, "status 200: secure");
+    // A configured origin, by name.
+    let (_, body) = call_through(
+        &edge,
+        &[("x-call", "/keys".into()), ("x-call-origin", "api".into())],
+    )
+    .await;
+    assert_eq!(body, "status 200: k1");
+
+    // Everything else is refused before any connection is made.
+    for (target, origin) in [
+        (format!("http://127.0.0.2:{}/keys", api.port()), None),
+        (format!("http://localhost:{}/keys", api.port()), None),
+        (format!("http://127.0.0.1:{}/keys", secure.port()), None),
+        ("/keys".to_string(), Some("web")),
+    ] {
+        let mut headers = vec![("x-call", target.clone())];
+        if let Some(o) = origin {
+            headers.push(("x-call-origin", o.to_string()));
+        }
+        let (status, body) = call_through(&edge, &headers).await;
+        assert_eq!(status, 502, "{target}");
+        assert!(body.starts_with("Denied("), "{target}: {body}");
+    }
+    let (_, body) = call_through(
+        &edge,
+        &[("x-call", url("/keys")), ("x-call-header", "host: evil.test".into())],
+    )
+    .await;
+    assert!(body.starts_with("Invalid("), "{body}");
+    let (_, body) = call_through(
+        &edge,
+        &[("x-call", url("/keys")), ("x-call-repeat", "17".into())],
+    )
+    .await;
+    assert!(body.starts_with("Denied(") && body.contains("16"), "{body}");
+    // The hook's deadline still bounds the plugin's own work after a call.
+    let (status, body) = call_through(
+        &edge,
+        &[("x-call", url("/keys")), ("x-call-spin-ms", "2000".into())],
+    )
+    .await;
+    assert_eq!(status, 502);
+    assert!(!body.contains("status 200"), "{body}");
+    conn.stop().await;
+}
+
+#[tokio::test]
+async fn outbound_https_is_verified_and_the_grant_is_required() {
+    // Without the plugin's http-ca, the self-signed host fails verification.
+    let (secure, _) = start_tls_origin(|_req: Request<hyper::body::Incoming>| async {
+        http::Response::new(sluice::relay::full("secure"))
+    })
+    .await;
+    let mut policy = sluice::config::HttpPolicy::default();
+    policy.allow_hosts = vec![format!("localhost:{}", secure.port())];
+    let outbound = sluice::plugin::outbound::Outbound::new("p".into(), policy).unwrap();
+    let err = outbound
+        .send(sluice::plugin::outbound::Call {
+            method: "GET".into(),
+            url: format!("https://localhost:{}/", secure.port()),
+            origin: None,
+            headers: Vec::new(),
+            body: Vec::new(),
+            timeout: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("certificate"),
+        "expected a certificate error, got {err}"
+    );
+
+    let runtime = Runtime::new(64 << 20, 16).unwrap();
+    let err = Plugin::load(
+        runtime,
+        plugin("caller", "caller", serde_json::json!({})),
+        Arc::new(sluice::admin::Metrics::new("t")),
+    )
+    .await
+    .expect_err("a plugin importing http without the grant was loaded");
+    assert!(
+        matches!(&err, LoadError::NotGranted { grant, .. } if *grant == "http"),
+        "{err}"
+    );
+}

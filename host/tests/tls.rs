@@ -95,38 +95,10 @@ async fn https_listener_speaks_http1_and_http2() {
 
 /// An HTTPS origin with a self-signed certificate for "localhost".
 async fn tls_origin() -> (std::net::SocketAddr, sluice::config::TlsIdentity) {
-    let id = identity();
-    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(id.chain.clone(), id.key.clone_key())
-    .unwrap();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(sluice::relay::full(
-                        "secure hello",
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, id)
+    start_tls_origin(|_req: Request<Incoming>| async {
+        Response::new(sluice::relay::full("secure hello"))
+    })
+    .await
 }
 
 #[tokio::test]

@@ -421,6 +421,46 @@ where
     addr
 }
 
+/// Starts an HTTPS (HTTP/1.1) origin running `handler`, with a self-signed certificate for
+/// "localhost"; returns its address and the identity to trust.
+pub async fn start_tls_origin<F, Fut>(handler: F) -> (SocketAddr, TlsIdentity)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<sluice::relay::HttpBody>> + Send + 'static,
+{
+    let id = identity();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(id.chain.clone(), id.key.clone_key())
+    .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, handler) = (acceptor.clone(), handler.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, id)
+}
+
 /// An origin that answers with a JSON echo of what it received: method, path, headers.
 pub async fn echo_origin(name: &'static str) -> SocketAddr {
     start_origin(move |req: Request<Incoming>| async move {
@@ -539,7 +579,7 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
         cmd.current_dir(&root)
             .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
             .arg(&target_dir);
-        for f in ["echo", "misbehave", "fs", "sockets", "nohooks", "stateful"] {
+        for f in ["echo", "misbehave", "fs", "sockets", "nohooks", "stateful", "caller"] {
             cmd.args(["-p", &format!("fixture-{f}")]);
         }
         for p in EXAMPLE_PLUGINS {
