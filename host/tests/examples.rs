@@ -531,3 +531,89 @@ fn plugin_test_command_reports_decisions_logs_and_audit() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An EdDSA token signed by `key` with id `kid`, for `sub`, valid for `ttl` seconds from now
+/// (negative: expired).
+fn jwt_token(key: &ed25519_dalek::SigningKey, kid: &str, sub: &str, ttl: i64) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let header = serde_json::json!({"alg": "EdDSA", "kid": kid, "typ": "JWT"});
+    let claims = serde_json::json!({"iss": "https://auth.test/", "aud": "api", "sub": sub,
+                                    "exp": now + ttl});
+    let signed = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let sig = key.sign(signed.as_bytes()).to_bytes();
+    format!("{signed}.{}", URL_SAFE_NO_PAD.encode(sig))
+}
+
+#[tokio::test]
+async fn jwt_admits_valid_tokens_with_keys_fetched_once_and_forwards_the_subject() {
+    use base64::Engine;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let jwk = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1",
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes())}]});
+    let fetches = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = fetches.clone();
+    let auth = start_origin(move |_req| {
+        let (jwk, counted) = (jwk.clone(), counted.clone());
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            http::Response::new(sluice::relay::full(jwk.to_string()))
+        }
+    })
+    .await;
+    let mut p = example(
+        "jwt",
+        serde_json::json!({"jwks-url": format!("http://{auth}/jwks"),
+                           "issuer": "https://auth.test/", "audience": "api"}),
+    );
+    p.grants = Grants::of(&["http", "kv", "credentials"]);
+    p.http.allow_hosts = vec![auth.to_string()];
+    let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
+    let with_token = |token: Option<String>| {
+        let mut req = Request::get("/orders")
+            .header("host", "app.test")
+            .header("x-auth-subject", "forged");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        req.body(Full::default()).unwrap()
+    };
+
+    let missing = send(edge.http, with_token(None)).await;
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.headers["www-authenticate"], "Bearer realm=\"sluice\"");
+    for _ in 0..3 {
+        let ok = send(edge.http, with_token(Some(jwt_token(&key, "k1", "alice", 300)))).await;
+        assert_eq!(ok.status, 200, "{}", ok.text());
+        assert_eq!(ok.echoed("x-auth-subject").as_deref(), Some("alice"));
+    }
+    let expired = send(edge.http, with_token(Some(jwt_token(&key, "k1", "alice", -120)))).await;
+    assert_eq!(expired.status, 401);
+    let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+    let forged = send(edge.http, with_token(Some(jwt_token(&other, "k1", "root", 300)))).await;
+    assert_eq!(forged.status, 401);
+    assert!(
+        forged.headers["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("bad signature"),
+        "{:?}",
+        forged.headers
+    );
+    assert_eq!(
+        fetches.load(Ordering::SeqCst),
+        1,
+        "the JWKS is fetched once and cached in kv"
+    );
+    conn.stop().await;
+}

@@ -610,6 +610,7 @@ pub const EXAMPLE_PLUGINS: &[&str] = &[
     "ip-allow",
     "cors",
     "rate-limit",
+    "jwt",
 ];
 
 thread_local! {
