@@ -617,3 +617,52 @@ async fn jwt_admits_valid_tokens_with_keys_fetched_once_and_forwards_the_subject
     );
     conn.stop().await;
 }
+
+/// `sluice plugin test --http` answers the plugin's outbound calls from the command line
+/// (here jwt's JWKS, from a file) and prints each call made.
+#[test]
+fn plugin_test_scripts_outbound_calls_and_prints_them() {
+    use base64::Engine;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1",
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes())}]});
+    let dir = std::env::temp_dir().join(format!("sluice-plugin-test-http-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("jwks.json");
+    std::fs::write(&file, jwks.to_string()).unwrap();
+    let run = |script: &str, grants: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sluice"));
+        cmd.args(["plugin", "test", example_plugin("jwt").to_str().unwrap()])
+            .args(["--config", r#"{"jwks-url": "https://auth.test/jwks", "issuer": "https://auth.test/", "audience": "api"}"#])
+            .args(["--http", script])
+            .args(["-H", &format!("authorization: Bearer {}", jwt_token(&key, "k1", "alice", 300))]);
+        for g in grants {
+            cmd.args(["--grant", g]);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let all = ["http", "kv", "credentials"];
+    let (ok, stdout, stderr) = run(&format!("https://auth.test/jwks 200 @{}", file.display()), &all);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("set x-auth-subject: alice"), "{stdout}");
+    let size = jwks.to_string().len();
+    assert!(
+        stdout.contains(&format!("http GET https://auth.test/jwks -> 200 ({size} bytes)")),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = run("https://auth.test/jwks 500 down", &all);
+    assert!(ok);
+    assert!(stdout.contains("respond 503"), "{stdout}");
+    let (ok, _, stderr) = run("https://auth.test/jwks 200 {}", &["kv", "credentials"]);
+    assert!(!ok);
+    assert!(stderr.contains("need --grant http"), "{stderr}");
+    let (ok, _, stderr) = run("https://auth.test/jwks twohundred", &all);
+    assert!(!ok);
+    assert!(stderr.contains("invalid --http"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
