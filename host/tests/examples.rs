@@ -666,3 +666,38 @@ fn plugin_test_scripts_outbound_calls_and_prints_them() {
     assert!(stderr.contains("invalid --http"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn basic_auth_admits_htpasswd_users_and_keeps_the_password_from_the_origin() {
+    // A bcrypt entry for alice:wonderland at cost 4 (htpasswd -B -C 4).
+    let htpasswd = "alice:$2y$04$a0vzYULjJVPja1Ora0Dqb.9B6HLF5./toDykj5SR2m7bcRs1GMr7e";
+    let mut p = example("basic-auth", serde_json::json!({ "htpasswd": htpasswd }));
+    p.grants = Grants::of(&["credentials"]);
+    let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
+    let with = |auth: &str| {
+        Request::get("/")
+            .header("host", "app.test")
+            .header("authorization", auth)
+            .header("x-auth-user", "root")
+            .body(Full::default())
+            .unwrap()
+    };
+    use base64::Engine;
+    let basic = |creds: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(creds)
+        )
+    };
+    let ok = send(edge.http, with(&basic("alice:wonderland"))).await;
+    assert_eq!(ok.status, 200, "{}", ok.text());
+    assert_eq!(ok.echoed("x-auth-user").as_deref(), Some("alice"));
+    assert_eq!(ok.echoed("authorization"), None, "the password reached the origin");
+    let refused = send(edge.http, with(&basic("alice:queen"))).await;
+    assert_eq!(refused.status, 401);
+    assert!(refused.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic realm=\"sluice\""));
+    conn.stop().await;
+}

@@ -611,6 +611,7 @@ pub const EXAMPLE_PLUGINS: &[&str] = &[
     "cors",
     "rate-limit",
     "jwt",
+    "basic-auth",
 ];
 
 thread_local! {
