@@ -68,7 +68,8 @@ pub mod metrics;
 pub mod testing;
 
 pub use types::{
-    Completion, HeaderEdit, LocalResponse, Request, RequestDecision, Response, ResponseDecision,
+    BodyAction, Completion, HeaderEdit, LocalResponse, Request, RequestDecision, Response,
+    ResponseDecision,
 };
 
 /// A sluice plugin.
@@ -99,6 +100,25 @@ pub trait Plugin: Sized + 'static {
     fn on_complete(&self, req: &Request, info: &Completion) {
         let _ = (req, info);
         __rt::not_implemented(__rt::ON_COMPLETE);
+    }
+
+    /// Sees the request body piece by piece on its way to the origin, and once more at the
+    /// end (`end` true, maybe no bytes). Opt-in: while a plugin implements it, the origin
+    /// gets the body chunked. `chunk` is the new piece after whatever the plugin held back.
+    fn on_request_body(&self, req: &Request, chunk: &[u8], end: bool) -> BodyAction {
+        let _ = (req, chunk, end);
+        __rt::not_implemented(__rt::ON_REQUEST_BODY);
+        BodyAction::Pass
+    }
+
+    /// Sees the response body piece by piece on its way to the client (after
+    /// [`Plugin::on_response`]; `status` is what the client gets), as
+    /// [`Plugin::on_request_body`]. While a plugin implements it, the response has no
+    /// `content-length`.
+    fn on_response_body(&self, req: &Request, status: u16, chunk: &[u8], end: bool) -> BodyAction {
+        let _ = (req, status, chunk, end);
+        __rt::not_implemented(__rt::ON_RESPONSE_BODY);
+        BodyAction::Pass
     }
 }
 
@@ -176,6 +196,27 @@ macro_rules! export_plugin {
             }
         }
 
+        impl $crate::__bindings::exports::sluice::plugin::on_request_body::Guest for __SluicePluginExport {
+            fn on_request_body(
+                req: &$crate::__bindings::sluice::plugin::types::Request,
+                chunk: ::std::vec::Vec<u8>,
+                end: bool,
+            ) -> ::std::option::Option<$crate::__bindings::sluice::plugin::types::BodyAction> {
+                $crate::__rt::on_body::<$plugin>(req, None, chunk, end)
+            }
+        }
+
+        impl $crate::__bindings::exports::sluice::plugin::on_response_body::Guest for __SluicePluginExport {
+            fn on_response_body(
+                req: &$crate::__bindings::sluice::plugin::types::Request,
+                status: u16,
+                chunk: ::std::vec::Vec<u8>,
+                end: bool,
+            ) -> ::std::option::Option<$crate::__bindings::sluice::plugin::types::BodyAction> {
+                $crate::__rt::on_body::<$plugin>(req, Some(status), chunk, end)
+            }
+        }
+
         #[cfg(target_arch = "wasm32")]
         $crate::__bindings::__export_plugin_world!(__SluicePluginExport with_types_in $crate::__bindings);
     };
@@ -217,6 +258,10 @@ pub mod __rt {
     pub const ON_RESPONSE: u8 = 2;
     /// See [`ON_REQUEST`].
     pub const ON_COMPLETE: u8 = 4;
+    /// See [`ON_REQUEST`].
+    pub const ON_REQUEST_BODY: u8 = 8;
+    /// See [`ON_REQUEST`].
+    pub const ON_RESPONSE_BODY: u8 = 16;
 
     /// Called by the trait's default hooks. Every hook is exported (a trait cannot tell which
     /// methods a type overrides), so a hook the plugin leaves out is still called once: its
@@ -265,6 +310,28 @@ pub mod __rt {
         let resp = types::Response::from_wit(resp);
         let decision = with::<P, _>(|p| p.on_response(&req, &resp)).unwrap_or_default();
         (!is_default(ON_RESPONSE)).then(|| decision.into_wit())
+    }
+
+    pub fn on_body<P: Plugin>(
+        req: &wit::Request,
+        status: Option<u16>,
+        chunk: Vec<u8>,
+        end: bool,
+    ) -> Option<wit::BodyAction> {
+        let hook = match status {
+            None => ON_REQUEST_BODY,
+            Some(_) => ON_RESPONSE_BODY,
+        };
+        if is_default(hook) {
+            return None;
+        }
+        let req = types::Request::from_wit(req);
+        let action = with::<P, _>(|p| match status {
+            None => p.on_request_body(&req, &chunk, end),
+            Some(s) => p.on_response_body(&req, s, &chunk, end),
+        })
+        .unwrap_or_default();
+        (!is_default(hook)).then(|| action.into_wit())
     }
 
     pub fn on_complete<P: Plugin>(req: &wit::Request, info: wit::Completion) -> bool {

@@ -407,15 +407,51 @@ impl RequestDecision {
             headers: self.headers.into_iter().map(HeaderEdit::into_wit).collect(),
             path: self.path,
             origin: self.origin,
-            respond: self.respond.map(|r| wit::LocalResponse {
-                status: r.status,
-                headers: r
-                    .headers
-                    .into_iter()
-                    .map(|(name, value)| wit::Header { name, value })
-                    .collect(),
-                body: r.body,
-            }),
+            respond: self.respond.map(LocalResponse::into_wit),
+        }
+    }
+}
+
+impl LocalResponse {
+    pub(crate) fn into_wit(self) -> wit::LocalResponse {
+        wit::LocalResponse {
+            status: self.status,
+            headers: self
+                .headers
+                .into_iter()
+                .map(|(name, value)| wit::Header { name, value })
+                .collect(),
+            body: self.body,
+        }
+    }
+}
+
+/// What a body hook does with the bytes it was given: the new piece of the body, after any
+/// bytes it held back before. The default passes them on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum BodyAction {
+    /// Send them on unchanged.
+    #[default]
+    Pass,
+    /// Keep them: the next call gets them again, followed by the next piece. The host keeps
+    /// them, up to the operator's `body-buffer` (1 MiB by default): past it the plugin has
+    /// failed. At the end of the body, holding means passing.
+    Hold,
+    /// Send these bytes instead (empty: drop what was given). At most `body-buffer`.
+    Replace(Vec<u8>),
+    /// Stop the body. A request body: the client gets this response (unless the origin
+    /// already answered) and the origin's request is abandoned. A response body: the response
+    /// is cut off (its head already left).
+    Reject(LocalResponse),
+}
+
+impl BodyAction {
+    pub(crate) fn into_wit(self) -> wit::BodyAction {
+        match self {
+            BodyAction::Pass => wit::BodyAction::Pass,
+            BodyAction::Hold => wit::BodyAction::Hold,
+            BodyAction::Replace(b) => wit::BodyAction::Replace(b),
+            BodyAction::Reject(r) => wit::BodyAction::Reject(r.into_wit()),
         }
     }
 }

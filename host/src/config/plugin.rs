@@ -23,6 +23,8 @@ pub const DEFAULT_KV_MAX_KEYS: usize = 10_000;
 pub const DEFAULT_KV_MAX_BYTES: usize = 16 << 20;
 /// Default number of series (label combinations) a plugin's own metrics may have.
 pub const DEFAULT_METRICS_MAX_SERIES: usize = 100;
+/// Default of what a body hook may hold back (`body-buffer`).
+pub const DEFAULT_BODY_BUFFER: usize = 1 << 20;
 /// Default deadline of one outbound HTTP call.
 pub const DEFAULT_HTTP_TIMEOUT: StdDuration = StdDuration::from_secs(5);
 /// Longest deadline an operator may give outbound HTTP calls.
@@ -59,6 +61,8 @@ pub struct PluginConfig {
     pub metrics_max_series: usize,
     /// What outbound HTTP calls may reach (with the `http` grant).
     pub http: HttpPolicy,
+    /// Bytes a body hook may hold back, and the largest replacement it may give.
+    pub body_buffer: usize,
     /// Where the `[[plugin]]` block is (`connector.toml:15`), for load errors; none for a
     /// plugin not from a file (`sluice plugin test`).
     pub defined_at: Option<String>,
@@ -80,6 +84,7 @@ impl PluginConfig {
             kv: KvQuota::default(),
             metrics_max_series: DEFAULT_METRICS_MAX_SERIES,
             http: HttpPolicy::default(),
+            body_buffer: DEFAULT_BODY_BUFFER,
             defined_at: None,
         }
     }
@@ -255,6 +260,7 @@ pub(super) struct PluginFile {
     pub http_timeout: Option<Duration>,
     pub http_max_response: Option<ByteSize>,
     pub http_ca: Option<PathBuf>,
+    pub body_buffer: Option<ByteSize>,
 }
 
 #[derive(Deserialize)]
@@ -334,6 +340,15 @@ impl PluginFile {
             ));
         }
         let http = self.http_policy(&grants, &resolve)?;
+        let body_buffer = self
+            .body_buffer
+            .map_or(DEFAULT_BODY_BUFFER, |b| b.0 as usize);
+        if !(1024..=(64 << 20)).contains(&body_buffer) {
+            return Err((
+                "body-buffer".into(),
+                "must be between 1KiB and 64MiB".into(),
+            ));
+        }
         Ok(PluginConfig {
             name: self.name.clone(),
             path: resolve(&self.path),
@@ -347,6 +362,7 @@ impl PluginFile {
             kv,
             metrics_max_series,
             http,
+            body_buffer,
             defined_at: None,
         })
     }

@@ -17,6 +17,7 @@ use crate::plugin::bindings::sluice::plugin::types::{
 };
 use crate::plugin::{decision, Held, Plugin, PluginError, RawEvent, RequestView};
 
+use super::body::{BodyFilter, Stage};
 use crate::plugin::CREDENTIALS;
 
 /// Every plugin of a configuration and the chain of each ingress rule.
@@ -271,36 +272,30 @@ impl ChainRun<'_> {
         }
     }
 
-    /// Logs a failure and applies the plugin's policy: `Err` to refuse the request
-    /// (fail-closed), `Ok` to skip the plugin (fail-open).
+    /// Logs a failure and applies the plugin's policy (see [`on_failure`]).
     fn failed(&self, plugin: &Plugin, error: PluginError) -> Result<(), Refused> {
-        if error == PluginError::Unavailable {
-            // Not a failure of the plugin's logic but of capacity: skipping it would let a
-            // load spike bypass an access control configured fail-open.
-            warn!(
-                plugin = plugin.name(),
-                "no plugin instance available; refusing the request"
-            );
-            return Err(Refused {
-                plugin: plugin.name().to_string(),
-                error,
-            });
+        on_failure(plugin, error)
+    }
+
+    /// The body filter of this request's body (`status` `None`) or response body (the
+    /// client's status): the plugins that implement the body hook, in chain order for a
+    /// request and in reverse for a response; `None` when there is none.
+    pub fn body_filter(&mut self, status: Option<u16>) -> Option<BodyFilter> {
+        let mut stages = Vec::new();
+        for i in 0..self.chain.len() {
+            let pos = if status.is_some() {
+                self.chain.len() - 1 - i
+            } else {
+                i
+            };
+            let plugin = self.chains.plugins[self.chain[pos]].clone();
+            let (req, resp) = plugin.body_hooks();
+            if (status.is_none() && req) || (status.is_some() && resp) {
+                let view = self.view_for(&plugin);
+                stages.push(Stage::new(plugin, view));
+            }
         }
-        let policy = plugin.on_error();
-        warn!(
-            plugin = plugin.name(),
-            kind = error.kind(),
-            %error,
-            policy = if policy == OnError::FailClosed { "fail-closed" } else { "fail-open" },
-            "plugin failed"
-        );
-        match policy {
-            OnError::FailClosed => Err(Refused {
-                plugin: plugin.name().to_string(),
-                error,
-            }),
-            OnError::FailOpen => Ok(()),
-        }
+        (!stages.is_empty()).then(|| BodyFilter::new(stages, status, self.context.clone()))
     }
 
     /// Gives back the request's own instance of the plugin at `pos` (per-request isolation)
@@ -328,6 +323,38 @@ impl ChainRun<'_> {
         let view = Arc::new(view);
         self.shared.push((grants, view.clone()));
         view
+    }
+}
+
+/// Logs a plugin's failure and applies its policy: `Err` to refuse the request
+/// (fail-closed), `Ok` to skip the plugin (fail-open).
+pub(super) fn on_failure(plugin: &Plugin, error: PluginError) -> Result<(), Refused> {
+    if error == PluginError::Unavailable {
+        // Not a failure of the plugin's logic but of capacity: skipping it would let a
+        // load spike bypass an access control configured fail-open.
+        warn!(
+            plugin = plugin.name(),
+            "no plugin instance available; refusing the request"
+        );
+        return Err(Refused {
+            plugin: plugin.name().to_string(),
+            error,
+        });
+    }
+    let policy = plugin.on_error();
+    warn!(
+        plugin = plugin.name(),
+        kind = error.kind(),
+        %error,
+        policy = if policy == OnError::FailClosed { "fail-closed" } else { "fail-open" },
+        "plugin failed"
+    );
+    match policy {
+        OnError::FailClosed => Err(Refused {
+            plugin: plugin.name().to_string(),
+            error,
+        }),
+        OnError::FailOpen => Ok(()),
     }
 }
 
@@ -363,7 +390,7 @@ fn apply_response(
 
 /// Stamps a plugin's events with the request's context and queues them (waiting if the
 /// audit queue is full). A free function: the chain run itself is not `Sync`.
-async fn emit(context: &AuditContext, view: &RequestView, plugin: &str, events: Vec<RawEvent>) {
+pub(super) async fn emit(context: &AuditContext, view: &RequestView, plugin: &str, events: Vec<RawEvent>) {
     for e in events {
         let event = AuditEvent::new(
             plugin,

@@ -1,6 +1,7 @@
 //! The connector: dials every edge, keeps `ha-connections` registered connections to each,
 //! and serves the request streams the edges open through the [`pipeline::Pipeline`].
 
+pub mod body;
 pub mod chain;
 pub mod check;
 pub mod pipeline;

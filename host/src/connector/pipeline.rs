@@ -25,6 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::body;
 use super::chain::{AuditContext, ChainRun, Chains, Refused};
 use crate::admin::metrics::{InFlightGauge, OriginErrorLabels};
 use crate::admin::Metrics;
@@ -516,8 +517,26 @@ impl Pipeline {
                 .await;
         }
         set_origin_headers(&mut headers, head, origin.config())?;
+        // Body hooks change the body as it streams: its length is known only at the end.
+        let filter = match framing {
+            Framing::Length(_) | Framing::Chunked => {
+                state.chain.as_mut().and_then(|c| c.body_filter(None))
+            }
+            Framing::Upgrade(_) | Framing::Empty(_) => None,
+        };
+        let framing = match (&filter, framing) {
+            (Some(_), Framing::Length(_)) => Framing::Chunked,
+            (_, framing) => framing,
+        };
         let (body, upgrade_recv) = framing.apply(&mut headers, recv, &state.bytes_in);
         let body = relay::with_idle_timeout(body, self.body_idle_timeout);
+        let (body, mut body_stop) = match filter {
+            Some(f) => {
+                let (body, stop) = f.spawn(body);
+                (body, Some(stop))
+            }
+            None => (body, None),
+        };
         let mut req = Request::new(body);
         *req.method_mut() = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| Failure::bad_request("invalid method".into()))?;
@@ -528,10 +547,20 @@ impl Pipeline {
 
         // Wait for the origin's answer, unless the edge gives up first (client gone): dropping
         // the origin future abandons the request and closes its connection.
+        // A body hook may stop the request body before the origin answers: the client then
+        // gets the plugin's answer.
         let stopped = send.stopped();
         let result = tokio::select! {
             r = origin.send(req) => r,
             _ = stopped => return Err(Failure::Cancelled { origin: origin_name }),
+            Some(Ok(stop)) = until_stopped(body_stop.as_mut()) => {
+                return match stop {
+                    body::Stop::Respond(status, headers, body, plugin) => {
+                        answer_local(send, status, headers, body, plugin).await
+                    }
+                    body::Stop::Failed(refused) => Err(Failure::plugin(refused)),
+                };
+            }
         };
         let resp = result.map_err(|e| {
             warn!(origin = %origin_name, kind = e.kind(), cause = %e, "origin request failed");
@@ -545,6 +574,7 @@ impl Pipeline {
             send,
             &state.bytes_in,
             &mut state.chain,
+            head.method == "HEAD",
         )
         .await
     }
@@ -593,6 +623,7 @@ impl Pipeline {
         send: &mut Reply,
         bytes_in: &Arc<AtomicU64>,
         run: &mut Option<ChainRun<'_>>,
+        head_request: bool,
     ) -> Result<Outcome, Failure> {
         let mut status = resp.status();
         let (upgrade, declined) = match upgrade {
@@ -618,6 +649,18 @@ impl Pipeline {
             // The origin's body is discarded unread; the plugin's gets an exact length.
             resp_headers.remove(TRANSFER_ENCODING);
             resp_headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let has_body = replaced.is_none()
+            && upgrade.is_none()
+            && !head_request
+            && !matches!(status.as_u16(), 100..=199 | 204 | 304);
+        let filter = match run.as_mut() {
+            Some(chain) if has_body => chain.body_filter(Some(status.as_u16())),
+            _ => None,
+        };
+        if filter.is_some() {
+            // Body hooks change the body as it streams: its length is known only at the end.
+            resp_headers.remove(CONTENT_LENGTH);
         }
         if let Some((name, _, _)) = &upgrade {
             if let Ok(v) = HeaderValue::from_str(name) {
@@ -657,6 +700,12 @@ impl Pipeline {
         let body = match replaced {
             Some(body) => relay::full(body),
             None => relay::with_idle_timeout(resp.into_body(), self.body_idle_timeout),
+        };
+        // A body hook's stop cuts the response: its head is already on its way, and the
+        // failure is reported like an origin failing mid-body.
+        let body = match filter {
+            Some(f) => f.spawn(body).0,
+            None => body,
         };
         match relay::pump(head_frame, body, send, short).await {
             Ok(n) => outcome.bytes_out = n,
@@ -873,6 +922,16 @@ impl std::ops::Deref for Reply {
 impl std::ops::DerefMut for Reply {
     fn deref_mut(&mut self) -> &mut SendStream {
         &mut self.send
+    }
+}
+
+/// Resolves when a body hook stopped the body (`None`: never, as without body hooks).
+async fn until_stopped(
+    stop: Option<&mut tokio::sync::oneshot::Receiver<body::Stop>>,
+) -> Option<Result<body::Stop, tokio::sync::oneshot::error::RecvError>> {
+    match stop {
+        Some(rx) => Some(rx.await),
+        None => std::future::pending().await,
     }
 }
 

@@ -25,8 +25,12 @@ use prometheus_client::metrics::histogram::Histogram;
 use wasmtime::component::{Instance, InstancePre, Resource};
 use wasmtime::Store;
 
-use bindings::exports::sluice::plugin::{init, on_complete, on_request, on_response};
-use bindings::sluice::plugin::types::{Completion, RequestDecision, Response, ResponseDecision};
+use bindings::exports::sluice::plugin::{
+    init, on_complete, on_request, on_request_body, on_response, on_response_body,
+};
+use bindings::sluice::plugin::types::{
+    BodyAction, Completion, RequestDecision, Response, ResponseDecision,
+};
 use bindings::v0_1::exports::sluice::plugin as v0_1;
 use host::StoreData;
 pub use host::{Context, RawEvent, RequestView, SharedView};
@@ -189,6 +193,12 @@ impl<I, Q, S, C> Hooks<I, Q, S, C> {
     }
 }
 
+/// The body hooks (0.2.0 on): indices, or functions in one instance.
+struct Bodies<RB, SB> {
+    on_request_body: Option<RB>,
+    on_response_body: Option<SB>,
+}
+
 /// The hooks a component exports, by the world version it was built for.
 enum HookIndices {
     /// `sluice:plugin@0.2.0`.
@@ -199,6 +209,7 @@ enum HookIndices {
             on_response::GuestIndices,
             on_complete::GuestIndices,
         >,
+        Bodies<on_request_body::GuestIndices, on_response_body::GuestIndices>,
     ),
     /// `sluice:plugin@0.1.0`.
     V0_1(
@@ -220,8 +231,13 @@ impl HookIndices {
             on_response: on_response::GuestIndices::new(pre).ok(),
             on_complete: on_complete::GuestIndices::new(pre).ok(),
         };
-        if now.any() || now.init.is_some() {
-            return HookIndices::Now(now);
+        let bodies = Bodies {
+            on_request_body: on_request_body::GuestIndices::new(pre).ok(),
+            on_response_body: on_response_body::GuestIndices::new(pre).ok(),
+        };
+        let any_body = bodies.on_request_body.is_some() || bodies.on_response_body.is_some();
+        if now.any() || any_body || now.init.is_some() {
+            return HookIndices::Now(now, bodies);
         }
         HookIndices::V0_1(Hooks {
             init: v0_1::init::GuestIndices::new(pre).ok(),
@@ -231,18 +247,23 @@ impl HookIndices {
         })
     }
 
-    /// Whether the component exports `on-request`, `on-response`, `on-complete`.
-    fn exported(&self) -> [bool; 3] {
+    /// Whether the component exports `on-request`, `on-response`, `on-complete`,
+    /// `on-request-body`, `on-response-body`.
+    fn exported(&self) -> [bool; HOOKS] {
         match self {
-            HookIndices::Now(h) => [
+            HookIndices::Now(h, b) => [
                 h.on_request.is_some(),
                 h.on_response.is_some(),
                 h.on_complete.is_some(),
+                b.on_request_body.is_some(),
+                b.on_response_body.is_some(),
             ],
             HookIndices::V0_1(h) => [
                 h.on_request.is_some(),
                 h.on_response.is_some(),
                 h.on_complete.is_some(),
+                false,
+                false,
             ],
         }
     }
@@ -256,12 +277,20 @@ impl HookIndices {
             i.as_ref().map(load).transpose()
         }
         Ok(match self {
-            HookIndices::Now(h) => Guests::Now(Hooks {
-                init: None,
-                on_request: each(&h.on_request, |i| i.load(&mut *store, instance))?,
-                on_response: each(&h.on_response, |i| i.load(&mut *store, instance))?,
-                on_complete: each(&h.on_complete, |i| i.load(&mut *store, instance))?,
-            }),
+            HookIndices::Now(h, b) => Guests::Now(
+                Hooks {
+                    init: None,
+                    on_request: each(&h.on_request, |i| i.load(&mut *store, instance))?,
+                    on_response: each(&h.on_response, |i| i.load(&mut *store, instance))?,
+                    on_complete: each(&h.on_complete, |i| i.load(&mut *store, instance))?,
+                },
+                Bodies {
+                    on_request_body: each(&b.on_request_body, |i| i.load(&mut *store, instance))?,
+                    on_response_body: each(&b.on_response_body, |i| {
+                        i.load(&mut *store, instance)
+                    })?,
+                },
+            ),
             HookIndices::V0_1(h) => Guests::V0_1(Hooks {
                 init: None,
                 on_request: each(&h.on_request, |i| i.load(&mut *store, instance))?,
@@ -279,7 +308,7 @@ impl HookIndices {
         config: &[u8],
     ) -> wasmtime::Result<Result<(), String>> {
         match self {
-            HookIndices::Now(Hooks { init: Some(i), .. }) => {
+            HookIndices::Now(Hooks { init: Some(i), .. }, _) => {
                 i.load(&mut *store, instance)?
                     .call_init(&mut *store, config)
                     .await
@@ -296,7 +325,10 @@ impl HookIndices {
 
 /// The hook functions of one instance.
 enum Guests {
-    Now(Hooks<(), on_request::Guest, on_response::Guest, on_complete::Guest>),
+    Now(
+        Hooks<(), on_request::Guest, on_response::Guest, on_complete::Guest>,
+        Bodies<on_request_body::Guest, on_response_body::Guest>,
+    ),
     V0_1(Hooks<(), v0_1::on_request::Guest, v0_1::on_response::Guest, v0_1::on_complete::Guest>),
 }
 
@@ -304,6 +336,18 @@ enum Guests {
 const ON_REQUEST: usize = 0;
 const ON_RESPONSE: usize = 1;
 const ON_COMPLETE: usize = 2;
+const ON_REQUEST_BODY: usize = 3;
+const ON_RESPONSE_BODY: usize = 4;
+/// Hooks a plugin may export (besides `init`).
+const HOOKS: usize = 5;
+/// Their names, by index.
+const HOOK_NAMES: [&str; HOOKS] = [
+    "on-request",
+    "on-response",
+    "on-complete",
+    "on-request-body",
+    "on-response-body",
+];
 
 /// What one request keeps of one plugin between its hooks: the plugin's context, and under
 /// per-request isolation its own instance.
@@ -344,14 +388,14 @@ pub struct Plugin {
     hooks: HookIndices,
     /// Hooks the component exports but said it does not implement (0.2.0's `none`): never
     /// called again.
-    unimplemented: [std::sync::atomic::AtomicBool; 3],
+    unimplemented: [std::sync::atomic::AtomicBool; HOOKS],
     idle: Mutex<Vec<Slot>>,
     /// Set once a reload replaced this plugin: instances are no longer kept idle.
     retired: std::sync::atomic::AtomicBool,
     metrics: Arc<Metrics>,
     /// This plugin's `plugin_hook_duration_seconds` series for `on-request`, `on-response`
     /// and `on-complete`, looked up once rather than on every call.
-    durations: [Histogram; 3],
+    durations: [Histogram; HOOKS],
     /// Where it was compiled, and how long that took.
     compiled: (Compiled, Duration),
     /// Outbound HTTP calls, with the `http` grant.
@@ -478,13 +522,13 @@ impl Plugin {
                 reason: format!("{e:#}"),
             })?;
         let hooks = HookIndices::of(&pre);
-        if hooks.exported() == [false; 3] {
+        if hooks.exported() == [false; HOOKS] {
             return Err(LoadError::NoHooks {
                 plugin,
                 path: config.path.display().to_string(),
             });
         }
-        let durations = ["on-request", "on-response", "on-complete"].map(|hook| {
+        let durations = HOOK_NAMES.map(|hook| {
             metrics
                 .plugin_hook_duration
                 .get_or_create(&PluginHookLabels {
@@ -572,7 +616,7 @@ impl Plugin {
     /// Whether `on-request`, `on-response`, `on-complete` are to be called: exported, and
     /// not declared unimplemented.
     pub fn exports(&self) -> (bool, bool, bool) {
-        let [req, resp, complete] = self.hooks.exported();
+        let [req, resp, complete, ..] = self.hooks.exported();
         let live =
             |hook: usize| !self.unimplemented[hook].load(std::sync::atomic::Ordering::Relaxed);
         (
@@ -582,10 +626,58 @@ impl Plugin {
         )
     }
 
+    /// Whether `on-request-body` and `on-response-body` are to be called: exported, and not
+    /// declared unimplemented.
+    pub fn body_hooks(&self) -> (bool, bool) {
+        let [.., req, resp] = self.hooks.exported();
+        let live =
+            |hook: usize| !self.unimplemented[hook].load(std::sync::atomic::Ordering::Relaxed);
+        (req && live(ON_REQUEST_BODY), resp && live(ON_RESPONSE_BODY))
+    }
+
+    /// Calls `on-request-body` (`status` `None`) or `on-response-body` (`Some`) with `chunk`.
+    /// A plugin that does not implement it passes everything.
+    pub async fn on_body(
+        &self,
+        held: &mut Held,
+        view: Arc<RequestView>,
+        status: Option<u16>,
+        chunk: Vec<u8>,
+        end: bool,
+    ) -> Called<BodyAction> {
+        let hook = match status {
+            None => ON_REQUEST_BODY,
+            Some(_) => ON_RESPONSE_BODY,
+        };
+        let called = self
+            .call(held, hook, view, move |slot, req| {
+                Box::pin(async move {
+                    let Slot { store, guests, .. } = slot;
+                    let Guests::Now(_, b) = guests else {
+                        unreachable!("0.1.0 has no body hooks; checked by caller")
+                    };
+                    match status {
+                        None => {
+                            let guest = b.on_request_body.as_ref().expect("checked by caller");
+                            guest.call_on_request_body(store, req, &chunk, end).await
+                        }
+                        Some(status) => {
+                            let guest = b.on_response_body.as_ref().expect("checked by caller");
+                            guest
+                                .call_on_response_body(store, req, status, &chunk, end)
+                                .await
+                        }
+                    }
+                })
+            })
+            .await;
+        self.implemented(called, hook, || BodyAction::Pass)
+    }
+
     /// Which world the component was built for: `"0.2.0"` or `"0.1.0"`.
     pub fn world_version(&self) -> &'static str {
         match self.hooks {
-            HookIndices::Now(_) => "0.2.0",
+            HookIndices::Now(..) => "0.2.0",
             HookIndices::V0_1(_) => "0.1.0",
         }
     }
@@ -607,7 +699,7 @@ impl Plugin {
                 Box::pin(async move {
                     let Slot { store, guests, .. } = slot;
                     match guests {
-                        Guests::Now(g) => {
+                        Guests::Now(g, _) => {
                             let guest = g.on_request.as_ref().expect("checked by caller");
                             guest.call_on_request(store, req).await
                         }
@@ -640,7 +732,7 @@ impl Plugin {
                 Box::pin(async move {
                     let Slot { store, guests, .. } = slot;
                     match guests {
-                        Guests::Now(g) => {
+                        Guests::Now(g, _) => {
                             let guest = g.on_response.as_ref().expect("checked by caller");
                             guest.call_on_response(store, req, &resp).await
                         }
@@ -673,7 +765,7 @@ impl Plugin {
                 Box::pin(async move {
                     let Slot { store, guests, .. } = slot;
                     match guests {
-                        Guests::Now(g) => {
+                        Guests::Now(g, _) => {
                             let guest = g.on_complete.as_ref().expect("checked by caller");
                             let implemented = guest.call_on_complete(store, req, &info).await?;
                             Ok(implemented.then_some(()))
