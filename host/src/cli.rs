@@ -222,6 +222,12 @@ pub enum PluginCommand {
         /// twice answers in turn). No call leaves the machine; each is printed after the hooks.
         #[arg(long = "http")]
         http: Vec<String>,
+        /// A request body for `on-request-body` (text, or `@file`).
+        #[arg(long)]
+        body: Option<String>,
+        /// A response body for `on-response-body` (text, or `@file`).
+        #[arg(long)]
+        response_body: Option<String>,
         /// Deadline of each hook call (the connector's default is 10ms; this default leaves
         /// room for a debug build of sluice).
         #[arg(long, default_value = "1s")]

@@ -374,6 +374,14 @@ fn check_connectivity(path: &std::path::Path) -> ExitCode {
 }
 
 /// A runtime for a command that does a little I/O; on error, says so and gives the exit code.
+/// A command-line value that is text, or `@file` for the file's bytes.
+fn text_or_file(value: &str) -> anyhow::Result<Vec<u8>> {
+    match value.strip_prefix('@') {
+        Some(path) => std::fs::read(path).with_context(|| format!("cannot read {path}")),
+        None => Ok(value.as_bytes().to_vec()),
+    }
+}
+
 fn one_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -546,6 +554,8 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         timeout,
         kv,
         http,
+        body,
+        response_body,
     } = action
     else {
         unreachable!("the compile helper returned above");
@@ -623,6 +633,8 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
             timeout,
             kv: seed,
             http,
+            body: body.as_deref().map(text_or_file).transpose()?,
+            response_body: response_body.as_deref().map(text_or_file).transpose()?,
         })
     };
     let test = match run() {

@@ -463,7 +463,7 @@ fn plugin_test_command_reports_decisions_logs_and_audit() {
     ]);
     assert!(ok, "{stderr}");
     let expected = [
-        "plugin header_rewrite: init ok; exports on-request, on-response, on-complete",
+        "plugin header_rewrite: init ok; exports on-request, on-response, on-complete, on-request-body, on-response-body",
         "request: POST https://App.Example.com/orders?id=7",
         "on-request: ok",
         "  remove x-a",
@@ -591,16 +591,31 @@ async fn jwt_admits_valid_tokens_with_keys_fetched_once_and_forwards_the_subject
 
     let missing = send(edge.http, with_token(None)).await;
     assert_eq!(missing.status, 401);
-    assert_eq!(missing.headers["www-authenticate"], "Bearer realm=\"sluice\"");
+    assert_eq!(
+        missing.headers["www-authenticate"],
+        "Bearer realm=\"sluice\""
+    );
     for _ in 0..3 {
-        let ok = send(edge.http, with_token(Some(jwt_token(&key, "k1", "alice", 300)))).await;
+        let ok = send(
+            edge.http,
+            with_token(Some(jwt_token(&key, "k1", "alice", 300))),
+        )
+        .await;
         assert_eq!(ok.status, 200, "{}", ok.text());
         assert_eq!(ok.echoed("x-auth-subject").as_deref(), Some("alice"));
     }
-    let expired = send(edge.http, with_token(Some(jwt_token(&key, "k1", "alice", -120)))).await;
+    let expired = send(
+        edge.http,
+        with_token(Some(jwt_token(&key, "k1", "alice", -120))),
+    )
+    .await;
     assert_eq!(expired.status, 401);
     let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
-    let forged = send(edge.http, with_token(Some(jwt_token(&other, "k1", "root", 300)))).await;
+    let forged = send(
+        edge.http,
+        with_token(Some(jwt_token(&other, "k1", "root", 300))),
+    )
+    .await;
     assert_eq!(forged.status, 401);
     assert!(
         forged.headers["www-authenticate"]
@@ -647,12 +662,17 @@ fn plugin_test_scripts_outbound_calls_and_prints_them() {
         )
     };
     let all = ["http", "kv", "credentials"];
-    let (ok, stdout, stderr) = run(&format!("https://auth.test/jwks 200 @{}", file.display()), &all);
+    let (ok, stdout, stderr) = run(
+        &format!("https://auth.test/jwks 200 @{}", file.display()),
+        &all,
+    );
     assert!(ok, "{stderr}");
     assert!(stdout.contains("set x-auth-subject: alice"), "{stdout}");
     let size = jwks.to_string().len();
     assert!(
-        stdout.contains(&format!("http GET https://auth.test/jwks -> 200 ({size} bytes)")),
+        stdout.contains(&format!(
+            "http GET https://auth.test/jwks -> 200 ({size} bytes)"
+        )),
         "{stdout}"
     );
     let (ok, stdout, _) = run("https://auth.test/jwks 500 down", &all);
@@ -692,12 +712,72 @@ async fn basic_auth_admits_htpasswd_users_and_keeps_the_password_from_the_origin
     let ok = send(edge.http, with(&basic("alice:wonderland"))).await;
     assert_eq!(ok.status, 200, "{}", ok.text());
     assert_eq!(ok.echoed("x-auth-user").as_deref(), Some("alice"));
-    assert_eq!(ok.echoed("authorization"), None, "the password reached the origin");
+    assert_eq!(
+        ok.echoed("authorization"),
+        None,
+        "the password reached the origin"
+    );
     let refused = send(edge.http, with(&basic("alice:queen"))).await;
     assert_eq!(refused.status, 401);
     assert!(refused.headers["www-authenticate"]
         .to_str()
         .unwrap()
         .starts_with("Basic realm=\"sluice\""));
+    conn.stop().await;
+}
+
+/// Sends a chunked upload of `size` bytes over a raw connection (no content-length), in
+/// 16 KiB chunks written on their own task, and returns the response's status line.
+async fn chunked_upload(addr: std::net::SocketAddr, size: usize) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (read, mut write) = tcp.into_split();
+    // The writer keeps its half open after the last chunk (closing it would end the
+    // connection before the answer) until the status line is read.
+    let writer = tokio::spawn(async move {
+        let head = "POST /up HTTP/1.1\r\nhost: app.test\r\ntransfer-encoding: chunked\r\n\r\n";
+        let _ = write.write_all(head.as_bytes()).await;
+        let chunk = vec![b'u'; 16 * 1024];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            let frame = [format!("{n:x}\r\n").as_bytes(), &chunk[..n], b"\r\n"].concat();
+            if write.write_all(&frame).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        let _ = write.write_all(b"0\r\n\r\n").await;
+        std::future::pending::<()>().await;
+    });
+    let mut lines = tokio::io::BufReader::new(read);
+    let mut status = String::new();
+    tokio::time::timeout(WAIT, lines.read_line(&mut status))
+        .await
+        .expect("no answer to the upload")
+        .unwrap();
+    writer.abort();
+    status.trim_end().to_string()
+}
+
+#[tokio::test]
+async fn body_limit_refuses_announced_and_streamed_bodies_over_the_cap() {
+    let p = example("body-limit", serde_json::json!({"max-bytes": 100_000}));
+    let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
+    let upload = |n: usize| {
+        Request::post("/up")
+            .header("host", "app.test")
+            .body(Full::new(bytes::Bytes::from(vec![b'a'; n])))
+            .unwrap()
+    };
+    assert_eq!(send(edge.http, upload(100_000)).await.status, 200);
+    let announced = send(edge.http, upload(100_001)).await;
+    assert_eq!(announced.status, 413);
+    assert_eq!(announced.text(), "request body larger than 100000 bytes\n");
+    assert_eq!(chunked_upload(edge.http, 50_000).await, "HTTP/1.1 200 OK");
+    assert_eq!(
+        chunked_upload(edge.http, 1 << 20).await,
+        "HTTP/1.1 413 Payload Too Large"
+    );
     conn.stop().await;
 }

@@ -978,7 +978,10 @@ async fn outbound_calls_reach_what_the_operator_allowed_and_nothing_else() {
     }
     let (_, body) = call_through(
         &edge,
-        &[("x-call", url("/keys")), ("x-call-header", "host: evil.test".into())],
+        &[
+            ("x-call", url("/keys")),
+            ("x-call-header", "host: evil.test".into()),
+        ],
     )
     .await;
     assert!(body.starts_with("Invalid("), "{body}");
@@ -1037,4 +1040,110 @@ async fn outbound_https_is_verified_and_the_grant_is_required() {
         matches!(&err, LoadError::NotGranted { grant, .. } if *grant == "http"),
         "{err}"
     );
+}
+
+/// An origin that answers with what it received: `{framing} {body}`, where framing is
+/// `length=N` or `chunked`.
+async fn body_origin() -> std::net::SocketAddr {
+    start_origin(|req: Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let framing = match req.headers().get("content-length") {
+            Some(n) => format!("length={}", n.to_str().unwrap()),
+            None if req.headers().contains_key("transfer-encoding") => "chunked".into(),
+            None => "none".into(),
+        };
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        http::Response::new(sluice::relay::full(format!(
+            "{framing} {}",
+            String::from_utf8_lossy(&body)
+        )))
+    })
+    .await
+}
+
+/// A tunnel whose catch-all rule sends to [`body_origin`] through `plugins`.
+async fn body_tunnel(plugins: Vec<PluginConfig>) -> (EdgeHandle, ConnectorHandle) {
+    let origin = body_origin().await;
+    let chain: Vec<String> = plugins.iter().map(|p| p.name.clone()).collect();
+    plugin_tunnel(plugins, &[], &["web"], |cfg| {
+        cfg.origins = vec![http_origin("web", origin)];
+        cfg.ingress[0].plugins = chain;
+    })
+    .await
+}
+
+fn post(body: impl Into<bytes::Bytes>) -> Request<Full<bytes::Bytes>> {
+    Request::post("/upload")
+        .header("host", "app.test")
+        .body(Full::new(body.into()))
+        .unwrap()
+}
+
+fn bodies(name: &str, request: &str, response: &str) -> PluginConfig {
+    plugin(
+        name,
+        "bodies",
+        serde_json::json!({"request": request, "response": response}),
+    )
+}
+
+#[tokio::test]
+async fn body_hooks_rewrite_both_bodies_as_they_stream() {
+    let (edge, conn) = body_tunnel(vec![bodies("upper", "upper", "upper")]).await;
+    let body = "abc".repeat(100_000);
+    let reply = send(edge.http, post(body.clone())).await;
+    assert_eq!(reply.status, 200);
+    // The origin got the upper-cased body, chunked (its length was not known in advance),
+    // and the client the upper-cased answer.
+    assert_eq!(reply.text(), format!("CHUNKED {}", body.to_uppercase()));
+    assert!(
+        !reply.headers.contains_key("content-length"),
+        "{:?}",
+        reply.headers
+    );
+    conn.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_hook_may_hold_within_its_buffer_and_fails_past_it() {
+    let mut holder = bodies("holder", "hold", "pass");
+    holder.body_buffer = 64 * 1024;
+    let (edge, conn) = body_tunnel(vec![holder]).await;
+    let small = "x".repeat(40 * 1024);
+    let reply = send(edge.http, post(small.clone())).await;
+    assert_eq!(reply.text(), format!("chunked {small}"));
+    // Past its body-buffer the plugin has failed; fail-closed, the client gets a 502.
+    let reply = send(edge.http, post("y".repeat(200 * 1024))).await;
+    assert_eq!(reply.status, 502, "{}", reply.text());
+    conn.stop().await;
+}
+
+#[tokio::test]
+async fn a_request_body_hook_rejects_with_its_own_answer() {
+    let (edge, conn) = body_tunnel(vec![bodies("limit", "limit:1000", "pass")]).await;
+    let reply = send(edge.http, post("z".repeat(999))).await;
+    assert_eq!(reply.status, 200);
+    let reply = send(edge.http, post("z".repeat(200 * 1024))).await;
+    assert_eq!((reply.status, reply.text().as_str()), (413, "too big\n"));
+    conn.stop().await;
+}
+
+#[tokio::test]
+async fn plugins_without_body_hooks_leave_the_body_path_alone() {
+    // The stateful fixture (0.2, SDK defaults for the body hooks) is asked once, says
+    // "not implemented", and is never asked again: later bodies keep their length.
+    let config = serde_json::json!({"remember": "/r", "mask_from": 600, "mask_status": 503, "mask_body": ""});
+    let mut p = plugin("stateful", "stateful", config);
+    p.grants = sluice::config::Grants::of(&["kv", "metrics"]);
+    let echo01 = plugin("echo", "echo", serde_json::json!({}));
+    let (edge, conn) = body_tunnel(vec![p, echo01]).await;
+    let first = send(edge.http, post("hello")).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert!(first.text().ends_with(" hello"), "{}", first.text());
+    for _ in 0..3 {
+        let reply = send(edge.http, post("hello")).await;
+        assert_eq!(reply.text(), "length=5 hello");
+        assert_eq!(reply.headers["content-length"], "14");
+    }
+    conn.stop().await;
 }

@@ -209,6 +209,61 @@ pub fn clear_kv() {
     CLOCK.with(|c| c.set(std::time::Duration::ZERO));
 }
 
+/// What a body came to through a body hook, applied as the host applies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyOutcome {
+    /// The body that went on.
+    Passed(Vec<u8>),
+    /// The hook rejected the body with this response.
+    Rejected(crate::LocalResponse),
+}
+
+/// Runs a body hook over `pieces` as the host does: bytes the hook holds come back before the
+/// next piece, and a last call has `end` true (with what is still held, or nothing). The
+/// calls share a context of their own, empty at the start, as in the host; the test's
+/// [`crate::context`] is put back afterwards.
+///
+/// ```
+/// use sluice_sdk::{testing, BodyAction};
+///
+/// // A hook that holds everything and upper-cases it at the end.
+/// let out = testing::run_body(&[b"ab", b"c"], |chunk, end| match end {
+///     false => BodyAction::Hold,
+///     true => BodyAction::Replace(chunk.to_ascii_uppercase()),
+/// });
+/// assert_eq!(out, testing::BodyOutcome::Passed(b"ABC".to_vec()));
+/// ```
+pub fn run_body(
+    pieces: &[&[u8]],
+    mut hook: impl FnMut(&[u8], bool) -> crate::BodyAction,
+) -> BodyOutcome {
+    let saved = CONTEXT.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let mut out = Vec::new();
+    let mut kept: Vec<u8> = Vec::new();
+    let mut result = None;
+    let last = [&b""[..]];
+    for (i, piece) in pieces.iter().chain(last.iter()).enumerate() {
+        let end = i == pieces.len();
+        if piece.is_empty() && !end {
+            continue;
+        }
+        let mut input = std::mem::take(&mut kept);
+        input.extend_from_slice(piece);
+        match hook(&input, end) {
+            crate::BodyAction::Pass => out.extend_from_slice(&input),
+            crate::BodyAction::Hold if end => out.extend_from_slice(&input),
+            crate::BodyAction::Hold => kept = input,
+            crate::BodyAction::Replace(b) => out.extend_from_slice(&b),
+            crate::BodyAction::Reject(r) => {
+                result = Some(BodyOutcome::Rejected(r));
+                break;
+            }
+        }
+    }
+    CONTEXT.with(|c| *c.borrow_mut() = saved);
+    result.unwrap_or(BodyOutcome::Passed(out))
+}
+
 /// Scripts the answer to the next [`crate::http`] call to `target`: a URL as the plugin
 /// gives it (`https://auth.example.com/jwks`), or `origin:NAME/path` for a call to a
 /// configured origin. Several answers for one target are given in turn; the last one stays

@@ -99,7 +99,9 @@ impl BodyFilter {
                     }
                     Err(stop) => {
                         let _ = stop_tx.send(stop);
-                        let _ = tx.send(Err("the body was stopped by a plugin".into())).await;
+                        let _ = tx
+                            .send(Err("the body was stopped by a plugin".into()))
+                            .await;
                         return;
                     }
                 }
@@ -222,8 +224,14 @@ fn act(
         }
         BodyAction::Replace(b) => Step::Send(Bytes::from(b)),
         BodyAction::Reject(r) => {
-            let (status, headers, body) = decision::local_response(&r).map_err(|e| plugin.refuse(e))?;
-            Step::Stop(Stop::Respond(status, headers, body, plugin.name().to_string()))
+            let (status, headers, body) =
+                decision::local_response(&r).map_err(|e| plugin.refuse(e))?;
+            Step::Stop(Stop::Respond(
+                status,
+                headers,
+                body,
+                plugin.name().to_string(),
+            ))
         }
     })
 }

@@ -390,7 +390,12 @@ fn apply_response(
 
 /// Stamps a plugin's events with the request's context and queues them (waiting if the
 /// audit queue is full). A free function: the chain run itself is not `Sync`.
-pub(super) async fn emit(context: &AuditContext, view: &RequestView, plugin: &str, events: Vec<RawEvent>) {
+pub(super) async fn emit(
+    context: &AuditContext,
+    view: &RequestView,
+    plugin: &str,
+    events: Vec<RawEvent>,
+) {
     for e in events {
         let event = AuditEvent::new(
             plugin,

@@ -123,7 +123,7 @@ pub enum LoadError {
     },
     /// The component exports none of the hooks: built without `export_plugin!`, it would
     /// load and do nothing.
-    #[error("plugin {plugin:?} ({path}) exports no hook (on-request, on-response or on-complete), so it would do nothing: a plugin written with sluice-sdk must end with `sluice_sdk::export_plugin!(YourPlugin);`")]
+    #[error("plugin {plugin:?} ({path}) exports no hook (on-request, on-response, on-complete, on-request-body or on-response-body), so it would do nothing: a plugin written with sluice-sdk must end with `sluice_sdk::export_plugin!(YourPlugin);`")]
     NoHooks {
         /// Plugin name.
         plugin: String,
@@ -286,9 +286,7 @@ impl HookIndices {
                 },
                 Bodies {
                     on_request_body: each(&b.on_request_body, |i| i.load(&mut *store, instance))?,
-                    on_response_body: each(&b.on_response_body, |i| {
-                        i.load(&mut *store, instance)
-                    })?,
+                    on_response_body: each(&b.on_response_body, |i| i.load(&mut *store, instance))?,
                 },
             ),
             HookIndices::V0_1(h) => Guests::V0_1(Hooks {
@@ -434,19 +432,10 @@ pub async fn check(plugins: &[PluginConfig]) -> Result<Vec<String>, String> {
         let plugin = Plugin::load(runtime.clone(), p.clone(), metrics.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let (req, resp, complete) = plugin.exports();
-        let hooks: Vec<&str> = [
-            ("on-request", req),
-            ("on-response", resp),
-            ("on-complete", complete),
-        ]
-        .into_iter()
-        .filter_map(|(name, has)| has.then_some(name))
-        .collect();
         lines.push(format!(
             "plugin {:?}: init ok; exports {}",
             p.name,
-            hooks.join(", ")
+            plugin.hook_names().join(", ")
         ));
     }
     Ok(lines)
@@ -624,6 +613,17 @@ impl Plugin {
             resp && live(ON_RESPONSE),
             complete && live(ON_COMPLETE),
         )
+    }
+
+    /// The hooks to be called, by name (exported, and not declared unimplemented).
+    pub fn hook_names(&self) -> Vec<&'static str> {
+        let exported = self.hooks.exported();
+        (0..HOOKS)
+            .filter(|&h| {
+                exported[h] && !self.unimplemented[h].load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .map(|h| HOOK_NAMES[h])
+            .collect()
     }
 
     /// Whether `on-request-body` and `on-response-body` are to be called: exported, and not

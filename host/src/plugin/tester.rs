@@ -34,6 +34,10 @@ pub struct TestRun {
     pub kv: Vec<(String, Vec<u8>)>,
     /// Answers to the plugin's outbound calls, by target (see [`scripted_answer`]).
     pub http: Vec<(String, Answer)>,
+    /// A request body for `on-request-body`.
+    pub body: Option<Vec<u8>>,
+    /// A response body for `on-response-body`.
+    pub response_body: Option<Vec<u8>>,
 }
 
 /// Parses one `--http` entry, `"TARGET STATUS [BODY]"`, BODY being text or `@file`.
@@ -138,16 +142,9 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
     }
     let plugin = Plugin::load(runtime, cfg, Arc::new(Metrics::new("plugin_test"))).await?;
     let (req_hook, resp_hook, complete_hook) = plugin.exports();
+    let (req_body_hook, resp_body_hook) = plugin.body_hooks();
     let mut out = Vec::new();
-    let hooks: Vec<&str> = [
-        ("on-request", req_hook),
-        ("on-response", resp_hook),
-        ("on-complete", complete_hook),
-    ]
-    .iter()
-    .filter(|(_, has)| *has)
-    .map(|(n, _)| *n)
-    .collect();
+    let hooks = plugin.hook_names();
     out.push(format!(
         "plugin {name}: init ok; exports {}",
         if hooks.is_empty() {
@@ -174,6 +171,9 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
                 origin = None;
             }
         }
+    }
+    if let (true, Some(body), Some(_)) = (req_body_hook, &t.body, &origin) {
+        body_hook(&mut out, &plugin, &view, None, body).await;
     }
     if resp_hook && origin.is_some() {
         let resp = Response {
@@ -202,6 +202,9 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
             }
         }
     }
+    if let (true, Some(body), Some(_)) = (resp_body_hook, &t.response_body, &origin) {
+        body_hook(&mut out, &plugin, &view, Some(status), body).await;
+    }
     if complete_hook {
         let info = Completion {
             status,
@@ -224,6 +227,63 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         }
     }
     Ok(out.join("\n") + "\n")
+}
+
+/// Runs a body hook on `body` in one piece and then the end, and reports each action.
+async fn body_hook(
+    out: &mut Vec<String>,
+    plugin: &Plugin,
+    view: &RequestView,
+    status: Option<u16>,
+    body: &[u8],
+) {
+    use super::bindings::sluice::plugin::types::BodyAction;
+    let name = match status {
+        None => "on-request-body".to_string(),
+        Some(s) => format!("on-response-body (status {s})"),
+    };
+    let mut held = crate::plugin::Held::default();
+    let view = Arc::new(view.clone());
+    let mut kept = Vec::new();
+    for (piece, end) in [(body.to_vec(), false), (Vec::new(), true)] {
+        kept.extend_from_slice(&piece);
+        let given = std::mem::take(&mut kept);
+        let called = plugin
+            .on_body(&mut held, view.clone(), status, given.clone(), end)
+            .await;
+        let implemented = match status {
+            None => plugin.body_hooks().0,
+            Some(_) => plugin.body_hooks().1,
+        };
+        let hook = format!(
+            "{name}, {} bytes{}",
+            given.len(),
+            if end { ", end" } else { "" }
+        );
+        report(out, &hook, &called, implemented);
+        match called.result {
+            Ok(BodyAction::Hold) if !end => {
+                out.push(format!("  hold {} bytes", given.len()));
+                kept = given
+            }
+            Ok(BodyAction::Hold | BodyAction::Pass) => {
+                out.push(format!("  pass {} bytes", given.len()))
+            }
+            Ok(BodyAction::Replace(b)) => out.push(format!(
+                "  replace with {} bytes: {:?}",
+                b.len(),
+                String::from_utf8_lossy(&b)
+            )),
+            Ok(BodyAction::Reject(r)) => {
+                out.push(format!("  reject: respond {}", r.status));
+                return;
+            }
+            Err(_) => return,
+        }
+        if !implemented {
+            return;
+        }
+    }
 }
 
 /// One hook's line; `implemented` is false once the plugin said it does not implement the

@@ -579,7 +579,7 @@ pub fn fixture(name: &str) -> std::path::PathBuf {
         cmd.current_dir(&root)
             .args(["build", "--release", "--target", "wasm32-wasip2", "--target-dir"])
             .arg(&target_dir);
-        for f in ["echo", "misbehave", "fs", "sockets", "nohooks", "stateful", "caller"] {
+        for f in ["echo", "misbehave", "fs", "sockets", "nohooks", "stateful", "caller", "bodies"] {
             cmd.args(["-p", &format!("fixture-{f}")]);
         }
         for p in EXAMPLE_PLUGINS {
@@ -612,6 +612,7 @@ pub const EXAMPLE_PLUGINS: &[&str] = &[
     "rate-limit",
     "jwt",
     "basic-auth",
+    "body-limit",
 ];
 
 thread_local! {

@@ -93,7 +93,10 @@ impl BasicAuth {
                 ));
             }
             if users.insert(user.to_string(), hash.to_string()).is_some() {
-                return Err(format!("htpasswd line {}: user {user:?} appears twice", i + 1));
+                return Err(format!(
+                    "htpasswd line {}: user {user:?} appears twice",
+                    i + 1
+                ));
             }
         }
         if users.is_empty() {
@@ -117,7 +120,12 @@ impl BasicAuth {
             .finalize()
             .into();
         let now = clock::now_ms();
-        if self.recent.borrow().get(&key).is_some_and(|until| *until > now) {
+        if self
+            .recent
+            .borrow()
+            .get(&key)
+            .is_some_and(|until| *until > now)
+        {
             return true;
         }
         let ok = bcrypt::verify(password, hash).unwrap_or(false);
@@ -137,7 +145,11 @@ impl BasicAuth {
     /// Successes remembered and still counting.
     pub fn remembered(&self) -> usize {
         let now = clock::now_ms();
-        self.recent.borrow().values().filter(|until| **until > now).count()
+        self.recent
+            .borrow()
+            .values()
+            .filter(|until| **until > now)
+            .count()
     }
 
     fn credentials(req: &Request) -> Option<(String, String)> {
@@ -191,10 +203,7 @@ impl Plugin for BasicAuth {
             }
             given => {
                 let user = given.map(|(u, _)| u).unwrap_or_default();
-                audit::emit(
-                    "denied",
-                    &[("plugin", "basic-auth"), ("user", &user)],
-                );
+                audit::emit("denied", &[("plugin", "basic-auth"), ("user", &user)]);
                 RequestDecision::new().respond(
                     LocalResponse::new(401)
                         .header("www-authenticate", &self.challenge)

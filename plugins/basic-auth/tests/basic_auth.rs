@@ -72,10 +72,9 @@ fn anything_else_gets_a_challenge() {
         let d = p.on_request(&request(auth.as_deref()));
         let r = d.respond.unwrap_or_else(|| panic!("{auth:?} passed"));
         assert_eq!(r.status, 401);
-        assert!(r
-            .headers
-            .iter()
-            .any(|(n, v)| n == "www-authenticate" && v == b"Basic realm=\"ops\", charset=\"UTF-8\""));
+        assert!(r.headers.iter().any(
+            |(n, v)| n == "www-authenticate" && v == b"Basic realm=\"ops\", charset=\"UTF-8\""
+        ));
     }
     let events = testing::events();
     assert_eq!(events.len(), 7);
@@ -111,13 +110,12 @@ fn only_bcrypt_entries_are_accepted() {
     assert!(md5.contains("line 1 (alice): only bcrypt"), "{md5}");
     assert!(load("").unwrap_err().contains("no entry"));
     assert!(load("alice").unwrap_err().contains("user:hash"));
-    let twice = format!(
-        "alice:{h}\nalice:{h}",
-        h = bcrypt::hash("x", 4).unwrap()
-    );
+    let twice = format!("alice:{h}\nalice:{h}", h = bcrypt::hash("x", 4).unwrap());
     assert!(load(&twice).unwrap_err().contains("twice"));
     assert!(sluice_sdk::load::<BasicAuth>(
-        json!({"htpasswd": htpasswd(), "realm": "a\"b"}).to_string().as_bytes()
+        json!({"htpasswd": htpasswd(), "realm": "a\"b"})
+            .to_string()
+            .as_bytes()
     )
     .is_err());
 }

@@ -117,7 +117,10 @@ impl Jwt {
         let mut doc = stored;
         if refetch && self.may_refetch() {
             doc = self.fetch().map(Some).unwrap_or_else(|e| {
-                log::warn(&format!("JWKS refetch failed, keeping the cached keys: {}", e.0));
+                log::warn(&format!(
+                    "JWKS refetch failed, keeping the cached keys: {}",
+                    e.0
+                ));
                 doc
             });
         }
@@ -259,7 +262,10 @@ impl Plugin for Jwt {
     fn on_request(&self, req: &Request) -> RequestDecision {
         let bearer = req
             .header("authorization")
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim);
         let verdict = match bearer {
             None => Err(Reject::Missing),
@@ -278,7 +284,10 @@ impl Plugin for Jwt {
                 d
             }
             Err(reject) => {
-                audit::emit("denied", &[("plugin", "jwt"), ("reason", &reject.to_string())]);
+                audit::emit(
+                    "denied",
+                    &[("plugin", "jwt"), ("reason", &reject.to_string())],
+                );
                 if let Reject::Unavailable(why) = &reject {
                     log::error(&format!("cannot verify tokens: {why}"));
                 }

@@ -111,7 +111,9 @@ impl<'a> Token<'a> {
     pub fn verify(&self, keys: &KeySet, policy: &Policy, now: u64) -> Result<Claims, Reject> {
         let alg = self.header.alg.as_str();
         if !policy.algorithms.iter().any(|a| a == alg) {
-            return Err(Reject::Invalid(format!("algorithm {alg:?} is not accepted")));
+            return Err(Reject::Invalid(format!(
+                "algorithm {alg:?} is not accepted"
+            )));
         }
         let verified = keys
             .candidates(alg, self.kid())
@@ -203,7 +205,9 @@ impl Claims {
                 .join(","),
             other => other.to_string(),
         };
-        let printable = text.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
+        let printable = text
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
         (printable && text.len() <= 4096).then_some(text)
     }
 }

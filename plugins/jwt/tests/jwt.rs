@@ -89,7 +89,10 @@ impl Signer {
     }
 
     fn token(&self, kid: &str, claims: Value) -> String {
-        self.sign(&json!({"alg": self.alg(), "kid": kid, "typ": "JWT"}), &claims)
+        self.sign(
+            &json!({"alg": self.alg(), "kid": kid, "typ": "JWT"}),
+            &claims,
+        )
     }
 }
 
@@ -189,7 +192,10 @@ fn bad_tokens_get_401_with_the_reason() {
         (Some(other.token("e1", claims())), "bad signature"),
         (Some(with(json!({"exp": NOW - 1}))), "token expired"),
         (Some(with(json!({"nbf": NOW + 60}))), "token not yet valid"),
-        (Some(with(json!({"iss": "https://evil.example.com/"}))), "wrong issuer"),
+        (
+            Some(with(json!({"iss": "https://evil.example.com/"}))),
+            "wrong issuer",
+        ),
         (Some(with(json!({"aud": ["web"]}))), "wrong audience"),
         (Some(with(json!({"exp": null}))), "malformed token"),
     ];
@@ -222,9 +228,15 @@ fn leeway_tolerates_a_little_clock_skew() {
     let p = plugin(json!({"leeway-s": 30}));
     let mut c = claims();
     c["exp"] = json!(NOW - 20);
-    assert_eq!(status(&p.on_request(&request(Some(&ed.token("d1", c.clone()))))), None);
+    assert_eq!(
+        status(&p.on_request(&request(Some(&ed.token("d1", c.clone()))))),
+        None
+    );
     testing::advance(std::time::Duration::from_secs(11));
-    assert_eq!(status(&p.on_request(&request(Some(&ed.token("d1", c))))), Some(401));
+    assert_eq!(
+        status(&p.on_request(&request(Some(&ed.token("d1", c))))),
+        Some(401)
+    );
 }
 
 #[test]
@@ -262,7 +274,11 @@ fn the_cache_expires_and_an_unreachable_jwks_fails_closed() {
     let p = plugin(json!({"cache-ttl-s": 60}));
     let token = es.token("e1", claims());
     let d = p.on_request(&request(Some(&token)));
-    assert_eq!(status(&d), Some(503), "no keys at all: the request cannot be checked");
+    assert_eq!(
+        status(&d),
+        Some(503),
+        "no keys at all: the request cannot be checked"
+    );
     testing::clear_http();
     testing::http_respond(JWKS, jwks(&[(&es, "e1")]));
     assert_eq!(status(&p.on_request(&request(Some(&token)))), None);
@@ -310,5 +326,7 @@ fn a_jwks_without_usable_keys_is_an_error() {
     let es = Signer::es256(7);
     // Encryption keys are skipped, and a set with one good key parses.
     let mixed = json!({"keys": [{"kty": "EC", "crv": "P-256", "use": "enc", "x": "AA", "y": "AA"}, es.jwk("e1")]});
-    assert!(jwt::KeySet::parse(mixed.to_string().as_bytes()).unwrap().has("e1"));
+    assert!(jwt::KeySet::parse(mixed.to_string().as_bytes())
+        .unwrap()
+        .has("e1"));
 }
