@@ -4,8 +4,9 @@
 //! it: access-guard, header-rewrite and audit-log (with a file sink) through every hook of a
 //! request (`on-request`, `on-response`, `on-complete`), views, decisions and audit events
 //! included; then one call that reads or increments a key in the plugin's key-value store, in
-//! this process and in Redis (when redis-server is installed). Plugins are built for
-//! wasm32-wasip2 on first run.
+//! this process and in Redis (when redis-server is installed); an outbound HTTP call from a
+//! hook against the same call made directly; and a MiB of body through a body hook. Plugins
+//! are built for wasm32-wasip2 on first run.
 //!
 //! Run: `cargo bench -p sluice --bench hooks` (iterations: `SLUICE_BENCH_ITERS`, default 20000).
 
@@ -188,6 +189,128 @@ async fn main() {
 
     real_chain(iters, &rt, &metrics, &view).await;
     kv_costs(iters, &metrics, &view).await;
+    outbound_costs(iters / 4, &metrics, &view).await;
+    body_costs(&metrics, &view).await;
+}
+
+/// A loopback HTTP/1.1 server answering every request with `k1`.
+async fn tiny_server() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"k1")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// One `on-request` that makes an outbound call (the `caller` fixture, `http` grant) to a
+/// loopback server, against the same GET made directly with a keep-alive hyper client: the
+/// difference, less a no-op hook, is what the host adds to a call beyond the network.
+async fn outbound_costs(iters: usize, metrics: &Arc<Metrics>, view: &RequestView) {
+    let addr = tiny_server().await;
+    let url = format!("http://{addr}/keys");
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + 200 {
+        let t = Instant::now();
+        let resp = client.get(url.parse().unwrap()).await.unwrap();
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap();
+        if i >= 200 {
+            samples.push(t.elapsed());
+        }
+    }
+    report("GET on loopback, hyper client directly", samples);
+
+    let wasm = build_wasm(&["fixture-caller"]).join("fixture_caller.wasm");
+    let rt = Runtime::new(64 << 20, 16).unwrap();
+    let mut cfg = PluginConfig::new("caller", &wasm);
+    cfg.grants.http = true;
+    cfg.http.allow_hosts = vec![addr.to_string()];
+    cfg.max_calls = u64::MAX;
+    let p = Plugin::load(rt, cfg, metrics.clone()).await.expect("load");
+    let mut view = view.clone();
+    view.headers.push(("x-call".into(), url.into_bytes()));
+    let mut held = sluice::plugin::Held::default();
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + 200 {
+        let t = Instant::now();
+        let d = p.on_request(&mut held, view.clone()).await.result.unwrap();
+        assert_eq!(d.respond.map(|r| r.status), Some(200));
+        if i >= 200 {
+            samples.push(t.elapsed());
+        }
+    }
+    report("on-request making that GET (http grant)", samples);
+}
+
+/// A MiB of body, in 16 KiB pieces, through the body filter as the connector runs it, with a
+/// plugin that passes every piece and with one that replaces each (upper-cased): per MiB.
+async fn body_costs(metrics: &Arc<Metrics>, view: &RequestView) {
+    use http_body_util::BodyExt;
+    use sluice::connector::body::{BodyFilter, Stage};
+    let wasm = build_wasm(&["fixture-bodies"]).join("fixture_bodies.wasm");
+    let rt = Runtime::new(64 << 20, 16).unwrap();
+    let piece = bytes::Bytes::from(vec![b'a'; 16 * 1024]);
+    let context = AuditContext {
+        audit: Audit::disabled(),
+        tunnel: "bench".into(),
+    };
+    let mib = |filter: Option<BodyFilter>| {
+        let piece = piece.clone();
+        async move {
+            let chunks: Vec<Result<http_body::Frame<bytes::Bytes>, sluice::relay::BoxError>> = (0
+                ..64)
+                .map(|_| Ok(http_body::Frame::data(piece.clone())))
+                .collect();
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks)).boxed();
+            let t = Instant::now();
+            let body = match filter {
+                Some(f) => f.spawn(body).0,
+                None => body,
+            };
+            let n = body.collect().await.unwrap().to_bytes().len();
+            assert_eq!(n, 1 << 20);
+            t.elapsed()
+        }
+    };
+    let runs = 300;
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        samples.push(mib(None).await);
+    }
+    report("1 MiB of body, no body hook", samples);
+    for mode in ["pass", "upper"] {
+        let mut cfg = PluginConfig::new(format!("body-{mode}"), &wasm);
+        cfg.config_json = format!(r#"{{"request": "{mode}", "response": "pass"}}"#).into_bytes();
+        cfg.max_calls = u64::MAX;
+        let p = Arc::new(
+            Plugin::load(rt.clone(), cfg, metrics.clone())
+                .await
+                .expect("load"),
+        );
+        let view = Arc::new(view.clone());
+        let mut samples = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let stage = Stage::new(p.clone(), view.clone());
+            let filter = BodyFilter::new(vec![stage], None, context.clone());
+            samples.push(mib(Some(filter)).await);
+        }
+        report(&format!("1 MiB of body, body hook {mode}"), samples);
+    }
 }
 
 /// One `on-request` that reads or increments a key in the plugin's key-value store, in this
