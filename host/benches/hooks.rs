@@ -336,6 +336,7 @@ async fn kv_costs(iters: usize, metrics: &Arc<Metrics>, view: &RequestView) {
             )
             .into_bytes();
             cfg.grants.kv = true;
+            cfg.grants.metrics = true;
             cfg.max_calls = u64::MAX;
             let p = Plugin::load(rt.clone(), cfg, metrics.clone())
                 .await

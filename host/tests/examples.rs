@@ -781,3 +781,44 @@ async fn body_limit_refuses_announced_and_streamed_bodies_over_the_cap() {
     );
     conn.stop().await;
 }
+
+/// jwt before rate-limit keyed by `subject`: each verified subject has its own bucket.
+#[tokio::test]
+async fn rate_limit_keys_by_the_subject_jwt_verified() {
+    use base64::Engine;
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let jwks = serde_json::json!({"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1",
+        "x": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes())}]});
+    let auth = start_origin(move |_req| {
+        let jwks = jwks.clone();
+        async move { http::Response::new(sluice::relay::full(jwks.to_string())) }
+    })
+    .await;
+    let mut jwt = example(
+        "jwt",
+        serde_json::json!({"jwks-url": format!("http://{auth}/jwks"),
+                           "issuer": "https://auth.test/", "audience": "api"}),
+    );
+    jwt.grants = Grants::of(&["http", "kv", "credentials"]);
+    jwt.http.allow_hosts = vec![auth.to_string()];
+    let mut limit = example(
+        "rate-limit",
+        serde_json::json!({"rate": 0.01, "burst": 1, "key": "subject"}),
+    );
+    limit.grants = Grants::of(&["kv"]);
+    let (edge, conn) = tunnel_with(vec![jwt, limit], &[], |_| {}).await;
+    let as_user = |sub: &str| {
+        Request::get("/")
+            .header("host", "app.test")
+            .header(
+                "authorization",
+                format!("Bearer {}", jwt_token(&key, "k1", sub, 300)),
+            )
+            .body(Full::default())
+            .unwrap()
+    };
+    assert_eq!(send(edge.http, as_user("alice")).await.status, 200);
+    assert_eq!(send(edge.http, as_user("alice")).await.status, 429);
+    assert_eq!(send(edge.http, as_user("bob")).await.status, 200);
+    conn.stop().await;
+}
