@@ -1009,8 +1009,10 @@ async fn outbound_https_is_verified_and_the_grant_is_required() {
         http::Response::new(sluice::relay::full("secure"))
     })
     .await;
-    let mut policy = sluice::config::HttpPolicy::default();
-    policy.allow_hosts = vec![format!("localhost:{}", secure.port())];
+    let policy = sluice::config::HttpPolicy {
+        allow_hosts: vec![format!("localhost:{}", secure.port())],
+        ..Default::default()
+    };
     let outbound = sluice::plugin::outbound::Outbound::new("p".into(), policy).unwrap();
     let err = outbound
         .send(sluice::plugin::outbound::Call {

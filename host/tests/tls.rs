@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::sync::Arc;
-
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;

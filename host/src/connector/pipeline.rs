@@ -517,26 +517,8 @@ impl Pipeline {
                 .await;
         }
         set_origin_headers(&mut headers, head, origin.config())?;
-        // Body hooks change the body as it streams: its length is known only at the end.
-        let filter = match framing {
-            Framing::Length(_) | Framing::Chunked => {
-                state.chain.as_mut().and_then(|c| c.body_filter(None))
-            }
-            Framing::Upgrade(_) | Framing::Empty(_) => None,
-        };
-        let framing = match (&filter, framing) {
-            (Some(_), Framing::Length(_)) => Framing::Chunked,
-            (_, framing) => framing,
-        };
-        let (body, upgrade_recv) = framing.apply(&mut headers, recv, &state.bytes_in);
-        let body = relay::with_idle_timeout(body, self.body_idle_timeout);
-        let (body, mut body_stop) = match filter {
-            Some(f) => {
-                let (body, stop) = f.spawn(body);
-                (body, Some(stop))
-            }
-            None => (body, None),
-        };
+        let (body, upgrade_recv, mut body_stop) =
+            self.request_body(framing, &mut headers, recv, state);
         let mut req = Request::new(body);
         *req.method_mut() = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| Failure::bad_request("invalid method".into()))?;
@@ -550,9 +532,10 @@ impl Pipeline {
         // A body hook may stop the request body before the origin answers: the client then
         // gets the plugin's answer.
         let stopped = send.stopped();
+        // A stop is sent before the body it stops fails, so that polling it first never takes
+        // the origin's failure on the cut body for the answer.
         let result = tokio::select! {
-            r = origin.send(req) => r,
-            _ = stopped => return Err(Failure::Cancelled { origin: origin_name }),
+            biased;
             Some(Ok(stop)) = until_stopped(body_stop.as_mut()) => {
                 return match stop {
                     body::Stop::Respond(status, headers, body, plugin) => {
@@ -561,6 +544,8 @@ impl Pipeline {
                     body::Stop::Failed(refused) => Err(Failure::plugin(refused)),
                 };
             }
+            r = origin.send(req) => r,
+            _ = stopped => return Err(Failure::Cancelled { origin: origin_name }),
         };
         let resp = result.map_err(|e| {
             warn!(origin = %origin_name, kind = e.kind(), cause = %e, "origin request failed");
@@ -572,11 +557,45 @@ impl Pipeline {
             upgrade,
             origin_name,
             send,
-            &state.bytes_in,
-            &mut state.chain,
+            state,
             head.method == "HEAD",
         )
         .await
+    }
+
+    /// The request body for the origin, framed, through the chain's body hooks if any
+    /// implements them (with the receiver of their stop); an upgrade keeps the receive half.
+    fn request_body(
+        &self,
+        framing: Framing,
+        headers: &mut http::HeaderMap,
+        recv: RecvStream,
+        state: &mut RequestState<'_, '_>,
+    ) -> (
+        relay::HttpBody,
+        Option<RecvStream>,
+        Option<tokio::sync::oneshot::Receiver<body::Stop>>,
+    ) {
+        let filter = match framing {
+            Framing::Length(_) | Framing::Chunked => {
+                state.chain.as_mut().and_then(|c| c.body_filter(None))
+            }
+            Framing::Upgrade(_) | Framing::Empty(_) => None,
+        };
+        // Body hooks change the body as it streams: its length is known only at the end.
+        let framing = match (&filter, framing) {
+            (Some(_), Framing::Length(_)) => Framing::Chunked,
+            (_, framing) => framing,
+        };
+        let (body, upgrade_recv) = framing.apply(headers, recv, &state.bytes_in);
+        let body = relay::with_idle_timeout(body, self.body_idle_timeout);
+        match filter {
+            Some(f) => {
+                let (body, stop) = f.spawn(body);
+                (body, upgrade_recv, Some(stop))
+            }
+            None => (body, upgrade_recv, None),
+        }
     }
 
     /// The request's place in the ingress rules: the normalised target, the matching rule and
@@ -621,10 +640,10 @@ impl Pipeline {
         upgrade: Option<(&str, RecvStream)>,
         origin_name: String,
         send: &mut Reply,
-        bytes_in: &Arc<AtomicU64>,
-        run: &mut Option<ChainRun<'_>>,
+        state: &mut RequestState<'_, '_>,
         head_request: bool,
     ) -> Result<Outcome, Failure> {
+        let (bytes_in, run) = (&state.bytes_in, &mut state.chain);
         let mut status = resp.status();
         let (upgrade, declined) = match upgrade {
             Some((name, recv)) if status == StatusCode::SWITCHING_PROTOCOLS => {
@@ -695,8 +714,6 @@ impl Pipeline {
             }
             return Ok(outcome);
         }
-
-        let short = relay::announced_length(&resp_headers).is_some_and(|n| n <= SHORT_BODY);
         let body = match replaced {
             Some(body) => relay::full(body),
             None => relay::with_idle_timeout(resp.into_body(), self.body_idle_timeout),
@@ -707,18 +724,8 @@ impl Pipeline {
             Some(f) => f.spawn(body).0,
             None => body,
         };
-        match relay::pump(head_frame, body, send, short).await {
-            Ok(n) => outcome.bytes_out = n,
-            Err(PumpError::Body(e)) => {
-                warn!(origin = %outcome.origin, cause = %e, "origin failed mid-body; resetting the stream");
-                let _ = send.reset(proto::code::STREAM_ORIGIN_FAILED);
-                outcome.error = Some(format!("origin failed mid-body: {e}"));
-            }
-            Err(PumpError::Stream(e)) => {
-                debug!(cause = %e, "the edge stopped reading the response");
-                outcome.error = Some("cancelled mid-body".into());
-            }
-        }
+        let short = relay::announced_length(&resp_headers).is_some_and(|n| n <= SHORT_BODY);
+        stream_body(head_frame, body, send, short, &mut outcome).await;
         Ok(outcome)
     }
 
@@ -922,6 +929,29 @@ impl std::ops::Deref for Reply {
 impl std::ops::DerefMut for Reply {
     fn deref_mut(&mut self) -> &mut SendStream {
         &mut self.send
+    }
+}
+
+/// Sends the response head and streams `body` after it; a body failing mid-way resets the
+/// stream. `short`: the head waits for a short body, to leave in one packet with it.
+async fn stream_body(
+    head_frame: Bytes,
+    body: relay::HttpBody,
+    send: &mut Reply,
+    short: bool,
+    outcome: &mut Outcome,
+) {
+    match relay::pump(head_frame, body, send, short).await {
+        Ok(n) => outcome.bytes_out = n,
+        Err(PumpError::Body(e)) => {
+            warn!(origin = %outcome.origin, cause = %e, "origin failed mid-body; resetting the stream");
+            let _ = send.reset(proto::code::STREAM_ORIGIN_FAILED);
+            outcome.error = Some(format!("origin failed mid-body: {e}"));
+        }
+        Err(PumpError::Stream(e)) => {
+            debug!(cause = %e, "the edge stopped reading the response");
+            outcome.error = Some("cancelled mid-body".into());
+        }
     }
 }
 

@@ -250,7 +250,9 @@ impl Registry {
             }
             routes.tunnels.insert(t.id.clone(), t.clone());
         }
-        routes.wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        routes
+            .wildcards
+            .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         let mut guard = self.routes.write().unwrap_or_else(|p| p.into_inner());
         for id in routes.tunnels.keys() {
             let counter = guard.active.get(id).cloned().unwrap_or_default();
