@@ -41,6 +41,11 @@ pub enum Command {
         /// neither.
         #[arg(long)]
         connectivity: bool,
+        /// With a connector's file: print which ingress rule a request for this URL would
+        /// match, the plugin chain that would run and the origin it would go to (a dry run;
+        /// nothing is sent).
+        #[arg(long = "match", value_name = "URL")]
+        match_url: Option<String>,
     },
     /// Work on plugins.
     Plugin {

@@ -26,11 +26,18 @@ fn main() -> ExitCode {
     match cli.command {
         cli::Command::Check {
             config,
+            match_url: Some(url),
+            ..
+        } => check_match(&config, &url),
+        cli::Command::Check {
+            config,
             connectivity: false,
+            ..
         } => check(&config),
         cli::Command::Check {
             config,
             connectivity: true,
+            ..
         } => check_connectivity(&config),
         cli::Command::Tunnel { action } => match action {
             cli::TunnelCommand::New {
@@ -206,6 +213,34 @@ fn check(path: &std::path::Path) -> ExitCode {
             for line in plugins {
                 println!("  {line}");
             }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sluice check --match URL`: the routing of a connector's file applied to one URL.
+fn check_match(path: &std::path::Path, url: &str) -> ExitCode {
+    let config = match config::load_any(path) {
+        Ok(AnyConfig::Connector(c)) => c,
+        Ok(AnyConfig::Edge(_)) => {
+            eprintln!(
+                "error: --match needs a connector's file; {} is an edge's",
+                path.display()
+            );
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match sluice::connector::dry_run::explain(&config, url) {
+        Ok(report) => {
+            print!("{report}");
             ExitCode::SUCCESS
         }
         Err(e) => {

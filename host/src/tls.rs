@@ -234,25 +234,27 @@ pub fn https_server(cert: Arc<ServerCert>) -> Result<rustls::ServerConfig, TlsEr
     Ok(tls)
 }
 
-/// TLS client config for an `https://` origin (HTTP/1.1 only).
+/// TLS client config for an `https://` (or `unix+tls:`) origin, presenting `identity` if the
+/// origin asks for a client certificate. hyper-rustls sets ALPN itself (h2 and http/1.1, or
+/// http/1.1 only).
 pub fn origin_client(
     extra_ca: &[CertificateDer<'static>],
     danger_accept_invalid_certs: bool,
+    identity: Option<&crate::config::TlsIdentity>,
 ) -> Result<rustls::ClientConfig, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?;
-    // hyper-rustls sets ALPN (http/1.1) itself.
-    let tls = if danger_accept_invalid_certs {
+    let builder = if danger_accept_invalid_certs {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider())))
-            .with_no_client_auth()
     } else {
-        builder
-            .with_root_certificates(roots_with(extra_ca)?)
-            .with_no_client_auth()
+        builder.with_root_certificates(roots_with(extra_ca)?)
     };
-    Ok(tls)
+    Ok(match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    })
 }
 
 /// Verifier for `danger-accept-invalid-certs`: checks signatures, trusts any certificate.

@@ -56,6 +56,71 @@ fn check_accepts_a_valid_file() {
         .contains("valid connector config (1 ingress rule, 0 origins + 1 built-in, 0 plugins)"));
 }
 
+/// `sluice check --match URL` names the rule, the chain and the origin a request would get.
+#[test]
+fn check_match_explains_where_a_url_goes() {
+    let dir = tempdir("check-match");
+    let file = dir.join("connector.toml");
+    std::fs::write(
+        &file,
+        r#"tunnel = "app"
+token = "x"
+edges = ["127.0.0.1:7844"]
+
+[[origin]]
+name = "api"
+url = "h2c://10.0.0.5:50051"
+
+[[origin]]
+name = "socket"
+url = "unix:/run/app.sock"
+
+[[ingress]]
+hostname = "api.example.com"
+origin = "api"
+
+[[ingress]]
+path = "^/static/"
+origin = "socket"
+
+[[ingress]]
+origin = "hello"
+"#,
+    )
+    .unwrap();
+    let run = |url: &str| {
+        let out = sluice()
+            .args(["check", "--config"])
+            .arg(&file)
+            .args(["--match", url])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = run("https://API.example.com/v1/Greeter/Hello");
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "https://api.example.com/v1/Greeter/Hello\n  rule: ingress[0] (hostname \"api.example.com\")\n  plugins: none\n  origin: \"api\" -> http://10.0.0.5:50051/\n"
+    );
+    let (_, out, _) = run("http://www.example.com/static/../static/app.js");
+    assert!(
+        out.contains("path normalised from /static/../static/app.js"),
+        "{out}"
+    );
+    assert!(
+        out.contains("origin: \"socket\" -> unix:/run/app.sock"),
+        "{out}"
+    );
+    let (ok, _, err) = run("www.example.com/");
+    assert!(!ok);
+    assert!(err.contains("absolute"), "{err}");
+}
+
 /// The examples reference certificates and token files an operator would provide; this test
 /// provides them (generated) in a copy of the examples folder, then parses every TOML file.
 #[test]

@@ -151,6 +151,12 @@ pub struct OriginConfig {
     pub pool_idle_timeout: StdDuration,
     /// Idle keep-alive connections kept per origin.
     pub pool_max_idle: usize,
+    /// HTTP/2 to the origin: offered by ALPN to an `https://` (or `unix+tls:`) origin, which
+    /// may still choose HTTP/1.1; spoken with prior knowledge (h2c) to an `http://` or
+    /// `unix:` one (`h2c://host:port` sets it).
+    pub http2: bool,
+    /// Certificate and key presented to an origin that asks for one (mTLS).
+    pub client_identity: Option<super::TlsIdentity>,
 }
 
 impl OriginConfig {
@@ -167,6 +173,8 @@ impl OriginConfig {
             danger_accept_invalid_certs: false,
             pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             pool_max_idle: DEFAULT_POOL_MAX_IDLE,
+            http2: false,
+            client_identity: None,
         }
     }
 }
@@ -186,6 +194,14 @@ pub enum OriginTarget {
     Tcp(SocketTarget),
     /// A UDP service (`udp://host:port`), for `[[service]]` blocks (public UDP ports).
     Udp(SocketTarget),
+    /// An HTTP server on a unix socket (`unix:/path/to.sock`), over TLS with
+    /// `unix+tls:/path/to.sock`.
+    Unix {
+        /// The socket's path.
+        path: PathBuf,
+        /// TLS on the socket.
+        tls: bool,
+    },
 }
 
 /// The address of a TCP or UDP origin.
@@ -248,11 +264,29 @@ impl OriginTarget {
 }
 
 impl OriginTarget {
-    /// Parses `http://…`, `https://…`, `tcp://…` (`ssh://`, `rdp://`), `udp://…`, `hello` or
-    /// `status:NNN`.
+    /// Parses `http://…`, `https://…`, `h2c://…` (an `http://` origin spoken to in HTTP/2;
+    /// see [`OriginConfig::http2`]), `unix:/path`, `unix+tls:/path`, `tcp://…` (`ssh://`,
+    /// `rdp://`), `udp://…`, `hello` or `status:NNN`.
     pub fn parse(s: &str) -> Result<Self, String> {
         if let Some(socket) = Self::parse_socket(s) {
             return socket;
+        }
+        for (prefix, tls) in [("unix:", false), ("unix+tls:", true)] {
+            if let Some(path) = s.strip_prefix(prefix) {
+                let path = path.strip_prefix("//").unwrap_or(path);
+                if !path.starts_with('/') {
+                    return Err(format!(
+                        "invalid origin {s:?}: expected {prefix}/absolute/path/to.sock"
+                    ));
+                }
+                return Ok(OriginTarget::Unix {
+                    path: PathBuf::from(path),
+                    tls,
+                });
+            }
+        }
+        if let Some(rest) = s.strip_prefix("h2c://") {
+            return Self::parse(&format!("http://{rest}"));
         }
         if s == "hello" {
             return Ok(OriginTarget::Hello);
@@ -272,7 +306,7 @@ impl OriginTarget {
             Some("http") | Some("https") => {}
             _ => {
                 return Err(format!(
-                "invalid origin {s:?}: expected http://…, https://…, tcp://…, ssh://…, rdp://…, udp://…, \"hello\" or \"status:NNN\""
+                "invalid origin {s:?}: expected http://…, https://…, h2c://…, unix:/…, unix+tls:/…, tcp://…, ssh://…, rdp://…, udp://…, \"hello\" or \"status:NNN\""
             ))
             }
         }
@@ -671,6 +705,30 @@ impl ConnectorFile {
             cfg.danger_accept_invalid_certs = o.danger_accept_invalid_certs.unwrap_or(false);
             cfg.pool_idle_timeout = o.pool_idle_timeout.map_or(cfg.pool_idle_timeout, |d| d.0);
             cfg.pool_max_idle = o.pool_max_idle.unwrap_or(cfg.pool_max_idle);
+            cfg.http2 = o.http2.unwrap_or(false) || o.url.starts_with("h2c://");
+            cfg.client_identity = match (&o.client_cert, &o.client_key) {
+                (Some(cert), Some(key_file)) => Some(
+                    super::TlsIdentity::from_pem_files(&src.resolve(cert), &src.resolve(key_file))
+                        .map_err(|m| src.error(at, format!("{key}.client-cert"), m))?,
+                ),
+                (None, None) => None,
+                _ => {
+                    return Err(src.error(
+                        at,
+                        format!("{key}.client-cert"),
+                        "client-cert and client-key go together",
+                    ))
+                }
+            };
+            let tls = matches!(&cfg.target, OriginTarget::Http(u) if u.scheme_str() == Some("https"))
+                || matches!(cfg.target, OriginTarget::Unix { tls: true, .. });
+            if cfg.client_identity.is_some() && !tls {
+                return Err(src.error(
+                    at,
+                    format!("{key}.client-cert"),
+                    "a client certificate needs a TLS origin (https:// or unix+tls:)",
+                ));
+            }
             origins.push(cfg);
         }
 
@@ -905,6 +963,9 @@ struct OriginFile {
     danger_accept_invalid_certs: Option<bool>,
     pool_idle_timeout: Option<Duration>,
     pool_max_idle: Option<usize>,
+    http2: Option<bool>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]

@@ -4,6 +4,7 @@
 pub mod body;
 pub mod chain;
 pub mod check;
+pub mod dry_run;
 pub mod pipeline;
 mod services;
 mod session;

@@ -1,15 +1,18 @@
-//! Origins: a keep-alive HTTP/1.1 client pool per named origin (plain or TLS) and the
+//! Origins: a keep-alive client pool per named HTTP origin — HTTP/1.1 or HTTP/2, over TCP or
+//! a unix socket, plain or TLS (with a client certificate if the origin wants one) — and the
 //! built-in origins `hello` and `status:NNN`.
 
 mod builtin;
+pub mod connect;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
 use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+
+use connect::OriginConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{OriginConfig, OriginTarget, SocketTarget};
@@ -124,11 +127,14 @@ enum Kind {
 
 /// The clients of an HTTP origin.
 struct HttpClients {
-    /// Keep-alive pool for ordinary requests.
-    pooled: Client<HttpsConnector<HttpConnector>, HttpBody>,
-    /// A fresh connection per upgrade request, never returned to a pool: an origin that
-    /// declines an upgrade may still be in a state no later request should inherit.
-    upgrades: Client<HttpsConnector<HttpConnector>, HttpBody>,
+    /// Keep-alive pool for ordinary requests (HTTP/2 when configured).
+    pooled: Client<HttpsConnector<OriginConnector>, HttpBody>,
+    /// A fresh HTTP/1.1 connection per upgrade request, never returned to a pool: an origin
+    /// that declines an upgrade may still be in a state no later request should inherit.
+    upgrades: Client<HttpsConnector<OriginConnector>, HttpBody>,
+    /// Scheme and authority of the request URIs (`http://localhost` for a unix socket).
+    scheme: &'static str,
+    authority: String,
 }
 
 impl std::fmt::Debug for Kind {
@@ -152,40 +158,8 @@ impl Origin {
                 Kind::Status(StatusCode::from_u16(*code).unwrap_or(StatusCode::BAD_GATEWAY))
             }
             OriginTarget::Tcp(_) | OriginTarget::Udp(_) => Kind::Socket,
-            OriginTarget::Http(_) => {
-                let mut http = HttpConnector::new();
-                http.enforce_http(false);
-                http.set_nodelay(true);
-                http.set_connect_timeout(Some(config.connect_timeout));
-                let tls_cfg = tls::origin_client(&config.ca, config.danger_accept_invalid_certs)?;
-                let builder = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls_cfg)
-                    .https_or_http();
-                let builder = match &config.server_name {
-                    Some(name) => {
-                        let name =
-                            rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
-                                tls::TlsError::Quic(format!("invalid server-name {name:?}: {e}"))
-                            })?;
-                        builder.with_server_name_resolver(
-                            hyper_rustls::FixedServerNameResolver::new(name),
-                        )
-                    }
-                    None => builder,
-                };
-                let connector = builder.enable_http1().wrap_connector(http);
-                let client = |max_idle| {
-                    Client::builder(TokioExecutor::new())
-                        .pool_idle_timeout(config.pool_idle_timeout)
-                        .pool_max_idle_per_host(max_idle)
-                        .pool_timer(TokioTimer::new())
-                        .timer(TokioTimer::new())
-                        .build(connector.clone())
-                };
-                Kind::Http(Box::new(HttpClients {
-                    pooled: client(config.pool_max_idle),
-                    upgrades: client(0),
-                }))
+            OriginTarget::Http(_) | OriginTarget::Unix { .. } => {
+                Kind::Http(Box::new(HttpClients::new(&config)?))
             }
         };
         Ok(Origin { config, kind })
@@ -226,16 +200,8 @@ impl Origin {
                 } else {
                     &clients.pooled
                 };
-                let OriginTarget::Http(base) = &self.config.target else {
-                    unreachable!("Kind::Http is only built for OriginTarget::Http")
-                };
                 let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                let uri = format!(
-                    "{}://{}{}",
-                    base.scheme_str().unwrap_or("http"),
-                    base.authority().map_or("", |a| a.as_str()),
-                    target
-                );
+                let uri = format!("{}://{}{}", clients.scheme, clients.authority, target);
                 *req.uri_mut() =
                     uri.parse()
                         .map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
@@ -310,6 +276,77 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         source = e.source();
     }
     out
+}
+
+impl HttpClients {
+    /// The pooled and upgrade clients of an `http://`, `https://` or `unix:` origin.
+    fn new(config: &OriginConfig) -> Result<HttpClients, tls::TlsError> {
+        let (connector, scheme, authority) = match &config.target {
+            OriginTarget::Http(base) => (
+                OriginConnector::tcp(config.connect_timeout),
+                if base.scheme_str() == Some("https") {
+                    "https"
+                } else {
+                    "http"
+                },
+                base.authority().map_or("", |a| a.as_str()).to_string(),
+            ),
+            OriginTarget::Unix { path, tls } => (
+                OriginConnector::unix(path.clone(), config.connect_timeout),
+                if *tls { "https" } else { "http" },
+                // The name the TLS handshake verifies unless server-name says otherwise.
+                "localhost".to_string(),
+            ),
+            _ => unreachable!("HttpClients are built for HTTP origins only"),
+        };
+        let tls_cfg = tls::origin_client(
+            &config.ca,
+            config.danger_accept_invalid_certs,
+            config.client_identity.as_ref(),
+        )?;
+        let server_name = config
+            .server_name
+            .as_ref()
+            .map(|name| {
+                rustls::pki_types::ServerName::try_from(name.clone())
+                    .map_err(|e| tls::TlsError::Quic(format!("invalid server-name {name:?}: {e}")))
+            })
+            .transpose()?;
+        let builder = || {
+            let b = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls_cfg.clone())
+                .https_or_http();
+            match &server_name {
+                Some(name) => b.with_server_name_resolver(
+                    hyper_rustls::FixedServerNameResolver::new(name.clone()),
+                ),
+                None => b,
+            }
+        };
+        // Upgrades are HTTP/1.1's; ordinary requests offer HTTP/2 by ALPN over TLS, or speak
+        // it with prior knowledge in the clear, when the origin says `http2`.
+        let http1 = builder().enable_http1().wrap_connector(connector.clone());
+        let pooled = match config.http2 {
+            true => builder().enable_all_versions().wrap_connector(connector),
+            false => http1.clone(),
+        };
+        let client = |connector, max_idle, h2c: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(config.pool_idle_timeout)
+                .pool_max_idle_per_host(max_idle)
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .http2_only(h2c)
+                .build(connector)
+        };
+        let h2c = config.http2 && scheme == "http";
+        Ok(HttpClients {
+            pooled: client(pooled, config.pool_max_idle, h2c),
+            upgrades: client(http1, 0, false),
+            scheme,
+            authority,
+        })
+    }
 }
 
 /// Every configured origin by name.

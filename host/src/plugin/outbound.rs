@@ -268,7 +268,7 @@ impl Outbound {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(policy.timeout));
-        let tls = crate::tls::origin_client(&policy.ca, false).map_err(|e| e.to_string())?;
+        let tls = crate::tls::origin_client(&policy.ca, false, None).map_err(|e| e.to_string())?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
