@@ -556,3 +556,124 @@ mod tests {
         assert!(err.to_string().contains("reset"), "{protocol}: {err}");
     }
 }
+
+/// `body` as a framed body ([`crate::proto::body`]): each data frame behind its prefix, and
+/// its trailers, if any, as the last frame. For a stream whose head set `trailers`.
+pub fn framed(body: HttpBody) -> HttpBody {
+    BoxBody::new(Framed {
+        inner: body,
+        pending: None,
+    })
+}
+
+struct Framed {
+    inner: HttpBody,
+    /// A data frame whose prefix was just yielded.
+    pending: Option<Bytes>,
+}
+
+impl Body for Framed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.pending.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            other => return Poll::Ready(other),
+        };
+        let frame = match frame.into_data() {
+            Ok(data) if data.len() > crate::proto::body::MAX_DATA => {
+                return Poll::Ready(Some(Err("a body frame over 16 MiB".into())))
+            }
+            Ok(data) => {
+                let prefix = crate::proto::body::data_prefix(data.len());
+                this.pending = Some(data);
+                prefix
+            }
+            Err(frame) => match frame.into_trailers() {
+                Ok(trailers) => {
+                    match crate::proto::body::encode_trailers(&crate::headers::to_wire(&trailers)) {
+                        Ok(b) => b,
+                        Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                    }
+                }
+                Err(_) => Bytes::new(),
+            },
+        };
+        Poll::Ready(Some(Ok(Frame::data(frame))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_none() && self.inner.is_end_stream()
+    }
+}
+
+/// The body a framed body ([`crate::proto::body`]) carries: data and trailers frames as
+/// they were sent. A frame cut off at FIN, or a malformed one, is a body error.
+pub fn unframed(body: HttpBody) -> HttpBody {
+    BoxBody::new(Unframed {
+        inner: Some(body),
+        decoder: crate::proto::body::BodyDecoder::default(),
+    })
+}
+
+struct Unframed {
+    /// `None` once the framed body ended.
+    inner: Option<HttpBody>,
+    decoder: crate::proto::body::BodyDecoder,
+}
+
+impl Body for Unframed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        use crate::proto::body::BodyFrame;
+        let this = self.get_mut();
+        loop {
+            match this.decoder.next_frame() {
+                Ok(Some(BodyFrame::Data(d))) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                Ok(Some(BodyFrame::Trailers(list))) => {
+                    let (trailers, _) = crate::headers::from_wire(&list);
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(Pin::new(inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.decoder.push(&data);
+                    }
+                }
+                Some(Err(e)) => {
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    this.inner = None;
+                    if let Err(e) = this.decoder.finish() {
+                        return Poll::Ready(Some(Err(e.into())));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}

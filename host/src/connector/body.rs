@@ -73,17 +73,21 @@ impl BodyFilter {
     /// Starts filtering `body` on a task of its own: returns the filtered body, which fails
     /// if a plugin stops it, and the stop's reason.
     pub fn spawn(mut self, mut body: HttpBody) -> (HttpBody, oneshot::Receiver<Stop>) {
-        let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(2);
+        let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, BoxError>>(2);
         let (stop_tx, stop_rx) = oneshot::channel();
         tokio::spawn(async move {
             loop {
+                // Trailers end the body for the hooks, and follow what they let through.
+                let mut trailers = None;
                 let (chunk, end) = match body.frame().await {
                     None => (Bytes::new(), true),
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) if data.is_empty() => continue,
                         Ok(data) => (data, false),
-                        // Trailers: not carried through the tunnel today.
-                        Err(_) => continue,
+                        Err(frame) => {
+                            trailers = frame.into_trailers().ok();
+                            (Bytes::new(), true)
+                        }
                     },
                     Some(Err(e)) => {
                         let _ = tx.send(Err(e)).await;
@@ -91,10 +95,13 @@ impl BodyFilter {
                     }
                 };
                 match self.run(chunk, end).await {
-                    Ok(out) if out.is_empty() => {}
                     Ok(out) => {
-                        if tx.send(Ok(out)).await.is_err() {
-                            return;
+                        let out = (!out.is_empty()).then(|| http_body::Frame::data(out));
+                        let last = trailers.map(http_body::Frame::trailers);
+                        for frame in out.into_iter().chain(last) {
+                            if tx.send(Ok(frame)).await.is_err() {
+                                return;
+                            }
                         }
                     }
                     Err(stop) => {
@@ -112,7 +119,7 @@ impl BodyFilter {
         });
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             let item = rx.recv().await?;
-            Some((item.map(http_body::Frame::data), rx))
+            Some((item, rx))
         });
         (http_body_util::StreamBody::new(stream).boxed(), stop_rx)
     }

@@ -157,6 +157,7 @@ async fn try_transport(
         heads: HeadCodec::offered(),
         probe: true,
         sessions: false,
+        trailers: false,
     };
     let registered = tokio::time::timeout(STEP_TIMEOUT, session::register(&conn, probe)).await;
     let registration = started.elapsed() - handshake;

@@ -322,7 +322,11 @@ impl Pipeline {
         ctx: Arc<StreamContext>,
     ) {
         let (heads, metrics, limits) = (ctx.heads, &ctx.metrics, ctx.limits);
-        let mut send = Reply { send, heads };
+        let mut send = Reply {
+            send,
+            heads,
+            framed: false,
+        };
         let read = tokio::time::timeout(HEAD_TIMEOUT, read_payload(&mut recv)).await;
         let payload = match read {
             Ok(Ok(p)) => p,
@@ -356,6 +360,9 @@ impl Pipeline {
             Ok(h) => h,
             Err(e) => return refuse_malformed(&mut send, &mut recv, &e),
         };
+        // Every answer on this stream, the connector's own included, is framed like the
+        // request's body.
+        send.framed = head.trailers;
         let Ok(permit) = ctx.admission.requests.clone().try_acquire_owned() else {
             metrics
                 .rejected
@@ -517,8 +524,12 @@ impl Pipeline {
                 .await;
         }
         set_origin_headers(&mut headers, head, origin.config())?;
+        if head.trailers {
+            // The client accepts trailers (gRPC): the origin is told so.
+            headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
         let (body, upgrade_recv, mut body_stop) =
-            self.request_body(framing, &mut headers, recv, state);
+            self.request_body(framing, &mut headers, recv, state, head.trailers);
         let mut req = Request::new(body);
         *req.method_mut() = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| Failure::bad_request("invalid method".into()))?;
@@ -552,15 +563,8 @@ impl Pipeline {
             Failure::origin(e, origin_name.clone())
         })?;
         let upgrade = head.upgrade.as_deref().zip(upgrade_recv);
-        self.relay_response(
-            resp,
-            upgrade,
-            origin_name,
-            send,
-            state,
-            head.method == "HEAD",
-        )
-        .await
+        self.relay_response(resp, upgrade, origin_name, send, state, head)
+            .await
     }
 
     /// The request body for the origin, framed, through the chain's body hooks if any
@@ -571,6 +575,7 @@ impl Pipeline {
         headers: &mut http::HeaderMap,
         recv: RecvStream,
         state: &mut RequestState<'_, '_>,
+        framed: bool,
     ) -> (
         relay::HttpBody,
         Option<RecvStream>,
@@ -589,6 +594,7 @@ impl Pipeline {
         };
         let (body, upgrade_recv) = framing.apply(headers, recv, &state.bytes_in);
         let body = relay::with_idle_timeout(body, self.body_idle_timeout);
+        let body = if framed { relay::unframed(body) } else { body };
         match filter {
             Some(f) => {
                 let (body, stop) = f.spawn(body);
@@ -641,8 +647,9 @@ impl Pipeline {
         origin_name: String,
         send: &mut Reply,
         state: &mut RequestState<'_, '_>,
-        head_request: bool,
+        head: &RequestHead,
     ) -> Result<Outcome, Failure> {
+        let head_request = head.method == "HEAD";
         let (bytes_in, run) = (&state.bytes_in, &mut state.chain);
         let mut status = resp.status();
         let (upgrade, declined) = match upgrade {
@@ -725,6 +732,12 @@ impl Pipeline {
             None => body,
         };
         let short = relay::announced_length(&resp_headers).is_some_and(|n| n <= SHORT_BODY);
+        // A stream whose client accepts trailers carries them back (gRPC's status).
+        let body = if head.trailers {
+            relay::framed(body)
+        } else {
+            body
+        };
         stream_body(head_frame, body, send, short, &mut outcome).await;
         Ok(outcome)
     }
@@ -917,6 +930,8 @@ fn request_view(
 pub(super) struct Reply {
     pub send: SendStream,
     pub heads: HeadCodec,
+    /// The stream's bodies are framed (its request head set `trailers`).
+    pub framed: bool,
 }
 
 impl std::ops::Deref for Reply {
@@ -1151,6 +1166,12 @@ async fn answer_error(send: &mut Reply, status: StatusCode, message: &str) -> u6
 /// `false`, with the stream reset, when the head cannot be encoded or the edge left.
 async fn send_whole_answer(send: &mut Reply, head: &ResponseHead, body: Bytes) -> bool {
     let sent = match send.heads.encode_response(head) {
+        Ok(frame) if send.framed => {
+            let prefix = proto::body::data_prefix(body.len());
+            send.write_all_chunks(&mut [frame, prefix, body])
+                .await
+                .is_ok()
+        }
         Ok(frame) => send.write_all_chunks(&mut [frame, body]).await.is_ok(),
         Err(_) => false,
     };

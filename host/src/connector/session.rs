@@ -534,6 +534,7 @@ async fn dial(
                 heads: HeadCodec::offered(),
                 probe: false,
                 sessions: true,
+                trailers: true,
             },
         )
         .await?;

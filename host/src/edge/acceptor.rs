@@ -210,6 +210,7 @@ async fn register(
             connection_id: 0,
             edge_id: shared.config.edge_id.clone(),
             heads: None,
+            trailers: false,
         });
         write_frame(&mut send, &ok).await?;
         let _ = send.finish();
@@ -231,6 +232,7 @@ async fn register(
         digest: reg.digest.as_deref().map(printable),
         heads: HeadCodec::chosen(HeadCodec::choose(&reg.heads)),
         sessions: reg.sessions,
+        trailers: reg.trailers,
         conn: conn.clone(),
     };
     let entry = match shared.registry.add(&reg.tunnel, id, registrant) {
@@ -261,6 +263,7 @@ async fn register(
         connection_id: id,
         edge_id: shared.config.edge_id.clone(),
         heads: HeadCodec::choose(&reg.heads).map(str::to_string),
+        trailers: reg.trailers,
     });
     write_frame(&mut send, &ok).await?;
     unroute.disarm();

@@ -304,10 +304,11 @@ impl Forwarded<'_> {
             .map(|_| hyper::upgrade::on(&mut req));
         let client_slot = req.extensions_mut().remove::<HeldSlot>();
         let (parts, body) = req.into_parts();
-        let head = self.request_head(parts, &body, &checked);
+        let mut head = self.request_head(parts, &body, &checked);
         // A request without a body is one packet: head and FIN together.
         let no_body = checked.upgrade.is_none() && body.is_end_stream();
-        let (in_flight, send, mut recv) = self.open_any(&head, no_body).await?;
+        let (in_flight, send, mut recv) = self.open_any(&mut head, no_body).await?;
+        let framed = head.trailers;
         let (connection, heads) = (in_flight.conn().id, in_flight.conn().heads);
         // The request counts (against the tunnel, the connection, the drain) until both its
         // upload and its response are done.
@@ -321,6 +322,7 @@ impl Forwarded<'_> {
         } else if checked.upgrade.is_none() {
             let body =
                 relay::with_idle_timeout(relay::boxed(body), self.shared.config.body_idle_timeout);
+            let body = if framed { relay::framed(body) } else { body };
             tokio::spawn(upload(body, send, counted.clone()).in_current_span());
         } else {
             held_send = Some(send);
@@ -356,6 +358,7 @@ impl Forwarded<'_> {
 
         let body =
             relay::with_idle_timeout(relay::recv_body(recv), self.shared.config.body_idle_timeout);
+        let body = if framed { relay::unframed(body) } else { body };
         debug!(tunnel = %self.tunnel, connection, status = status.as_u16(), "response head relayed");
         Ok((
             response(status, resp_headers, relay::with_guard(body, counted)),
@@ -374,6 +377,13 @@ impl Forwarded<'_> {
     ) -> RequestHead {
         let mut headers = parts.headers;
         let declared_length = headers.contains_key(CONTENT_LENGTH);
+        // An HTTP/2 client that accepts trailers (gRPC's does) gets them through the tunnel,
+        // on connections whose connector reads framed bodies (see `open_any`).
+        let trailers = parts.version == Version::HTTP_2
+            && headers
+                .get_all(http::header::TE)
+                .iter()
+                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut headers);
         headers.remove(HOST);
         headers.remove(REQUEST_ID);
@@ -413,23 +423,28 @@ impl Forwarded<'_> {
             client_addr: Some(self.client.to_string()),
             upgrade: checked.upgrade.clone(),
             empty_body: checked.upgrade.is_some() || body.is_end_stream(),
+            trailers: trailers && checked.upgrade.is_none(),
         }
     }
 
     /// Opens a stream on a live connection of the tunnel and sends `head` in the encoding of
     /// that connection; a connection that fails before anything reached the connector is
     /// skipped and the next one tried.
+    /// Trailers are asked for only of a connector that reads framed bodies: `head.trailers`
+    /// says afterwards whether this stream's bodies are framed.
     async fn open_any(
         &self,
-        head: &RequestHead,
+        head: &mut RequestHead,
         finish: bool,
     ) -> Result<(InFlight, SendStream, RecvStream), EdgeAnswer> {
         let mut tried = Vec::new();
+        let wants_trailers = head.trailers;
         loop {
             let Some(in_flight) = self.shared.registry.pick(self.tunnel, &tried) else {
                 warn!(tunnel = %self.tunnel, "no live connection for the tunnel");
                 return Err(EdgeAnswer::Offline);
             };
+            head.trailers = wants_trailers && in_flight.conn().trailers;
             let Ok(frame) = in_flight.conn().heads.encode_request(head) else {
                 return Err(EdgeAnswer::HeadTooLarge);
             };

@@ -24,6 +24,8 @@ pub struct ConnEntry {
     pub heads: HeadCodec,
     /// The connector serves session streams (public TCP and UDP ports).
     pub sessions: bool,
+    /// The connector reads framed bodies with trailers (gRPC).
+    pub trailers: bool,
     /// Its UDP flows' QUIC datagrams (sessions over QUIC only).
     pub flows: Option<Arc<crate::services::udp::FlowRouter>>,
     /// When it registered.
@@ -108,6 +110,8 @@ pub struct Registrant {
     pub heads: HeadCodec,
     /// It serves session streams.
     pub sessions: bool,
+    /// It reads framed bodies with trailers.
+    pub trailers: bool,
     /// The connection, over QUIC or HTTP/2.
     pub conn: crate::transport::Connection,
 }
@@ -352,6 +356,7 @@ impl Registry {
             digest,
             heads,
             sessions,
+            trailers,
             conn,
         } = registrant;
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
@@ -394,6 +399,7 @@ impl Registry {
             software,
             heads,
             sessions,
+            trailers,
             flows,
             registered_at: std::time::SystemTime::now(),
             digest: Mutex::new(digest),
@@ -585,6 +591,7 @@ mod tests {
             digest: None,
             heads: HeadCodec::Json,
             sessions: false,
+            trailers: false,
             conn: conn.clone(),
         }
     }

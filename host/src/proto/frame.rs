@@ -122,6 +122,7 @@ mod tests {
             heads: Vec::new(),
             probe: false,
             sessions: false,
+            trailers: false,
         })
     }
 
@@ -133,6 +134,7 @@ mod tests {
                 connection_id: 7,
                 edge_id: "edge-a".into(),
                 heads: None,
+                trailers: true,
             }),
             Control::Rejected(Rejected {
                 code: RejectCode::Unauthorized,

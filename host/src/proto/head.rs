@@ -61,7 +61,8 @@ impl HeadCodec {
                 let mut w = Writer::new(REQUEST_TAG);
                 let flags = u8::from(head.empty_body)
                     | u8::from(head.client_addr.is_some()) << 1
-                    | u8::from(head.upgrade.is_some()) << 2;
+                    | u8::from(head.upgrade.is_some()) << 2
+                    | u8::from(head.trailers) << 3;
                 w.out.put_u8(flags);
                 for s in [
                     &head.request_id,
@@ -98,6 +99,7 @@ impl HeadCodec {
                     client_addr: None,
                     upgrade: None,
                     empty_body: flags & 1 != 0,
+                    trailers: flags & 8 != 0,
                 };
                 if flags & 2 != 0 {
                     head.client_addr = Some(r.string()?);
@@ -289,6 +291,7 @@ mod tests {
             client_addr: Some("192.0.2.1:5555".into()),
             upgrade: Some("websocket".into()),
             empty_body: true,
+            trailers: true,
         }
     }
 
@@ -306,6 +309,7 @@ mod tests {
             client_addr: None,
             upgrade: None,
             empty_body: false,
+            trailers: false,
             headers: Vec::new(),
             ..request()
         };

@@ -62,6 +62,10 @@ pub struct Register {
     /// An edge sends none to a connector that does not say so.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sessions: bool,
+    /// The connector reads framed bodies with trailers ([`super::body`]). An edge frames
+    /// the bodies of no stream of a connector that does not say so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trailers: bool,
 }
 
 impl Register {
@@ -100,6 +104,9 @@ pub struct Registered {
     /// The head encoding the connection uses, chosen from `Register.heads`; absent: JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heads: Option<String>,
+    /// The edge acknowledges `Register.trailers`: it may send framed bodies.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trailers: bool,
 }
 
 /// Registration refused.
@@ -155,6 +162,10 @@ pub struct RequestHead {
     /// The request has no body at all (as opposed to a body of unknown length).
     #[serde(default)]
     pub empty_body: bool,
+    /// Both bodies of the stream are framed and may end with trailers (see
+    /// [`crate::proto::body`]); set only on connections whose connector reads them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trailers: bool,
 }
 
 /// First frame of the answer on a request stream (connector → edge).
@@ -256,6 +267,7 @@ mod tests {
             client_addr: Some("192.0.2.1:5555".into()),
             upgrade: None,
             empty_body: false,
+            trailers: false,
         };
         let frame = encode(&head).unwrap();
         let back: RequestHead = decode(&frame[4..]).unwrap();
@@ -286,6 +298,7 @@ mod tests {
             heads: Vec::new(),
             probe: false,
             sessions: false,
+            trailers: false,
         };
         assert!(reg.check_version().is_ok());
         reg.version = 2;
@@ -333,6 +346,7 @@ mod tests {
             heads: Vec::new(),
             probe: false,
             sessions: false,
+            trailers: false,
         };
         assert!(!format!("{reg:?}").contains("supersecret"));
     }

@@ -14,6 +14,7 @@
 //! starts with a [`SessionHead`] (its own tag byte) and is answered by a [`SessionReply`];
 //! only connectors that set `Register.sessions` are sent one.
 
+pub mod body;
 mod frame;
 mod head;
 pub mod io;

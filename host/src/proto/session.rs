@@ -219,6 +219,7 @@ mod tests {
             client_addr: None,
             upgrade: None,
             empty_body: true,
+            trailers: false,
         };
         for codec in [HeadCodec::Json, HeadCodec::Binary] {
             let frame = codec.encode_request(&request).unwrap();

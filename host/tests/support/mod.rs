@@ -752,6 +752,7 @@ pub async fn raw_register_offering(
         heads: heads.iter().map(|h| h.to_string()).collect(),
         probe: false,
         sessions: false,
+        trailers: false,
     });
     sluice::proto::io::write_frame(&mut send, &msg)
         .await
