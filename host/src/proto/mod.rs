@@ -3,7 +3,9 @@
 //! A frame is a big-endian `u32` length followed by that many bytes of JSON. The control
 //! stream (the first bidirectional stream, opened by the connector) carries [`Control`]
 //! messages; each request stream (opened by the edge) starts with one [`RequestHead`] frame and
-//! is answered by one [`ResponseHead`] frame, each followed by the raw body until FIN.
+//! is answered by one [`ResponseHead`] frame, each followed by the raw body until FIN — or,
+//! when the request head sets `trailers` (on connections that agreed to it at registration),
+//! by a framed body that can end with trailers ([`body`]).
 //!
 //! JSON keeps the protocol inspectable and lets v1 grow: unknown fields are ignored and unknown
 //! control message kinds decode to [`Control::Unknown`]. The version is checked once, at
