@@ -677,3 +677,79 @@ impl Body for Unframed {
         }
     }
 }
+
+/// A body handed over only when first read, so that whoever made it can take it back if it
+/// never was: a request whose connection failed can go elsewhere with its body whole.
+#[derive(Clone)]
+pub struct Deferred(Arc<std::sync::Mutex<Option<HttpBody>>>);
+
+impl Deferred {
+    /// Holds `body`.
+    pub fn new(body: HttpBody) -> Self {
+        Deferred(Arc::new(std::sync::Mutex::new(Some(body))))
+    }
+
+    /// A body that takes the held one on its first read.
+    pub fn body(&self) -> HttpBody {
+        BoxBody::new(Handed {
+            from: self.clone(),
+            taken: None,
+        })
+    }
+
+    /// Whether nothing has read the body yet.
+    pub fn unread(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+}
+
+struct Handed {
+    from: Deferred,
+    taken: Option<HttpBody>,
+}
+
+impl Body for Handed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if this.taken.is_none() {
+            this.taken = this.from.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+        match this.taken.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(Some(Err("the body was already sent".into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(b) => b.is_end_stream(),
+            None => self
+                .from
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .is_some_and(|b| b.is_end_stream()),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match &self.taken {
+            Some(b) => b.size_hint(),
+            None => self
+                .from
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|b| b.size_hint())
+                .unwrap_or_default(),
+        }
+    }
+}

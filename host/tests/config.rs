@@ -75,6 +75,23 @@ url = "h2c://10.0.0.5:50051"
 name = "socket"
 url = "unix:/run/app.sock"
 
+[[origin]]
+name = "api-2"
+url = "http://10.0.0.6:50051"
+
+[[pool]]
+name = "apis"
+members = ["api", "api-2"]
+balance = "hash"
+hash-on = "cookie:session"
+[pool.health]
+path = "/healthz"
+interval = "2s"
+
+[[ingress]]
+hostname = "pool.example.com"
+origin = "apis"
+
 [[ingress]]
 hostname = "api.example.com"
 origin = "api"
@@ -105,7 +122,7 @@ origin = "hello"
     assert!(ok, "{err}");
     assert_eq!(
         out,
-        "https://api.example.com/v1/Greeter/Hello\n  rule: ingress[0] (hostname \"api.example.com\")\n  plugins: none\n  origin: \"api\" -> http://10.0.0.5:50051/\n"
+        "https://api.example.com/v1/Greeter/Hello\n  rule: ingress[1] (hostname \"api.example.com\")\n  plugins: none\n  origin: \"api\" -> http://10.0.0.5:50051/\n"
     );
     let (_, out, _) = run("http://www.example.com/static/../static/app.js");
     assert!(
@@ -114,6 +131,11 @@ origin = "hello"
     );
     assert!(
         out.contains("origin: \"socket\" -> unix:/run/app.sock"),
+        "{out}"
+    );
+    let (_, out, _) = run("https://pool.example.com/");
+    assert!(
+        out.contains("pool: \"apis\" (hash of cookie session) -> api, api-2"),
         "{out}"
     );
     let (ok, _, err) = run("www.example.com/");

@@ -54,6 +54,15 @@ pub struct ProtocolLabels {
     pub protocol: &'static str,
 }
 
+/// Labels of the origin pools' metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolMemberLabels {
+    /// Pool name.
+    pub pool: String,
+    /// Member (origin) name.
+    pub member: String,
+}
+
 /// Labels of the connector's origin error counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OriginErrorLabels {
@@ -118,6 +127,10 @@ pub struct Metrics {
     pub origin_errors: Family<OriginErrorLabels, Counter>,
     /// Requests refused by admission control, by kind.
     pub rejected: Family<KindLabels, Counter>,
+    /// Whether each member of each origin pool is taking requests (1) or not (0).
+    pub pool_member_healthy: Family<PoolMemberLabels, Gauge>,
+    /// Requests sent to each member of each origin pool (retries included).
+    pub pool_member_requests: Family<PoolMemberLabels, Counter>,
     /// Plugin failures, by plugin and kind.
     pub plugin_errors: Family<PluginErrorLabels, Counter>,
     /// Plugin hook durations, by plugin and hook.
@@ -193,6 +206,18 @@ impl Metrics {
             "Requests refused by admission control",
             rejected.clone(),
         );
+        let pool_member_healthy = Family::<PoolMemberLabels, Gauge>::default();
+        let pool_member_requests = Family::<PoolMemberLabels, Counter>::default();
+        registry.register(
+            "pool_member_healthy",
+            "Whether an origin pool's member takes requests (1) or is out (0): failed health checks or ejected after consecutive failures",
+            pool_member_healthy.clone(),
+        );
+        registry.register(
+            "pool_member_requests",
+            "Requests sent to an origin pool's member, retries included",
+            pool_member_requests.clone(),
+        );
         let plugin_errors = Family::<PluginErrorLabels, Counter>::default();
         let plugin_hook_duration =
             Family::<PluginHookLabels, Histogram, fn() -> Histogram>::new_with_constructor(
@@ -236,6 +261,8 @@ impl Metrics {
             registration_failures,
             origin_errors,
             rejected,
+            pool_member_healthy,
+            pool_member_requests,
             plugin_errors,
             plugin_hook_duration,
             plugin_instances,

@@ -45,6 +45,8 @@ pub struct ConnectorConfig {
     pub edge_server_name: Option<String>,
     /// Named origins.
     pub origins: Vec<OriginConfig>,
+    /// Origin pools: named like origins, spreading requests over several of them.
+    pub pools: Vec<PoolConfig>,
     /// Ingress rules, first match wins, the last one a catch-all.
     pub ingress: Vec<IngressRuleConfig>,
     /// Reconnect back-off.
@@ -126,6 +128,78 @@ impl Default for BackoffConfig {
             stable: StdDuration::from_secs(60),
         }
     }
+}
+
+/// Default `health.interval` of a pool.
+pub const DEFAULT_HEALTH_INTERVAL: StdDuration = StdDuration::from_secs(5);
+/// Default `health.timeout` of a pool.
+pub const DEFAULT_HEALTH_TIMEOUT: StdDuration = StdDuration::from_secs(2);
+/// Default `eject-after` of a pool.
+pub const DEFAULT_EJECT_AFTER: u32 = 3;
+/// Default `eject-for` of a pool.
+pub const DEFAULT_EJECT_FOR: StdDuration = StdDuration::from_secs(30);
+
+/// An origin pool (`[[pool]]`): requests spread over several HTTP origins, the unhealthy ones
+/// left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Name used by ingress rules and plugins, like an origin's.
+    pub name: String,
+    /// The members: names of `[[origin]]`s.
+    pub members: Vec<String>,
+    /// How a member is chosen.
+    pub balance: Balance,
+    /// Active health checks, if any.
+    pub health: Option<HealthCheck>,
+    /// Consecutive failed requests (no answer from the member) that take it out…
+    pub eject_after: u32,
+    /// …for this long (or until its health check passes again, with health checks).
+    pub eject_for: StdDuration,
+}
+
+/// How a pool chooses a member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    /// In turn.
+    RoundRobin,
+    /// The one with the fewest requests in flight.
+    LeastRequests,
+    /// By a key of the request, consistently (rendezvous hashing): a key stays on its member
+    /// while that member is healthy. Requests without the key go round-robin.
+    Hash(HashKey),
+}
+
+/// What a `hash` pool hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header (lowercase name).
+    Header(String),
+    /// A cookie.
+    Cookie(String),
+}
+
+/// A pool's active health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What is checked.
+    pub probe: Probe,
+    /// Time between two checks of a member.
+    pub interval: StdDuration,
+    /// Time a check may take.
+    pub timeout: StdDuration,
+    /// Consecutive passed checks that bring a member back.
+    pub healthy_threshold: u32,
+    /// Consecutive failed checks that take it out.
+    pub unhealthy_threshold: u32,
+}
+
+/// A health check's probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// `GET` of this path; any status below 500 passes.
+    Http(String),
+    /// A TCP (or unix socket) connection.
+    Connect,
 }
 
 /// A named origin.
@@ -362,6 +436,13 @@ impl ConnectorConfig {
             field(rule.origin.as_bytes());
             let origin = self.origins.iter().find(|o| o.name == rule.origin);
             field(format!("{origin:?}").as_bytes());
+            if let Some(pool) = self.pools.iter().find(|p| p.name == rule.origin) {
+                field(format!("{pool:?}").as_bytes());
+                for m in &pool.members {
+                    let member = self.origins.iter().find(|o| o.name == *m);
+                    field(format!("{member:?}").as_bytes());
+                }
+            }
             for p in &rule.plugins {
                 field(p.as_bytes());
             }
@@ -399,6 +480,7 @@ impl ConnectorConfig {
             edge_ca: Vec::new(),
             edge_server_name: None,
             origins: vec![OriginConfig::new("hello", OriginTarget::Hello)],
+            pools: Vec::new(),
             ingress: vec![IngressRuleConfig {
                 hostname: None,
                 path: None,
@@ -492,7 +574,24 @@ impl ConnectorConfig {
             None => None,
         };
 
-        let ingress = file.ingress(&src, &mut origins, &mut names, &plugin_names)?;
+        let mut pools = Vec::new();
+        for (i, entry) in file.pool.iter().enumerate() {
+            let at = Some(entry.span().start);
+            let pool = entry
+                .get_ref()
+                .validate(&origins)
+                .map_err(|(field, m)| src.error(at, format!("pool[{i}].{field}"), m))?;
+            if pools.iter().any(|p: &PoolConfig| p.name == pool.name) {
+                return Err(src.error(
+                    at,
+                    format!("pool[{i}].name"),
+                    format!("duplicate pool name {:?}", pool.name),
+                ));
+            }
+            pools.push(pool);
+        }
+        let pool_names: Vec<String> = pools.iter().map(|p| p.name.clone()).collect();
+        let ingress = file.ingress(&src, &mut origins, &mut names, &plugin_names, &pool_names)?;
         let services = file.services(&src)?;
         for (key, value) in [
             ("max-sessions", file.max_sessions),
@@ -513,6 +612,7 @@ impl ConnectorConfig {
             edge_ca,
             edge_server_name: file.edge_server_name,
             origins,
+            pools,
             ingress,
             backoff: BackoffConfig::default(),
             grace_period: file.grace_period.map_or(DEFAULT_GRACE_PERIOD, |d| d.0),
@@ -611,6 +711,8 @@ struct ConnectorFile {
     #[serde(default)]
     origin: Vec<Spanned<OriginFile>>,
     #[serde(default)]
+    pool: Vec<Spanned<PoolFile>>,
+    #[serde(default)]
     ingress: Vec<Spanned<IngressFile>>,
     paths: Option<PathsFile>,
     #[serde(default)]
@@ -618,6 +720,133 @@ struct ConnectorFile {
     max_sessions: Option<usize>,
     session_idle_timeout: Option<Duration>,
     udp_idle_timeout: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PoolFile {
+    name: String,
+    members: Vec<String>,
+    balance: Option<String>,
+    hash_on: Option<String>,
+    health: Option<HealthFile>,
+    eject_after: Option<u32>,
+    eject_for: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct HealthFile {
+    path: Option<String>,
+    #[serde(default)]
+    tcp: bool,
+    interval: Option<Duration>,
+    timeout: Option<Duration>,
+    healthy_threshold: Option<u32>,
+    unhealthy_threshold: Option<u32>,
+}
+
+impl PoolFile {
+    /// Validates one `[[pool]]` against the origins; errors are (key suffix, message).
+    fn validate(&self, origins: &[OriginConfig]) -> Result<PoolConfig, (String, String)> {
+        if origins.iter().any(|o| o.name == self.name) {
+            return Err((
+                "name".into(),
+                format!("{:?} is already an origin's name", self.name),
+            ));
+        }
+        if self.members.is_empty() {
+            return Err(("members".into(), "a pool needs at least one member".into()));
+        }
+        for (i, m) in self.members.iter().enumerate() {
+            let http = origins.iter().any(|o| {
+                o.name == *m
+                    && matches!(o.target, OriginTarget::Http(_) | OriginTarget::Unix { .. })
+            });
+            if !http {
+                return Err((
+                    format!("members[{i}]"),
+                    format!("no HTTP [[origin]] named {m:?} (members are http://, https://, h2c:// or unix: origins)"),
+                ));
+            }
+            if self.members[..i].contains(m) {
+                return Err((format!("members[{i}]"), format!("{m:?} is listed twice")));
+            }
+        }
+        let balance = match (self.balance.as_deref(), &self.hash_on) {
+            (None | Some("round-robin"), None) => Balance::RoundRobin,
+            (Some("least-requests"), None) => Balance::LeastRequests,
+            (Some("hash"), Some(on)) => Balance::Hash(match on.split_once(':') {
+                Some(("header", h)) if http::HeaderName::from_bytes(h.as_bytes()).is_ok() => {
+                    HashKey::Header(h.to_ascii_lowercase())
+                }
+                Some(("cookie", c)) if !c.is_empty() => HashKey::Cookie(c.to_string()),
+                _ => {
+                    return Err((
+                        "hash-on".into(),
+                        format!("{on:?}: use \"header:NAME\" or \"cookie:NAME\""),
+                    ))
+                }
+            }),
+            (Some("hash"), None) => {
+                return Err((
+                    "hash-on".into(),
+                    "balance = \"hash\" needs hash-on = \"header:NAME\" or \"cookie:NAME\"".into(),
+                ))
+            }
+            (None | Some("round-robin" | "least-requests"), Some(_)) => {
+                return Err((
+                    "hash-on".into(),
+                    "applies to balance = \"hash\" only".into(),
+                ))
+            }
+            (Some(other), _) => {
+                return Err((
+                    "balance".into(),
+                    format!("{other:?}: use \"round-robin\", \"least-requests\" or \"hash\""),
+                ))
+            }
+        };
+        let health = match &self.health {
+            None => None,
+            Some(h) => Some(HealthCheck {
+                probe: match (&h.path, h.tcp) {
+                    (Some(p), false) if p.starts_with('/') => Probe::Http(p.clone()),
+                    (None, true) => Probe::Connect,
+                    (Some(_), false) => {
+                        return Err(("health.path".into(), "must start with /".into()))
+                    }
+                    _ => {
+                        return Err((
+                            "health".into(),
+                            "give either path = \"/healthz\" (an HTTP check) or tcp = true (a connection)".into(),
+                        ))
+                    }
+                },
+                interval: h.interval.map_or(DEFAULT_HEALTH_INTERVAL, |d| d.0),
+                timeout: h.timeout.map_or(DEFAULT_HEALTH_TIMEOUT, |d| d.0),
+                healthy_threshold: h.healthy_threshold.unwrap_or(2).max(1),
+                unhealthy_threshold: h.unhealthy_threshold.unwrap_or(2).max(1),
+            }),
+        };
+        if health
+            .as_ref()
+            .is_some_and(|h| h.interval.is_zero() || h.timeout.is_zero())
+        {
+            return Err((
+                "health".into(),
+                "interval and timeout must be above 0".into(),
+            ));
+        }
+        Ok(PoolConfig {
+            name: self.name.clone(),
+            members: self.members.clone(),
+            balance,
+            health,
+            eject_after: self.eject_after.unwrap_or(DEFAULT_EJECT_AFTER).max(1),
+            eject_for: self.eject_for.map_or(DEFAULT_EJECT_FOR, |d| d.0),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -795,6 +1024,7 @@ impl ConnectorFile {
         origins: &mut Vec<OriginConfig>,
         names: &mut HashMap<String, usize>,
         plugin_names: &HashMap<String, usize>,
+        pool_names: &[String],
     ) -> Result<Vec<IngressRuleConfig>, ConfigError> {
         if self.ingress.is_empty() {
             return Err(src.error(
@@ -834,7 +1064,7 @@ impl ConnectorFile {
                 format!("this rule matches every request, so the rules after it (up to ingress[{last}]) would never apply"),
             ));
             }
-            if !names.contains_key(&r.origin) {
+            if !names.contains_key(&r.origin) && !pool_names.contains(&r.origin) {
                 match OriginTarget::parse(&r.origin) {
                 Ok(
                     target @ (OriginTarget::Hello

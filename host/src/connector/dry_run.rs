@@ -60,6 +60,27 @@ pub fn explain(config: &ConnectorConfig, url: &str) -> Result<String, String> {
             chain.join(", ")
         ),
     });
+    if let Some(pool) = config.pools.iter().find(|p| p.name == m.rule.origin) {
+        let balance = match &pool.balance {
+            crate::config::Balance::RoundRobin => "round-robin".to_string(),
+            crate::config::Balance::LeastRequests => "least-requests".to_string(),
+            crate::config::Balance::Hash(crate::config::HashKey::Header(h)) => {
+                format!("hash of header {h}")
+            }
+            crate::config::Balance::Hash(crate::config::HashKey::Cookie(c)) => {
+                format!("hash of cookie {c}")
+            }
+        };
+        out.push(format!(
+            "  pool: {:?} ({balance}) -> {}",
+            pool.name,
+            pool.members.join(", ")
+        ));
+        if !chain.is_empty() {
+            out.push("  (a plugin may answer locally or choose another origin)".into());
+        }
+        return Ok(out.join("\n") + "\n");
+    }
     let origin = config.origins.iter().find(|o| o.name == m.rule.origin);
     let target = match origin.map(|o| &o.target) {
         Some(OriginTarget::Http(uri)) => uri.to_string(),

@@ -33,7 +33,7 @@ use crate::audit::Audit;
 use crate::config::{normalize_host, ConnectorConfig};
 use crate::headers::{from_wire, strip_hop_by_hop, to_wire, REQUEST_ID};
 use crate::ingress::{normalize_target, Ingress, PathPolicy};
-use crate::origin::{OriginError, Origins};
+use crate::origin::{Named, OriginError, Origins};
 use crate::plugin::bindings::sluice::plugin::types::Completion;
 use crate::plugin::{LoadError, Plugin, RequestView, Runtime};
 use crate::proto::{
@@ -251,7 +251,7 @@ impl Pipeline {
         }
         Ok(Pipeline {
             ingress: Ingress::new(config.ingress.clone()),
-            origins: Origins::new(&config.origins)?,
+            origins: Origins::new(&config.origins, &config.pools, &env.metrics)?,
             chains: Chains::new(config, loaded),
             audit_context: AuditContext {
                 audit: env.audit.clone(),
@@ -495,7 +495,7 @@ impl Pipeline {
         state.chain = self.chains.start(rule, view, &self.audit_context);
         if let Some(chain) = state.chain.as_mut() {
             let edits = chain
-                .on_request(&mut headers, |name| self.origins.get(name).is_some())
+                .on_request(&mut headers, |name| self.origins.named(name).is_some())
                 .await
                 .map_err(Failure::plugin)?;
             if let Some((status, resp_headers, body, plugin)) = edits.respond {
@@ -509,8 +509,13 @@ impl Pipeline {
             }
         }
 
-        let Some(origin) = self.origins.get(&origin_name) else {
-            return Err(Failure::unconfigured(origin_name));
+        let (origin, claim) = match self.origins.named(&origin_name) {
+            None => return Err(Failure::unconfigured(origin_name)),
+            Some(Named::Origin(o)) => (o.clone(), None),
+            Some(Named::Pool(p)) => {
+                let claim = p.claim(&headers, None).expect("a pool has members");
+                (claim.origin().clone(), Some(claim))
+            }
         };
         if let Some(tcp) = origin.tcp_target() {
             let session = super::services::AccessSession {
@@ -528,43 +533,124 @@ impl Pipeline {
             // The client accepts trailers (gRPC): the origin is told so.
             headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
         }
-        let (body, upgrade_recv, mut body_stop) =
+        let (body, upgrade_recv, body_stop) =
             self.request_body(framing, &mut headers, recv, state, head.trailers);
-        let mut req = Request::new(body);
-        *req.method_mut() = Method::from_bytes(head.method.as_bytes())
+        let method = Method::from_bytes(head.method.as_bytes())
             .map_err(|_| Failure::bad_request("invalid method".into()))?;
-        *req.uri_mut() = target
+        let uri: http::Uri = target
             .parse()
             .map_err(|_| Failure::bad_request("invalid path".into()))?;
-        *req.headers_mut() = headers;
-
-        // Wait for the origin's answer, unless the edge gives up first (client gone): dropping
-        // the origin future abandons the request and closes its connection.
-        // A body hook may stop the request body before the origin answers: the client then
-        // gets the plugin's answer.
-        let stopped = send.stopped();
-        // A stop is sent before the body it stops fails, so that polling it first never takes
-        // the origin's failure on the cut body for the answer.
-        let result = tokio::select! {
-            biased;
-            Some(Ok(stop)) = until_stopped(body_stop.as_mut()) => {
-                return match stop {
-                    body::Stop::Respond(status, headers, body, plugin) => {
-                        answer_local(send, status, headers, body, plugin).await
-                    }
-                    body::Stop::Failed(refused) => Err(Failure::plugin(refused)),
-                };
-            }
-            r = origin.send(req) => r,
-            _ = stopped => return Err(Failure::Cancelled { origin: origin_name }),
+        let parts = OriginRequest {
+            method,
+            uri,
+            headers,
+            body,
         };
-        let resp = result.map_err(|e| {
-            warn!(origin = %origin_name, kind = e.kind(), cause = %e, "origin request failed");
-            Failure::origin(e, origin_name.clone())
-        })?;
+        let (resp, origin_name) = match self
+            .exchange(
+                parts,
+                (origin, claim),
+                send,
+                body_stop,
+                &state.admitted.ctx.metrics,
+            )
+            .await?
+        {
+            Exchanged::Answer(resp, name) => (resp, name),
+            Exchanged::Done(outcome) => return Ok(outcome),
+        };
         let upgrade = head.upgrade.as_deref().zip(upgrade_recv);
         self.relay_response(resp, upgrade, origin_name, send, state, head)
             .await
+    }
+
+    /// Sends the request to its origin, or to the member of its pool it was claimed for, and
+    /// waits for the response head — unless the edge gives up first (the client left:
+    /// dropping the origin future abandons the request and closes its connection), or a body
+    /// hook stops the body first (the client then gets the plugin's answer). A pool's request
+    /// whose connection failed before its body was read is sent once more, to another member.
+    async fn exchange(
+        &self,
+        req: OriginRequest,
+        (mut origin, mut claim): (
+            Arc<crate::origin::Origin>,
+            Option<crate::origin::pool::Claim>,
+        ),
+        send: &mut Reply,
+        mut body_stop: Option<tokio::sync::oneshot::Receiver<body::Stop>>,
+        metrics: &Metrics,
+    ) -> Result<Exchanged, Failure> {
+        let OriginRequest {
+            method,
+            uri,
+            headers,
+            body,
+        } = req;
+        // Only a pool's request may go twice: it keeps its headers, and its body is handed
+        // over when first read, so that a failed connection leaves it here, unread.
+        // Without a pool the body goes as it is, without a hand-over wrapper.
+        let (retry, mut headers, mut body) = match &claim {
+            Some(_) => {
+                let held = relay::Deferred::new(body);
+                let handed = held.body();
+                (Some((headers.clone(), held)), headers, handed)
+            }
+            None => (None, headers, body),
+        };
+        let mut retried = false;
+        loop {
+            let mut req = Request::new(body);
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = uri.clone();
+            *req.headers_mut() = headers;
+            let name = origin.config().name.clone();
+            // A stop is sent before the body it stops fails, so that polling it first never
+            // takes the origin's failure on the cut body for the answer.
+            let result = tokio::select! {
+                biased;
+                Some(Ok(stop)) = until_stopped(body_stop.as_mut()) => {
+                    return match stop {
+                        body::Stop::Respond(status, headers, body, plugin) => {
+                            answer_local(send, status, headers, body, plugin).await.map(Exchanged::Done)
+                        }
+                        body::Stop::Failed(refused) => Err(Failure::plugin(refused)),
+                    };
+                }
+                r = origin.send(req) => r,
+                _ = send.stopped() => return Err(Failure::Cancelled { origin: name }),
+            };
+            if let Some(c) = &claim {
+                c.answered(result.is_ok());
+            }
+            match (result, &claim, &retry) {
+                (Ok(resp), _, _) => return Ok(Exchanged::Answer(resp, name)),
+                (Err(e), Some(c), Some((h, held)))
+                    if !retried && e.before_sending() && held.unread() =>
+                {
+                    if let Some(next) = c.another(h) {
+                        warn!(origin = %name, kind = e.kind(), cause = %e, retry = %next.origin().config().name, "origin request failed before sending; retrying on another pool member");
+                        metrics
+                            .origin_errors
+                            .get_or_create(&OriginErrorLabels {
+                                origin: name.clone(),
+                                kind: e.kind(),
+                            })
+                            .inc();
+                        origin = next.origin().clone();
+                        claim = Some(next);
+                        (headers, body) = (h.clone(), held.body());
+                        retried = true;
+                        continue;
+                    }
+                    warn!(origin = %name, kind = e.kind(), cause = %e, "origin request failed");
+                    return Err(Failure::origin(e, name));
+                }
+                (Err(e), _, _) => {
+                    warn!(origin = %name, kind = e.kind(), cause = %e, "origin request failed");
+                    return Err(Failure::origin(e, name));
+                }
+            }
+        }
     }
 
     /// The request body for the origin, framed, through the chain's body hooks if any
@@ -821,6 +907,22 @@ fn set_origin_headers(
         headers.insert(REQUEST_ID, v);
     }
     Ok(())
+}
+
+/// What goes to the origin: the request as the rules and plugins left it.
+struct OriginRequest {
+    method: Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    body: relay::HttpBody,
+}
+
+/// How an exchange with the origin ended.
+enum Exchanged {
+    /// The origin (or the pool member named) answered with this head.
+    Answer(http::Response<relay::HttpBody>, String),
+    /// A body hook answered the client instead.
+    Done(Outcome),
 }
 
 /// How the request body is framed towards the origin. Decided by the connector from what the

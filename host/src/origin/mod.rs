@@ -4,6 +4,7 @@
 
 mod builtin;
 pub mod connect;
+pub mod pool;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -80,6 +81,18 @@ impl OriginError {
             }
             _ => StatusCode::BAD_GATEWAY,
         }
+    }
+
+    /// The connection failed: nothing of the request reached the origin, so it may go to
+    /// another (a pool's retry).
+    pub fn before_sending(&self) -> bool {
+        matches!(
+            self,
+            OriginError::Refused { .. }
+                | OriginError::ConnectTimeout { .. }
+                | OriginError::Unreachable { .. }
+                | OriginError::Tls { .. }
+        )
     }
 
     /// What the client is told: what failed, without the origin's name or address (the
@@ -349,25 +362,60 @@ impl HttpClients {
     }
 }
 
-/// Every configured origin by name.
+/// Every configured origin and origin pool by name.
 #[derive(Debug, Clone, Default)]
 pub struct Origins {
     by_name: HashMap<String, Arc<Origin>>,
+    pools: HashMap<String, Arc<pool::Pool>>,
+}
+
+/// What a name used by an ingress rule or a plugin stands for.
+#[derive(Debug, Clone)]
+pub enum Named<'a> {
+    /// An origin.
+    Origin(&'a Arc<Origin>),
+    /// A pool of origins.
+    Pool(&'a Arc<pool::Pool>),
 }
 
 impl Origins {
-    /// Builds every origin.
-    pub fn new(configs: &[OriginConfig]) -> Result<Self, tls::TlsError> {
+    /// Builds every origin, and the pools over them (their health checks start on the
+    /// current runtime and stop when the last clone goes).
+    pub fn new(
+        configs: &[OriginConfig],
+        pools: &[crate::config::PoolConfig],
+        metrics: &crate::admin::Metrics,
+    ) -> Result<Self, tls::TlsError> {
         let mut by_name = HashMap::new();
         for c in configs {
             by_name.insert(c.name.clone(), Arc::new(Origin::new(c.clone())?));
         }
-        Ok(Origins { by_name })
+        let mut built = HashMap::new();
+        for p in pools {
+            let members = p
+                .members
+                .iter()
+                .filter_map(|m| by_name.get(m).cloned())
+                .collect();
+            built.insert(p.name.clone(), pool::Pool::new(p.clone(), members, metrics));
+        }
+        Ok(Origins {
+            by_name,
+            pools: built,
+        })
     }
 
     /// The origin called `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<Origin>> {
         self.by_name.get(name)
+    }
+
+    /// The origin or pool called `name`.
+    pub fn named(&self, name: &str) -> Option<Named<'_>> {
+        match self.by_name.get(name) {
+            Some(o) => Some(Named::Origin(o)),
+            None => self.pools.get(name).map(Named::Pool),
+        }
     }
 }
 
