@@ -230,3 +230,108 @@ async fn every_origin_kind_answers_through_the_tunnel() {
     conn.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An origin that reads a PROXY protocol header (v1 or v2) first, then serves HTTP/1.1 on the
+/// rest of the connection, answering with the source address the header gave; counts its
+/// connections.
+async fn proxy_protocol_origin(
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+) -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                tcp.read_exact(&mut first).await.unwrap();
+                let source = if first[0] == b'P' {
+                    // v1: a text line.
+                    let mut line = vec![first[0]];
+                    while !line.ends_with(b"\r\n") && line.len() < 108 {
+                        let mut b = [0u8; 1];
+                        tcp.read_exact(&mut b).await.unwrap();
+                        line.push(b[0]);
+                    }
+                    let line = String::from_utf8(line).unwrap();
+                    let parts: Vec<&str> = line.trim_end().split(' ').collect();
+                    format!("v1 {} {}", parts[2], parts[4])
+                } else {
+                    // v2: 16 bytes, then the address block.
+                    let mut head = [0u8; 15];
+                    tcp.read_exact(&mut head).await.unwrap();
+                    let len = u16::from_be_bytes([head[13], head[14]]) as usize;
+                    let mut block = vec![0u8; len];
+                    tcp.read_exact(&mut block).await.unwrap();
+                    assert_eq!(head[12], 0x11, "TCP over IPv4");
+                    let ip = std::net::Ipv4Addr::new(block[0], block[1], block[2], block[3]);
+                    let port = u16::from_be_bytes([block[8], block[9]]);
+                    format!("v2 {ip} {port}")
+                };
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                    let source = source.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(sluice::relay::full(
+                            source,
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn proxy_protocol_tells_the_origin_each_clients_address() {
+    for version in [
+        sluice::config::ProxyVersion::V1,
+        sluice::config::ProxyVersion::V2,
+    ] {
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let addr = proxy_protocol_origin(connections.clone()).await;
+        let mut o = origin(&format!("http://{addr}"));
+        o.proxy_protocol = Some(version);
+        let (edge, conn) = app_tunnel(vec![o]).await;
+        let tag = match version {
+            sluice::config::ProxyVersion::V1 => "v1",
+            sluice::config::ProxyVersion::V2 => "v2",
+        };
+        for _ in 0..2 {
+            // Each request comes from a connection of its own (`send` opens one), and the
+            // origin hears of that connection's address.
+            let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+            let local = tcp.local_addr().unwrap();
+            let (mut sender, c) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .unwrap();
+            tokio::spawn(c);
+            let resp = sender
+                .send_request(
+                    Request::get("/")
+                        .header("host", "app.test")
+                        .body(http_body_util::Full::<bytes::Bytes>::default())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            use http_body_util::BodyExt;
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(
+                String::from_utf8_lossy(&body),
+                format!("{tag} {} {}", local.ip(), local.port())
+            );
+        }
+        // A connection carries one client's requests: never shared.
+        assert_eq!(
+            connections.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "{tag}"
+        );
+        conn.stop().await;
+    }
+}

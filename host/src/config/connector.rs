@@ -231,6 +231,19 @@ pub struct OriginConfig {
     pub http2: bool,
     /// Certificate and key presented to an origin that asks for one (mTLS).
     pub client_identity: Option<super::TlsIdentity>,
+    /// A PROXY protocol header with the client's address opens each connection (which then
+    /// carries that client's requests only).
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+/// The PROXY protocol version an origin reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text form.
+    V1,
+    /// The binary form.
+    V2,
 }
 
 impl OriginConfig {
@@ -249,6 +262,7 @@ impl OriginConfig {
             pool_max_idle: DEFAULT_POOL_MAX_IDLE,
             http2: false,
             client_identity: None,
+            proxy_protocol: None,
         }
     }
 }
@@ -949,6 +963,26 @@ impl ConnectorFile {
                     ))
                 }
             };
+            cfg.proxy_protocol = o.proxy_protocol;
+            if cfg.proxy_protocol.is_some() && cfg.http2 {
+                return Err(src.error(
+                    at,
+                    format!("{key}.proxy-protocol"),
+                    "PROXY protocol origins are spoken to in HTTP/1.1: drop http2 (or h2c://)",
+                ));
+            }
+            if cfg.proxy_protocol.is_some()
+                && !matches!(
+                    cfg.target,
+                    OriginTarget::Http(_) | OriginTarget::Unix { .. }
+                )
+            {
+                return Err(src.error(
+                    at,
+                    format!("{key}.proxy-protocol"),
+                    "applies to HTTP origins; a [[service]] has its own proxy-protocol",
+                ));
+            }
             let tls = matches!(&cfg.target, OriginTarget::Http(u) if u.scheme_str() == Some("https"))
                 || matches!(cfg.target, OriginTarget::Unix { tls: true, .. });
             if cfg.client_identity.is_some() && !tls {
@@ -1196,6 +1230,7 @@ struct OriginFile {
     http2: Option<bool>,
     client_cert: Option<PathBuf>,
     client_key: Option<PathBuf>,
+    proxy_protocol: Option<ProxyVersion>,
 }
 
 #[derive(Deserialize)]

@@ -18,8 +18,8 @@ use serde::de::DeserializeOwned;
 
 pub use connector::{
     split_host_port as connector_split_host_port, BackoffConfig, Balance, ConnectorConfig, HashKey,
-    HealthCheck, IngressRuleConfig, OriginConfig, OriginTarget, PoolConfig, Probe, ServiceConfig,
-    SocketTarget, DEFAULT_HA_CONNECTIONS,
+    HealthCheck, IngressRuleConfig, OriginConfig, OriginTarget, PoolConfig, Probe, ProxyVersion,
+    ServiceConfig, SocketTarget, DEFAULT_HA_CONNECTIONS,
 };
 pub use edge::{EdgeConfig, HttpsConfig, PortConfig, TunnelConfig, DEFAULT_TUNNEL_MAX_CONNECTIONS};
 pub use plugin::{AuditConfig, Grants, HttpPolicy, Isolation, KvQuota, OnError, PluginConfig};

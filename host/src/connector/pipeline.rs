@@ -545,6 +545,7 @@ impl Pipeline {
             uri,
             headers,
             body,
+            client: head.client_addr.as_deref().and_then(|a| a.parse().ok()),
         };
         let (resp, origin_name) = match self
             .exchange(
@@ -585,6 +586,7 @@ impl Pipeline {
             uri,
             headers,
             body,
+            client,
         } = req;
         // Only a pool's request may go twice: it keeps its headers, and its body is handed
         // over when first read, so that a failed connection leaves it here, unread.
@@ -616,7 +618,7 @@ impl Pipeline {
                         body::Stop::Failed(refused) => Err(Failure::plugin(refused)),
                     };
                 }
-                r = origin.send(req) => r,
+                r = origin.send_for(req, client) => r,
                 _ = send.stopped() => return Err(Failure::Cancelled { origin: name }),
             };
             if let Some(c) = &claim {
@@ -915,6 +917,8 @@ struct OriginRequest {
     uri: http::Uri,
     headers: http::HeaderMap,
     body: relay::HttpBody,
+    /// The client's address, for an origin that reads a PROXY protocol header.
+    client: Option<std::net::SocketAddr>,
 }
 
 /// How an exchange with the origin ended.

@@ -23,6 +23,8 @@ pub struct OriginConnector {
     tcp: HttpConnector,
     unix: Option<Arc<PathBuf>>,
     timeout: Duration,
+    /// Written first on every connection, before TLS (a PROXY protocol header).
+    prefix: Option<bytes::Bytes>,
 }
 
 impl OriginConnector {
@@ -36,6 +38,15 @@ impl OriginConnector {
             tcp,
             unix: None,
             timeout,
+            prefix: None,
+        }
+    }
+
+    /// The same connector, writing `prefix` first on each connection it makes.
+    pub fn with_prefix(&self, prefix: Vec<u8>) -> Self {
+        OriginConnector {
+            prefix: Some(prefix.into()),
+            ..self.clone()
         }
     }
 
@@ -69,6 +80,25 @@ impl tower_service::Service<Uri> for OriginConnector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.connect(uri);
+        let Some(prefix) = self.prefix.clone() else {
+            return connecting;
+        };
+        Box::pin(async move {
+            let mut io = connecting.await?;
+            use tokio::io::AsyncWriteExt;
+            match &mut io {
+                OriginIo::Tcp(s) => s.inner_mut().write_all(&prefix).await?,
+                OriginIo::Unix(s) => s.inner_mut().write_all(&prefix).await?,
+            }
+            Ok(io)
+        })
+    }
+}
+
+impl OriginConnector {
+    fn connect(&mut self, uri: Uri) -> <Self as tower_service::Service<Uri>>::Future {
+        use tower_service::Service;
         match self.unix.clone() {
             Some(path) => {
                 let timeout = self.timeout;

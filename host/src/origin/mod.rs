@@ -148,6 +148,20 @@ struct HttpClients {
     /// Scheme and authority of the request URIs (`http://localhost` for a unix socket).
     scheme: &'static str,
     authority: String,
+    /// With `proxy-protocol`: what a connection of its own for each request needs.
+    proxied: Option<Proxied>,
+}
+
+/// An origin reading a PROXY protocol header: each request gets a connection that starts
+/// with its client's address, never shared with another client's requests.
+struct Proxied {
+    version: crate::config::ProxyVersion,
+    connector: OriginConnector,
+    tls: rustls::ClientConfig,
+    server_name: Option<rustls::pki_types::ServerName<'static>>,
+    /// The address the header names as the destination: the origin's own when its URL gives
+    /// an address (the edge's, which the client reached, is not known here).
+    destination: std::net::SocketAddr,
 }
 
 impl std::fmt::Debug for Kind {
@@ -196,9 +210,16 @@ impl Origin {
     ///
     /// Cancel safe in the sense that matters: dropping the future abandons the origin request
     /// and closes its connection.
-    pub async fn send(
+    pub async fn send(&self, req: Request<HttpBody>) -> Result<Response<HttpBody>, OriginError> {
+        self.send_for(req, None).await
+    }
+
+    /// Like [`Origin::send`], for a request of `client` (the address an origin with
+    /// `proxy-protocol` is told; `None`: the connector's own request, a health check).
+    pub async fn send_for(
         &self,
         mut req: Request<HttpBody>,
+        client: Option<std::net::SocketAddr>,
     ) -> Result<Response<HttpBody>, OriginError> {
         match &self.kind {
             Kind::Hello => Ok(builtin::hello(req).await),
@@ -207,6 +228,16 @@ impl Origin {
                 origin: self.config.name.clone(),
                 detail: "a TCP origin takes sessions, not HTTP requests".into(),
             }),
+            Kind::Http(clients) if clients.proxied.is_some() => {
+                let timeout = self.config.request_timeout;
+                match tokio::time::timeout(timeout, self.send_proxied(clients, req, client)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(OriginError::ResponseTimeout {
+                        origin: self.config.name.clone(),
+                        timeout,
+                    }),
+                }
+            }
             Kind::Http(clients) => {
                 let client = if req.headers().contains_key(http::header::UPGRADE) {
                     &clients.upgrades
@@ -239,6 +270,16 @@ impl Origin {
     }
 
     fn classify(&self, err: &hyper_util::client::legacy::Error) -> OriginError {
+        self.classify_chain(err, err.is_connect())
+    }
+
+    /// The kind of failure `err` (and its sources) says; `connect` when it happened before a
+    /// connection was made.
+    fn classify_chain(
+        &self,
+        err: &(dyn std::error::Error + 'static),
+        connect: bool,
+    ) -> OriginError {
         let origin = self.config.name.clone();
         let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
         while let Some(e) = source {
@@ -247,7 +288,7 @@ impl Origin {
                     std::io::ErrorKind::ConnectionRefused => {
                         return OriginError::Refused { origin }
                     }
-                    std::io::ErrorKind::TimedOut if err.is_connect() => {
+                    std::io::ErrorKind::TimedOut if connect => {
                         return OriginError::ConnectTimeout {
                             origin,
                             timeout: self.config.connect_timeout,
@@ -272,7 +313,7 @@ impl Origin {
             };
         }
         let detail = error_chain(err);
-        if err.is_connect() {
+        if connect {
             OriginError::Unreachable { origin, detail }
         } else {
             OriginError::Protocol { origin, detail }
@@ -353,12 +394,117 @@ impl HttpClients {
                 .build(connector)
         };
         let h2c = config.http2 && scheme == "http";
+        let proxied = config.proxy_protocol.map(|version| {
+            let port = match &config.target {
+                OriginTarget::Http(u) => {
+                    u.port_u16()
+                        .unwrap_or(if scheme == "https" { 443 } else { 80 })
+                }
+                _ => 0,
+            };
+            let ip = match &config.target {
+                OriginTarget::Http(u) => u
+                    .host()
+                    .and_then(|h| h.trim_matches(['[', ']']).parse().ok()),
+                _ => None,
+            };
+            Proxied {
+                version,
+                connector: connector_for(config),
+                tls: tls_cfg.clone(),
+                server_name: server_name.clone(),
+                destination: std::net::SocketAddr::new(
+                    ip.unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+                    port,
+                ),
+            }
+        });
         Ok(HttpClients {
             pooled: client(pooled, config.pool_max_idle, h2c),
             upgrades: client(http1, 0, false),
             scheme,
             authority,
+            proxied,
         })
+    }
+}
+
+/// The connector (TCP or unix socket) of an HTTP origin.
+fn connector_for(config: &OriginConfig) -> OriginConnector {
+    match &config.target {
+        OriginTarget::Unix { path, .. } => {
+            OriginConnector::unix(path.clone(), config.connect_timeout)
+        }
+        _ => OriginConnector::tcp(config.connect_timeout),
+    }
+}
+
+impl Origin {
+    /// Sends `req` on a connection of its own that starts with a PROXY protocol header
+    /// naming `client` (HTTP/1.1).
+    async fn send_proxied(
+        &self,
+        clients: &HttpClients,
+        mut req: Request<HttpBody>,
+        client: Option<std::net::SocketAddr>,
+    ) -> Result<Response<HttpBody>, OriginError> {
+        use crate::config::ProxyVersion;
+        use crate::services::proxy_protocol;
+        use tower_service::Service;
+        let p = clients.proxied.as_ref().expect("checked by the caller");
+        let header = match (p.version, client) {
+            (ProxyVersion::V1, c) => proxy_protocol::v1(c.map(|c| (c, p.destination))),
+            (ProxyVersion::V2, Some(c)) => proxy_protocol::header(c, p.destination),
+            (ProxyVersion::V2, None) => proxy_protocol::local(),
+        };
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(p.tls.clone())
+            .https_or_http();
+        let builder = match &p.server_name {
+            Some(n) => builder
+                .with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(n.clone())),
+            None => builder,
+        };
+        let mut connector = builder
+            .enable_http1()
+            .wrap_connector(p.connector.with_prefix(header));
+        let uri: http::Uri = format!("{}://{}/", clients.scheme, clients.authority)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
+                origin: self.config.name.clone(),
+                detail: e.to_string(),
+            })?;
+        let io = connector
+            .call(uri)
+            .await
+            .map_err(|e| self.classify_chain(e.as_ref(), true))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| self.classify_chain(&e, true))?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        // The request line takes the path (origin form).
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        *req.uri_mut() =
+            path.parse()
+                .map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
+                    origin: self.config.name.clone(),
+                    detail: e.to_string(),
+                })?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| self.classify_chain(&e, false))?;
+        Ok(resp.map(|b| {
+            use http_body_util::BodyExt;
+            b.map_err(|e| -> crate::relay::BoxError { Box::new(e) })
+                .boxed()
+        }))
     }
 }
 

@@ -233,8 +233,9 @@ fn hash_key(key: &HashKey, headers: &HeaderMap) -> Option<String> {
     }
 }
 
-/// FNV-1a over the parts: stable across processes and versions, so that every connector of a
-/// tunnel sends a key to the same member.
+/// FNV-1a over the parts, then a 64-bit finaliser (MurmurHash3's) so that keys differing in
+/// their last bytes spread over the whole range: stable across processes and versions, so
+/// that every connector of a tunnel sends a key to the same member.
 fn fnv1a(parts: &[&[u8]]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for part in parts {
@@ -243,7 +244,11 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
-    h
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 /// Checks member `i` every `interval` while the pool lives.
@@ -314,12 +319,12 @@ mod tests {
     #[test]
     fn a_hash_key_stays_on_its_member_while_the_others_change() {
         let names = ["a", "b", "c", "d"];
-        let pick = |members: &[&str], key: &str| {
-            *members
+        fn pick<'a>(members: &[&'a str], key: &str) -> &'a str {
+            members
                 .iter()
                 .max_by_key(|m| fnv1a(&[key.as_bytes(), m.as_bytes()]))
                 .unwrap()
-        };
+        }
         let mut moved = 0;
         for k in 0..1000 {
             let key = format!("user-{k}");

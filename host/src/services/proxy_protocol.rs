@@ -1,9 +1,12 @@
-//! PROXY protocol version 2 headers: how a TCP origin behind a public port learns the
-//! client's address, which it would otherwise see as the connector's.
+//! PROXY protocol headers: how an origin — a TCP service behind a public port, or an HTTP
+//! origin with `proxy-protocol` — learns the client's address, which it would otherwise see
+//! as the connector's.
 //!
-//! Only the binary v2 form with the `PROXY` command over TCP is produced (no TLVs): a fixed
-//! 12-byte signature, version and command, family and transport, the address block length,
-//! then source and destination addresses and ports.
+//! The binary v2 form with the `PROXY` command over TCP (no TLVs): a fixed 12-byte signature,
+//! version and command, family and transport, the address block length, then source and
+//! destination addresses and ports; v2's `LOCAL` command for a connection of the connector's
+//! own (a health check). And the text v1 form, `PROXY TCP4 src dst sport dport\r\n`, or
+//! `PROXY UNKNOWN\r\n` for the connector's own.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -46,9 +49,59 @@ pub fn header(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
     out
 }
 
+/// The v2 header of a connection the connector makes on its own behalf (a health check):
+/// the `LOCAL` command, no addresses.
+pub fn local() -> Vec<u8> {
+    let mut out = SIGNATURE.to_vec();
+    out.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    out
+}
+
+/// The v1 (text) header of a TCP connection from `client` to `server`; `None`: the
+/// connector's own (`PROXY UNKNOWN`).
+pub fn v1(addrs: Option<(SocketAddr, SocketAddr)>) -> Vec<u8> {
+    let Some((client, server)) = addrs else {
+        return b"PROXY UNKNOWN\r\n".to_vec();
+    };
+    let (c, s) = (client.ip().to_canonical(), server.ip().to_canonical());
+    let line = match (c, s) {
+        (IpAddr::V4(c), IpAddr::V4(s)) => format!("PROXY TCP4 {c} {s}"),
+        (c, s) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            format!("PROXY TCP6 {} {}", v6(c), v6(s))
+        }
+    };
+    format!("{line} {} {}\r\n", client.port(), server.port()).into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn v1_headers_and_the_connectors_own_are_byte_exact() {
+        let addrs = (
+            "203.0.113.7:50000".parse().unwrap(),
+            "192.0.2.1:8080".parse().unwrap(),
+        );
+        assert_eq!(
+            v1(Some(addrs)),
+            b"PROXY TCP4 203.0.113.7 192.0.2.1 50000 8080\r\n"
+        );
+        let mixed = (
+            "[2001:db8::7]:40000".parse().unwrap(),
+            "192.0.2.1:80".parse().unwrap(),
+        );
+        assert_eq!(
+            v1(Some(mixed)),
+            b"PROXY TCP6 2001:db8::7 ::ffff:192.0.2.1 40000 80\r\n"
+        );
+        assert_eq!(v1(None), b"PROXY UNKNOWN\r\n");
+        assert_eq!(local(), b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00");
+    }
 
     #[test]
     fn an_ipv4_header_is_byte_exact() {
