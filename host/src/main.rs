@@ -222,21 +222,27 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-/// `sluice check --match URL`: the routing of a connector's file applied to one URL.
-fn check_match(path: &std::path::Path, url: &str) -> ExitCode {
-    let config = match config::load_any(path) {
-        Ok(AnyConfig::Connector(c)) => c,
+/// A connector's file for a `check` option that needs one; `what` says why an edge's will
+/// not do.
+fn connector_file(path: &std::path::Path, what: &str) -> Result<ConnectorConfig, ExitCode> {
+    match config::load_any(path) {
+        Ok(AnyConfig::Connector(c)) => Ok(*c),
         Ok(AnyConfig::Edge(_)) => {
-            eprintln!(
-                "error: --match needs a connector's file; {} is an edge's",
-                path.display()
-            );
-            return ExitCode::FAILURE;
+            eprintln!("error: {}: {what}", path.display());
+            Err(ExitCode::FAILURE)
         }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::FAILURE;
+            Err(ExitCode::FAILURE)
         }
+    }
+}
+
+/// `sluice check --match URL`: the routing of a connector's file applied to one URL.
+fn check_match(path: &std::path::Path, url: &str) -> ExitCode {
+    let config = match connector_file(path, "--match explains a connector's routing") {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     match sluice::connector::dry_run::explain(&config, url) {
         Ok(report) => {
@@ -367,19 +373,10 @@ fn compile_in_helper(
 
 /// `sluice check --connectivity`: the file first, then every edge over both transports.
 fn check_connectivity(path: &std::path::Path) -> ExitCode {
-    let config = match config::load_any(path) {
-        Ok(AnyConfig::Connector(c)) => c,
-        Ok(AnyConfig::Edge(_)) => {
-            eprintln!(
-                "error: {}: --connectivity checks a connector's file (its edges)",
-                path.display()
-            );
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::FAILURE;
-        }
+    let config = match connector_file(path, "--connectivity checks a connector's file (its edges)")
+    {
+        Ok(c) => c,
+        Err(code) => return code,
     };
     let runtime = match one_thread_runtime() {
         Ok(r) => r,

@@ -229,3 +229,134 @@ async fn hash_keeps_a_key_on_its_member_and_moves_only_the_stopped_ones_keys() {
     }
     conn.stop().await;
 }
+
+/// A member on a fixed address that can be stopped and started again.
+async fn member_at(addr: std::net::SocketAddr, name: &'static str, stop: CancellationToken) {
+    // The port was just closed: binding it again may take a moment.
+    let listener = tokio::time::timeout(WAIT, async {
+        loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .expect("could not bind the member's port again");
+    tokio::spawn(async move {
+        loop {
+            let tcp = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a { Ok((t, _)) => t, Err(_) => return },
+            };
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
+                    Ok::<_, std::convert::Infallible>(Response::new(sluice::relay::full(name)))
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn a_connection_check_brings_a_member_back_and_a_plugin_may_name_the_pool() {
+    let stops: [CancellationToken; 3] = Default::default();
+    let check = HealthCheck {
+        probe: Probe::Connect,
+        interval: Duration::from_millis(100),
+        timeout: Duration::from_millis(200),
+        healthy_threshold: 1,
+        unhealthy_threshold: 1,
+    };
+    let mut origins = Vec::new();
+    let mut addrs = Vec::new();
+    for (name, stop) in ["a", "b", "c"].into_iter().zip(&stops) {
+        let addr = member(name, stop.clone()).await;
+        addrs.push(addr);
+        origins.push(http_origin(name, addr));
+    }
+    origins.push(http_origin("web", echo_origin("web").await));
+    // The rule goes to "web"; origin-router sends `x-pool` requests to the pool instead.
+    let mut router = sluice::config::PluginConfig::new("router", example_plugin("origin-router"));
+    router.config_json = serde_json::to_vec(&serde_json::json!({
+        "routes": [{"origin": "api", "header": {"name": "x-pool"}}]
+    }))
+    .unwrap();
+    router.timeout = Duration::from_secs(1);
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let mut r = rule(None, None, "web");
+    r.plugins = vec!["router".into()];
+    let mut cfg = connector_config(&edge, "app", "t", origins, vec![r]);
+    cfg.pools = vec![pool(Balance::LeastRequests, Some(check))];
+    cfg.plugins = vec![router];
+    cfg.admin_listen = Some(loopback());
+    let conn = start_connector(cfg).await;
+    conn.registered(1).await;
+    let admin = conn.admin.unwrap();
+    let to_pool = || {
+        let http = edge.http;
+        async move {
+            send(
+                http,
+                Request::get("/")
+                    .header("host", "app.test")
+                    .header("x-pool", "1")
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+            .text()
+        }
+    };
+    let health = |member: &'static str, up: bool| async move {
+        let line = format!(
+            r#"sluice_connector_pool_member_healthy{{pool="api",member="{member}"}} {}"#,
+            u8::from(up)
+        );
+        tokio::time::timeout(WAIT, async {
+            while !get(admin, "admin", "/metrics").await.text().contains(&line) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{member} never became {}",
+                if up { "healthy" } else { "unhealthy" }
+            )
+        });
+    };
+    // Without the header the rule's origin answers; with it, the pool (least requests: one
+    // request at a time goes to each member in turn).
+    assert!(get(edge.http, "app.test", "/")
+        .await
+        .text()
+        .contains("\"origin\":\"web\""));
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        seen.insert(to_pool().await);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+
+    stops[2].cancel();
+    health("c", false).await;
+    for _ in 0..6 {
+        assert_ne!(to_pool().await, "c");
+    }
+    // c comes back on its address; its connection check passes and it takes requests again.
+    member_at(addrs[2], "c", CancellationToken::new()).await;
+    health("c", true).await;
+    let mut back = false;
+    for _ in 0..6 {
+        back |= to_pool().await == "c";
+    }
+    assert!(back, "c took no request after coming back");
+    conn.stop().await;
+}

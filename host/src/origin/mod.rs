@@ -321,7 +321,8 @@ impl Origin {
     }
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
+/// `err` and its sources, joined with `: `.
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {

@@ -367,7 +367,7 @@ impl Outbound {
                 self.client
                     .request(req)
                     .await
-                    .map_err(|e| CallError::Failed(error_chain(&e)))?
+                    .map_err(|e| CallError::Failed(crate::origin::error_chain(&e)))?
                     .map(|b| b.map_err(|e| CallError::Failed(e.to_string())).boxed())
             }
         };
@@ -453,17 +453,6 @@ fn header(name: &str, value: &[u8]) -> Result<(HeaderName, HeaderValue), CallErr
     let value = HeaderValue::from_bytes(value)
         .map_err(|_| CallError::Invalid(format!("value of header {name:?}")))?;
     Ok((parsed, value))
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -169,7 +169,7 @@ mod tests {
         d.push(&[0, 0xff, 0xff, 0xff, 0xff]);
         assert!(matches!(d.next_frame(), Err(FrameError::Oversized { .. })));
         let mut d = BodyDecoder::default();
-        d.push(&[1, 0, 0, 0xff, 0xff]);
+        d.push(&[1, 0, 1, 0, 1]);
         assert!(
             matches!(d.next_frame(), Err(FrameError::Oversized { .. })),
             "trailers over 64 KiB"
