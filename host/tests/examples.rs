@@ -573,7 +573,7 @@ async fn jwt_admits_valid_tokens_with_keys_fetched_once_and_forwards_the_subject
     .await;
     let mut p = example(
         "jwt",
-        serde_json::json!({"jwks-url": format!("http://{auth}/jwks"),
+        serde_json::json!({"jwks-url": format!("http://{auth}/jwks"), "danger-allow-http": true,
                            "issuer": "https://auth.test/", "audience": "api"}),
     );
     p.grants = Grants::of(&["http", "kv", "credentials"]);
@@ -796,7 +796,7 @@ async fn rate_limit_keys_by_the_subject_jwt_verified() {
     .await;
     let mut jwt = example(
         "jwt",
-        serde_json::json!({"jwks-url": format!("http://{auth}/jwks"),
+        serde_json::json!({"jwks-url": format!("http://{auth}/jwks"), "danger-allow-http": true,
                            "issuer": "https://auth.test/", "audience": "api"}),
     );
     jwt.grants = Grants::of(&["http", "kv", "credentials"]);

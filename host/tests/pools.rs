@@ -360,3 +360,53 @@ async fn a_connection_check_brings_a_member_back_and_a_plugin_may_name_the_pool(
     assert!(back, "c took no request after coming back");
     conn.stop().await;
 }
+
+/// A request whose first member refuses the connection goes to another with its body whole,
+/// through a body hook (whose filter ended before the retry).
+#[tokio::test]
+async fn a_retried_request_keeps_its_body_through_a_body_hook() {
+    let dead = {
+        let l = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let live = start_origin(|req: Request<Incoming>| async move {
+        use http_body_util::BodyExt;
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Response::new(sluice::relay::full(format!(
+            "b got {}",
+            String::from_utf8_lossy(&body)
+        )))
+    })
+    .await;
+    let mut hook = sluice::config::PluginConfig::new("upper", fixture("bodies"));
+    hook.config_json = br#"{"request": "upper", "response": "pass"}"#.to_vec();
+    hook.timeout = Duration::from_secs(1);
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |_| {}).await;
+    let mut r = rule(None, None, "api");
+    r.plugins = vec!["upper".into()];
+    let mut cfg = connector_config(
+        &edge,
+        "app",
+        "t",
+        vec![http_origin("a", dead), http_origin("b", live)],
+        vec![r],
+    );
+    let mut p = pool(Balance::RoundRobin, None);
+    p.members = vec!["a".into(), "b".into()];
+    cfg.pools = vec![p];
+    cfg.plugins = vec![hook];
+    let conn = start_connector(cfg).await;
+    conn.registered(1).await;
+    for _ in 0..4 {
+        let reply = send(
+            edge.http,
+            Request::post("/")
+                .header("host", "app.test")
+                .body(Full::new(bytes::Bytes::from_static(b"hello")))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((reply.status, reply.text().as_str()), (200, "b got HELLO"));
+    }
+    conn.stop().await;
+}

@@ -787,6 +787,25 @@ impl PoolFile {
                 return Err((format!("members[{i}]"), format!("{m:?} is listed twice")));
             }
         }
+        // A request's headers are set for the member it is sent to first; a retry on another
+        // must not need other ones.
+        let host_of = |m: &String| {
+            origins
+                .iter()
+                .find(|o| o.name == *m)
+                .and_then(|o| o.host_header.clone())
+        };
+        if let Some(i) = (1..self.members.len())
+            .find(|&i| host_of(&self.members[i]) != host_of(&self.members[0]))
+        {
+            return Err((
+                format!("members[{i}]"),
+                format!(
+                    "{:?} has another host-header than {:?}: the members of a pool share theirs",
+                    self.members[i], self.members[0]
+                ),
+            ));
+        }
         let balance = match (self.balance.as_deref(), &self.hash_on) {
             (None | Some("round-robin"), None) => Balance::RoundRobin,
             (Some("least-requests"), None) => Balance::LeastRequests,

@@ -79,7 +79,12 @@ impl BodyFilter {
             loop {
                 // Trailers end the body for the hooks, and follow what they let through.
                 let mut trailers = None;
-                let (chunk, end) = match body.frame().await {
+                // A reader that went away ends the filter at once, not at its next piece.
+                let frame = tokio::select! {
+                    f = body.frame() => f,
+                    _ = tx.closed() => return,
+                };
+                let (chunk, end) = match frame {
                     None => (Bytes::new(), true),
                     Some(Ok(frame)) => match frame.into_data() {
                         Ok(data) if data.is_empty() => continue,

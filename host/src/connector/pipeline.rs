@@ -610,7 +610,7 @@ impl Pipeline {
             // takes the origin's failure on the cut body for the answer.
             let result = tokio::select! {
                 biased;
-                Some(Ok(stop)) = until_stopped(body_stop.as_mut()) => {
+                Some(stop) = until_stopped(&mut body_stop) => {
                     return match stop {
                         body::Stop::Respond(status, headers, body, plugin) => {
                             answer_local(send, status, headers, body, plugin).await.map(Exchanged::Done)
@@ -1077,11 +1077,19 @@ async fn stream_body(
 }
 
 /// Resolves when a body hook stopped the body (`None`: never, as without body hooks).
+/// A filter that ends without a stop closes its sender: the receiver is then dropped, so that
+/// a retry's second wait never polls a completed receiver.
 async fn until_stopped(
-    stop: Option<&mut tokio::sync::oneshot::Receiver<body::Stop>>,
-) -> Option<Result<body::Stop, tokio::sync::oneshot::error::RecvError>> {
-    match stop {
-        Some(rx) => Some(rx.await),
+    stop: &mut Option<tokio::sync::oneshot::Receiver<body::Stop>>,
+) -> Option<body::Stop> {
+    match stop.as_mut() {
+        Some(rx) => match rx.await {
+            Ok(s) => Some(s),
+            Err(_) => {
+                *stop = None;
+                std::future::pending().await
+            }
+        },
         None => std::future::pending().await,
     }
 }

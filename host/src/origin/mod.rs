@@ -297,7 +297,9 @@ impl Origin {
                     _ => {}
                 }
             }
-            if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            // A TLS failure after the connection was made (an alert mid-exchange) may come
+            // after the request went out: a protocol failure, never retried elsewhere.
+            if let (Some(tls), true) = (e.downcast_ref::<rustls::Error>(), connect) {
                 return OriginError::Tls {
                     origin,
                     detail: tls.to_string(),

@@ -8,6 +8,8 @@ use serde::Deserialize;
 
 /// Most keys taken from one set.
 const MAX_KEYS: usize = 64;
+/// Most keys tried for a token that names none.
+pub const MAX_CANDIDATES: usize = 4;
 
 /// One verification key.
 #[derive(Debug, Clone)]
@@ -136,7 +138,9 @@ impl KeySet {
         self.keys.iter().any(|(k, _)| k.as_deref() == Some(kid))
     }
 
-    /// The keys that may have signed a token of `alg` with id `kid`.
+    /// The keys that may have signed a token of `alg` with id `kid`: without a `kid`, the
+    /// first [`MAX_CANDIDATES`] of the algorithm (a token without one must not make the
+    /// plugin try every key of a large set).
     pub fn candidates<'a>(
         &'a self,
         alg: &'a str,
@@ -148,5 +152,10 @@ impl KeySet {
                 key.algorithm() == alg && kid.is_none_or(|kid| k.as_deref() == Some(kid))
             })
             .map(|(_, key)| key)
+            .take(if kid.is_some() {
+                usize::MAX
+            } else {
+                MAX_CANDIDATES
+            })
     }
 }

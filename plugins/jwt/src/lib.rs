@@ -51,9 +51,14 @@ pub struct Config {
     /// How long the fetched JWKS is used before it is fetched again, seconds.
     #[serde(default = "default_cache_ttl")]
     pub cache_ttl_s: u64,
-    /// The shortest time between two fetches caused by unknown key ids, seconds.
+    /// The shortest time between two fetches caused by unknown key ids, and the time a
+    /// failed fetch is not tried again, seconds.
     #[serde(default = "default_refetch_interval")]
     pub refetch_interval_s: u64,
+    /// Allows an `http://` JWKS URL: keys fetched in the clear can be swapped by anyone on
+    /// the path, who can then forge tokens. For a JWKS on the connector's own machine.
+    #[serde(default)]
+    pub danger_allow_http: bool,
 }
 
 /// A string, or a list of them.
@@ -86,6 +91,8 @@ fn default_refetch_interval() -> u64 {
 const JWKS_KEY: &str = "jwks";
 /// Key whose presence says a refetch happened recently.
 const REFETCH_KEY: &str = "jwks:refetch";
+/// Key whose presence says a fetch failed recently: no fetch until it expires.
+const DOWN_KEY: &str = "jwks:down";
 /// Longest token accepted, bytes.
 const MAX_TOKEN: usize = 8 * 1024;
 
@@ -126,6 +133,20 @@ impl Jwt {
         }
         let doc = match doc {
             Some(d) => d,
+            // A fetch failed a moment ago: no request waits on another until the marker
+            // expires (the last keys this instance knew serve meanwhile, if any).
+            None if kv::get(DOWN_KEY).ok().flatten().is_some() => {
+                match self.memo.borrow().is_some() {
+                    true => {
+                        return Ok(std::cell::Ref::map(self.memo.borrow(), |m| {
+                            &m.as_ref().expect("checked above").1
+                        }))
+                    }
+                    false => {
+                        return Err(Unavailable("the JWKS could not be fetched just now".into()))
+                    }
+                }
+            }
             None => match self.fetch() {
                 Ok(d) => d,
                 // The last keys this instance knew beat no keys at all.
@@ -159,17 +180,28 @@ impl Jwt {
         if let Some(o) = &self.jwks_origin {
             req = req.origin(o);
         }
-        let resp = req
+        let fetched = req
             .send()
-            .map_err(|e| Unavailable(format!("fetching {}: {e}", self.jwks_url)))?;
-        if resp.status != 200 {
-            return Err(Unavailable(format!(
-                "fetching {}: status {}",
-                self.jwks_url, resp.status
-            )));
-        }
-        KeySet::parse(&resp.body)
-            .map_err(|e| Unavailable(format!("{} is not a usable JWKS: {e}", self.jwks_url)))?;
+            .map_err(|e| Unavailable(format!("fetching {}: {e}", self.jwks_url)))
+            .and_then(|resp| match resp.status {
+                200 => Ok(resp),
+                status => Err(Unavailable(format!(
+                    "fetching {}: status {status}",
+                    self.jwks_url
+                ))),
+            })
+            .and_then(|resp| {
+                KeySet::parse(&resp.body).map(|_| resp).map_err(|e| {
+                    Unavailable(format!("{} is not a usable JWKS: {e}", self.jwks_url))
+                })
+            });
+        let resp = match fetched {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = kv::set(DOWN_KEY, "1", Some(self.refetch_interval));
+                return Err(e);
+            }
+        };
         if let Err(e) = kv::set(JWKS_KEY, &resp.body, Some(self.cache_ttl)) {
             log::warn(&format!("cannot cache the JWKS: {e}"));
         }
@@ -220,10 +252,10 @@ impl Plugin for Jwt {
                 return Err("with jwks-origin, jwks-url is a path starting with /".into())
             }
             None if !config.jwks_url.starts_with("https://")
-                && !config.jwks_url.starts_with("http://") =>
+                && !(config.danger_allow_http && config.jwks_url.starts_with("http://")) =>
             {
                 return Err(format!(
-                    "jwks-url {:?} must be an https:// URL (or a path, with jwks-origin)",
+                    "jwks-url {:?} must be an https:// URL (or a path, with jwks-origin; http:// only with danger-allow-http)",
                     config.jwks_url
                 ))
             }

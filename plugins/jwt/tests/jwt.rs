@@ -279,8 +279,14 @@ fn the_cache_expires_and_an_unreachable_jwks_fails_closed() {
         Some(503),
         "no keys at all: the request cannot be checked"
     );
+    // While the failure is fresh, requests do not wait on fetches of their own.
+    for _ in 0..5 {
+        assert_eq!(status(&p.on_request(&request(Some(&token)))), Some(503));
+    }
+    assert_eq!(testing::http_calls().len(), 1);
     testing::clear_http();
     testing::http_respond(JWKS, jwks(&[(&es, "e1")]));
+    testing::advance(std::time::Duration::from_secs(31));
     assert_eq!(status(&p.on_request(&request(Some(&token)))), None);
     assert_eq!(testing::http_calls().len(), 1);
     // Cached for cache-ttl-s, then fetched again; if that fails, the last keys serve.
@@ -311,6 +317,11 @@ fn configuration_mistakes_are_refused() {
     };
     assert!(with("algorithms", json!(["HS256"])).contains("unsupported algorithm"));
     assert!(with("jwks-url", json!("ftp://x")).contains("https://"));
+    assert!(with("jwks-url", json!("http://auth.example.com/jwks")).contains("danger-allow-http"));
+    let mut plain = base.clone();
+    plain["jwks-url"] = json!("http://127.0.0.1:8080/jwks");
+    plain["danger-allow-http"] = json!(true);
+    assert!(load(plain).is_ok());
     assert!(with("claims", json!({"sub": "authorization"})).contains("cannot carry"));
     assert!(with("jwks-origin", json!("auth")).contains("path"));
     assert!(with("audiences", json!("a")).contains("unknown field"));
