@@ -33,6 +33,7 @@ fn main() {
         client_addr: Some("127.0.0.1:44444".into()),
         upgrade: None,
         empty_body: true,
+        trailers: false,
     };
     let response = ResponseHead {
         status: 200,

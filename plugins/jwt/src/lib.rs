@@ -251,8 +251,8 @@ impl Plugin for Jwt {
             Some(_) if !config.jwks_url.starts_with('/') => {
                 return Err("with jwks-origin, jwks-url is a path starting with /".into())
             }
-            None if !config.jwks_url.starts_with("https://")
-                && !(config.danger_allow_http && config.jwks_url.starts_with("http://")) =>
+            None if !(config.jwks_url.starts_with("https://")
+                || config.danger_allow_http && config.jwks_url.starts_with("http://")) =>
             {
                 return Err(format!(
                     "jwks-url {:?} must be an https:// URL (or a path, with jwks-origin; http:// only with danger-allow-http)",
