@@ -222,6 +222,20 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Prints a command's report, or its error.
+fn report<E: std::fmt::Display>(result: Result<String, E>) -> ExitCode {
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// A connector's file for a `check` option that needs one; `what` says why an edge's will
 /// not do.
 fn connector_file(path: &std::path::Path, what: &str) -> Result<ConnectorConfig, ExitCode> {
@@ -244,16 +258,7 @@ fn check_match(path: &std::path::Path, url: &str) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match sluice::connector::dry_run::explain(&config, url) {
-        Ok(report) => {
-            print!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    report(sluice::connector::dry_run::explain(&config, url))
 }
 
 fn cert_new(names: &[String], ips: &[std::net::IpAddr], out: &std::path::Path) -> ExitCode {
@@ -680,16 +685,7 @@ fn plugin_command(action: cli::PluginCommand) -> ExitCode {
         Ok(r) => r,
         Err(code) => return code,
     };
-    match runtime.block_on(sluice::plugin::tester::run(&test)) {
-        Ok(report) => {
-            print!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    report(runtime.block_on(sluice::plugin::tester::run(&test)))
 }
 
 fn tunnel_new(name: &str, hostnames: &[String], token_file: Option<&std::path::Path>) -> ExitCode {

@@ -21,6 +21,12 @@ use tokio_util::sync::CancellationToken;
 async fn member(name: &'static str, stop: CancellationToken) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
     let addr = listener.local_addr().unwrap();
+    serve_member(listener, name, stop);
+    addr
+}
+
+/// Serves `name` on `listener` until `stop`.
+fn serve_member(listener: tokio::net::TcpListener, name: &'static str, stop: CancellationToken) {
     tokio::spawn(async move {
         loop {
             let tcp = tokio::select! {
@@ -41,7 +47,6 @@ async fn member(name: &'static str, stop: CancellationToken) -> std::net::Socket
             });
         }
     });
-    addr
 }
 
 fn pool(balance: Balance, health: Option<HealthCheck>) -> PoolConfig {
@@ -230,7 +235,7 @@ async fn hash_keeps_a_key_on_its_member_and_moves_only_the_stopped_ones_keys() {
     conn.stop().await;
 }
 
-/// A member on a fixed address that can be stopped and started again.
+/// A member on a fixed address (one that was stopped, started again).
 async fn member_at(addr: std::net::SocketAddr, name: &'static str, stop: CancellationToken) {
     // The port was just closed: binding it again may take a moment.
     let listener = tokio::time::timeout(WAIT, async {
@@ -243,26 +248,7 @@ async fn member_at(addr: std::net::SocketAddr, name: &'static str, stop: Cancell
     })
     .await
     .expect("could not bind the member's port again");
-    tokio::spawn(async move {
-        loop {
-            let tcp = tokio::select! {
-                _ = stop.cancelled() => return,
-                a = listener.accept() => match a { Ok((t, _)) => t, Err(_) => return },
-            };
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req: Request<Incoming>| async move {
-                    Ok::<_, std::convert::Infallible>(Response::new(sluice::relay::full(name)))
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc);
-                tokio::select! {
-                    _ = conn => {}
-                    _ = stop.cancelled() => {}
-                }
-            });
-        }
-    });
+    serve_member(listener, name, stop);
 }
 
 #[tokio::test]

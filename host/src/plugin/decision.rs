@@ -11,8 +11,8 @@ use super::bindings::sluice::plugin::types::{Header, HeaderEdit, LocalResponse};
 /// Largest body of a local response.
 pub const MAX_LOCAL_BODY: usize = 256 * 1024;
 
-/// Headers a plugin may neither set nor remove.
-const FORBIDDEN: &[&str] = &[
+/// Headers a plugin may neither set nor remove (nor send on an outbound call).
+pub(crate) const FORBIDDEN: &[&str] = &[
     "connection",
     "keep-alive",
     "transfer-encoding",

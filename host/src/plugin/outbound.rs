@@ -26,19 +26,6 @@ pub const MAX_CALLS_PER_HOOK: u32 = 16;
 /// Largest request body a plugin may send.
 pub const MAX_REQUEST_BODY: usize = 1 << 20;
 
-/// Headers the host sets itself; a plugin may not send them.
-const HOST_HEADERS: &[&str] = &[
-    "host",
-    "connection",
-    "keep-alive",
-    "transfer-encoding",
-    "content-length",
-    "te",
-    "trailer",
-    "upgrade",
-    "http2-settings",
-];
-
 /// One call, as the plugin asked for it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Call {
@@ -445,7 +432,8 @@ impl Outbound {
 fn header(name: &str, value: &[u8]) -> Result<(HeaderName, HeaderValue), CallError> {
     let parsed = HeaderName::from_bytes(name.as_bytes())
         .map_err(|_| CallError::Invalid(format!("header name {name:?}")))?;
-    if HOST_HEADERS.contains(&parsed.as_str()) || parsed.as_str().starts_with("proxy-") {
+    let name = parsed.as_str();
+    if name == "host" || super::decision::FORBIDDEN.contains(&name) || name.starts_with("proxy-") {
         return Err(CallError::Invalid(format!(
             "header {name:?} is set by the host"
         )));
