@@ -141,6 +141,22 @@ async fn grpc_server() -> std::net::SocketAddr {
     addr
 }
 
+/// An edge with an HTTPS listener (HTTP/2 by ALPN) serving `app.test`, and a connector
+/// sending it to `origin`.
+async fn h2_tunnel(origin: OriginConfig) -> (EdgeHandle, ConnectorHandle) {
+    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
+        c.https = Some(sluice::config::HttpsConfig {
+            listen: loopback(),
+            identity: c.quic_identity.clone(),
+        });
+    })
+    .await;
+    let conn = start_connector(connector_config(&edge, "app", "t", vec![origin], vec![])).await;
+    conn.registered(sluice::config::DEFAULT_HA_CONNECTIONS as usize)
+        .await;
+    (edge, conn)
+}
+
 /// A tonic client of the edge's HTTPS listener, for `app.test`.
 async fn grpc_client(edge: &EdgeHandle) -> tonic::client::Grpc<tonic::transport::Channel> {
     let https = edge.https.expect("the edge has an HTTPS listener");
@@ -212,16 +228,7 @@ async fn grpc_calls_and_streams_cross_the_tunnel_with_their_status() {
         OriginTarget::parse(&format!("h2c://{server}")).unwrap(),
     );
     origin.http2 = true;
-    let edge = start_edge(vec![tunnel("app", "t", &["app.test"])], |c| {
-        c.https = Some(sluice::config::HttpsConfig {
-            listen: loopback(),
-            identity: c.quic_identity.clone(),
-        });
-    })
-    .await;
-    let conn = start_connector(connector_config(&edge, "app", "t", vec![origin], vec![])).await;
-    conn.registered(sluice::config::DEFAULT_HA_CONNECTIONS as usize)
-        .await;
+    let (edge, conn) = h2_tunnel(origin).await;
     let mut client = grpc_client(&edge).await;
 
     let reply = tokio::time::timeout(WAIT, unary(&mut client, "hello", 0))
@@ -273,5 +280,89 @@ async fn grpc_calls_and_streams_cross_the_tunnel_with_their_status() {
     let status = end.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Aborted);
     assert_eq!(status.message(), "asked to fail with 10");
+    conn.stop().await;
+}
+
+/// Trailers in both directions, seen by plain HTTP/2 ends: a client's request trailers reach
+/// the origin, and the origin's response trailers reach the client.
+#[tokio::test]
+async fn trailers_cross_the_tunnel_both_ways() {
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    type Frames = StreamBody<
+        futures_util::stream::Iter<
+            std::vec::IntoIter<Result<Frame<bytes::Bytes>, std::convert::Infallible>>,
+        >,
+    >;
+    fn with_trailers(data: bytes::Bytes, name: &'static str, value: &'static str) -> Frames {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert(name, http::HeaderValue::from_static(value));
+        StreamBody::new(futures_util::stream::iter(vec![
+            Ok(Frame::data(data)),
+            Ok(Frame::trailers(trailers)),
+        ]))
+    }
+
+    // The origin answers with what it got, and trailers of its own.
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let got = req.into_body().collect().await.unwrap();
+                        let checksum = got
+                            .trailers()
+                            .and_then(|t| t.get("x-checksum"))
+                            .map(|v| v.to_str().unwrap().to_string())
+                            .unwrap_or_else(|| "none".into());
+                        let text =
+                            format!("{} + {checksum}", String::from_utf8_lossy(&got.to_bytes()));
+                        Ok::<_, std::convert::Infallible>(http::Response::new(with_trailers(
+                            text.into(),
+                            "x-sum",
+                            "42",
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let mut origin =
+        OriginConfig::new("h2", OriginTarget::parse(&format!("h2c://{addr}")).unwrap());
+    origin.http2 = true;
+    let (edge, conn) = h2_tunnel(origin).await;
+
+    let tls = tls_connect(edge.https.unwrap(), &edge.identity, b"h2").await;
+    let (mut sender, c) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(c);
+    let req = http::Request::post("https://app.test/upload")
+        .header("te", "trailers")
+        .body(with_trailers(
+            bytes::Bytes::from_static(b"hello"),
+            "x-checksum",
+            "abc",
+        ))
+        .unwrap();
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let got = tokio::time::timeout(WAIT, resp.into_body().collect())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.trailers().and_then(|t| t.get("x-sum")).unwrap(), "42");
+    assert_eq!(&got.to_bytes()[..], b"hello + abc");
     conn.stop().await;
 }
