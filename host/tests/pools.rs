@@ -381,6 +381,7 @@ async fn a_retried_request_keeps_its_body_through_a_body_hook() {
     p.members = vec!["a".into(), "b".into()];
     cfg.pools = vec![p];
     cfg.plugins = vec![hook];
+    cfg.admin_listen = Some(loopback());
     let conn = start_connector(cfg).await;
     conn.registered(1).await;
     for _ in 0..4 {
@@ -393,6 +394,16 @@ async fn a_retried_request_keeps_its_body_through_a_body_hook() {
         )
         .await;
         assert_eq!((reply.status, reply.text().as_str()), (200, "b got HELLO"));
+    }
+    // Passive ejection (eject-after = 1, no health check): the first refusal took a out, and
+    // no later request was sent to it.
+    let metrics = get(conn.admin.unwrap(), "admin", "/metrics").await.text();
+    for line in [
+        r#"sluice_connector_pool_member_healthy{pool="api",member="a"} 0"#,
+        r#"sluice_connector_pool_member_requests_total{pool="api",member="a"} 1"#,
+        r#"sluice_connector_pool_member_requests_total{pool="api",member="b"} 4"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}:\n{metrics}");
     }
     conn.stop().await;
 }
