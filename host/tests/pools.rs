@@ -49,6 +49,19 @@ fn serve_member(listener: tokio::net::TcpListener, name: &'static str, stop: Can
     });
 }
 
+/// GET `/` of `app.test` with one more header.
+async fn get_with(http: std::net::SocketAddr, name: &'static str, value: String) -> Reply {
+    send(
+        http,
+        Request::get("/")
+            .header("host", "app.test")
+            .header(name, value)
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+}
+
 fn pool(balance: Balance, health: Option<HealthCheck>) -> PoolConfig {
     PoolConfig {
         name: "api".into(),
@@ -190,20 +203,7 @@ async fn hash_keeps_a_key_on_its_member_and_moves_only_the_stopped_ones_keys() {
         &stops,
     )
     .await;
-    let as_user = |user: String| {
-        let http = edge.http;
-        async move {
-            send(
-                http,
-                Request::get("/")
-                    .header("host", "app.test")
-                    .header("x-user", user)
-                    .body(Full::default())
-                    .unwrap(),
-            )
-            .await
-        }
-    };
+    let as_user = |user: String| get_with(edge.http, "x-user", user);
     let mut home = HashMap::new();
     for u in 0..30 {
         let user = format!("user-{u}");
@@ -286,21 +286,7 @@ async fn a_connection_check_brings_a_member_back_and_a_plugin_may_name_the_pool(
     let conn = start_connector(cfg).await;
     conn.registered(1).await;
     let admin = conn.admin.unwrap();
-    let to_pool = || {
-        let http = edge.http;
-        async move {
-            send(
-                http,
-                Request::get("/")
-                    .header("host", "app.test")
-                    .header("x-pool", "1")
-                    .body(Full::default())
-                    .unwrap(),
-            )
-            .await
-            .text()
-        }
-    };
+    let to_pool = || async { get_with(edge.http, "x-pool", "1".into()).await.text() };
     let health = |member: &'static str, up: bool| async move {
         let line = format!(
             r#"sluice_connector_pool_member_healthy{{pool="api",member="{member}"}} {}"#,
