@@ -600,6 +600,10 @@ impl Pipeline {
             None => (None, headers, body),
         };
         let mut retried = false;
+        // A safe method whose body was never read may also go again when its connection
+        // died before any answer (a member stopping with the request on a kept-alive
+        // connection): it changes nothing, wherever it went.
+        let safe = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
         loop {
             let mut req = Request::new(body);
             *req.method_mut() = method.clone();
@@ -627,10 +631,12 @@ impl Pipeline {
             match (result, &claim, &retry) {
                 (Ok(resp), _, _) => return Ok(Exchanged::Answer(resp, name)),
                 (Err(e), Some(c), Some((h, held)))
-                    if !retried && e.before_sending() && held.unread() =>
+                    if !retried
+                        && held.unread()
+                        && (e.before_sending() || (safe && e.no_answer())) =>
                 {
                     if let Some(next) = c.another(h) {
-                        warn!(origin = %name, kind = e.kind(), cause = %e, retry = %next.origin().config().name, "origin request failed before sending; retrying on another pool member");
+                        warn!(origin = %name, kind = e.kind(), cause = %e, retry = %next.origin().config().name, "origin request failed before an answer; retrying on another pool member");
                         metrics
                             .origin_errors
                             .get_or_create(&OriginErrorLabels {

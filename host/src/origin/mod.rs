@@ -95,6 +95,12 @@ impl OriginError {
         )
     }
 
+    /// The connection failed after the request went out and before a response head came
+    /// back (closed or reset, or an unreadable answer): only a safe method may go again.
+    pub fn no_answer(&self) -> bool {
+        matches!(self, OriginError::Protocol { .. })
+    }
+
     /// What the client is told: what failed, without the origin's name or address (the
     /// `Display` text, which has them, is for the log).
     pub fn public_text(&self) -> &'static str {
