@@ -109,7 +109,16 @@ fn serve(command: cli::Command, log_format: Option<LogFormat>) -> ExitCode {
     // its plugins are compiled.
     sluice::plugin::set_memory_release(|| unsafe { libmimalloc_sys::mi_collect(true) });
     sluice::plugin::set_compiler(compile_in_helper);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let workers = match &role {
+        Role::Edge(c, _) => c.workers,
+        Role::Connector(c, _) => c.workers,
+        Role::Demo { .. } => config::default_workers(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             error!("failed to start the async runtime: {e}");

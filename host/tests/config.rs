@@ -202,6 +202,45 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// `workers` sizes the async runtime: a connector told to run five workers has five worker
+/// threads (the default, one per core, is fewer on this machine).
+#[test]
+fn workers_sets_the_number_of_runtime_threads() {
+    let dir = tempdir("workers");
+    let file = dir.join("connector.toml");
+    // Nothing answers on the discard port: the connector keeps dialing, and stays up.
+    std::fs::write(
+        &file,
+        "tunnel = \"app\"\ntoken = \"x\"\nedges = [\"127.0.0.1:9\"]\nworkers = 5\n[[ingress]]\norigin = \"hello\"\n",
+    )
+    .unwrap();
+    let mut child = sluice()
+        .args(["connector", "--config"])
+        .arg(&file)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let workers = || {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .map(|tasks| {
+                tasks
+                    .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|comm| comm.trim() == "tokio-rt-worker")
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = workers();
+    while seen < 5 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        seen = workers();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen >= 5, "the connector runs {seen} worker threads, not 5");
+}
+
 fn tempdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("sluice-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

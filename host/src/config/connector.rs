@@ -61,6 +61,8 @@ pub struct ConnectorConfig {
     pub access_log: bool,
     /// Log format (`--log-format` overrides it); read at start only.
     pub log_format: super::LogFormat,
+    /// Async worker threads; read at start only.
+    pub workers: usize,
     /// Plugins by name, in file order.
     pub plugins: Vec<PluginConfig>,
     /// Chain run for every request, before the rule's own chain.
@@ -507,6 +509,7 @@ impl ConnectorConfig {
             admin_listen: None,
             access_log: true,
             log_format: Default::default(),
+            workers: super::default_workers(),
             plugins: Vec::new(),
             global_plugins: Vec::new(),
             audit: AuditConfig::default(),
@@ -610,6 +613,7 @@ impl ConnectorConfig {
         for (key, value) in [
             ("max-sessions", file.max_sessions),
             ("max-concurrent-requests", file.max_concurrent_requests),
+            ("workers", file.workers),
         ] {
             if value == Some(0) {
                 return Err(src.error(None, key, "must be at least 1"));
@@ -636,6 +640,7 @@ impl ConnectorConfig {
             admin_listen: file.admin.map(|a| a.listen),
             access_log: file.access_log.unwrap_or(true),
             log_format: file.log_format.unwrap_or_default(),
+            workers: file.workers.unwrap_or_else(|| super::default_workers()),
             plugins,
             global_plugins: file.plugins,
             audit,
@@ -715,6 +720,7 @@ struct ConnectorFile {
     body_idle_timeout: Option<Duration>,
     access_log: Option<bool>,
     log_format: Option<super::LogFormat>,
+    workers: Option<usize>,
     admin: Option<super::AdminFile>,
     #[serde(default)]
     plugins: Vec<String>,

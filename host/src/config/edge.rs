@@ -50,6 +50,8 @@ pub struct EdgeConfig {
     pub access_log: bool,
     /// Log format (`--log-format` overrides it); read at start only.
     pub log_format: super::LogFormat,
+    /// Async worker threads; read at start only.
+    pub workers: usize,
     /// `Upgrade` protocols relayed to connectors (lowercase); others are dropped from the
     /// request, which then goes on as a plain request.
     pub allowed_upgrades: Vec<String>,
@@ -180,6 +182,7 @@ impl EdgeConfig {
             replica_disagreement_grace: DEFAULT_REPLICA_DISAGREEMENT_GRACE,
             access_log: true,
             log_format: Default::default(),
+            workers: super::default_workers(),
             allowed_upgrades: default_upgrades(),
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             body_idle_timeout: DEFAULT_BODY_IDLE_TIMEOUT,
@@ -207,6 +210,7 @@ impl EdgeConfig {
                 file.max_connections_per_client,
             ),
             ("connectors.max-handshakes", file.connectors.max_handshakes),
+            ("workers", file.workers),
         ] {
             if value == Some(0) {
                 return Err(src.error(None, key, "must be at least 1"));
@@ -353,6 +357,7 @@ impl EdgeConfig {
                 .map_or(DEFAULT_REPLICA_DISAGREEMENT_GRACE, |d| d.0),
             access_log: file.access_log.unwrap_or(true),
             log_format: file.log_format.unwrap_or_default(),
+            workers: file.workers.unwrap_or_else(|| super::default_workers()),
             allowed_upgrades: match file.allowed_upgrades {
                 Some(list) => list.iter().map(|p| p.to_ascii_lowercase()).collect(),
                 None => default_upgrades(),
@@ -388,6 +393,7 @@ struct EdgeFile {
     grace_period: Option<Duration>,
     access_log: Option<bool>,
     log_format: Option<super::LogFormat>,
+    workers: Option<usize>,
     allowed_upgrades: Option<Vec<UpgradeToken>>,
     idle_timeout: Option<Duration>,
     body_idle_timeout: Option<Duration>,

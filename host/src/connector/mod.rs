@@ -177,6 +177,7 @@ impl ConnectorReloader {
             ),
             ("max-sessions", old.max_sessions != config.max_sessions),
             ("log-format", old.log_format != config.log_format),
+            ("workers", old.workers != config.workers),
             ("admin", old.admin_listen != config.admin_listen),
             ("audit", old.audit != config.audit),
         ]

@@ -242,6 +242,7 @@ fn restart_needed(old: &EdgeConfig, new: &EdgeConfig) -> Vec<&'static str> {
         ("grace-period", old.grace_period != new.grace_period),
         ("access-log", old.access_log != new.access_log),
         ("log-format", old.log_format != new.log_format),
+        ("workers", old.workers != new.workers),
         (
             "allowed-upgrades",
             old.allowed_upgrades != new.allowed_upgrades,

@@ -236,7 +236,10 @@ impl Origin {
             }),
             Kind::Http(clients) if clients.proxied.is_some() => {
                 let timeout = self.config.request_timeout;
-                match tokio::time::timeout(timeout, self.send_proxied(clients, req, client)).await {
+                // Boxed: a PROXY-protocol request builds its own connection, a large future
+                // the common path should not carry (see `Pipeline::handle`).
+                let send = Box::pin(self.send_proxied(clients, req, client));
+                match tokio::time::timeout(timeout, send).await {
                     Ok(r) => r,
                     Err(_) => Err(OriginError::ResponseTimeout {
                         origin: self.config.name.clone(),
