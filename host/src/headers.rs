@@ -8,42 +8,45 @@ use crate::proto::HeaderValueBytes;
 /// Request id header added by the edge; clients cannot set it.
 pub const REQUEST_ID: &str = "sluice-request-id";
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
-pub const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    // Connection-specific by definition (RFC 9113 §3.2.1), even when `Connection` omits it.
-    "http2-settings",
-];
+/// [`REQUEST_ID`] as a header name, for maps (a `&str` key is parsed on every use).
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded; every `proxy-*` header goes too.
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            // Connection-specific by definition (RFC 9113 §3.2.1), even when `Connection`
+            // omits it.
+            | "http2-settings"
+    ) || name.as_str().starts_with("proxy-")
+}
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
+///
+/// One pass over the names, comparing them as they are; nothing is allocated unless
+/// something goes (every request and response of both roles passes here).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
-    let proxy: Vec<HeaderName> = headers
+    let listed = |name: &HeaderName| {
+        headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let has_connection = headers.contains_key(http::header::CONNECTION);
+    let doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|n| n.as_str().starts_with("proxy-"))
+        .filter(|name| is_hop_by_hop(name) || (has_connection && listed(name)))
         .cloned()
         .collect();
-    for name in proxy {
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -116,6 +119,26 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn names_listed_in_connection_go_whatever_their_case() {
+        let mut h = HeaderMap::new();
+        h.append("connection", HeaderValue::from_static("close"));
+        h.append(
+            "connection",
+            HeaderValue::from_static(" X-Hop-One ,x-HOP-two"),
+        );
+        h.insert("x-hop-one", HeaderValue::from_static("1"));
+        h.insert("x-hop-two", HeaderValue::from_static("2"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQAAP__"),
+        );
+        h.insert("x-hop-three", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(left, ["x-hop-three"]);
     }
 
     #[test]

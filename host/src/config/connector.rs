@@ -640,7 +640,7 @@ impl ConnectorConfig {
             admin_listen: file.admin.map(|a| a.listen),
             access_log: file.access_log.unwrap_or(true),
             log_format: file.log_format.unwrap_or_default(),
-            workers: file.workers.unwrap_or_else(|| super::default_workers()),
+            workers: file.workers.unwrap_or_else(super::default_workers),
             plugins,
             global_plugins: file.plugins,
             audit,

@@ -357,7 +357,7 @@ impl EdgeConfig {
                 .map_or(DEFAULT_REPLICA_DISAGREEMENT_GRACE, |d| d.0),
             access_log: file.access_log.unwrap_or(true),
             log_format: file.log_format.unwrap_or_default(),
-            workers: file.workers.unwrap_or_else(|| super::default_workers()),
+            workers: file.workers.unwrap_or_else(super::default_workers),
             allowed_upgrades: match file.allowed_upgrades {
                 Some(list) => list.iter().map(|p| p.to_ascii_lowercase()).collect(),
                 None => default_upgrades(),

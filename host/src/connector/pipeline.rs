@@ -31,7 +31,7 @@ use crate::admin::metrics::{InFlightGauge, OriginErrorLabels};
 use crate::admin::Metrics;
 use crate::audit::Audit;
 use crate::config::{normalize_host, ConnectorConfig};
-use crate::headers::{from_wire, strip_hop_by_hop, to_wire, REQUEST_ID};
+use crate::headers::{from_wire, strip_hop_by_hop, to_wire, REQUEST_ID_HEADER as REQUEST_ID};
 use crate::ingress::{normalize_target, Ingress, PathPolicy};
 use crate::origin::{Named, OriginError, Origins};
 use crate::plugin::bindings::sluice::plugin::types::Completion;

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, TRANSFER_ENCODING, UPGRADE,
+    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
@@ -20,7 +21,9 @@ use super::registry::{Admitted, InFlight};
 use super::EdgeShared;
 use crate::admin::metrics::{InFlightGauge, KindLabels, TunnelLabels};
 use crate::authority::Authority;
-use crate::headers::{from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID};
+use crate::headers::{
+    from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID_HEADER as REQUEST_ID,
+};
 use crate::proto::{self, io::read_payload, HeadCodec, RequestHead, ResponseSource};
 use crate::relay::{self, HttpBody};
 use crate::transport::{RecvStream, SendStream};
@@ -575,6 +578,11 @@ pub(super) async fn open_stream(
 
 /// Sets `x-forwarded-for`, `-proto` and `-host`. Client-sent values survive only when the edge
 /// trusts a proxy in front of it.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
 fn set_forwarded(
     headers: &mut http::HeaderMap,
     trust: bool,
@@ -584,7 +592,7 @@ fn set_forwarded(
 ) {
     let ip = client.ip().to_string();
     let previous: Vec<&str> = headers
-        .get_all("x-forwarded-for")
+        .get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .map(str::trim)
@@ -597,25 +605,25 @@ fn set_forwarded(
     };
     if !trust {
         // Other spellings of the same claims are not the edge's either.
-        headers.remove("forwarded");
-        headers.remove("x-real-ip");
+        headers.remove(http::header::FORWARDED);
+        headers.remove(X_REAL_IP);
     }
-    let keep_proto = trust && headers.contains_key("x-forwarded-proto");
-    let keep_host = trust && headers.contains_key("x-forwarded-host");
-    headers.remove("x-forwarded-for");
+    let keep_proto = trust && headers.contains_key(X_FORWARDED_PROTO);
+    let keep_host = trust && headers.contains_key(X_FORWARDED_HOST);
+    headers.remove(X_FORWARDED_FOR);
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     if !keep_proto {
         headers.insert(
-            "x-forwarded-proto",
+            X_FORWARDED_PROTO,
             HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
         );
     }
     if !keep_host {
-        headers.remove("x-forwarded-host");
+        headers.remove(X_FORWARDED_HOST);
         if let Ok(v) = HeaderValue::from_str(authority) {
-            headers.insert("x-forwarded-host", v);
+            headers.insert(X_FORWARDED_HOST, v);
         }
     }
 }
