@@ -760,7 +760,7 @@ impl Pipeline {
             // Upgrade declined by the origin: no raw bytes will follow.
             let _ = r.stop(proto::code::STREAM_CANCELLED);
         }
-        let mut resp_headers = resp.headers().clone();
+        let mut resp_headers = std::mem::take(resp.headers_mut());
         strip_hop_by_hop(&mut resp_headers);
         let mut replaced = None;
         if let Some(chain) = run.as_mut() {
