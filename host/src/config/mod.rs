@@ -213,8 +213,8 @@ impl<'a> Source<'a> {
     }
 }
 
-/// Async worker threads when a file leaves `workers` out: one per core, as the runtime's own
-/// default. Setting fewer keeps a connector from competing with the services beside it.
+/// Async worker threads when a file leaves `workers` out: one per core. Setting fewer keeps a
+/// connector from competing with the services beside it.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

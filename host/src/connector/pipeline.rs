@@ -318,8 +318,8 @@ impl Pipeline {
     ///
     /// This future is a task of its own per stream, copied whole when spawned and again when
     /// it completes, and it is as large as its largest await. The awaits that only sessions,
-    /// plugins or PROXY-protocol origins reach are boxed, so a plain request's task stays a
-    /// third of the size it would be (memory copies were 8% of the connector's profile).
+    /// plugins or PROXY-protocol origins reach are boxed, so a plain request's task is a
+    /// third smaller than it would be (memory copies were 8% of the connector's profile).
     pub async fn handle(
         self: Arc<Self>,
         send: SendStream,

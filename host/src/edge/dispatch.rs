@@ -576,13 +576,13 @@ pub(super) async fn open_stream(
     Ok((send, recv))
 }
 
-/// Sets `x-forwarded-for`, `-proto` and `-host`. Client-sent values survive only when the edge
-/// trusts a proxy in front of it.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
+/// Sets `x-forwarded-for`, `-proto` and `-host`. Client-sent values survive only when the edge
+/// trusts a proxy in front of it.
 fn set_forwarded(
     headers: &mut http::HeaderMap,
     trust: bool,
