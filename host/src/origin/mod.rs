@@ -452,6 +452,15 @@ fn connector_for(config: &OriginConfig) -> OriginConnector {
 }
 
 impl Origin {
+    /// A URI the PROXY-protocol path built that does not parse: the origin's own address or
+    /// the request's path, both already checked, so a protocol error rather than a panic.
+    fn invalid_uri(&self, e: http::uri::InvalidUri) -> OriginError {
+        OriginError::Protocol {
+            origin: self.config.name.clone(),
+            detail: e.to_string(),
+        }
+    }
+
     /// Sends `req` on a connection of its own that starts with a PROXY protocol header
     /// naming `client` (HTTP/1.1).
     async fn send_proxied(
@@ -482,10 +491,7 @@ impl Origin {
             .wrap_connector(p.connector.with_prefix(header));
         let uri: http::Uri = format!("{}://{}/", clients.scheme, clients.authority)
             .parse()
-            .map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
-                origin: self.config.name.clone(),
-                detail: e.to_string(),
-            })?;
+            .map_err(|e| self.invalid_uri(e))?;
         let io = connector
             .call(uri)
             .await
@@ -502,12 +508,7 @@ impl Origin {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        *req.uri_mut() =
-            path.parse()
-                .map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
-                    origin: self.config.name.clone(),
-                    detail: e.to_string(),
-                })?;
+        *req.uri_mut() = path.parse().map_err(|e| self.invalid_uri(e))?;
         let resp = sender
             .send_request(req)
             .await
