@@ -763,7 +763,21 @@ async fn chunked_upload(addr: std::net::SocketAddr, size: usize) -> String {
 #[tokio::test]
 async fn body_limit_refuses_announced_and_streamed_bodies_over_the_cap() {
     let p = example("body-limit", serde_json::json!({"max-bytes": 100_000}));
-    let (edge, conn) = tunnel_with(vec![p], &[], |_| {}).await;
+    // An upload origin reads the body before it answers (an origin answering at once, body
+    // unread, would be answered before the plugin saw enough of the body to stop it).
+    let uploads = start_origin(|req: Request<hyper::body::Incoming>| async move {
+        use http_body_util::BodyExt;
+        let n = match req.into_body().collect().await {
+            Ok(body) => body.to_bytes().len(),
+            Err(_) => 0,
+        };
+        http::Response::new(sluice::relay::full(format!("{n} bytes")))
+    })
+    .await;
+    let (edge, conn) = tunnel_with(vec![p], &[], |cfg| {
+        cfg.origins[0] = http_origin("web", uploads);
+    })
+    .await;
     let upload = |n: usize| {
         Request::post("/up")
             .header("host", "app.test")

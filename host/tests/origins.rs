@@ -7,6 +7,7 @@ mod support;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -334,4 +335,124 @@ async fn proxy_protocol_tells_the_origin_each_clients_address() {
         );
         conn.stop().await;
     }
+}
+
+/// A hand-written HTTP/1.1 origin that numbers its connections and answers each request with
+/// the number of the connection it came on. `/close` answers with `Connection: close`,
+/// `/hangup` answers and then, when `hang_up` is notified, closes without having said so (a
+/// keep-alive timeout) and notifies `hung_up`; after `/drop-next`, the next request on that
+/// connection is read and the connection closed without an answer; `/empty` answers 204.
+async fn numbering_origin(
+    hang_up: Arc<tokio::sync::Notify>,
+    hung_up: Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut number = 0;
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            number += 1;
+            let (hang_up, hung_up) = (hang_up.clone(), hung_up.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut drop_next = false;
+                loop {
+                    let head_end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        let mut chunk = [0u8; 1024];
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                    buf.drain(..head_end);
+                    if drop_next {
+                        return;
+                    }
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let body = number.to_string();
+                    let reply = match path.as_str() {
+                        "/empty" => "HTTP/1.1 204 No Content\r\n\r\n".to_string(),
+                        "/close" => format!(
+                            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        ),
+                        _ => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        ),
+                    };
+                    if tcp.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if path == "/close" {
+                        return;
+                    }
+                    drop_next = path == "/drop-next";
+                    if path == "/hangup" {
+                        hang_up.notified().await;
+                        drop(tcp);
+                        hung_up.notify_one();
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// HTTP/1.1 origin connections are kept alive and reused, also after a response without a
+/// body; one the origin closed, with or without saying so, is replaced, and the request that
+/// follows is answered.
+#[tokio::test]
+async fn keep_alive_connections_are_reused_and_closed_ones_replaced() {
+    let (hang_up, hung_up) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let addr = numbering_origin(hang_up.clone(), hung_up.clone()).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("web", addr)]).await;
+    let on = |reply: Reply| {
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply.text()
+    };
+    for _ in 0..10 {
+        assert_eq!(on(get(edge.http, "app.test", "/").await), "1");
+    }
+    for _ in 0..3 {
+        assert_eq!(get(edge.http, "app.test", "/empty").await.status, 204);
+    }
+    assert_eq!(on(get(edge.http, "app.test", "/").await), "1");
+    assert_eq!(on(get(edge.http, "app.test", "/close").await), "1");
+    assert_eq!(on(get(edge.http, "app.test", "/").await), "2");
+    // Closed while idle: the next request finds the connection closed, or sends on it as
+    // the close arrives and goes again on a new one.
+    for n in 2..12 {
+        assert_eq!(
+            on(get(edge.http, "app.test", "/hangup").await),
+            n.to_string()
+        );
+        hang_up.notify_one();
+        tokio::time::timeout(Duration::from_secs(10), hung_up.notified())
+            .await
+            .expect("the origin closes the connection");
+    }
+    assert_eq!(on(get(edge.http, "app.test", "/").await), "12");
+    // Closed as a request arrived: a GET goes again on a new connection; a POST, which the
+    // origin may have acted on, does not.
+    assert_eq!(on(get(edge.http, "app.test", "/drop-next").await), "12");
+    assert_eq!(on(get(edge.http, "app.test", "/").await), "13");
+    assert_eq!(on(get(edge.http, "app.test", "/drop-next").await), "13");
+    let post = Request::post("/")
+        .header("host", "app.test")
+        .body(http_body_util::Full::from("x"))
+        .unwrap();
+    assert_eq!(send(edge.http, post).await.status, 502);
+    assert_eq!(on(get(edge.http, "app.test", "/").await), "14");
+    conn.stop().await;
 }

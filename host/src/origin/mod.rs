@@ -4,6 +4,7 @@
 
 mod builtin;
 pub mod connect;
+mod h1;
 pub mod pool;
 
 use std::collections::HashMap;
@@ -146,8 +147,8 @@ enum Kind {
 
 /// The clients of an HTTP origin.
 struct HttpClients {
-    /// Keep-alive pool for ordinary requests (HTTP/2 when configured).
-    pooled: Client<HttpsConnector<OriginConnector>, HttpBody>,
+    /// Keep-alive pool for ordinary requests.
+    pooled: Pooled,
     /// A fresh HTTP/1.1 connection per upgrade request, never returned to a pool: an origin
     /// that declines an upgrade may still be in a state no later request should inherit.
     upgrades: Client<HttpsConnector<OriginConnector>, HttpBody>,
@@ -156,6 +157,14 @@ struct HttpClients {
     authority: String,
     /// With `proxy-protocol`: what a connection of its own for each request needs.
     proxied: Option<Proxied>,
+}
+
+/// The keep-alive client of ordinary requests.
+enum Pooled {
+    /// HTTP/1.1, each connection driven by the request using it.
+    Http1(Arc<h1::Pool>),
+    /// HTTP/2 (by ALPN, or prior knowledge), connections shared by concurrent requests.
+    Http2(Client<HttpsConnector<OriginConnector>, HttpBody>),
 }
 
 /// An origin reading a PROXY protocol header: each request gets a connection that starts
@@ -248,19 +257,15 @@ impl Origin {
                 }
             }
             Kind::Http(clients) => {
-                let client = if req.headers().contains_key(http::header::UPGRADE) {
-                    &clients.upgrades
-                } else {
-                    &clients.pooled
+                let upgrade = req.headers().contains_key(http::header::UPGRADE);
+                let client = match &clients.pooled {
+                    Pooled::Http1(pool) if !upgrade => {
+                        return self.send_http1(pool, clients, req).await
+                    }
+                    Pooled::Http2(client) if !upgrade => client,
+                    _ => &clients.upgrades,
                 };
-                let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                let uri = format!("{}://{}{}", clients.scheme, clients.authority, target);
-                *req.uri_mut() =
-                    uri.parse()
-                        .map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
-                            origin: self.config.name.clone(),
-                            detail: e.to_string(),
-                        })?;
+                *req.uri_mut() = self.origin_uri(clients, req.uri())?;
                 let timeout = self.config.request_timeout;
                 match tokio::time::timeout(timeout, client.request(req)).await {
                     Err(_) => Err(OriginError::ResponseTimeout {
@@ -276,6 +281,41 @@ impl Origin {
                 }
             }
         }
+    }
+
+    /// [`Origin::send`] on an HTTP/1.1 keep-alive connection driven by this request's task.
+    async fn send_http1(
+        &self,
+        pool: &Arc<h1::Pool>,
+        clients: &HttpClients,
+        mut req: Request<HttpBody>,
+    ) -> Result<Response<HttpBody>, OriginError> {
+        *req.uri_mut() = self.origin_uri(clients, req.uri())?;
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, pool.send(req)).await {
+            Err(_) => Err(OriginError::ResponseTimeout {
+                origin: self.config.name.clone(),
+                timeout,
+            }),
+            Ok(Err(h1::SendError::Connect(e))) => Err(self.classify_chain(e.as_ref(), true)),
+            Ok(Err(h1::SendError::Request(e))) => Err(self.classify_chain(&e, false)),
+            Ok(Ok(resp)) => Ok(resp),
+        }
+    }
+
+    /// The absolute URI of a request for `target` (path and query) on this origin.
+    fn origin_uri(
+        &self,
+        clients: &HttpClients,
+        target: &http::Uri,
+    ) -> Result<http::Uri, OriginError> {
+        let target = target.path_and_query().map_or("/", |p| p.as_str());
+        format!("{}://{}{}", clients.scheme, clients.authority, target)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| OriginError::Protocol {
+                origin: self.config.name.clone(),
+                detail: e.to_string(),
+            })
     }
 
     fn classify(&self, err: &hyper_util::client::legacy::Error) -> OriginError {
@@ -392,10 +432,6 @@ impl HttpClients {
         // Upgrades are HTTP/1.1's; ordinary requests offer HTTP/2 by ALPN over TLS, or speak
         // it with prior knowledge in the clear, when the origin says `http2`.
         let http1 = builder().enable_http1().wrap_connector(connector.clone());
-        let pooled = match config.http2 {
-            true => builder().enable_all_versions().wrap_connector(connector),
-            false => http1.clone(),
-        };
         let client = |connector, max_idle, h2c: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(config.pool_idle_timeout)
@@ -431,8 +467,20 @@ impl HttpClients {
                 ),
             }
         });
+        let pooled = match config.http2 {
+            true => Pooled::Http2(client(
+                builder().enable_all_versions().wrap_connector(connector),
+                config.pool_max_idle,
+                h2c,
+            )),
+            false => Pooled::Http1(h1::Pool::new(
+                http1.clone(),
+                config.pool_max_idle,
+                config.pool_idle_timeout,
+            )),
+        };
         Ok(HttpClients {
-            pooled: client(pooled, config.pool_max_idle, h2c),
+            pooled,
             upgrades: client(http1, 0, false),
             scheme,
             authority,

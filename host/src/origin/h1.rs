@@ -1,0 +1,312 @@
+//! HTTP/1.1 origin connections driven by the task of the request that uses them.
+//!
+//! A keep-alive client that spawns a task per connection (hyper-util's) makes every request
+//! cross one more task each way: the request's task hands the head to the connection's task,
+//! which writes it, reads the answer and wakes the request's task again. On a small request
+//! those two wake-ups, often across worker threads, cost more than the HTTP/1 work itself.
+//!
+//! Here the request's task polls the connection itself: while it waits for the response head,
+//! and then, through [`Pooled`], each time the response body is read. When the body has ended
+//! and the connection is ready for another request, it goes back to the idle list, where
+//! nobody polls it; the next request to take it first polls it once to see whether the origin
+//! closed it meanwhile. A request that a reused connection could not even send (it was closed
+//! before the request was written) goes again on a fresh connection, as hyper-util's client
+//! does.
+//!
+//! HTTP/2 origins and upgrades keep hyper-util's client: an HTTP/2 connection is shared by
+//! concurrent requests, so it needs a task of its own, and an upgraded connection outlives
+//! its request.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{Connection, SendRequest};
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+
+use super::connect::{OriginConnector, OriginIo};
+use crate::relay::{BoxError, HttpBody};
+
+type Conn = Connection<MaybeHttpsStream<OriginIo>, HttpBody>;
+
+/// Why a request did not get a response head.
+#[derive(Debug)]
+pub(super) enum SendError {
+    /// No connection could be made (nothing of the request went out).
+    Connect(BoxError),
+    /// The exchange on an established connection failed.
+    Request(hyper::Error),
+}
+
+/// The idle keep-alive connections of one HTTP/1.1 origin, and how to make more.
+pub(super) struct Pool {
+    connector: HttpsConnector<OriginConnector>,
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+/// A connection waiting for its next request.
+struct Idle {
+    sender: SendRequest<HttpBody>,
+    conn: Conn,
+    since: Instant,
+}
+
+impl Pool {
+    /// A pool making connections with `connector`, keeping at most `max_idle` idle ones for
+    /// at most `idle_timeout` each.
+    pub(super) fn new(
+        connector: HttpsConnector<OriginConnector>,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            connector,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_timeout,
+        })
+    }
+
+    /// Sends `req` (absolute URI: the connection goes to its authority; origin form on the
+    /// wire) on an idle connection or a new one, and waits for the response head. The
+    /// returned body drives the connection until it has been read.
+    pub(super) async fn send(
+        self: &Arc<Self>,
+        req: Request<HttpBody>,
+    ) -> Result<Response<HttpBody>, SendError> {
+        let (mut parts, body) = req.into_parts();
+        let uri = std::mem::take(&mut parts.uri);
+        if !parts.headers.contains_key(http::header::HOST) {
+            if let Some(host) = uri
+                .authority()
+                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(http::header::HOST, host);
+            }
+        }
+        parts.uri = match uri.path_and_query() {
+            Some(p) => http::Uri::from(p.clone()),
+            None => http::Uri::from_static("/"),
+        };
+        // A request that changes nothing and has no body may go again when a reused
+        // connection turns out to have been closed by the origin as the request went out
+        // (its keep-alive timeout raced the request): nothing was answered, and the origin
+        // could not have acted on it twice.
+        let replayable = matches!(
+            parts.method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        ) && body.is_end_stream();
+        let mut req = Request::from_parts(parts, body);
+        loop {
+            let (sender, conn, reused) = match self.checkout() {
+                Some(idle) => (idle.sender, idle.conn, true),
+                None => {
+                    let (sender, conn) = self.connect(uri.clone()).await?;
+                    (sender, conn, false)
+                }
+            };
+            let again = (reused && replayable).then(|| bodiless_copy(&req));
+            match exchange(sender, conn, req).await {
+                Ok((resp, conn)) => {
+                    let (parts, body) = resp.into_parts();
+                    let mut pooled = Pooled {
+                        body,
+                        conn,
+                        pool: self.clone(),
+                    };
+                    if pooled.body.is_end_stream() {
+                        pooled.release();
+                    }
+                    return Ok(Response::from_parts(parts, HttpBody::new(pooled)));
+                }
+                Err(mut e) => match (e.take_message(), again) {
+                    // Closed before the request was written: nothing reached the origin.
+                    (Some(unsent), _) if reused => req = unsent,
+                    (_, Some(copy)) if closed_unanswered(e.error()) => req = copy,
+                    _ => return Err(SendError::Request(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn connect(&self, uri: http::Uri) -> Result<(SendRequest<HttpBody>, Conn), SendError> {
+        use tower_service::Service;
+        let io = self
+            .connector
+            .clone()
+            .call(uri)
+            .await
+            .map_err(SendError::Connect)?;
+        hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(Box::new(e)))
+    }
+
+    /// The most recently used idle connection that is still open, if any.
+    fn checkout(&self) -> Option<Idle> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(mut c) = idle.pop() {
+            if c.since.elapsed() < self.idle_timeout && still_open(&mut c.sender, &mut c.conn) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: SendRequest<HttpBody>, conn: Conn) {
+        if self.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let timeout = self.idle_timeout;
+        idle.retain(|c| c.since.elapsed() < timeout);
+        if idle.len() >= self.max_idle {
+            idle.remove(0);
+        }
+        idle.push(Idle {
+            sender,
+            conn,
+            since: Instant::now(),
+        });
+    }
+}
+
+/// A copy of a request without a body (its head only).
+fn bodiless_copy(req: &Request<HttpBody>) -> Request<HttpBody> {
+    let mut copy = Request::new(crate::relay::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// The connection closed (or was reset) before any byte of an answer.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    use std::error::Error;
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// Polls an unused connection once, without anyone to wake: it has ended if the origin closed
+/// it (or sent something unasked), and it is usable if it is ready for a request.
+fn still_open(sender: &mut SendRequest<HttpBody>, conn: &mut Conn) -> bool {
+    let mut cx = Context::from_waker(Waker::noop());
+    match Pin::new(conn).poll(&mut cx) {
+        Poll::Ready(_) => false,
+        Poll::Pending => sender.is_ready(),
+    }
+}
+
+/// Sends `req` on `conn`, polling the connection until the response head arrives. Hands the
+/// connection back with the response, unless it has ended, so that reading the body drives it.
+async fn exchange(
+    mut sender: SendRequest<HttpBody>,
+    conn: Conn,
+    req: Request<HttpBody>,
+) -> Result<
+    (Response<Incoming>, Option<(SendRequest<HttpBody>, Conn)>),
+    hyper::client::conn::TrySendError<Request<HttpBody>>,
+> {
+    let mut response = std::pin::pin!(sender.try_send_request(req));
+    let mut conn = Some(conn);
+    let resp = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = response.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        if let Some(c) = conn.as_mut() {
+            if Pin::new(c).poll(cx).is_ready() {
+                // The connection ended: dropping it hands its error (or "dispatch gone") to
+                // the response, if it did not have one already.
+                conn = None;
+                return response.as_mut().poll(cx);
+            }
+        }
+        Poll::Pending
+    })
+    .await?;
+    Ok((resp, conn.map(|c| (sender, c))))
+}
+
+/// A response body that drives its connection while it is read, and returns the connection
+/// to the pool once it has ended.
+struct Pooled {
+    body: Incoming,
+    conn: Option<(SendRequest<HttpBody>, Conn)>,
+    pool: Arc<Pool>,
+}
+
+impl Pooled {
+    /// The body has ended: the connection goes back to the pool if it can take another
+    /// request (it may still be sending a request body the origin did not wait for, or have
+    /// been told `Connection: close`).
+    fn release(&mut self) {
+        if let Some((mut sender, mut conn)) = self.conn.take() {
+            if still_open(&mut sender, &mut conn) {
+                self.pool.checkin(sender, conn);
+            }
+        }
+    }
+}
+
+impl Body for Pooled {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if let Some((_, conn)) = this.conn.as_mut() {
+            if Pin::new(conn).poll(cx).is_ready() {
+                // Ended; whatever it still had for the body is in the body's channel.
+                this.conn = None;
+            }
+        }
+        match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            None => {
+                this.release();
+                Poll::Ready(None)
+            }
+            Some(Ok(frame)) => {
+                if this.body.is_end_stream() {
+                    this.release();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                this.conn = None;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
