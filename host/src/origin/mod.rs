@@ -164,7 +164,7 @@ enum Pooled {
     /// HTTP/1.1, each connection driven by the request using it.
     Http1(Arc<h1::Pool>),
     /// HTTP/2 (by ALPN, or prior knowledge), connections shared by concurrent requests.
-    Http2(Client<HttpsConnector<OriginConnector>, HttpBody>),
+    Http2(Box<Client<HttpsConnector<OriginConnector>, HttpBody>>),
 }
 
 /// An origin reading a PROXY protocol header: each request gets a connection that starts
@@ -468,11 +468,11 @@ impl HttpClients {
             }
         });
         let pooled = match config.http2 {
-            true => Pooled::Http2(client(
+            true => Pooled::Http2(Box::new(client(
                 builder().enable_all_versions().wrap_connector(connector),
                 config.pool_max_idle,
                 h2c,
-            )),
+            ))),
             false => Pooled::Http1(h1::Pool::new(
                 http1.clone(),
                 config.pool_max_idle,
