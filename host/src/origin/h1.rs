@@ -17,6 +17,7 @@
 //! concurrent requests, so it needs a task of its own, and an upgraded connection outlives
 //! its request.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -33,7 +34,14 @@ use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use super::connect::{OriginConnector, OriginIo};
 use crate::relay::{BoxError, HttpBody};
 
-type Conn = Connection<MaybeHttpsStream<OriginIo>, HttpBody>;
+/// Boxed: a connection (with its TLS state) is large, and it moves between the idle list,
+/// the request and the response body on every request.
+type Conn = Box<Connection<MaybeHttpsStream<OriginIo>, HttpBody>>;
+
+/// How long a connection must have been idle before a request on it is worth a copy for
+/// going again: an origin closes an idle connection after its keep-alive timeout, seconds
+/// at least; one in steady use is never idle that long.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(100);
 
 /// Why a request did not get a response head.
 #[derive(Debug)]
@@ -47,7 +55,7 @@ pub(super) enum SendError {
 /// The idle keep-alive connections of one HTTP/1.1 origin, and how to make more.
 pub(super) struct Pool {
     connector: HttpsConnector<OriginConnector>,
-    idle: Mutex<Vec<Idle>>,
+    idle: Mutex<VecDeque<Idle>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -69,7 +77,7 @@ impl Pool {
     ) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             max_idle,
             idle_timeout,
         })
@@ -106,14 +114,16 @@ impl Pool {
         ) && body.is_end_stream();
         let mut req = Request::from_parts(parts, body);
         loop {
-            let (sender, conn, reused) = match self.checkout() {
-                Some(idle) => (idle.sender, idle.conn, true),
+            let (sender, conn, idle_for) = match self.checkout() {
+                Some((idle, idle_for)) => (idle.sender, idle.conn, Some(idle_for)),
                 None => {
                     let (sender, conn) = self.connect(uri.clone()).await?;
-                    (sender, conn, false)
+                    (sender, conn, None)
                 }
             };
-            let again = (reused && replayable).then(|| bodiless_copy(&req));
+            let reused = idle_for.is_some();
+            let again = (replayable && idle_for.is_some_and(|d| d >= REPLAY_AFTER_IDLE))
+                .then(|| bodiless_copy(&req));
             match exchange(sender, conn, req).await {
                 Ok((resp, conn)) => {
                     let (parts, body) = resp.into_parts();
@@ -145,17 +155,20 @@ impl Pool {
             .call(uri)
             .await
             .map_err(SendError::Connect)?;
-        hyper::client::conn::http1::handshake(io)
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
-            .map_err(|e| SendError::Connect(Box::new(e)))
+            .map_err(|e| SendError::Connect(Box::new(e)))?;
+        Ok((sender, Box::new(conn)))
     }
 
-    /// The most recently used idle connection that is still open, if any.
-    fn checkout(&self) -> Option<Idle> {
+    /// The most recently used idle connection that is still open, if any, and how long it
+    /// was idle.
+    fn checkout(&self) -> Option<(Idle, Duration)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(mut c) = idle.pop() {
-            if c.since.elapsed() < self.idle_timeout && still_open(&mut c.sender, &mut c.conn) {
-                return Some(c);
+        while let Some(mut c) = idle.pop_back() {
+            let idle_for = c.since.elapsed();
+            if idle_for < self.idle_timeout && still_open(&mut c.sender, &mut c.conn) {
+                return Some((c, idle_for));
             }
         }
         None
@@ -165,16 +178,20 @@ impl Pool {
         if self.max_idle == 0 {
             return;
         }
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let timeout = self.idle_timeout;
-        idle.retain(|c| c.since.elapsed() < timeout);
-        if idle.len() >= self.max_idle {
-            idle.remove(0);
+        // Oldest first: the expired ones, then any beyond the limit.
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout)
+            || idle.len() >= self.max_idle
+        {
+            idle.pop_front();
         }
-        idle.push(Idle {
+        idle.push_back(Idle {
             sender,
             conn,
-            since: Instant::now(),
+            since: now,
         });
     }
 }
