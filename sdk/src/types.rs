@@ -24,7 +24,13 @@ pub struct Request<'a> {
     hostname: OnceCell<String>,
     ingress_rule: OnceCell<u32>,
     pub(crate) client_addr: OnceCell<Option<String>>,
+    /// Headers asked for by name before (or instead of) the whole list: a lookup copies one
+    /// header's values out of the host, not every header of the request.
+    lookups: [OnceCell<(String, Vec<Vec<u8>>)>; LOOKUPS],
 }
+
+/// Headers a hook may look up by name before the request's whole header list is fetched.
+const LOOKUPS: usize = 4;
 
 impl Request<'static> {
     /// A request for `url` (`https://host/path?query`), for tests. As in production, the
@@ -52,6 +58,7 @@ impl Request<'static> {
             hostname: hostname.into(),
             ingress_rule: 0.into(),
             client_addr: None.into(),
+            lookups: Default::default(),
         }
     }
 
@@ -90,6 +97,7 @@ impl<'a> Request<'a> {
             hostname: OnceCell::new(),
             ingress_rule: OnceCell::new(),
             client_addr: OnceCell::new(),
+            lookups: Default::default(),
         }
     }
 
@@ -154,18 +162,52 @@ impl<'a> Request<'a> {
 
     /// The first value of header `name`, if it is valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers()
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        let value = match self.looked_up(name) {
+            Some(values) => values.first().map(Vec::as_slice),
+            None => self
+                .headers()
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_slice()),
+        };
+        value.and_then(|v| std::str::from_utf8(v).ok())
     }
 
     /// Every value of header `name`, in order.
     pub fn header_bytes<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s [u8]> + 's {
-        self.headers()
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+        let looked_up = self.looked_up(name);
+        let listed = match looked_up {
+            Some(_) => None,
+            None => Some(
+                self.headers()
+                    .iter()
+                    .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.as_slice()),
+            ),
+        };
+        let looked_up = looked_up.into_iter().flatten().map(Vec::as_slice);
+        looked_up.chain(listed.into_iter().flatten())
+    }
+
+    /// The values of header `name` asked of the host by name, while the whole list has not
+    /// been fetched and a lookup slot is free (or already holds it); `None` otherwise.
+    fn looked_up(&self, name: &str) -> Option<&[Vec<u8>]> {
+        let host = self.host?;
+        if self.headers.get().is_some() {
+            return None;
+        }
+        for slot in &self.lookups {
+            match slot.get() {
+                Some((n, values)) if n.eq_ignore_ascii_case(name) => return Some(values),
+                Some(_) => continue,
+                None => {
+                    let name = name.to_ascii_lowercase();
+                    let values = host.header(&name);
+                    return Some(&slot.get_or_init(|| (name, values)).1);
+                }
+            }
+        }
+        None
     }
 
     /// The value of cookie `name`.
