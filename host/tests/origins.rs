@@ -459,3 +459,71 @@ async fn keep_alive_connections_are_reused_and_closed_ones_replaced() {
     assert_eq!(on(get(edge.http, "app.test", "/").await), "14");
     conn.stop().await;
 }
+
+/// An origin that answers as soon as it has a request's head, then reads the body to its end
+/// (by `content-length`) and reports how many bytes it got.
+async fn early_answer_origin(
+    got: tokio::sync::mpsc::UnboundedSender<usize>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let got = got.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let head_end = loop {
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                    let mut chunk = [0u8; 4096];
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                let reply = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if tcp.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut read = buf.len() - head_end;
+                let mut chunk = vec![0u8; 64 << 10];
+                while read < length {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => read += n,
+                    }
+                }
+                let _ = got.send(read);
+            });
+        }
+    });
+    addr
+}
+
+/// An origin that answers before it has read a request's body still gets the whole body.
+#[tokio::test]
+async fn a_body_still_going_when_the_origin_answers_is_sent_whole() {
+    let (tx, mut got) = tokio::sync::mpsc::unbounded_channel();
+    let addr = early_answer_origin(tx).await;
+    let (edge, conn) = app_tunnel(vec![http_origin("web", addr)]).await;
+    let size = 4 << 20;
+    let post = Request::post("/up")
+        .header("host", "app.test")
+        .body(http_body_util::Full::from(vec![b'u'; size]))
+        .unwrap();
+    let reply = send(edge.http, post).await;
+    assert_eq!((reply.status, reply.text().as_str()), (200, "ok"));
+    let read = tokio::time::timeout(Duration::from_secs(20), got.recv())
+        .await
+        .expect("the origin reads the body to its end")
+        .unwrap();
+    assert_eq!(read, size);
+    conn.stop().await;
+}

@@ -20,6 +20,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -58,6 +59,8 @@ pub(super) struct Pool {
     idle: Mutex<VecDeque<Idle>>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// Whether the sweeping task runs.
+    sweeping: AtomicBool,
 }
 
 /// A connection waiting for its next request.
@@ -80,6 +83,7 @@ impl Pool {
             idle: Mutex::new(VecDeque::new()),
             max_idle,
             idle_timeout,
+            sweeping: AtomicBool::new(false),
         })
     }
 
@@ -112,9 +116,28 @@ impl Pool {
             parts.method,
             http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
         ) && body.is_end_stream();
+        // A body still being sent when the answer's head arrives must go on without waiting
+        // for someone to read the answer: see `Pooled`.
+        let (body, sent) = match body.is_end_stream() {
+            true => (body, None),
+            false => {
+                let sent = Arc::new(AtomicBool::new(false));
+                let body = HttpBody::new(Tracked {
+                    body,
+                    sent: sent.clone(),
+                });
+                (body, Some(sent))
+            }
+        };
         let mut req = Request::from_parts(parts, body);
+        let mut replayed = false;
         loop {
-            let (sender, conn, idle_for) = match self.checkout() {
+            let idle = match replayed {
+                // Once a connection failed that way, the copy goes on a new one.
+                true => None,
+                false => self.checkout(),
+            };
+            let (sender, conn, idle_for) = match idle {
                 Some((idle, idle_for)) => (idle.sender, idle.conn, Some(idle_for)),
                 None => {
                     let (sender, conn) = self.connect(uri.clone()).await?;
@@ -122,29 +145,51 @@ impl Pool {
                 }
             };
             let reused = idle_for.is_some();
-            let again = (replayable && idle_for.is_some_and(|d| d >= REPLAY_AFTER_IDLE))
-                .then(|| bodiless_copy(&req));
+            let again =
+                (replayable && !replayed && idle_for.is_some_and(|d| d >= REPLAY_AFTER_IDLE))
+                    .then(|| bodiless_copy(&req));
             match exchange(sender, conn, req).await {
-                Ok((resp, conn)) => {
-                    let (parts, body) = resp.into_parts();
-                    let mut pooled = Pooled {
-                        body,
-                        conn,
-                        pool: self.clone(),
-                    };
-                    if pooled.body.is_end_stream() {
-                        pooled.release();
-                    }
-                    return Ok(Response::from_parts(parts, HttpBody::new(pooled)));
-                }
+                Ok((resp, conn)) => return Ok(self.answer(resp, conn, sent.as_deref())),
                 Err(mut e) => match (e.take_message(), again) {
                     // Closed before the request was written: nothing reached the origin.
                     (Some(unsent), _) if reused => req = unsent,
-                    (_, Some(copy)) if closed_unanswered(e.error()) => req = copy,
+                    (_, Some(copy)) if closed_unanswered(e.error()) => {
+                        req = copy;
+                        replayed = true;
+                    }
                     _ => return Err(SendError::Request(e.into_error())),
                 },
             }
         }
+    }
+
+    /// The response, whose body drives `conn` while it is read. If the request's body was
+    /// still being sent, the connection gets a task of its own instead (it is not reused): the
+    /// body must keep going while the answer waits for its reader, as an origin may stream
+    /// its answer while it reads the body.
+    fn answer(
+        self: &Arc<Self>,
+        resp: Response<Incoming>,
+        conn: Option<(SendRequest<HttpBody>, Conn)>,
+        sent: Option<&AtomicBool>,
+    ) -> Response<HttpBody> {
+        let (parts, body) = resp.into_parts();
+        if sent.is_some_and(|s| !s.load(Ordering::Acquire)) {
+            if let Some((_, conn)) = conn {
+                finish(conn);
+            }
+            let body = http_body_util::BodyExt::map_err(body, |e| -> BoxError { Box::new(e) });
+            return Response::from_parts(parts, HttpBody::new(body));
+        }
+        let mut pooled = Pooled {
+            body,
+            conn,
+            pool: self.clone(),
+        };
+        if pooled.body.is_end_stream() {
+            pooled.release();
+        }
+        Response::from_parts(parts, HttpBody::new(pooled))
     }
 
     async fn connect(&self, uri: http::Uri) -> Result<(SendRequest<HttpBody>, Conn), SendError> {
@@ -164,20 +209,52 @@ impl Pool {
     /// The most recently used idle connection that is still open, if any, and how long it
     /// was idle.
     fn checkout(&self) -> Option<(Idle, Duration)> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(mut c) = idle.pop_back() {
+        loop {
+            // Checked outside the lock: a check polls the connection (a read, TLS).
+            let mut c = self
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_back()?;
             let idle_for = c.since.elapsed();
             if idle_for < self.idle_timeout && still_open(&mut c.sender, &mut c.conn) {
                 return Some((c, idle_for));
             }
         }
-        None
     }
 
-    fn checkin(&self, sender: SendRequest<HttpBody>, conn: Conn) {
+    /// Drops the idle connections that expired or that their origin closed.
+    fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let timeout = self.idle_timeout;
+        idle.retain_mut(|c| c.since.elapsed() < timeout && still_open(&mut c.sender, &mut c.conn));
+    }
+
+    /// Sweeps the idle list now and then while the pool lives (started by its first idle
+    /// connection, on the runtime that uses it): nothing else polls an idle connection, so
+    /// one the origin closed would hold its socket until the next request.
+    fn start_sweeping(self: &Arc<Self>) {
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        let every = (self.idle_timeout / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match pool.upgrade() {
+                    Some(pool) => pool.sweep(),
+                    None => return,
+                }
+            }
+        });
+    }
+
+    fn checkin(self: &Arc<Self>, sender: SendRequest<HttpBody>, conn: Conn) {
         if self.max_idle == 0 {
             return;
         }
+        self.start_sweeping();
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // Oldest first: the expired ones, then any beyond the limit.
@@ -225,13 +302,68 @@ fn closed_unanswered(e: &hyper::Error) -> bool {
     false
 }
 
-/// Polls an unused connection once, without anyone to wake: it has ended if the origin closed
-/// it (or sent something unasked), and it is usable if it is ready for a request.
-fn still_open(sender: &mut SendRequest<HttpBody>, conn: &mut Conn) -> bool {
+/// What a connection no request is using can do.
+enum State {
+    /// Take another request.
+    Ready,
+    /// Nothing more: still busy with the last exchange (a request body the origin answered
+    /// before reading), or told to close.
+    Busy,
+    /// Nothing: the origin closed it (or sent something unasked).
+    Ended,
+}
+
+/// Polls a connection no request is using once, without anyone to wake.
+fn state(sender: &mut SendRequest<HttpBody>, conn: &mut Conn) -> State {
     let mut cx = Context::from_waker(Waker::noop());
     match Pin::new(conn).poll(&mut cx) {
-        Poll::Ready(_) => false,
-        Poll::Pending => sender.is_ready(),
+        Poll::Ready(_) => State::Ended,
+        Poll::Pending if sender.is_ready() => State::Ready,
+        Poll::Pending => State::Busy,
+    }
+}
+
+/// Whether an idle connection can take a request.
+fn still_open(sender: &mut SendRequest<HttpBody>, conn: &mut Conn) -> bool {
+    matches!(state(sender, conn), State::Ready)
+}
+
+/// Drives a connection no request will use again to its end on a task of its own (it closes
+/// once its last exchange is done).
+fn finish(conn: Conn) {
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+}
+
+/// A request body that says when it has all been read.
+struct Tracked {
+    body: HttpBody,
+    sent: Arc<AtomicBool>,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        if frame.is_none() || this.body.is_end_stream() {
+            this.sent.store(true, Ordering::Release);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -256,8 +388,9 @@ async fn exchange(
                 // The connection ended: dropping it hands its error (or "dispatch gone") to
                 // the response, if it did not have one already.
                 conn = None;
-                return response.as_mut().poll(cx);
             }
+            // The poll may have read the head: take it now rather than after a wake-up.
+            return response.as_mut().poll(cx);
         }
         Poll::Pending
     })
@@ -279,8 +412,11 @@ impl Pooled {
     /// been told `Connection: close`).
     fn release(&mut self) {
         if let Some((mut sender, mut conn)) = self.conn.take() {
-            if still_open(&mut sender, &mut conn) {
-                self.pool.checkin(sender, conn);
+            match state(&mut sender, &mut conn) {
+                State::Ready => self.pool.checkin(sender, conn),
+                // Still writing what the origin did not wait for: it finishes on its own.
+                State::Busy => finish(conn),
+                State::Ended => {}
             }
         }
     }
@@ -307,7 +443,8 @@ impl Body for Pooled {
                 Poll::Ready(None)
             }
             Some(Ok(frame)) => {
-                if this.body.is_end_stream() {
+                // Trailers end a body; a reader may not poll past them.
+                if frame.is_trailers() || this.body.is_end_stream() {
                     this.release();
                 }
                 Poll::Ready(Some(Ok(frame)))
