@@ -57,6 +57,10 @@ pub(super) enum SendError {
 pub(super) struct Pool {
     connector: HttpsConnector<OriginConnector>,
     idle: Mutex<VecDeque<Idle>>,
+    /// Scheme and authority of the origin: where connections go, and the `host` of a request
+    /// that has none.
+    scheme: &'static str,
+    authority: String,
     max_idle: usize,
     idle_timeout: Duration,
     /// Whether the sweeping task runs.
@@ -71,15 +75,18 @@ struct Idle {
 }
 
 impl Pool {
-    /// A pool making connections with `connector`, keeping at most `max_idle` idle ones for
-    /// at most `idle_timeout` each.
+    /// A pool making connections to `scheme://authority` with `connector`, keeping at most
+    /// `max_idle` idle ones for at most `idle_timeout` each.
     pub(super) fn new(
         connector: HttpsConnector<OriginConnector>,
+        (scheme, authority): (&'static str, String),
         max_idle: usize,
         idle_timeout: Duration,
     ) -> Arc<Pool> {
         Arc::new(Pool {
             connector,
+            scheme,
+            authority,
             idle: Mutex::new(VecDeque::new()),
             max_idle,
             idle_timeout,
@@ -87,27 +94,25 @@ impl Pool {
         })
     }
 
-    /// Sends `req` (absolute URI: the connection goes to its authority; origin form on the
-    /// wire) on an idle connection or a new one, and waits for the response head. The
-    /// returned body drives the connection until it has been read.
+    /// Sends `req` (its URI: path and query) on an idle connection or a new one, and waits for
+    /// the response head. The returned body drives the connection until it has been read.
     pub(super) async fn send(
         self: &Arc<Self>,
         req: Request<HttpBody>,
     ) -> Result<Response<HttpBody>, SendError> {
         let (mut parts, body) = req.into_parts();
-        let uri = std::mem::take(&mut parts.uri);
         if !parts.headers.contains_key(http::header::HOST) {
-            if let Some(host) = uri
-                .authority()
-                .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-            {
+            if let Ok(host) = http::HeaderValue::from_str(&self.authority) {
                 parts.headers.insert(http::header::HOST, host);
             }
         }
-        parts.uri = match uri.path_and_query() {
-            Some(p) => http::Uri::from(p.clone()),
-            None => http::Uri::from_static("/"),
-        };
+        // Origin form on the wire, whatever the caller gave.
+        if parts.uri.scheme().is_some() || parts.uri.path_and_query().is_none() {
+            parts.uri = match parts.uri.path_and_query() {
+                Some(p) => http::Uri::from(p.clone()),
+                None => http::Uri::from_static("/"),
+            };
+        }
         // A request that changes nothing and has no body may go again when a reused
         // connection turns out to have been closed by the origin as the request went out
         // (its keep-alive timeout raced the request): nothing was answered, and the origin
@@ -140,7 +145,7 @@ impl Pool {
             let (sender, conn, idle_for) = match idle {
                 Some((idle, idle_for)) => (idle.sender, idle.conn, Some(idle_for)),
                 None => {
-                    let (sender, conn) = self.connect(uri.clone()).await?;
+                    let (sender, conn) = self.connect().await?;
                     (sender, conn, None)
                 }
             };
@@ -192,8 +197,11 @@ impl Pool {
         Response::from_parts(parts, HttpBody::new(pooled))
     }
 
-    async fn connect(&self, uri: http::Uri) -> Result<(SendRequest<HttpBody>, Conn), SendError> {
+    async fn connect(&self) -> Result<(SendRequest<HttpBody>, Conn), SendError> {
         use tower_service::Service;
+        let uri: http::Uri = format!("{}://{}/", self.scheme, self.authority)
+            .parse()
+            .map_err(|e| SendError::Connect(Box::new(e)))?;
         let io = self
             .connector
             .clone()

@@ -259,9 +259,7 @@ impl Origin {
             Kind::Http(clients) => {
                 let upgrade = req.headers().contains_key(http::header::UPGRADE);
                 let client = match &clients.pooled {
-                    Pooled::Http1(pool) if !upgrade => {
-                        return self.send_http1(pool, clients, req).await
-                    }
+                    Pooled::Http1(pool) if !upgrade => return self.send_http1(pool, req).await,
                     Pooled::Http2(client) if !upgrade => client,
                     _ => &clients.upgrades,
                 };
@@ -287,10 +285,8 @@ impl Origin {
     async fn send_http1(
         &self,
         pool: &Arc<h1::Pool>,
-        clients: &HttpClients,
-        mut req: Request<HttpBody>,
+        req: Request<HttpBody>,
     ) -> Result<Response<HttpBody>, OriginError> {
-        *req.uri_mut() = self.origin_uri(clients, req.uri())?;
         let timeout = self.config.request_timeout;
         match tokio::time::timeout(timeout, pool.send(req)).await {
             Err(_) => Err(OriginError::ResponseTimeout {
@@ -475,6 +471,7 @@ impl HttpClients {
             ))),
             false => Pooled::Http1(h1::Pool::new(
                 http1.clone(),
+                (scheme, authority.clone()),
                 config.pool_max_idle,
                 config.pool_idle_timeout,
             )),
