@@ -221,6 +221,9 @@ fn transport(peer_streams: u32) -> quinn::TransportConfig {
     t.stream_receive_window((1u32 << 20).into());
     t.receive_window((16u32 << 20).into());
     t.send_window(16 << 20);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(crate::transport::quic::MAX_DATAGRAM);
+    t.mtu_discovery_config(Some(mtu));
     t
 }
 
