@@ -642,9 +642,10 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
 fn accept_stream(shared: &Shared, ctx: &Arc<StreamContext>, send: SendStream, recv: RecvStream) {
     // Each stream runs on the pipeline current when it arrived.
     let pipeline = shared.pipeline.load_full();
-    shared
-        .streams
-        .spawn(pipeline.handle(send, recv, ctx.clone()).in_current_span());
+    // Boxed: the request's future is several kilobytes, and a task copies what it holds when it
+    // is spawned and again when it completes.
+    let request = Box::pin(pipeline.handle(send, recv, ctx.clone()));
+    shared.streams.spawn(request.in_current_span());
 }
 
 /// Reads the edge's control messages until `DrainAck` (true) or the end of the stream
