@@ -122,7 +122,7 @@ async fn head_encodings_are_negotiated_at_registration() {
         assert!(head.empty_body);
         let resp = ResponseHead {
             status: 203,
-            headers: vec![("content-length".into(), "2".into())],
+            headers: vec![("content-length".into(), "2".into())].into(),
             source: ResponseSource::Origin,
         };
         rs.write_all(&codec.encode_response(&resp).unwrap())
@@ -166,7 +166,7 @@ async fn unknown_control_messages_after_registration_are_ignored() {
     assert_eq!(head.authority, "app.test");
     let resp = sluice::proto::ResponseHead {
         status: 203,
-        headers: vec![("content-length".into(), "2".into())],
+        headers: vec![("content-length".into(), "2".into())].into(),
         source: sluice::proto::ResponseSource::Origin,
     };
     sluice::proto::io::write_frame(&mut rs, &resp)

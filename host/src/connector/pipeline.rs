@@ -31,13 +31,14 @@ use crate::admin::metrics::{InFlightGauge, OriginErrorLabels};
 use crate::admin::Metrics;
 use crate::audit::Audit;
 use crate::config::{normalize_host, ConnectorConfig};
-use crate::headers::{from_wire, strip_hop_by_hop, to_wire, REQUEST_ID_HEADER as REQUEST_ID};
+use crate::headers::{strip_hop_by_hop, REQUEST_ID_HEADER as REQUEST_ID};
 use crate::ingress::{normalize_target, Ingress, PathPolicy};
 use crate::origin::{Named, OriginError, Origins};
 use crate::plugin::bindings::sluice::plugin::types::Completion;
 use crate::plugin::{LoadError, Plugin, RequestView, Runtime};
 use crate::proto::{
-    self, io::read_payload, HeadCodec, RequestHead, ResponseHead, ResponseSource, SessionHead,
+    self, io::read_payload, HeadCodec, Headers, RequestHead, ResponseHead, ResponseSource,
+    SessionHead,
 };
 use crate::relay::{self, PumpError};
 use crate::tls::TlsError;
@@ -389,7 +390,7 @@ impl Pipeline {
 
     async fn serve(
         &self,
-        head: RequestHead,
+        mut head: RequestHead,
         mut send: Reply,
         recv: RecvStream,
         metrics: &Metrics,
@@ -402,7 +403,11 @@ impl Pipeline {
             chain: None,
             admitted,
         };
-        let outcome = match self.proxy(&head, &host, &mut send, recv, &mut state).await {
+        let headers = std::mem::take(&mut head.headers);
+        let outcome = match self
+            .proxy(&head, headers, &host, &mut send, recv, &mut state)
+            .await
+        {
             Ok(o) => o,
             Err(Failure::Answer {
                 status,
@@ -482,6 +487,7 @@ impl Pipeline {
     async fn proxy<'a>(
         &'a self,
         head: &RequestHead,
+        headers: Headers,
         host: &str,
         send: &mut Reply,
         recv: RecvStream,
@@ -493,7 +499,7 @@ impl Pipeline {
             mut headers,
             framing,
             mut origin_name,
-        } = self.route(head, host)?;
+        } = self.route(head, headers, host)?;
 
         // On-request: the rule's plugin chain (global chain first) may edit headers, rewrite
         // the path, choose another configured origin, or answer locally.
@@ -704,7 +710,7 @@ impl Pipeline {
 
     /// The request's place in the ingress rules: the normalised target, the matching rule and
     /// its origin, and the end-to-end headers with their framing checked.
-    fn route(&self, head: &RequestHead, host: &str) -> Result<Routed, Failure> {
+    fn route(&self, head: &RequestHead, headers: Headers, host: &str) -> Result<Routed, Failure> {
         let (path, target) = normalize_target(&head.path, &self.paths)
             .map_err(|e| Failure::bad_request(e.to_string()))?;
         let Some(m) = self.ingress.find(host, &path) else {
@@ -720,7 +726,10 @@ impl Pipeline {
         };
         Method::from_bytes(head.method.as_bytes())
             .map_err(|_| Failure::bad_request("invalid method".into()))?;
-        let (mut headers, invalid) = from_wire(&head.headers);
+        let Headers {
+            map: mut headers,
+            invalid,
+        } = headers;
         if invalid > 0 {
             debug!(invalid, "dropped invalid request headers");
         }
@@ -790,9 +799,10 @@ impl Pipeline {
                 resp_headers.insert(UPGRADE, v);
             }
         }
+        let short = relay::announced_length(&resp_headers).is_some_and(|n| n <= SHORT_BODY);
         let resp_head = ResponseHead {
             status: status.as_u16(),
-            headers: to_wire(&resp_headers),
+            headers: resp_headers.into(),
             source: ResponseSource::Origin,
         };
         let head_frame = encode_response_head(send.heads, &resp_head, &origin_name)?;
@@ -828,7 +838,6 @@ impl Pipeline {
             Some(f) => f.spawn(body).0,
             None => body,
         };
-        let short = relay::announced_length(&resp_headers).is_some_and(|n| n <= SHORT_BODY);
         // A stream whose client accepts trailers carries them back (gRPC's status).
         let body = if head.trailers {
             relay::framed(body)
@@ -1122,7 +1131,7 @@ async fn answer_local(
     }
     let head = ResponseHead {
         status: status.as_u16(),
-        headers: to_wire(&headers),
+        headers: headers.into(),
         source: ResponseSource::Plugin,
     };
     if !send_whole_answer(send, &head, body.clone()).await {
@@ -1263,22 +1272,18 @@ async fn refuse_busy(mut send: Reply, mut recv: RecvStream, limit: usize) {
 /// Sends a connector-made error response (a 503 says when to retry); returns the body size.
 async fn answer_error(send: &mut Reply, status: StatusCode, message: &str) -> u64 {
     let body = format!("sluice connector: {message}\n");
-    let mut headers = vec![
-        (
-            CONTENT_TYPE.as_str().to_string(),
-            "text/plain; charset=utf-8".into(),
-        ),
-        (
-            "content-length".to_string(),
-            body.len().to_string().as_str().into(),
-        ),
-    ];
+    let mut headers = http::HeaderMap::with_capacity(3);
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.push(("retry-after".to_string(), "1".into()));
+        headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     let head = ResponseHead {
         status: status.as_u16(),
-        headers,
+        headers: headers.into(),
         source: ResponseSource::Connector,
     };
     send_whole_answer(send, &head, Bytes::copy_from_slice(body.as_bytes())).await;

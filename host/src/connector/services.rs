@@ -15,7 +15,6 @@ use super::pipeline::{
 };
 use crate::admin::Metrics;
 use crate::config::{OriginConfig, OriginTarget, ServiceConfig, SocketTarget};
-use crate::headers::to_wire;
 use crate::origin::{connect_tcp, OriginError};
 use crate::proto::{
     self, io::write_frame, RequestHead, ResponseHead, ResponseSource, SessionHead, SessionProtocol,
@@ -252,7 +251,7 @@ impl Pipeline {
         }
         let head = ResponseHead {
             status: 101,
-            headers: to_wire(&headers),
+            headers: headers.into(),
             source: ResponseSource::Origin,
         };
         let frame = encode_response_head(send.heads, &head, &name)?;

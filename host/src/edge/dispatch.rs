@@ -21,10 +21,8 @@ use super::registry::{Admitted, InFlight};
 use super::EdgeShared;
 use crate::admin::metrics::{InFlightGauge, KindLabels, TunnelLabels};
 use crate::authority::Authority;
-use crate::headers::{
-    from_wire, requested_upgrade, strip_hop_by_hop, to_wire, REQUEST_ID_HEADER as REQUEST_ID,
-};
-use crate::proto::{self, io::read_payload, HeadCodec, RequestHead, ResponseSource};
+use crate::headers::{requested_upgrade, strip_hop_by_hop, REQUEST_ID_HEADER as REQUEST_ID};
+use crate::proto::{self, io::read_payload, HeadCodec, Headers, RequestHead, ResponseSource};
 use crate::relay::{self, HttpBody};
 use crate::transport::{RecvStream, SendStream};
 
@@ -422,7 +420,7 @@ impl Forwarded<'_> {
                 .path_and_query()
                 .map_or("/", |p| p.as_str())
                 .to_string(),
-            headers: to_wire(&headers),
+            headers: headers.into(),
             client_addr: Some(self.client.to_string()),
             upgrade: checked.upgrade.clone(),
             empty_body: checked.upgrade.is_some() || body.is_end_stream(),
@@ -485,7 +483,10 @@ impl Forwarded<'_> {
             ResponseSource::Plugin => "plugin",
             ResponseSource::Connector | ResponseSource::Other => "connector",
         };
-        let (mut headers, invalid) = from_wire(&head.headers);
+        let Headers {
+            map: mut headers,
+            invalid,
+        } = head.headers;
         if invalid > 0 {
             debug!(invalid, "dropped invalid response headers");
         }

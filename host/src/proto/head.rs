@@ -14,7 +14,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::frame::{decode, encode, FrameError, MAX_FRAME_LEN};
-use super::message::{HeaderValueBytes, RequestHead, ResponseHead, ResponseSource};
+use super::message::{Headers, RequestHead, ResponseHead, ResponseSource};
 
 /// The name of the binary encoding in `Register.heads` and `Registered.heads`.
 pub const BINARY: &str = "binary-1";
@@ -95,7 +95,7 @@ impl HeadCodec {
                     scheme: r.string()?,
                     authority: r.string()?,
                     path: r.string()?,
-                    headers: Vec::new(),
+                    headers: Headers::default(),
                     client_addr: None,
                     upgrade: None,
                     empty_body: flags & 1 != 0,
@@ -179,13 +179,13 @@ impl Writer {
         Ok(())
     }
 
-    fn headers(&mut self, headers: &[(String, HeaderValueBytes)]) -> Result<(), FrameError> {
-        let n = u16::try_from(headers.len())
-            .map_err(|_| FrameError::Oversized { len: headers.len() })?;
+    fn headers(&mut self, headers: &Headers) -> Result<(), FrameError> {
+        let count = headers.map.len();
+        let n = u16::try_from(count).map_err(|_| FrameError::Oversized { len: count })?;
         self.out.put_u16(n);
-        for (name, value) in headers {
-            self.bytes(name.as_bytes())?;
-            self.bytes(&value.0)?;
+        for (name, value) in &headers.map {
+            self.bytes(name.as_str().as_bytes())?;
+            self.bytes(value.as_bytes())?;
         }
         Ok(())
     }
@@ -245,7 +245,9 @@ impl<'a> Reader<'a> {
             .map_err(|_| FrameError::Invalid("binary head field is not UTF-8"))
     }
 
-    fn headers(&mut self) -> Result<Vec<(String, HeaderValueBytes)>, FrameError> {
+    /// The headers; a field that is not valid HTTP is dropped and counted, not an error (as
+    /// in the JSON form).
+    fn headers(&mut self) -> Result<Headers, FrameError> {
         let n = self.u16()?;
         // Each header takes at least 4 bytes: a count beyond that is a lie, not an allocation.
         if usize::from(n) * 4 > self.rest.len() {
@@ -253,11 +255,14 @@ impl<'a> Reader<'a> {
                 "binary head announces more headers than it holds",
             ));
         }
-        let mut headers = Vec::with_capacity(n.into());
+        let mut headers = Headers {
+            map: http::HeaderMap::with_capacity(n.into()),
+            invalid: 0,
+        };
         for _ in 0..n {
-            let name = self.string()?;
-            let value = HeaderValueBytes(self.bytes()?.to_vec());
-            headers.push((name, value));
+            let name = self.bytes()?;
+            let value = self.bytes()?;
+            headers.push_wire_bytes(name, value);
         }
         Ok(headers)
     }
@@ -274,6 +279,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::HeaderValueBytes;
 
     fn request() -> RequestHead {
         RequestHead {
@@ -285,9 +291,10 @@ mod tests {
             headers: vec![
                 ("cookie".into(), "a=1".into()),
                 ("cookie".into(), "b=2".into()),
-                ("x-bin".into(), HeaderValueBytes(vec![0xff, 0x80, b'a', 0])),
+                ("x-bin".into(), HeaderValueBytes(vec![0xff, 0x80, b'a'])),
                 ("x-empty".into(), HeaderValueBytes(Vec::new())),
-            ],
+            ]
+            .into(),
             client_addr: Some("192.0.2.1:5555".into()),
             upgrade: Some("websocket".into()),
             empty_body: true,
@@ -298,7 +305,7 @@ mod tests {
     fn response() -> ResponseHead {
         ResponseHead {
             status: 204,
-            headers: vec![("x-bin".into(), HeaderValueBytes(vec![0xfe, 1]))],
+            headers: vec![("x-bin".into(), HeaderValueBytes(vec![0xfe, b'x']))].into(),
             source: ResponseSource::Plugin,
         }
     }
@@ -310,7 +317,7 @@ mod tests {
             upgrade: None,
             empty_body: false,
             trailers: false,
-            headers: Vec::new(),
+            headers: Headers::default(),
             ..request()
         };
         for codec in [HeadCodec::Json, HeadCodec::Binary] {
@@ -327,6 +334,36 @@ mod tests {
             let frame = codec.encode_response(&response()).unwrap();
             assert_eq!(codec.decode_response(&frame[4..]).unwrap(), response());
         }
+    }
+
+    #[test]
+    fn fields_that_are_not_http_are_dropped_and_counted_by_both_codecs() {
+        // What a hostile or buggy peer could send: a value with a NUL and a control byte, a
+        // name with a space, an empty name. Each is dropped, counted, and nothing else lost.
+        let mut w = Writer::new(RESPONSE_TAG);
+        w.out.put_u16(200);
+        w.out.put_u8(0);
+        let fields: [(&[u8], &[u8]); 5] = [
+            (b"x-ok", b"1"),
+            (b"x-nul", b"a\0b"),
+            (b"x-ctl", b"\x01"),
+            (b"bad name", b"v"),
+            (b"", b"v"),
+        ];
+        w.out.put_u16(fields.len() as u16);
+        for (name, value) in fields {
+            w.bytes(name).unwrap();
+            w.bytes(value).unwrap();
+        }
+        let frame = w.finish().unwrap();
+        let head = HeadCodec::Binary.decode_response(&frame[4..]).unwrap();
+        assert_eq!(head.headers.invalid, 4);
+        assert_eq!(head.headers.map.len(), 1);
+        assert_eq!(head.headers.map["x-ok"], "1");
+        let json = br#"{"status":200,"headers":[["x-ok","1"],["x-nul","a\u0000b"],["bad name","v"]],"source":"origin"}"#;
+        let head = HeadCodec::Json.decode_response(json).unwrap();
+        assert_eq!(head.headers.invalid, 2);
+        assert_eq!(head.headers.map.len(), 1);
     }
 
     #[test]
@@ -399,12 +436,13 @@ mod tests {
         let mut head = request();
         head.headers = (0..40)
             .map(|i| (format!("x-{i}"), HeaderValueBytes(vec![b'v'; 2000])))
-            .collect();
+            .collect::<Vec<_>>()
+            .into();
         assert!(matches!(
             HeadCodec::Binary.encode_request(&head),
             Err(FrameError::Oversized { .. })
         ));
-        head.headers = vec![("x-big".into(), HeaderValueBytes(vec![b'v'; 70_000]))];
+        head.headers = vec![("x-big".into(), HeaderValueBytes(vec![b'v'; 70_000]))].into();
         assert!(HeadCodec::Binary.encode_request(&head).is_err());
     }
 

@@ -31,8 +31,8 @@ pub use session::{
 
 pub use frame::{decode, decode_len, encode, FrameDecoder, FrameError, MAX_FRAME_LEN};
 pub use message::{
-    Control, Digest, HeaderValueBytes, Register, Registered, RejectCode, Rejected, RequestHead,
-    ResponseHead, ResponseSource,
+    Control, Digest, HeaderValueBytes, Headers, Register, Registered, RejectCode, Rejected,
+    RequestHead, ResponseHead, ResponseSource,
 };
 
 /// ALPN protocol id spoken between connector and edge over QUIC.

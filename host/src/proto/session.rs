@@ -215,7 +215,7 @@ mod tests {
             scheme: "https".into(),
             authority: "a.test".into(),
             path: "/".into(),
-            headers: vec![],
+            headers: Default::default(),
             client_addr: None,
             upgrade: None,
             empty_body: true,
