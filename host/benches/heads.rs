@@ -65,11 +65,11 @@ fn main() {
                     let mut request = request.clone();
                     request.headers = req_map.clone().into();
                     let frame = codec.encode_request(&request).unwrap();
-                    let req = codec.decode_request(&frame[4..]).unwrap();
+                    let req = codec.decode_request(&frame.slice(4..)).unwrap();
                     let mut response = response.clone();
                     response.headers = resp_map.clone().into();
                     let frame = codec.encode_response(&response).unwrap();
-                    let resp = codec.decode_response(&frame[4..]).unwrap();
+                    let resp = codec.decode_response(&frame.slice(4..)).unwrap();
                     std::hint::black_box((req.headers.map, resp.headers.map));
                 }
                 t.elapsed().as_secs_f64() * 1e6 / f64::from(iters)

@@ -114,7 +114,7 @@ async fn head_encodings_are_negotiated_at_registration() {
             .unwrap()
             .unwrap();
         let payload = sluice::proto::io::read_payload(&mut rr).await.unwrap();
-        let head = codec.decode_request(&payload).unwrap();
+        let head = codec.decode_request(&payload.into()).unwrap();
         assert_eq!(
             (head.authority.as_str(), head.path.as_str()),
             ("app.test", "/x?y")

@@ -363,7 +363,7 @@ impl Pipeline {
             )
             .await;
         }
-        let head = match heads.decode_request(&payload) {
+        let head = match heads.decode_request(&Bytes::from(payload)) {
             Ok(h) => h,
             Err(e) => return refuse_malformed(&mut send, &mut recv, &e),
         };

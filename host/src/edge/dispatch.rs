@@ -469,7 +469,7 @@ impl Forwarded<'_> {
         let tunnel = self.tunnel;
         let read = read_payload(recv).await;
         let head = read
-            .and_then(|p| Ok(heads.decode_response(&p)?))
+            .and_then(|p| Ok(heads.decode_response(&p.into())?))
             .map_err(|e| {
                 warn!(%tunnel, connection, cause = %e, "the connector did not answer the request");
                 EdgeAnswer::ConnectorFailed

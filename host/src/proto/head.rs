@@ -82,8 +82,9 @@ impl HeadCodec {
         }
     }
 
-    /// One request head from a frame's payload.
-    pub fn decode_request(self, payload: &[u8]) -> Result<RequestHead, FrameError> {
+    /// One request head from a frame's payload. Header values of a binary head are slices of
+    /// `payload`, not copies.
+    pub fn decode_request(self, payload: &Bytes) -> Result<RequestHead, FrameError> {
         match self {
             HeadCodec::Json => decode(payload),
             HeadCodec::Binary => {
@@ -133,8 +134,8 @@ impl HeadCodec {
         }
     }
 
-    /// One response head from a frame's payload.
-    pub fn decode_response(self, payload: &[u8]) -> Result<ResponseHead, FrameError> {
+    /// One response head from a frame's payload, as [`HeadCodec::decode_request`].
+    pub fn decode_response(self, payload: &Bytes) -> Result<ResponseHead, FrameError> {
         match self {
             HeadCodec::Json => decode(payload),
             HeadCodec::Binary => {
@@ -203,13 +204,15 @@ impl Writer {
 
 /// Reads a binary head; every read is bounds-checked, so hostile bytes give an error.
 struct Reader<'a> {
+    /// The whole payload, which header values are sliced from.
+    payload: &'a Bytes,
     rest: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn new(payload: &'a [u8], tag: u8) -> Result<Reader<'a>, FrameError> {
+    fn new(payload: &'a Bytes, tag: u8) -> Result<Reader<'a>, FrameError> {
         match payload.split_first() {
-            Some((&t, rest)) if t == tag => Ok(Reader { rest }),
+            Some((&t, rest)) if t == tag => Ok(Reader { payload, rest }),
             _ => Err(FrameError::Invalid(
                 "not a binary head of the expected kind",
             )),
@@ -261,8 +264,11 @@ impl<'a> Reader<'a> {
         };
         for _ in 0..n {
             let name = self.bytes()?;
-            let value = self.bytes()?;
-            headers.push_wire_bytes(name, value);
+            let value = self.payload.slice_ref(self.bytes()?);
+            match http::HeaderValue::from_maybe_shared(value) {
+                Ok(value) => headers.push_wire(name, value),
+                Err(_) => headers.invalid += 1,
+            }
         }
         Ok(headers)
     }
@@ -280,6 +286,11 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
     use crate::proto::HeaderValueBytes;
+
+    /// A payload as decoding takes it.
+    fn b(payload: &[u8]) -> Bytes {
+        Bytes::copy_from_slice(payload)
+    }
 
     fn request() -> RequestHead {
         RequestHead {
@@ -326,13 +337,13 @@ mod tests {
                 let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
                 assert_eq!(len, frame.len() - 4, "{codec:?}");
                 assert_eq!(
-                    codec.decode_request(&frame[4..]).unwrap(),
+                    codec.decode_request(&b(&frame[4..])).unwrap(),
                     head,
                     "{codec:?}"
                 );
             }
             let frame = codec.encode_response(&response()).unwrap();
-            assert_eq!(codec.decode_response(&frame[4..]).unwrap(), response());
+            assert_eq!(codec.decode_response(&b(&frame[4..])).unwrap(), response());
         }
     }
 
@@ -356,12 +367,12 @@ mod tests {
             w.bytes(value).unwrap();
         }
         let frame = w.finish().unwrap();
-        let head = HeadCodec::Binary.decode_response(&frame[4..]).unwrap();
+        let head = HeadCodec::Binary.decode_response(&b(&frame[4..])).unwrap();
         assert_eq!(head.headers.invalid, 4);
         assert_eq!(head.headers.map.len(), 1);
         assert_eq!(head.headers.map["x-ok"], "1");
         let json = br#"{"status":200,"headers":[["x-ok","1"],["x-nul","a\u0000b"],["bad name","v"]],"source":"origin"}"#;
-        let head = HeadCodec::Json.decode_response(json).unwrap();
+        let head = HeadCodec::Json.decode_response(&b(json)).unwrap();
         assert_eq!(head.headers.invalid, 2);
         assert_eq!(head.headers.map.len(), 1);
     }
@@ -382,11 +393,11 @@ mod tests {
     fn a_codec_refuses_the_other_kind_of_head() {
         let req = HeadCodec::Binary.encode_request(&request()).unwrap();
         let resp = HeadCodec::Binary.encode_response(&response()).unwrap();
-        assert!(HeadCodec::Binary.decode_response(&req[4..]).is_err());
-        assert!(HeadCodec::Binary.decode_request(&resp[4..]).is_err());
+        assert!(HeadCodec::Binary.decode_response(&b(&req[4..])).is_err());
+        assert!(HeadCodec::Binary.decode_request(&b(&resp[4..])).is_err());
         let json = HeadCodec::Json.encode_request(&request()).unwrap();
-        assert!(HeadCodec::Binary.decode_request(&json[4..]).is_err());
-        assert!(HeadCodec::Json.decode_request(&req[4..]).is_err());
+        assert!(HeadCodec::Binary.decode_request(&b(&json[4..])).is_err());
+        assert!(HeadCodec::Json.decode_request(&b(&req[4..])).is_err());
     }
 
     #[test]
@@ -395,26 +406,28 @@ mod tests {
         let payload = &frame[4..];
         for cut in 0..payload.len() {
             assert!(
-                HeadCodec::Binary.decode_request(&payload[..cut]).is_err(),
+                HeadCodec::Binary
+                    .decode_request(&b(&payload[..cut]))
+                    .is_err(),
                 "cut at {cut}"
             );
         }
         let mut longer = payload.to_vec();
         longer.push(0);
-        assert!(HeadCodec::Binary.decode_request(&longer).is_err());
+        assert!(HeadCodec::Binary.decode_request(&b(&longer)).is_err());
     }
 
     #[test]
     fn hostile_counts_and_bytes_are_errors_not_panics() {
         // A header count of 65,535 with nothing behind it.
         let lie = [RESPONSE_TAG, 0, 200, 0, 0xff, 0xff];
-        assert!(HeadCodec::Binary.decode_response(&lie).is_err());
+        assert!(HeadCodec::Binary.decode_response(&b(&lie)).is_err());
         // A string field that is not UTF-8.
         let frame = HeadCodec::Binary.encode_request(&request()).unwrap();
         let mut bad = frame[4..].to_vec();
         let at = 2 + 2; // tag, flags, length of the request id: its first byte
         bad[at] = 0xff;
-        assert!(HeadCodec::Binary.decode_request(&bad).is_err());
+        assert!(HeadCodec::Binary.decode_request(&b(&bad)).is_err());
         // Arbitrary bytes, deterministic: never a panic.
         let mut x: u32 = 0x9e37_79b9;
         for _ in 0..2000 {
@@ -426,8 +439,8 @@ mod tests {
                     x as u8
                 })
                 .collect();
-            let _ = HeadCodec::Binary.decode_request(&junk);
-            let _ = HeadCodec::Binary.decode_response(&junk);
+            let _ = HeadCodec::Binary.decode_request(&b(&junk));
+            let _ = HeadCodec::Binary.decode_response(&b(&junk));
         }
     }
 
