@@ -14,21 +14,26 @@ use tracing::info;
 /// Receive and send buffer asked for each QUIC socket.
 pub const SOCKET_BUFFER: usize = 4 << 20;
 
-/// The largest UDP payload either end accepts and that path MTU discovery searches up to.
+/// The largest UDP payload an edge accepts, and that path MTU discovery searches up to.
 ///
 /// quinn stops its search at 1,452 bytes by default, the most an Ethernet path carries. An edge
 /// and its connectors on one host (loopback) or on a jumbo-frame network carry more, and every
 /// packet has a fixed cost (a header to seal, an acknowledgement to track): on loopback a
 /// 10 MiB download goes about 1.6 times as fast with 6,500-byte datagrams as with 1,452. On an
 /// ordinary path the probes above the path's MTU are lost and discovery settles where it would
-/// have anyway; they are a handful of padding-only packets every ten minutes. The price is
-/// memory: quinn sizes its receive buffer by this (room for 32 reads of 64 coalesced
-/// datagrams), 13 MB instead of 3 MB, whose pages are touched only as bulk transfers arrive
-/// (an edge's peak RSS after a 10 MiB download test: 38 MB instead of 26).
+/// have anyway; they are a handful of padding-only packets every ten minutes.
 ///
 /// Not more than 6,500: quinn hands the kernel up to ten datagrams at once in one segmented
 /// send, which the kernel caps at 64 KiB. Ten larger datagrams fail as a whole, which quinn
 /// takes for a black hole and falls back to 1,200 bytes (seen with 8,952 and 65,527).
+///
+/// Only the edge accepts them; a connector keeps quinn's 1,472. quinn sizes an endpoint's
+/// receive buffer by the largest datagram it accepts (room for 32 reads of 64 coalesced
+/// datagrams): 13 MB instead of 3 MB, touched whenever the process falls behind its socket. A
+/// connector busy with plugins does, under many small requests (its peak RSS went from 39 to
+/// 50 MB when it accepted them too), and it is the side that often runs on a small host beside
+/// its services. So downloads, which the edge receives, travel in large datagrams; uploads in
+/// Ethernet-sized ones, as before.
 pub const MAX_DATAGRAM: u16 = 6_500;
 
 /// Binds a QUIC endpoint on `addr`: a server when `server` is given, else a client only.
@@ -46,9 +51,11 @@ pub fn endpoint(
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for the QUIC endpoint"))?;
     let mut config = quinn::EndpointConfig::default();
-    config
-        .max_udp_payload_size(MAX_DATAGRAM)
-        .map_err(|e| std::io::Error::other(format!("QUIC datagram size: {e}")))?;
+    if server.is_some() {
+        config
+            .max_udp_payload_size(MAX_DATAGRAM)
+            .map_err(|e| std::io::Error::other(format!("QUIC datagram size: {e}")))?;
+    }
     quinn::Endpoint::new(config, server, socket.into(), runtime)
 }
 
@@ -99,8 +106,9 @@ mod tests {
     #[tokio::test]
     async fn loopback_paths_carry_datagrams_larger_than_ethernet() {
         let (_eps, server, client) = loopback_pair().await;
+        let accepting = server.clone();
         let reader = tokio::spawn(async move {
-            let (_send, mut recv) = server.accept_bi().await.unwrap();
+            let (_send, mut recv) = accepting.accept_bi().await.unwrap();
             recv.read_to_end(8 << 20).await.unwrap().len()
         });
         let (mut send, _recv) = client.open_bi().await.unwrap();
@@ -119,6 +127,10 @@ mod tests {
             "{path:?}"
         );
         assert_eq!(path.black_holes_detected, 0, "{path:?}");
+        // The client (a connector) accepts only what quinn does by default: the server's
+        // datagrams stay Ethernet-sized, and so does the client's receive buffer.
+        let back = server.stats().path;
+        assert!(back.current_mtu <= 1472, "{back:?}");
     }
 
     #[tokio::test]
