@@ -83,7 +83,7 @@ impl HeadCodec {
     }
 
     /// One request head from a frame's payload. Header values of a binary head are slices of
-    /// `payload`, not copies.
+    /// `payload`, not copies: the frame (at most 64 KiB) lives as long as they do.
     pub fn decode_request(self, payload: &Bytes) -> Result<RequestHead, FrameError> {
         match self {
             HeadCodec::Json => decode(payload),
