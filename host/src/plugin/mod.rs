@@ -843,6 +843,7 @@ impl Plugin {
             Ok(own) => {
                 let borrow = Resource::new_borrow(own.rep());
                 slot.store.data_mut().limiter.denied = false;
+                let _running = self.runtime.running();
                 slot.store.set_epoch_deadline(1);
                 // The deadline bounds the hook's wall-clock time less what it spent waiting on
                 // outbound HTTP calls (which have deadlines of their own); it also stops a
@@ -945,6 +946,8 @@ impl Plugin {
     /// A fresh instance with `init` run. An `init` error comes back as `InvalidDecision`
     /// carrying the plugin's message (the loader turns it into [`LoadError::Init`]).
     async fn instantiate(&self) -> Result<Slot, PluginError> {
+        // Guest code runs from here on: `start` functions, then `init`.
+        let _running = self.runtime.running();
         let mut data = StoreData::new(self.name.clone(), self.config.memory);
         if self.config.grants.kv {
             data.kv = Some(self.runtime.kv.access(&self.name, self.config.kv));

@@ -2,7 +2,7 @@
 //! copy-on-write memory images, epoch interruption driven by a ticker thread, and a `Linker`
 //! holding exactly the imports a plugin may use.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,7 +116,7 @@ pub struct Runtime {
     max_memory: usize,
     /// The plugins' key-value namespaces (kept as long as the runtime, across reloads).
     pub kv: super::kv::KvStore,
-    _ticker: Ticker,
+    ticker: Ticker,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -141,13 +141,18 @@ impl Runtime {
         add_wasi(&mut linker)?;
         let ticker = Ticker::start(engine.clone()).map_err(wasmtime::Error::from)?;
         Ok(Arc::new(Runtime {
-            _ticker: ticker,
+            ticker,
             engine,
             linker,
             instances,
             max_memory,
             kv: Default::default(),
         }))
+    }
+
+    /// Call around every entry into guest code: while any runs, the epoch ticks.
+    pub(super) fn running(&self) -> Running<'_> {
+        self.ticker.running()
     }
 
     /// The component of `wasm`, compiled for this engine: by the helper process when the
@@ -297,37 +302,166 @@ impl wasmtime::component::HasData for Io {
     type Data<'a> = &'a mut wasmtime::component::ResourceTable;
 }
 
+/// Ticks in a row with no guest code running before the ticker sleeps: 100 ms.
+const IDLE_TICKS: u32 = 100;
+
 /// Increments the engine's epoch every [`TICK`] on a thread of its own, so that running guest
 /// code reaches a yield point even while every async worker is busy.
+///
+/// The epoch matters only while guest code runs: every entry into a guest holds a
+/// [`Running`] for as long as it lasts. After [`IDLE_TICKS`] ticks in a row with none, the
+/// thread sleeps until the next entry wakes it, so an idle connector with plugins does not
+/// wake a thousand times a second. Under load it keeps ticking (a call is nearly always
+/// running, or one started less than 100 ms ago), and waking it costs an entry one atomic
+/// read otherwise.
 struct Ticker {
-    stop: Arc<AtomicBool>,
+    state: Arc<TickState>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct TickState {
+    stop: AtomicBool,
+    /// Entries into guest code in progress.
+    running: AtomicUsize,
+    /// Set while the thread sleeps (or is about to) until an entry wakes it.
+    asleep: AtomicBool,
+    /// Times the thread went to sleep.
+    sleeps: AtomicU64,
+}
+
+/// Guest code is running (or about to) while this lives: the ticker keeps ticking.
+pub(super) struct Running<'a>(&'a TickState);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Ticker {
     fn start(engine: Engine) -> std::io::Result<Ticker> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let state = Arc::new(TickState::default());
+        let s = state.clone();
         let thread = std::thread::Builder::new()
             .name("sluice-epoch".into())
             .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
+                let mut idle = 0;
+                while !s.stop.load(Ordering::Relaxed) {
                     std::thread::sleep(TICK);
                     engine.increment_epoch();
+                    idle = if s.running.load(Ordering::SeqCst) > 0 {
+                        0
+                    } else {
+                        idle + 1
+                    };
+                    if idle < IDLE_TICKS {
+                        continue;
+                    }
+                    // An entry either counted itself before this check (and the thread keeps
+                    // ticking), or sees `asleep` after it and unparks (an unpark before the
+                    // park makes the park return at once).
+                    s.asleep.store(true, Ordering::SeqCst);
+                    if s.running.load(Ordering::SeqCst) == 0 && !s.stop.load(Ordering::SeqCst) {
+                        s.sleeps.fetch_add(1, Ordering::Relaxed);
+                        std::thread::park();
+                    }
+                    s.asleep.store(false, Ordering::SeqCst);
+                    idle = 0;
                 }
             })?;
         Ok(Ticker {
-            stop,
+            state,
             thread: Some(thread),
         })
+    }
+
+    /// Marks guest code as running until the guard drops, waking the thread if it sleeps.
+    fn running(&self) -> Running<'_> {
+        self.state.running.fetch_add(1, Ordering::SeqCst);
+        if self.state.asleep.load(Ordering::SeqCst) {
+            if let Some(t) = &self.thread {
+                t.thread().unpark();
+            }
+        }
+        Running(&self.state)
     }
 }
 
 impl Drop for Ticker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.state.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A core module exporting `spin`, a function that never returns:
+    /// `(module (func (export "spin") (loop (br 0))))`.
+    const SPIN: &[u8] = &[
+        0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, // magic, version
+        0x01, 0x04, 0x01, 0x60, 0x00, 0x00, // type section: () -> ()
+        0x03, 0x02, 0x01, 0x00, // function section: one function of type 0
+        0x07, 0x08, 0x01, 0x04, b's', b'p', b'i', b'n', 0x00, 0x00, // export "spin"
+        0x0a, 0x09, 0x01, 0x07, 0x00, 0x03, 0x40, 0x0c, 0x00, 0x0b, 0x0b, // loop { br 0 }
+    ];
+
+    fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_ticker_sleeps_while_no_guest_runs_and_wakes_for_one_that_spins() {
+        let rt = Runtime::new(1 << 20, 4).unwrap();
+        let sleeps = || rt.ticker.state.sleeps.load(Ordering::Relaxed);
+        wait_until(
+            "the idle ticker went to sleep",
+            Duration::from_secs(10),
+            || sleeps() >= 1,
+        );
+
+        // Guest code entered while it sleeps is still interrupted at its deadline.
+        let (done, result) = std::sync::mpsc::channel();
+        let engine = rt.engine.clone();
+        let running = rt.clone();
+        let spinner = std::thread::spawn(move || {
+            let module = wasmtime::Module::new(&engine, SPIN).unwrap();
+            let mut store = wasmtime::Store::new(&engine, ());
+            store.epoch_deadline_trap();
+            store.set_epoch_deadline(2);
+            let instance = wasmtime::Instance::new(&mut store, &module, &[]).unwrap();
+            let spin = instance
+                .get_typed_func::<(), ()>(&mut store, "spin")
+                .unwrap();
+            let _running = running.running();
+            let _ = done.send(spin.call(&mut store, ()));
+        });
+        let outcome = result
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a guest entered while the ticker slept was never interrupted");
+        let trap = outcome.unwrap_err();
+        assert_eq!(
+            trap.downcast_ref::<wasmtime::Trap>(),
+            Some(&wasmtime::Trap::Interrupt),
+            "{trap:#}"
+        );
+        spinner.join().unwrap();
+
+        // With nothing running any more, it goes back to sleep.
+        let before = sleeps();
+        wait_until("the ticker slept again", Duration::from_secs(10), || {
+            sleeps() > before
+        });
     }
 }
