@@ -229,6 +229,40 @@ over_both_plugin_builds! {
 
 // Plugins written for sluice:plugin@0.2.0 (no 0.1 build of them exists).
 
+/// How many times the connector at `admin` has called `hook` of `plugin` (0 before the first).
+async fn hook_calls(admin: std::net::SocketAddr, plugin: &str, hook: &str) -> u64 {
+    let key = format!(
+        r#"sluice_connector_plugin_hook_duration_seconds_count{{plugin="{plugin}",hook="{hook}"}} "#
+    );
+    let metrics = get(admin, "admin", "/metrics").await.text();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(key.as_str()))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn header_rewrite_without_response_edits_declines_on_response() {
+    let p = example(
+        "header-rewrite",
+        serde_json::json!({"request": {"set": {"x-request": "{request_id}"}}}),
+    );
+    let (edge, conn) = tunnel_with(vec![p], &[], |c| c.admin_listen = Some(loopback())).await;
+    let admin = conn.admin.unwrap();
+    for _ in 0..3 {
+        let reply = get(edge.http, "app.test", "/").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.echoed("x-request"), reply.echoed("sluice-request-id"));
+    }
+    // Hooks are counted once their call returns: the three answers above mean three of each
+    // that ran.
+    assert_eq!(hook_calls(admin, "header-rewrite", "on-request").await, 3);
+    // Called once, it declined (`sluice_sdk::decline`): the connector stopped calling it.
+    assert_eq!(hook_calls(admin, "header-rewrite", "on-response").await, 1);
+    conn.stop().await;
+}
+
 #[tokio::test]
 async fn ip_allow_admits_and_refuses_by_the_client_address() {
     let mut allow = example(

@@ -51,7 +51,8 @@
 //!
 //! The host validates every decision; see [`RequestDecision`] for what it refuses.
 //! [`context`] keeps values from one hook to the next of the same request. A hook left to the
-//! trait's default tells the host it is not implemented, and the host stops calling it.
+//! trait's default tells the host it is not implemented, and the host stops calling it; so
+//! does a hook that calls [`decline`] because the configuration leaves it nothing to do.
 //!
 //! Components built with this crate are of the `sluice:plugin@0.2.0` world.
 #![deny(missing_docs)]
@@ -120,6 +121,49 @@ pub trait Plugin: Sized + 'static {
         __rt::not_implemented(__rt::ON_RESPONSE_BODY);
         BodyAction::Pass
     }
+}
+
+/// A hook, for [`decline`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// [`Plugin::on_request`].
+    Request,
+    /// [`Plugin::on_response`].
+    Response,
+    /// [`Plugin::on_complete`].
+    Complete,
+    /// [`Plugin::on_request_body`].
+    RequestBody,
+    /// [`Plugin::on_response_body`].
+    ResponseBody,
+}
+
+/// Called from a hook, says that the hook has nothing to do under this plugin's
+/// configuration: the hook answers "not implemented", as a hook left to the trait's default
+/// does, what it returns is ignored, and the host stops calling it. Every instance of a plugin
+/// has the same configuration, so this holds for all of them until a reload.
+///
+/// ```
+/// # use sluice_sdk::{Hook, Request, Response, ResponseDecision};
+/// # struct Rewrite { response_edits: Vec<(String, String)> }
+/// # impl Rewrite {
+/// fn on_response(&self, req: &Request, resp: &Response) -> ResponseDecision {
+///     if self.response_edits.is_empty() {
+///         sluice_sdk::decline(Hook::Response);
+///     }
+///     // ...
+/// #   ResponseDecision::default()
+/// }
+/// # }
+/// ```
+pub fn decline(hook: Hook) {
+    __rt::not_implemented(match hook {
+        Hook::Request => __rt::ON_REQUEST,
+        Hook::Response => __rt::ON_RESPONSE,
+        Hook::Complete => __rt::ON_COMPLETE,
+        Hook::RequestBody => __rt::ON_REQUEST_BODY,
+        Hook::ResponseBody => __rt::ON_RESPONSE_BODY,
+    });
 }
 
 /// Parses a JSON configuration the way the host's `init` does and builds the plugin.

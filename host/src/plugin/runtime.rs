@@ -255,8 +255,16 @@ fn config(max_memory: usize, instances: u32) -> Config {
         .memory_reservation(max_memory as u64)
         .memory_guard_size(64 * 1024)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    // For profiling plugins in a running connector: guest functions get their names in
+    // `perf report` (wasmtime writes them to /tmp/perf-<pid>.map as it loads code).
+    if std::env::var_os(PERFMAP_VAR).is_some_and(|v| v == "1") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     config
 }
+
+/// Set to `1`, names compiled guest code for `perf` (see [`config`]).
+pub const PERFMAP_VAR: &str = "SLUICE_PLUGIN_PERFMAP";
 
 /// The WASI interfaces Rust's standard library links into every wasm32-wasip2 component,
 /// provided empty: no arguments, no environment, stdin closed, stdout/stderr to the log;

@@ -50,16 +50,21 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// The attributes of the event for a completed request.
-    pub fn attributes(&self, req: &Request, info: &Completion) -> Vec<(String, String)> {
-        let mut out = Vec::new();
+    /// The attributes of the event for a completed request (keys borrowed from the
+    /// configuration where they can be).
+    pub fn attributes<'a>(
+        &'a self,
+        req: &Request,
+        info: &Completion,
+    ) -> Vec<(std::borrow::Cow<'a, str>, String)> {
+        let mut out = Vec::with_capacity(self.config.fields.len() + self.config.headers.len());
         for field in &self.config.fields {
             let value = match field.as_str() {
                 "method" => req.method().to_string(),
                 "host" => req.hostname().to_string(),
                 "path" => req.path().to_string(),
                 "status" => info.status.to_string(),
-                "duration_ms" => format!("{:.3}", info.duration_us as f64 / 1000.0),
+                "duration_ms" => milliseconds(info.duration_us),
                 "origin" => info.origin.clone().unwrap_or_default(),
                 "client_ip" => req.client_ip().unwrap_or("unknown").to_string(),
                 "bytes_in" => info.bytes_in.to_string(),
@@ -67,15 +72,20 @@ impl AuditLog {
                 "error" => info.error.clone().unwrap_or_default(),
                 _ => continue,
             };
-            out.push((field.clone(), value));
+            out.push((field.as_str().into(), value));
         }
         for name in &self.config.headers {
             if let Some(v) = req.header(name) {
-                out.push((format!("header.{name}"), v.to_string()));
+                out.push((format!("header.{name}").into(), v.to_string()));
             }
         }
         out
     }
+}
+
+/// `us` microseconds as milliseconds with three decimals (`1.500`), in integer arithmetic.
+fn milliseconds(us: u64) -> String {
+    format!("{}.{:03}", us / 1000, us % 1000)
 }
 
 impl Plugin for AuditLog {
@@ -96,10 +106,7 @@ impl Plugin for AuditLog {
 
     fn on_complete(&self, req: &Request, info: &Completion) {
         let attrs = self.attributes(req, info);
-        let borrowed: Vec<(&str, &str)> = attrs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let borrowed: Vec<(&str, &str)> = attrs.iter().map(|(k, v)| (&**k, v.as_str())).collect();
         audit::emit(&self.config.kind, &borrowed);
     }
 }
@@ -134,6 +141,14 @@ mod tests {
         assert_eq!(e.get("duration_ms"), Some("1.500"));
         assert_eq!(e.get("header.user-agent"), Some("curl/8"));
         assert_eq!(e.get("path"), None);
+    }
+
+    #[test]
+    fn durations_keep_three_decimals() {
+        assert_eq!(milliseconds(0), "0.000");
+        assert_eq!(milliseconds(7), "0.007");
+        assert_eq!(milliseconds(1_500), "1.500");
+        assert_eq!(milliseconds(12_345_678), "12345.678");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 use sluice_sdk::{
-    export_plugin, HeaderEdit, Plugin, Request, RequestDecision, Response, ResponseDecision,
+    export_plugin, HeaderEdit, Hook, Plugin, Request, RequestDecision, Response, ResponseDecision,
 };
 
 /// The plugin's configuration.
@@ -35,10 +35,88 @@ pub struct Edits {
     pub remove: Vec<String>,
 }
 
-/// The plugin.
+/// The plugin: each side's edits with their values parsed once, at load.
 #[derive(Debug)]
 pub struct HeaderRewrite {
-    config: Config,
+    request: Compiled,
+    response: Compiled,
+}
+
+/// One side's edits, ready to apply.
+#[derive(Debug, Default)]
+struct Compiled {
+    remove: Vec<String>,
+    set: Vec<(String, Template)>,
+    append: Vec<(String, Template)>,
+}
+
+impl Compiled {
+    fn new(e: &Edits) -> Compiled {
+        let parse = |m: &BTreeMap<String, String>| {
+            m.iter()
+                .map(|(n, v)| (n.clone(), Template::parse(v)))
+                .collect()
+        };
+        Compiled {
+            remove: e.remove.clone(),
+            set: parse(&e.set),
+            append: parse(&e.append),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.append.is_empty()
+    }
+}
+
+/// A header value: text and variables, in order.
+#[derive(Debug, PartialEq)]
+struct Template(Vec<Part>);
+
+#[derive(Debug, PartialEq)]
+enum Part {
+    Text(String),
+    RequestId,
+    ClientIp,
+    Host,
+}
+
+impl Template {
+    /// Parses a value that [`check`] accepted.
+    fn parse(mut rest: &str) -> Template {
+        let mut parts = Vec::new();
+        while let Some(start) = rest.find('{') {
+            let end = start + rest[start..].find('}').expect("checked at load");
+            if start > 0 {
+                parts.push(Part::Text(rest[..start].to_string()));
+            }
+            parts.push(match &rest[start + 1..end] {
+                "request_id" => Part::RequestId,
+                "client_ip" => Part::ClientIp,
+                _ => Part::Host,
+            });
+            rest = &rest[end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        Template(parts)
+    }
+
+    /// The value for `req`. Asks the host only for the variables the value uses, and a
+    /// variable's value is never read again for variables of its own.
+    fn expand(&self, req: &Request) -> Vec<u8> {
+        let mut out = String::new();
+        for part in &self.0 {
+            out.push_str(match part {
+                Part::Text(t) => t,
+                Part::RequestId => req.request_id(),
+                Part::ClientIp => req.client_ip().unwrap_or("unknown"),
+                Part::Host => req.hostname(),
+            });
+        }
+        out.into_bytes()
+    }
 }
 
 const VARIABLES: &[&str] = &["request_id", "client_ip", "host"];
@@ -101,10 +179,7 @@ fn check(edits: &Edits, side: &str) -> Result<(), String> {
 
 /// Replaces the variables in `template` for `req`.
 pub fn expand(template: &str, req: &Request) -> String {
-    template
-        .replace("{request_id}", req.request_id())
-        .replace("{client_ip}", req.client_ip().unwrap_or("unknown"))
-        .replace("{host}", req.hostname())
+    String::from_utf8(Template::parse(template).expand(req)).expect("built from strings")
 }
 
 impl Plugin for HeaderRewrite {
@@ -113,35 +188,45 @@ impl Plugin for HeaderRewrite {
     fn new(config: Config) -> Result<Self, String> {
         check(&config.request, "request")?;
         check(&config.response, "response")?;
-        Ok(HeaderRewrite { config })
+        Ok(HeaderRewrite {
+            request: Compiled::new(&config.request),
+            response: Compiled::new(&config.response),
+        })
     }
 
     fn on_request(&self, req: &Request) -> RequestDecision {
+        if self.request.is_empty() {
+            sluice_sdk::decline(Hook::Request);
+        }
         RequestDecision {
-            headers: edits(&self.config.request, req),
+            headers: edits(&self.request, req),
             ..RequestDecision::default()
         }
     }
 
     fn on_response(&self, req: &Request, _resp: &Response) -> ResponseDecision {
+        // With nothing to do on responses, the host stops calling this.
+        if self.response.is_empty() {
+            sluice_sdk::decline(Hook::Response);
+        }
         ResponseDecision {
-            headers: edits(&self.config.response, req),
+            headers: edits(&self.response, req),
             ..ResponseDecision::default()
         }
     }
 }
 
 /// One side's edits for `req`: remove, then set, then append.
-fn edits(e: &Edits, req: &Request) -> Vec<HeaderEdit> {
+fn edits(e: &Compiled, req: &Request) -> Vec<HeaderEdit> {
     let remove = e.remove.iter().map(|n| HeaderEdit::Remove(n.clone()));
     let set = e
         .set
         .iter()
-        .map(|(n, v)| HeaderEdit::Set(n.clone(), expand(v, req).into_bytes()));
+        .map(|(n, v)| HeaderEdit::Set(n.clone(), v.expand(req)));
     let append = e
         .append
         .iter()
-        .map(|(n, v)| HeaderEdit::Append(n.clone(), expand(v, req).into_bytes()));
+        .map(|(n, v)| HeaderEdit::Append(n.clone(), v.expand(req)));
     remove.chain(set).chain(append).collect()
 }
 
@@ -178,6 +263,22 @@ mod tests {
             r.headers,
             vec![HeaderEdit::Set("x-served-by".into(), b"sluice".to_vec())]
         );
+    }
+
+    #[test]
+    fn values_are_parsed_once_and_substituted_values_are_not_rescanned() {
+        assert_eq!(
+            Template::parse("a{host}b{request_id}"),
+            Template(vec![
+                Part::Text("a".into()),
+                Part::Host,
+                Part::Text("b".into()),
+                Part::RequestId,
+            ])
+        );
+        // A client-supplied host naming a variable stays as it is.
+        let req = Request::new("GET", "https://{client_ip}.test/");
+        assert_eq!(expand("{host}!", &req), "{client_ip}.test!");
     }
 
     #[test]
