@@ -103,8 +103,8 @@ impl Template {
         Template(parts)
     }
 
-    /// The value for `req`. Asks the host only for the variables the value uses, and a
-    /// variable's value is never read again for variables of its own.
+    /// The value for `req`. Asks the host only for the variables the value uses; what a
+    /// variable expands to is not scanned for variables again.
     fn expand(&self, req: &Request) -> Vec<u8> {
         let mut out = String::new();
         for part in &self.0 {
