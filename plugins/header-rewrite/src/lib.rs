@@ -51,17 +51,24 @@ struct Compiled {
 }
 
 impl Compiled {
-    fn new(e: &Edits) -> Compiled {
+    /// `e` after [`check`], its values parsed; `Err` says which side's value is wrong.
+    fn new(e: &Edits, side: &str) -> Result<Compiled, String> {
+        check(e, side)?;
         let parse = |m: &BTreeMap<String, String>| {
             m.iter()
-                .map(|(n, v)| (n.clone(), Template::parse(v)))
-                .collect()
+                .map(|(n, v)| {
+                    Ok((
+                        n.clone(),
+                        Template::parse(v).map_err(|e| format!("{side}: {e}"))?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, String>>()
         };
-        Compiled {
+        Ok(Compiled {
             remove: e.remove.clone(),
-            set: parse(&e.set),
-            append: parse(&e.append),
-        }
+            set: parse(&e.set)?,
+            append: parse(&e.append)?,
+        })
     }
 
     fn is_empty(&self) -> bool {
@@ -82,25 +89,30 @@ enum Part {
 }
 
 impl Template {
-    /// Parses a value that [`check`] accepted.
-    fn parse(mut rest: &str) -> Template {
+    /// Parses a value: `Err` names an unclosed `{` or an unknown variable.
+    fn parse(value: &str) -> Result<Template, String> {
         let mut parts = Vec::new();
+        let mut rest = value;
         while let Some(start) = rest.find('{') {
-            let end = start + rest[start..].find('}').expect("checked at load");
+            let end = start
+                + rest[start..]
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed '{{' in {value:?}"))?;
             if start > 0 {
                 parts.push(Part::Text(rest[..start].to_string()));
             }
             parts.push(match &rest[start + 1..end] {
                 "request_id" => Part::RequestId,
                 "client_ip" => Part::ClientIp,
-                _ => Part::Host,
+                "host" => Part::Host,
+                var => return Err(format!("unknown variable {{{var}}} in {value:?} (known: {{request_id}}, {{client_ip}}, {{host}})")),
             });
             rest = &rest[end + 1..];
         }
         if !rest.is_empty() {
             parts.push(Part::Text(rest.to_string()));
         }
-        Template(parts)
+        Ok(Template(parts))
     }
 
     /// The value for `req`. Asks the host only for the variables the value uses; what a
@@ -118,8 +130,6 @@ impl Template {
         out.into_bytes()
     }
 }
-
-const VARIABLES: &[&str] = &["request_id", "client_ip", "host"];
 
 /// Headers the host never lets a plugin change: refused here, at load, rather than as a 502 on
 /// every request.
@@ -162,35 +172,17 @@ fn check(edits: &Edits, side: &str) -> Result<(), String> {
                 "{side}: value {value:?} contains control characters"
             ));
         }
-        let mut rest = value.as_str();
-        while let Some(start) = rest.find('{') {
-            let end = rest[start..]
-                .find('}')
-                .ok_or_else(|| format!("{side}: unclosed '{{' in {value:?}"))?;
-            let var = &rest[start + 1..start + end];
-            if !VARIABLES.contains(&var) {
-                return Err(format!("{side}: unknown variable {{{var}}} in {value:?} (known: {{request_id}}, {{client_ip}}, {{host}})"));
-            }
-            rest = &rest[start + end + 1..];
-        }
     }
     Ok(())
-}
-
-/// Replaces the variables in `template` for `req`.
-pub fn expand(template: &str, req: &Request) -> String {
-    String::from_utf8(Template::parse(template).expand(req)).expect("built from strings")
 }
 
 impl Plugin for HeaderRewrite {
     type Config = Config;
 
     fn new(config: Config) -> Result<Self, String> {
-        check(&config.request, "request")?;
-        check(&config.response, "response")?;
         Ok(HeaderRewrite {
-            request: Compiled::new(&config.request),
-            response: Compiled::new(&config.response),
+            request: Compiled::new(&config.request, "request")?,
+            response: Compiled::new(&config.response, "response")?,
         })
     }
 
@@ -268,7 +260,7 @@ mod tests {
     #[test]
     fn values_are_parsed_once_and_substituted_values_are_not_rescanned() {
         assert_eq!(
-            Template::parse("a{host}b{request_id}"),
+            Template::parse("a{host}b{request_id}").unwrap(),
             Template(vec![
                 Part::Text("a".into()),
                 Part::Host,
@@ -278,7 +270,10 @@ mod tests {
         );
         // A client-supplied host naming a variable stays as it is.
         let req = Request::new("GET", "https://{client_ip}.test/");
-        assert_eq!(expand("{host}!", &req), "{client_ip}.test!");
+        assert_eq!(
+            Template::parse("{host}!").unwrap().expand(&req),
+            b"{client_ip}.test!"
+        );
     }
 
     #[test]
