@@ -53,15 +53,15 @@ fn view() -> RequestView {
         scheme: "https".into(),
         authority: "app.example.com".into(),
         path: "/api/v1/items?page=2".into(),
-        headers: vec![
-            ("accept".into(), b"application/json".to_vec()),
-            ("user-agent".into(), b"bench/1.0".to_vec()),
-            ("x-forwarded-for".into(), b"192.0.2.10".to_vec()),
-            (
-                "sluice-request-id".into(),
-                b"0123456789abcdef0123456789abcdef".to_vec(),
-            ),
-        ],
+        headers: [
+            ("accept", "application/json"),
+            ("user-agent", "bench/1.0"),
+            ("x-forwarded-for", "192.0.2.10"),
+            ("sluice-request-id", "0123456789abcdef0123456789abcdef"),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.parse().unwrap(), v.parse().unwrap()))
+        .collect(),
         request_id: "0123456789abcdef0123456789abcdef".into(),
         hostname: "app.example.com".into(),
         ingress_rule: 0,
@@ -243,7 +243,7 @@ async fn outbound_costs(iters: usize, metrics: &Arc<Metrics>, view: &RequestView
     cfg.max_calls = u64::MAX;
     let p = Plugin::load(rt, cfg, metrics.clone()).await.expect("load");
     let mut view = view.clone();
-    view.headers.push(("x-call".into(), url.into_bytes()));
+    view.headers.append("x-call", url.parse().unwrap());
     let mut held = sluice::plugin::Held::default();
     let mut samples = Vec::with_capacity(iters);
     for i in 0..iters + 200 {
@@ -454,31 +454,19 @@ file = "{scratch}/audit.jsonl"
     // The request oha sends in `bench/compare`, as the connector's view has it.
     let mut request = view.clone();
     request.path = "/100b".into();
-    request.headers = vec![
-        ("user-agent".into(), b"oha/1.4.0".to_vec()),
-        ("accept".into(), b"*/*".to_vec()),
-        (
-            "authorization".into(),
-            b"Bearer bench-bearer-token-0123456789".to_vec(),
-        ),
-        ("x-forwarded-for".into(), b"127.0.0.1".to_vec()),
-        ("x-forwarded-proto".into(), b"http".to_vec()),
-        ("x-forwarded-host".into(), b"bench.test".to_vec()),
-        (
-            "sluice-request-id".into(),
-            b"0123456789abcdef0123456789abcdef".to_vec(),
-        ),
-    ];
-    let request_headers: http::HeaderMap = request
-        .headers
-        .iter()
-        .map(|(n, v)| {
-            (
-                http::HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                http::HeaderValue::from_bytes(v).unwrap(),
-            )
-        })
-        .collect();
+    request.headers = [
+        ("user-agent", "oha/1.4.0"),
+        ("accept", "*/*"),
+        ("authorization", "Bearer bench-bearer-token-0123456789"),
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "bench.test"),
+        ("sluice-request-id", "0123456789abcdef0123456789abcdef"),
+    ]
+    .into_iter()
+    .map(|(n, v)| (n.parse().unwrap(), v.parse().unwrap()))
+    .collect();
+    let request_headers = request.headers.clone();
     let mut response_headers = http::HeaderMap::new();
     response_headers.insert("server", http::HeaderValue::from_static("nginx"));
     response_headers.insert(

@@ -346,3 +346,19 @@ fn plugin_test_refuses_a_component_that_exports_no_hook() {
         "{err}"
     );
 }
+
+#[test]
+fn plugin_test_refuses_a_header_that_is_not_http() {
+    let out = sluice()
+        .args(["plugin", "test"])
+        .arg(support::fixture("echo"))
+        .args(["-H", "bad name: x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(r#"invalid --header "bad name: x""#),
+        "{err}"
+    );
+}

@@ -443,7 +443,7 @@ async fn an_exhausted_instance_pool_is_unavailable_never_skipped() {
         scheme: "http".into(),
         authority: "app.test".into(),
         path: "/".into(),
-        headers: Vec::new(),
+        headers: Default::default(),
         request_id: "r".into(),
         hostname: "app.test".into(),
         ingress_rule: 0,

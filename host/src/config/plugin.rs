@@ -187,6 +187,13 @@ impl Grants {
         Ok(())
     }
 
+    /// Whether a plugin with these grants must not see request header `name` (lowercase):
+    /// the client's address without `client-addr`, credentials without `credentials`.
+    pub fn hides_header(&self, name: &str) -> bool {
+        (!self.client_addr && crate::plugin::CLIENT_ADDRESS.contains(&name))
+            || (!self.credentials && crate::plugin::CREDENTIALS.contains(&name))
+    }
+
     /// The grants named in `names` (for tests and tools); panics on an unknown name.
     pub fn of(names: &[&str]) -> Grants {
         let mut g = Grants::default();

@@ -11,7 +11,7 @@ use http::{HeaderMap, StatusCode};
 use tracing::warn;
 
 use crate::audit::{Audit, AuditEvent};
-use crate::config::{ConnectorConfig, Grants, OnError};
+use crate::config::{ConnectorConfig, OnError};
 use crate::plugin::bindings::sluice::plugin::types::{
     Completion, RequestDecision, Response, ResponseDecision,
 };
@@ -77,8 +77,7 @@ impl Chains {
             chains: self,
             chain,
             held: chain.iter().map(|_| Held::default()).collect(),
-            view: view(),
-            shared: Vec::new(),
+            view: Arc::new(view()),
             context: context.clone(),
         })
     }
@@ -127,10 +126,9 @@ pub struct ChainRun<'a> {
     /// What the request keeps of each plugin between hooks (its context; its own instance
     /// under per-request isolation), by chain position.
     held: Vec<Held>,
-    view: RequestView,
-    /// `view` as plugins with these grants see it, made on first use and dropped when a
-    /// plugin's edit changes the view.
-    shared: Vec<(Grants, Arc<RequestView>)>,
+    /// The request as the chain sees it, shared by every hook (each plugin sees it through
+    /// its own grants); replaced when a plugin edits the request.
+    view: Arc<RequestView>,
     context: AuditContext,
 }
 
@@ -149,8 +147,9 @@ impl ChainRun<'_> {
             if !plugin.exports().0 {
                 continue;
             }
-            let view = self.view_for(&plugin);
-            let called = plugin.on_request(&mut self.held[pos], view).await;
+            let called = plugin
+                .on_request(&mut self.held[pos], self.view.clone())
+                .await;
             self.release_unneeded(pos, &plugin, Phase::Request);
             emit(&self.context, &self.view, plugin.name(), called.events).await;
             let result = called
@@ -195,19 +194,15 @@ impl ChainRun<'_> {
         // Header edits last: all-or-nothing, and only once the rest is known to be valid.
         decision::apply_edits(headers, &d.headers).map_err(invalid)?;
         if let Some(t) = target {
-            self.view.path = t.clone();
-            self.shared.clear();
+            Arc::make_mut(&mut self.view).path = t.clone();
             edits.target = Some(t);
         }
         if let Some(o) = d.origin {
             edits.origin = Some(o);
         }
         if !d.headers.is_empty() {
-            self.view.headers = headers
-                .iter()
-                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
-                .collect();
-            self.shared.clear();
+            // In place when no body stage holds the view yet (the usual case), else a copy.
+            Arc::make_mut(&mut self.view).headers = headers.clone();
         }
         if let Some((status, h, body)) = local {
             edits.respond = Some((status, h, body, plugin.name().to_string()));
@@ -230,7 +225,7 @@ impl ChainRun<'_> {
             if !plugin.exports().1 {
                 continue;
             }
-            let view = self.view_for(&plugin);
+            let view = self.view.clone();
             let mut visible = decision::to_wit(headers);
             if !plugin.config().grants.credentials {
                 visible.retain(|h| !CREDENTIALS.contains(&h.name.as_str()));
@@ -260,9 +255,8 @@ impl ChainRun<'_> {
             if !plugin.exports().2 {
                 continue;
             }
-            let view = self.view_for(&plugin);
             let called = plugin
-                .on_complete(&mut self.held[pos], view, info.clone())
+                .on_complete(&mut self.held[pos], self.view.clone(), info.clone())
                 .await;
             self.held[pos].release_instance();
             emit(&self.context, &self.view, plugin.name(), called.events).await;
@@ -291,8 +285,7 @@ impl ChainRun<'_> {
             let plugin = self.chains.plugins[self.chain[pos]].clone();
             let (req, resp) = plugin.body_hooks();
             if (status.is_none() && req) || (status.is_some() && resp) {
-                let view = self.view_for(&plugin);
-                stages.push(Stage::new(plugin, view));
+                stages.push(Stage::new(plugin, self.view.clone()));
             }
         }
         (!stages.is_empty()).then(|| BodyFilter::new(stages, status, self.context.clone()))
@@ -310,19 +303,6 @@ impl ChainRun<'_> {
         if !needed {
             self.held[pos].release_instance();
         }
-    }
-
-    /// The view as `plugin` may see it: the client address and credentials only if granted.
-    fn view_for(&mut self, plugin: &Plugin) -> Arc<RequestView> {
-        let grants = plugin.config().grants;
-        if let Some((_, view)) = self.shared.iter().find(|(g, _)| *g == grants) {
-            return view.clone();
-        }
-        let mut view = self.view.clone();
-        crate::plugin::restrict_view(&mut view, grants);
-        let view = Arc::new(view);
-        self.shared.push((grants, view.clone()));
-        view
     }
 }
 

@@ -1039,10 +1039,7 @@ fn request_view(
         scheme: head.scheme.clone(),
         authority: head.authority.clone(),
         path: target.to_string(),
-        headers: headers
-            .iter()
-            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
-            .collect(),
+        headers: headers.clone(),
         request_id: head.request_id.clone(),
         hostname: host.to_string(),
         ingress_rule: rule as u32,

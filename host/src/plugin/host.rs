@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use ::http::{HeaderMap, HeaderName};
 use bytes::Bytes;
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -11,13 +12,17 @@ use wasmtime_wasi_io::streams::{OutputStream, StreamError};
 use super::bindings::sluice::plugin::{context, http, kv, metrics};
 use super::kv::{KvAccess, KvError};
 use super::outbound::{Call, CallError, Outbound, WaitClock};
+use crate::config::Grants;
 
 /// Longest log message or audit value kept from a plugin; longer ones are cut.
 const MAX_TEXT: usize = 4096;
 /// Audit events one hook call may emit; more are dropped and counted.
 pub const MAX_EVENTS_PER_CALL: usize = 256;
 
-/// The read-only request view a hook sees (the `request` resource).
+/// The request as the plugins of a chain see it, before grants: one per request, shared by
+/// every plugin and hook of the chain, and rebuilt only when a plugin edits the request.
+/// What a plugin's grants hide is left out when it reads the view ([`SharedView`]), so a chain
+/// whose plugins hold different grants does not copy the request for each set of them.
 #[derive(Debug, Clone, Default)]
 pub struct RequestView {
     /// Method.
@@ -28,22 +33,95 @@ pub struct RequestView {
     pub authority: String,
     /// Normalised path and query.
     pub path: String,
-    /// Headers, lowercase names, in order.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Headers (names are lowercase), in the map's order: each name's values together, in
+    /// the order they came.
+    pub headers: HeaderMap,
     /// Request id.
     pub request_id: String,
     /// Tunnel hostname (lowercase, no port).
     pub hostname: String,
     /// Index of the matched ingress rule.
     pub ingress_rule: u32,
-    /// Client address, present only when granted.
+    /// Client address (shown only to plugins granted `client-addr`).
     pub client_addr: Option<String>,
 }
 
-/// The `request` resource: a view shared by every hook that sees the same request with the
-/// same grants, so that a chain does not copy the request for each plugin and hook.
+/// The `request` resource: the request's view with the grants of the plugin it was handed
+/// to. Every accessor filters through [`Grants::hides_header`] and the `client-addr` grant,
+/// so nothing a plugin was not granted reaches it, whichever accessor it uses.
 #[derive(Debug, Clone, Default)]
-pub struct SharedView(pub Arc<RequestView>);
+pub struct SharedView {
+    view: Arc<RequestView>,
+    grants: Grants,
+}
+
+impl SharedView {
+    /// `view` as a plugin with `grants` may see it.
+    pub fn new(view: Arc<RequestView>, grants: Grants) -> Self {
+        SharedView { view, grants }
+    }
+
+    fn method(&self) -> String {
+        self.view.method.clone()
+    }
+
+    fn scheme(&self) -> String {
+        self.view.scheme.clone()
+    }
+
+    fn authority(&self) -> String {
+        self.view.authority.clone()
+    }
+
+    fn path(&self) -> String {
+        self.view.path.clone()
+    }
+
+    fn request_id(&self) -> String {
+        self.view.request_id.clone()
+    }
+
+    fn hostname(&self) -> String {
+        self.view.hostname.clone()
+    }
+
+    fn ingress_rule(&self) -> u32 {
+        self.view.ingress_rule
+    }
+
+    /// Every value of header `name` (any case); none when the name is not a header name or
+    /// the grants hide it.
+    fn header(&self, name: &str) -> Vec<Vec<u8>> {
+        let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
+            return Vec::new();
+        };
+        if self.grants.hides_header(name.as_str()) {
+            return Vec::new();
+        }
+        self.view
+            .headers
+            .get_all(&name)
+            .iter()
+            .map(|v| v.as_bytes().to_vec())
+            .collect()
+    }
+
+    /// Every header the grants show, in order, as `(name, value)`.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.view
+            .headers
+            .iter()
+            .filter(|(n, _)| !self.grants.hides_header(n.as_str()))
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+    }
+
+    fn client_addr(&self) -> Option<String> {
+        self.view
+            .client_addr
+            .clone()
+            .filter(|_| self.grants.client_addr)
+    }
+}
 
 /// An audit event as emitted by a plugin (the host adds its context later).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,50 +246,49 @@ macro_rules! shared_imports {
 
             impl types::HostRequest for StoreData {
                 fn method(&mut self, req: Resource<SharedView>) -> String {
-                    self.view(&req).method.clone()
+                    self.view(&req).method()
                 }
 
                 fn scheme(&mut self, req: Resource<SharedView>) -> String {
-                    self.view(&req).scheme.clone()
+                    self.view(&req).scheme()
                 }
 
                 fn authority(&mut self, req: Resource<SharedView>) -> String {
-                    self.view(&req).authority.clone()
+                    self.view(&req).authority()
                 }
 
                 fn path(&mut self, req: Resource<SharedView>) -> String {
-                    self.view(&req).path.clone()
+                    self.view(&req).path()
                 }
 
                 fn header(&mut self, req: Resource<SharedView>, name: String) -> Vec<Vec<u8>> {
-                    self.header_values(&req, &name)
+                    self.view(&req).header(&name)
                 }
 
                 fn headers(&mut self, req: Resource<SharedView>) -> Vec<types::Header> {
                     self.view(&req)
-                        .headers
-                        .iter()
+                        .headers()
                         .map(|(name, value)| types::Header {
-                            name: name.clone(),
-                            value: value.clone(),
+                            name: name.to_string(),
+                            value: value.to_vec(),
                         })
                         .collect()
                 }
 
                 fn request_id(&mut self, req: Resource<SharedView>) -> String {
-                    self.view(&req).request_id.clone()
+                    self.view(&req).request_id()
                 }
 
                 fn hostname(&mut self, req: Resource<SharedView>) -> String {
-                    self.view(&req).hostname.clone()
+                    self.view(&req).hostname()
                 }
 
                 fn ingress_rule(&mut self, req: Resource<SharedView>) -> u32 {
-                    self.view(&req).ingress_rule
+                    self.view(&req).ingress_rule()
                 }
 
                 fn client_addr(&mut self, req: Resource<SharedView>) -> Option<String> {
-                    self.view(&req).client_addr.clone()
+                    self.view(&req).client_addr()
                 }
 
                 fn drop(&mut self, req: Resource<SharedView>) -> wasmtime::Result<()> {
@@ -248,26 +325,15 @@ shared_imports!(super::bindings::v0_1);
 impl StoreData {
     /// The view behind a handle. The host only hands out live handles and removes them after
     /// the call, so a missing entry means the guest forged one: it sees an empty view.
-    fn view(&self, req: &Resource<SharedView>) -> &RequestView {
-        static EMPTY: std::sync::OnceLock<RequestView> = std::sync::OnceLock::new();
+    fn view(&self, req: &Resource<SharedView>) -> &SharedView {
+        static EMPTY: std::sync::OnceLock<SharedView> = std::sync::OnceLock::new();
         self.table
             .get(req)
-            .map(|v| &*v.0)
-            .unwrap_or_else(|_| EMPTY.get_or_init(RequestView::default))
+            .unwrap_or_else(|_| EMPTY.get_or_init(SharedView::default))
     }
 }
 
 impl StoreData {
-    fn header_values(&self, req: &Resource<SharedView>, name: &str) -> Vec<Vec<u8>> {
-        let name = name.to_ascii_lowercase();
-        self.view(req)
-            .headers
-            .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
-
     fn log_line(&self, level: tracing::Level, message: String) {
         let message = clip(message);
         let plugin = &*self.plugin;
@@ -624,6 +690,80 @@ impl http::Host for StoreData {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_view_shared_by_plugins_with_different_grants_shows_each_only_its_grants() {
+        use super::super::bindings::sluice::plugin::types::HostRequest;
+        let mut headers = HeaderMap::new();
+        for (n, v) in [
+            ("accept", "*/*"),
+            ("authorization", "Bearer secret"),
+            ("cookie", "session=1"),
+            ("x-forwarded-for", "192.0.2.7"),
+            ("forwarded", "for=192.0.2.7"),
+            ("x-real-ip", "192.0.2.7"),
+            ("accept", "text/html"),
+        ] {
+            headers.append(n, v.parse().unwrap());
+        }
+        let view = Arc::new(RequestView {
+            headers,
+            client_addr: Some("192.0.2.7:4711".into()),
+            ..RequestView::default()
+        });
+        let sees = |grants: Grants| {
+            let mut data = StoreData::new("p".into(), 1 << 20);
+            let own = data
+                .table
+                .push(SharedView::new(view.clone(), grants))
+                .unwrap();
+            let req = || Resource::<SharedView>::new_borrow(own.rep());
+            let names: Vec<String> = data.headers(req()).into_iter().map(|h| h.name).collect();
+            let one = |data: &mut StoreData, name: &str| data.header(req(), name.into()).len();
+            let singles = [
+                "Authorization",
+                "cookie",
+                "x-forwarded-for",
+                "forwarded",
+                "x-real-ip",
+            ]
+            .map(|n| one(&mut data, n));
+            (names, singles, data.client_addr(req()))
+        };
+
+        let (names, singles, addr) = sees(Grants::default());
+        assert_eq!(names, ["accept", "accept"]);
+        assert_eq!(singles, [0; 5]);
+        assert_eq!(addr, None);
+
+        let (names, singles, addr) = sees(Grants::of(&["credentials"]));
+        assert_eq!(names, ["accept", "accept", "authorization", "cookie"]);
+        assert_eq!(singles, [1, 1, 0, 0, 0]);
+        assert_eq!(addr, None);
+
+        let (names, singles, addr) = sees(Grants::of(&["client-addr"]));
+        assert_eq!(
+            names,
+            [
+                "accept",
+                "accept",
+                "x-forwarded-for",
+                "forwarded",
+                "x-real-ip"
+            ]
+        );
+        assert_eq!(singles, [0, 0, 1, 1, 1]);
+        assert_eq!(addr.as_deref(), Some("192.0.2.7:4711"));
+        // A name that is not a header name finds nothing rather than failing the call.
+        let mut data = StoreData::new("p".into(), 1 << 20);
+        let own = data
+            .table
+            .push(SharedView::new(view.clone(), Grants::default()))
+            .unwrap();
+        assert!(data
+            .header(Resource::new_borrow(own.rep()), "bad name".into())
+            .is_empty());
+    }
 
     #[test]
     fn a_context_keeps_within_its_limits_and_changes_nothing_past_them() {

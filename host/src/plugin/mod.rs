@@ -53,19 +53,6 @@ pub const CREDENTIALS: &[&str] = &[
 /// Headers that carry the client's address, hidden from plugins without `client-addr`.
 pub const CLIENT_ADDRESS: &[&str] = &["x-forwarded-for", "forwarded", "x-real-ip"];
 
-/// Removes from `view` what `grants` do not allow a plugin to see.
-pub fn restrict_view(view: &mut RequestView, grants: crate::config::Grants) {
-    if !grants.client_addr {
-        view.client_addr = None;
-        view.headers
-            .retain(|(n, _)| !CLIENT_ADDRESS.contains(&n.as_str()));
-    }
-    if !grants.credentials {
-        view.headers
-            .retain(|(n, _)| !CREDENTIALS.contains(&n.as_str()));
-    }
-}
-
 /// Idle instances kept per plugin for reuse.
 pub const MAX_IDLE: usize = 64;
 
@@ -839,7 +826,12 @@ impl Plugin {
         let waiting = slot.store.data().waiting.clone();
         waiting.reset();
         slot.store.data_mut().outbound_calls = 0;
-        let outcome = match slot.store.data_mut().table.push(SharedView(view)) {
+        let outcome = match slot
+            .store
+            .data_mut()
+            .table
+            .push(SharedView::new(view, self.config().grants))
+        {
             Ok(own) => {
                 let borrow = Resource::new_borrow(own.rep());
                 slot.store.data_mut().limiter.denied = false;

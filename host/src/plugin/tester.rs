@@ -80,6 +80,9 @@ pub enum TestError {
     /// The plugin did not load.
     #[error(transparent)]
     Load(#[from] super::LoadError),
+    /// A `--header` is not a valid HTTP header.
+    #[error("invalid --header {0:?}: not a valid HTTP header name and value")]
+    Header(String),
     /// `--kv` could not seed the store.
     #[error("{0}")]
     Kv(String),
@@ -103,12 +106,14 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         return Err(TestError::Request(t.request.clone()));
     }
     // As in the tunnel, the view carries the authority separately, not as a `host` header.
-    let headers: Vec<(String, Vec<u8>)> = t
-        .headers
-        .iter()
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().as_bytes().to_vec()))
-        .collect();
-    let mut view = RequestView {
+    let mut headers = http::HeaderMap::new();
+    for (n, v) in &t.headers {
+        let invalid = || TestError::Header(format!("{}: {}", n.trim(), v.trim()));
+        let name = http::HeaderName::from_bytes(n.trim().as_bytes()).map_err(|_| invalid())?;
+        let value = http::HeaderValue::from_bytes(v.trim().as_bytes()).map_err(|_| invalid())?;
+        headers.append(name, value);
+    }
+    let view = RequestView {
         method: method.to_ascii_uppercase(),
         scheme: scheme.to_string(),
         authority: authority.to_string(),
@@ -119,7 +124,6 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         ingress_rule: 0,
         client_addr: Some(t.client_addr.clone()),
     };
-    super::restrict_view(&mut view, t.grants);
 
     let name = t
         .wasm
@@ -128,6 +132,7 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
     let mut cfg = PluginConfig::new(name.clone(), &t.wasm);
     cfg.config_json = t.config_json.clone();
     cfg.timeout = t.timeout;
+    // The grants also decide what the plugin sees of the request (see `SharedView`).
     cfg.grants = t.grants;
     let script = Arc::new(Script::new(t.http.clone()));
     // Every call is answered from the script: a test run reaches no network.
