@@ -357,8 +357,5 @@ fn plugin_test_refuses_a_header_that_is_not_http() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(r#"invalid --header "bad name: x""#),
-        "{err}"
-    );
+    assert!(err.contains(r#"invalid --header "bad name: x""#), "{err}");
 }
