@@ -40,7 +40,7 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// `plugin` seeing the request as `view`.
+    /// `plugin` seeing the request's `view` through its grants (see `SharedView`).
     pub fn new(plugin: Arc<Plugin>, view: Arc<RequestView>) -> Stage {
         Stage {
             plugin,

@@ -127,7 +127,8 @@ pub struct ChainRun<'a> {
     /// under per-request isolation), by chain position.
     held: Vec<Held>,
     /// The request as the chain sees it, shared by every hook (each plugin sees it through
-    /// its own grants); replaced when a plugin edits the request.
+    /// its own grants); changed in place when a plugin edits the request (copied first only
+    /// if a body stage still holds it).
     view: Arc<RequestView>,
     context: AuditContext,
 }

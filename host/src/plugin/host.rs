@@ -20,7 +20,7 @@ const MAX_TEXT: usize = 4096;
 pub const MAX_EVENTS_PER_CALL: usize = 256;
 
 /// The request as the plugins of a chain see it, before grants: one per request, shared by
-/// every plugin and hook of the chain, and rebuilt only when a plugin edits the request.
+/// every plugin and hook of the chain, and changed only when a plugin edits the request.
 /// What a plugin's grants hide is left out when it reads the view ([`SharedView`]), so a chain
 /// whose plugins hold different grants does not copy the request for each set of them.
 #[derive(Debug, Clone, Default)]
@@ -89,10 +89,10 @@ impl SharedView {
         self.view.ingress_rule
     }
 
-    /// Every value of header `name` (any case); none when the name is not a header name or
+    /// Every value of header `name` (any case: the name is lowercased as it is parsed); none when the name is not a header name or
     /// the grants hide it.
     fn header(&self, name: &str) -> Vec<Vec<u8>> {
-        let Ok(name) = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()) else {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
             return Vec::new();
         };
         if self.grants.hides_header(name.as_str()) {
