@@ -194,6 +194,12 @@ impl Grants {
             || (!self.credentials && crate::plugin::CREDENTIALS.contains(&name))
     }
 
+    /// Whether a plugin with these grants must not see response header `name` (lowercase):
+    /// the credentials headers (`set-cookie` among them) without `credentials`.
+    pub fn hides_response_header(&self, name: &str) -> bool {
+        !self.credentials && crate::plugin::CREDENTIALS.contains(&name)
+    }
+
     /// The grants named in `names` (for tests and tools); panics on an unknown name.
     pub fn of(names: &[&str]) -> Grants {
         let mut g = Grants::default();
@@ -431,5 +437,33 @@ impl PluginFile {
             policy.ca = super::read_certs(&resolve(ca)).map_err(|m| ("http-ca".into(), m))?;
         }
         Ok(policy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Grants;
+
+    #[test]
+    fn grants_decide_which_headers_a_plugin_sees() {
+        let none = Grants::default();
+        for h in [
+            "authorization",
+            "proxy-authorization",
+            "cookie",
+            "x-forwarded-for",
+            "forwarded",
+            "x-real-ip",
+        ] {
+            assert!(none.hides_header(h), "{h}");
+        }
+        assert!(none.hides_response_header("set-cookie"));
+        assert!(!none.hides_header("accept") && !none.hides_response_header("content-type"));
+        let creds = Grants::of(&["credentials"]);
+        assert!(!creds.hides_header("authorization") && !creds.hides_response_header("set-cookie"));
+        assert!(creds.hides_header("x-forwarded-for"));
+        let addr = Grants::of(&["client-addr"]);
+        assert!(!addr.hides_header("x-real-ip") && addr.hides_header("cookie"));
+        assert!(addr.hides_response_header("set-cookie"));
     }
 }

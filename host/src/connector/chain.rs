@@ -18,7 +18,6 @@ use crate::plugin::bindings::sluice::plugin::types::{
 use crate::plugin::{decision, Held, Plugin, PluginError, RawEvent, RequestView};
 
 use super::body::{BodyFilter, Stage};
-use crate::plugin::CREDENTIALS;
 
 /// Every plugin of a configuration and the chain of each ingress rule.
 #[derive(Debug, Default)]
@@ -228,9 +227,8 @@ impl ChainRun<'_> {
             }
             let view = self.view.clone();
             let mut visible = decision::to_wit(headers);
-            if !plugin.config().grants.credentials {
-                visible.retain(|h| !CREDENTIALS.contains(&h.name.as_str()));
-            }
+            let grants = plugin.config().grants;
+            visible.retain(|h| !grants.hides_response_header(&h.name));
             let resp = Response {
                 status: status.as_u16(),
                 headers: visible,
