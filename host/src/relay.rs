@@ -29,6 +29,11 @@ const CHUNK: usize = 64 * 1024;
 /// Largest body frame [`recv_body`] joins from chunks that have already arrived.
 const COALESCE: usize = 64 * 1024;
 
+/// Smallest chunk [`recv_body`] hands over as it is, without joining it to others: hyper's
+/// HTTP/1 writer gathers up to sixteen frames into one vectored write, and sixteen of these
+/// already make 64 KiB. Only smaller chunks (a path MTU of about 1.2 KB) are worth a copy.
+const JOIN_BELOW: usize = 4 * 1024;
+
 /// An HTTP body that yields what arrives on `recv` until FIN; a reset becomes a body error.
 pub fn recv_body(recv: RecvStream) -> HttpBody {
     recv_body_counted(recv, Arc::default())
@@ -98,22 +103,25 @@ impl Body for RecvBody {
             Some(Ok(chunk)) => chunk,
             other => return Poll::Ready(other.map(|r| r.map(Frame::data))),
         };
-        // QUIC hands over what one packet carried (about 1.2 KB): what has already arrived
-        // behind it is joined into one frame of up to COALESCE bytes, so that the HTTP writer
-        // downstream handles (and writes) tens of kilobytes at a time, not a packet's worth.
+        // QUIC hands over what one packet carried (about 1.2 KB on most paths): what has
+        // already arrived behind a small chunk is joined into one frame of up to COALESCE
+        // bytes, so that the HTTP writer downstream handles (and writes) tens of kilobytes at
+        // a time, not a packet's worth. Large chunks (jumbo datagrams on loopback, HTTP/2's
+        // 16 KiB DATA frames) go as they are: the writer gathers them without a copy.
         let mut joined: Option<BytesMut> = None;
         loop {
             // What follows, if it is already there: the FIN ends the body now; a failure (a
-            // reset must never look like a clean end), or a chunk past the frame's size, is
-            // kept for the next poll.
+            // reset must never look like a clean end), or a chunk that is not joined, is kept
+            // for the next poll.
             match this.poll_chunk(cx) {
                 Poll::Ready(Some(Ok(more))) => {
-                    if joined.as_ref().map_or(chunk.len(), BytesMut::len) >= COALESCE {
+                    let len = joined.as_ref().map_or(chunk.len(), BytesMut::len);
+                    if len >= COALESCE || chunk.len() >= JOIN_BELOW || more.len() >= JOIN_BELOW {
                         this.next = Some(Ok(more));
                         break;
                     }
                     let buf = joined.get_or_insert_with(|| {
-                        let mut b = BytesMut::with_capacity(COALESCE + CHUNK);
+                        let mut b = BytesMut::with_capacity(COALESCE + JOIN_BELOW);
                         b.extend_from_slice(&chunk);
                         b
                     });
@@ -526,6 +534,58 @@ mod tests {
             stopped.unwrap(),
             None,
             "no STOP_SENDING for a stream read to its end"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_joins_small_chunks_and_hands_large_ones_over_as_they_are() {
+        for protocol in [Protocol::Quic, Protocol::Http2] {
+            large_chunks_are_not_joined(protocol).await;
+        }
+    }
+
+    /// Small writes, then 8 KiB writes: every byte arrives in order, and over HTTP/2 no frame
+    /// is larger than the 8 KiB chunks (before, chunks that had arrived were joined up to
+    /// 64 KiB).
+    async fn large_chunks_are_not_joined(protocol: Protocol) {
+        const LARGE: usize = 8 * 1024;
+        let pair = crate::transport::testing::pair(protocol).await;
+        let (mut send, _) = pair.edge.open_bi().await.unwrap();
+        let mut sent = Vec::new();
+        for i in 0..64u8 {
+            let chunk = Bytes::from(vec![i; 100]);
+            sent.extend_from_slice(&chunk);
+            send.write_chunk(chunk).await.unwrap();
+        }
+        let small = sent.len();
+        for i in 0..32u8 {
+            let chunk = Bytes::from(vec![i.wrapping_mul(7); LARGE]);
+            sent.extend_from_slice(&chunk);
+            send.write_chunk(chunk).await.unwrap();
+        }
+        send.finish().unwrap();
+        let (_, recv) = pair.connector.accept_bi().await.unwrap();
+        let mut body = recv_body(recv);
+        let mut got = Vec::new();
+        while let Some(frame) = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .unwrap()
+        {
+            let data = frame.unwrap().into_data().unwrap();
+            // Over HTTP/2 a chunk is what the sender wrote; over QUIC it is what a packet
+            // carried, which depends on the path's MTU: only the bytes are checked.
+            if protocol == Protocol::Http2 && got.len() >= small {
+                assert!(
+                    data.len() <= LARGE,
+                    "{protocol}: a {} byte frame joined 8 KiB chunks",
+                    data.len()
+                );
+            }
+            got.extend_from_slice(&data);
+        }
+        assert!(
+            got == sent,
+            "{protocol}: the body's bytes differ from those sent"
         );
     }
 

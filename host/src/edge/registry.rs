@@ -78,10 +78,11 @@ impl ConnEntry {
     /// Whether new streams may go to the connection: it is not draining.
     ///
     /// Whether it is closed is not asked here: a closed connection leaves the registry as soon
-    /// as its acceptor sees the close (its control stream fails with it), and a stream opened
-    /// in between fails and is retried on another connection. Asking would take the
-    /// connection's lock once per connection and request, against its driver; that was a
-    /// third of the edge's lock waits under load.
+    /// as its acceptor sees the close (its control stream fails with it). A request's stream
+    /// opened in between fails at once and is retried on another connection; a session's
+    /// fails as it would had the connection closed a moment later. Asking would take the
+    /// connection's lock once per connection and request, against its driver: that was a third
+    /// of the edge's lock waits under load.
     fn usable(&self) -> bool {
         !self.is_draining()
     }
