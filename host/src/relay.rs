@@ -96,18 +96,22 @@ impl Body for RecvBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if let Some(next) = this.next.take() {
-            return Poll::Ready(Some(next.map(Frame::data)));
-        }
-        let mut chunk = match ready!(this.poll_chunk(cx)) {
+        // A chunk kept from the last poll goes through the same look-ahead as a fresh one:
+        // returned alone, the FIN behind it would go unseen.
+        let mut chunk = match this.next.take() {
             Some(Ok(chunk)) => chunk,
-            other => return Poll::Ready(other.map(|r| r.map(Frame::data))),
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            None => match ready!(this.poll_chunk(cx)) {
+                Some(Ok(chunk)) => chunk,
+                other => return Poll::Ready(other.map(|r| r.map(Frame::data))),
+            },
         };
         // QUIC hands over what one packet carried (about 1.2 KB on most paths): what has
         // already arrived behind a small chunk is joined into one frame of up to COALESCE
         // bytes, so that the HTTP writer downstream handles (and writes) tens of kilobytes at
-        // a time, not a packet's worth. Large chunks (jumbo datagrams on loopback, HTTP/2's
-        // 16 KiB DATA frames) go as they are: the writer gathers them without a copy.
+        // a time, not a packet's worth. Large chunks (large datagrams on loopback, HTTP/2 DATA
+        // frames of what the sender wrote) go as they are: the writer gathers them without a
+        // copy.
         let mut joined: Option<BytesMut> = None;
         loop {
             // What follows, if it is already there: the FIN ends the body now; a failure (a
@@ -457,7 +461,7 @@ impl<G: Unpin> Body for Guarded<G> {
 mod tests {
     use super::*;
     use crate::transport::testing::Loopback;
-    use crate::transport::Protocol;
+    use crate::transport::{Connection, Protocol};
     use http_body_util::StreamBody;
     use std::time::Duration;
 
@@ -586,6 +590,73 @@ mod tests {
         assert!(
             got == sent,
             "{protocol}: the body's bytes differ from those sent"
+        );
+    }
+
+    /// Reads a stream from the edge's side to its end, as `recv_body` does; for warming up.
+    async fn drain(mut recv: RecvStream) {
+        while recv.read_chunk(CHUNK).await.unwrap().is_some() {}
+    }
+
+    #[tokio::test]
+    async fn a_last_chunk_kept_from_the_poll_before_still_finds_the_fin_behind_it() {
+        // QUIC, the download direction (connector to edge), where loopback carries datagrams
+        // larger than JOIN_BELOW once path MTU discovery has found them.
+        let pair = crate::transport::testing::pair(Protocol::Quic).await;
+        let (Connection::Quic(edge), Connection::Quic(connector)) = (&pair.edge, &pair.connector)
+        else {
+            unreachable!("a QUIC pair")
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while connector.stats().path.current_mtu < 5000 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                connector.stats().path
+            );
+            let (mut ask, recv) = pair.edge.open_bi().await.unwrap();
+            ask.finish().unwrap();
+            let (mut send, _) = pair.connector.accept_bi().await.unwrap();
+            send.write_all(&[1; 256 * 1024]).await.unwrap();
+            send.finish().unwrap();
+            drain(recv).await;
+        }
+        // Two packets, each carrying more than JOIN_BELOW, the FIN in the second: the body
+        // keeps the second chunk while it yields the first, and must still see the FIN when it
+        // yields the second.
+        let payload = usize::from(connector.stats().path.current_mtu) - 50;
+        let total = payload + JOIN_BELOW + 600;
+        let (mut ask, recv) = pair.edge.open_bi().await.unwrap();
+        ask.finish().unwrap();
+        let (mut send, _) = pair.connector.accept_bi().await.unwrap();
+        let frames_before = edge.stats().frame_rx.stream;
+        // Written and finished before the connection's driver runs (this runtime has one
+        // thread), so the FIN travels with the last bytes.
+        send.write_all(&vec![9; total]).await.unwrap();
+        send.finish().unwrap();
+        while edge.stats().frame_rx.stream < frames_before + 2 {
+            assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(5));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut body = recv_body(recv);
+        let mut sizes = Vec::new();
+        while sizes.iter().sum::<usize>() < total {
+            let frame = body.frame().await.unwrap().unwrap();
+            sizes.push(frame.into_data().unwrap().len());
+        }
+        assert!(
+            sizes.len() == 2 && sizes.iter().all(|&n| n >= JOIN_BELOW),
+            "two large chunks expected, got {sizes:?}"
+        );
+        assert!(body.is_end_stream(), "the FIN came with the last chunk");
+        drop(body);
+        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+            .await
+            .unwrap();
+        assert_eq!(
+            stopped.unwrap(),
+            None,
+            "no STOP_SENDING for a stream read to its end"
         );
     }
 

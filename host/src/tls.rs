@@ -28,12 +28,14 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// The provider of the tunnel's own links (QUIC and TCP, edge and connector), which offers
-/// AES-128-GCM first. Both ends are sluice, and both offer it first, so the tunnel runs on it
-/// rather than on rustls's first choice, AES-256-GCM: X25519, the key exchange, gives about
+/// AES-128-GCM first. The edge, like any rustls server, follows the client's order, so the
+/// connector's choice decides: a connector of this version runs its link on AES-128-GCM
+/// rather than on rustls's first choice, AES-256-GCM. X25519, the key exchange, gives about
 /// 128 bits of security, which a 256-bit key does not raise, and AES-256 takes 14 rounds per
 /// block against 10 (sealing and opening were a quarter of each process's CPU on bulk
-/// transfers). The other suites stay, in rustls's order, for peers that lack it. Public
-/// HTTPS listeners and origin clients keep rustls's defaults.
+/// transfers). The other suites stay, in rustls's order, for peers that lack it; a connector
+/// of an earlier version still gets AES-256-GCM. Public HTTPS listeners and origin clients
+/// keep rustls's defaults.
 fn tunnel_provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     let first = rustls::CipherSuite::TLS13_AES_128_GCM_SHA256;

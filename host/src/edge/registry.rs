@@ -78,7 +78,8 @@ impl ConnEntry {
     /// Whether new streams may go to the connection: it is not draining.
     ///
     /// Whether it is closed is not asked here: a closed connection leaves the registry as soon
-    /// as its acceptor sees the close (its control stream fails with it). A request's stream
+    /// as its acceptor sees the close (its control stream fails with it, or has ended and the
+    /// acceptor waits for the close). A request's stream
     /// opened in between fails at once and is retried on another connection; a session's
     /// fails as it would had the connection closed a moment later. Asking would take the
     /// connection's lock once per connection and request, against its driver: that was a third
