@@ -522,12 +522,21 @@ mod tests {
     async fn a_body_read_to_its_last_byte_ends_and_its_stream_is_not_stopped() {
         // QUIC only: HTTP/2 has no STOP_SENDING.
         let (_pair, mut send, recv) = stream_with(Protocol::Quic, &[7; 100], None).await;
-        let mut body = recv_body(recv);
-        let mut got = Vec::new();
-        // An HTTP writer that stops at `content-length` reads no further than the last byte.
-        while got.len() < 100 {
+        read_to_last_byte(recv_body(recv), &mut send, 100).await;
+    }
+
+    /// Reads `body` up to its `total`-th byte and no further, as an HTTP writer that stops at
+    /// `content-length` does; checks that the FIN was seen with the last byte, and that
+    /// dropping the body then sends no STOP_SENDING. The sizes of the frames read.
+    async fn read_to_last_byte(
+        mut body: HttpBody,
+        send: &mut SendStream,
+        total: usize,
+    ) -> Vec<usize> {
+        let mut sizes = Vec::new();
+        while sizes.iter().sum::<usize>() < total {
             let frame = body.frame().await.unwrap().unwrap();
-            got.extend_from_slice(&frame.into_data().unwrap());
+            sizes.push(frame.into_data().unwrap().len());
         }
         assert!(body.is_end_stream(), "the FIN was there with the last byte");
         drop(body);
@@ -539,6 +548,7 @@ mod tests {
             None,
             "no STOP_SENDING for a stream read to its end"
         );
+        sizes
     }
 
     #[tokio::test]
@@ -638,25 +648,10 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(5));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let mut body = recv_body(recv);
-        let mut sizes = Vec::new();
-        while sizes.iter().sum::<usize>() < total {
-            let frame = body.frame().await.unwrap().unwrap();
-            sizes.push(frame.into_data().unwrap().len());
-        }
+        let sizes = read_to_last_byte(recv_body(recv), &mut send, total).await;
         assert!(
             sizes.len() == 2 && sizes.iter().all(|&n| n >= JOIN_BELOW),
             "two large chunks expected, got {sizes:?}"
-        );
-        assert!(body.is_end_stream(), "the FIN came with the last chunk");
-        drop(body);
-        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
-            .await
-            .unwrap();
-        assert_eq!(
-            stopped.unwrap(),
-            None,
-            "no STOP_SENDING for a stream read to its end"
         );
     }
 
