@@ -552,7 +552,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_joins_small_chunks_and_hands_large_ones_over_as_they_are() {
+    async fn a_body_hands_large_chunks_over_as_they_are() {
         for protocol in [Protocol::Quic, Protocol::Http2] {
             large_chunks_are_not_joined(protocol).await;
         }
@@ -586,8 +586,10 @@ mod tests {
             .unwrap()
         {
             let data = frame.unwrap().into_data().unwrap();
-            // Over HTTP/2 a chunk is what the sender wrote; over QUIC it is what a packet
-            // carried, which depends on the path's MTU: only the bytes are checked.
+            // Over HTTP/2 a chunk is at most what the sender wrote (flow control may split a
+            // write, never join two); over QUIC it is what a packet carried, which depends on
+            // the path's MTU: there only the bytes are checked. Whether small chunks are
+            // joined depends on when they arrive, so it is not asserted.
             if protocol == Protocol::Http2 && got.len() >= small {
                 assert!(
                     data.len() <= LARGE,
