@@ -3,12 +3,16 @@
 //! chain of the `echo` fixture, and of the chain `bench/compare` runs as the connector runs
 //! it: access-guard, header-rewrite and audit-log (with a file sink) through every hook of a
 //! request (`on-request`, `on-response`, `on-complete`), views, decisions and audit events
-//! included; then one call that reads or increments a key in the plugin's key-value store, in
-//! this process and in Redis (when redis-server is installed); an outbound HTTP call from a
-//! hook against the same call made directly; and a MiB of body through a body hook. Plugins
-//! are built for wasm32-wasip2 on first run.
+//! included; then that chain's cost in the tunnel itself (an edge and a connector as separate
+//! processes, with and without it, under `bench/compare`'s case A); then one call that reads
+//! or increments a key in the plugin's key-value store, in this process and in Redis (when
+//! redis-server is installed); an outbound HTTP call from a hook against the same call made
+//! directly; and a MiB of body through a body hook. Plugins are built for wasm32-wasip2 on
+//! first run.
 //!
 //! Run: `cargo bench -p sluice --bench hooks` (iterations: `SLUICE_BENCH_ITERS`, default 20000).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -187,22 +191,25 @@ async fn main() {
         report("chain of three plugins, on-request", samples);
     }
 
-    real_chain(iters, &rt, &metrics, &view).await;
+    let wasm = build_wasm(&["access-guard", "header-rewrite", "audit-log"]);
+    real_chain(iters, &wasm, &rt, &metrics, &view).await;
+    tunnel_chain(&wasm);
     kv_costs(iters, &metrics, &view).await;
     outbound_costs(iters / 4, &metrics, &view).await;
     body_costs(&metrics, &view).await;
 }
 
-/// A loopback HTTP/1.1 server answering every request with `k1`.
-async fn tiny_server() -> std::net::SocketAddr {
+/// A loopback HTTP/1.1 server answering every request with `body`.
+async fn tiny_server(body: &'static [u8]) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
+            let _ = tcp.set_nodelay(true);
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|_req| async {
+                let svc = hyper::service::service_fn(move |_req| async move {
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from_static(b"k1")),
+                        http_body_util::Full::new(bytes::Bytes::from_static(body)),
                     ))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -218,7 +225,7 @@ async fn tiny_server() -> std::net::SocketAddr {
 /// loopback server, against the same GET made directly with a keep-alive hyper client: the
 /// difference, less a no-op hook, is what the host adds to a call beyond the network.
 async fn outbound_costs(iters: usize, metrics: &Arc<Metrics>, view: &RequestView) {
-    let addr = tiny_server().await;
+    let addr = tiny_server(b"k1").await;
     let url = format!("http://{addr}/keys");
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<http_body_util::Empty<bytes::Bytes>>();
@@ -396,8 +403,46 @@ fn start_redis() -> Option<(std::process::Child, String)> {
 /// The three plugins of `bench/compare` as the connector runs them on every request: each
 /// hook of each plugin with the request's view, the decisions validated and applied, and the
 /// audit-log plugin's events written to a file by the audit writer.
-async fn real_chain(iters: usize, rt: &Arc<Runtime>, metrics: &Arc<Metrics>, view: &RequestView) {
-    let wasm = build_wasm(&["access-guard", "header-rewrite", "audit-log"]);
+/// The `[[plugin]]` tables and `[audit]` sink of the chain `bench/compare` runs (a
+/// connector's `plugins = ["guard", "rewrite", "audit"]` names them).
+fn chain_tables(wasm: &Path, audit_file: &Path) -> String {
+    format!(
+        r#"
+[[plugin]]
+name = "guard"
+path = "{wasm}/access_guard.wasm"
+grants = ["credentials"]
+[plugin.config]
+tokens = ["{BEARER}"]
+
+[[plugin]]
+name = "rewrite"
+path = "{wasm}/header_rewrite.wasm"
+[plugin.config.request.set]
+x-bench = "{{request_id}}"
+
+[[plugin]]
+name = "audit"
+path = "{wasm}/audit_log.wasm"
+
+[audit]
+file = "{audit}"
+"#,
+        wasm = wasm.display(),
+        audit = audit_file.display(),
+    )
+}
+
+/// The bearer token the chain's access-guard accepts (the one `bench/compare` sends).
+const BEARER: &str = "bench-bearer-token-0123456789";
+
+async fn real_chain(
+    iters: usize,
+    wasm: &Path,
+    rt: &Arc<Runtime>,
+    metrics: &Arc<Metrics>,
+    view: &RequestView,
+) {
     let scratch = std::env::temp_dir().join(format!("sluice-hooks-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();
     let text = format!(
@@ -412,29 +457,8 @@ url = "http://127.0.0.1:8080"
 
 [[ingress]]
 origin = "web"
-
-[[plugin]]
-name = "guard"
-path = "{wasm}/access_guard.wasm"
-grants = ["credentials"]
-[plugin.config]
-tokens = ["bench-bearer-token-0123456789"]
-
-[[plugin]]
-name = "rewrite"
-path = "{wasm}/header_rewrite.wasm"
-[plugin.config.request.set]
-x-bench = "{{request_id}}"
-
-[[plugin]]
-name = "audit"
-path = "{wasm}/audit_log.wasm"
-
-[audit]
-file = "{scratch}/audit.jsonl"
-"#,
-        wasm = wasm.display(),
-        scratch = scratch.display(),
+{tables}"#,
+        tables = chain_tables(wasm, &scratch.join("audit.jsonl")),
     );
     let config = ConnectorConfig::parse(&text, &scratch.join("connector.toml")).expect("config");
     let mut loaded = std::collections::HashMap::new();
@@ -457,7 +481,7 @@ file = "{scratch}/audit.jsonl"
     request.headers = [
         ("user-agent", "oha/1.4.0"),
         ("accept", "*/*"),
-        ("authorization", "Bearer bench-bearer-token-0123456789"),
+        ("authorization", &*format!("Bearer {BEARER}")),
         ("x-forwarded-for", "127.0.0.1"),
         ("x-forwarded-proto", "http"),
         ("x-forwarded-host", "bench.test"),
@@ -502,7 +526,7 @@ file = "{scratch}/audit.jsonl"
             .build()
             .unwrap();
         rt.block_on(async move {
-            let before = process_cpu();
+            let before = common::cpu_seconds("self");
             let tasks: Vec<_> = (0..64)
                 .map(|_| {
                     let one = shared.clone();
@@ -516,7 +540,7 @@ file = "{scratch}/audit.jsonl"
             for t in tasks {
                 t.await.unwrap();
             }
-            (process_cpu() - before) * 1e6 / (iters / 64 * 64) as f64
+            (common::cpu_seconds("self") - before) * 1e6 / (iters / 64 * 64) as f64
         })
     })
     .join()
@@ -527,24 +551,6 @@ file = "{scratch}/audit.jsonl"
     );
     one.context.audit.close().await;
     let _ = std::fs::remove_dir_all(&scratch);
-}
-
-/// User + system seconds used by this process so far.
-fn process_cpu() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime, in clock ticks of 1/100 s on Linux.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// One request of bench/compare's traffic through the chain, every hook.
@@ -581,4 +587,194 @@ impl OneRequest {
         })
         .await;
     }
+}
+
+/// The chain's cost where it runs: an edge and a connector as separate `sluice` processes,
+/// one pair without plugins and one with `bench/compare`'s chain, in front of an origin in
+/// this process answering 100 bytes, loaded as `bench/compare`'s case A loads them (64
+/// clients, keep-alive, one request at a time each). The two pairs take turns, round after
+/// round, so that both see the same state of a noisy host. First as fast as they answer,
+/// which is what case A compares; then at one rate for both, below the chain's, which
+/// separates the chain's own work from what a lower rate costs every request (fewer
+/// requests per wake-up). Each round prints requests per second and each process's CPU
+/// (user + system) per request; each phase ends with the medians' difference. Round length:
+/// `SLUICE_BENCH_TUNNEL_SECS` (default 4); rounds: `SLUICE_BENCH_TUNNEL_ROUNDS` (default 3).
+fn tunnel_chain(wasm: &Path) {
+    let secs: f64 = env_or("SLUICE_BENCH_TUNNEL_SECS", 4.0);
+    let rounds: usize = env_or("SLUICE_BENCH_TUNNEL_ROUNDS", 3);
+    let wasm = wasm.to_path_buf();
+    // The clients and the origin get two workers, like oha and nginx in bench/compare, and
+    // share the cores with both tunnels' processes (on a thread of their own, as this
+    // function is called from the benchmark's runtime).
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(in_tunnel(&wasm, secs, rounds))
+    })
+    .join()
+    .expect("the in-tunnel measurement failed");
+}
+
+async fn in_tunnel(wasm: &Path, secs: f64, rounds: usize) {
+    let origin = tiny_server(&[b'x'; 100]).await;
+    let bare = common::Tunnel::start(origin, "", "").await;
+    let audit =
+        std::env::temp_dir().join(format!("sluice-hooks-tunnel-{}.jsonl", std::process::id()));
+    let chained = common::Tunnel::start_with_tables(
+        origin,
+        "",
+        r#"plugins = ["guard", "rewrite", "audit"]"#,
+        &chain_tables(wasm, &audit),
+    )
+    .await;
+    let tunnels = [&bare, &chained];
+    println!(
+        "in the tunnel, 64 clients, {secs} s per round: req/s, then CPU per request (µs) \
+         of edge + connector"
+    );
+    let open = compare(&tunnels, "as fast as they go", secs, rounds, None).await;
+    // The same at one fixed rate for both, below what the chain reaches: both processes
+    // then wake up as often per request with the chain as without it, and the difference
+    // is the chain's own work.
+    let rate = (open[1].rate * 0.8).round();
+    compare(&tunnels, &format!("{rate} req/s"), secs, rounds, Some(rate)).await;
+    let _ = std::fs::remove_file(&audit);
+}
+
+/// Rounds of load on `[no plugins, chain]` in turn; prints each round, then the medians'
+/// difference, and returns the medians.
+async fn compare(
+    tunnels: &[&common::Tunnel; 2],
+    what: &str,
+    secs: f64,
+    rounds: usize,
+    rate: Option<f64>,
+) -> [Round; 2] {
+    let mut seen: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for (i, label) in ["no plugins", "chain"].into_iter().enumerate() {
+            // A short warm-up opens the clients' connections and fills the pools.
+            drive(tunnels[i], 0.5, rate).await;
+            let r = drive(tunnels[i], secs, rate).await;
+            println!(
+                "  {what}, round {} {label:<12} {:>8.0} req/s   {:>6.1} + {:>6.1} µs",
+                round + 1,
+                r.rate,
+                r.edge_us,
+                r.connector_us
+            );
+            seen[i].push(r);
+        }
+    }
+    let median = |rs: &[Round], f: fn(&Round) -> f64| {
+        let mut v: Vec<f64> = rs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [bare, chain] = seen.map(|rs| Round {
+        rate: median(&rs, |r| r.rate),
+        edge_us: median(&rs, |r| r.edge_us),
+        connector_us: median(&rs, |r| r.connector_us),
+    });
+    println!(
+        "{:<44} CPU    {:>8.2} µs per request more ({:.1} edge, {:.1} connector); \
+         {:.2}x the requests per second",
+        format!("bench/compare chain in the tunnel, {what}"),
+        (chain.edge_us + chain.connector_us) - (bare.edge_us + bare.connector_us),
+        chain.edge_us - bare.edge_us,
+        chain.connector_us - bare.connector_us,
+        chain.rate / bare.rate,
+    );
+    [bare, chain]
+}
+
+/// One round of load on a tunnel: requests per second, and each process's CPU per request.
+struct Round {
+    rate: f64,
+    edge_us: f64,
+    connector_us: f64,
+}
+
+/// 64 keep-alive clients send bench/compare's request through `tunnel` for `secs` seconds,
+/// as fast as answers come, or at `rate` requests per second in all.
+async fn drive(tunnel: &common::Tunnel, secs: f64, rate: Option<f64>) -> Round {
+    const CLIENTS: u32 = 64;
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let (edge0, conn0) = (tunnel.edge.cpu_seconds(), tunnel.connector.cpu_seconds());
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            // Paced clients start spread over one period, so the rate is even.
+            let pace = rate.map(|r| {
+                let period = Duration::from_secs_f64(f64::from(CLIENTS) / r);
+                (period, period * i / CLIENTS)
+            });
+            tokio::spawn(client(tunnel.http, until, pace))
+        })
+        .collect();
+    let mut done = 0u64;
+    for c in clients {
+        done += c.await.expect("client panicked");
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let per = |cpu: f64| cpu * 1e6 / done as f64;
+    Round {
+        rate: done as f64 / elapsed,
+        edge_us: per(tunnel.edge.cpu_seconds() - edge0),
+        connector_us: per(tunnel.connector.cpu_seconds() - conn0),
+    }
+}
+
+/// One client: requests on one connection until `until`, back to back or one per period
+/// after an offset (`pace`); how many were answered (each must be a 200 with the origin's
+/// 100 bytes).
+async fn client(
+    addr: std::net::SocketAddr,
+    until: Instant,
+    pace: Option<(Duration, Duration)>,
+) -> u64 {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    tcp.set_nodelay(true).unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(tcp))
+    .await
+    .expect("handshake");
+    tokio::spawn(conn);
+    let mut ticks = pace.map(|(period, offset)| {
+        let mut t = tokio::time::interval_at((Instant::now() + offset).into(), period);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        t
+    });
+    let mut n = 0;
+    loop {
+        if let Some(t) = ticks.as_mut() {
+            t.tick().await;
+        }
+        if Instant::now() >= until {
+            return n;
+        }
+        let req = http::Request::get("/100b")
+            .header("host", "bench.test")
+            .header("authorization", format!("Bearer {BEARER}"))
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = send.send_request(req).await.expect("request failed");
+        assert_eq!(resp.status(), 200, "the tunnel refused the bench's request");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(body.len(), 100);
+        n += 1;
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }

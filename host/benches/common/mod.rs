@@ -23,6 +23,11 @@ impl Drop for Proc {
 }
 
 impl Proc {
+    /// User + system seconds the process has used so far.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(&self.0.id().to_string())
+    }
+
     /// Peak resident memory (VmHWM), KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         self.status_kib("VmHWM:")
@@ -43,6 +48,24 @@ impl Proc {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// User + system seconds used so far by process `pid` (`"self"` for this one).
+pub fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, in clock ticks of 1/100 s on Linux.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// A free TCP port on loopback (also free for UDP in practice).
@@ -73,7 +96,21 @@ impl Tunnel {
     /// Writes certificates and configs (plus `edge_extra` and `connector_extra` lines at the
     /// top of each file), starts both processes and waits until the tunnel answers.
     pub async fn start(origin: SocketAddr, edge_extra: &str, connector_extra: &str) -> Tunnel {
-        let dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+        Tunnel::start_with_tables(origin, edge_extra, connector_extra, "").await
+    }
+
+    /// As [`Tunnel::start`], with `connector_tables` (TOML tables: plugins, `[audit]`)
+    /// appended to the connector's file. Each tunnel gets a directory of its own, so that
+    /// several can run at once.
+    pub async fn start_with_tables(
+        origin: SocketAddr,
+        edge_extra: &str,
+        connector_extra: &str,
+        connector_tables: &str,
+    ) -> Tunnel {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sluice-bench-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
         std::fs::write(dir.join("edge.crt"), ck.cert.pem()).unwrap();
@@ -95,7 +132,7 @@ impl Tunnel {
             format!(
                 "{connector_extra}\ntunnel = \"bench\"\ntoken = \"{token}\"\nedges = [\"127.0.0.1:{quic_port}\"]\nha-connections = 1\n\
                  edge-ca = \"edge.crt\"\nedge-server-name = \"localhost\"\n[[origin]]\nname = \"o\"\n\
-                 url = \"http://{origin}\"\nrequest-timeout = \"10m\"\n[[ingress]]\norigin = \"o\"\n"
+                 url = \"http://{origin}\"\nrequest-timeout = \"10m\"\n[[ingress]]\norigin = \"o\"\n{connector_tables}\n"
             ),
         )
         .unwrap();
@@ -121,8 +158,11 @@ impl Tunnel {
                         .await;
                 if let Ok((mut s, c)) = handshake {
                     tokio::spawn(c);
+                    // The token is the one the hook benchmark's access-guard accepts;
+                    // a tunnel without plugins ignores it.
                     let req = Request::get("/")
                         .header("host", "bench.test")
+                        .header("authorization", "Bearer bench-bearer-token-0123456789")
                         .body(Empty::new())
                         .unwrap();
                     if let Ok(r) = s.send_request(req).await {
@@ -144,6 +184,11 @@ impl Tunnel {
         (self.edge.peak_rss_kib(), self.connector.peak_rss_kib())
     }
 
+    /// The directory holding the tunnel's configs (removed when the tunnel is dropped).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Current RSS (KiB) of edge and connector.
     pub fn rss_kib(&self) -> (u64, u64) {
         (self.edge.rss_kib(), self.connector.rss_kib())
@@ -155,7 +200,9 @@ fn spawn(role: &str, config: &Path) -> Proc {
         Command::new(env!("CARGO_BIN_EXE_sluice"))
             .args([role, "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            // Errors only: an edge warns that the tunnel has no connection until its
+            // connector is up, which every start goes through.
+            .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .spawn()
             .expect("failed to start sluice"),
