@@ -145,7 +145,10 @@ impl Pool {
             let (sender, conn, idle_for) = match idle {
                 Some((idle, idle_for)) => (idle.sender, idle.conn, Some(idle_for)),
                 None => {
-                    let (sender, conn) = self.connect().await?;
+                    // Boxed: a new connection's setup (TCP, TLS, handshake) is most of
+                    // this future's size, and every request's task would carry it whether it
+                    // connects or, as most do, reuses an idle connection.
+                    let (sender, conn) = Box::pin(self.connect()).await?;
                     (sender, conn, None)
                 }
             };
