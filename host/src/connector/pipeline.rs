@@ -320,7 +320,7 @@ impl Pipeline {
     /// This future is a task of its own per stream, copied whole when spawned and again when
     /// it completes, and it is as large as its largest await. The awaits that only sessions,
     /// plugins, PROXY-protocol origins or a new origin connection reach are boxed, so a
-    /// plain request's task is less than half what it would be (6.4 KB in a release build;
+    /// plain request's task is about half what it would be (6.4 KB in a release build;
     /// memory copies were 8% of the connector's profile when nothing was boxed).
     pub async fn handle(
         self: Arc<Self>,
