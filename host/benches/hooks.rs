@@ -400,9 +400,6 @@ fn start_redis() -> Option<(std::process::Child, String)> {
     Some((child, format!("redis://127.0.0.1:{port}")))
 }
 
-/// The three plugins of `bench/compare` as the connector runs them on every request: each
-/// hook of each plugin with the request's view, the decisions validated and applied, and the
-/// audit-log plugin's events written to a file by the audit writer.
 /// The `[[plugin]]` tables and `[audit]` sink of the chain `bench/compare` runs (a
 /// connector's `plugins = ["guard", "rewrite", "audit"]` names them).
 fn chain_tables(wasm: &Path, audit_file: &Path) -> String {
@@ -413,7 +410,7 @@ name = "guard"
 path = "{wasm}/access_guard.wasm"
 grants = ["credentials"]
 [plugin.config]
-tokens = ["{BEARER}"]
+tokens = ["{bearer}"]
 
 [[plugin]]
 name = "rewrite"
@@ -430,12 +427,13 @@ file = "{audit}"
 "#,
         wasm = wasm.display(),
         audit = audit_file.display(),
+        bearer = common::BEARER,
     )
 }
 
-/// The bearer token the chain's access-guard accepts (the one `bench/compare` sends).
-const BEARER: &str = "bench-bearer-token-0123456789";
-
+/// The three plugins of `bench/compare` as the connector runs them on every request: each
+/// hook of each plugin with the request's view, the decisions validated and applied, and the
+/// audit-log plugin's events written to a file by the audit writer.
 async fn real_chain(
     iters: usize,
     wasm: &Path,
@@ -481,7 +479,7 @@ origin = "web"
     request.headers = [
         ("user-agent", "oha/1.4.0"),
         ("accept", "*/*"),
-        ("authorization", &*format!("Bearer {BEARER}")),
+        ("authorization", &*format!("Bearer {}", common::BEARER)),
         ("x-forwarded-for", "127.0.0.1"),
         ("x-forwarded-proto", "http"),
         ("x-forwarded-host", "bench.test"),
@@ -601,7 +599,7 @@ impl OneRequest {
 /// `SLUICE_BENCH_TUNNEL_SECS` (default 4); rounds: `SLUICE_BENCH_TUNNEL_ROUNDS` (default 3).
 fn tunnel_chain(wasm: &Path) {
     let secs: f64 = env_or("SLUICE_BENCH_TUNNEL_SECS", 4.0);
-    let rounds: usize = env_or("SLUICE_BENCH_TUNNEL_ROUNDS", 3);
+    let rounds: usize = env_or("SLUICE_BENCH_TUNNEL_ROUNDS", 3).max(1);
     let wasm = wasm.to_path_buf();
     // The clients and the origin get two workers, like oha and nginx in bench/compare, and
     // share the cores with both tunnels' processes (on a thread of their own, as this
@@ -621,13 +619,12 @@ fn tunnel_chain(wasm: &Path) {
 async fn in_tunnel(wasm: &Path, secs: f64, rounds: usize) {
     let origin = tiny_server(&[b'x'; 100]).await;
     let bare = common::Tunnel::start(origin, "", "").await;
-    let audit =
-        std::env::temp_dir().join(format!("sluice-hooks-tunnel-{}.jsonl", std::process::id()));
     let chained = common::Tunnel::start_with_tables(
         origin,
         "",
         r#"plugins = ["guard", "rewrite", "audit"]"#,
-        &chain_tables(wasm, &audit),
+        // Relative: next to the connector's config, removed with the tunnel's directory.
+        &chain_tables(wasm, Path::new("audit.jsonl")),
     )
     .await;
     let tunnels = [&bare, &chained];
@@ -641,7 +638,6 @@ async fn in_tunnel(wasm: &Path, secs: f64, rounds: usize) {
     // is the chain's own work.
     let rate = (open[1].rate * 0.8).round();
     compare(&tunnels, &format!("{rate} req/s"), secs, rounds, Some(rate)).await;
-    let _ = std::fs::remove_file(&audit);
 }
 
 /// Rounds of load on `[no plugins, chain]` in turn; prints each round, then the medians'
@@ -656,7 +652,9 @@ async fn compare(
     let mut seen: [Vec<Round>; 2] = [Vec::new(), Vec::new()];
     for round in 0..rounds {
         for (i, label) in ["no plugins", "chain"].into_iter().enumerate() {
-            // A short warm-up opens the clients' connections and fills the pools.
+            // A short warm-up fills the connector's origin pool and the plugins' instance
+            // pools. Each round's clients connect anew: 64 connections within the round's
+            // tens of thousands of requests.
             drive(tunnels[i], 0.5, rate).await;
             let r = drive(tunnels[i], secs, rate).await;
             println!(
@@ -669,6 +667,8 @@ async fn compare(
             seen[i].push(r);
         }
     }
+    // Each figure's median over the rounds (the upper middle one for an even count), each
+    // figure on its own: the rate's and the CPU's may come from different rounds.
     let median = |rs: &[Round], f: fn(&Round) -> f64| {
         let mut v: Vec<f64> = rs.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
@@ -707,10 +707,12 @@ async fn drive(tunnel: &common::Tunnel, secs: f64, rate: Option<f64>) -> Round {
     let started = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {
-            // Paced clients start spread over one period, so the rate is even.
+            // Paced clients start spread over one period from a common start, so the rate is
+            // even. One that falls behind (an answer slower than its period) does not catch
+            // up: the round then reports the rate it reached, below the target.
             let pace = rate.map(|r| {
                 let period = Duration::from_secs_f64(f64::from(CLIENTS) / r);
-                (period, period * i / CLIENTS)
+                (period, started + period * i / CLIENTS)
             });
             tokio::spawn(client(tunnel.http, until, pace))
         })
@@ -729,12 +731,12 @@ async fn drive(tunnel: &common::Tunnel, secs: f64, rate: Option<f64>) -> Round {
 }
 
 /// One client: requests on one connection until `until`, back to back or one per period
-/// after an offset (`pace`); how many were answered (each must be a 200 with the origin's
-/// 100 bytes).
+/// from a first instant (`pace`); how many were answered (each must be a 200 with the
+/// origin's 100 bytes, within 10 s).
 async fn client(
     addr: std::net::SocketAddr,
     until: Instant,
-    pace: Option<(Duration, Duration)>,
+    pace: Option<(Duration, Instant)>,
 ) -> u64 {
     use http_body_util::BodyExt;
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -746,8 +748,8 @@ async fn client(
     .await
     .expect("handshake");
     tokio::spawn(conn);
-    let mut ticks = pace.map(|(period, offset)| {
-        let mut t = tokio::time::interval_at((Instant::now() + offset).into(), period);
+    let mut ticks = pace.map(|(period, first)| {
+        let mut t = tokio::time::interval_at(first.into(), period);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         t
     });
@@ -761,12 +763,17 @@ async fn client(
         }
         let req = http::Request::get("/100b")
             .header("host", "bench.test")
-            .header("authorization", format!("Bearer {BEARER}"))
+            .header("authorization", format!("Bearer {}", common::BEARER))
             .body(http_body_util::Empty::new())
             .unwrap();
-        let resp = send.send_request(req).await.expect("request failed");
-        assert_eq!(resp.status(), 200, "the tunnel refused the bench's request");
-        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let exchange = async {
+            let resp = send.send_request(req).await.expect("request failed");
+            assert_eq!(resp.status(), 200, "the tunnel refused the bench's request");
+            resp.into_body().collect().await.expect("body").to_bytes()
+        };
+        let body = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("no answer within 10 s");
         assert_eq!(body.len(), 100);
         n += 1;
     }

@@ -68,6 +68,10 @@ pub fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The bearer token the hook benchmark's access-guard accepts (the one `bench/compare`
+/// sends); a tunnel without plugins ignores it.
+pub const BEARER: &str = "bench-bearer-token-0123456789";
+
 /// A free TCP port on loopback (also free for UDP in practice).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -158,11 +162,9 @@ impl Tunnel {
                         .await;
                 if let Ok((mut s, c)) = handshake {
                     tokio::spawn(c);
-                    // The token is the one the hook benchmark's access-guard accepts;
-                    // a tunnel without plugins ignores it.
                     let req = Request::get("/")
                         .header("host", "bench.test")
-                        .header("authorization", "Bearer bench-bearer-token-0123456789")
+                        .header("authorization", format!("Bearer {BEARER}"))
                         .body(Empty::new())
                         .unwrap();
                     if let Ok(r) = s.send_request(req).await {
@@ -182,11 +184,6 @@ impl Tunnel {
     /// Peak RSS (KiB) of edge and connector.
     pub fn peak_rss_kib(&self) -> (u64, u64) {
         (self.edge.peak_rss_kib(), self.connector.peak_rss_kib())
-    }
-
-    /// The directory holding the tunnel's configs (removed when the tunnel is dropped).
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Current RSS (KiB) of edge and connector.
