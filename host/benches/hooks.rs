@@ -107,10 +107,7 @@ fn fixture_path() -> PathBuf {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let iters: usize = std::env::var("SLUICE_BENCH_ITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
+    let iters: usize = common::env_or("SLUICE_BENCH_ITERS", 20_000);
     let rt = Runtime::new(64 << 20, 256).unwrap();
     let metrics = Arc::new(Metrics::new("bench"));
     let view = view();
@@ -598,8 +595,8 @@ impl OneRequest {
 /// (user + system) per request; each phase ends with the medians' difference. Round length:
 /// `SLUICE_BENCH_TUNNEL_SECS` (default 4); rounds: `SLUICE_BENCH_TUNNEL_ROUNDS` (default 3).
 fn tunnel_chain(wasm: &Path) {
-    let secs: f64 = env_or("SLUICE_BENCH_TUNNEL_SECS", 4.0);
-    let rounds: usize = env_or("SLUICE_BENCH_TUNNEL_ROUNDS", 3).max(1);
+    let secs: f64 = common::env_or("SLUICE_BENCH_TUNNEL_SECS", 4.0);
+    let rounds: usize = common::env_or("SLUICE_BENCH_TUNNEL_ROUNDS", 3).max(1);
     let wasm = wasm.to_path_buf();
     // The clients and the origin get two workers, like oha and nginx in bench/compare, and
     // share the cores with both tunnels' processes (on a thread of their own, as this
@@ -777,11 +774,4 @@ async fn client(
         assert_eq!(body.len(), 100);
         n += 1;
     }
-}
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

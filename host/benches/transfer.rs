@@ -42,10 +42,7 @@ async fn drain(mut body: Incoming) -> u64 {
 
 #[tokio::main]
 async fn main() {
-    let total: u64 = std::env::var("SLUICE_BENCH_BYTES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1 << 30);
+    let total: u64 = common::env_or("SLUICE_BENCH_BYTES", 1 << 30);
 
     // Origin: POST /sink counts the body; GET /source streams `total` bytes; anything else
     // is a small answer.

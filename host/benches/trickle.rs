@@ -45,17 +45,10 @@ async fn trickle(
     }
 }
 
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() {
-    let tricklers = env("SLUICE_BENCH_TRICKLERS", 2000) as usize;
-    let secs = env("SLUICE_BENCH_SECS", 15);
+    let tricklers = common::env_or::<u64>("SLUICE_BENCH_TRICKLERS", 2000) as usize;
+    let secs = common::env_or::<u64>("SLUICE_BENCH_SECS", 15);
 
     let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let origin_addr = origin.local_addr().unwrap();

@@ -72,6 +72,14 @@ pub fn cpu_seconds(pid: &str) -> f64 {
 /// sends); a tunnel without plugins ignores it.
 pub const BEARER: &str = "bench-bearer-token-0123456789";
 
+/// The value of environment variable `name`, or `default` when it is unset or unreadable.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A free TCP port on loopback (also free for UDP in practice).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

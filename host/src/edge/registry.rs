@@ -79,11 +79,10 @@ impl ConnEntry {
     ///
     /// Whether it is closed is not asked here: a closed connection leaves the registry as soon
     /// as its acceptor sees the close (its control stream fails with it, or has ended and the
-    /// acceptor waits for the close). A request's stream
-    /// opened in between fails at once and is retried on another connection; a session's
-    /// fails as it would had the connection closed a moment later. Asking would take the
-    /// connection's lock once per connection and request, against its driver: that was a third
-    /// of the edge's lock waits under load.
+    /// acceptor waits for the close). A request's stream opened in between fails at once and
+    /// is retried on another connection; a session's fails as it would had the connection
+    /// closed a moment later. Asking would take the connection's lock once per connection and
+    /// request, against its driver: that was a third of the edge's lock waits under load.
     fn usable(&self) -> bool {
         !self.is_draining()
     }
