@@ -131,15 +131,14 @@ impl ClientConn {
         slot: Arc<ClientSlot>,
     ) {
         let cfg = &self.shared.config;
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new(cfg.header_read_timeout, cfg.idle_timeout));
         let went_idle = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watchdog = {
             let (activity, stop, went_idle) =
                 (activity.clone(), self.stop.clone(), went_idle.clone());
-            let (first, idle) = (cfg.header_read_timeout, cfg.idle_timeout);
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = activity.idle(first, idle) => {
+                    _ = activity.idle() => {
                         debug!("closing an idle client connection");
                         went_idle.store(true, std::sync::atomic::Ordering::Relaxed);
                         stop.cancel();
@@ -170,9 +169,7 @@ impl ClientConn {
                 async move {
                     let resp = dispatch::handle(req, shared, peer, scheme).await?;
                     // The request counts as active until its response body has been sent.
-                    Ok::<_, std::convert::Infallible>(
-                        resp.map(|b| relay::with_guard(request.watch(b), request)),
-                    )
+                    Ok::<_, std::convert::Infallible>(resp.map(|b| request.watch(b)))
                 }
             });
         let stall = cfg.body_idle_timeout;
@@ -272,6 +269,9 @@ impl Drop for ClientSlot {
 /// Requests in flight on one connection, and when the last one ended.
 #[derive(Debug)]
 struct Activity {
+    /// How long a connection may go without a request before its first one, and after it.
+    first: Duration,
+    idle: Duration,
     state: Mutex<ActivityState>,
     changed: tokio::sync::Notify,
     /// For each response being sent: when it last handed a frame to hyper that hyper has
@@ -286,23 +286,35 @@ struct ActivityState {
     since: Instant,
     /// Whether any request has begun.
     seen: bool,
+    /// What the watchdog ([`Activity::idle`]) last saw: `None` while it waits for the last
+    /// request to end, else the deadline it sleeps until. A request that ends wakes it only
+    /// if it waits for that, or if the new deadline comes before the one it sleeps until, so
+    /// a busy keep-alive connection does not wake its watchdog (and re-arm its timer) on
+    /// every request.
+    watched: Option<Instant>,
 }
 
-impl Default for Activity {
-    fn default() -> Self {
+impl Activity {
+    fn new(first: Duration, idle: Duration) -> Self {
         Activity {
+            first,
+            idle,
             state: Mutex::new(ActivityState {
                 active: 0,
                 since: Instant::now(),
                 seen: false,
+                watched: None,
             }),
             changed: tokio::sync::Notify::new(),
             unread: Mutex::new(Vec::new()),
         }
     }
-}
 
-impl Activity {
+    /// When the connection goes idle if no request begins before then.
+    fn deadline(&self, s: &ActivityState) -> Instant {
+        s.since + if s.seen { self.idle } else { self.first }
+    }
+
     /// Counts a request as active until the returned guard is dropped.
     fn begin(self: &Arc<Self>) -> RequestActive {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -331,14 +343,15 @@ impl Activity {
 
     /// Resolves once the connection has had no request in flight for `idle` (or, before its
     /// first request, for `first`). Cancel safe.
-    async fn idle(&self, first: Duration, idle: Duration) {
+    async fn idle(&self) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             let deadline = {
-                let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                (s.active == 0).then(|| s.since + if s.seen { idle } else { first })
+                let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.watched = (s.active == 0).then(|| self.deadline(&s));
+                s.watched
             };
             match deadline {
                 Some(d) if d <= Instant::now() => return,
@@ -358,15 +371,20 @@ impl Activity {
 struct RequestActive(Arc<Activity>);
 
 impl RequestActive {
-    /// `body`, watched for a client that stops taking it (see [`Activity::stalled`]).
-    fn watch(&self, body: relay::HttpBody) -> relay::HttpBody {
+    /// `body`, watched for a client that stops taking it (see [`Activity::stalled`]); the
+    /// request stays active until it is dropped.
+    fn watch(self, body: relay::HttpBody) -> relay::HttpBody {
         let handed = Arc::new(Mutex::new(None));
         self.0
             .unread
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(Arc::downgrade(&handed));
-        http_body_util::combinators::BoxBody::new(Watched { body, handed })
+        http_body_util::combinators::BoxBody::new(Watched {
+            body,
+            handed,
+            _active: self,
+        })
     }
 }
 
@@ -374,6 +392,8 @@ impl RequestActive {
 struct Watched {
     body: relay::HttpBody,
     handed: Arc<Mutex<Option<Instant>>>,
+    /// Held for its `Drop`.
+    _active: RequestActive,
 }
 
 impl http_body::Body for Watched {
@@ -404,8 +424,13 @@ impl Drop for RequestActive {
         let mut s = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
         s.active -= 1;
         s.since = Instant::now();
+        // The watchdog finds a later deadline by itself when it wakes at the one it has.
+        let sooner = s.watched.is_none_or(|at| self.0.deadline(&s) < at);
+        let wake = s.active == 0 && sooner;
         drop(s);
-        self.0.changed.notify_waiters();
+        if wake {
+            self.0.changed.notify_waiters();
+        }
     }
 }
 
@@ -498,6 +523,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for StallIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn connections_per_client_are_capped_and_released() {
@@ -517,23 +544,78 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_is_idle_after_its_last_request() {
-        let activity = Arc::new(Activity::default());
         let (first, idle) = (Duration::from_secs(10), Duration::from_secs(60));
+        let activity = Arc::new(Activity::new(first, idle));
         // Before any request: the first-request deadline.
         let start = Instant::now();
-        activity.idle(first, idle).await;
+        activity.idle().await;
         assert_eq!(start.elapsed(), first);
         // A request in flight is never idle, however long it takes.
         let request = activity.begin();
         let waiter = {
             let a = activity.clone();
-            tokio::spawn(async move { a.idle(first, idle).await })
+            tokio::spawn(async move { a.idle().await })
         };
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert!(!waiter.is_finished());
         let ended = Instant::now();
         drop(request);
         waiter.await.unwrap();
+        assert_eq!(ended.elapsed(), idle);
+    }
+
+    /// The watchdog, spawned, with a count of its polls.
+    fn watched(activity: &Arc<Activity>) -> (tokio::task::JoinHandle<()>, Arc<AtomicUsize>) {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let (a, p) = (activity.clone(), polls.clone());
+        let handle = tokio::spawn(async move {
+            let idle = a.idle();
+            tokio::pin!(idle);
+            std::future::poll_fn(|cx| {
+                p.fetch_add(1, Ordering::Relaxed);
+                idle.as_mut().poll(cx)
+            })
+            .await
+        });
+        (handle, polls)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_connection_does_not_wake_its_watchdog_on_every_request() {
+        let idle = Duration::from_secs(60);
+        let activity = Arc::new(Activity::new(Duration::from_secs(10), idle));
+        drop(activity.begin());
+        let (watchdog, polls) = watched(&activity);
+        tokio::task::yield_now().await;
+        for _ in 0..1000 {
+            let request = activity.begin();
+            tokio::task::yield_now().await;
+            drop(request);
+            tokio::task::yield_now().await;
+        }
+        let polled = polls.load(Ordering::Relaxed);
+        assert!(
+            polled <= 2,
+            "the watchdog was polled {polled} times for 1000 requests"
+        );
+        // It still finds the connection idle exactly `idle` after the last request.
+        let ended = Instant::now();
+        watchdog.await.unwrap();
+        assert_eq!(ended.elapsed(), idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timeout_shorter_than_the_first_request_timeout_holds() {
+        let (first, idle) = (Duration::from_secs(60), Duration::from_secs(1));
+        let activity = Arc::new(Activity::new(first, idle));
+        let (watchdog, _) = watched(&activity);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!watchdog.is_finished());
+        // The watchdog sleeps until the first-request deadline; the request's end brings the
+        // deadline forward, and wakes it.
+        drop(activity.begin());
+        let ended = Instant::now();
+        watchdog.await.unwrap();
         assert_eq!(ended.elapsed(), idle);
     }
 }
