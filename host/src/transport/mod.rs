@@ -180,7 +180,7 @@ impl Connection {
     /// accepts the first stream the edge opens.
     pub async fn open_control(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
         match self {
-            Connection::Quic(c) => Ok(quic_pair(c.open_bi().await?)),
+            Connection::Quic(c) => Ok(quic_halves(c.open_bi().await?, quic::Open::control)),
             Connection::Http2(c) => c.accept_control().await,
         }
     }
@@ -189,7 +189,7 @@ impl Connection {
     /// connector opens; over HTTP/2 it opens it.
     pub async fn accept_control(&self) -> Result<(SendStream, RecvStream), ConnectionError> {
         match self {
-            Connection::Quic(c) => Ok(quic_pair(c.accept_bi().await?)),
+            Connection::Quic(c) => Ok(quic_halves(c.accept_bi().await?, quic::Open::control)),
             Connection::Http2(c) => c.open_bi(h2::CONTROL_PATH).await,
         }
     }
@@ -247,15 +247,26 @@ impl Connection {
     }
 }
 
-/// Both halves of a QUIC stream.
-fn quic_pair((send, recv): (quinn::SendStream, quinn::RecvStream)) -> (SendStream, RecvStream) {
-    (SendStream::Quic(send), RecvStream::Quic(recv))
+/// Both halves of a QUIC request stream.
+fn quic_pair(pair: (quinn::SendStream, quinn::RecvStream)) -> (SendStream, RecvStream) {
+    quic_halves(pair, quic::Open::request)
+}
+
+/// Both halves of a QUIC stream, each counted by `open`.
+fn quic_halves(
+    (send, recv): (quinn::SendStream, quinn::RecvStream),
+    open: fn() -> quic::Open,
+) -> (SendStream, RecvStream) {
+    (
+        SendStream::Quic(send, open()),
+        RecvStream::Quic(recv, open()),
+    )
 }
 
 /// The sending half of a stream.
 pub enum SendStream {
     /// QUIC.
-    Quic(quinn::SendStream),
+    Quic(quinn::SendStream, quic::Open),
     /// HTTP/2.
     Http2(h2::SendHalf),
 }
@@ -263,7 +274,7 @@ pub enum SendStream {
 impl std::fmt::Debug for SendStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            SendStream::Quic(_) => "SendStream(quic)",
+            SendStream::Quic(..) => "SendStream(quic)",
             SendStream::Http2(_) => "SendStream(http2)",
         })
     }
@@ -273,7 +284,7 @@ impl SendStream {
     /// Writes `data`, waiting for flow-control credit.
     pub async fn write_chunk(&mut self, data: Bytes) -> Result<(), StreamError> {
         match self {
-            SendStream::Quic(s) => Ok(s.write_chunk(data).await?),
+            SendStream::Quic(s, _) => Ok(s.write_chunk(data).await?),
             SendStream::Http2(s) => s.write(data).await,
         }
     }
@@ -281,7 +292,7 @@ impl SendStream {
     /// Writes every chunk of `chunks`, in order (QUIC may pack them into one packet).
     pub async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> Result<(), StreamError> {
         match self {
-            SendStream::Quic(s) => Ok(s.write_all_chunks(chunks).await?),
+            SendStream::Quic(s, _) => Ok(s.write_all_chunks(chunks).await?),
             SendStream::Http2(s) => {
                 for chunk in chunks {
                     s.write(std::mem::take(chunk)).await?;
@@ -299,7 +310,7 @@ impl SendStream {
     /// Ends the stream cleanly after what was written.
     pub fn finish(&mut self) -> Result<(), StreamError> {
         match self {
-            SendStream::Quic(s) => s.finish().map_err(|_| StreamError::Closed),
+            SendStream::Quic(s, _) => s.finish().map_err(|_| StreamError::Closed),
             SendStream::Http2(s) => s.finish(),
         }
     }
@@ -307,7 +318,7 @@ impl SendStream {
     /// Abandons the stream with `code`: the peer reads an error, never a clean end.
     pub fn reset(&mut self, code: u32) -> Result<(), StreamError> {
         match self {
-            SendStream::Quic(s) => s.reset(code.into()).map_err(|_| StreamError::Closed),
+            SendStream::Quic(s, _) => s.reset(code.into()).map_err(|_| StreamError::Closed),
             SendStream::Http2(s) => s.reset(code),
         }
     }
@@ -317,7 +328,7 @@ impl SendStream {
     /// stays pending until its connection ends.
     pub async fn stopped(&mut self) -> Result<Option<u32>, StreamError> {
         match self {
-            SendStream::Quic(s) => s
+            SendStream::Quic(s, _) => s
                 .stopped()
                 .await
                 .map(|code| code.map(|c| c.into_inner() as u32))
@@ -339,21 +350,21 @@ impl AsyncWrite for SendStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            SendStream::Quic(s) => Pin::new(s).poll_write(cx, buf).map_err(Into::into),
+            SendStream::Quic(s, _) => Pin::new(s).poll_write(cx, buf).map_err(Into::into),
             SendStream::Http2(s) => s.poll_write(cx, buf).map_err(Into::into),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            SendStream::Quic(s) => Pin::new(s).poll_flush(cx),
+            SendStream::Quic(s, _) => Pin::new(s).poll_flush(cx),
             SendStream::Http2(_) => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            SendStream::Quic(s) => Pin::new(s).poll_shutdown(cx),
+            SendStream::Quic(s, _) => Pin::new(s).poll_shutdown(cx),
             SendStream::Http2(s) => Poll::Ready(match s.finish() {
                 Ok(()) | Err(StreamError::Closed) => Ok(()),
                 Err(e) => Err(e.into()),
@@ -365,7 +376,7 @@ impl AsyncWrite for SendStream {
 /// The receiving half of a stream.
 pub enum RecvStream {
     /// QUIC.
-    Quic(quinn::RecvStream),
+    Quic(quinn::RecvStream, quic::Open),
     /// HTTP/2.
     Http2(h2::RecvHalf),
 }
@@ -373,7 +384,7 @@ pub enum RecvStream {
 impl std::fmt::Debug for RecvStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            RecvStream::Quic(_) => "RecvStream(quic)",
+            RecvStream::Quic(..) => "RecvStream(quic)",
             RecvStream::Http2(_) => "RecvStream(http2)",
         })
     }
@@ -387,7 +398,7 @@ impl RecvStream {
         max: usize,
     ) -> Poll<Result<Option<Bytes>, StreamError>> {
         match self {
-            RecvStream::Quic(s) => {
+            RecvStream::Quic(s, _) => {
                 let read = ready!(std::pin::pin!(s.read_chunk(max, true)).poll(cx));
                 Poll::Ready(read.map(|c| c.map(|c| c.bytes)).map_err(Into::into))
             }
@@ -413,7 +424,7 @@ impl RecvStream {
     /// Tells the peer to stop sending (over HTTP/2: discards the rest as it arrives).
     pub fn stop(&mut self, code: u32) -> Result<(), StreamError> {
         match self {
-            RecvStream::Quic(s) => s.stop(code.into()).map_err(|_| StreamError::Closed),
+            RecvStream::Quic(s, _) => s.stop(code.into()).map_err(|_| StreamError::Closed),
             RecvStream::Http2(s) => {
                 s.stop();
                 Ok(())
@@ -429,7 +440,7 @@ impl AsyncRead for RecvStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            RecvStream::Quic(s) => Pin::new(s).poll_read(cx, buf),
+            RecvStream::Quic(s, _) => Pin::new(s).poll_read(cx, buf),
             RecvStream::Http2(s) => s.poll_read(cx, buf),
         }
     }
