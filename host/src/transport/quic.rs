@@ -5,6 +5,9 @@
 //! retransmission and a congestion-window cut. Both ends therefore ask for
 //! [`SOCKET_BUFFER`] bytes each way, within what the kernel allows (`net.core.rmem_max`,
 //! `net.core.wmem_max`), and say once when they got less.
+//!
+//! quinn's own tasks run on a runtime of ours, [`Coalescing`], which lets a busy process's
+//! stream writes gather into shared packets.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -83,6 +86,149 @@ fn size_buffers(socket: &Socket) {
             "the kernel caps this QUIC socket's buffers; bulk transfers may lose datagrams \
              (raise net.core.rmem_max and net.core.wmem_max)"
         );
+    }
+}
+
+/// quinn's runtime, with the tasks quinn spawns (the endpoint's driver and each connection's)
+/// run, while the process has more than one request open, after the tasks already scheduled
+/// rather than right after whatever woke them.
+///
+/// A connection's driver is woken by every stream write. tokio runs the task that a running
+/// task wakes next (its "LIFO slot"), so under load each request's head or answer left in a
+/// packet, and a system call, of its own, right after the task that wrote it. Deferred to the
+/// end of its worker's turn, the driver finds what the other tasks run in that turn wrote, and
+/// sends it together: fewer packets, fewer sends, fewer wake-ups at the other end.
+///
+/// A process serving one request at a time has nothing to gather, and a deferral costs it a
+/// turn of the scheduler (another look at the sockets, and often the other worker woken) on
+/// every wake-up: in alternating runs, a client sending one request at a time got 16–23% fewer
+/// answers per second when drivers always deferred. So a driver defers only while more than one
+/// request stream is open in the process ([`Open`]), which is also the scope of what it could
+/// gather: the scheduler's workers are the process's. (A long-lived TCP session counts as
+/// one, so a process holding one defers beside a lone request too.)
+#[derive(Debug)]
+struct Coalescing(Arc<dyn quinn::Runtime>);
+
+impl quinn::Runtime for Coalescing {
+    fn new_timer(&self, at: std::time::Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
+        self.0.new_timer(at)
+    }
+
+    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+        self.0.spawn(Box::pin(Deferring::new(future)))
+    }
+
+    fn wrap_udp_socket(
+        &self,
+        socket: std::net::UdpSocket,
+    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        self.0.wrap_udp_socket(socket)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        self.0.now()
+    }
+}
+
+/// Halves of QUIC request streams open in this process.
+static OPEN_HALVES: AtomicUsize = AtomicUsize::new(0);
+
+/// One half of a QUIC stream, counted as open until dropped when it carries a request or a
+/// session (see [`Coalescing`]); a connection's control stream, open for as long as the
+/// connection, is not.
+#[derive(Debug)]
+pub struct Open(bool);
+
+impl Open {
+    pub(crate) fn request() -> Self {
+        OPEN_HALVES.fetch_add(1, Ordering::Relaxed);
+        Open(true)
+    }
+
+    pub(crate) fn control() -> Self {
+        Open(false)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.0 {
+            OPEN_HALVES.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether a quinn task should defer, with `open` stream halves in the process: more than
+/// one stream's two.
+fn busy(open: usize) -> bool {
+    open > 2
+}
+
+/// A quinn task that, while its process is busy, lets the tasks already scheduled run before
+/// it (see [`Coalescing`]).
+struct Deferring {
+    inner: Pin<Box<dyn Future<Output = ()> + Send>>,
+    wakes: Arc<Wakes>,
+    /// The waker `inner` is polled with: it passes wakes on to the task's, except while the
+    /// task waits for its deferred turn, which polls it anyway.
+    waker: Waker,
+    /// Whether the task is waiting for its deferred turn.
+    deferred: bool,
+}
+
+/// Where the wake-ups of one [`Deferring`] task go.
+#[derive(Default)]
+struct Wakes {
+    /// Set while the task waits for its deferred turn.
+    deferred: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for Wakes {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.deferred.load(Ordering::Acquire) {
+            self.task.wake();
+        }
+    }
+}
+
+impl Deferring {
+    fn new(inner: Pin<Box<dyn Future<Output = ()> + Send>>) -> Self {
+        let wakes = Arc::new(Wakes::default());
+        Deferring {
+            inner,
+            waker: Waker::from(wakes.clone()),
+            wakes,
+            deferred: false,
+        }
+    }
+}
+
+impl Future for Deferring {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        this.wakes.task.register(cx.waker());
+        if !std::mem::take(&mut this.deferred) && busy(OPEN_HALVES.load(Ordering::Relaxed)) {
+            // tokio's yield puts the task's waker behind everything runnable on this worker
+            // (and behind a look at the sockets when nothing else is).
+            let yield_now = std::pin::pin!(tokio::task::yield_now());
+            if yield_now.poll(cx).is_pending() {
+                this.deferred = true;
+                this.wakes.deferred.store(true, Ordering::Release);
+                return Poll::Pending;
+            }
+        }
+        // Before `inner` looks at its state, so that no wake-up it should see is held back.
+        this.wakes.deferred.store(false, Ordering::Release);
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -215,148 +361,5 @@ mod tests {
             Some(max) => assert_eq!(got, SOCKET_BUFFER.min(max), "default was {default}"),
             None => assert!(got > default),
         }
-    }
-}
-
-/// quinn's runtime, with the tasks quinn spawns (the endpoint's driver and each connection's)
-/// run, while the process has more than one request open, after the tasks already scheduled
-/// rather than right after whatever woke them.
-///
-/// A connection's driver is woken by every stream write. tokio runs the task that a running
-/// task wakes next (its "LIFO slot"), so under load each request's head or answer left in a
-/// packet, and a system call, of its own, right after the task that wrote it. Deferred to the
-/// end of its worker's turn, the driver finds what the other tasks run in that turn wrote, and
-/// sends it together: fewer packets, fewer sends, fewer wake-ups at the other end.
-///
-/// A process serving one request at a time has nothing to gather, and a deferral costs it a
-/// turn of the scheduler (another look at the sockets, and often the other worker woken) on
-/// every wake-up: in alternating runs, a client sending one request at a time got 16–23% fewer
-/// answers per second when drivers always deferred. So a driver defers only while more than
-/// request stream is open in the process ([`Open`]), which is also the scope of what it could
-/// gather: the scheduler's workers are the process's. (A long-lived TCP session counts as
-/// one, so a process holding one defers beside a lone request too.)
-#[derive(Debug)]
-struct Coalescing(Arc<dyn quinn::Runtime>);
-
-impl quinn::Runtime for Coalescing {
-    fn new_timer(&self, at: std::time::Instant) -> Pin<Box<dyn quinn::AsyncTimer>> {
-        self.0.new_timer(at)
-    }
-
-    fn spawn(&self, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
-        self.0.spawn(Box::pin(Deferring::new(future)))
-    }
-
-    fn wrap_udp_socket(
-        &self,
-        socket: std::net::UdpSocket,
-    ) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
-        self.0.wrap_udp_socket(socket)
-    }
-
-    fn now(&self) -> std::time::Instant {
-        self.0.now()
-    }
-}
-
-/// Halves of QUIC request streams open in this process.
-static OPEN_HALVES: AtomicUsize = AtomicUsize::new(0);
-
-/// One half of a QUIC stream, counted as open until dropped when it carries a request or a
-/// session (see [`Coalescing`]); a connection's control stream, open for as long as the
-/// connection, is not.
-#[derive(Debug)]
-pub struct Open(bool);
-
-impl Open {
-    pub(crate) fn request() -> Self {
-        OPEN_HALVES.fetch_add(1, Ordering::Relaxed);
-        Open(true)
-    }
-
-    pub(crate) fn control() -> Self {
-        Open(false)
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        if self.0 {
-            OPEN_HALVES.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Whether a quinn task should defer, with `open` stream halves in the process: more than
-/// one stream's two.
-fn busy(open: usize) -> bool {
-    open > 2
-}
-
-/// A quinn task that, while its process is busy, lets the tasks already scheduled run before
-/// it (see [`Coalescing`]).
-struct Deferring {
-    inner: Pin<Box<dyn Future<Output = ()> + Send>>,
-    wakes: Arc<Wakes>,
-    /// The waker `inner` is polled with: it passes wakes on to the task's, except while the
-    /// task waits for its deferred turn, which polls it anyway.
-    waker: Waker,
-    /// Whether the task is waiting for its deferred turn.
-    deferred: bool,
-}
-
-/// Where the wake-ups of one [`Deferring`] task go.
-#[derive(Default)]
-struct Wakes {
-    /// Set while the task waits for its deferred turn.
-    deferred: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl std::task::Wake for Wakes {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if !self.deferred.load(Ordering::Acquire) {
-            self.task.wake();
-        }
-    }
-}
-
-impl Deferring {
-    fn new(inner: Pin<Box<dyn Future<Output = ()> + Send>>) -> Self {
-        let wakes = Arc::new(Wakes::default());
-        Deferring {
-            inner,
-            waker: Waker::from(wakes.clone()),
-            wakes,
-            deferred: false,
-        }
-    }
-}
-
-impl Future for Deferring {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
-        this.wakes.task.register(cx.waker());
-        if !std::mem::take(&mut this.deferred) && busy(OPEN_HALVES.load(Ordering::Relaxed)) {
-            // tokio's yield puts the task's waker behind everything runnable on this worker
-            // (and behind a look at the sockets when nothing else is).
-            let yield_now = std::pin::pin!(tokio::task::yield_now());
-            if yield_now.poll(cx).is_pending() {
-                this.deferred = true;
-                this.wakes.deferred.store(true, Ordering::Release);
-                return Poll::Pending;
-            }
-        }
-        // Before `inner` looks at its state, so that no wake-up it should see is held back.
-        this.wakes.deferred.store(false, Ordering::Release);
-        this.inner
-            .as_mut()
-            .poll(&mut Context::from_waker(&this.waker))
     }
 }
