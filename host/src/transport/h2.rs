@@ -33,6 +33,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use super::coalesce::{self, Open};
 use super::{ConnectionError, HandshakeError, RecvStream, SendStream, StreamError};
 
 /// Path of the control stream.
@@ -144,9 +145,10 @@ impl Connection {
         let (response, send) = requests
             .send_request(request, false)
             .map_err(|e| self.lost(e))?;
+        let open = counted(path);
         Ok((
-            SendStream::Http2(SendHalf::new(Sending::Open(send))),
-            RecvStream::Http2(RecvHalf::new(Receiving::Waiting(response))),
+            SendStream::Http2(SendHalf::new(Sending::Open(send)), open()),
+            RecvStream::Http2(RecvHalf::new(Receiving::Waiting(response)), open()),
         ))
     }
 
@@ -166,9 +168,10 @@ impl Connection {
                 respond.send_reset(::h2::Reason::from(crate::proto::code::STREAM_PROTOCOL));
                 continue;
             }
+            let open = counted(path);
             return Ok((
-                SendStream::Http2(SendHalf::new(Sending::Respond(respond))),
-                RecvStream::Http2(RecvHalf::new(Receiving::Open(request.into_body()))),
+                SendStream::Http2(SendHalf::new(Sending::Respond(respond)), open()),
+                RecvStream::Http2(RecvHalf::new(Receiving::Open(request.into_body())), open()),
             ));
         }
     }
@@ -227,6 +230,15 @@ fn describe(e: &::h2::Error) -> String {
     }
 }
 
+/// How a stream at `path` counts among the process's open streams (see [`coalesce`]).
+fn counted(path: &str) -> fn() -> Open {
+    if path == CONTROL_PATH {
+        Open::control
+    } else {
+        Open::request
+    }
+}
+
 /// The edge's side of a connection the connector dialled: TLS is done, the edge now runs the
 /// HTTP/2 client.
 pub async fn edge<T>(io: T, peer: SocketAddr) -> Result<super::Connection, HandshakeError>
@@ -243,7 +255,7 @@ where
         .await?;
     let state = State::new();
     let driver = state.clone();
-    tokio::spawn(async move {
+    coalesce::spawn(async move {
         let why = tokio::select! {
             r = connection => match r {
                 Ok(()) => "the connector closed the connection".to_string(),
@@ -282,7 +294,7 @@ where
     let state = State::new();
     let driver = state.clone();
     let (streams, incoming) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    coalesce::spawn(async move {
         // Unbounded, yet bounded by the stream limit this side advertised.
         let why = loop {
             tokio::select! {
@@ -618,6 +630,18 @@ pub async fn accept(
     tls: tokio_rustls::TlsAcceptor,
 ) -> Result<super::Connection, HandshakeError> {
     configure(&tcp);
+    accept_on(tcp, peer, tls).await
+}
+
+/// [`accept`] on a connection already configured.
+pub(super) async fn accept_on<T>(
+    tcp: T,
+    peer: SocketAddr,
+    tls: tokio_rustls::TlsAcceptor,
+) -> Result<super::Connection, HandshakeError>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let stream = tls
         .accept(tcp)
         .await

@@ -12,14 +12,12 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
-
-use futures_util::task::AtomicWaker;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
+
+use super::coalesce::Deferring;
 
 /// Receive and send buffer asked for each QUIC socket.
 pub const SOCKET_BUFFER: usize = 4 << 20;
@@ -90,22 +88,7 @@ fn size_buffers(socket: &Socket) {
 }
 
 /// quinn's runtime, with the tasks quinn spawns (the endpoint's driver and each connection's)
-/// run, while the process has more than one request open, after the tasks already scheduled
-/// rather than right after whatever woke them.
-///
-/// A connection's driver is woken by every stream write. tokio runs the task that a running
-/// task wakes next (its "LIFO slot"), so under load each request's head or answer left in a
-/// packet, and a system call, of its own, right after the task that wrote it. Deferred to the
-/// end of its worker's turn, the driver finds what the other tasks run in that turn wrote, and
-/// sends it together: fewer packets, fewer sends, fewer wake-ups at the other end.
-///
-/// A process serving one request at a time has nothing to gather, and a deferral costs it a
-/// turn of the scheduler (another look at the sockets, and often the other worker woken) on
-/// every wake-up: in alternating runs, a client sending one request at a time got 16–23% fewer
-/// answers per second when drivers always deferred. So a driver defers only while more than one
-/// request stream is open in the process ([`Open`]), which is also the scope of what it could
-/// gather: the scheduler's workers are the process's. (A long-lived TCP session counts as
-/// one, so a process holding one defers beside a lone request too.)
+/// deferred while the process is busy (see [`super::coalesce`]).
 #[derive(Debug)]
 struct Coalescing(Arc<dyn quinn::Runtime>);
 
@@ -127,108 +110,6 @@ impl quinn::Runtime for Coalescing {
 
     fn now(&self) -> std::time::Instant {
         self.0.now()
-    }
-}
-
-/// Halves of QUIC request streams open in this process.
-static OPEN_HALVES: AtomicUsize = AtomicUsize::new(0);
-
-/// One half of a QUIC stream, counted as open until dropped when it carries a request or a
-/// session (see [`Coalescing`]); a connection's control stream, open for as long as the
-/// connection, is not.
-#[derive(Debug)]
-pub struct Open(bool);
-
-impl Open {
-    pub(crate) fn request() -> Self {
-        OPEN_HALVES.fetch_add(1, Ordering::Relaxed);
-        Open(true)
-    }
-
-    pub(crate) fn control() -> Self {
-        Open(false)
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        if self.0 {
-            OPEN_HALVES.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Whether a quinn task should defer, with `open` stream halves in the process: more than
-/// one stream's two.
-fn busy(open: usize) -> bool {
-    open > 2
-}
-
-/// A quinn task that, while its process is busy, lets the tasks already scheduled run before
-/// it (see [`Coalescing`]).
-struct Deferring {
-    inner: Pin<Box<dyn Future<Output = ()> + Send>>,
-    wakes: Arc<Wakes>,
-    /// The waker `inner` is polled with: it passes wakes on to the task's, except while the
-    /// task waits for its deferred turn, which polls it anyway.
-    waker: Waker,
-    /// Whether the task is waiting for its deferred turn.
-    deferred: bool,
-}
-
-/// Where the wake-ups of one [`Deferring`] task go.
-#[derive(Default)]
-struct Wakes {
-    /// Set while the task waits for its deferred turn.
-    deferred: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl std::task::Wake for Wakes {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if !self.deferred.load(Ordering::Acquire) {
-            self.task.wake();
-        }
-    }
-}
-
-impl Deferring {
-    fn new(inner: Pin<Box<dyn Future<Output = ()> + Send>>) -> Self {
-        let wakes = Arc::new(Wakes::default());
-        Deferring {
-            inner,
-            waker: Waker::from(wakes.clone()),
-            wakes,
-            deferred: false,
-        }
-    }
-}
-
-impl Future for Deferring {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = &mut *self;
-        this.wakes.task.register(cx.waker());
-        if !std::mem::take(&mut this.deferred) && busy(OPEN_HALVES.load(Ordering::Relaxed)) {
-            // tokio's yield puts the task's waker behind everything runnable on this worker
-            // (and behind a look at the sockets when nothing else is).
-            let yield_now = std::pin::pin!(tokio::task::yield_now());
-            if yield_now.poll(cx).is_pending() {
-                this.deferred = true;
-                this.wakes.deferred.store(true, Ordering::Release);
-                return Poll::Pending;
-            }
-        }
-        // Before `inner` looks at its state, so that no wake-up it should see is held back.
-        this.wakes.deferred.store(false, Ordering::Release);
-        this.inner
-            .as_mut()
-            .poll(&mut Context::from_waker(&this.waker))
     }
 }
 
@@ -256,63 +137,6 @@ pub(crate) async fn loopback_pair() -> ([quinn::Endpoint; 2], quinn::Connection,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Many streams written in one turn of a busy worker (an edge forwarding requests that
-    /// arrived together): QUIC sends them in fewer packets than streams, where each used to
-    /// leave alone right after its write.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
-    async fn streams_written_in_one_turn_share_packets() {
-        const STREAMS: usize = 64;
-        // The server opens streams, as an edge does towards its connector.
-        let (_eps, edge, connector) = loopback_pair().await;
-        let reader = tokio::spawn(async move {
-            let mut kept = Vec::new();
-            for _ in 0..STREAMS {
-                let (send, mut recv) = connector.accept_bi().await.unwrap();
-                recv.read_to_end(1024).await.unwrap();
-                // Kept open: its FIN would be one more packet for the edge to acknowledge.
-                kept.push(send);
-            }
-            kept
-        });
-        let before = edge.stats().udp_tx.datagrams;
-        // Spawned from a task on the worker: all are runnable before any runs.
-        let opener = crate::transport::Connection::Quic(edge.clone());
-        let writers = tokio::spawn(async move {
-            (0..STREAMS)
-                .map(|_| {
-                    let edge = opener.clone();
-                    tokio::spawn(async move {
-                        let (mut send, recv) = edge.open_bi().await.unwrap();
-                        send.write_all(b"GET / HTTP/1.1").await.unwrap();
-                        send.finish().unwrap();
-                        (send, recv)
-                    })
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap();
-        let bound = std::time::Duration::from_secs(20);
-        tokio::time::timeout(bound, reader).await.unwrap().unwrap();
-        let sent = edge.stats().udp_tx.datagrams - before;
-        for w in writers {
-            w.abort();
-        }
-        assert!(
-            (sent as usize) < STREAMS / 2,
-            "{sent} datagrams for {STREAMS} streams"
-        );
-    }
-
-    #[test]
-    fn drivers_defer_only_beside_another_stream() {
-        assert!(!busy(0));
-        // One request: its stream's two halves.
-        assert!(!busy(2));
-        assert!(busy(3));
-        assert!(busy(128));
-    }
 
     #[tokio::test]
     async fn loopback_paths_carry_datagrams_larger_than_ethernet() {
