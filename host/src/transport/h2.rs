@@ -633,7 +633,7 @@ pub async fn accept(
     accept_on(tcp, peer, tls).await
 }
 
-/// [`accept`] on a connection already configured.
+/// [`accept`] on a connection already configured ([`configure`]).
 pub(super) async fn accept_on<T>(
     tcp: T,
     peer: SocketAddr,
@@ -664,7 +664,7 @@ fn check_alpn(alpn: Option<&[u8]>) -> Result<(), HandshakeError> {
 
 /// No Nagle delay (a request head must not wait for an acknowledgement), and keep-alive
 /// probes so that a silently dead peer is noticed.
-fn configure(tcp: &tokio::net::TcpStream) {
+pub(super) fn configure(tcp: &tokio::net::TcpStream) {
     let _ = tcp.set_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(15))

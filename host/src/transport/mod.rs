@@ -278,7 +278,7 @@ impl std::fmt::Debug for SendStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             SendStream::Quic(..) => "SendStream(quic)",
-            SendStream::Http2(_, _) => "SendStream(http2)",
+            SendStream::Http2(..) => "SendStream(http2)",
         })
     }
 }
@@ -361,7 +361,7 @@ impl AsyncWrite for SendStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             SendStream::Quic(s, _) => Pin::new(s).poll_flush(cx),
-            SendStream::Http2(_, _) => Poll::Ready(Ok(())),
+            SendStream::Http2(..) => Poll::Ready(Ok(())),
         }
     }
 
@@ -388,7 +388,7 @@ impl std::fmt::Debug for RecvStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             RecvStream::Quic(..) => "RecvStream(quic)",
-            RecvStream::Http2(_, _) => "RecvStream(http2)",
+            RecvStream::Http2(..) => "RecvStream(http2)",
         })
     }
 }
@@ -503,7 +503,7 @@ pub(crate) mod testing {
                 let addr = listener.local_addr().unwrap();
                 let accept = async {
                     let (tcp, peer) = listener.accept().await.unwrap();
-                    tcp.set_nodelay(true).unwrap();
+                    h2::configure(&tcp);
                     let tcp = Counted(tcp, edge_writes.clone());
                     h2::accept_on(tcp, peer, Arc::new(server).into()).await
                 };
