@@ -42,3 +42,4 @@ pub mod secret;
 pub mod services;
 pub mod tls;
 pub mod transport;
+pub mod wake;

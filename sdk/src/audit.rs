@@ -9,10 +9,7 @@ pub fn emit(kind: &str, attributes: &[(&str, &str)]) {
         use crate::__bindings::sluice::plugin::audit as wit;
         let attrs: Vec<wit::Attribute> = attributes
             .iter()
-            .map(|(k, v)| wit::Attribute {
-                key: k.to_string(),
-                value: v.to_string(),
-            })
+            .map(|&(key, value)| wit::Attribute { key, value })
             .collect();
         wit::emit(kind, &attrs);
     }

@@ -196,25 +196,26 @@ impl std::error::Error for Error {}
 mod imp {
     use super::{Error, Request, Response};
     use crate::__bindings::sluice::plugin::http as wit;
-    use crate::__bindings::sluice::plugin::types::Header;
+    use crate::__bindings::sluice::plugin::types::HeaderParam;
 
     pub(super) fn send(req: Request) -> Result<Response, Error> {
         let timeout_ms = req
             .timeout
             .map(|t| u32::try_from(t.as_millis()).unwrap_or(u32::MAX));
+        let headers: Vec<HeaderParam<'_>> = req
+            .headers
+            .iter()
+            .map(|(name, value)| HeaderParam { name, value })
+            .collect();
         let out = wit::OutboundRequest {
-            method: req.method,
-            url: req.url,
-            origin: req.origin,
-            headers: req
-                .headers
-                .into_iter()
-                .map(|(name, value)| Header { name, value })
-                .collect(),
-            body: req.body,
+            method: &req.method,
+            url: &req.url,
+            origin: req.origin.as_deref(),
+            headers: &headers,
+            body: &req.body,
             timeout_ms,
         };
-        match wit::send(&out) {
+        match wit::send(out) {
             Ok(r) => Ok(Response {
                 status: r.status,
                 headers: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),

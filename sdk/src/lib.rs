@@ -276,6 +276,9 @@ pub mod __bindings {
         pub_export_macro: true,
         export_macro_name: "__export_plugin_world",
         default_bindings_module: "sluice_sdk::__bindings",
+        ownership: Borrowing {
+            duplicate_if_necessary: true
+        },
         generate_all,
     });
 }

@@ -16,6 +16,7 @@
 //! few (a result, a route), never per-client. In a native build (unit tests) the values are
 //! recorded by [`crate::testing`] (see [`crate::testing::metric`]).
 
+#[cfg(not(target_arch = "wasm32"))]
 fn owned(labels: &[(&str, &str)]) -> Vec<(String, String)> {
     labels
         .iter()
@@ -26,7 +27,7 @@ fn owned(labels: &[(&str, &str)]) -> Vec<(String, String)> {
 /// Adds `value` to counter `name`.
 pub fn counter_add(name: &str, labels: &[(&str, &str)], value: u64) -> Result<(), String> {
     #[cfg(target_arch = "wasm32")]
-    return crate::__bindings::sluice::plugin::metrics::counter_add(name, &owned(labels), value);
+    return crate::__bindings::sluice::plugin::metrics::counter_add(name, labels, value);
     #[cfg(not(target_arch = "wasm32"))]
     return crate::testing::record_metric(name, owned(labels), |v| v + value as f64);
 }
@@ -34,7 +35,7 @@ pub fn counter_add(name: &str, labels: &[(&str, &str)], value: u64) -> Result<()
 /// Sets gauge `name` to `value`.
 pub fn gauge_set(name: &str, labels: &[(&str, &str)], value: i64) -> Result<(), String> {
     #[cfg(target_arch = "wasm32")]
-    return crate::__bindings::sluice::plugin::metrics::gauge_set(name, &owned(labels), value);
+    return crate::__bindings::sluice::plugin::metrics::gauge_set(name, labels, value);
     #[cfg(not(target_arch = "wasm32"))]
     return crate::testing::record_metric(name, owned(labels), |_| value as f64);
 }
@@ -42,11 +43,7 @@ pub fn gauge_set(name: &str, labels: &[(&str, &str)], value: i64) -> Result<(), 
 /// Records `value` (seconds, for a duration) in histogram `name`.
 pub fn histogram_observe(name: &str, labels: &[(&str, &str)], value: f64) -> Result<(), String> {
     #[cfg(target_arch = "wasm32")]
-    return crate::__bindings::sluice::plugin::metrics::histogram_observe(
-        name,
-        &owned(labels),
-        value,
-    );
+    return crate::__bindings::sluice::plugin::metrics::histogram_observe(name, labels, value);
     // The test host keeps the sum of the observations.
     #[cfg(not(target_arch = "wasm32"))]
     return crate::testing::record_metric(name, owned(labels), |v| v + value);

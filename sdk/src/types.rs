@@ -320,8 +320,10 @@ pub enum HeaderEdit {
 impl HeaderEdit {
     fn into_wit(self) -> wit::HeaderEdit {
         match self {
-            HeaderEdit::Set(name, value) => wit::HeaderEdit::Set(wit::Header { name, value }),
-            HeaderEdit::Append(name, value) => wit::HeaderEdit::Append(wit::Header { name, value }),
+            HeaderEdit::Set(name, value) => wit::HeaderEdit::Set(wit::HeaderResult { name, value }),
+            HeaderEdit::Append(name, value) => {
+                wit::HeaderEdit::Append(wit::HeaderResult { name, value })
+            }
             HeaderEdit::Remove(name) => wit::HeaderEdit::Remove(name),
         }
     }
@@ -461,7 +463,7 @@ impl LocalResponse {
             headers: self
                 .headers
                 .into_iter()
-                .map(|(name, value)| wit::Header { name, value })
+                .map(|(name, value)| wit::HeaderResult { name, value })
                 .collect(),
             body: self.body,
         }

@@ -192,7 +192,8 @@ impl ChainRun<'_> {
             .transpose()
             .map_err(invalid)?;
         // Header edits last: all-or-nothing, and only once the rest is known to be valid.
-        decision::apply_edits(headers, &d.headers).map_err(invalid)?;
+        let header_edits = decision::Edits::check(&d.headers).map_err(invalid)?;
+        header_edits.apply(headers);
         if let Some(t) = target {
             Arc::make_mut(&mut self.view).path = t.clone();
             edits.target = Some(t);
@@ -201,8 +202,10 @@ impl ChainRun<'_> {
             edits.origin = Some(o);
         }
         if !d.headers.is_empty() {
-            // In place when no body stage holds the view yet (the usual case), else a copy.
-            Arc::make_mut(&mut self.view).headers = headers.clone();
+            // The view's headers are `headers` as they were before this decision: the same
+            // edits keep them equal, without copying the map. In place when no body stage holds
+            // the view yet (the usual case), else on a copy of the view.
+            header_edits.apply(&mut Arc::make_mut(&mut self.view).headers);
         }
         if let Some((status, h, body)) = local {
             edits.respond = Some((status, h, body, plugin.name().to_string()));

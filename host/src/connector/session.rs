@@ -26,6 +26,7 @@ use crate::services::udp::FlowRouter;
 use crate::transport::{
     Connection, ConnectionError, HandshakeError, Protocol, RecvStream, SendStream,
 };
+use crate::wake::Dormant;
 
 /// What a connector says it runs, in its registrations.
 pub const SOFTWARE: &str = concat!("sluice/", env!("CARGO_PKG_VERSION"));
@@ -471,6 +472,16 @@ fn probe_time(shared: &Shared, probes: &mut u32) -> tokio::time::Instant {
     tokio::time::Instant::now() + delay
 }
 
+/// The next ingress digest `digests` sees, and the receiver for the one after; `None` once
+/// the sender is gone.
+async fn next_digest(
+    mut digests: tokio::sync::watch::Receiver<String>,
+) -> Option<(tokio::sync::watch::Receiver<String>, String)> {
+    digests.changed().await.ok()?;
+    let digest = digests.borrow_and_update().clone();
+    Some((digests, digest))
+}
+
 /// Sleeps until `at`, or forever when `None`.
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
@@ -576,7 +587,7 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
         conn,
         mut control_send,
         control_recv,
-        mut digests,
+        digests,
         heads,
         _count,
     } = link;
@@ -595,9 +606,14 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
     tokio::pin!(acked);
     let mut ack_pending = true;
     let mut deadline = None;
+    // Rare events, kept across turns and polled only when they fire: the loop wakes for every
+    // stream the edge opens.
+    let mut cut_off = Dormant::new(shared.cut_off.cancelled());
+    let mut drained = Dormant::new(drain.cancelled());
+    let mut digest = Dormant::new(next_digest(digests));
     loop {
         tokio::select! {
-            () = shared.cut_off.cancelled() => {
+            () = &mut cut_off => {
                 conn.close(proto::code::CLOSE_NORMAL, b"connector shutting down");
                 return "the grace period ran out".into();
             }
@@ -605,13 +621,13 @@ async fn serve(link: Link, shared: Arc<Shared>, drain: CancellationToken) -> Str
                 Ok((send, recv)) => accept_stream(&shared, &ctx, send, recv),
                 Err(e) => return e.to_string(),
             },
-            Ok(()) = digests.changed(), if !draining => {
-                let digest = digests.borrow_and_update().clone();
-                if let Err(e) = write_frame(&mut control_send, &Control::Digest(proto::Digest { digest })).await {
+            Some((digests, changed)) = &mut digest, if !draining => {
+                digest = Dormant::new(next_digest(digests));
+                if let Err(e) = write_frame(&mut control_send, &Control::Digest(proto::Digest { digest: changed })).await {
                     warn!(cause = %e, "could not send the new ingress digest to the edge");
                 }
             }
-            _ = drain.cancelled(), if !draining => {
+            () = &mut drained, if !draining => {
                 draining = true;
                 deadline = Some(tokio::time::Instant::now() + shared.config.grace_period);
                 match write_frame(&mut control_send, &Control::Drain).await {

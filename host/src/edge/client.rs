@@ -80,14 +80,17 @@ pub(super) async fn serve_clients(
 macro_rules! serve_gracefully {
     ($conn:ident, $stop:expr, $bound:expr, $kill:expr) => {{
         tokio::pin!($conn);
+        // Polled only when they fire, not on each of the connection's wake-ups.
+        let mut kill = crate::wake::Dormant::new($kill.cancelled());
+        let stop = crate::wake::Dormant::new($stop.cancelled());
         let result = tokio::select! {
             r = $conn.as_mut() => Some(r),
-            _ = $kill.cancelled() => None,
-            _ = $stop.cancelled() => {
+            _ = &mut kill => None,
+            _ = stop => {
                 $conn.as_mut().graceful_shutdown();
                 tokio::select! {
                     r = tokio::time::timeout($bound(), $conn.as_mut()) => r.ok(),
-                    _ = $kill.cancelled() => None,
+                    _ = kill => None,
                 }
             }
         };

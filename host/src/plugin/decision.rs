@@ -47,33 +47,50 @@ fn check_header(h: &Header) -> Result<(HeaderName, HeaderValue), String> {
 
 /// Validates every edit, then applies them in order (all or nothing).
 pub fn apply_edits(headers: &mut HeaderMap, edits: &[HeaderEdit]) -> Result<(), String> {
-    enum Op {
-        Set(HeaderName, HeaderValue),
-        Append(HeaderName, HeaderValue),
-        Remove(HeaderName),
+    Edits::check(edits)?.apply(headers);
+    Ok(())
+}
+
+/// Header edits, validated: they apply to any map without failing, so one decision can edit
+/// several copies of the same headers alike.
+pub struct Edits(Vec<Op>);
+
+enum Op {
+    Set(HeaderName, HeaderValue),
+    Append(HeaderName, HeaderValue),
+    Remove(HeaderName),
+}
+
+impl Edits {
+    /// Validates every edit; the first invalid one is the error.
+    pub fn check(edits: &[HeaderEdit]) -> Result<Edits, String> {
+        edits
+            .iter()
+            .map(|e| match e {
+                HeaderEdit::Set(h) => check_header(h).map(|(n, v)| Op::Set(n, v)),
+                HeaderEdit::Append(h) => check_header(h).map(|(n, v)| Op::Append(n, v)),
+                HeaderEdit::Remove(name) => check_name(name).map(Op::Remove),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Edits)
     }
-    let ops = edits
-        .iter()
-        .map(|e| match e {
-            HeaderEdit::Set(h) => check_header(h).map(|(n, v)| Op::Set(n, v)),
-            HeaderEdit::Append(h) => check_header(h).map(|(n, v)| Op::Append(n, v)),
-            HeaderEdit::Remove(name) => check_name(name).map(Op::Remove),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    for op in ops {
-        match op {
-            Op::Set(n, v) => {
-                headers.insert(n, v);
-            }
-            Op::Append(n, v) => {
-                headers.append(n, v);
-            }
-            Op::Remove(n) => {
-                headers.remove(n);
+
+    /// Applies the edits to `headers`, in order.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for op in &self.0 {
+            match op {
+                Op::Set(n, v) => {
+                    headers.insert(n.clone(), v.clone());
+                }
+                Op::Append(n, v) => {
+                    headers.append(n.clone(), v.clone());
+                }
+                Op::Remove(n) => {
+                    headers.remove(n);
+                }
             }
         }
     }
-    Ok(())
 }
 
 /// A path rewrite: absolute, a valid request target.

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::coalesce::{self, Open};
 use super::{ConnectionError, HandshakeError, RecvStream, SendStream, StreamError};
+use crate::wake::Dormant;
 
 /// Path of the control stream.
 pub const CONTROL_PATH: &str = "/control";
@@ -256,6 +257,8 @@ where
     let state = State::new();
     let driver = state.clone();
     coalesce::spawn(async move {
+        // Polled when it fires only, not for each frame that wakes this task.
+        let closing = Dormant::new(driver.closing.cancelled());
         let why = tokio::select! {
             r = connection => match r {
                 Ok(()) => "the connector closed the connection".to_string(),
@@ -263,7 +266,7 @@ where
             },
             // The HTTP/2 client cannot send a GOAWAY of its own: dropping the connection
             // closes the socket.
-            () = driver.closing.cancelled() => {
+            () = closing => {
                 let (code, reason) = driver.local_close();
                 format!("closed by the edge (code {code:#x}): {reason}")
             }
@@ -295,6 +298,9 @@ where
     let driver = state.clone();
     let (streams, incoming) = mpsc::unbounded_channel();
     coalesce::spawn(async move {
+        // Kept across turns and polled when it fires only, not for each frame that wakes
+        // this task.
+        let mut closing = Dormant::new(driver.closing.cancelled());
         // Unbounded, yet bounded by the stream limit this side advertised.
         let why = loop {
             tokio::select! {
@@ -306,7 +312,7 @@ where
                     Some(Err(e)) => break describe(&e),
                     None => break "the edge closed the connection".to_string(),
                 },
-                () = driver.closing.cancelled() => {
+                () = &mut closing => {
                     let (code, reason) = driver.local_close();
                     connection.abrupt_shutdown(::h2::Reason::from(code));
                     let flushed = std::future::poll_fn(|cx| connection.poll_closed(cx));

@@ -1,5 +1,7 @@
 //! audit-log: one audit event per completed request, with the fields the operator chooses.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use sluice_sdk::{audit, export_plugin, Completion, Plugin, Request};
 
@@ -50,33 +52,33 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// The attributes of the event for a completed request (keys borrowed from the
-    /// configuration where they can be).
+    /// The attributes of the event for a completed request, borrowed from the configuration,
+    /// the request and the completion where they can be.
     pub fn attributes<'a>(
         &'a self,
-        req: &Request,
-        info: &Completion,
-    ) -> Vec<(std::borrow::Cow<'a, str>, String)> {
+        req: &'a Request,
+        info: &'a Completion,
+    ) -> Vec<(Cow<'a, str>, Cow<'a, str>)> {
         let mut out = Vec::with_capacity(self.config.fields.len() + self.config.headers.len());
         for field in &self.config.fields {
-            let value = match field.as_str() {
-                "method" => req.method().to_string(),
-                "host" => req.hostname().to_string(),
-                "path" => req.path().to_string(),
-                "status" => info.status.to_string(),
-                "duration_ms" => milliseconds(info.duration_us),
-                "origin" => info.origin.clone().unwrap_or_default(),
-                "client_ip" => req.client_ip().unwrap_or("unknown").to_string(),
-                "bytes_in" => info.bytes_in.to_string(),
-                "bytes_out" => info.bytes_out.to_string(),
-                "error" => info.error.clone().unwrap_or_default(),
+            let value: Cow<'a, str> = match field.as_str() {
+                "method" => req.method().into(),
+                "host" => req.hostname().into(),
+                "path" => req.path().into(),
+                "status" => info.status.to_string().into(),
+                "duration_ms" => milliseconds(info.duration_us).into(),
+                "origin" => info.origin.as_deref().unwrap_or_default().into(),
+                "client_ip" => req.client_ip().unwrap_or("unknown").into(),
+                "bytes_in" => info.bytes_in.to_string().into(),
+                "bytes_out" => info.bytes_out.to_string().into(),
+                "error" => info.error.as_deref().unwrap_or_default().into(),
                 _ => continue,
             };
             out.push((field.as_str().into(), value));
         }
         for name in &self.config.headers {
             if let Some(v) = req.header(name) {
-                out.push((format!("header.{name}").into(), v.to_string()));
+                out.push((format!("header.{name}").into(), v.into()));
             }
         }
         out
@@ -106,7 +108,7 @@ impl Plugin for AuditLog {
 
     fn on_complete(&self, req: &Request, info: &Completion) {
         let attrs = self.attributes(req, info);
-        let borrowed: Vec<(&str, &str)> = attrs.iter().map(|(k, v)| (&**k, v.as_str())).collect();
+        let borrowed: Vec<(&str, &str)> = attrs.iter().map(|(k, v)| (&**k, &**v)).collect();
         audit::emit(&self.config.kind, &borrowed);
     }
 }
