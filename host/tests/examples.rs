@@ -114,8 +114,7 @@ over_both_plugin_builds! {
 
     #[tokio::test]
     async fn audit_log_writes_one_event_per_request() {
-        let dir = std::env::temp_dir().join(format!("sluice-example-audit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = support::scratch_dir("example-audit");
         let file = dir.join("audit.jsonl");
         let _ = std::fs::remove_file(&file);
         let p = example(

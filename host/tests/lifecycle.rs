@@ -206,8 +206,7 @@ over_both_transports! {
 
     #[tokio::test]
     async fn the_audit_event_of_a_request_cut_off_by_the_grace_period_is_written() {
-        let dir = std::env::temp_dir().join(format!("sluice-grace-audit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = support::scratch_dir("grace-audit");
         let file = dir.join("audit.jsonl");
         let _ = std::fs::remove_file(&file);
         let (tx, mut held) = tokio::sync::mpsc::unbounded_channel();

@@ -616,8 +616,7 @@ over_both_transports! {
     #[tokio::test]
     async fn audit_lines_are_complete_after_graceful_shutdown() {
         const N: usize = 25;
-        let dir = std::env::temp_dir().join(format!("sluice-audit-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = support::scratch_dir("audit");
         let file = dir.join("audit.jsonl");
         let _ = std::fs::remove_file(&file);
         let plugins = vec![plugin(

@@ -568,6 +568,16 @@ pub fn raw_quic_client_with(
     ep
 }
 
+/// A fresh scratch directory for one test, created: unique per process and per call, so that
+/// a test run over both transports at once never shares one with its twin.
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sluice-{name}-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// Path of a fixture plugin (`host/tests/fixtures/NAME`), built for wasm32-wasip2 on first
 /// use in this test binary (cargo makes it a no-op when nothing changed).
 pub fn fixture(name: &str) -> std::path::PathBuf {
