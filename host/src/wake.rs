@@ -159,7 +159,7 @@ mod tests {
         // First polled by this task, then moved into another that waits on it.
         let first = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut stop).poll(cx))).await;
         assert!(first.is_pending());
-        let waiter = tokio::spawn(async move { stop.await });
+        let waiter = tokio::spawn(stop);
         tokio::task::yield_now().await;
         token.cancel();
         tokio::time::timeout(Duration::from_secs(10), waiter)
