@@ -144,12 +144,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn done_at_once_when_already_cancelled() {
+    async fn done_at_once_when_already_cancelled_then_pending() {
         let token = CancellationToken::new();
         token.cancel();
-        tokio::time::timeout(Duration::from_secs(10), Dormant::new(token.cancelled()))
+        let mut stop = Dormant::new(token.cancelled());
+        tokio::time::timeout(Duration::from_secs(10), &mut stop)
             .await
             .expect("already cancelled");
+        // Done: selected on again (a branch whose pattern did not match), it stays pending
+        // rather than polling a finished future.
+        let again = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut stop).poll(cx))).await;
+        assert!(again.is_pending());
     }
 
     #[tokio::test]
