@@ -11,6 +11,30 @@ pub const REQUEST_ID: &str = "sluice-request-id";
 /// [`REQUEST_ID`] as a header name, for maps (a `&str` key is parsed on every use).
 pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
 
+/// The `x-forwarded-*` headers the edge sets on every request, and one it removes.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Names that every request head from the edge carries and `http` has no constant for. A
+/// name read from the wire is first looked for here: parsed, it would be copied into an
+/// allocation of its own on every request.
+const EDGE_SET: [HeaderName; 4] = [
+    REQUEST_ID_HEADER,
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+];
+
+/// A header name from the wire: one of [`EDGE_SET`] as it is, else parsed (and lowercased).
+pub fn name_from_wire(name: &[u8]) -> Result<HeaderName, http::header::InvalidHeaderName> {
+    match EDGE_SET.iter().find(|n| n.as_str().as_bytes() == name) {
+        Some(known) => Ok(known.clone()),
+        None => HeaderName::from_bytes(name),
+    }
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded; every `proxy-*` header goes too.
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
@@ -29,23 +53,31 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop headers, including any named in `Connection`.
 ///
-/// One pass over the names, comparing them as they are; nothing is allocated unless
+/// `Connection` is read once, and each of its tokens compared with the names present, without
+/// hashing or allocating; only the list of names to remove is allocated, and only when
 /// something goes (every request and response of both roles passes here).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let listed = |name: &HeaderName| {
-        headers
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-    };
-    let has_connection = headers.contains_key(http::header::CONNECTION);
-    let doomed: Vec<HeaderName> = headers
+    let mut doomed: Vec<HeaderName> = headers
         .keys()
-        .filter(|name| is_hop_by_hop(name) || (has_connection && listed(name)))
+        .filter(|name| is_hop_by_hop(name))
         .cloned()
         .collect();
+    let listed = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty());
+    for token in listed {
+        // A name listed twice, or also hop-by-hop by definition, is removed twice: harmless.
+        if let Some(name) = headers
+            .keys()
+            .find(|name| name.as_str().eq_ignore_ascii_case(token))
+        {
+            doomed.push(name.clone());
+        }
+    }
     for name in doomed {
         headers.remove(name);
     }
@@ -139,6 +171,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
         assert_eq!(left, ["x-hop-three"]);
+    }
+
+    #[test]
+    fn names_from_the_wire_are_parsed_alike_whether_known_or_not() {
+        for wire in ["x-forwarded-for", "X-Forwarded-For", "x-custom", "accept"] {
+            assert_eq!(
+                name_from_wire(wire.as_bytes()).unwrap(),
+                HeaderName::from_bytes(wire.as_bytes()).unwrap(),
+                "{wire}"
+            );
+        }
+        assert!(name_from_wire(b"bad name").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::HeaderValue;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
@@ -163,18 +164,18 @@ impl ClientConn {
             })
         };
         let bound = || self.graceful_bound(&went_idle);
-        let (shared, peer, scheme) = (self.shared.clone(), self.peer, self.scheme);
-        let svc =
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(HeldSlot(slot.clone()));
-                let request = activity.begin();
-                let shared = shared.clone();
-                async move {
-                    let resp = dispatch::handle(req, shared, peer, scheme).await?;
-                    // The request counts as active until its response body has been sent.
-                    Ok::<_, std::convert::Infallible>(resp.map(|b| request.watch(b)))
-                }
-            });
+        let (shared, scheme) = (self.shared.clone(), self.scheme);
+        let peer = Arc::new(Peer::new(self.peer, HeldSlot(slot)));
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let request = activity.begin();
+            let peer = peer.clone();
+            let shared = shared.clone();
+            async move {
+                let resp = dispatch::handle(req, shared, peer, scheme).await?;
+                // The request counts as active until its response body has been sent.
+                Ok::<_, std::convert::Infallible>(resp.map(|b| request.watch(b)))
+            }
+        });
         let stall = cfg.body_idle_timeout;
         let max_buf = cfg.max_header_size.max(8192);
         match tls {
@@ -229,6 +230,31 @@ impl ClientConn {
     }
 }
 
+/// The client at the other end of a connection, as each of its requests tells the connector,
+/// written out once for the connection rather than for every request.
+pub(super) struct Peer {
+    pub addr: SocketAddr,
+    /// `addr` as text: the request head's `client_addr`.
+    pub addr_text: String,
+    /// The address's IP as a header value: the edge's own `x-forwarded-for` entry.
+    pub ip: HeaderValue,
+    /// The connection's place, which an upgraded request takes over.
+    pub slot: HeldSlot,
+}
+
+impl Peer {
+    fn new(addr: SocketAddr, slot: HeldSlot) -> Peer {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Peer {
+            addr,
+            addr_text: addr.to_string(),
+            ip,
+            slot,
+        }
+    }
+}
+
 /// Open client connections per IP address.
 #[derive(Debug, Default, Clone)]
 struct PerClient(Arc<Mutex<HashMap<IpAddr, usize>>>);
@@ -249,8 +275,8 @@ impl PerClient {
 /// Holds one connection's place in [`PerClient`] until dropped.
 struct ClientSlot(PerClient, IpAddr);
 
-/// A connection's place under `max-connections-per-client`, in each request's extensions: an
-/// upgraded connection outlives hyper's connection task and keeps its place with this.
+/// A connection's place under `max-connections-per-client`: an upgraded connection outlives
+/// hyper's connection task and keeps its place with this.
 #[derive(Clone)]
 pub(super) struct HeldSlot(
     // Never read: held for its `Drop`.

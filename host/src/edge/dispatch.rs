@@ -1,14 +1,12 @@
 //! Dispatch of one client request: host → tunnel → connection → QUIC stream, and back.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST,
-    TRANSFER_ENCODING, UPGRADE,
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HOST, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::Body;
@@ -16,12 +14,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, info, warn, Instrument};
 
-use super::client::HeldSlot;
+use super::client::Peer;
 use super::registry::{Admitted, InFlight};
 use super::EdgeShared;
 use crate::admin::metrics::{InFlightGauge, KindLabels, TunnelLabels};
 use crate::authority::Authority;
-use crate::headers::{requested_upgrade, strip_hop_by_hop, REQUEST_ID_HEADER as REQUEST_ID};
+use crate::headers::{
+    requested_upgrade, strip_hop_by_hop, REQUEST_ID_HEADER as REQUEST_ID, X_FORWARDED_FOR,
+    X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP,
+};
 use crate::proto::{self, io::read_payload, HeadCodec, Headers, RequestHead, ResponseSource};
 use crate::relay::{self, HttpBody};
 use crate::transport::{RecvStream, SendStream};
@@ -30,15 +31,19 @@ use crate::transport::{RecvStream, SendStream};
 pub(super) async fn handle(
     req: Request<Incoming>,
     shared: Arc<EdgeShared>,
-    client: SocketAddr,
+    client: Arc<Peer>,
     scheme: &'static str,
 ) -> Result<Response<HttpBody>, Infallible> {
     let request_id = new_request_id();
     let span = tracing::info_span!("request", id = %request_id);
     let start = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let routed = forward(req, &shared, client, scheme, &request_id)
+    // Copied only for the access log.
+    let path = shared
+        .config
+        .access_log
+        .then(|| req.uri().path().to_string());
+    let routed = forward(req, &shared, &client, scheme, &request_id)
         .instrument(span.clone())
         .await;
     let elapsed = start.elapsed();
@@ -51,13 +56,13 @@ pub(super) async fn handle(
             target: "sluice::access",
             %method,
             host = routed.host.as_deref().unwrap_or("-"),
-            %path,
+            path = path.as_deref().unwrap_or("-"),
             status,
             reason = routed.reason,
             duration_ms = elapsed.as_millis() as u64,
             tunnel = routed.tunnel.as_deref().unwrap_or("-"),
             request_id = %request_id,
-            client = %client,
+            client = %client.addr,
             "request"
         );
     }
@@ -166,7 +171,7 @@ struct Checked {
 async fn forward(
     req: Request<Incoming>,
     shared: &EdgeShared,
-    client: SocketAddr,
+    client: &Peer,
     scheme: &'static str,
     request_id: &str,
 ) -> Routed {
@@ -285,7 +290,7 @@ fn request_authority(req: &Request<Incoming>) -> Result<Authority, String> {
 /// One admitted request on its way to a connector.
 struct Forwarded<'a> {
     shared: &'a EdgeShared,
-    client: SocketAddr,
+    client: &'a Peer,
     scheme: &'static str,
     request_id: &'a str,
     tunnel: &'a str,
@@ -303,7 +308,6 @@ impl Forwarded<'_> {
             .upgrade
             .as_ref()
             .map(|_| hyper::upgrade::on(&mut req));
-        let client_slot = req.extensions_mut().remove::<HeldSlot>();
         let (parts, body) = req.into_parts();
         let mut head = self.request_head(parts, &body, &checked);
         // A request without a body is one packet: head and FIN together.
@@ -349,7 +353,7 @@ impl Forwarded<'_> {
                     resp_headers.insert(UPGRADE, v);
                 }
                 let idle = self.shared.config.body_idle_timeout;
-                let held = (counted, client_slot);
+                let held = (counted, self.client.slot.clone());
                 tokio::spawn(splice_upgraded(on_upgrade, send, recv, idle, held).in_current_span());
                 return Ok((response(status, resp_headers, relay::empty()), reason));
             }
@@ -403,7 +407,7 @@ impl Forwarded<'_> {
         set_forwarded(
             &mut headers,
             self.shared.config.trust_forwarded_for,
-            self.client,
+            &self.client.ip,
             self.scheme,
             &authority,
         );
@@ -421,7 +425,7 @@ impl Forwarded<'_> {
                 .map_or("/", |p| p.as_str())
                 .to_string(),
             headers: headers.into(),
-            client_addr: Some(self.client.to_string()),
+            client_addr: Some(self.client.addr_text.clone()),
             upgrade: checked.upgrade.clone(),
             empty_body: checked.upgrade.is_some() || body.is_end_stream(),
             trailers: trailers && checked.upgrade.is_none(),
@@ -577,21 +581,15 @@ pub(super) async fn open_stream(
     Ok((send, recv))
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-
 /// Sets `x-forwarded-for`, `-proto` and `-host`. Client-sent values survive only when the edge
 /// trusts a proxy in front of it.
 fn set_forwarded(
     headers: &mut http::HeaderMap,
     trust: bool,
-    client: SocketAddr,
+    ip: &HeaderValue,
     scheme: &str,
     authority: &str,
 ) {
-    let ip = client.ip().to_string();
     let previous: Vec<&str> = headers
         .get_all(X_FORWARDED_FOR)
         .iter()
@@ -600,9 +598,10 @@ fn set_forwarded(
         .filter(|v| !v.is_empty())
         .collect();
     let xff = if trust && !previous.is_empty() {
-        format!("{}, {ip}", previous.join(", "))
+        let ip = ip.to_str().expect("an IP address is ASCII");
+        HeaderValue::from_str(&format!("{}, {ip}", previous.join(", "))).ok()
     } else {
-        ip
+        Some(ip.clone())
     };
     if !trust {
         // Other spellings of the same claims are not the edge's either.
@@ -612,7 +611,7 @@ fn set_forwarded(
     let keep_proto = trust && headers.contains_key(X_FORWARDED_PROTO);
     let keep_host = trust && headers.contains_key(X_FORWARDED_HOST);
     headers.remove(X_FORWARDED_FOR);
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     if !keep_proto {
@@ -657,7 +656,11 @@ fn plain(status: StatusCode, text: &str, request_id: &str) -> Response<HttpBody>
     resp
 }
 
-/// A random 128-bit request id, hex encoded.
+/// A random 128-bit request id, hex encoded (into a buffer: `hex::encode` pushes one `char`
+/// at a time, a thousand instructions on every request).
 fn new_request_id() -> String {
-    hex::encode(rand::random::<[u8; 16]>())
+    let mut text = [0u8; 32];
+    hex::encode_to_slice(rand::random::<[u8; 16]>(), &mut text)
+        .expect("16 bytes are 32 hex digits");
+    String::from_utf8(text.to_vec()).expect("hex digits are ASCII")
 }

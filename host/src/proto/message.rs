@@ -1,6 +1,6 @@
 //! Messages of protocol v1: control messages and the heads of request streams.
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderValue};
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::secret::Secret;
@@ -221,7 +221,7 @@ impl PartialEq for Headers {
 impl Headers {
     /// Adds one field from the wire, or counts it as invalid.
     pub fn push_wire(&mut self, name: &[u8], value: HeaderValue) {
-        match HeaderName::from_bytes(name) {
+        match crate::headers::name_from_wire(name) {
             Ok(name) => {
                 self.map.append(name, value);
             }
