@@ -70,11 +70,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .map(str::trim)
         .filter(|token| !token.is_empty());
     for token in listed {
-        // A name listed twice, or also hop-by-hop by definition, is removed twice: harmless.
-        if let Some(name) = headers
+        let named = headers
             .keys()
-            .find(|name| name.as_str().eq_ignore_ascii_case(token))
-        {
+            .find(|name| name.as_str().eq_ignore_ascii_case(token));
+        // Each name once, however often it is listed: a peer's `Connection` cannot make the
+        // list longer than the map.
+        if let Some(name) = named.filter(|name| !doomed.contains(name)) {
             doomed.push(name.clone());
         }
     }
@@ -171,6 +172,18 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
         assert_eq!(left, ["x-hop-three"]);
+    }
+
+    #[test]
+    fn a_name_listed_many_times_is_removed_and_nothing_else() {
+        let mut h = HeaderMap::new();
+        let listed = vec!["x-hop"; 1000].join(", ");
+        h.insert("connection", HeaderValue::from_str(&listed).unwrap());
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
     }
 
     #[test]
