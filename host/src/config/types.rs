@@ -165,7 +165,8 @@ impl<'de> Deserialize<'de> for HostPattern {
 }
 
 /// Lowercases a Host/authority value and strips its port (and IPv6 brackets stay as given).
-pub fn normalize_host(authority: &str) -> String {
+/// Borrowed when already in that form (the usual case on the request path).
+pub fn normalize_host(authority: &str) -> std::borrow::Cow<'_, str> {
     let a = authority.trim().trim_end_matches('.');
     let host = if a.starts_with('[') {
         match a.find(']') {
@@ -178,7 +179,12 @@ pub fn normalize_host(authority: &str) -> String {
             _ => a,
         }
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        host.to_ascii_lowercase().into()
+    } else {
+        host.into()
+    }
 }
 
 #[cfg(test)]
@@ -236,5 +242,10 @@ mod tests {
         assert_eq!(normalize_host("example.com."), "example.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
         assert_eq!(normalize_host("localhost"), "localhost");
+        assert_eq!(normalize_host(" Local.Test. "), "local.test");
+        assert!(matches!(
+            normalize_host("app.test:80"),
+            std::borrow::Cow::Borrowed("app.test")
+        ));
     }
 }

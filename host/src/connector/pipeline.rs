@@ -924,8 +924,14 @@ fn set_origin_headers(
             headers.insert("x-forwarded-host", v);
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&head.request_id) {
-        headers.insert(REQUEST_ID, v);
+    // The edge puts the id among the head's headers as well: set again only if that differs.
+    let id = head.request_id.as_bytes();
+    let mut ids = headers.get_all(REQUEST_ID).iter();
+    let intact = ids.next().is_some_and(|v| v.as_bytes() == id) && ids.next().is_none();
+    if !intact {
+        if let Ok(v) = HeaderValue::from_bytes(id) {
+            headers.insert(REQUEST_ID, v);
+        }
     }
     Ok(())
 }

@@ -120,7 +120,7 @@ pub async fn run(t: &TestRun) -> Result<String, TestError> {
         path: path.to_string(),
         headers,
         request_id: hex::encode(rand::random::<[u8; 16]>()),
-        hostname: crate::config::normalize_host(authority),
+        hostname: crate::config::normalize_host(authority).into_owned(),
         ingress_rule: 0,
         client_addr: Some(t.client_addr.clone()),
     };
