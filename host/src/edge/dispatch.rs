@@ -17,7 +17,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::client::Peer;
 use super::registry::{Admitted, InFlight};
 use super::EdgeShared;
-use crate::admin::metrics::{InFlightGauge, KindLabels, TunnelLabels};
+use crate::admin::metrics::{InFlightGauge, KindLabels, TunnelId, TunnelLabels};
 use crate::authority::Authority;
 use crate::headers::{
     requested_upgrade, strip_hop_by_hop, REQUEST_ID_HEADER as REQUEST_ID, X_FORWARDED_FOR,
@@ -50,7 +50,7 @@ pub(super) async fn handle(
     let status = routed.resp.status().as_u16();
     shared
         .metrics
-        .observe(routed.tunnel.as_deref(), status, routed.reason, elapsed);
+        .observe(routed.tunnel.as_ref(), status, routed.reason, elapsed);
     if shared.config.access_log {
         info!(
             target: "sluice::access",
@@ -140,8 +140,9 @@ impl EdgeAnswer {
 /// A response and how far the request got, for the access log and the metrics.
 struct Routed {
     resp: Response<HttpBody>,
+    /// The request's host, kept for the access log when it is on.
     host: Option<String>,
-    tunnel: Option<String>,
+    tunnel: Option<Arc<str>>,
     reason: &'static str,
 }
 
@@ -149,7 +150,7 @@ impl Routed {
     fn refused(
         answer: EdgeAnswer,
         host: Option<String>,
-        tunnel: Option<String>,
+        tunnel: Option<Arc<str>>,
         request_id: &str,
     ) -> Self {
         Routed {
@@ -185,19 +186,21 @@ async fn forward(
             return Routed::refused(EdgeAnswer::Malformed(reason), None, None, request_id);
         }
     };
-    let host = checked.authority.host().to_string();
-    let Some(tunnel) = shared.registry.tunnel_for_host(&host) else {
+    let host = checked.authority.host();
+    // Copied only for the access log.
+    let logged_host = shared.config.access_log.then(|| host.to_string());
+    let Some((tunnel, admitted)) = shared.registry.route(host) else {
         return Routed::refused(
-            EdgeAnswer::UnknownHost(host.clone()),
-            Some(host),
+            EdgeAnswer::UnknownHost(host.to_string()),
+            logged_host,
             None,
             request_id,
         );
     };
     let gauge = InFlightGauge::new(&shared.metrics.in_flight.get_or_create(&TunnelLabels {
-        tunnel: tunnel.clone(),
+        tunnel: TunnelId(tunnel.clone()),
     }));
-    let admitted = match shared.registry.admit(&tunnel) {
+    let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(limit) => {
             shared
@@ -209,7 +212,7 @@ async fn forward(
                 .inc();
             return Routed::refused(
                 EdgeAnswer::TunnelLimit(limit),
-                Some(host),
+                logged_host,
                 Some(tunnel),
                 request_id,
             );
@@ -232,7 +235,7 @@ async fn forward(
     Routed {
         resp,
         reason,
-        host: Some(host),
+        host: logged_host,
         tunnel: Some(tunnel),
     }
 }

@@ -71,7 +71,7 @@ impl EdgeShared {
         self.metrics
             .ingress_digests
             .get_or_create(&crate::admin::metrics::TunnelLabels {
-                tunnel: tunnel.to_string(),
+                tunnel: tunnel.into(),
             })
             .set(digests.len() as i64);
         if digests.len() > 1 {

@@ -228,9 +228,47 @@ struct Routes {
     tunnels: Map<String, TunnelConfig>,
     /// Requests in flight per tunnel; kept across reloads for tunnels that stay.
     active: Map<String, Arc<AtomicUsize>>,
-    exact: Map<String, String>,
+    /// Tunnel ids by hostname: shared, so that a request takes its tunnel's id without a copy.
+    exact: Map<String, Arc<str>>,
     /// (suffix, tunnel id), longest suffix first.
-    wildcards: Vec<(String, String)>,
+    wildcards: Vec<(String, Arc<str>)>,
+}
+
+impl Routes {
+    fn tunnel_for_host(&self, host: &str) -> Option<&Arc<str>> {
+        if let Some(id) = self.exact.get(host) {
+            return Some(id);
+        }
+        self.wildcards
+            .iter()
+            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .map(|(_, id)| id)
+    }
+
+    fn admit(&self, tunnel: &str) -> Result<Admitted, usize> {
+        let limit = self
+            .tunnels
+            .get(tunnel)
+            .map_or(0, |t| t.max_concurrent_requests);
+        let Some(counter) = self.active.get(tunnel) else {
+            return Err(limit);
+        };
+        let mut current = counter.load(Ordering::Acquire);
+        loop {
+            if current >= limit {
+                return Err(limit);
+            }
+            match counter.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(Admitted(counter.clone())),
+                Err(now) => current = now,
+            }
+        }
+    }
 }
 
 /// Tunnels, their hostnames and their connections.
@@ -256,13 +294,14 @@ impl Registry {
     pub fn set_tunnels(&self, tunnels: &[TunnelConfig]) -> Vec<Arc<ConnEntry>> {
         let mut routes = Routes::default();
         for t in tunnels {
+            let id: Arc<str> = t.id.as_str().into();
             for h in &t.hostnames {
                 match h {
                     HostPattern::Exact(name) => {
-                        routes.exact.insert(name.clone(), t.id.clone());
+                        routes.exact.insert(name.clone(), id.clone());
                     }
                     HostPattern::Wildcard(suffix) => {
-                        routes.wildcards.push((suffix.clone(), t.id.clone()))
+                        routes.wildcards.push((suffix.clone(), id.clone()))
                     }
                 }
             }
@@ -298,45 +337,27 @@ impl Registry {
         revoked
     }
 
-    /// Admits one more request for `tunnel` unless it is at its limit.
-    pub fn admit(&self, tunnel: &str) -> Result<Admitted, usize> {
+    /// The tunnel serving `host` (lowercase, no port) — exact names first, then the most
+    /// specific wildcard — with one more request admitted to it unless it is at its limit
+    /// (given as the error). One read of the routes for both.
+    pub fn route(&self, host: &str) -> Option<(Arc<str>, Result<Admitted, usize>)> {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        let limit = routes
-            .tunnels
-            .get(tunnel)
-            .map_or(0, |t| t.max_concurrent_requests);
-        let Some(counter) = routes.active.get(tunnel) else {
-            return Err(limit);
-        };
-        let mut current = counter.load(Ordering::Acquire);
-        loop {
-            if current >= limit {
-                return Err(limit);
-            }
-            match counter.compare_exchange_weak(
-                current,
-                current + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(Admitted(counter.clone())),
-                Err(now) => current = now,
-            }
-        }
+        let tunnel = routes.tunnel_for_host(host)?;
+        Some((tunnel.clone(), routes.admit(tunnel)))
     }
 
-    /// The tunnel serving `host` (lowercase, no port): exact names first, then the most
-    /// specific wildcard.
-    pub fn tunnel_for_host(&self, host: &str) -> Option<String> {
+    /// Admits one more request for `tunnel` unless it is at its limit.
+    #[cfg(test)]
+    pub fn admit(&self, tunnel: &str) -> Result<Admitted, usize> {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(id) = routes.exact.get(host) {
-            return Some(id.clone());
-        }
-        routes
-            .wildcards
-            .iter()
-            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
-            .map(|(_, id)| id.clone())
+        routes.admit(tunnel)
+    }
+
+    /// The tunnel serving `host`.
+    #[cfg(test)]
+    pub fn tunnel_for_host(&self, host: &str) -> Option<Arc<str>> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.tunnel_for_host(host).cloned()
     }
 
     /// The configuration of a tunnel.
