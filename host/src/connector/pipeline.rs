@@ -925,11 +925,11 @@ fn set_origin_headers(
         }
     }
     // The edge puts the id among the head's headers as well: set again only if that differs.
-    let id = head.request_id.as_bytes();
+    let id = &head.request_id;
     let mut ids = headers.get_all(REQUEST_ID).iter();
-    let intact = ids.next().is_some_and(|v| v.as_bytes() == id) && ids.next().is_none();
+    let intact = ids.next().is_some_and(|v| v.as_bytes() == id.as_bytes()) && ids.next().is_none();
     if !intact {
-        if let Ok(v) = HeaderValue::from_bytes(id) {
+        if let Ok(v) = HeaderValue::from_str(id) {
             headers.insert(REQUEST_ID, v);
         }
     }

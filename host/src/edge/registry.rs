@@ -235,6 +235,7 @@ struct Routes {
 }
 
 impl Routes {
+    /// The tunnel serving `host`: exact names first, then the most specific wildcard.
     fn tunnel_for_host(&self, host: &str) -> Option<&Arc<str>> {
         if let Some(id) = self.exact.get(host) {
             return Some(id);
@@ -245,6 +246,7 @@ impl Routes {
             .map(|(_, id)| id)
     }
 
+    /// Admits one more request for `tunnel` unless it is at its limit (the error).
     fn admit(&self, tunnel: &str) -> Result<Admitted, usize> {
         let limit = self
             .tunnels
@@ -344,13 +346,6 @@ impl Registry {
         let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
         let tunnel = routes.tunnel_for_host(host)?;
         Some((tunnel.clone(), routes.admit(tunnel)))
-    }
-
-    /// Admits one more request for `tunnel` unless it is at its limit.
-    #[cfg(test)]
-    pub fn admit(&self, tunnel: &str) -> Result<Admitted, usize> {
-        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        routes.admit(tunnel)
     }
 
     /// The tunnel serving `host`.
@@ -609,12 +604,20 @@ mod tests {
 
     #[test]
     fn admission_is_bounded_and_released() {
-        let reg = Registry::new(&[tunnel("a", &["a.test"])]);
-        let held: Vec<_> = (0..10).map(|_| reg.admit("a").unwrap()).collect();
-        assert_eq!(reg.admit("a").unwrap_err(), 10);
+        let reg = Registry::new(&[tunnel("a", &["a.test", "*.a.test"])]);
+        let admit = |host| {
+            let (tunnel, admitted) = reg.route(host).expect("a.test is routed");
+            assert_eq!(&*tunnel, "a");
+            admitted
+        };
+        // Exact and wildcard hostnames count against the same tunnel.
+        let held: Vec<_> = (0..10)
+            .map(|i| admit(if i % 2 == 0 { "a.test" } else { "x.a.test" }).unwrap())
+            .collect();
+        assert_eq!(admit("a.test").unwrap_err(), 10);
         drop(held);
-        assert!(reg.admit("a").is_ok());
-        assert!(reg.admit("nope").is_err());
+        assert!(admit("x.a.test").is_ok());
+        assert!(reg.route("nope.test").is_none());
     }
 
     fn registrant(token_sha256: [u8; 32], conn: &crate::transport::Connection) -> Registrant {
